@@ -1,0 +1,3 @@
+"""lorafit: LoRA fine-tuning that runs the same on PyTorch and MLX."""
+
+__version__ = "0.1.0"

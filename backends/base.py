@@ -1,0 +1,123 @@
+"""The backend contract: the few array operations a model, LoRA and the trainer need.
+
+This module imports no framework. Each backend package (`backends/torch`, `backends/mlx`)
+provides a class with the same methods, mapping each op onto its framework's fastest native
+call. The documentation of an op lives here, once; backend code stays thin.
+
+Array layout conventions used by every op:
+  activations  (B, T, C)          batch, time, channels
+  attention    (B, H, T, D)       batch, heads, time, head dim
+  linear weight (out, in)         as stored by Hugging Face and PEFT
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import numpy as np
+
+Array = Any  # a backend array: torch.Tensor or mlx.core.array
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str  # "torch" or "mlx"
+    device: str  # "cpu", "cuda", "mps", "metal"
+
+    # -- arrays ---------------------------------------------------------------------------
+    def from_numpy(self, a: np.ndarray, dtype: str | None = None) -> Array:
+        """Copy a numpy array to the device, optionally casting to a dtype name."""
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        """Copy to host as numpy (bf16 comes back as float32)."""
+
+    def cast(self, x: Array, dtype: str) -> Array:
+        """Cast to a dtype name from DTYPES."""
+
+    def dtype_name(self, x: Array) -> str:
+        """The dtype of x as a name from DTYPES (or 'int32', 'int64', 'bool')."""
+
+    def zeros(self, shape: tuple, dtype: str = "float32") -> Array: ...
+
+    def concat(self, xs: list, axis: int) -> Array: ...
+
+    def swapaxes(self, x: Array, a: int, b: int) -> Array: ...
+
+    def to_float(self, x: Array) -> float:
+        """A scalar array as a Python float: a sync point, used only at report time."""
+
+    def synchronize(self) -> None:
+        """Wait for queued work (mx.eval / cuda.synchronize)."""
+
+    # -- layers ---------------------------------------------------------------------------
+    def linear(self, x: Array, weight: Array, bias: Array | None = None) -> Array:
+        """y = x @ weight.T (+ bias); weight is (out, in)."""
+
+    def embedding(self, ids: Array, table: Array) -> Array:
+        """Rows of table (V, C) picked by integer ids (B, T) -> (B, T, C)."""
+
+    def rms_norm(self, x: Array, weight: Array, eps: float) -> Array:
+        """x / sqrt(mean(x^2) + eps) * weight over the last axis, computed in float32
+        and returned in x's dtype (Llama's convention)."""
+
+    def silu(self, x: Array) -> Array: ...
+
+    def dropout(self, x: Array, p: float) -> Array:
+        """Inverted dropout with the backend's own RNG; identity when p == 0."""
+
+    def rope_tables(self, positions: Array, inv_freq: np.ndarray, dtype: str) -> tuple:
+        """cos and sin tables (B, 1, T, D) for integer positions (B, T) and the
+        per-pair inverse frequencies (D/2,), in Hugging Face's half-split layout."""
+
+    def apply_rope(self, x: Array, cos: Array, sin: Array) -> Array:
+        """x * cos + rotate_half(x) * sin for x (B, H, T, D)."""
+
+    def attention(self, q: Array, k: Array, v: Array, scale: float,
+                  segment_ids: Array | None = None) -> Array:
+        """Causal scaled dot-product attention with grouped-query heads.
+
+        q (B, Hq, T, D); k, v (B, Hkv, S, D) with S >= T: the T queries are the last T
+        positions of S (a KV cache). segment_ids (B, T) confine attention to tokens of the
+        same packed example (T == S only). Returns (B, Hq, T, D).
+        """
+
+    def cross_entropy(self, logits: Array, targets: Array, mask: Array) -> tuple:
+        """Sum of token cross-entropies where mask is 1, and the count of such tokens.
+        logits (N, V) in any dtype, computed in float32; targets (N,) int; mask (N,)."""
+
+    # -- training -------------------------------------------------------------------------
+    def value_and_grad(self, fn: Callable) -> Callable:
+        """fn(trainable: dict, *args) -> (loss, aux).  Returns g(trainable, *args) ->
+        ((loss, aux), grads) with grads a dict shaped like trainable."""
+
+    def checkpoint(self, fn: Callable) -> Callable:
+        """fn recomputed in the backward pass instead of storing its activations."""
+
+    def make_optimizer(self, params: dict, **hyper) -> "Optimizer":
+        """AdamW over the given dict of trainable arrays (see Optimizer)."""
+
+    def global_norm(self, grads: dict) -> Array:
+        """sqrt(sum of squares) over all gradient arrays, as a scalar array."""
+
+    def memory_stats(self) -> dict:
+        """{'peak': bytes, 'current': bytes, 'source': str} of the device allocator."""
+
+    def reset_peak_memory(self) -> None: ...
+
+    def seed(self, seed: int) -> None:
+        """Seed the backend RNG (dropout, sampling)."""
+
+
+class Optimizer(Protocol):
+    """AdamW with PyTorch's update rule (decoupled weight decay, bias correction), so that
+    both backends follow the same trajectory. Its state round-trips through numpy."""
+
+    def step(self, params: dict, grads: dict, lr: float, grad_scale: float = 1.0) -> None:
+        """Update params in place (torch) or replace its entries (mlx); grads are
+        multiplied by grad_scale first (clipping and loss normalisation)."""
+
+    def state_to_numpy(self) -> dict:
+        """{'step': int, 'exp_avg.<name>': array, 'exp_avg_sq.<name>': array}."""
+
+    def load_state_numpy(self, state: dict) -> None: ...

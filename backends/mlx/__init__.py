@@ -1,0 +1,160 @@
+"""MLX backend: Metal on Apple Silicon, CPU elsewhere.
+
+Ops map onto `mx.fast` kernels (`rms_norm`, `scaled_dot_product_attention`) and MLX's
+lazy graph: arrays are evaluated at `synchronize` / `to_float`. On Linux the `mlx[cpu]`
+wheel links a reference BLAS that is ~25x slower than OpenBLAS; `lorafit env` says which one
+is in use, and the CLI re-executes itself with OpenBLAS preloaded when it is installed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import mlx.core as mx
+
+_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16,
+           "int32": mx.int32, "int64": mx.int64, "bool": mx.bool_}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class MLXBackend:
+    name = "mlx"
+
+    def __init__(self, device: str | None = None):
+        if device in (None, "metal", "gpu"):
+            device = "gpu" if mx.metal.is_available() else "cpu"
+        if device == "gpu" and not mx.metal.is_available():
+            from lorafit.core.errors import LorafitError
+            raise LorafitError("MLX sees no Metal device here; use --device cpu")
+        mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+        self.device = "metal" if device == "gpu" else "cpu"
+
+    # -- arrays ---------------------------------------------------------------------------
+    def from_numpy(self, a, dtype=None):
+        a = np.asarray(a)
+        if a.dtype == np.int64:
+            a = a.astype(np.int32)
+        x = mx.array(a)
+        return x.astype(_DTYPES[dtype]) if dtype is not None else x
+
+    def to_numpy(self, x):
+        if x.dtype in (mx.bfloat16, mx.float16):
+            x = x.astype(mx.float32)
+        return np.array(x)
+
+    def cast(self, x, dtype):
+        return x.astype(_DTYPES[dtype])
+
+    def dtype_name(self, x):
+        return _NAMES[x.dtype]
+
+    def zeros(self, shape, dtype="float32"):
+        return mx.zeros(shape, dtype=_DTYPES[dtype])
+
+    def concat(self, xs, axis):
+        return mx.concatenate(xs, axis=axis)
+
+    def swapaxes(self, x, a, b):
+        return mx.swapaxes(x, a, b)
+
+    def to_float(self, x):
+        return float(x.item())
+
+    def read_safetensors(self, path, dtype):
+        """Yield (name, array) one at a time, cast to dtype and evaluated."""
+        for name, x in mx.load(str(path)).items():
+            if mx.issubdtype(x.dtype, mx.floating):
+                x = x.astype(_DTYPES[dtype])
+            mx.eval(x)
+            yield name, x
+
+    def synchronize(self):
+        mx.synchronize()
+
+    # -- layers ---------------------------------------------------------------------------
+    def linear(self, x, weight, bias=None):
+        if bias is not None:
+            return mx.addmm(bias, x, weight.T)
+        return x @ weight.T
+
+    def embedding(self, ids, table):
+        return table[ids]
+
+    def rms_norm(self, x, weight, eps):
+        # mx.fast.rms_norm accumulates in float32 and returns x's dtype, like Llama's norm.
+        return mx.fast.rms_norm(x, weight.astype(x.dtype), eps)
+
+    def silu(self, x):
+        return x * mx.sigmoid(x)
+
+    def dropout(self, x, p):
+        if p <= 0:
+            return x
+        keep = mx.random.bernoulli(1 - p, x.shape)
+        return mx.where(keep, x / (1 - p), mx.zeros_like(x))
+
+    def rope_tables(self, positions, inv_freq, dtype):
+        inv = mx.array(inv_freq.astype(np.float32))
+        freqs = positions.astype(mx.float32)[..., None] * inv  # (B, T, D/2)
+        emb = mx.concatenate([freqs, freqs], axis=-1)[:, None]  # (B, 1, T, D)
+        return mx.cos(emb).astype(_DTYPES[dtype]), mx.sin(emb).astype(_DTYPES[dtype])
+
+    def apply_rope(self, x, cos, sin):
+        half = x.shape[-1] // 2
+        rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos + rotated * sin
+
+    def attention(self, q, k, v, scale, segment_ids=None):
+        T, S = q.shape[2], k.shape[2]
+        if segment_ids is not None:
+            same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+            causal = mx.tril(mx.ones((T, T), dtype=mx.bool_))
+            mask = mx.logical_and(same, causal)
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        if T == 1:
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+        if T == S:
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+        mask = mx.tril(mx.ones((T, S), dtype=mx.bool_), k=S - T)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+    def cross_entropy(self, logits, targets, mask):
+        logits = logits.astype(mx.float32)
+        lse = mx.logsumexp(logits, axis=-1)
+        picked = mx.take_along_axis(logits, targets[:, None].astype(mx.int32), axis=-1)[:, 0]
+        mask = mask.astype(mx.float32)
+        return ((lse - picked) * mask).sum(), mask.sum()
+
+    # -- training -------------------------------------------------------------------------
+    def value_and_grad(self, fn):
+        vg = mx.value_and_grad(lambda trainable, *args: _pack(fn(trainable, *args)))
+
+        def wrapped(trainable, *args):
+            (loss, aux), grads = vg(trainable, *args)
+            return (loss, aux), grads
+        return wrapped
+
+    def checkpoint(self, fn):
+        return mx.checkpoint(fn)
+
+    def make_optimizer(self, params, **hyper):
+        from lorafit.backends.mlx.optim import MLXAdamW
+        return MLXAdamW(params, **hyper)
+
+    def global_norm(self, grads):
+        return mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for g in grads.values()))
+
+    def memory_stats(self):
+        return {"peak": mx.get_peak_memory(), "current": mx.get_active_memory(),
+                "source": "mlx allocator"}
+
+    def reset_peak_memory(self):
+        mx.reset_peak_memory()
+
+    def seed(self, seed):
+        mx.random.seed(seed)
+
+
+def _pack(out):
+    """mx.value_and_grad differentiates the first output; keep aux alongside."""
+    loss, aux = out
+    return loss, aux

@@ -1,0 +1,171 @@
+"""PyTorch backend: CUDA, MPS and CPU.
+
+Ops map onto PyTorch's fused kernels: `F.scaled_dot_product_attention` (flash / memory-
+efficient kernels on CUDA, GQA through `enable_gqa`), `F.rms_norm`, `F.cross_entropy`, and
+`torch.optim.AdamW` (fused on CUDA, foreach elsewhere). On CPU, bf16 matmuls are emulated
+on most x86 parts and are far slower than fp32; train in fp32 there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from lorafit.backends.torch.memory import TensorTracker
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, device: str = "cpu"):
+        if device == "cuda" and not torch.cuda.is_available():
+            from lorafit.core.errors import LorafitError
+            raise LorafitError("--device cuda asked for, but PyTorch sees no CUDA device")
+        self.device = device
+        self._device = torch.device(device)
+        self.tracker = TensorTracker() if device == "cpu" else None
+
+    # -- arrays ---------------------------------------------------------------------------
+    def from_numpy(self, a, dtype=None):
+        a = np.asarray(a)
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if dtype is not None:
+            t = t.to(_DTYPES[dtype])
+        return t.to(self._device)
+
+    def to_numpy(self, x):
+        x = x.detach()
+        if x.dtype in (torch.bfloat16, torch.float16):
+            x = x.float()
+        return x.cpu().numpy()
+
+    def cast(self, x, dtype):
+        return x.to(_DTYPES[dtype])
+
+    def dtype_name(self, x):
+        return _NAMES[x.dtype]
+
+    def zeros(self, shape, dtype="float32"):
+        return torch.zeros(shape, dtype=_DTYPES[dtype], device=self._device)
+
+    def concat(self, xs, axis):
+        return torch.cat(xs, dim=axis)
+
+    def swapaxes(self, x, a, b):
+        return x.transpose(a, b)
+
+    def to_float(self, x):
+        return float(x)
+
+    def read_safetensors(self, path, dtype):
+        """Yield (name, tensor) one at a time, cast to dtype on the device."""
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if t.is_floating_point():
+                    t = t.to(_DTYPES[dtype])
+                yield name, t.to(self._device)
+
+    def synchronize(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    # -- layers ---------------------------------------------------------------------------
+    def linear(self, x, weight, bias=None):
+        return F.linear(x, weight, bias)
+
+    def embedding(self, ids, table):
+        return F.embedding(ids, table)
+
+    def rms_norm(self, x, weight, eps):
+        dtype = x.dtype
+        y = F.rms_norm(x.float(), (x.shape[-1],), None, eps)
+        return weight * y.to(dtype)
+
+    def silu(self, x):
+        return F.silu(x)
+
+    def dropout(self, x, p):
+        return F.dropout(x, p) if p > 0 else x
+
+    def rope_tables(self, positions, inv_freq, dtype):
+        inv = torch.from_numpy(inv_freq.astype(np.float32)).to(self._device)
+        freqs = positions.float()[..., None] * inv  # (B, T, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
+        return emb.cos().to(_DTYPES[dtype]), emb.sin().to(_DTYPES[dtype])
+
+    def apply_rope(self, x, cos, sin):
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    def attention(self, q, k, v, scale, segment_ids=None):
+        T, S = q.shape[2], k.shape[2]
+        gqa = q.shape[1] != k.shape[1]
+        if segment_ids is not None:
+            same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=same & causal,
+                                                  scale=scale, enable_gqa=gqa)
+        if T == S:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                  enable_gqa=gqa)
+        if T == 1:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=gqa)
+
+    def cross_entropy(self, logits, targets, mask):
+        losses = F.cross_entropy(logits.float(), targets.long(), reduction="none")
+        mask = mask.to(losses.dtype)
+        return (losses * mask).sum(), mask.sum()
+
+    # -- training -------------------------------------------------------------------------
+    def value_and_grad(self, fn):
+        def wrapped(trainable, *args):
+            leaves = {k: v.detach().requires_grad_(True) for k, v in trainable.items()}
+            loss, aux = fn(leaves, *args)
+            grads = torch.autograd.grad(loss, list(leaves.values()))
+            return (loss.detach(), aux), dict(zip(leaves.keys(), grads))
+        return wrapped
+
+    def checkpoint(self, fn):
+        def wrapped(*args):
+            return torch_checkpoint(fn, *args, use_reentrant=False)
+        return wrapped
+
+    def make_optimizer(self, params, **hyper):
+        from lorafit.backends.torch.optim import TorchAdamW
+        return TorchAdamW(params, **hyper)
+
+    def global_norm(self, grads):
+        return torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads.values()]))
+
+    def memory_stats(self):
+        if self.device == "cuda":
+            return {"peak": torch.cuda.max_memory_allocated(),
+                    "current": torch.cuda.memory_allocated(),
+                    "reserved_peak": torch.cuda.max_memory_reserved(),
+                    "source": "torch.cuda allocator"}
+        if self.device == "mps":
+            cur = torch.mps.current_allocated_memory()
+            return {"peak": cur, "current": cur, "source": "torch.mps (current only)"}
+        return self.tracker.stats()
+
+    def reset_peak_memory(self):
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        elif self.tracker is not None:
+            self.tracker.reset_peak()
+
+    def seed(self, seed):
+        torch.manual_seed(seed)

@@ -1,0 +1,50 @@
+"""AdamW for the adapter parameters, with a state that round-trips through numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class TorchAdamW:
+    def __init__(self, params: dict, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        self.names = list(params)
+        self.params = params
+        self.opt = torch.optim.AdamW(list(params.values()), lr=0.0, betas=betas, eps=eps,
+                                     weight_decay=weight_decay,
+                                     foreach=next(iter(params.values())).device.type != "cuda",
+                                     fused=next(iter(params.values())).device.type == "cuda")
+        self.step_count = 0
+
+    @torch.no_grad()
+    def step(self, params, grads, lr, grad_scale=1.0):
+        for name in self.names:
+            g = grads[name]
+            self.params[name].grad = g.mul_(grad_scale) if grad_scale != 1.0 else g
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        for p in self.params.values():
+            p.grad = None
+        self.step_count += 1
+
+    def state_to_numpy(self) -> dict:
+        out = {"step": np.asarray(self.step_count, dtype=np.int64)}
+        for name, p in self.params.items():
+            st = self.opt.state.get(p)
+            if not st:
+                continue
+            out[f"exp_avg.{name}"] = st["exp_avg"].detach().cpu().numpy()
+            out[f"exp_avg_sq.{name}"] = st["exp_avg_sq"].detach().cpu().numpy()
+        return out
+
+    def load_state_numpy(self, state: dict) -> None:
+        self.step_count = int(state["step"])
+        for name, p in self.params.items():
+            if f"exp_avg.{name}" not in state:
+                continue
+            self.opt.state[p] = {
+                "step": torch.tensor(float(self.step_count)),
+                "exp_avg": torch.from_numpy(np.array(state[f"exp_avg.{name}"])).to(p.device),
+                "exp_avg_sq": torch.from_numpy(np.array(state[f"exp_avg_sq.{name}"])).to(p.device),
+            }

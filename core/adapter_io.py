@@ -1,0 +1,184 @@
+"""Adapter folders on disk: PEFT's layout (the one lorafit keeps) and mlx-lm's (an export).
+
+PEFT:   adapter_config.json + adapter_model.safetensors,
+        keys `base_model.model.<module>.lora_A.weight` (r, in) / `lora_B.weight` (out, r).
+mlx-lm: adapter_config.json + adapters.safetensors,
+        keys `<module>.lora_a` (in, r) = A^T and `lora_b` (r, out) = B^T, with a raw `scale`,
+        applied to the last `num_layers` layers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from lorafit.core.errors import LorafitError
+from lorafit.core.fileio import atomic_save_safetensors, atomic_write_json, load_safetensors_numpy
+from lorafit.core.lora import LORA_A, LORA_B, LoraConfig
+
+PEFT_PREFIX = "base_model.model."
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+MLX_WEIGHTS = "adapters.safetensors"
+
+
+def _modules(adapter: dict) -> list[str]:
+    return sorted({k.rsplit(".lora_", 1)[0] for k in adapter})
+
+
+def _layers_of(modules: list[str]) -> list[int]:
+    return sorted({int(m.group(1)) for x in modules
+                   if (m := re.match(r"model\.layers\.(\d+)\.", x))})
+
+
+def save_peft(folder: str | Path, adapter: dict, cfg: LoraConfig, base_model: str | None,
+              num_layers: int | None = None) -> Path:
+    """Write a PEFT adapter folder (weights first, config last: the config marks it whole)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    modules = _modules(adapter)
+    names = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    layers = _layers_of(modules)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": names,
+        "layers_to_transform": layers if num_layers is not None and len(layers) != num_layers
+        else None,
+        "layers_pattern": None,
+        "use_rslora": cfg.rslora,
+        "use_dora": False,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    tensors = {PEFT_PREFIX + k: np.asarray(v, dtype=np.float32) for k, v in adapter.items()}
+    atomic_save_safetensors(folder / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
+    atomic_write_json(folder / PEFT_CONFIG, config)
+    return folder
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LorafitError(f"{path.parent}: no {path.name} (not an adapter folder)") from None
+    except json.JSONDecodeError as e:
+        raise LorafitError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def load_peft(folder: str | Path) -> tuple[LoraConfig, dict]:
+    """(config, {module.lora_A.weight: array}) from a PEFT adapter folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LorafitError(f"{folder}: no such adapter folder")
+    if (folder / MLX_WEIGHTS).exists() and not (folder / PEFT_WEIGHTS).exists():
+        raise LorafitError(f"{folder}: this is an mlx-lm adapter; convert it first with "
+                           f"`lorafit convert {folder} OUT`")
+    c = read_json(folder / PEFT_CONFIG)
+    if c.get("peft_type", "LORA") != "LORA":
+        raise LorafitError(f"{folder}: peft_type {c.get('peft_type')!r} is not supported "
+                           "(only LORA)")
+    if c.get("use_dora"):
+        raise LorafitError(f"{folder}: DoRA adapters are not supported yet")
+    if c.get("rank_pattern") or c.get("alpha_pattern"):
+        raise LorafitError(f"{folder}: per-module rank_pattern / alpha_pattern is not supported")
+    if c.get("fan_in_fan_out"):
+        raise LorafitError(f"{folder}: fan_in_fan_out adapters (GPT-2 Conv1D) do not apply to "
+                           "Llama-family models")
+    weights_path = folder / PEFT_WEIGHTS
+    if not weights_path.exists():
+        if any((folder / n).exists() for n in ("adapter_model.bin", "adapter_model.pt")):
+            raise LorafitError(f"{folder}: only a pickle adapter (adapter_model.bin); lorafit "
+                               "never unpickles files. Re-save it with safe_serialization=True")
+        raise LorafitError(f"{folder}: no {PEFT_WEIGHTS}")
+    raw = load_safetensors_numpy(weights_path)
+    adapter = {}
+    for k, v in raw.items():
+        name = k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k
+        name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+        if not (name.endswith(LORA_A) or name.endswith(LORA_B)):
+            raise LorafitError(f"{folder}: unsupported adapter tensor {k} (only LoRA A/B; "
+                               "modules_to_save and bias training are not supported)")
+        adapter[name] = v.astype(np.float32)
+    if not adapter:
+        raise LorafitError(f"{folder}: the adapter holds no tensors")
+    ranks = {v.shape[0] for k, v in adapter.items() if k.endswith(LORA_A)}
+    r = int(c.get("r", next(iter(ranks))))
+    if ranks != {r}:
+        raise LorafitError(f"{folder}: config says r={r} but lora_A ranks are {sorted(ranks)}")
+    cfg = LoraConfig(r=r, alpha=float(c.get("lora_alpha", r)),
+                     dropout=float(c.get("lora_dropout", 0.0)),
+                     targets=sorted({m.rsplit(".", 1)[-1] for m in _modules(adapter)}),
+                     layers=_layers_of(_modules(adapter)) or None,
+                     rslora=bool(c.get("use_rslora", False)))
+    return cfg, adapter
+
+
+def save_mlx_lm(folder: str | Path, adapter: dict, cfg: LoraConfig, num_layers: int,
+                base_model: str | None = None) -> Path:
+    """mlx-lm's layout. mlx-lm adapts the *last* num_layers layers; earlier layers of ours
+    that carry no adapter simply get none there (their B stays zero)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    modules = _modules(adapter)
+    layers = _layers_of(modules)
+    keys = sorted({m.split(".", 3)[3] for m in modules if m.startswith("model.layers.")})
+    tensors = {}
+    for m in modules:
+        tensors[f"{m}.lora_a"] = np.ascontiguousarray(adapter[f"{m}.{LORA_A}"].T)
+        tensors[f"{m}.lora_b"] = np.ascontiguousarray(adapter[f"{m}.{LORA_B}"].T)
+    atomic_save_safetensors(folder / MLX_WEIGHTS, tensors)
+    atomic_write_json(folder / PEFT_CONFIG, {
+        "fine_tune_type": "lora",
+        "model": base_model,
+        "num_layers": num_layers - min(layers) if layers else num_layers,
+        "lora_parameters": {"rank": cfg.r, "scale": cfg.scale, "dropout": cfg.dropout,
+                            "keys": keys},
+    })
+    return folder
+
+
+def load_mlx_lm(folder: str | Path) -> tuple[LoraConfig, dict]:
+    """Read an mlx-lm adapter back into PEFT orientation. mlx-lm stores only `scale`, so
+    alpha is written as scale * r (the same update)."""
+    folder = Path(folder)
+    c = read_json(folder / PEFT_CONFIG)
+    if c.get("fine_tune_type", "lora") != "lora":
+        raise LorafitError(f"{folder}: fine_tune_type {c.get('fine_tune_type')!r} is not "
+                           "supported (only lora)")
+    if not (folder / MLX_WEIGHTS).exists():
+        raise LorafitError(f"{folder}: no {MLX_WEIGHTS} (not an mlx-lm adapter)")
+    raw = load_safetensors_numpy(folder / MLX_WEIGHTS)
+    adapter = {}
+    for k, v in raw.items():
+        if k.endswith(".lora_a"):
+            adapter[k[: -len(".lora_a")] + "." + LORA_A] = np.ascontiguousarray(v.T)
+        elif k.endswith(".lora_b"):
+            adapter[k[: -len(".lora_b")] + "." + LORA_B] = np.ascontiguousarray(v.T)
+        else:
+            raise LorafitError(f"{folder}: unsupported adapter tensor {k}")
+    lp = c.get("lora_parameters", {})
+    r = int(lp.get("rank", next(v.shape[0] for k, v in adapter.items() if k.endswith(LORA_A))))
+    cfg = LoraConfig(r=r, alpha=float(lp.get("scale", 20.0)) * r,
+                     dropout=float(lp.get("dropout", 0.0)),
+                     targets=sorted({m.rsplit(".", 1)[-1] for m in _modules(adapter)}),
+                     layers=_layers_of(_modules(adapter)) or None)
+    return cfg, adapter
+
+
+def load_any(folder: str | Path) -> tuple[LoraConfig, dict]:
+    folder = Path(folder)
+    if (folder / MLX_WEIGHTS).exists() and not (folder / PEFT_WEIGHTS).exists():
+        return load_mlx_lm(folder)
+    return load_peft(folder)

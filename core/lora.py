@@ -1,0 +1,195 @@
+"""LoRA with PEFT's semantics, as leaves beside the frozen weights.
+
+A targeted projection `W` (out, in) gains `lora_A` (r, in) and `lora_B` (out, r);
+y = x W^T + s * dropout(x) A^T B^T with s = alpha / r (alpha / sqrt(r) with rsLoRA).
+A is drawn as PEFT's default (Kaiming-uniform, a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))),
+B starts at zero, so the adapted model starts equal to the base. Initial values come from
+numpy and the run's seed, so every backend starts from identical weights.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lorafit.core.errors import LorafitError
+
+LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    """Rank of the update."""
+    alpha: float = 16.0
+    """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input during training."""
+    targets: list | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names (`q_proj`, `down_proj`, ...) or "all-linear" (every projection but the head)."""
+    layers: list | None = None
+    """Layer indices to adapt; None adapts every layer."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+
+    def __post_init__(self):
+        if isinstance(self.targets, str) and self.targets != "all-linear":
+            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise LorafitError(f"LoRA rank must be a positive integer, got {self.r!r}")
+        if not 0 <= self.dropout < 1:
+            raise LorafitError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise LorafitError("no LoRA targets given")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+def target_modules(cfg: LoraConfig, linear_shapes: dict, module_names: tuple) -> list[str]:
+    """Full module names (`model.layers.0.self_attn.q_proj`) that get an adapter.
+
+    linear_shapes maps every frozen `<module>.weight` to its shape; module_names are the
+    family's projection names (all-linear selects all of them)."""
+    wanted = set(module_names) if cfg.targets == "all-linear" else set(cfg.targets)
+    unknown = wanted - set(module_names)
+    if unknown:
+        raise LorafitError(f"unknown LoRA target(s) {', '.join(sorted(unknown))}; this model "
+                           f"has: {', '.join(module_names)} (or all-linear)")
+    out = []
+    for key in linear_shapes:
+        if not key.endswith(".weight"):
+            continue
+        module = key[: -len(".weight")]
+        leaf = module.rsplit(".", 1)[-1]
+        if leaf not in wanted:
+            continue
+        m = re.match(r"model\.layers\.(\d+)\.", module)
+        if cfg.layers is not None and (m is None or int(m.group(1)) not in cfg.layers):
+            continue
+        out.append(module)
+    if not out:
+        raise LorafitError("the LoRA targets and layer selection match no module")
+    return out
+
+
+def init_adapter(cfg: LoraConfig, shapes: dict, module_names: tuple, seed: int) -> dict:
+    """Fresh adapter leaves {name: np.float32 array}, identical for a given seed."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for module in target_modules(cfg, shapes, module_names):
+        d_out, d_in = shapes[module + ".weight"]
+        bound = 1.0 / math.sqrt(d_in)
+        out[f"{module}.{LORA_A}"] = rng.uniform(-bound, bound, (cfg.r, d_in)).astype(np.float32)
+        out[f"{module}.{LORA_B}"] = np.zeros((d_out, cfg.r), dtype=np.float32)
+    return out
+
+
+def attach(model, cfg: LoraConfig, adapter: dict | None = None, seed: int = 0,
+           dtype: str = "float32") -> list[str]:
+    """Add adapter leaves to model.params (fresh from seed, or the given numpy arrays);
+    returns the names of the trainable leaves."""
+    fam = model.fam
+    shapes = {k: tuple(v.shape) for k, v in model.params.items()}
+    if adapter is None:
+        adapter = init_adapter(cfg, shapes, fam.LINEAR_MODULES, seed)
+    check_adapter_fits(adapter, shapes)
+    B = model.backend
+    for name, value in adapter.items():
+        model.params[name] = B.from_numpy(np.asarray(value, dtype=np.float32), dtype)
+    model.lora = cfg
+    return sorted(adapter)
+
+
+def check_adapter_fits(adapter: dict, shapes: dict) -> None:
+    """Every adapter leaf must sit on an existing projection with matching sizes."""
+    for name in sorted(adapter):
+        a = tuple(adapter[name].shape)
+        module = name.rsplit(".lora_", 1)[0]
+        w = shapes.get(module + ".weight")
+        if w is None:
+            raise LorafitError(f"adapter key {name} names a module the model does not have")
+        if len(a) != 2:
+            raise LorafitError(f"adapter key {name} has shape {a}; expected a matrix")
+        ok = a[1] == w[1] if name.endswith(LORA_A) else a[0] == w[0]
+        if not ok:
+            want = f"(r, {w[1]})" if name.endswith(LORA_A) else f"({w[0]}, r)"
+            raise LorafitError(f"adapter does not fit the model: {name} has shape {a}, "
+                               f"the model needs {want} (weight {module}.weight is {w})")
+
+
+def adapter_leaves(params: dict) -> list[str]:
+    return sorted(k for k in params if ".lora_" in k)
+
+
+def detach(model) -> dict:
+    """Remove the adapter leaves from the model; returns them as numpy arrays."""
+    B = model.backend
+    out = {k: B.to_numpy(model.params.pop(k)) for k in adapter_leaves(model.params)}
+    model.lora = None
+    return out
+
+
+def merged_weights(weights: dict, adapter: dict, scale: float) -> dict:
+    """{module.weight: W + s * B A} in numpy float32 for each adapted module.
+    Refuses to produce non-finite weights (PEFT's safe_merge)."""
+    out = {}
+    for name in sorted(adapter):
+        if not name.endswith(LORA_A):
+            continue
+        module = _module(name)
+        A, Bm = adapter[name], adapter[f"{module}.{LORA_B}"]
+        W = np.asarray(weights[module + ".weight"], dtype=np.float32)
+        merged = W + scale * (Bm.astype(np.float32) @ A.astype(np.float32))
+        if not np.isfinite(merged).all():
+            raise LorafitError(f"merging {module} gives non-finite weights; adapter is broken")
+        out[module + ".weight"] = merged
+    return out
+
+
+def merge(model) -> None:
+    """Fold the adapter into the frozen weights and drop the adapter leaves."""
+    B, scale = model.backend, model.lora.scale
+    adapter = {k: B.to_numpy(model.params[k]) for k in adapter_leaves(model.params)}
+    weights = {_module(k) + ".weight": B.to_numpy(model.params[_module(k) + ".weight"])
+               for k in adapter if k.endswith(LORA_A)}
+    for name, w in merged_weights(weights, adapter, scale).items():
+        model.params[name] = B.from_numpy(w, model.dtype)
+    detach(model)
+
+
+def unmerge(model, adapter: dict, cfg: LoraConfig) -> None:
+    """Undo `merge`: subtract s * B A from each weight and put the adapter back."""
+    B = model.backend
+    weights = {_module(k) + ".weight": B.to_numpy(model.params[_module(k) + ".weight"])
+               for k in adapter if k.endswith(LORA_A)}
+    for name, w in merged_weights(weights, adapter, -cfg.scale).items():
+        model.params[name] = B.from_numpy(w, model.dtype)
+    attach(model, cfg, adapter)
+
+
+def _module(leaf: str) -> str:
+    """`m.lora_A.weight` -> `m`."""
+    return leaf.rsplit(".lora_", 1)[0]
+
+
+def count_params(params: dict) -> tuple[int, int]:
+    """(trainable, all) parameter counts, adapter leaves being the trainable ones."""
+    total = trainable = 0
+    for k, v in params.items():
+        n = int(np.prod(v.shape))
+        total += n
+        if ".lora_" in k:
+            trainable += n
+    return trainable, total
+
+
+def summary(params: dict) -> str:
+    """PEFT's print_trainable_parameters line."""
+    trainable, total = count_params(params)
+    return (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}")

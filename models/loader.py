@@ -1,0 +1,132 @@
+"""Read a Hugging Face model folder: config.json, safetensors shards, tokenizer.
+
+Safe by default: only safetensors are read (pickle files are refused, never unpickled), and
+`auto_map` / remote code is ignored. Shards are read tensor by tensor and cast to the target
+dtype on the way in, so no second full copy of the model is ever held.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from lorafit.core.errors import LorafitError
+from lorafit.models import Model, family
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_model_path(path_or_id: str) -> Path:
+    """A local folder, or a hub id resolved through the Hugging Face cache (online only
+    when the cache lacks it, and only for config, tokenizer and safetensors files)."""
+    p = Path(path_or_id).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise LorafitError(f"{path_or_id}: not a folder (expected a Hugging Face model "
+                               "folder with config.json and *.safetensors)")
+        return p
+    looks_like_id = path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/", "~"))
+    if not looks_like_id:
+        raise LorafitError(f"{path_or_id}: no such folder")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(path_or_id, allow_patterns=patterns,
+                                      local_files_only=True))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise LorafitError(f"{path_or_id}: not in the Hugging Face cache and HF_HUB_OFFLINE=1")
+    try:
+        return Path(snapshot_download(path_or_id, allow_patterns=patterns))
+    except Exception as e:  # network errors, missing repo, gated model
+        raise LorafitError(f"{path_or_id}: not a local folder, not in the Hugging Face cache, "
+                           f"and could not be downloaded ({type(e).__name__}); check the id "
+                           "and your connection") from None
+
+
+def read_config(folder: Path) -> dict:
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise LorafitError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise LorafitError(f"{cfg_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def load_args(path_or_id: str):
+    folder = resolve_model_path(path_or_id)
+    cfg = read_config(folder)
+    return family(cfg.get("model_type")).ModelArgs.from_config(cfg), folder
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        wmap = json.loads(index.read_text())["weight_map"]
+        files = sorted({folder / f for f in wmap.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise LorafitError(f"{folder}: shard(s) listed in the index are missing: "
+                               f"{', '.join(missing[:3])}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    files = [f for f in files if not f.name.startswith("adapter")]
+    if files:
+        return files
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise LorafitError(f"{folder}: only pickle weights ({', '.join(pickles[:3])}); lorafit "
+                           "never unpickles files. Convert them to safetensors first, e.g. "
+                           "with transformers: model.save_pretrained(out, safe_serialization=True)")
+    raise LorafitError(f"{folder}: no *.safetensors weights found")
+
+
+def default_dtype(backend, args) -> str:
+    """float32 on CPUs (no fast bf16 there), the checkpoint's own dtype on accelerators."""
+    if backend.device == "cpu":
+        return "float32"
+    stored = args.torch_dtype if args.torch_dtype in SUPPORTED_DTYPES else "bfloat16"
+    return "bfloat16" if stored == "float32" and backend.device == "cuda" else stored
+
+
+def load_model(path_or_id: str, backend, dtype: str | None = None) -> Model:
+    args, folder = load_args(path_or_id)
+    if dtype is not None and dtype not in SUPPORTED_DTYPES:
+        raise LorafitError(f"dtype {dtype!r}: choose one of {', '.join(SUPPORTED_DTYPES)}")
+    dtype = dtype or default_dtype(backend, args)
+    fam = family(args.model_type)
+    expected = fam.parameter_shapes(args)
+    params = {}
+    for f in weight_files(folder):
+        for name, array in backend.read_safetensors(f, dtype):
+            if name in expected or name == "lm_head.weight":
+                params[name] = array
+    params = fam.sanitize(params, args)
+    missing = [k for k in expected if k not in params]
+    if missing:
+        raise LorafitError(f"{folder}: weights lack {missing[0]}"
+                           + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    for k, shape in expected.items():
+        if tuple(params[k].shape) != tuple(shape):
+            raise LorafitError(f"{folder}: {k} has shape {tuple(params[k].shape)}, config.json "
+                               f"implies {tuple(shape)}")
+    backend.synchronize()
+    return Model(args=args, params=params, backend=backend, path=str(folder), dtype=dtype)
+
+
+def load_tokenizer(path):
+    """The folder's tokenizer through transformers; remote code is never run."""
+    if path is None:
+        raise LorafitError("this model has no folder, so no tokenizer")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as e:
+        raise LorafitError(f"{path}: could not load a tokenizer ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
