@@ -67,6 +67,14 @@ class MLXBackend:
             mx.eval(x)
             yield name, x
 
+    def materialize(self, *trees):
+        """Evaluate the lazy graph now, so it does not grow across micro-batches."""
+        mx.eval(*trees)
+
+    def inference(self):
+        import contextlib
+        return contextlib.nullcontext()
+
     def synchronize(self):
         mx.synchronize()
 

@@ -73,6 +73,12 @@ class TorchBackend:
                     t = t.to(_DTYPES[dtype])
                 yield name, t.to(self._device)
 
+    def materialize(self, *trees):
+        """Nothing to do: PyTorch runs eagerly."""
+
+    def inference(self):
+        return torch.no_grad()
+
     def synchronize(self):
         if self.device == "cuda":
             torch.cuda.synchronize()

@@ -1,0 +1,196 @@
+"""The run configuration: one dataclass, one source of defaults, read from TOML and flags.
+
+A TOML file holds the same keys as the fields below (flat, or grouped under any table
+names, e.g. [lora] rank = 16); CLI flags override it; the resolved config is saved in the
+run directory as `config.toml`, so any run can be repeated headless.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from lorafit.core.errors import LorafitError
+
+SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
+                 "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+@dataclass
+class TrainConfig:
+    model: str = ""
+    """Model folder or Hugging Face hub id."""
+    data: str = ""
+    """Training data: JSONL (or a JSON list) of text, prompt/completion, messages or alpaca records."""
+    val_data: str | None = None
+    """Validation data file; otherwise `val_fraction` of the training data is held out."""
+    val_fraction: float = 0.0
+    """Fraction of the training examples held out for validation when no val_data is given."""
+    output: str = "runs/latest"
+    """Run directory: config, metrics.jsonl, status, checkpoints/, adapter/."""
+    backend: str = "auto"
+    """auto, torch or mlx."""
+    device: str | None = None
+    """cpu, cuda, mps or metal; default: the best the backend has."""
+    dtype: str | None = None
+    """Base weight dtype (float32, bfloat16, float16); default float32 on CPU, the checkpoint's on GPUs."""
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    targets: str = "q_proj,v_proj"
+    """Comma-separated module names, or all-linear."""
+    layers: list | None = None
+    """Layer indices to adapt (default: all)."""
+    rslora: bool = False
+    """Use alpha / sqrt(r) scaling."""
+    batch_size: int = 4
+    """Micro-batch size (examples per forward pass)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    schedule: str = "cosine"
+    """constant, linear or cosine decay after warmup."""
+    warmup_steps: int = 0
+    """Steps of linear warmup from 0 to lr."""
+    min_lr_ratio: float = 0.0
+    """Final lr as a fraction of lr (linear and cosine)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this; None or 0 disables."""
+    epochs: float = 1.0
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Optimizer steps to run; overrides epochs."""
+    seq_len: int = 512
+    """Maximum tokens per example; longer examples are truncated."""
+    pack: bool = False
+    """Pack short examples into rows of seq_len tokens (attention stays within each example)."""
+    grad_checkpoint: bool = False
+    """Recompute each layer's activations in the backward pass to save memory."""
+    seed: int = 0
+    """Seed for adapter init, shuffling and dropout."""
+    eval_every: int | None = None
+    """Evaluate validation loss every N steps (and at the end)."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without a better validation loss."""
+    save_every: int | None = None
+    """Write a checkpoint every N steps (one is always written at the end)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    log_every: int = 1
+    """Report training metrics every N steps."""
+    on_bad_record: str = "fail"
+    """What a bad data record does: fail (stop before loading) or skip (report and drop)."""
+    train_on_prompt: bool = False
+    """Also put loss on prompt / user tokens."""
+    max_nonfinite: int = 5
+    """Stop after this many non-finite steps in a row."""
+    force: bool = False
+    """Train even when the memory estimate says it will not fit."""
+
+    def __post_init__(self):
+        if self.dtype is not None:
+            if self.dtype not in DTYPE_ALIASES:
+                raise LorafitError(f"dtype {self.dtype!r}: choose bf16, fp16 or fp32")
+            self.dtype = DTYPE_ALIASES[self.dtype]
+        if isinstance(self.targets, list):
+            self.targets = ",".join(self.targets)
+        for name in ("rank", "batch_size", "grad_accum", "seq_len", "keep_checkpoints",
+                     "log_every", "max_nonfinite"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise LorafitError(f"{name.replace('_', '-')} must be a positive integer, "
+                                   f"got {v!r}")
+        for name in ("max_steps", "eval_every", "save_every", "early_stopping_patience"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v <= 0):
+                raise LorafitError(f"{name.replace('_', '-')} must be a positive integer, "
+                                   f"got {v!r}")
+        if self.lr <= 0:
+            raise LorafitError(f"lr must be positive, got {self.lr}")
+        if self.epochs <= 0:
+            raise LorafitError(f"epochs must be positive, got {self.epochs}")
+        if self.schedule not in SCHEDULES:
+            raise LorafitError(f"schedule {self.schedule!r}: choose {', '.join(SCHEDULES)}")
+        if self.on_bad_record not in ("fail", "skip"):
+            raise LorafitError("on-bad-record must be fail or skip")
+        if not 0 <= self.val_fraction < 1:
+            raise LorafitError(f"val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 <= self.dropout < 1:
+            raise LorafitError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.backend not in ("auto", "torch", "mlx"):
+            raise LorafitError(f"backend {self.backend!r}: choose auto, torch or mlx")
+
+    def lora_config(self):
+        from lorafit.core.lora import LoraConfig
+
+        targets = self.targets if self.targets == "all-linear" else self.targets.split(",")
+        return LoraConfig(r=self.rank, alpha=self.alpha, dropout=self.dropout,
+                          targets=targets, layers=self.layers, rslora=self.rslora)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
+
+
+def read_toml(path: str | Path) -> dict:
+    """Flatten a TOML file into TrainConfig keys; unknown keys are an error."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise LorafitError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise LorafitError(f"{path}: invalid TOML ({e})") from None
+    flat = {}
+    for k, v in raw.items():
+        if isinstance(v, dict):
+            flat.update(v)
+        else:
+            flat[k] = v
+    flat = {k.replace("-", "_"): v for k, v in flat.items()}
+    unknown = sorted(set(flat) - set(FIELD_NAMES))
+    if unknown:
+        raise LorafitError(f"{path}: unknown key(s) {', '.join(unknown)}")
+    return flat
+
+
+def resolve(toml_path: str | None, overrides: dict) -> TrainConfig:
+    """TOML values, then CLI overrides (None means 'not given')."""
+    values = read_toml(toml_path) if toml_path else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig(**values)
+    except TypeError as e:
+        raise LorafitError(f"bad config: {e}") from None
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """The config as TOML (None values are left out: they mean 'default')."""
+    lines = ["# lorafit run configuration: `lorafit train THIS_FILE` repeats the run"]
+    for k, v in cfg.to_dict().items():
+        if v is None:
+            continue
+        lines.append(f"{k} = {_toml_value(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{s}"'

@@ -1,0 +1,237 @@
+"""Typed reports from the trainer, and the sinks that receive them.
+
+The trainer emits events; it never knows who listens. A console progress line, the
+`metrics.jsonl` file and the TUI are all sinks with the same one-method interface, so a
+headless run and a watched run leave the same records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lorafit.core.fileio import atomic_write_json
+
+
+@dataclass
+class Event:
+    kind: str = field(init=False, default="event")
+    time: float = field(init=False, default_factory=time.time)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RunStarted(Event):
+    total_steps: int
+    examples: int
+    val_examples: int
+    backend: str
+    device: str
+    trainable: str
+    config: dict
+    estimate: dict | None = None
+    kind: str = field(init=False, default="start")
+
+
+@dataclass
+class StepReport(Event):
+    step: int
+    epoch: float
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int
+    tokens_per_s: float
+    step_time: float
+    eta_s: float
+    memory_peak: int
+    memory_current: int
+    memory_rss: int = 0
+    kind: str = field(init=False, default="train")
+
+
+@dataclass
+class EvalReport(Event):
+    step: int
+    val_loss: float
+    best_val_loss: float
+    kind: str = field(init=False, default="eval")
+
+
+@dataclass
+class CheckpointSaved(Event):
+    step: int
+    path: str
+    kind: str = field(init=False, default="checkpoint")
+
+
+@dataclass
+class StepSkipped(Event):
+    step: int
+    reason: str
+    in_a_row: int
+    kind: str = field(init=False, default="skipped")
+
+
+@dataclass
+class Message(Event):
+    level: str
+    text: str
+    kind: str = field(init=False, default="message")
+
+
+@dataclass
+class RunFinished(Event):
+    status: str  # "completed", "stopped", "early_stopped", "failed"
+    step: int
+    adapter: str | None
+    final_loss: float | None
+    measured_peak: int | None
+    estimated_peak: int | None
+    error: str | None = None
+    kind: str = field(init=False, default="end")
+
+
+class Sink:
+    def __call__(self, event: Event) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlSink(Sink):
+    """One JSON object per line, flushed per record, so watchers see it at once."""
+
+    def __init__(self, path: str | Path):
+        self.f = open(path, "a", encoding="utf-8")
+
+    def __call__(self, event):
+        self.f.write(json.dumps(event.to_dict()) + "\n")
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+
+class StatusSink(Sink):
+    """status.json: state, pid, step, last checkpoint. Written atomically."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.status = {"state": "starting", "pid": os.getpid(), "step": 0,
+                       "total_steps": None, "last_checkpoint": None, "error": None}
+        self._write()
+
+    def _write(self):
+        self.status["updated"] = time.time()
+        atomic_write_json(self.path, self.status)
+
+    def __call__(self, event):
+        if isinstance(event, RunStarted):
+            self.status.update(state="running", total_steps=event.total_steps)
+        elif isinstance(event, StepReport):
+            self.status["step"] = event.step
+            if time.time() - self.status.get("updated", 0) < 1.0:
+                return
+        elif isinstance(event, CheckpointSaved):
+            self.status["last_checkpoint"] = event.path
+        elif isinstance(event, Message) and event.text in ("paused", "resumed"):
+            self.status["state"] = "paused" if event.text == "paused" else "running"
+        elif isinstance(event, RunFinished):
+            self.status.update(state=event.status, step=event.step, error=event.error)
+        else:
+            return
+        self._write()
+
+
+def _fmt_time(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else \
+        f"{s // 60:02d}:{s % 60:02d}"
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if not n:
+        return "-"
+    return f"{n / 2**30:.2f}GiB" if n >= 2**30 else f"{n / 2**20:.0f}MiB"
+
+
+class ConsoleSink(Sink):
+    """A progress bar with loss, tokens/s, memory and ETA on stderr; other events as lines."""
+
+    def __init__(self, stream=None, width: int = 24):
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.total = 0
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._open_line = False
+
+    def _line(self, text):
+        if self._open_line:
+            self.stream.write("\n")
+            self._open_line = False
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def __call__(self, e):
+        if isinstance(e, RunStarted):
+            self.total = e.total_steps
+            self._line(f"{e.trainable}")
+            self._line(f"training on {e.backend}/{e.device}: {e.examples} examples, "
+                       f"{e.val_examples} validation, {e.total_steps} steps")
+        elif isinstance(e, StepReport):
+            frac = e.step / max(self.total, 1)
+            filled = int(frac * self.width)
+            bar = "#" * filled + "-" * (self.width - filled)
+            text = (f"[{bar}] {e.step}/{self.total} loss {e.loss:.4f} lr {e.lr:.2e} "
+                    f"{e.tokens_per_s:,.0f} tok/s mem {_fmt_bytes(e.memory_peak)} "
+                    f"eta {_fmt_time(e.eta_s)}")
+            if self.tty:
+                self.stream.write("\r" + text)
+                self._open_line = True
+                self.stream.flush()
+            else:
+                self._line(text)
+        elif isinstance(e, EvalReport):
+            self._line(f"step {e.step}: val loss {e.val_loss:.4f} (best {e.best_val_loss:.4f})")
+        elif isinstance(e, CheckpointSaved):
+            self._line(f"step {e.step}: checkpoint saved to {e.path}")
+        elif isinstance(e, StepSkipped):
+            self._line(f"step {e.step}: update skipped ({e.reason})")
+        elif isinstance(e, Message):
+            self._line(f"{e.level}: {e.text}" if e.level != "info" else e.text)
+        elif isinstance(e, RunFinished):
+            text = f"run {e.status} at step {e.step}"
+            if e.final_loss is not None:
+                text += f", final loss {e.final_loss:.4f}"
+            if e.adapter:
+                text += f"; adapter in {e.adapter}"
+            self._line(text)
+            if e.measured_peak and e.estimated_peak:
+                err = 100 * (e.estimated_peak - e.measured_peak) / e.measured_peak
+                self._line(f"memory: estimated {_fmt_bytes(e.estimated_peak)}, measured "
+                           f"{_fmt_bytes(e.measured_peak)} ({err:+.1f}%)")
+            if e.error:
+                self._line(f"error: {e.error}")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All complete records of a metrics.jsonl (a torn last line is ignored)."""
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    except FileNotFoundError:
+        pass
+    return out

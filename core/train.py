@@ -1,0 +1,313 @@
+"""The training loop. It knows nothing of torch or mlx: it calls the backend object's ops
+through the model functions, and converts to Python floats only at report time.
+
+One optimizer step consumes `grad_accum` micro-batches from a stream that runs across
+epochs; each micro-batch's loss is divided by the number of loss tokens of the whole step
+(known in advance from the numpy masks), so accumulation equals one big batch exactly.
+A checkpoint is taken only between steps: stopping mid-accumulation finishes the step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lorafit.core import events as ev
+from lorafit.core.checkpoint import save_checkpoint
+from lorafit.core.adapter_io import save_peft
+from lorafit.core.data import Batch, make_batches
+from lorafit.core.errors import LorafitError
+from lorafit.core.lora import adapter_leaves, summary
+from lorafit.core.schedule import lr_at
+
+
+class TrainingStopped(LorafitError):
+    """Too many non-finite steps in a row."""
+
+
+@dataclass
+class Position:
+    """Where the run stands: optimizer steps done, and the next micro-batch."""
+    step: int = 0
+    epoch: int = 0
+    index: int = 0
+
+
+def batch_loss(B, model, params: dict, batch_arrays: tuple, recompute: bool):
+    """(sum of token losses, loss-token count) for one batch of backend arrays."""
+    ids, targets, mask, pos, seg = batch_arrays
+    fam, args = model.fam, model.args
+    h = fam.hidden_states(B, args, params, ids, pos, segment_ids=seg, lora=model.lora,
+                          recompute=recompute)
+    logits = B.linear(h, fam.output_weight(params))
+    n = ids.shape[0] * ids.shape[1]
+    return B.cross_entropy(logits.reshape(n, -1), targets.reshape(n), mask.reshape(n))
+
+
+class Trainer:
+    def __init__(self, model, cfg, train_examples, val_examples=(), run_dir=None,
+                 sinks=(), control=None, estimate: dict | None = None):
+        from lorafit.core.control import Control
+
+        self.model, self.cfg = model, cfg
+        self.B = model.backend
+        self.train_examples, self.val_examples = list(train_examples), list(val_examples)
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.sinks = list(sinks)
+        self.control = control or Control(run_dir)
+        self.estimate = estimate
+        names = adapter_leaves(model.params)
+        if not names:
+            raise LorafitError("the model has no adapter attached")
+        self.trainable = {k: model.params[k] for k in names}
+        self.frozen = {k: v for k, v in model.params.items() if k not in self.trainable}
+        self.optimizer = self.B.make_optimizer(self.trainable, weight_decay=cfg.weight_decay)
+        self.grad_fn = self.B.value_and_grad(self._loss)
+        self.batches_per_epoch = len(self._epoch_batches(0))
+        self.total_steps = cfg.max_steps or max(1, math.ceil(
+            cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
+        self.pos = Position()
+        self.best_val = math.inf
+        self.evals_without_gain = 0
+        self.losses: list[float] = []
+        self.measured_peak = 0
+        self._epoch_cache: tuple[int, list] | None = None
+
+    # -- data -----------------------------------------------------------------------------
+    def _epoch_batches(self, epoch: int) -> list[Batch]:
+        c = self.cfg
+        return make_batches(self.train_examples, c.batch_size, c.seq_len, c.pack, c.seed, epoch)
+
+    def _batches(self, epoch: int) -> list[Batch]:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            self._epoch_cache = (epoch, self._epoch_batches(epoch))
+        return self._epoch_cache[1]
+
+    def _next_micro_batches(self) -> list[Batch]:
+        """The micro-batches of the next step; advances the data position."""
+        out = []
+        for _ in range(self.cfg.grad_accum):
+            batches = self._batches(self.pos.epoch)
+            if self.pos.index >= len(batches):
+                self.pos.epoch, self.pos.index = self.pos.epoch + 1, 0
+                batches = self._batches(self.pos.epoch)
+            out.append(batches[self.pos.index])
+            self.pos.index += 1
+        return out
+
+    def _arrays(self, b: Batch) -> tuple:
+        B = self.B
+        seg = B.from_numpy(b.segment_ids) if b.segment_ids is not None else None
+        return (B.from_numpy(b.input_ids), B.from_numpy(b.targets),
+                B.from_numpy(b.loss_mask), B.from_numpy(b.positions), seg)
+
+    # -- one step -------------------------------------------------------------------------
+    def _loss(self, trainable, arrays, denom):
+        params = {**self.frozen, **trainable}
+        loss_sum, _ = batch_loss(self.B, self.model, params, arrays, self.cfg.grad_checkpoint)
+        return loss_sum / denom, loss_sum
+
+    def train_step(self, micro: list[Batch], lr: float) -> tuple[float, float, bool]:
+        """Forward, backward and update over the step's micro-batches.
+        Returns (mean loss per token, gradient norm, whether the update was applied)."""
+        B = self.B
+        denom = float(sum(b.n_tokens for b in micro))
+        if denom == 0:
+            return math.nan, math.nan, False
+        acc, total = None, None
+        for b in micro:
+            (_, loss_sum), grads = self.grad_fn(self.trainable, self._arrays(b), denom)
+            acc = grads if acc is None else {k: acc[k] + grads[k] for k in acc}
+            total = loss_sum if total is None else total + loss_sum
+            B.materialize(acc, total)
+        gnorm_arr = B.global_norm(acc)
+        loss = B.to_float(total) / denom
+        gnorm = B.to_float(gnorm_arr)
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            return loss, gnorm, False
+        scale = 1.0
+        if self.cfg.max_grad_norm and gnorm > self.cfg.max_grad_norm:
+            scale = self.cfg.max_grad_norm / (gnorm + 1e-6)
+        self.optimizer.step(self.trainable, acc, lr, grad_scale=scale)
+        return loss, gnorm, True
+
+    # -- evaluation -----------------------------------------------------------------------
+    def evaluate(self) -> float:
+        c, B = self.cfg, self.B
+        batches = make_batches(self.val_examples, c.batch_size, c.seq_len, c.pack, c.seed, 0)
+        params = {**self.frozen, **self.trainable}
+        total, count = 0.0, 0
+        with B.inference():
+            for b in batches:
+                s, n = batch_loss(B, self.model, params, self._arrays(b), False)
+                total += B.to_float(s)
+                count += b.n_tokens
+        return total / max(count, 1)
+
+    # -- state ----------------------------------------------------------------------------
+    def adapter_numpy(self) -> dict:
+        return {k: self.B.to_numpy(v) for k, v in self.trainable.items()}
+
+    def trainer_state(self) -> dict:
+        return {"step": self.pos.step, "epoch": self.pos.epoch, "index": self.pos.index,
+                "best_val": None if math.isinf(self.best_val) else self.best_val,
+                "evals_without_gain": self.evals_without_gain,
+                "total_steps": self.total_steps, "seed": self.cfg.seed,
+                "backend": self.B.name, "losses": self.losses}
+
+    def load_state(self, ckpt: dict) -> None:
+        """Continue from a checkpoint dict (see core.checkpoint.load_checkpoint)."""
+        st = ckpt["state"]
+        for k, v in ckpt["adapter"].items():
+            if k not in self.trainable:
+                raise LorafitError(f"checkpoint adapter key {k} does not match this run")
+            self.trainable[k] = self.B.from_numpy(v, self.B.dtype_name(self.trainable[k]))
+        self.optimizer = self.B.make_optimizer(self.trainable,
+                                               weight_decay=self.cfg.weight_decay)
+        self.optimizer.load_state_numpy(ckpt["optimizer"])
+        self.pos = Position(st["step"], st["epoch"], st["index"])
+        self.best_val = st["best_val"] if st.get("best_val") is not None else math.inf
+        self.evals_without_gain = st.get("evals_without_gain", 0)
+        self.losses = list(st.get("losses", []))
+
+    def save(self) -> Path:
+        path = save_checkpoint(self.run_dir, self.pos.step, self.adapter_numpy(),
+                               self.model.lora, self.model.path,
+                               self.optimizer.state_to_numpy(), self.trainer_state(),
+                               self.cfg.keep_checkpoints)
+        self.emit(ev.CheckpointSaved(step=self.pos.step, path=str(path)))
+        return path
+
+    def save_adapter(self) -> Path:
+        """The final adapter in PEFT layout, assembled aside and renamed into place."""
+        import shutil
+
+        final = self.run_dir / "adapter"
+        tmp = self.run_dir / ".adapter.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save_peft(tmp, self.adapter_numpy(), self.model.lora, self.model.path,
+                  num_layers=self.model.args.num_hidden_layers)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        return final
+
+    # -- the loop -------------------------------------------------------------------------
+    def emit(self, event) -> None:
+        for sink in self.sinks:
+            sink(event)
+
+    def run(self) -> str:
+        """Train to the end (or until stopped); returns the final status."""
+        c, B = self.cfg, self.B
+        self.emit(ev.RunStarted(total_steps=self.total_steps,
+                                examples=len(self.train_examples),
+                                val_examples=len(self.val_examples), backend=B.name,
+                                device=B.device, trainable=summary(self.model.params),
+                                config=c.to_dict(), estimate=self.estimate))
+        B.reset_peak_memory()
+        status, bad_in_a_row, t_start, steps_timed = "completed", 0, time.time(), 0
+        error = None
+        try:
+            while self.pos.step < self.total_steps:
+                status = self._between_steps()
+                if status:
+                    break
+                status = "completed"
+                lr = lr_at(self.pos.step, c.lr, self.total_steps, c.warmup_steps, c.schedule,
+                           c.min_lr_ratio)
+                t0 = time.perf_counter()
+                micro = self._next_micro_batches()
+                loss, gnorm, applied = self.train_step(micro, lr)
+                dt = time.perf_counter() - t0
+                self.pos.step += 1
+                if not applied:
+                    bad_in_a_row += 1
+                    self.emit(ev.StepSkipped(step=self.pos.step, in_a_row=bad_in_a_row,
+                                             reason=f"non-finite loss {loss} or gradient "
+                                                    f"norm {gnorm}"))
+                    if bad_in_a_row >= c.max_nonfinite:
+                        raise TrainingStopped(
+                            f"{bad_in_a_row} non-finite steps in a row at step "
+                            f"{self.pos.step}: lower the learning rate, use float32, or "
+                            "check the data")
+                    continue
+                bad_in_a_row = 0
+                self.losses.append(loss)
+                steps_timed += 1
+                self._report(loss, lr, gnorm, micro, dt, t_start, steps_timed)
+                if c.eval_every and self.val_examples and self.pos.step % c.eval_every == 0:
+                    if self._evaluate_and_check():
+                        status = "early_stopped"
+                        break
+                if c.save_every and self.pos.step % c.save_every == 0 and self.run_dir:
+                    self.save()
+        except TrainingStopped as e:
+            status, error = "failed", str(e)
+        if self.val_examples and c.eval_every and status == "completed" \
+                and self.pos.step % c.eval_every:
+            self._evaluate_and_check()
+        adapter = None
+        if self.run_dir:
+            self.save()
+            adapter = str(self.save_adapter())
+        self.model.params.update(self.trainable)
+        self.emit(ev.RunFinished(status=status, step=self.pos.step, adapter=adapter,
+                                 final_loss=self.losses[-1] if self.losses else None,
+                                 measured_peak=self.measured_peak or None,
+                                 estimated_peak=(self.estimate or {}).get("total"),
+                                 error=error))
+        if error:
+            raise TrainingStopped(error)
+        return status
+
+    def _between_steps(self) -> str | None:
+        """Apply control requests; returns a status when the run must end now."""
+        ctl = self.control
+        ctl.poll()
+        if ctl.save_requested and self.run_dir:
+            ctl.save_requested = False
+            self.save()
+        if ctl.paused:
+            self.emit(ev.Message(level="info", text="paused"))
+            while ctl.paused and not ctl.stop_requested:
+                time.sleep(0.1)
+                ctl.poll()
+                if ctl.save_requested and self.run_dir:
+                    ctl.save_requested = False
+                    self.save()
+            self.emit(ev.Message(level="info", text="resumed"))
+        if ctl.stop_requested:
+            return "stopped"
+        return None
+
+    def _report(self, loss, lr, gnorm, micro, dt, t_start, steps_timed):
+        mem = self.B.memory_stats()
+        self.measured_peak = max(self.measured_peak, mem["peak"])
+        if self.pos.step % self.cfg.log_every and self.pos.step != self.total_steps:
+            return
+        tokens = int(sum(b.input_ids.size for b in micro))
+        elapsed = time.time() - t_start
+        eta = elapsed / steps_timed * (self.total_steps - self.pos.step)
+        batches = self.batches_per_epoch
+        self.emit(ev.StepReport(step=self.pos.step, epoch=self.pos.epoch + self.pos.index /
+                                max(batches, 1), loss=loss, lr=lr, grad_norm=gnorm,
+                                tokens=tokens, tokens_per_s=tokens / max(dt, 1e-9),
+                                step_time=dt, eta_s=eta, memory_peak=mem["peak"],
+                                memory_current=mem["current"], memory_rss=mem.get("rss", 0)))
+
+    def _evaluate_and_check(self) -> bool:
+        """Evaluate; returns True when early stopping says stop."""
+        val = self.evaluate()
+        if val < self.best_val:
+            self.best_val, self.evals_without_gain = val, 0
+        else:
+            self.evals_without_gain += 1
+        self.emit(ev.EvalReport(step=self.pos.step, val_loss=val, best_val_loss=self.best_val))
+        p = self.cfg.early_stopping_patience
+        return bool(p and self.evals_without_gain >= p)
