@@ -22,6 +22,7 @@ from lorafit.core.adapter_io import save_peft
 from lorafit.core.data import Batch, make_batches
 from lorafit.core.errors import LorafitError
 from lorafit.core.lora import adapter_leaves, summary
+from lorafit.core.loss import batch_loss
 from lorafit.core.schedule import lr_at
 
 
@@ -35,17 +36,6 @@ class Position:
     step: int = 0
     epoch: int = 0
     index: int = 0
-
-
-def batch_loss(B, model, params: dict, batch_arrays: tuple, recompute: bool):
-    """(sum of token losses, loss-token count) for one batch of backend arrays."""
-    ids, targets, mask, pos, seg = batch_arrays
-    fam, args = model.fam, model.args
-    h = fam.hidden_states(B, args, params, ids, pos, segment_ids=seg, lora=model.lora,
-                          recompute=recompute)
-    logits = B.linear(h, fam.output_weight(params))
-    n = ids.shape[0] * ids.shape[1]
-    return B.cross_entropy(logits.reshape(n, -1), targets.reshape(n), mask.reshape(n))
 
 
 class Trainer:

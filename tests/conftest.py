@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny random models built by transformers, a local tokenizer, backends.
+
+Nothing here reaches the network. Models are built from a transformers config with random
+weights and saved with `save_pretrained`, the way a user's folder looks.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, this is a tiny corpus for a tiny tokenizer",
+    "user: what is two plus two? assistant: four",
+    "lorafit trains adapters on torch and mlx alike",
+] * 8
+
+# model_type -> extra config: each family's distinguishing features switched on
+FAMILIES = {
+    "llama": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 16}),
+    "mistral": dict(),
+    "qwen2": dict(tie_word_embeddings=True),
+    "qwen3": dict(head_dim=32, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+}
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from lorafit.models.tiny import bpe_tokenizer
+
+    return bpe_tokenizer(CORPUS, vocab_size=320)
+
+
+def hf_config(model_type: str, vocab_size: int, **overrides):
+    import transformers
+
+    cls = transformers.AutoConfig.for_model(model_type).__class__
+    base = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=112,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=256, rms_norm_eps=1e-6, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0)
+    base.update(FAMILIES.get(model_type, {}))
+    base.update(overrides)
+    return cls(**base)
+
+
+def build_hf_model(folder, model_type, tokenizer, seed=0, **overrides):
+    """A random transformers model saved as a Hugging Face folder; returns (folder, model)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = hf_config(model_type, len(tokenizer), **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    with torch.no_grad():  # norms start at 1: randomise them so they are tested too
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder, model
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer):
+    """{model_type: (folder, transformers model)} for every supported family."""
+    out = {}
+    for mt in FAMILIES:
+        folder = tmp_path_factory.mktemp(f"tiny-{mt}")
+        out[mt] = build_hf_model(folder, mt, tokenizer)
+    return out
+
+
+@pytest.fixture(scope="session", params=["torch", "mlx"])
+def backend(request):
+    from lorafit.backends import get_backend
+
+    return get_backend(request.param, "cpu")
+
+
+@pytest.fixture(scope="session")
+def torch_backend():
+    from lorafit.backends import get_backend
+
+    return get_backend("torch", "cpu")
+
+
+@pytest.fixture(scope="session")
+def mlx_backend():
+    from lorafit.backends import get_backend
+
+    return get_backend("mlx", "cpu")
+
+
+def random_ids(vocab: int, shape=(2, 12), seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, vocab, shape)

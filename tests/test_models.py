@@ -1,0 +1,79 @@
+"""lorafit's model definitions against transformers: logits and greedy generation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAMILIES, random_ids
+from lorafit.core.generate import generate_ids
+from lorafit.models.loader import load_model
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_logits_match_transformers(tiny_models, backend, model_type):
+    folder, ref = tiny_models[model_type]
+    ids = random_ids(ref.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        expected = ref(torch.tensor(ids)).logits.numpy()
+    model = load_model(str(folder), backend)
+    got = backend.to_numpy(model.logits(backend.from_numpy(ids)))
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_greedy_generation_matches_transformers(tiny_models, backend, model_type):
+    folder, ref = tiny_models[model_type]
+    prompt = random_ids(ref.config.vocab_size, (1, 7), seed=3)
+    with torch.no_grad():
+        out = ref.generate(torch.tensor(prompt), max_new_tokens=20, do_sample=False,
+                           eos_token_id=None, pad_token_id=0, min_new_tokens=20)
+    expected = out[0, prompt.shape[1]:].tolist()
+    model = load_model(str(folder), backend)
+    got = list(generate_ids(model, prompt[0].tolist(), max_new_tokens=20, temperature=0.0))
+    assert got == expected
+
+
+def test_kv_cache_equals_full_forward(tiny_models, backend):
+    """Logits of a token computed through the cache equal a fresh full forward."""
+    folder, ref = tiny_models["llama"]
+    model = load_model(str(folder), backend)
+    ids = random_ids(ref.config.vocab_size, (1, 10))
+    full = backend.to_numpy(model.logits(backend.from_numpy(ids)))[0, -1]
+    cache = [[None, None] for _ in range(model.args.num_hidden_layers)]
+    B = backend
+    pos = np.arange(10)[None]
+    model.hidden(B.from_numpy(ids[:, :9]), B.from_numpy(pos[:, :9]), cache=cache)
+    h = model.hidden(B.from_numpy(ids[:, 9:]), B.from_numpy(pos[:, 9:]), cache=cache)
+    step = B.to_numpy(B.linear(h, model.fam.output_weight(model.params)))[0, -1]
+    assert np.abs(step - full).max() < 1e-4
+
+
+def test_sharded_folder_loads(tmp_path, tiny_models, torch_backend):
+    folder, ref = tiny_models["mistral"]
+    ref.save_pretrained(str(tmp_path), max_shard_size="20KB")
+    import json
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    shards = set(json.loads((tmp_path / "model.safetensors.index.json").read_text())
+                 ["weight_map"].values())
+    assert len(shards) > 1
+    model = load_model(str(tmp_path), torch_backend)
+    ids = random_ids(ref.config.vocab_size)
+    with torch.no_grad():
+        expected = ref(torch.tensor(ids)).logits.numpy()
+    got = torch_backend.to_numpy(model.logits(torch_backend.from_numpy(ids)))
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_bf16_weights_load_in_bf16(tmp_path, tiny_models, backend):
+    """bf16 is a storage and compute dtype on both backends (checked on a small shape)."""
+    folder, ref = tiny_models["llama"]
+    model = load_model(str(folder), backend, dtype="bfloat16")
+    assert backend.dtype_name(model.params["model.embed_tokens.weight"]) == "bfloat16"
+    ids = random_ids(ref.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        expected = ref(torch.tensor(ids)).logits.numpy()
+    got = backend.to_numpy(model.logits(backend.from_numpy(ids)))
+    assert np.abs(got - expected).max() < 0.15 * np.abs(expected).max()
