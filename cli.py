@@ -35,6 +35,112 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+TRAIN_FLAGS = [  # (flag, config field, argparse kwargs)
+    ("--model", "model", dict(help="model folder or Hugging Face hub id")),
+    ("--data", "data", dict(help="training data (.jsonl or .json)")),
+    ("--val-data", "val_data", dict(help="validation data file")),
+    ("--val-fraction", "val_fraction", dict(type=float, help="hold out this fraction")),
+    ("--output", "output", dict(help="run directory")),
+    ("--rank", "rank", dict(type=int)),
+    ("--alpha", "alpha", dict(type=float)),
+    ("--dropout", "dropout", dict(type=float)),
+    ("--targets", "targets", dict(help="comma-separated module names or all-linear")),
+    ("--layers", "layers", dict(type=_int_list, help="layer indices, e.g. 0,1,2")),
+    ("--batch-size", "batch_size", dict(type=int)),
+    ("--grad-accum", "grad_accum", dict(type=int)),
+    ("--lr", "lr", dict(type=float)),
+    ("--schedule", "schedule", dict(choices=["constant", "linear", "cosine"])),
+    ("--warmup-steps", "warmup_steps", dict(type=int)),
+    ("--weight-decay", "weight_decay", dict(type=float)),
+    ("--max-grad-norm", "max_grad_norm", dict(type=float)),
+    ("--epochs", "epochs", dict(type=float)),
+    ("--max-steps", "max_steps", dict(type=int)),
+    ("--seq-len", "seq_len", dict(type=int)),
+    ("--dtype", "dtype", dict(choices=["bf16", "fp16", "fp32", "bfloat16", "float16",
+                                       "float32"])),
+    ("--seed", "seed", dict(type=int)),
+    ("--eval-every", "eval_every", dict(type=int)),
+    ("--early-stopping-patience", "early_stopping_patience", dict(type=int)),
+    ("--save-every", "save_every", dict(type=int)),
+    ("--keep-checkpoints", "keep_checkpoints", dict(type=int)),
+    ("--log-every", "log_every", dict(type=int)),
+    ("--on-bad-record", "on_bad_record", dict(choices=["skip", "fail"])),
+]
+TRAIN_SWITCHES = [("--pack", "pack"), ("--grad-checkpoint", "grad_checkpoint"),
+                  ("--rslora", "rslora"), ("--train-on-prompt", "train_on_prompt"),
+                  ("--force", "force")]
+
+
+def add_train_flags(p) -> None:
+    """The flags shared by `train` and `estimate`; all default to None = 'not given'."""
+    p.add_argument("config", nargs="?", help="TOML config (flags override it)")
+    for flag, dest, kw in TRAIN_FLAGS:
+        p.add_argument(flag, dest=dest, default=None, **kw)
+    for flag, dest in TRAIN_SWITCHES:
+        p.add_argument(flag, dest=dest, action="store_true", default=None)
+    p.add_argument("--backend", default=None, choices=["auto", "torch", "mlx"])
+    p.add_argument("--device", default=None, help="cpu, cuda, mps or metal")
+
+
+def config_from_args(args):
+    from lorafit.core.config import resolve
+
+    overrides = {dest: getattr(args, dest) for _, dest, _ in TRAIN_FLAGS}
+    overrides.update({dest: getattr(args, dest) for _, dest in TRAIN_SWITCHES})
+    overrides.update(backend=args.backend, device=args.device)
+    toml = args.config
+    if getattr(args, "resume", None):
+        from pathlib import Path
+        saved = Path(args.resume) / "config.toml"
+        if not saved.exists():
+            raise LorafitError(f"{args.resume}: no config.toml (not a lorafit run directory)")
+        toml = toml or str(saved)
+        overrides["output"] = args.resume
+    return resolve(toml, overrides)
+
+
+def cmd_train(args) -> int:
+    from lorafit.runner import run_training
+
+    cfg = config_from_args(args)
+    if not cfg.model or not cfg.data:
+        raise LorafitError("train needs --model and --data (or a config file that sets them)")
+    status = run_training(cfg, resume=bool(args.resume))
+    return 0 if status in ("completed", "early_stopped", "stopped") else 1
+
+
+def cmd_export(args) -> int:
+    from lorafit import export
+
+    if args.merge:
+        path = export.export_merged(args.adapter, args.out, args.model, args.backend,
+                                    args.dtype)
+    else:
+        path = export.export_adapter(args.adapter, args.out, args.format, args.model)
+    print(path)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from lorafit import export
+
+    print(export.export_adapter(args.src, args.out, args.to, None))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from lorafit.demo import run_demo
+
+    return run_demo(backend=args.backend, output=args.output, steps=args.steps)
+
+
 def _add_backend_flags(p):
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
     p.add_argument("--device", default=None, help="cpu, cuda, mps or metal (default: best)")
@@ -59,15 +165,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_flags(p)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("train", help="fine-tune a LoRA adapter")
+    add_train_flags(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="export an adapter to mlx-lm, or merge it into the model")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--adapter", required=True, help="PEFT adapter folder (e.g. RUN/adapter)")
+    p.add_argument("--format", default="mlx-lm", choices=["mlx-lm", "peft"])
+    p.add_argument("--merge", action="store_true",
+                   help="write a merged Hugging Face model folder instead")
+    p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the merged weights (default: the base model's)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("convert", help="convert an adapter between mlx-lm and PEFT layouts")
+    p.add_argument("src", help="adapter folder (mlx-lm or PEFT)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--to", default="peft", choices=["peft", "mlx-lm"])
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("demo", help="fine-tune a tiny bundled model on a small task, "
+                                    "and show it learned")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
+    p.add_argument("--output", default=None, help="run directory (default: a temp folder)")
+    p.add_argument("--steps", type=int, default=None, help="training steps")
+    p.set_defaults(func=cmd_demo)
+
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    from lorafit.core.blas import reexec_with_openblas
+    if from_console and argv and argv[0] != "env" and os.environ.get("LORAFIT_NO_REEXEC") != "1":
+        from lorafit.core.blas import reexec_with_openblas
 
-    if argv and argv[0] not in ("env",) and os.environ.get("LORAFIT_NO_REEXEC") != "1":
-        reexec_with_openblas(argv)
+        reexec_with_openblas(argv)  # a process that is already running cannot preload
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -67,6 +67,13 @@ class MLXBackend:
             mx.eval(x)
             yield name, x
 
+    def nbytes(self, x):
+        return x.nbytes
+
+    def save_safetensors(self, path, arrays):
+        """Write backend arrays (any dtype, bf16 included) to one safetensors file."""
+        mx.save_safetensors(str(path), dict(arrays), metadata={"format": "pt"})
+
     def materialize(self, *trees):
         """Evaluate the lazy graph now, so it does not grow across micro-batches."""
         mx.eval(*trees)

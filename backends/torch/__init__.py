@@ -73,6 +73,15 @@ class TorchBackend:
                     t = t.to(_DTYPES[dtype])
                 yield name, t.to(self._device)
 
+    def nbytes(self, x):
+        return x.numel() * x.element_size()
+
+    def save_safetensors(self, path, arrays):
+        """Write backend arrays (any dtype, bf16 included) to one safetensors file."""
+        from safetensors.torch import save_file
+        save_file({k: v.detach().contiguous().cpu() for k, v in arrays.items()}, str(path),
+                  metadata={"format": "pt"})
+
     def materialize(self, *trees):
         """Nothing to do: PyTorch runs eagerly."""
 

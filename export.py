@@ -1,0 +1,126 @@
+"""Exports: an adapter to mlx-lm's layout (or back), and a merged Hugging Face folder.
+
+Every export is written into a temporary folder beside the target and renamed into place,
+so an interrupted export never leaves a half-written folder under the target's name.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from lorafit.core import adapter_io, lora
+from lorafit.core.errors import LorafitError
+
+SHARD_BYTES = 4 * 2**30
+
+
+def _staging(out: str | Path) -> tuple[Path, Path]:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise LorafitError(f"{out} exists and is not empty; choose a new output folder")
+    tmp = out.parent / f".{out.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return out, tmp
+
+
+def _commit(tmp: Path, out: Path) -> Path:
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out
+
+
+def _base_model(adapter_dir: str | Path, model: str | None) -> str | None:
+    if model:
+        return model
+    cfg_path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        c = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return c.get("base_model_name_or_path") or c.get("model")
+
+
+def _num_layers(base: str | None, adapter: dict) -> int:
+    if base:
+        try:
+            from lorafit.models.loader import load_args
+            return load_args(base)[0].num_hidden_layers
+        except LorafitError:
+            pass
+    layers = adapter_io._layers_of(adapter_io._modules(adapter))
+    return max(layers) + 1 if layers else 0
+
+
+def export_adapter(src: str | Path, out: str | Path, fmt: str, model: str | None) -> Path:
+    """Rewrite an adapter folder (PEFT or mlx-lm) as `fmt` ("mlx-lm" or "peft")."""
+    cfg, adapter = adapter_io.load_any(src)
+    base = _base_model(src, model)
+    out, tmp = _staging(out)
+    if fmt == "mlx-lm":
+        adapter_io.save_mlx_lm(tmp, adapter, cfg, _num_layers(base, adapter), base)
+    elif fmt == "peft":
+        adapter_io.save_peft(tmp, adapter, cfg, base, _num_layers(base, adapter))
+    else:
+        raise LorafitError(f"unknown adapter format {fmt!r}: mlx-lm or peft")
+    return _commit(tmp, out)
+
+
+def export_merged(adapter_dir: str | Path, out: str | Path, model: str | None = None,
+                  backend: str = "auto", dtype: str | None = None) -> Path:
+    """Base + adapter folded into plain weights, as a Hugging Face folder (safetensors)."""
+    from lorafit.backends import get_backend
+    from lorafit.models.loader import load_model, read_config, resolve_model_path
+
+    base = _base_model(adapter_dir, model)
+    if not base:
+        raise LorafitError(f"{adapter_dir}: the adapter does not name its base model; pass "
+                           "--model")
+    cfg, adapter = adapter_io.load_any(adapter_dir)
+    B = get_backend(backend, "cpu" if backend == "auto" else None)
+    m = load_model(base, B, "float32")
+    lora.attach(m, cfg, adapter)
+    lora.merge(m)
+    folder = resolve_model_path(base)
+    config = read_config(folder)
+    target = dtype or config.get("torch_dtype") or config.get("dtype") or "float32"
+    if target not in ("float32", "bfloat16", "float16"):
+        target = "float32"
+    out, tmp = _staging(out)
+    _write_weights(B, {k: B.cast(v, target) for k, v in m.params.items()}, tmp)
+    config["torch_dtype"] = target
+    config.pop("auto_map", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    for name in ("generation_config.json",):
+        if (folder / name).exists():
+            shutil.copy(folder / name, tmp / name)
+    m.tokenizer.save_pretrained(str(tmp))
+    return _commit(tmp, out)
+
+
+def _write_weights(B, params: dict, folder: Path) -> None:
+    """model.safetensors, or shards plus model.safetensors.index.json past SHARD_BYTES."""
+    shards, current, size = [], {}, 0
+    for name in sorted(params):
+        nbytes = B.nbytes(params[name])
+        if current and size + nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = params[name]
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        B.save_safetensors(folder / "model.safetensors", shards[0])
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        B.save_safetensors(folder / fname, shard)
+        weight_map.update({k: fname for k in shard})
+        total += sum(B.nbytes(v) for v in shard.values())
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

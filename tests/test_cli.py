@@ -1,0 +1,126 @@
+"""The command line: generation output, `env`, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from lorafit.cli import main
+from lorafit.core import adapter_io, lora
+from lorafit.core.lora import LoraConfig
+from lorafit.models.loader import load_model
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if not l.startswith("backend:")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_generate_prints_only_the_generated_text(capsys, tiny_models, tokenizer):
+    folder, ref = tiny_models["llama"]
+    prompt = "hello world"
+    code, out, err = run_cli(capsys, "generate", "--model", str(folder), "--prompt", prompt,
+                             "--max-new-tokens", "8", "--backend", "torch")
+    assert code == 0
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref_ids = ref.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    new = [t for t in ref_ids[0, ids.shape[1]:].tolist() if t != tokenizer.eos_token_id]
+    assert out == tokenizer.decode(new, skip_special_tokens=True) + "\n"
+
+
+def test_generate_with_chat_template_and_adapter(capsys, tmp_path, tiny_models):
+    folder, _ = tiny_models["qwen2"]
+    code, out, _ = run_cli(capsys, "generate", "--model", str(folder), "--prompt", "hi",
+                           "--chat", "--max-new-tokens", "4", "--backend", "mlx")
+    assert code == 0
+    # an adapter with non-zero B changes the output distribution; generation still works
+    model = load_model(str(folder), __import__("lorafit.backends", fromlist=["x"])
+                       .get_backend("torch"))
+    cfg = LoraConfig(r=2, targets="all-linear")
+    names = lora.attach(model, cfg)
+    rng = np.random.default_rng(0)
+    adapter = {k: rng.normal(0, 0.5, model.params[k].shape).astype(np.float32) for k in names}
+    adapter_io.save_peft(tmp_path / "ad", adapter, cfg, str(folder))
+    code, out2, _ = run_cli(capsys, "generate", "--model", str(folder), "--prompt", "hi",
+                            "--chat", "--max-new-tokens", "4", "--adapter",
+                            str(tmp_path / "ad"), "--temperature", "0.8", "--seed", "1")
+    assert code == 0 and out2.endswith("\n")
+
+
+def test_env_lists_backends_and_auto_choice(capsys):
+    code, out, _ = run_cli(capsys, "env")
+    assert code == 0
+    assert "torch" in out and "mlx" in out and "auto:" in out and "RAM" in out
+
+
+def test_missing_folder(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "generate", "--model", str(tmp_path / "nope"),
+                           "--prompt", "x", "--backend", "torch")
+    assert_one_line_error(code, err, "no such folder")
+
+
+def test_missing_config(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "generate", "--model", str(tmp_path), "--prompt", "x",
+                           "--backend", "torch")
+    assert_one_line_error(code, err, "no config.json")
+
+
+def test_unknown_model_type_lists_supported(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    code, _, err = run_cli(capsys, "generate", "--model", str(tmp_path), "--prompt", "x",
+                           "--backend", "torch")
+    assert_one_line_error(code, err, "gpt2", "llama", "mistral", "qwen2", "qwen3")
+
+
+def test_pickle_only_folder_is_refused(capsys, tmp_path, tiny_models):
+    folder, _ = tiny_models["llama"]
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    code, _, err = run_cli(capsys, "generate", "--model", str(tmp_path), "--prompt", "x",
+                           "--backend", "torch")
+    assert_one_line_error(code, err, "pytorch_model.bin", "never unpickles")
+
+
+def test_remote_code_is_never_run(capsys, tmp_path, tiny_models):
+    folder, _ = tiny_models["llama"]
+    shutil.copytree(folder, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "evil.Model"}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "m" / "evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w')\n")
+    code, _, _ = run_cli(capsys, "generate", "--model", str(tmp_path / "m"), "--prompt", "x",
+                         "--max-new-tokens", "2", "--backend", "torch")
+    assert code == 0
+    assert not (tmp_path / "ran").exists()
+
+
+def test_adapter_shape_mismatch_names_key_and_shapes(capsys, tmp_path, tiny_models):
+    folder, _ = tiny_models["llama"]
+    adapter = {"model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((4, 99), np.float32),
+               "model.layers.0.self_attn.q_proj.lora_B.weight": np.zeros((64, 4), np.float32)}
+    adapter_io.save_peft(tmp_path / "bad", adapter, LoraConfig(r=4), str(folder))
+    code, _, err = run_cli(capsys, "generate", "--model", str(folder), "--prompt", "x",
+                           "--adapter", str(tmp_path / "bad"), "--backend", "torch")
+    assert_one_line_error(code, err, "model.layers.0.self_attn.q_proj.lora_A.weight",
+                          "(4, 99)", "(r, 64)")
+
+
+def test_unknown_backend_choice_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", "x", "--prompt", "y", "--backend", "jax"])
