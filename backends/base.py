@@ -86,6 +86,13 @@ class Backend(Protocol):
         """Sum of token cross-entropies where mask is 1, and the count of such tokens.
         logits (N, V) in any dtype, computed in float32; targets (N,) int; mask (N,)."""
 
+    def linear_cross_entropy(self, h: Array, weight: Array, targets: Array, mask: Array,
+                             chunk_rows: int) -> tuple:
+        """cross_entropy(linear(h, weight), targets, mask) without ever holding the full
+        logits: rows are processed `chunk_rows` at a time, and the gradient with respect to
+        h is formed in the same pass (softmax - onehot) @ weight, so nothing of size V is
+        kept for the backward. h (N, C); weight (V, C) frozen. Returns (sum, count)."""
+
     # -- training -------------------------------------------------------------------------
     def value_and_grad(self, fn: Callable) -> Callable:
         """fn(trainable: dict, *args) -> (loss, aux).  Returns g(trainable, *args) ->

@@ -9,6 +9,15 @@ def batch_loss(B, model, params: dict, batch_arrays: tuple, recompute: bool):
     fam, args = model.fam, model.args
     h = fam.hidden_states(B, args, params, ids, pos, segment_ids=seg, lora=model.lora,
                           recompute=recompute)
-    logits = B.linear(h, fam.output_weight(params))
     n = ids.shape[0] * ids.shape[1]
-    return B.cross_entropy(logits.reshape(n, -1), targets.reshape(n), mask.reshape(n))
+    weight = fam.output_weight(params)
+    return B.linear_cross_entropy(h.reshape(n, -1), weight, targets.reshape(n),
+                                  mask.reshape(n), chunk_rows(weight.shape[0]))
+
+
+LOGIT_CHUNK_ELEMENTS = 2**22
+
+
+def chunk_rows(vocab_size: int) -> int:
+    """Rows of logits formed at once by the fused head + loss: ~16 MiB of float32."""
+    return max(16, LOGIT_CHUNK_ELEMENTS // vocab_size)

@@ -139,6 +139,31 @@ class MLXBackend:
         mask = mask.astype(mx.float32)
         return ((lse - picked) * mask).sum(), mask.sum()
 
+    def linear_cross_entropy(self, h, weight, targets, mask, chunk_rows):
+        mask = mask.astype(mx.float32)
+        targets = targets.astype(mx.int32)
+
+        @mx.custom_function
+        def fused(h_):
+            total, grads = mx.zeros((), dtype=mx.float32), []
+            for start in range(0, h_.shape[0], chunk_rows):
+                hs, t, m = (z[start:start + chunk_rows] for z in (h_, targets, mask))
+                logits = (hs @ weight.T).astype(mx.float32)
+                lse = mx.logsumexp(logits, axis=-1)
+                picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+                total = total + ((lse - picked) * m).sum()
+                probs = mx.exp(logits - lse[:, None])
+                onehot = mx.arange(logits.shape[1])[None, :] == t[:, None]
+                probs = (probs - onehot.astype(mx.float32)) * m[:, None]
+                grads.append((probs.astype(weight.dtype) @ weight).astype(h_.dtype))
+            return total, mx.concatenate(grads, axis=0)
+
+        @fused.vjp
+        def fused_vjp(primals, cotangents, outputs):
+            return outputs[1] * cotangents[0].astype(outputs[1].dtype)
+
+        return fused(h)[0], mask.sum()
+
     # -- training -------------------------------------------------------------------------
     def value_and_grad(self, fn):
         vg = mx.value_and_grad(lambda trainable, *args: _pack(fn(trainable, *args)))

@@ -33,8 +33,7 @@ class TorchBackend:
 
     # -- arrays ---------------------------------------------------------------------------
     def from_numpy(self, a, dtype=None):
-        a = np.asarray(a)
-        t = torch.from_numpy(np.ascontiguousarray(a))
+        t = torch.from_numpy(np.array(a, copy=True))  # never alias the caller's array
         if dtype is not None:
             t = t.to(_DTYPES[dtype])
         return t.to(self._device)
@@ -143,6 +142,10 @@ class TorchBackend:
         mask = mask.to(losses.dtype)
         return (losses * mask).sum(), mask.sum()
 
+    def linear_cross_entropy(self, h, weight, targets, mask, chunk_rows):
+        mask = mask.to(torch.float32)
+        return _LinearCrossEntropy.apply(h, weight, targets.long(), mask, chunk_rows), mask.sum()
+
     # -- training -------------------------------------------------------------------------
     def value_and_grad(self, fn):
         def wrapped(trainable, *args):
@@ -184,3 +187,32 @@ class TorchBackend:
 
     def seed(self, seed):
         torch.manual_seed(seed)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Chunked lm-head + cross-entropy whose backward is computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, mask, chunk_rows):
+        need_grad = h.requires_grad and torch.is_grad_enabled() or ctx.needs_input_grad[0]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_grad else None
+        for start in range(0, h.shape[0], chunk_rows):
+            sl = slice(start, start + chunk_rows)
+            logits = F.linear(h[sl], weight).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, targets[sl, None])[:, 0]
+            total += ((lse - picked) * mask[sl]).sum()
+            if need_grad:
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs.scatter_add_(1, targets[sl, None],
+                                   torch.full_like(picked[:, None], -1.0))
+                probs.mul_(mask[sl, None])
+                grad_h[sl] = (probs.to(weight.dtype) @ weight).to(h.dtype)
+        ctx.save_for_backward(grad_h)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), None, None, None, None
