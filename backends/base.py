@@ -98,6 +98,11 @@ class Backend(Protocol):
         """fn(trainable: dict, *args) -> (loss, aux).  Returns g(trainable, *args) ->
         ((loss, aux), grads) with grads a dict shaped like trainable."""
 
+    pad_multiple: int  # batches are padded to a multiple of this many tokens
+
+    def compile(self, fn: Callable) -> Callable:
+        """A compiled version of fn (mx.compile), or fn itself where compiling does not pay."""
+
     def checkpoint(self, fn: Callable) -> Callable:
         """fn recomputed in the backward pass instead of storing its activations."""
 

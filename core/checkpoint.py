@@ -10,7 +10,9 @@ one without its marker is skipped with a message.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import shutil
 from pathlib import Path
 
@@ -37,6 +39,7 @@ def save_checkpoint(run_dir: str | Path, step: int, adapter: dict, lora_cfg, bas
     save_peft(tmp, adapter, lora_cfg, base_model)
     atomic_save_safetensors(tmp / OPTIMIZER, optimizer_state)
     atomic_write_json(tmp / STATE, trainer_state)
+    _fault_point(step)
     atomic_write_text(tmp / MARKER, f"step {step}\n")
     if final.exists():
         shutil.rmtree(final)
@@ -44,6 +47,13 @@ def save_checkpoint(run_dir: str | Path, step: int, adapter: dict, lora_cfg, bas
     fsync_dir(ckpt_root)
     prune(ckpt_root, keep)
     return final
+
+
+def _fault_point(step: int) -> None:
+    """Fault injection for the crash-safety test: LORAFIT_FAULT=kill-in-checkpoint:N
+    kills the process with SIGKILL half-way through writing checkpoint N."""
+    if os.environ.get("LORAFIT_FAULT") == f"kill-in-checkpoint:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def prune(ckpt_root: Path, keep: int) -> None:

@@ -56,7 +56,8 @@ class Trainer:
         self.trainable = {k: model.params[k] for k in names}
         self.frozen = {k: v for k, v in model.params.items() if k not in self.trainable}
         self.optimizer = self.B.make_optimizer(self.trainable, weight_decay=cfg.weight_decay)
-        self.grad_fn = self.B.value_and_grad(self._loss)
+        grad_fn = self.B.value_and_grad(self._loss)
+        self.grad_fn = grad_fn if cfg.dropout else self.B.compile(grad_fn)
         self.batches_per_epoch = len(self._epoch_batches(0))
         self.total_steps = cfg.max_steps or max(1, math.ceil(
             cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
@@ -89,16 +90,30 @@ class Trainer:
             self.pos.index += 1
         return out
 
-    def _arrays(self, b: Batch) -> tuple:
-        B = self.B
-        seg = B.from_numpy(b.segment_ids) if b.segment_ids is not None else None
-        return (B.from_numpy(b.input_ids), B.from_numpy(b.targets),
-                B.from_numpy(b.loss_mask), B.from_numpy(b.positions), seg)
+    def _arrays(self, b: Batch) -> dict:
+        """Backend arrays of a batch, padded to the backend's preferred multiple (masked
+        out) so compiled graphs are reused."""
+        B, mult = self.B, getattr(self.B, "pad_multiple", 1)
+        cols = b.input_ids.shape[1]
+        pad = (-cols) % mult
+        fields = {"ids": b.input_ids, "targets": b.targets, "mask": b.loss_mask,
+                  "pos": b.positions}
+        if b.segment_ids is not None:
+            fields["seg"] = b.segment_ids
+        out = {}
+        for name, a in fields.items():
+            if pad:
+                fill = a.max() + 1 if name == "seg" else 0
+                a = np.pad(a, ((0, 0), (0, pad)), constant_values=fill)
+            out[name] = B.from_numpy(a)
+        return out
 
     # -- one step -------------------------------------------------------------------------
     def _loss(self, trainable, arrays, denom):
         params = {**self.frozen, **trainable}
-        loss_sum, _ = batch_loss(self.B, self.model, params, arrays, self.cfg.grad_checkpoint)
+        batch = (arrays["ids"], arrays["targets"], arrays["mask"], arrays["pos"],
+                 arrays.get("seg"))
+        loss_sum, _ = batch_loss(self.B, self.model, params, batch, self.cfg.grad_checkpoint)
         return loss_sum / denom, loss_sum
 
     def train_step(self, micro: list[Batch], lr: float) -> tuple[float, float, bool]:
@@ -108,9 +123,11 @@ class Trainer:
         denom = float(sum(b.n_tokens for b in micro))
         if denom == 0:
             return math.nan, math.nan, False
+        B.seed(self.cfg.seed * 1_000_003 + self.pos.step)  # dropout: same on resume
+        denom_arr = B.from_numpy(np.asarray(denom, dtype=np.float32))
         acc, total = None, None
         for b in micro:
-            (_, loss_sum), grads = self.grad_fn(self.trainable, self._arrays(b), denom)
+            (_, loss_sum), grads = self.grad_fn(self.trainable, self._arrays(b), denom_arr)
             acc = grads if acc is None else {k: acc[k] + grads[k] for k in acc}
             total = loss_sum if total is None else total + loss_sum
             B.materialize(acc, total)
@@ -133,7 +150,9 @@ class Trainer:
         total, count = 0.0, 0
         with B.inference():
             for b in batches:
-                s, n = batch_loss(B, self.model, params, self._arrays(b), False)
+                a = self._arrays(b)
+                s, n = batch_loss(B, self.model, params, (a["ids"], a["targets"], a["mask"],
+                                                          a["pos"], a.get("seg")), False)
                 total += B.to_float(s)
                 count += b.n_tokens
         return total / max(count, 1)

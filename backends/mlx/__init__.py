@@ -173,6 +173,11 @@ class MLXBackend:
             return (loss, aux), grads
         return wrapped
 
+    pad_multiple = 32  # compiled graphs are reused across batches padded to this
+
+    def compile(self, fn):
+        return mx.compile(fn)
+
     def checkpoint(self, fn):
         return mx.checkpoint(fn)
 

@@ -155,6 +155,12 @@ class TorchBackend:
             return (loss.detach(), aux), dict(zip(leaves.keys(), grads))
         return wrapped
 
+    pad_multiple = 1
+
+    def compile(self, fn):
+        """Eager: torch.compile's start-up cost outweighs its gain on short CPU runs."""
+        return fn
+
     def checkpoint(self, fn):
         def wrapped(*args):
             return torch_checkpoint(fn, *args, use_reentrant=False)

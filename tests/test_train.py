@@ -1,0 +1,215 @@
+"""Training end to end: backend agreement, exact resume, crash safety, exports."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import build_hf_model
+from lorafit.core import adapter_io, lora
+from lorafit.core import events as ev
+from lorafit.core.checkpoint import latest_checkpoint, load_checkpoint
+from lorafit.core.config import TrainConfig
+from lorafit.models.loader import load_model
+from lorafit.runner import build_trainer
+
+WORDS = "the quick brown fox jumps over lazy dog hello world tiny corpus tokenizer".split()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("train")
+    folder, ref = build_hf_model(root / "model", "llama", tokenizer, num_hidden_layers=2,
+                                 hidden_size=64, intermediate_size=128)
+    rng = np.random.default_rng(0)
+    data = root / "train.jsonl"
+    with open(data, "w") as f:
+        for i in range(48):
+            prompt = " ".join(rng.choice(WORDS, rng.integers(2, 6)))
+            answer = " ".join(rng.choice(WORDS, rng.integers(1, 4)))
+            f.write(json.dumps({"prompt": prompt + " ->", "completion": " " + answer}) + "\n")
+    return root, folder, ref, data
+
+
+def make_cfg(setup, out, **kw):
+    root, folder, _, data = setup
+    base = dict(model=str(folder), data=str(data), output=str(root / out), backend="torch",
+                rank=4, alpha=8, targets="all-linear", batch_size=4, lr=3e-3,
+                max_steps=20, seq_len=32, seed=0, schedule="cosine", warmup_steps=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+class Recorder(ev.Sink):
+    def __init__(self, stop_at=None, control=None):
+        self.events, self.stop_at, self.control = [], stop_at, control
+
+    def __call__(self, e):
+        self.events.append(e)
+        if self.stop_at and isinstance(e, ev.StepReport) and e.step == self.stop_at:
+            self.trainer.control.stop()
+
+    def losses(self):
+        return [e.loss for e in self.events if isinstance(e, ev.StepReport)]
+
+
+def train(cfg, stop_at=None, resume=False):
+    rec = Recorder(stop_at)
+    trainer = build_trainer(cfg, [rec], resume=resume, report=lambda t: None)
+    rec.trainer = trainer
+    status = trainer.run()
+    for s in trainer.sinks:
+        s.close()
+    return trainer, rec, status
+
+
+def test_torch_and_mlx_follow_the_same_loss_curve(setup):
+    _, rt, _ = train(make_cfg(setup, "curve-torch", backend="torch"))
+    _, rm, _ = train(make_cfg(setup, "curve-mlx", backend="mlx"))
+    lt, lm = np.array(rt.losses()), np.array(rm.losses())
+    assert len(lt) == len(lm) == 20
+    np.testing.assert_allclose(lm, lt, rtol=1e-3)
+    assert lt[-5:].mean() < lt[:5].mean() * 0.8  # both fall
+
+
+@pytest.mark.parametrize("grad_accum,stop_at", [(1, 7), (2, 5)])
+def test_resume_is_exact_on_torch(setup, grad_accum, stop_at):
+    full_t, full, _ = train(make_cfg(setup, f"full-{grad_accum}", grad_accum=grad_accum,
+                                     max_steps=12))
+    cfg = make_cfg(setup, f"part-{grad_accum}", grad_accum=grad_accum, max_steps=12)
+    part_t, first, status = train(cfg, stop_at=stop_at)
+    assert status == "stopped" and part_t.pos.step == stop_at
+    assert 0 < part_t.pos.index  # stopped mid-epoch
+    resumed_t, second, status = train(cfg, resume=True)
+    assert status == "completed"
+    assert first.losses() + second.losses() == full.losses()  # bit-identical
+    a, b = full_t.adapter_numpy(), resumed_t.adapter_numpy()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_from_mlx_resumes_on_torch(setup):
+    full_t, full, _ = train(make_cfg(setup, "x-full", max_steps=10))
+    cfg = make_cfg(setup, "x-part", max_steps=10, backend="mlx")
+    train(cfg, stop_at=4)
+    cfg_t = copy.replace(cfg, backend="torch") if hasattr(copy, "replace") else \
+        TrainConfig(**{**cfg.to_dict(), "backend": "torch"})
+    resumed_t, second, _ = train(cfg_t, resume=True)
+    np.testing.assert_allclose(second.losses(), full.losses()[4:], rtol=1e-3)
+    a, b = full_t.adapter_numpy(), resumed_t.adapter_numpy()
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-2, atol=1e-4)
+
+
+def test_sigkill_during_checkpoint_write_resumes_from_last_complete(setup, tmp_path):
+    root, folder, _, data = setup
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lorafit.cli", "train", "--model", str(folder), "--data",
+           str(data), "--output", str(out), "--backend", "torch", "--max-steps", "8",
+           "--save-every", "2", "--seq-len", "32", "--rank", "4", "--keep-checkpoints", "5"]
+    env = dict(os.environ, LORAFIT_FAULT="kill-in-checkpoint:6", LORAFIT_NO_REEXEC="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ".step-6.tmp" in ckpts and "step-4" in ckpts and "step-6" not in ckpts
+    messages = []
+    assert latest_checkpoint(out, report=messages.append).name == "step-4"
+    loaded = load_checkpoint(out / "checkpoints" / "step-4")
+    assert loaded["state"]["step"] == 4
+    env.pop("LORAFIT_FAULT")
+    proc = subprocess.run(cmd[:2] + ["train", "--resume", str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming from" in proc.stderr and "step-4" in proc.stderr
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert json.loads((out / "status.json").read_text())["state"] == "completed"
+
+
+def test_incomplete_checkpoint_is_skipped_with_a_message(setup):
+    _, _, _ = train(make_cfg(setup, "skip", max_steps=4, save_every=2))
+    run_dir = setup[0] / "skip"
+    broken = run_dir / "checkpoints" / "step-99"
+    broken.mkdir()
+    (broken / "adapter_model.safetensors").write_bytes(b"garbage")
+    messages = []
+    assert latest_checkpoint(run_dir, report=messages.append).name == "step-4"
+    assert any("step-99" in m and "incomplete" in m for m in messages)
+
+
+def test_packed_batch_gives_the_same_loss_as_unpacked(setup):
+    from lorafit.core.data import load_dataset, make_batches
+    from lorafit.core.loss import batch_loss
+
+    root, folder, _, data = setup
+    for name in ("torch", "mlx"):
+        from lorafit.backends import get_backend
+        B = get_backend(name)
+        model = load_model(str(folder), B)
+        lora.attach(model, lora.LoraConfig(r=2), seed=0)
+        examples, _ = load_dataset(str(data), model.tokenizer, 32)
+        examples = examples[:8]
+        totals = []
+        for pack in (False, True):
+            s_all = n_all = 0.0
+            for b in make_batches(examples, 8, 64, pack, 0, 0):
+                arrays = tuple(None if x is None else B.from_numpy(x) for x in (
+                    b.input_ids, b.targets, b.loss_mask, b.positions, b.segment_ids))
+                s, n = batch_loss(B, model, model.params, arrays, False)
+                s_all += B.to_float(s)
+                n_all += B.to_float(n)
+            totals.append((s_all, n_all))
+        (s_u, n_u), (s_p, n_p) = totals
+        assert n_u == n_p
+        assert s_p == pytest.approx(s_u, rel=1e-5)
+
+
+def test_trained_adapter_loads_in_peft_mlx_lm_and_merged_transformers(setup, tmp_path):
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.numpy import load_file
+    import transformers
+
+    from lorafit.export import export_adapter, export_merged
+
+    root, folder, ref, _ = setup
+    trainer, _, _ = train(make_cfg(setup, "exports", max_steps=6))
+    adapter_dir = root / "exports" / "adapter"
+    ids = np.random.default_rng(0).integers(3, ref.config.vocab_size, (2, 12))
+    ours = trainer.B.to_numpy(trainer.model.logits(trainer.B.from_numpy(ids)))
+
+    # PEFT: no missing or unexpected keys, same logits
+    pm = PeftModel.from_pretrained(copy.deepcopy(ref), str(adapter_dir)).eval()
+    assert set(load_file(str(adapter_dir / "adapter_model.safetensors"))) == \
+        set(get_peft_model_state_dict(pm))
+    with torch.no_grad():
+        np.testing.assert_allclose(pm(torch.tensor(ids)).logits.numpy(), ours, atol=1e-4)
+
+    # mlx-lm: its own loader and LoRA layers give the same logits
+    import mlx.core as mx
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_model as mlx_load_model
+
+    mlx_dir = export_adapter(adapter_dir, tmp_path / "mlx", "mlx-lm", None)
+    mm, _ = mlx_load_model(folder)
+    mm = load_adapters(mm, str(mlx_dir))
+    np.testing.assert_allclose(np.array(mm(mx.array(ids))), ours, atol=1e-4)
+
+    # PEFT -> mlx-lm -> PEFT is lossless
+    back = export_adapter(mlx_dir, tmp_path / "back", "peft", str(folder))
+    c0, a0 = adapter_io.load_peft(adapter_dir)
+    c1, a1 = adapter_io.load_peft(back)
+    assert c1.scale == pytest.approx(c0.scale) and set(a0) == set(a1)
+    assert all(np.array_equal(a0[k], a1[k]) for k in a0)
+
+    # merged folder: plain transformers, same logits
+    merged = export_merged(adapter_dir, tmp_path / "merged", None, "torch")
+    tm = transformers.AutoModelForCausalLM.from_pretrained(str(merged)).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(tm(torch.tensor(ids)).logits.numpy(), ours, atol=1e-4)
