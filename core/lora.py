@@ -74,7 +74,11 @@ def target_modules(cfg: LoraConfig, linear_shapes: dict, module_names: tuple) ->
         out.append(module)
     if not out:
         raise LorafitError("the LoRA targets and layer selection match no module")
-    return out
+    return sorted(out, key=_natural_key)  # the same order whatever order weights loaded in
+
+
+def _natural_key(name: str):
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
 
 
 def init_adapter(cfg: LoraConfig, shapes: dict, module_names: tuple, seed: int) -> dict:

@@ -27,8 +27,10 @@ WORDS = "the quick brown fox jumps over lazy dog hello world tiny corpus tokeniz
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("train")
+    # default RoPE: mlx-lm's llama3-scaled RoPE differs from transformers' by ~5e-3 on
+    # short original contexts, and this fixture also checks mlx-lm's logits
     folder, ref = build_hf_model(root / "model", "llama", tokenizer, num_hidden_layers=2,
-                                 hidden_size=64, intermediate_size=128)
+                                 hidden_size=64, intermediate_size=128, rope_scaling=None)
     rng = np.random.default_rng(0)
     data = root / "train.jsonl"
     with open(data, "w") as f:
@@ -77,7 +79,7 @@ def test_torch_and_mlx_follow_the_same_loss_curve(setup):
     lt, lm = np.array(rt.losses()), np.array(rm.losses())
     assert len(lt) == len(lm) == 20
     np.testing.assert_allclose(lm, lt, rtol=1e-3)
-    assert lt[-5:].mean() < lt[:5].mean() * 0.8  # both fall
+    assert lt[-5:].mean() < lt[:5].mean() - 0.1 and lm[-5:].mean() < lm[:5].mean() - 0.1
 
 
 @pytest.mark.parametrize("grad_accum,stop_at", [(1, 7), (2, 5)])
@@ -124,7 +126,7 @@ def test_sigkill_during_checkpoint_write_resumes_from_last_complete(setup, tmp_p
     loaded = load_checkpoint(out / "checkpoints" / "step-4")
     assert loaded["state"]["step"] == 4
     env.pop("LORAFIT_FAULT")
-    proc = subprocess.run(cmd[:2] + ["train", "--resume", str(out)], env=env,
+    proc = subprocess.run(cmd[:3] + ["train", "--resume", str(out)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "resuming from" in proc.stderr and "step-4" in proc.stderr

@@ -49,7 +49,7 @@ class MLXAdamW:
         return out
 
     def load_state_numpy(self, state: dict) -> None:
-        self.step_count = int(state["step"])
+        self.step_count = int(np.asarray(state["step"]).reshape(-1)[0])
         for name in self.params:
             if f"exp_avg.{name}" in state:
                 self.m[name] = mx.array(np.asarray(state[f"exp_avg.{name}"]))

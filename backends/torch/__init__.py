@@ -60,7 +60,7 @@ class TorchBackend:
         return x.transpose(a, b)
 
     def to_float(self, x):
-        return float(x)
+        return float(x.detach())
 
     def read_safetensors(self, path, dtype):
         """Yield (name, tensor) one at a time, cast to dtype on the device."""

@@ -39,7 +39,7 @@ class TorchAdamW:
         return out
 
     def load_state_numpy(self, state: dict) -> None:
-        self.step_count = int(state["step"])
+        self.step_count = int(np.asarray(state["step"]).reshape(-1)[0])
         for name, p in self.params.items():
             if f"exp_avg.{name}" not in state:
                 continue
