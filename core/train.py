@@ -67,6 +67,8 @@ class Trainer:
         self.losses: list[float] = []
         self.measured_peak = 0
         self._epoch_cache: tuple[int, list] | None = None
+        self._last_saved: int | None = None
+        self._window = [0, 0.0]  # tokens and seconds since the last report
 
     # -- data -----------------------------------------------------------------------------
     def _epoch_batches(self, epoch: int) -> list[Batch]:
@@ -184,6 +186,7 @@ class Trainer:
         self.losses = list(st.get("losses", []))
 
     def save(self) -> Path:
+        self._last_saved = self.pos.step
         path = save_checkpoint(self.run_dir, self.pos.step, self.adapter_numpy(),
                                self.model.lora, self.model.path,
                                self.optimizer.state_to_numpy(), self.trainer_state(),
@@ -263,7 +266,8 @@ class Trainer:
             self._evaluate_and_check()
         adapter = None
         if self.run_dir:
-            self.save()
+            if self._last_saved != self.pos.step:
+                self.save()
             adapter = str(self.save_adapter())
         self.model.params.update(self.trainable)
         self.emit(ev.RunFinished(status=status, step=self.pos.step, adapter=adapter,
@@ -298,15 +302,20 @@ class Trainer:
     def _report(self, loss, lr, gnorm, micro, dt, t_start, steps_timed):
         mem = self.B.memory_stats()
         self.measured_peak = max(self.measured_peak, mem["peak"])
+        tokens = int(sum(b.input_ids.size for b in micro))
+        self._window[0] += tokens
+        self._window[1] += dt
         if self.pos.step % self.cfg.log_every and self.pos.step != self.total_steps:
             return
-        tokens = int(sum(b.input_ids.size for b in micro))
+        window_tokens, window_time = self._window
+        self._window = [0, 0.0]
         elapsed = time.time() - t_start
         eta = elapsed / steps_timed * (self.total_steps - self.pos.step)
         batches = self.batches_per_epoch
         self.emit(ev.StepReport(step=self.pos.step, epoch=self.pos.epoch + self.pos.index /
                                 max(batches, 1), loss=loss, lr=lr, grad_norm=gnorm,
-                                tokens=tokens, tokens_per_s=tokens / max(dt, 1e-9),
+                                tokens=tokens,
+                                tokens_per_s=window_tokens / max(window_time, 1e-9),
                                 step_time=dt, eta_s=eta, memory_peak=mem["peak"],
                                 memory_current=mem["current"], memory_rss=mem.get("rss", 0)))
 
