@@ -47,16 +47,21 @@ def load_examples(cfg, tokenizer):
 def build_trainer(cfg, sinks=(), control=None, resume: bool = False, report=None):
     """Everything up to the first step. Data problems surface before the model loads."""
     from lorafit.backends import get_backend
-    from lorafit.models.loader import load_model
+    from lorafit.models.loader import load_args, load_model, load_tokenizer, \
+        resolve_model_path
 
     report = report or (lambda text: print(text, file=sys.stderr))
     check_dataset_file(cfg.data, cfg.on_bad_record)
     if cfg.val_data:
         check_dataset_file(cfg.val_data, cfg.on_bad_record)
+    folder = resolve_model_path(cfg.model)
+    load_args(str(folder))  # config.json problems first: they are cheap to find
+    tokenizer = load_tokenizer(folder)
+    train, val, notes = load_examples(cfg, tokenizer)  # data errors before any weight loads
     B = get_backend(cfg.backend, cfg.device, verbose=True)
     B.seed(cfg.seed)
-    model = load_model(cfg.model, B, cfg.dtype)
-    train, val, notes = load_examples(cfg, model.tokenizer)
+    model = load_model(str(folder), B, cfg.dtype)
+    model._tokenizer = tokenizer
     run_dir = prepare_run_dir(cfg, resume)
     ckpt = None
     if resume:

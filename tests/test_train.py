@@ -215,3 +215,91 @@ def test_trained_adapter_loads_in_peft_mlx_lm_and_merged_transformers(setup, tmp
     tm = transformers.AutoModelForCausalLM.from_pretrained(str(merged)).eval()
     with torch.no_grad():
         np.testing.assert_allclose(tm(torch.tensor(ids)).logits.numpy(), ours, atol=1e-4)
+
+
+def _cli(*argv, env_extra=None, timeout=300):
+    env = dict(os.environ, LORAFIT_NO_REEXEC="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "lorafit.cli", *argv], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_bad_data_fails_before_any_weight_is_loaded(setup, tmp_path):
+    """The model folder here has no weights at all: the data error must come first."""
+    import shutil
+    _, folder, _, _ = setup
+    no_weights = tmp_path / "m"
+    shutil.copytree(folder, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n')
+    proc = _cli("train", "--model", str(no_weights), "--data", str(bad), "--output",
+                str(tmp_path / "o"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"error: {bad}:2: malformed JSON" in proc.stderr
+    few = tmp_path / "few.jsonl"
+    few.write_text('{"text": "a"}\n{"text": "b"}\n')
+    proc = _cli("train", "--model", str(no_weights), "--data", str(few), "--batch-size", "4",
+                "--output", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "fewer than one batch" in proc.stderr
+
+
+def test_ctrl_c_finishes_the_step_saves_and_exits(setup, tmp_path):
+    _, folder, _, data = setup
+    out = tmp_path / "run"
+    env = dict(os.environ, LORAFIT_NO_REEXEC="1")
+    proc = subprocess.Popen([sys.executable, "-m", "lorafit.cli", "train", "--model",
+                             str(folder), "--data", str(data), "--output", str(out),
+                             "--backend", "torch", "--max-steps", "100000", "--seq-len", "32",
+                             "--rank", "4"], env=env, stderr=subprocess.PIPE, text=True)
+    import time
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        status = out / "status.json"
+        if status.exists() and json.loads(status.read_text()).get("step", 0) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    state = json.loads((out / "status.json").read_text())
+    assert state["state"] == "stopped" and state["step"] >= 3
+    assert (out / "checkpoints" / f"step-{state['step']}" / "COMPLETE").exists()
+    assert (out / "adapter" / "adapter_config.json").exists()
+
+
+def test_resume_on_mlx_within_tolerance(setup):
+    full_t, full, _ = train(make_cfg(setup, "m-full", max_steps=8, backend="mlx"))
+    cfg = make_cfg(setup, "m-part", max_steps=8, backend="mlx")
+    train(cfg, stop_at=3)
+    resumed_t, second, _ = train(cfg, resume=True)
+    np.testing.assert_allclose(second.losses(), full.losses()[3:], rtol=1e-5)
+    a, b = full_t.adapter_numpy(), resumed_t.adapter_numpy()
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
+def test_evaluation_and_early_stopping(setup):
+    trainer, rec, status = train(make_cfg(setup, "early", max_steps=40, val_fraction=0.25,
+                                          eval_every=2, early_stopping_patience=1, lr=0.5,
+                                          schedule="constant"))
+    evals = [e for e in rec.events if isinstance(e, ev.EvalReport)]
+    assert evals and status == "early_stopped"
+    assert trainer.pos.step < 40
+    metrics = ev.read_metrics(setup[0] / "early" / "metrics.jsonl")
+    assert [m["kind"] for m in metrics].count("eval") == len(evals)
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(setup):
+    from lorafit.core.train import TrainingStopped
+    cfg = make_cfg(setup, "nan", max_steps=10, lr=1e30, max_grad_norm=None,
+                   schedule="constant", max_nonfinite=2)
+    with pytest.raises(TrainingStopped, match="non-finite steps in a row"):
+        train(cfg)
+    kinds = [m["kind"] for m in ev.read_metrics(setup[0] / "nan" / "metrics.jsonl")]
+    assert kinds.count("skipped") == 2 and kinds[-1] == "end"
+
+
+def test_unknown_hub_id_offline_is_one_clear_line(tmp_path):
+    proc = _cli("generate", "--model", "nobody/no-such-model", "--prompt", "x",
+                env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "not in the Hugging Face cache" in proc.stderr
