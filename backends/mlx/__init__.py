@@ -152,10 +152,10 @@ class MLXBackend:
                 lse = mx.logsumexp(logits, axis=-1)
                 picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
                 total = total + ((lse - picked) * m).sum()
-                probs = mx.exp(logits - lse[:, None])
-                onehot = mx.arange(logits.shape[1])[None, :] == t[:, None]
-                probs = (probs - onehot.astype(mx.float32)) * m[:, None]
-                grads.append((probs.astype(weight.dtype) @ weight).astype(h_.dtype))
+                # (softmax - onehot) @ W  ==  softmax @ W - W[targets]: no (rows, V) one-hot
+                probs = (mx.exp(logits - lse[:, None]) * m[:, None]).astype(weight.dtype)
+                grads.append((probs @ weight - weight[t] * m[:, None].astype(weight.dtype))
+                             .astype(h_.dtype))
             return total, mx.concatenate(grads, axis=0)
 
         @fused.vjp
@@ -191,6 +191,14 @@ class MLXBackend:
     def memory_stats(self):
         return {"peak": mx.get_peak_memory(), "current": mx.get_active_memory(),
                 "source": "mlx allocator"}
+
+    def measure_peak(self, fn):
+        """(fn(), peak bytes of MLX arrays while it ran, weights included)."""
+        mx.synchronize()
+        mx.reset_peak_memory()
+        out = fn()
+        mx.synchronize()
+        return out, mx.get_peak_memory()
 
     def reset_peak_memory(self):
         mx.reset_peak_memory()

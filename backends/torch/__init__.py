@@ -185,6 +185,18 @@ class TorchBackend:
             return {"peak": cur, "current": cur, "source": "torch.mps (current only)"}
         return self.tracker.stats()
 
+    def measure_peak(self, fn):
+        """(fn(), peak bytes of device arrays while it ran). On the CPU this is the tensor-
+        level peak from PyTorch's memory profiler; on CUDA the allocator's counter."""
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            out = fn()
+            torch.cuda.synchronize()
+            return out, torch.cuda.max_memory_allocated()
+        from lorafit.backends.torch.memory import profiled_peak
+        return profiled_peak(fn)
+
     def reset_peak_memory(self):
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -210,11 +222,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             picked = logits.gather(1, targets[sl, None])[:, 0]
             total += ((lse - picked) * mask[sl]).sum()
             if need_grad:
-                probs = logits.sub_(lse[:, None]).exp_()
-                probs.scatter_add_(1, targets[sl, None],
-                                   torch.full_like(picked[:, None], -1.0))
-                probs.mul_(mask[sl, None])
-                grad_h[sl] = (probs.to(weight.dtype) @ weight).to(h.dtype)
+                # (softmax - onehot) @ W  ==  softmax @ W - W[targets]: no (rows, V) one-hot
+                probs = logits.sub_(lse[:, None]).exp_().mul_(mask[sl, None])
+                g = probs.to(weight.dtype) @ weight
+                g -= weight[targets[sl]] * mask[sl, None].to(weight.dtype)
+                grad_h[sl] = g.to(h.dtype)
+                del probs, g
+            del logits, lse  # free this chunk before the next one is formed
         ctx.save_for_backward(grad_h)
         return total
 

@@ -44,3 +44,26 @@ class TensorTracker:
         self._peak = max(self._peak, hwm if hwm is not None else rss)
         return {"peak": self._peak, "current": rss, "rss": rss,
                 "source": "process RSS high-water mark" if hwm else "process RSS (psutil)"}
+
+
+def profiled_peak(fn) -> tuple[object, int]:
+    """Run fn once under PyTorch's memory profiler; (result, peak bytes of live tensors).
+
+    The profiler's timeline records every tensor allocation and free (inputs the step
+    touches included: weights, adapter, optimizer state), so its peak is the tensor-level
+    high-water mark of the step, independent of the C allocator and the interpreter. It
+    slows the step down several times, so the trainer measures one step with it.
+    """
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True,
+                     record_shapes=True, with_stack=True) as prof:
+            result = fn()
+        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+    peak = max((sum(s) for s in sizes), default=0)
+    return result, int(peak)

@@ -1,0 +1,348 @@
+"""Peak memory of a lorafit training run, predicted before anything is loaded.
+
+Pure Python: a model shape (config.json dict) and the run's settings in, bytes out, with a
+breakdown whose terms add up to the total. Each term is a small function whose docstring
+gives its formula; the counts of saved tensors follow what lorafit's own forward
+(models/llama.py), fused loss (core/loss.py) and AdamW allocate, and tests/test_estimate.py
+checks the total against the measured peak of real steps on both CPU backends.
+
+Notation: N = batch * seq_len tokens in a micro-batch, C hidden size, F intermediate size,
+Hq/Hk query/key-value heads, D head dim, L adapted layers count, V vocabulary, r rank,
+s bytes per element of the compute dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lorafit.core.errors import LorafitError
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+LOGIT_CHUNK_ELEMENTS = 2**22  # rows of logits per chunk = this // V (core/loss.py)
+BACKENDS = ("torch-cuda", "torch-mps", "torch-cpu", "mlx-metal", "mlx-cpu")
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Framework overhead beyond tensors: CUDA context + allocator rounding, Metal's residency.
+FRAMEWORK_OVERHEAD = {"torch-cuda": 600 * 2**20, "torch-mps": 300 * 2**20,
+                      "torch-cpu": 0, "mlx-metal": 200 * 2**20, "mlx-cpu": 0}
+ALLOCATOR_SLACK = {"torch-cuda": 0.05, "torch-mps": 0.05, "torch-cpu": 0.0,
+                   "mlx-metal": 0.03, "mlx-cpu": 0.0}
+
+
+@dataclass
+class Shape:
+    """The few numbers of a config.json that memory depends on."""
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    attention_bias: bool = False
+    qk_norm: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Shape":
+        from lorafit.models.llama import ModelArgs
+
+        a = ModelArgs.from_config(cfg)
+        return cls(a.hidden_size, a.intermediate_size, a.num_hidden_layers,
+                   a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.vocab_size,
+                   a.tie_word_embeddings, a.attention_bias, a.qk_norm)
+
+    def linear_dims(self) -> dict:
+        """(in, out) of each projection."""
+        C, D = self.hidden, self.head_dim
+        return {"q_proj": (C, self.heads * D), "k_proj": (C, self.kv_heads * D),
+                "v_proj": (C, self.kv_heads * D), "o_proj": (self.heads * D, C),
+                "gate_proj": (C, self.intermediate), "up_proj": (C, self.intermediate),
+                "down_proj": (self.intermediate, C)}
+
+
+@dataclass
+class Settings:
+    backend: str = "torch"
+    device: str = "cpu"
+    dtype: str = "float32"
+    rank: int = 8
+    targets: str = "q_proj,v_proj"
+    layers: list | None = None
+    batch_size: int = 1
+    seq_len: int = 512
+    grad_checkpoint: bool = False
+    pack: bool = False
+    grad_accum: int = 1
+    adapter_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("rank", "batch_size", "seq_len", "grad_accum"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise LorafitError(f"{name.replace('_', '-')} must be a positive integer, "
+                                   f"got {v!r}")
+        if self.dtype not in DTYPE_BYTES:
+            raise LorafitError(f"dtype {self.dtype!r}: choose float32, bfloat16 or float16")
+
+    @property
+    def key(self) -> str:
+        dev = {"cpu": "cpu", "cuda": "cuda", "mps": "mps", "metal": "metal", "gpu": "metal"}
+        return f"{self.backend}-{dev.get(self.device, self.device)}"
+
+    def target_names(self) -> list[str]:
+        if self.targets == "all-linear":
+            return list(MODULES)
+        names = [t.strip() for t in self.targets.split(",") if t.strip()]
+        unknown = [t for t in names if t not in MODULES]
+        if unknown:
+            raise LorafitError(f"unknown LoRA target(s) {', '.join(unknown)}")
+        return names
+
+
+# -- static terms ----------------------------------------------------------------------------
+
+def base_weights(sh: Shape, st: Settings) -> int:
+    """Every frozen parameter in the compute dtype: embeddings V*C, head V*C unless tied,
+    per layer the 7 projections, 2 norms (+ biases, + q/k norms): sum(numel) * s."""
+    C, D = sh.hidden, sh.head_dim
+    per_layer = sum(i * o for i, o in sh.linear_dims().values()) + 2 * C
+    if sh.attention_bias:
+        per_layer += (sh.heads + 2 * sh.kv_heads) * D
+    if sh.qk_norm:
+        per_layer += 2 * D
+    total = sh.vocab * C * (1 if sh.tied else 2) + C + sh.layers * per_layer
+    return total * DTYPE_BYTES[st.dtype]
+
+
+def adapter_params(sh: Shape, st: Settings) -> int:
+    """Number of adapter elements: sum over adapted modules of r * (in + out)."""
+    dims = sh.linear_dims()
+    n_layers = len(st.layers) if st.layers is not None else sh.layers
+    return n_layers * sum(st.rank * (dims[m][0] + dims[m][1]) for m in st.target_names())
+
+
+def adapter_weights(sh, st) -> int:
+    """Adapter A and B in the adapter dtype (float32): n_adapter * 4."""
+    return adapter_params(sh, st) * DTYPE_BYTES[st.adapter_dtype]
+
+
+def adapter_gradients(sh, st) -> int:
+    """One gradient per adapter element, float32, alive while the step accumulates."""
+    return adapter_params(sh, st) * 4
+
+
+def optimizer_state(sh, st) -> int:
+    """AdamW's exp_avg and exp_avg_sq per adapter element, float32: 2 * n_adapter * 4."""
+    return 2 * adapter_params(sh, st) * 4
+
+
+# -- activations -----------------------------------------------------------------------------
+
+def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool) -> float:
+    """Elements one layer keeps for the backward pass, per token.
+
+    Residual input, the two normed inputs (kept for the adapters' dA) and the post-attention
+    residual: ~3C (+2 rstd). Attention keeps q, k, v after RoPE and its output:
+    Hq*D + 2*Hk*D + Hq*D. The MLP keeps gate, silu(gate) and up: 3F. Each adapted module
+    keeps its rank-r projection x A^T (r), and a module whose input is not otherwise kept
+    keeps that input (o_proj: Hq*D, down_proj: F).
+    """
+    C, F, D = sh.hidden, sh.intermediate, sh.head_dim
+    n = 3 * C + 2 * sh.heads * D + 2 * sh.kv_heads * D + 3 * F + 2
+    if adapted:
+        names = st.target_names()
+        n += st.rank * len(names)
+        if "o_proj" in names:
+            n += sh.heads * D
+        if "down_proj" in names:
+            n += F
+    return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
+
+
+# MLX keeps ~20% more per layer than torch (its vjps retain some inputs that torch's
+# autograd recomputes or never needs), measured on the test grid: see docs/memory.md.
+BACKEND_SAVED_FACTOR = {"torch": 1.0, "mlx": 1.2}
+
+
+def attention_scores(sh: Shape, st: Settings) -> int:
+    """MLX's attention backward forms the (B, Hq, T, T) probabilities in float32 for one
+    layer at a time; torch's CPU/CUDA flash kernels never hold them."""
+    if st.backend != "mlx":
+        return 0
+    return 2 * st.batch_size * sh.heads * st.seq_len * st.seq_len * 4
+
+
+def activations(sh: Shape, st: Settings) -> int:
+    """Saved activations of all layers: N * sum_layers(saved per token) * s. With
+    recompute only each layer's input is kept: N * C * L * s."""
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    if st.grad_checkpoint:
+        return N * s * sh.hidden * sh.layers
+    adapted = _adapted_layers(sh, st)
+    return int(N * s * sum(saved_per_token_per_layer(sh, st, i in adapted)
+                           for i in range(sh.layers)))
+
+
+def _adapted_layers(sh, st) -> set:
+    return set(st.layers) if st.layers is not None else set(range(sh.layers))
+
+
+def recompute_layer(sh: Shape, st: Settings) -> int:
+    """With recompute, the backward re-runs one layer at a time and holds its full saved
+    set plus dL/dh (N * C * s) while the loss buffers are already freed."""
+    if not st.grad_checkpoint:
+        return 0
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    per = saved_per_token_per_layer(sh, st, bool(_adapted_layers(sh, st)))
+    return int(N * s * (per + sh.hidden))
+
+
+def backward_transients(sh: Shape, st: Settings) -> int:
+    """MLX evaluates the whole backward graph at once; at its peak it holds the top
+    layer's MLP and attention gradients beside everything saved: about
+    N * (8F + 6C) * s, measured on the test grid (torch frees these before they add up)."""
+    if st.backend != "mlx":
+        return 0
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    return N * s * (8 * sh.intermediate + 6 * sh.hidden)
+
+
+def embeddings_and_rope(sh: Shape, st: Settings) -> int:
+    """The embedding output and final norm (2 * N * C) and the shared RoPE cos/sin tables
+    (2 * N * D), in the compute dtype; MLX also keeps the float32 angle table."""
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    extra = N * sh.head_dim * 4 if st.backend == "mlx" else 0
+    return N * s * (2 * sh.hidden + 2 * sh.head_dim) + extra
+
+
+def loss_buffers(sh: Shape, st: Settings) -> int:
+    """Fused head + loss: float32 logits and their exp for one chunk of rows
+    (2 * rows * V * 4, rows = min(N, 2^22 // V)) and dL/dh for all tokens (N * C * s),
+    formed in the same pass. MLX evaluates all chunks in one graph, so rows = N there."""
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    rows = N if st.backend == "mlx" else min(N, max(16, LOGIT_CHUNK_ELEMENTS // sh.vocab))
+    return 2 * rows * sh.vocab * 4 + N * sh.hidden * s
+
+
+def framework_overhead(sh: Shape, st: Settings, subtotal: int) -> int:
+    """Fixed runtime overhead (CUDA context, Metal) plus allocator rounding as a fraction
+    of the tensors; zero on the CPU backends, whose measures count tensors only."""
+    return int(FRAMEWORK_OVERHEAD.get(st.key, 0) + ALLOCATOR_SLACK.get(st.key, 0) * subtotal)
+
+
+STATIC_TERMS = (("base weights", base_weights), ("adapter weights", adapter_weights),
+                ("adapter gradients", adapter_gradients), ("optimizer state", optimizer_state),
+                ("activations", activations), ("embeddings and rope", embeddings_and_rope))
+# The step peaks either at the loss (end of the forward) or, with recompute, while the
+# top layer is re-run in the backward; each phase adds its own transient terms.
+PHASES = {
+    "loss": (("logits and loss", loss_buffers), ("attention scores", attention_scores),
+             ("backward transients", backward_transients)),
+    "recompute": (("recomputed layer", recompute_layer),
+                  ("attention scores", attention_scores)),
+}
+
+
+def estimate(config: dict, settings: Settings) -> dict:
+    """{'total', 'breakdown': {term: bytes}, 'phase', 'backend', 'device', 'settings'}.
+    The breakdown holds the static terms and those of the phase where the step peaks."""
+    sh = Shape.from_config(config)
+    if settings.layers is not None and any(not 0 <= i < sh.layers for i in settings.layers):
+        raise LorafitError(f"layer selection {settings.layers} is outside 0..{sh.layers - 1}")
+    breakdown = {name: int(fn(sh, settings)) for name, fn in STATIC_TERMS}
+    phases = {ph: {name: int(fn(sh, settings)) for name, fn in terms}
+              for ph, terms in PHASES.items()}
+    phase = max(phases, key=lambda ph: sum(phases[ph].values()))
+    breakdown.update(phases[phase])
+    subtotal = sum(breakdown.values())
+    breakdown["framework overhead"] = framework_overhead(sh, settings, subtotal)
+    return {"total": sum(breakdown.values()), "breakdown": breakdown, "phase": phase,
+            "backend": settings.backend, "device": settings.device,
+            "settings": dict(settings.__dict__)}
+
+
+# -- budgets and the inverse question ------------------------------------------------------
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '16 GB', '8g', '1500MiB' -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+        raise LorafitError(f"cannot read the budget {text!r}: use e.g. 24GiB, 16GB or 8000MiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower() or "b"])
+
+
+def fmt_bytes(n: int) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB"
+
+
+FIT_VARIABLES = {"batch": "batch_size", "seq-len": "seq_len", "rank": "rank"}
+
+
+def largest_fitting(config: dict, settings: Settings, variable: str, budget: int,
+                    limit: int = 1 << 20) -> int | None:
+    """The largest value of `variable` (batch, seq-len, rank) whose estimate fits the
+    budget; None when even 1 does not fit. Estimates grow monotonically, so bisect."""
+    field_name = FIT_VARIABLES[variable]
+
+    def fits(v):
+        st = Settings(**{**settings.__dict__, field_name: v})
+        return estimate(config, st)["total"] <= budget
+
+    if not fits(1):
+        return None
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    if hi > limit:
+        return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def suggestions(config: dict, settings: Settings, budget: int) -> list[str]:
+    """What would make a run that does not fit, fit: each with its estimated total."""
+    out = []
+
+    def total(**kw):
+        return estimate(config, Settings(**{**settings.__dict__, **kw}))["total"]
+
+    if not settings.grad_checkpoint and total(grad_checkpoint=True) <= budget:
+        out.append(f"--grad-checkpoint: {fmt_bytes(total(grad_checkpoint=True))}")
+    b = largest_fitting(config, settings, "batch", budget)
+    if b and b < settings.batch_size:
+        out.append(f"--batch-size {b} (--grad-accum {settings.grad_accum * -(-settings.batch_size // b)} "
+                   f"keeps the effective batch): {fmt_bytes(total(batch_size=b))}")
+    t = largest_fitting(config, settings, "seq-len", budget)
+    if t and t < settings.seq_len:
+        out.append(f"--seq-len {t}: {fmt_bytes(total(seq_len=t))}")
+    r = largest_fitting(config, settings, "rank", budget)
+    if r and r < settings.rank:
+        out.append(f"--rank {r}: {fmt_bytes(total(rank=r))}")
+    if settings.dtype == "float32" and total(dtype="bfloat16") <= budget:
+        out.append(f"--dtype bf16: {fmt_bytes(total(dtype='bfloat16'))}")
+    if not out:
+        out.append("nothing short of a smaller model fits: even batch 1 at this sequence "
+                   "length needs more")
+    return out
+
+
+def settings_from_config(cfg, backend: str | None = None, device: str | None = None) -> Settings:
+    """Settings from a TrainConfig (core.config)."""
+    return Settings(backend=backend or ("mlx" if cfg.backend == "mlx" else "torch"),
+                    device=device or cfg.device or "cpu", dtype=cfg.dtype or "float32",
+                    rank=cfg.rank, targets=cfg.targets, layers=cfg.layers,
+                    batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                    grad_checkpoint=cfg.grad_checkpoint, pack=cfg.pack,
+                    grad_accum=cfg.grad_accum)
