@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps")
     p.set_defaults(func=cmd_demo)
 
+    from lorafit.estimating import add_parser as add_estimate
+
+    add_estimate(sub, add_train_flags, config_from_args)
     return parser
 
 

@@ -56,6 +56,9 @@ def build_trainer(cfg, sinks=(), control=None, resume: bool = False, report=None
         check_dataset_file(cfg.val_data, cfg.on_bad_record)
     folder = resolve_model_path(cfg.model)
     load_args(str(folder))  # config.json problems first: they are cheap to find
+    from lorafit.estimating import preflight
+
+    estimate = preflight(cfg)  # stops here when the run cannot fit (unless --force)
     tokenizer = load_tokenizer(folder)
     train, val, notes = load_examples(cfg, tokenizer)  # data errors before any weight loads
     B = get_backend(cfg.backend, cfg.device, verbose=True)
@@ -74,7 +77,8 @@ def build_trainer(cfg, sinks=(), control=None, resume: bool = False, report=None
     attach(model, cfg.lora_config(), None if ckpt is None else ckpt["adapter"], seed=cfg.seed)
     sinks = list(sinks) + [ev.JsonlSink(run_dir / "metrics.jsonl"),
                            ev.StatusSink(run_dir / "status.json")]
-    trainer = Trainer(model, cfg, train, val, run_dir, sinks, control or Control(run_dir))
+    trainer = Trainer(model, cfg, train, val, run_dir, sinks, control or Control(run_dir),
+                      estimate=estimate)
     if ckpt is not None:
         trainer.load_state(ckpt)
     for note in notes:

@@ -318,15 +318,23 @@ def suggestions(config: dict, settings: Settings, budget: int) -> list[str]:
     def total(**kw):
         return estimate(config, Settings(**{**settings.__dict__, **kw}))["total"]
 
-    if not settings.grad_checkpoint and total(grad_checkpoint=True) <= budget:
-        out.append(f"--grad-checkpoint: {fmt_bytes(total(grad_checkpoint=True))}")
-    b = largest_fitting(config, settings, "batch", budget)
-    if b and b < settings.batch_size:
-        out.append(f"--batch-size {b} (--grad-accum {settings.grad_accum * -(-settings.batch_size // b)} "
-                   f"keeps the effective batch): {fmt_bytes(total(batch_size=b))}")
-    t = largest_fitting(config, settings, "seq-len", budget)
-    if t and t < settings.seq_len:
-        out.append(f"--seq-len {t}: {fmt_bytes(total(seq_len=t))}")
+    variants = [("", settings)]
+    if not settings.grad_checkpoint:
+        ckpt = Settings(**{**settings.__dict__, "grad_checkpoint": True})
+        if estimate(config, ckpt)["total"] <= budget:
+            out.append(f"--grad-checkpoint: {fmt_bytes(estimate(config, ckpt)['total'])}")
+        variants.append(("--grad-checkpoint ", ckpt))
+    for prefix, st in variants:
+        b = largest_fitting(config, st, "batch", budget)
+        if b and b < st.batch_size:
+            accum = st.grad_accum * -(-st.batch_size // b)
+            tot = estimate(config, Settings(**{**st.__dict__, "batch_size": b}))["total"]
+            out.append(f"{prefix}--batch-size {b} --grad-accum {accum} (same effective "
+                       f"batch): {fmt_bytes(tot)}")
+        t = largest_fitting(config, st, "seq-len", budget)
+        if t and t < st.seq_len:
+            tot = estimate(config, Settings(**{**st.__dict__, "seq_len": t}))["total"]
+            out.append(f"{prefix}--seq-len {t}: {fmt_bytes(tot)}")
     r = largest_fitting(config, settings, "rank", budget)
     if r and r < settings.rank:
         out.append(f"--rank {r}: {fmt_bytes(total(rank=r))}")

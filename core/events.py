@@ -65,6 +65,15 @@ class EvalReport(Event):
 
 
 @dataclass
+class MemoryMeasured(Event):
+    """The tensor-level peak of a full training step, and what the estimator predicted."""
+    step: int
+    measured: int
+    estimated: int | None
+    kind: str = field(init=False, default="memory")
+
+
+@dataclass
 class CheckpointSaved(Event):
     step: int
     path: str

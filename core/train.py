@@ -26,6 +26,9 @@ from lorafit.core.loss import batch_loss
 from lorafit.core.schedule import lr_at
 
 
+MEASURED_STEP = 1  # the second step: optimizer state exists, and so does every buffer
+
+
 class TrainingStopped(LorafitError):
     """Too many non-finite steps in a row."""
 
@@ -235,7 +238,12 @@ class Trainer:
                            c.min_lr_ratio)
                 t0 = time.perf_counter()
                 micro = self._next_micro_batches()
-                loss, gnorm, applied = self.train_step(micro, lr)
+                if self.pos.step == MEASURED_STEP:
+                    (loss, gnorm, applied), peak = B.measure_peak(
+                        lambda: self.train_step(micro, lr))
+                    self._record_measured_peak(peak)
+                else:
+                    loss, gnorm, applied = self.train_step(micro, lr)
                 dt = time.perf_counter() - t0
                 self.pos.step += 1
                 if not applied:
@@ -301,7 +309,6 @@ class Trainer:
 
     def _report(self, loss, lr, gnorm, micro, dt, t_start, steps_timed):
         mem = self.B.memory_stats()
-        self.measured_peak = max(self.measured_peak, mem["peak"])
         tokens = int(sum(b.input_ids.size for b in micro))
         self._window[0] += tokens
         self._window[1] += dt
@@ -318,6 +325,17 @@ class Trainer:
                                 tokens_per_s=window_tokens / max(window_time, 1e-9),
                                 step_time=dt, eta_s=eta, memory_peak=mem["peak"],
                                 memory_current=mem["current"], memory_rss=mem.get("rss", 0)))
+
+    def _record_measured_peak(self, peak: int) -> None:
+        """The tensor-level peak of one full step, reported beside the estimate."""
+        self.measured_peak = max(self.measured_peak, int(peak))
+        est = (self.estimate or {}).get("total")
+        text = f"measured peak of step {self.pos.step + 1}: {peak / 2**20:.1f} MiB"
+        if est:
+            text += f" (estimated {est / 2**20:.1f} MiB, {100 * (est - peak) / peak:+.1f}%)"
+        self.emit(ev.Message(level="info", text=text))
+        self.emit(ev.MemoryMeasured(step=self.pos.step + 1, measured=int(peak),
+                                    estimated=est))
 
     def _evaluate_and_check(self) -> bool:
         """Evaluate; returns True when early stopping says stop."""

@@ -1,0 +1,159 @@
+"""The memory estimator against measured peaks, its properties, presets and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorafit.cli import main
+from lorafit.core.errors import LorafitError
+from lorafit.core.estimate import Settings, estimate, largest_fitting, parse_bytes
+from lorafit.models.presets import list_presets, load_preset
+from memory_harness import GRID, measure, settings_for
+
+TOLERANCE = 0.10
+
+
+@pytest.fixture(scope="module")
+def grid_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("grid")
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@pytest.mark.parametrize("case", GRID, ids=[c.name for c in GRID])
+def test_estimate_within_10_percent_of_measured_peak(grid_root, backend, case):
+    predicted = estimate(case.config(), settings_for(case, backend))["total"]
+    measured = measure(case, backend, grid_root)
+    assert abs(predicted - measured) <= TOLERANCE * measured, \
+        f"{case.name} on {backend}: estimated {predicted / 2**20:.1f} MiB, " \
+        f"measured {measured / 2**20:.1f} MiB"
+
+
+CFG = load_preset("qwen2.5-1.5b")
+
+
+def total(**kw):
+    return estimate(CFG, Settings(**{"dtype": "bfloat16", "backend": "torch", "device": "cuda",
+                                     **kw}))
+
+
+@pytest.mark.parametrize("backend,device", [("torch", "cuda"), ("torch", "cpu"),
+                                            ("mlx", "metal"), ("mlx", "cpu"), ("torch", "mps")])
+def test_breakdown_adds_up_to_the_total(backend, device):
+    est = estimate(CFG, Settings(backend=backend, device=device, batch_size=2, seq_len=1024))
+    assert sum(est["breakdown"].values()) == est["total"]
+    assert all(v >= 0 for v in est["breakdown"].values())
+
+
+def test_activations_are_linear_in_batch_and_sequence_length():
+    a1 = total(batch_size=1, seq_len=512)["breakdown"]["activations"]
+    assert total(batch_size=4, seq_len=512)["breakdown"]["activations"] == 4 * a1
+    assert total(batch_size=1, seq_len=2048)["breakdown"]["activations"] == 4 * a1
+
+
+def test_adapter_terms_are_linear_in_rank():
+    for term in ("adapter weights", "adapter gradients", "optimizer state"):
+        r8 = total(rank=8)["breakdown"][term]
+        assert total(rank=32)["breakdown"][term] == 4 * r8 > 0
+
+
+def test_recompute_keeps_one_layer_plus_the_checkpoints():
+    full = total(batch_size=4, seq_len=2048)
+    ckpt = total(batch_size=4, seq_len=2048, grad_checkpoint=True)
+    layers = CFG["num_hidden_layers"]
+    assert ckpt["breakdown"]["activations"] < full["breakdown"]["activations"] / 5
+    one_layer = full["breakdown"]["activations"] / layers
+    kept = ckpt["breakdown"]["activations"] + ckpt["breakdown"].get("recomputed layer", 0)
+    assert kept < 3 * one_layer + ckpt["breakdown"]["activations"]
+    assert ckpt["total"] < full["total"]
+
+
+def test_fit_returns_a_value_that_fits_and_whose_next_step_does_not():
+    budget = parse_bytes("12GiB")
+    st = Settings(dtype="bfloat16", backend="torch", device="cuda", seq_len=2048)
+    for variable, field_name in (("batch", "batch_size"), ("seq-len", "seq_len"),
+                                 ("rank", "rank")):
+        v = largest_fitting(CFG, st, variable, budget, limit=1 << 16)
+        assert v and v >= 1
+        fits = estimate(CFG, Settings(**{**st.__dict__, field_name: v}))["total"]
+        over = estimate(CFG, Settings(**{**st.__dict__, field_name: v + 1}))["total"]
+        assert fits <= budget < over
+
+
+def test_every_preset_loads_and_names_its_source():
+    names = list_presets()
+    for wanted in ("llama-3.1-8b", "llama-3.1-70b", "llama-3.2-1b", "llama-3.2-3b",
+                   "mistral-7b", "qwen2.5-0.5b", "qwen2.5-72b", "qwen3-0.6b", "qwen3-32b"):
+        assert wanted in names
+    for name in names:
+        cfg = load_preset(name)
+        assert cfg["source"].startswith("https://huggingface.co/")
+        est = estimate(cfg, Settings(dtype="bfloat16", backend="torch", device="cuda"))
+        assert est["total"] > 0
+    # parameter counts of two well-known models, from the shapes alone
+    w8b = estimate(load_preset("llama-3.1-8b"), Settings(dtype="bfloat16"))
+    assert 8.0e9 < w8b["breakdown"]["base weights"] / 2 < 8.1e9  # 8.03B parameters
+    assert load_preset("Qwen/Qwen3-8B")["hidden_size"] == 4096  # hub id works too
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_estimate_cli_table_json_and_verdict(capsys):
+    code, out, _ = run_cli(capsys, "estimate", "--model", "llama-3.1-8b", "--dtype", "bf16",
+                           "--rank", "16", "--targets", "all-linear", "--batch-size", "1",
+                           "--seq-len", "2048", "--grad-checkpoint", "--backend", "torch",
+                           "--device", "cuda", "--budget", "24GiB")
+    assert code == 0 and "verdict: fits" in out and "base weights" in out
+    code, out, _ = run_cli(capsys, "estimate", "--model", "llama-3.1-8b", "--dtype", "bf16",
+                           "--batch-size", "8", "--seq-len", "4096", "--backend", "torch",
+                           "--device", "cuda", "--budget", "24GiB", "--json")
+    est = json.loads(out)
+    assert est["fits"] is False and est["suggestions"]
+    assert any("--grad-checkpoint" in s or "--batch-size" in s for s in est["suggestions"])
+    code, out, _ = run_cli(capsys, "estimate", "--model", "qwen3-0.6b", "--budget", "6GiB",
+                           "--backend", "torch", "--device", "cuda", "--fit", "seq-len")
+    assert code == 0 and "largest seq-len that fits:" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "llama-3.1-8bx"], "close matches: llama-3.1-8b"),
+    (["--model", "qwen3-8b", "--batch-size", "0"], "batch-size must be a positive integer"),
+    (["--model", "qwen3-8b", "--batch-size", "-2"], "batch-size must be a positive integer"),
+    (["--model", "qwen3-8b", "--budget", "twelve"], "cannot read the budget"),
+])
+def test_bad_input_is_a_one_line_error(capsys, argv, needle):
+    code, _, err = run_cli(capsys, "estimate", *argv)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_config_missing_required_fields(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    code, _, err = run_cli(capsys, "estimate", "--model", str(tmp_path / "config.json"))
+    assert code == 2 and "lacks required field(s)" in err and "num_hidden_layers" in err
+
+
+def test_train_stops_before_loading_when_the_run_cannot_fit(capsys, tmp_path, tokenizer):
+    """A 70B config with no weights at all: the pre-flight check must stop first."""
+    cfg = {k: v for k, v in load_preset("llama-3.1-70b").items() if k not in ("source",)}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    tokenizer.save_pretrained(str(tmp_path))
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"hello {i}"}) for i in range(8)))
+    code, _, err = run_cli(capsys, "train", "--model", str(tmp_path), "--data", str(data),
+                           "--output", str(tmp_path / "run"), "--backend", "torch",
+                           "--batch-size", "4")
+    assert code == 2 and "this run needs about" in err and "would fit" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_budget_parsing():
+    assert parse_bytes("24GiB") == 24 * 2**30
+    assert parse_bytes("16 GB") == 16 * 10**9
+    assert parse_bytes("1500MiB") == 1500 * 2**20
+    with pytest.raises(LorafitError):
+        parse_bytes("-3GB")
