@@ -147,7 +147,7 @@ def _add_backend_flags(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorafit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="lorafit", description="LoRA fine-tuning on PyTorch and MLX, with a memory estimator and a terminal UI.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("env", help="what this machine offers: backends, devices, memory")
@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lorafit.estimating import add_parser as add_estimate
 
     add_estimate(sub, add_train_flags, config_from_args)
+    from lorafit.tui.cli import add_parsers as add_tui
+
+    add_tui(sub)
     return parser
 
 
