@@ -86,7 +86,17 @@ def test_setup_screen_updates_memory_and_shows_bad_records(tiny_run_inputs):
     asyncio.run(scenario())
 
 
-def test_start_pause_resume_stop_a_real_run(tiny_run_inputs):
+@pytest.fixture
+def children():
+    """Child trainers a test started; killed if the test fails before stopping them."""
+    started = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+
+
+def test_start_pause_resume_stop_a_real_run(tiny_run_inputs, children):
     root, folder, data, _ = tiny_run_inputs
     run_dir = root / "runs" / "ui-run"
 
@@ -100,6 +110,7 @@ def test_start_pause_resume_stop_a_real_run(tiny_run_inputs):
             await pilot.pause(0.5)
             run = app.screen
             assert isinstance(run, RunScreen)
+            children.append(run.process)
 
             def step():
                 return run.follower.state.last.get("step", 0)
@@ -145,7 +156,7 @@ def test_watch_shows_the_full_history_of_a_headless_run(tiny_run_inputs):
                 "completed"
             assert run.follower.state.memory.get("measured")  # measured peak beside estimate
             await pilot.pause(0.5)
-            assert "12/12" in panel_text(run, "#stats")
+            assert "12/12" in panel_text(run, "#side")
             await pilot.press("escape")  # back to set-up; the browser lists the run
             await pilot.press("ctrl+r")
             await pilot.pause(0.5)

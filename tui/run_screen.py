@@ -52,9 +52,7 @@ class RunScreen(Screen):
         yield Header(show_clock=True)
         with Horizontal(id="run-top"):
             yield LossPlot(id="plot")
-            with Vertical(id="run-side"):
-                yield Static(id="stats")
-                yield Static(id="memory")
+            yield Static(id="side")
         yield ProgressBar(id="progress", show_eta=False)
         with Horizontal(id="run-bottom"):
             yield RichLog(id="events", max_lines=500, wrap=True)
@@ -77,8 +75,7 @@ class RunScreen(Screen):
             return
         st = self.follower.state
         self.query_one(LossPlot).update_series(st.steps, st.losses, st.val_steps, st.val_losses)
-        self.query_one("#stats", Static).update(self._stats_text())
-        self.query_one("#memory", Static).update(self._memory_text())
+        self.query_one("#side", Static).update(self._stats_text() + self._memory_text())
         bar = self.query_one(ProgressBar)
         bar.update(total=max(st.total_steps, 1), progress=st.last.get("step", 0))
         log = self.query_one(RichLog)
