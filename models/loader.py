@@ -1,8 +1,10 @@
 """Read a Hugging Face model folder: config.json, safetensors shards, tokenizer.
 
 Safe by default: only safetensors are read (pickle files are refused, never unpickled), and
-`auto_map` / remote code is ignored. Shards are read tensor by tensor and cast to the target
-dtype on the way in, so no second full copy of the model is ever held.
+`auto_map` / remote code is ignored. Shards are read one at a time, tensor by tensor, and
+cast to the target dtype on the way in, so no second full copy of the model is ever held:
+the peak is the weights in their target dtype plus the shard being read (whose file pages
+are mapped while it is open).
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -77,3 +79,55 @@ def test_bf16_weights_load_in_bf16(tmp_path, tiny_models, backend):
         expected = ref(torch.tensor(ids)).logits.numpy()
     got = backend.to_numpy(model.logits(backend.from_numpy(ids)))
     assert np.abs(got - expected).max() < 0.15 * np.abs(expected).max()
+
+
+LOAD_PROBE = r"""
+import sys, psutil
+from lorafit.backends import get_backend
+from lorafit.models.loader import load_model
+B = get_backend(sys.argv[2], "cpu")
+base = psutil.Process().memory_info().rss
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+model = load_model(sys.argv[1], B, sys.argv[3])
+B.synchronize()
+hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+size = sum(B.nbytes(v) for v in model.params.values())
+print(hwm - base, size)
+"""
+
+
+@pytest.mark.parametrize("backend_name,dtype", [("torch", "float32"), ("torch", "bfloat16"),
+                                                ("mlx", "float32")])
+def test_loading_never_holds_a_second_full_copy(tmp_path, backend_name, dtype):
+    """Peak host memory while loading stays near the weights' size in the target dtype."""
+    import subprocess
+    import sys
+
+    from lorafit.models.llama import ModelArgs, parameter_shapes
+    from lorafit.models.tiny import char_tokenizer, save_numpy_model
+
+    cfg = dict(model_type="llama", hidden_size=512, intermediate_size=1408, vocab_size=16000,
+               num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8)
+    rng = np.random.default_rng(0)
+    weights = {k: rng.standard_normal(s, dtype=np.float32) * 0.02
+               for k, s in parameter_shapes(ModelArgs.from_config(cfg)).items()}
+    save_numpy_model(tmp_path, cfg, {}, char_tokenizer("ab"))
+    (tmp_path / "model.safetensors").unlink()
+    from safetensors.numpy import save_file
+    names, shards, wmap = sorted(weights), 6, {}
+    for i in range(shards):  # a sharded checkpoint, as large models come
+        part = {k: weights[k] for k in names[i::shards]}
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(part, str(tmp_path / fname))
+        wmap.update({k: fname for k in part})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wmap}))
+    shard_bytes = max(sum(weights[k].nbytes for k in names[i::shards]) for i in range(shards))
+    del weights
+    out = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(tmp_path), backend_name, dtype],
+                         capture_output=True, text=True, check=True)
+    growth, size = map(int, out.stdout.split())
+    assert size > 90 * 2**20 * (0.5 if dtype == "bfloat16" else 1)
+    # the weights in their target dtype, plus at most the shard being read (its pages are
+    # mapped while it is open), plus interpreter noise
+    assert growth < size + shard_bytes + 48 * 2**20, (growth / 2**20, size / 2**20)
