@@ -100,7 +100,7 @@ def estimate_for_config(cfg, budget_bytes: int | None = None) -> dict:
     else:
         budget_source = "--budget"
     fits = est["total"] <= budget_bytes
-    est.update(model_source=source, budget=budget_bytes, budget_source=budget_source,
+    est.update(model_source=source, config=config, budget=budget_bytes, budget_source=budget_source,
                fits=fits, suggestions=[] if fits else suggestions(config, settings,
                                                                    budget_bytes))
     return est

@@ -69,7 +69,8 @@ class MemoryMeasured(Event):
     """The tensor-level peak of a full training step, and what the estimator predicted."""
     step: int
     measured: int
-    estimated: int | None
+    estimated: int | None  # for full batch_size x seq_len batches
+    estimated_this_batch: int | None = None  # for the shape of the measured batch
     kind: str = field(init=False, default="memory")
 
 
@@ -224,9 +225,8 @@ class ConsoleSink(Sink):
                 text += f"; adapter in {e.adapter}"
             self._line(text)
             if e.measured_peak and e.estimated_peak:
-                err = 100 * (e.estimated_peak - e.measured_peak) / e.measured_peak
-                self._line(f"memory: estimated {_fmt_bytes(e.estimated_peak)}, measured "
-                           f"{_fmt_bytes(e.measured_peak)} ({err:+.1f}%)")
+                self._line(f"memory: measured peak {_fmt_bytes(e.measured_peak)}; estimate "
+                           f"for full-length batches {_fmt_bytes(e.estimated_peak)}")
             if e.error:
                 self._line(f"error: {e.error}")
 

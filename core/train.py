@@ -241,7 +241,7 @@ class Trainer:
                 if self.pos.step == MEASURED_STEP:
                     (loss, gnorm, applied), peak = B.measure_peak(
                         lambda: self.train_step(micro, lr))
-                    self._record_measured_peak(peak)
+                    self._record_measured_peak(peak, micro)
                 else:
                     loss, gnorm, applied = self.train_step(micro, lr)
                 dt = time.perf_counter() - t0
@@ -326,16 +326,33 @@ class Trainer:
                                 step_time=dt, eta_s=eta, memory_peak=mem["peak"],
                                 memory_current=mem["current"], memory_rss=mem.get("rss", 0)))
 
-    def _record_measured_peak(self, peak: int) -> None:
-        """The tensor-level peak of one full step, reported beside the estimate."""
+    def _record_measured_peak(self, peak: int, micro: list[Batch]) -> None:
+        """The tensor-level peak of one full step, reported beside the estimate for the
+        run (full-length batches) and for the very batch that was measured."""
         self.measured_peak = max(self.measured_peak, int(peak))
         est = (self.estimate or {}).get("total")
+        same_batch = self._estimate_for_batch(micro[0])
         text = f"measured peak of step {self.pos.step + 1}: {peak / 2**20:.1f} MiB"
+        if same_batch:
+            text += (f"; estimated for this {micro[0].input_ids.shape[0]}x"
+                     f"{micro[0].input_ids.shape[1]} batch {same_batch / 2**20:.1f} MiB "
+                     f"({100 * (same_batch - peak) / peak:+.1f}%)")
         if est:
-            text += f" (estimated {est / 2**20:.1f} MiB, {100 * (est - peak) / peak:+.1f}%)"
+            text += f"; for full {self.cfg.batch_size}x{self.cfg.seq_len} batches " \
+                    f"{est / 2**20:.1f} MiB"
         self.emit(ev.Message(level="info", text=text))
         self.emit(ev.MemoryMeasured(step=self.pos.step + 1, measured=int(peak),
-                                    estimated=est))
+                                    estimated=est, estimated_this_batch=same_batch))
+
+    def _estimate_for_batch(self, batch: Batch) -> int | None:
+        if not self.estimate or "config" not in self.estimate:
+            return None
+        from lorafit.core.estimate import Settings, estimate
+
+        mult = getattr(self.B, "pad_multiple", 1)
+        b, t = batch.input_ids.shape
+        st = dict(self.estimate["settings"], batch_size=b, seq_len=-(-t // mult) * mult)
+        return estimate(self.estimate["config"], Settings(**st))["total"]
 
     def _evaluate_and_check(self) -> bool:
         """Evaluate; returns True when early stopping says stop."""

@@ -136,7 +136,9 @@ def test_start_pause_resume_stop_a_real_run(tiny_run_inputs, children):
     assert "lorafit train" in (run_dir / "config.toml").read_text()
 
 
-def test_watch_shows_the_full_history_of_a_headless_run(tiny_run_inputs):
+@pytest.fixture(scope="module")
+def headless_run(tiny_run_inputs):
+    """A run directory written by a headless `lorafit train` in another process."""
     root, folder, data, _ = tiny_run_inputs
     run_dir = root / "headless"
     env = dict(os.environ, LORAFIT_NO_REEXEC="1")
@@ -145,6 +147,12 @@ def test_watch_shows_the_full_history_of_a_headless_run(tiny_run_inputs):
                     "--batch-size", "2", "--seq-len", "32", "--save-every", "6",
                     "--val-fraction", "0.2", "--eval-every", "4", "--backend", "torch"],
                    env=env, check=True, capture_output=True, timeout=300)
+    return run_dir
+
+
+def test_watch_shows_the_full_history_of_a_headless_run(tiny_run_inputs, headless_run):
+    root = tiny_run_inputs[0]
+    run_dir = headless_run
 
     async def scenario():
         app = LorafitApp(watch=run_dir, runs_root=root)
@@ -195,4 +203,22 @@ def test_a_crashing_run_shows_its_error_and_the_ui_stays_responsive(tiny_run_inp
             assert run.query_one("#try-panel").display
             await pilot.press("d")  # and the theme switches
             await pilot.pause(0.2)
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("size,theme", [((200, 60), "textual-dark"), ((80, 24), "textual-light"),
+                                        ((200, 60), "textual-light")])
+def test_run_screen_at_other_sizes_and_themes(headless_run, size, theme):
+    async def scenario():
+        app = LorafitApp(watch=headless_run, runs_root=headless_run.parent)
+        async with app.run_test(size=size) as pilot:
+            app.theme = theme
+            run = app.screen
+            assert await wait_for(pilot, lambda: len(run.follower.state.steps) == 12)
+            await pilot.pause(0.5)
+            plot = run.query_one("#plot")
+            assert plot.size.height >= (size[1] - 12 if size[1] > 30 else 8)
+            assert "12/12" in panel_text(run, "#side")
+            svg = snapshot(app, f"run-{size[0]}x{size[1]}-{theme.split('-')[1]}")
+            assert "loss" in svg
     asyncio.run(scenario())

@@ -131,10 +131,11 @@ class RunScreen(Screen):
             t.append(memory_bar(parts, est.get("budget"), width=30))
             t.append(f"estimate  {fmt_bytes(est.get('total'))}\n")
         if measured:
-            t.append(f"measured  {fmt_bytes(measured)}")
-            if est.get("total"):
-                t.append(f" ({100 * (est['total'] - measured) / measured:+.1f}%)")
-            t.append("\n")
+            t.append(f"measured  {fmt_bytes(measured)}\n")
+            same = st.memory.get("estimated_this_batch")
+            if same:
+                t.append(f"estimated {fmt_bytes(same)} for that batch "
+                         f"({100 * (same - measured) / measured:+.1f}%)\n")
         if st.last.get("memory_peak"):
             t.append(f"peak now  {fmt_bytes(st.last['memory_peak'])}\n")
         if est.get("budget"):
