@@ -74,7 +74,8 @@ TRAIN_FLAGS = [  # (flag, config field, argparse kwargs)
     ("--on-bad-record", "on_bad_record", dict(choices=["skip", "fail"])),
 ]
 TRAIN_SWITCHES = [("--pack", "pack"), ("--grad-checkpoint", "grad_checkpoint"),
-                  ("--rslora", "rslora"), ("--train-on-prompt", "train_on_prompt"),
+                  ("--rslora", "rslora"), ("--dora", "dora"),
+                  ("--train-on-prompt", "train_on_prompt"),
                   ("--force", "force")]
 
 

@@ -63,6 +63,12 @@ class Backend(Protocol):
 
     def silu(self, x: Array) -> Array: ...
 
+    def row_norms(self, w: Array) -> Array:
+        """Euclidean norm of each row of a matrix (out, in) -> (out,), in float32."""
+
+    def stop_gradient(self, x: Array) -> Array:
+        """x, treated as a constant by differentiation."""
+
     def dropout(self, x: Array, p: float) -> Array:
         """Inverted dropout with the backend's own RNG; identity when p == 0."""
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from lorafit.core.errors import LorafitError
 from lorafit.core.fileio import atomic_save_safetensors, atomic_write_json, load_safetensors_numpy
-from lorafit.core.lora import LORA_A, LORA_B, LoraConfig
+from lorafit.core.lora import LORA_A, LORA_B, MAGNITUDE, LoraConfig
 
 PEFT_PREFIX = "base_model.model."
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -53,7 +53,7 @@ def save_peft(folder: str | Path, adapter: dict, cfg: LoraConfig, base_model: st
         else None,
         "layers_pattern": None,
         "use_rslora": cfg.rslora,
-        "use_dora": False,
+        "use_dora": cfg.dora,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -89,8 +89,6 @@ def load_peft(folder: str | Path) -> tuple[LoraConfig, dict]:
     if c.get("peft_type", "LORA") != "LORA":
         raise LorafitError(f"{folder}: peft_type {c.get('peft_type')!r} is not supported "
                            "(only LORA)")
-    if c.get("use_dora"):
-        raise LorafitError(f"{folder}: DoRA adapters are not supported yet")
     if c.get("rank_pattern") or c.get("alpha_pattern"):
         raise LorafitError(f"{folder}: per-module rank_pattern / alpha_pattern is not supported")
     if c.get("fan_in_fan_out"):
@@ -107,7 +105,8 @@ def load_peft(folder: str | Path) -> tuple[LoraConfig, dict]:
     for k, v in raw.items():
         name = k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k
         name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
-        if not (name.endswith(LORA_A) or name.endswith(LORA_B)):
+        name = name.replace(f"{MAGNITUDE}.default.weight", MAGNITUDE)
+        if not (name.endswith(LORA_A) or name.endswith(LORA_B) or name.endswith(MAGNITUDE)):
             raise LorafitError(f"{folder}: unsupported adapter tensor {k} (only LoRA A/B; "
                                "modules_to_save and bias training are not supported)")
         adapter[name] = v.astype(np.float32)
@@ -121,7 +120,10 @@ def load_peft(folder: str | Path) -> tuple[LoraConfig, dict]:
                      dropout=float(c.get("lora_dropout", 0.0)),
                      targets=sorted({m.rsplit(".", 1)[-1] for m in _modules(adapter)}),
                      layers=_layers_of(_modules(adapter)) or None,
-                     rslora=bool(c.get("use_rslora", False)))
+                     rslora=bool(c.get("use_rslora", False)), dora=bool(c.get("use_dora")))
+    if cfg.dora != any(k.endswith(MAGNITUDE) for k in adapter):
+        raise LorafitError(f"{folder}: use_dora={cfg.dora} but the weights "
+                           f"{'lack' if cfg.dora else 'hold'} lora_magnitude_vector tensors")
     return cfg, adapter
 
 
@@ -138,9 +140,11 @@ def save_mlx_lm(folder: str | Path, adapter: dict, cfg: LoraConfig, num_layers: 
     for m in modules:
         tensors[f"{m}.lora_a"] = np.ascontiguousarray(adapter[f"{m}.{LORA_A}"].T)
         tensors[f"{m}.lora_b"] = np.ascontiguousarray(adapter[f"{m}.{LORA_B}"].T)
+        if cfg.dora:  # mlx-lm's DoRALinear keeps the magnitude as `m`
+            tensors[f"{m}.m"] = np.ascontiguousarray(adapter[f"{m}.{MAGNITUDE}"])
     atomic_save_safetensors(folder / MLX_WEIGHTS, tensors)
     atomic_write_json(folder / PEFT_CONFIG, {
-        "fine_tune_type": "lora",
+        "fine_tune_type": "dora" if cfg.dora else "lora",
         "model": base_model,
         "num_layers": num_layers - min(layers) if layers else num_layers,
         "lora_parameters": {"rank": cfg.r, "scale": cfg.scale, "dropout": cfg.dropout,
@@ -154,9 +158,9 @@ def load_mlx_lm(folder: str | Path) -> tuple[LoraConfig, dict]:
     alpha is written as scale * r (the same update)."""
     folder = Path(folder)
     c = read_json(folder / PEFT_CONFIG)
-    if c.get("fine_tune_type", "lora") != "lora":
+    if c.get("fine_tune_type", "lora") not in ("lora", "dora"):
         raise LorafitError(f"{folder}: fine_tune_type {c.get('fine_tune_type')!r} is not "
-                           "supported (only lora)")
+                           "supported (only lora and dora)")
     if not (folder / MLX_WEIGHTS).exists():
         raise LorafitError(f"{folder}: no {MLX_WEIGHTS} (not an mlx-lm adapter)")
     raw = load_safetensors_numpy(folder / MLX_WEIGHTS)
@@ -166,6 +170,8 @@ def load_mlx_lm(folder: str | Path) -> tuple[LoraConfig, dict]:
             adapter[k[: -len(".lora_a")] + "." + LORA_A] = np.ascontiguousarray(v.T)
         elif k.endswith(".lora_b"):
             adapter[k[: -len(".lora_b")] + "." + LORA_B] = np.ascontiguousarray(v.T)
+        elif k.endswith(".m"):
+            adapter[k[: -len(".m")] + "." + MAGNITUDE] = np.ascontiguousarray(v)
         else:
             raise LorafitError(f"{folder}: unsupported adapter tensor {k}")
     lp = c.get("lora_parameters", {})
@@ -173,7 +179,8 @@ def load_mlx_lm(folder: str | Path) -> tuple[LoraConfig, dict]:
     cfg = LoraConfig(r=r, alpha=float(lp.get("scale", 20.0)) * r,
                      dropout=float(lp.get("dropout", 0.0)),
                      targets=sorted({m.rsplit(".", 1)[-1] for m in _modules(adapter)}),
-                     layers=_layers_of(_modules(adapter)) or None)
+                     layers=_layers_of(_modules(adapter)) or None,
+                     dora=c.get("fine_tune_type") == "dora")
     return cfg, adapter
 
 

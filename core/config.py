@@ -49,6 +49,8 @@ class TrainConfig:
     """Layer indices to adapt (default: all)."""
     rslora: bool = False
     """Use alpha / sqrt(r) scaling."""
+    dora: bool = False
+    """DoRA: learn a magnitude per output row beside the low-rank direction (PEFT's use_dora)."""
     batch_size: int = 4
     """Micro-batch size (examples per forward pass)."""
     grad_accum: int = 1
@@ -134,7 +136,8 @@ class TrainConfig:
 
         targets = self.targets if self.targets == "all-linear" else self.targets.split(",")
         return LoraConfig(r=self.rank, alpha=self.alpha, dropout=self.dropout,
-                          targets=targets, layers=self.layers, rslora=self.rslora)
+                          targets=targets, layers=self.layers, rslora=self.rslora,
+                          dora=self.dora)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -75,6 +75,7 @@ class Settings:
     pack: bool = False
     grad_accum: int = 1
     adapter_dtype: str = "float32"
+    dora: bool = False
 
     def __post_init__(self):
         for name in ("rank", "batch_size", "seq_len", "grad_accum"):
@@ -116,10 +117,13 @@ def base_weights(sh: Shape, st: Settings) -> int:
 
 
 def adapter_params(sh: Shape, st: Settings) -> int:
-    """Number of adapter elements: sum over adapted modules of r * (in + out)."""
+    """Number of adapter elements: sum over adapted modules of r * (in + out), plus the
+    DoRA magnitude (out) per module."""
     dims = sh.linear_dims()
     n_layers = len(st.layers) if st.layers is not None else sh.layers
-    return n_layers * sum(st.rank * (dims[m][0] + dims[m][1]) for m in st.target_names())
+    per = sum(st.rank * (dims[m][0] + dims[m][1]) + (dims[m][1] if st.dora else 0)
+              for m in st.target_names())
+    return n_layers * per
 
 
 def adapter_weights(sh, st) -> int:
@@ -153,6 +157,8 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool) -> float:
     if adapted:
         names = st.target_names()
         n += st.rank * len(names)
+        if st.dora:  # DoRA keeps the un-normalised output (x W^T + s x A^T B^T): out each
+            n += sum(sh.linear_dims()[m][1] for m in names)
         if "o_proj" in names:
             n += sh.heads * D
         if "down_proj" in names:
@@ -353,4 +359,4 @@ def settings_from_config(cfg, backend: str | None = None, device: str | None = N
                     rank=cfg.rank, targets=cfg.targets, layers=cfg.layers,
                     batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                     grad_checkpoint=cfg.grad_checkpoint, pack=cfg.pack,
-                    grad_accum=cfg.grad_accum)
+                    grad_accum=cfg.grad_accum, dora=getattr(cfg, "dora", False))

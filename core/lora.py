@@ -18,6 +18,7 @@ import numpy as np
 from lorafit.core.errors import LorafitError
 
 LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's learned per-output-row magnitude (PEFT's name)
 
 
 @dataclass
@@ -34,6 +35,8 @@ class LoraConfig:
     """Layer indices to adapt; None adapts every layer."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
+    dora: bool = False
+    """Weight-decomposed LoRA (DoRA): a learned magnitude per output row, as PEFT's use_dora."""
 
     def __post_init__(self):
         if isinstance(self.targets, str) and self.targets != "all-linear":
@@ -106,7 +109,18 @@ def attach(model, cfg: LoraConfig, adapter: dict | None = None, seed: int = 0,
     for name, value in adapter.items():
         model.params[name] = B.from_numpy(np.asarray(value, dtype=np.float32), dtype)
     model.lora = cfg
-    return sorted(adapter)
+    if cfg.dora:
+        for name in [k for k in adapter if k.endswith(LORA_A)]:
+            mag = f"{_module(name)}.{MAGNITUDE}"
+            if mag not in model.params:  # fresh DoRA: m = ||W + s B A|| row-wise (= ||W||)
+                w = model.params[_module(name) + ".weight"]
+                delta = B.linear(model.params[f"{_module(name)}.{LORA_B}"],
+                                 B.swapaxes(model.params[name], 0, 1))
+                model.params[mag] = B.cast(B.row_norms(B.cast(w, "float32") + cfg.scale * delta),
+                                           dtype)
+    elif any(k.endswith(MAGNITUDE) for k in adapter):
+        raise LorafitError("the adapter has DoRA magnitudes but the config does not say dora")
+    return adapter_leaves(model.params)
 
 
 def check_adapter_fits(adapter: dict, shapes: dict) -> None:
@@ -117,6 +131,11 @@ def check_adapter_fits(adapter: dict, shapes: dict) -> None:
         w = shapes.get(module + ".weight")
         if w is None:
             raise LorafitError(f"adapter key {name} names a module the model does not have")
+        if name.endswith(MAGNITUDE):
+            if a != (w[0],):
+                raise LorafitError(f"adapter does not fit the model: {name} has shape {a}, "
+                                   f"the model needs ({w[0]},)")
+            continue
         if len(a) != 2:
             raise LorafitError(f"adapter key {name} has shape {a}; expected a matrix")
         ok = a[1] == w[1] if name.endswith(LORA_A) else a[0] == w[0]
@@ -149,6 +168,10 @@ def merged_weights(weights: dict, adapter: dict, scale: float) -> dict:
         A, Bm = adapter[name], adapter[f"{module}.{LORA_B}"]
         W = np.asarray(weights[module + ".weight"], dtype=np.float32)
         merged = W + scale * (Bm.astype(np.float32) @ A.astype(np.float32))
+        magnitude = adapter.get(f"{module}.{MAGNITUDE}")
+        if magnitude is not None:  # DoRA: rescale each row to its learned magnitude
+            norm = np.linalg.norm(merged, axis=1)
+            merged = merged * (np.asarray(magnitude, np.float32) / norm)[:, None]
         if not np.isfinite(merged).all():
             raise LorafitError(f"merging {module} gives non-finite weights; adapter is broken")
         out[module + ".weight"] = merged
@@ -168,6 +191,9 @@ def merge(model) -> None:
 
 def unmerge(model, adapter: dict, cfg: LoraConfig) -> None:
     """Undo `merge`: subtract s * B A from each weight and put the adapter back."""
+    if cfg.dora:
+        raise LorafitError("a merged DoRA adapter cannot be unmerged (the row norms of the "
+                           "original weights are gone); reload the base model instead")
     B = model.backend
     weights = {_module(k) + ".weight": B.to_numpy(model.params[_module(k) + ".weight"])
                for k in adapter if k.endswith(LORA_A)}

@@ -131,7 +131,7 @@ _LAYER_KEYS = tuple(
     f"{group}.{m}.{leaf}"
     for group, mods in (("self_attn", ATTN), ("mlp", MLP))
     for m in mods
-    for leaf in ("weight", "bias", "lora_A.weight", "lora_B.weight")
+    for leaf in ("weight", "bias", "lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
 ) + ("input_layernorm.weight", "post_attention_layernorm.weight",
      "self_attn.q_norm.weight", "self_attn.k_norm.weight")
 
@@ -142,15 +142,28 @@ def layer_params(params: dict, i: int) -> dict:
 
 
 def project(B, lp: dict, name: str, x, lora):
-    """A linear projection with its LoRA pair, if any: x W^T + b + s * drop(x) A^T B^T."""
-    y = B.linear(x, lp[name + ".weight"], lp.get(name + ".bias"))
+    """A linear projection with its LoRA pair, if any: x W^T + b + s * drop(x) A^T B^T.
+    With a DoRA magnitude m the update is PEFT's: m / ||W + s B A||_row scales the
+    adapted output (the norm is detached, as in the DoRA paper, section 4.3)."""
+    weight, bias = lp[name + ".weight"], lp.get(name + ".bias")
     a = lp.get(name + ".lora_A.weight")
     if a is None:
-        return y
+        return B.linear(x, weight, bias)
+    magnitude = lp.get(name + ".lora_magnitude_vector")
+    y = B.linear(x, weight, None if magnitude is not None else bias)
     xa = B.dropout(x, lora.dropout) if lora is not None and lora.dropout else x
-    if B.dtype_name(xa) != B.dtype_name(a):
-        xa = B.cast(xa, B.dtype_name(a))
-    delta = B.linear(B.linear(xa, a), lp[name + ".lora_B.weight"]) * lora.scale
+    adtype = B.dtype_name(a)
+    if B.dtype_name(xa) != adtype:
+        xa = B.cast(xa, adtype)
+    b_mat = lp[name + ".lora_B.weight"]
+    delta = B.linear(B.linear(xa, a), b_mat) * lora.scale
+    if magnitude is not None:
+        lora_weight = B.linear(b_mat, B.swapaxes(a, 0, 1))  # B @ A: (out, in)
+        norm = B.stop_gradient(B.row_norms(B.cast(weight, adtype) + lora.scale * lora_weight))
+        scale = magnitude / norm
+        out = B.cast(y, adtype) * scale + delta * scale
+        out = B.cast(out, B.dtype_name(y))
+        return out + bias if bias is not None else out
     if B.dtype_name(delta) != B.dtype_name(y):
         delta = B.cast(delta, B.dtype_name(y))
     return y + delta

@@ -34,6 +34,7 @@ class Case:
     pack: bool = False
     dtype: str = "float32"
     model_type: str = "llama"
+    dora: bool = False
     extra: dict = field(default_factory=dict)
 
     def config(self) -> dict:
@@ -62,6 +63,7 @@ GRID = [
     Case("packed", pack=True, batch=2, seq=128),
     Case("qwen2-bias", model_type="qwen2"),
     Case("bf16", dtype="bfloat16", hidden=128, intermediate=352, seq=64),
+    Case("dora", dora=True, targets="q_proj,v_proj,down_proj"),
 ]
 
 
@@ -81,7 +83,7 @@ def settings_for(case: Case, backend: str):
 
     return Settings(backend=backend, device="cpu", dtype=case.dtype, rank=case.rank,
                     targets=case.targets, batch_size=case.batch, seq_len=case.seq,
-                    grad_checkpoint=case.grad_checkpoint, pack=case.pack)
+                    grad_checkpoint=case.grad_checkpoint, pack=case.pack, dora=case.dora)
 
 
 def measure(case: Case, backend_name: str, root: Path, steps: int = 2) -> int:
@@ -106,7 +108,7 @@ def measure(case: Case, backend_name: str, root: Path, steps: int = 2) -> int:
     model = load_model(str(folder), B, case.dtype)
     cfg = TrainConfig(model=str(folder), data="x", rank=case.rank, alpha=16,
                       targets=case.targets, batch_size=case.batch, seq_len=case.seq,
-                      grad_checkpoint=case.grad_checkpoint, pack=case.pack)
+                      grad_checkpoint=case.grad_checkpoint, pack=case.pack, dora=case.dora)
     lora.attach(model, cfg.lora_config(), seed=0)
     trainer = Trainer(model, cfg, [], run_dir=None)
     rng = np.random.default_rng(0)

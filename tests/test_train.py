@@ -303,3 +303,21 @@ def test_unknown_hub_id_offline_is_one_clear_line(tmp_path):
                 env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "not in the Hugging Face cache" in proc.stderr
+
+
+def test_dora_training_agrees_across_backends_and_loads_in_peft(setup):
+    from peft import PeftModel
+
+    _, rt, _ = train(make_cfg(setup, "dora-torch", backend="torch", dora=True, max_steps=10))
+    trainer, rm, _ = train(make_cfg(setup, "dora-mlx", backend="mlx", dora=True, max_steps=10))
+    lt, lm = np.array(rt.losses()), np.array(rm.losses())
+    np.testing.assert_allclose(lm, lt, rtol=1e-3)
+    assert lt[-3:].mean() < lt[:3].mean()
+    root, _, ref, _ = setup
+    cfg = json.loads((root / "dora-mlx" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["use_dora"] is True
+    pm = PeftModel.from_pretrained(copy.deepcopy(ref), str(root / "dora-mlx" / "adapter"))
+    ids = np.random.default_rng(0).integers(3, ref.config.vocab_size, (2, 12))
+    ours = trainer.B.to_numpy(trainer.model.logits(trainer.B.from_numpy(ids)))
+    with torch.no_grad():
+        np.testing.assert_allclose(pm.eval()(torch.tensor(ids)).logits.numpy(), ours, atol=1e-4)

@@ -101,6 +101,12 @@ class MLXBackend:
     def silu(self, x):
         return x * mx.sigmoid(x)
 
+    def row_norms(self, w):
+        return mx.sqrt((w.astype(mx.float32) ** 2).sum(axis=1))
+
+    def stop_gradient(self, x):
+        return mx.stop_gradient(x)
+
     def dropout(self, x, p):
         if p <= 0:
             return x

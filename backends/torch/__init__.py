@@ -106,6 +106,12 @@ class TorchBackend:
     def silu(self, x):
         return F.silu(x)
 
+    def row_norms(self, w):
+        return torch.linalg.vector_norm(w.float(), dim=1)
+
+    def stop_gradient(self, x):
+        return x.detach()
+
     def dropout(self, x, p):
         return F.dropout(x, p) if p > 0 else x
 
