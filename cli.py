@@ -25,7 +25,7 @@ def cmd_generate(args) -> int:
 
     B = get_backend(args.backend, args.device, verbose=True)
     B.seed(args.seed)
-    model = load_model(args.model, B, args.dtype)
+    model = load_model(args.model, B, args.dtype, args.quantize)
     if args.adapter:
         cfg, adapter = adapter_io.load_any(args.adapter)
         lora.attach(model, cfg, adapter, dtype=model.dtype)
@@ -65,6 +65,7 @@ TRAIN_FLAGS = [  # (flag, config field, argparse kwargs)
     ("--seq-len", "seq_len", dict(type=int)),
     ("--dtype", "dtype", dict(choices=["bf16", "fp16", "fp32", "bfloat16", "float16",
                                        "float32"])),
+    ("--quantize", "quantize", dict(help="4bit or 8bit frozen weights (MLX backend)")),
     ("--seed", "seed", dict(type=int)),
     ("--eval-every", "eval_every", dict(type=int)),
     ("--early-stopping-patience", "early_stopping_patience", dict(type=int)),
@@ -122,7 +123,10 @@ def cmd_export(args) -> int:
 
     if args.merge:
         path = export.export_merged(args.adapter, args.out, args.model, args.backend,
-                                    args.dtype)
+                                    args.dtype, args.quantize)
+        if args.quantize:
+            print(f"note: merged onto the dequantized {args.quantize} base; the merged model "
+                  "is dense, no longer quantized", file=sys.stderr)
     else:
         path = export.export_adapter(args.adapter, args.out, args.format, args.model)
     print(path)
@@ -163,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--quantize", default=None, help="4bit or 8bit frozen weights (MLX)")
     _add_backend_flags(p)
     p.set_defaults(func=cmd_generate)
 
@@ -180,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the merged weights (default: the base model's)")
+    p.add_argument("--quantize", choices=["4bit", "8bit"],
+                   help="with --merge: the adapter was trained on this quantized base")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
     p.set_defaults(func=cmd_export)
 

@@ -71,8 +71,11 @@ def export_adapter(src: str | Path, out: str | Path, fmt: str, model: str | None
 
 
 def export_merged(adapter_dir: str | Path, out: str | Path, model: str | None = None,
-                  backend: str = "auto", dtype: str | None = None) -> Path:
-    """Base + adapter folded into plain weights, as a Hugging Face folder (safetensors)."""
+                  backend: str = "auto", dtype: str | None = None,
+                  quantize: str | None = None) -> Path:
+    """Base + adapter folded into plain weights, as a Hugging Face folder (safetensors).
+    For an adapter trained on a quantized base, pass the same `quantize`: the base is
+    quantized the same way, dequantized, and merged, so the result is what was trained."""
     from lorafit.backends import get_backend
     from lorafit.models.loader import load_model, read_config, resolve_model_path
 
@@ -81,8 +84,9 @@ def export_merged(adapter_dir: str | Path, out: str | Path, model: str | None = 
         raise LorafitError(f"{adapter_dir}: the adapter does not name its base model; pass "
                            "--model")
     cfg, adapter = adapter_io.load_any(adapter_dir)
-    B = get_backend(backend, "cpu" if backend == "auto" else None)
-    m = load_model(base, B, "float32")
+    B = get_backend(("mlx" if quantize else backend),
+                    "cpu" if backend == "auto" and not quantize else None)
+    m = load_model(base, B, "float32", quantize)
     lora.attach(m, cfg, adapter)
     lora.merge(m)
     folder = resolve_model_path(base)

@@ -63,7 +63,7 @@ def build_trainer(cfg, sinks=(), control=None, resume: bool = False, report=None
     train, val, notes = load_examples(cfg, tokenizer)  # data errors before any weight loads
     B = get_backend(cfg.backend, cfg.device, verbose=True)
     B.seed(cfg.seed)
-    model = load_model(str(folder), B, cfg.dtype)
+    model = load_model(str(folder), B, cfg.dtype, cfg.quantize)
     model._tokenizer = tokenizer
     run_dir = prepare_run_dir(cfg, resume)
     ckpt = None

@@ -99,6 +99,18 @@ class Backend(Protocol):
         h is formed in the same pass (softmax - onehot) @ weight, so nothing of size V is
         kept for the backward. h (N, C); weight (V, C) frozen. Returns (sum, count)."""
 
+    quantization: tuple  # supported bit widths for frozen weights, () if none
+
+    def quantize(self, w: Array, bits: int, group_size: int) -> tuple:
+        """(packed weight, scales, biases) of a (out, in) weight, group-wise affine."""
+
+    def quantized_linear(self, x: Array, w: Array, scales: Array, biases: Array, bits: int,
+                         group_size: int) -> Array:
+        """x @ dequantize(w)^T without forming the dequantized weight where possible."""
+
+    def dequantize(self, w: Array, scales: Array, biases: Array, bits: int,
+                   group_size: int) -> Array: ...
+
     # -- training -------------------------------------------------------------------------
     def value_and_grad(self, fn: Callable) -> Callable:
         """fn(trainable: dict, *args) -> (loss, aux).  Returns g(trainable, *args) ->

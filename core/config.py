@@ -75,6 +75,8 @@ class TrainConfig:
     """Maximum tokens per example; longer examples are truncated."""
     pack: bool = False
     """Pack short examples into rows of seq_len tokens (attention stays within each example)."""
+    quantize: str | None = None
+    """Frozen projection weights in 4bit or 8bit (QLoRA-style; MLX backend)."""
     grad_checkpoint: bool = False
     """Recompute each layer's activations in the backward pass to save memory."""
     seed: int = 0
@@ -128,6 +130,8 @@ class TrainConfig:
             raise LorafitError(f"val-fraction must be in [0, 1), got {self.val_fraction}")
         if not 0 <= self.dropout < 1:
             raise LorafitError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.quantize not in (None, "4bit", "8bit"):
+            raise LorafitError(f"--quantize {self.quantize}: choose 4bit or 8bit")
         if self.backend not in ("auto", "torch", "mlx"):
             raise LorafitError(f"backend {self.backend!r}: choose auto, torch or mlx")
 

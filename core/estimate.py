@@ -76,6 +76,7 @@ class Settings:
     grad_accum: int = 1
     adapter_dtype: str = "float32"
     dora: bool = False
+    quantize_bits: int | None = None  # frozen projections stored in this many bits
 
     def __post_init__(self):
         for name in ("rank", "batch_size", "seq_len", "grad_accum"):
@@ -105,15 +106,24 @@ class Settings:
 
 def base_weights(sh: Shape, st: Settings) -> int:
     """Every frozen parameter in the compute dtype: embeddings V*C, head V*C unless tied,
-    per layer the 7 projections, 2 norms (+ biases, + q/k norms): sum(numel) * s."""
-    C, D = sh.hidden, sh.head_dim
-    per_layer = sum(i * o for i, o in sh.linear_dims().values()) + 2 * C
+    per layer the 7 projections, 2 norms (+ biases, + q/k norms): sum(numel) * s.
+    Quantized projections (input a multiple of 64) take bits/8 bytes per weight plus a
+    scale and a bias per group of 64 in the compute dtype: in*out*(bits/8 + 2s/64)."""
+    C, D, s = sh.hidden, sh.head_dim, DTYPE_BYTES[st.dtype]
+    per_layer = 2 * C * s
+    for i, o in sh.linear_dims().values():
+        if st.quantize_bits and i % QUANT_GROUP == 0:
+            per_layer += i * o * st.quantize_bits // 8 + 2 * (i // QUANT_GROUP) * o * s
+        else:
+            per_layer += i * o * s
     if sh.attention_bias:
-        per_layer += (sh.heads + 2 * sh.kv_heads) * D
+        per_layer += (sh.heads + 2 * sh.kv_heads) * D * s
     if sh.qk_norm:
-        per_layer += 2 * D
-    total = sh.vocab * C * (1 if sh.tied else 2) + C + sh.layers * per_layer
-    return total * DTYPE_BYTES[st.dtype]
+        per_layer += 2 * D * s
+    return (sh.vocab * C * (1 if sh.tied else 2) + C) * s + sh.layers * per_layer
+
+
+QUANT_GROUP = 64
 
 
 def adapter_params(sh: Shape, st: Settings) -> int:
@@ -346,6 +356,8 @@ def suggestions(config: dict, settings: Settings, budget: int) -> list[str]:
         out.append(f"--rank {r}: {fmt_bytes(total(rank=r))}")
     if settings.dtype == "float32" and total(dtype="bfloat16") <= budget:
         out.append(f"--dtype bf16: {fmt_bytes(total(dtype='bfloat16'))}")
+    if not settings.quantize_bits and total(quantize_bits=4) <= budget:
+        out.append(f"--quantize 4bit: {fmt_bytes(total(quantize_bits=4))}")
     if not out:
         out.append("nothing short of a smaller model fits: even batch 1 at this sequence "
                    "length needs more")
@@ -359,4 +371,5 @@ def settings_from_config(cfg, backend: str | None = None, device: str | None = N
                     rank=cfg.rank, targets=cfg.targets, layers=cfg.layers,
                     batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                     grad_checkpoint=cfg.grad_checkpoint, pack=cfg.pack,
-                    grad_accum=cfg.grad_accum, dora=getattr(cfg, "dora", False))
+                    grad_accum=cfg.grad_accum, dora=getattr(cfg, "dora", False),
+                    quantize_bits={"4bit": 4, "8bit": 8}.get(getattr(cfg, "quantize", None)))

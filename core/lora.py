@@ -101,7 +101,7 @@ def attach(model, cfg: LoraConfig, adapter: dict | None = None, seed: int = 0,
     """Add adapter leaves to model.params (fresh from seed, or the given numpy arrays);
     returns the names of the trainable leaves."""
     fam = model.fam
-    shapes = {k: tuple(v.shape) for k, v in model.params.items()}
+    shapes = {k: tuple(v) for k, v in fam.parameter_shapes(model.args).items()}  # logical
     if adapter is None:
         adapter = init_adapter(cfg, shapes, fam.LINEAR_MODULES, seed)
     check_adapter_fits(adapter, shapes)
@@ -113,7 +113,7 @@ def attach(model, cfg: LoraConfig, adapter: dict | None = None, seed: int = 0,
         for name in [k for k in adapter if k.endswith(LORA_A)]:
             mag = f"{_module(name)}.{MAGNITUDE}"
             if mag not in model.params:  # fresh DoRA: m = ||W + s B A|| row-wise (= ||W||)
-                w = model.params[_module(name) + ".weight"]
+                w = _dense(model, _module(name))
                 delta = B.linear(model.params[f"{_module(name)}.{LORA_B}"],
                                  B.swapaxes(model.params[name], 0, 1))
                 model.params[mag] = B.cast(B.row_norms(B.cast(w, "float32") + cfg.scale * delta),
@@ -121,6 +121,12 @@ def attach(model, cfg: LoraConfig, adapter: dict | None = None, seed: int = 0,
     elif any(k.endswith(MAGNITUDE) for k in adapter):
         raise LorafitError("the adapter has DoRA magnitudes but the config does not say dora")
     return adapter_leaves(model.params)
+
+
+def _dense(model, module: str):
+    """The frozen weight of a module as a dense backend array (dequantized if needed)."""
+    quant = model.args.quantization if module + ".scales" in model.params else None
+    return model.fam.dense_weight(model.backend, model.params, module, quant)
 
 
 def check_adapter_fits(adapter: dict, shapes: dict) -> None:
@@ -182,10 +188,12 @@ def merge(model) -> None:
     """Fold the adapter into the frozen weights and drop the adapter leaves."""
     B, scale = model.backend, model.lora.scale
     adapter = {k: B.to_numpy(model.params[k]) for k in adapter_leaves(model.params)}
-    weights = {_module(k) + ".weight": B.to_numpy(model.params[_module(k) + ".weight"])
+    weights = {_module(k) + ".weight": B.to_numpy(_dense(model, _module(k)))
                for k in adapter if k.endswith(LORA_A)}
     for name, w in merged_weights(weights, adapter, scale).items():
         model.params[name] = B.from_numpy(w, model.dtype)
+        for q in (".scales", ".biases"):  # a quantized base becomes dense where merged
+            model.params.pop(name[: -len(".weight")] + q, None)
     detach(model)
 
 

@@ -40,6 +40,7 @@ class ModelArgs:
     hidden_act: str = "silu"
     max_position_embeddings: int = 4096
     torch_dtype: str | None = None
+    quantization: dict | None = None  # {"bits", "group_size"}: frozen projections quantized
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -131,7 +132,8 @@ _LAYER_KEYS = tuple(
     f"{group}.{m}.{leaf}"
     for group, mods in (("self_attn", ATTN), ("mlp", MLP))
     for m in mods
-    for leaf in ("weight", "bias", "lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+    for leaf in ("weight", "bias", "scales", "biases", "lora_A.weight", "lora_B.weight",
+                 "lora_magnitude_vector")
 ) + ("input_layernorm.weight", "post_attention_layernorm.weight",
      "self_attn.q_norm.weight", "self_attn.k_norm.weight")
 
@@ -141,16 +143,38 @@ def layer_params(params: dict, i: int) -> dict:
     return {k: params[p + k] for k in _LAYER_KEYS if p + k in params}
 
 
-def project(B, lp: dict, name: str, x, lora):
+def _quant(lp, name, quant_cfg):
+    return quant_cfg if quant_cfg and name + ".scales" in lp else None
+
+
+def base_linear(B, lp, name, x, quant, bias=None):
+    """The frozen projection, full precision or quantized (packed weight, scales, biases)."""
+    if quant is None:
+        return B.linear(x, lp[name + ".weight"], bias)
+    y = B.quantized_linear(x, lp[name + ".weight"], lp[name + ".scales"],
+                           lp[name + ".biases"], quant["bits"], quant["group_size"])
+    return y + bias if bias is not None else y
+
+
+def dense_weight(B, lp, name, quant):
+    """The frozen weight as a dense matrix (dequantized when stored quantized)."""
+    if quant is None:
+        return lp[name + ".weight"]
+    return B.dequantize(lp[name + ".weight"], lp[name + ".scales"], lp[name + ".biases"],
+                        quant["bits"], quant["group_size"])
+
+
+def project(B, lp: dict, name: str, x, lora, quant_cfg=None):
     """A linear projection with its LoRA pair, if any: x W^T + b + s * drop(x) A^T B^T.
     With a DoRA magnitude m the update is PEFT's: m / ||W + s B A||_row scales the
     adapted output (the norm is detached, as in the DoRA paper, section 4.3)."""
     weight, bias = lp[name + ".weight"], lp.get(name + ".bias")
     a = lp.get(name + ".lora_A.weight")
-    if a is None:
-        return B.linear(x, weight, bias)
     magnitude = lp.get(name + ".lora_magnitude_vector")
-    y = B.linear(x, weight, None if magnitude is not None else bias)
+    quant = _quant(lp, name, quant_cfg)
+    y = base_linear(B, lp, name, x, quant, bias=bias if a is None or magnitude is None else None)
+    if a is None:
+        return y
     xa = B.dropout(x, lora.dropout) if lora is not None and lora.dropout else x
     adtype = B.dtype_name(a)
     if B.dtype_name(xa) != adtype:
@@ -159,7 +183,8 @@ def project(B, lp: dict, name: str, x, lora):
     delta = B.linear(B.linear(xa, a), b_mat) * lora.scale
     if magnitude is not None:
         lora_weight = B.linear(b_mat, B.swapaxes(a, 0, 1))  # B @ A: (out, in)
-        norm = B.stop_gradient(B.row_norms(B.cast(weight, adtype) + lora.scale * lora_weight))
+        dense = B.cast(dense_weight(B, lp, name, quant), adtype)
+        norm = B.stop_gradient(B.row_norms(dense + lora.scale * lora_weight))
         scale = magnitude / norm
         out = B.cast(y, adtype) * scale + delta * scale
         out = B.cast(out, B.dtype_name(y))
@@ -172,9 +197,10 @@ def project(B, lp: dict, name: str, x, lora):
 def attention_block(B, a: ModelArgs, lp: dict, x, cos, sin, segment_ids, cache, lora):
     b, t, _ = x.shape
     D = a.head_dim
-    q = project(B, lp, "self_attn.q_proj", x, lora).reshape(b, t, -1, D)
-    k = project(B, lp, "self_attn.k_proj", x, lora).reshape(b, t, -1, D)
-    v = project(B, lp, "self_attn.v_proj", x, lora).reshape(b, t, -1, D)
+    qc = a.quantization
+    q = project(B, lp, "self_attn.q_proj", x, lora, qc).reshape(b, t, -1, D)
+    k = project(B, lp, "self_attn.k_proj", x, lora, qc).reshape(b, t, -1, D)
+    v = project(B, lp, "self_attn.v_proj", x, lora, qc).reshape(b, t, -1, D)
     if a.qk_norm:
         q = B.rms_norm(q, lp["self_attn.q_norm.weight"], a.rms_norm_eps)
         k = B.rms_norm(k, lp["self_attn.k_norm.weight"], a.rms_norm_eps)
@@ -187,13 +213,13 @@ def attention_block(B, a: ModelArgs, lp: dict, x, cos, sin, segment_ids, cache, 
         cache[0], cache[1] = k, v
     o = B.attention(q, k, v, 1.0 / math.sqrt(D), segment_ids)
     o = B.swapaxes(o, 1, 2).reshape(b, t, -1)
-    return project(B, lp, "self_attn.o_proj", o, lora)
+    return project(B, lp, "self_attn.o_proj", o, lora, qc)
 
 
-def mlp_block(B, lp: dict, x, lora):
-    gate = project(B, lp, "mlp.gate_proj", x, lora)
-    up = project(B, lp, "mlp.up_proj", x, lora)
-    return project(B, lp, "mlp.down_proj", B.silu(gate) * up, lora)
+def mlp_block(B, lp: dict, x, lora, qc=None):
+    gate = project(B, lp, "mlp.gate_proj", x, lora, qc)
+    up = project(B, lp, "mlp.up_proj", x, lora, qc)
+    return project(B, lp, "mlp.down_proj", B.silu(gate) * up, lora, qc)
 
 
 def decoder_layer(B, a: ModelArgs, lp: dict, x, cos, sin, segment_ids=None, cache=None,
@@ -202,7 +228,7 @@ def decoder_layer(B, a: ModelArgs, lp: dict, x, cos, sin, segment_ids=None, cach
                                                 a.rms_norm_eps), cos, sin, segment_ids,
                             cache, lora)
     return h + mlp_block(B, lp, B.rms_norm(h, lp["post_attention_layernorm.weight"],
-                                           a.rms_norm_eps), lora)
+                                           a.rms_norm_eps), lora, a.quantization)
 
 
 def hidden_states(B, a: ModelArgs, params: dict, input_ids, positions, segment_ids=None,

@@ -96,29 +96,83 @@ def default_dtype(backend, args) -> str:
     return "bfloat16" if stored == "float32" and backend.device == "cuda" else stored
 
 
-def load_model(path_or_id: str, backend, dtype: str | None = None) -> Model:
+QUANTIZE_CHOICES = {"4bit": 4, "8bit": 8}
+GROUP_SIZE = 64
+
+
+def parse_quantize(quantize: str | None) -> int | None:
+    if quantize in (None, "", "none"):
+        return None
+    if quantize not in QUANTIZE_CHOICES:
+        raise LorafitError(f"--quantize {quantize}: choose 4bit or 8bit (or leave it out)")
+    return QUANTIZE_CHOICES[quantize]
+
+
+def load_model(path_or_id: str, backend, dtype: str | None = None,
+               quantize: str | None = None) -> Model:
+    """Load a model folder onto a backend. With quantize ("4bit"/"8bit") each projection
+    weight is quantized as soon as it is read (group-wise affine, group 64), so the full-
+    precision model never sits in memory; embeddings and the head stay in `dtype`, and so
+    does a projection whose input size is not a multiple of 64 (as mlx-lm does).
+    A folder already quantized by mlx-lm loads as it is."""
     args, folder = load_args(path_or_id)
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
         raise LorafitError(f"dtype {dtype!r}: choose one of {', '.join(SUPPORTED_DTYPES)}")
+    bits = parse_quantize(quantize)
+    stored_q = args.quantization
+    for b in [x for x in (bits, (stored_q or {}).get("bits")) if x]:
+        if b not in getattr(backend, "quantization", ()):
+            raise LorafitError(f"{b}-bit base weights are not available on the {backend.name} "
+                               "backend yet; use --backend mlx, or no --quantize")
+    if bits and stored_q:
+        raise LorafitError(f"{folder} is already quantized ({stored_q.get('bits')}-bit); "
+                           "drop --quantize")
     dtype = dtype or default_dtype(backend, args)
     fam = family(args.model_type)
     expected = fam.parameter_shapes(args)
+    projections = {k for k in expected if k.rsplit(".", 2)[-2] in fam.LINEAR_MODULES}
     params = {}
     for f in weight_files(folder):
         for name, array in backend.read_safetensors(f, dtype):
-            if name in expected or name == "lm_head.weight":
+            module = name.rsplit(".", 1)[0]
+            if name.endswith((".scales", ".biases")) and module + ".weight" in expected:
                 params[name] = array
+            elif name in expected or name == "lm_head.weight":
+                if bits and name in projections and array.shape[-1] % GROUP_SIZE == 0:
+                    q, sc, bi = backend.quantize(array, bits, GROUP_SIZE)
+                    params.update({name: q, module + ".scales": sc, module + ".biases": bi})
+                    backend.materialize(q, sc, bi)
+                    del array
+                else:
+                    params[name] = array
     params = fam.sanitize(params, args)
+    if stored_q:
+        _dequantize_non_projections(backend, params, stored_q, projections, dtype)
     missing = [k for k in expected if k not in params]
     if missing:
         raise LorafitError(f"{folder}: weights lack {missing[0]}"
                            + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     for k, shape in expected.items():
+        if k.rsplit(".", 1)[0] + ".scales" in params:
+            continue  # packed: its shape is the quantizer's
         if tuple(params[k].shape) != tuple(shape):
             raise LorafitError(f"{folder}: {k} has shape {tuple(params[k].shape)}, config.json "
                                f"implies {tuple(shape)}")
+    if bits:
+        args.quantization = {"bits": bits, "group_size": GROUP_SIZE}
     backend.synchronize()
     return Model(args=args, params=params, backend=backend, path=str(folder), dtype=dtype)
+
+
+def _dequantize_non_projections(B, params, q, projections, dtype):
+    """mlx-lm also quantizes embeddings and the head; lorafit keeps those dense."""
+    for scales in [k for k in params if k.endswith(".scales")]:
+        module = scales[: -len(".scales")]
+        if module + ".weight" in projections:
+            continue
+        w = B.dequantize(params[module + ".weight"], params.pop(scales),
+                         params.pop(module + ".biases"), q["bits"], q["group_size"])
+        params[module + ".weight"] = B.cast(w, dtype)
 
 
 def load_tokenizer(path):

@@ -35,6 +35,7 @@ class Case:
     dtype: str = "float32"
     model_type: str = "llama"
     dora: bool = False
+    quantize: str | None = None
     extra: dict = field(default_factory=dict)
 
     def config(self) -> dict:
@@ -65,6 +66,8 @@ GRID = [
     Case("bf16", dtype="bfloat16", hidden=128, intermediate=352, seq=64),
     Case("dora", dora=True, targets="q_proj,v_proj,down_proj"),
 ]
+MLX_ONLY = [Case("qlora-4bit", quantize="4bit"), Case("qlora-8bit-all-linear", quantize="8bit",
+                                                       targets="all-linear")]
 
 
 def build_folder(case: Case, root: Path) -> Path:
@@ -83,7 +86,8 @@ def settings_for(case: Case, backend: str):
 
     return Settings(backend=backend, device="cpu", dtype=case.dtype, rank=case.rank,
                     targets=case.targets, batch_size=case.batch, seq_len=case.seq,
-                    grad_checkpoint=case.grad_checkpoint, pack=case.pack, dora=case.dora)
+                    grad_checkpoint=case.grad_checkpoint, pack=case.pack, dora=case.dora,
+                    quantize_bits={"4bit": 4, "8bit": 8}.get(case.quantize))
 
 
 def measure(case: Case, backend_name: str, root: Path, steps: int = 2) -> int:
@@ -105,7 +109,7 @@ def measure(case: Case, backend_name: str, root: Path, steps: int = 2) -> int:
     # arrays still alive from earlier cases in this process (MLX's compile cache keeps
     # their constants) are not this case's: count from what is live now
     before = B.memory_stats()["current"] if backend_name == "mlx" else 0
-    model = load_model(str(folder), B, case.dtype)
+    model = load_model(str(folder), B, case.dtype, case.quantize)
     cfg = TrainConfig(model=str(folder), data="x", rank=case.rank, alpha=16,
                       targets=case.targets, batch_size=case.batch, seq_len=case.seq,
                       grad_checkpoint=case.grad_checkpoint, pack=case.pack, dora=case.dora)

@@ -10,7 +10,7 @@ from lorafit.cli import main
 from lorafit.core.errors import LorafitError
 from lorafit.core.estimate import Settings, estimate, largest_fitting, parse_bytes
 from lorafit.models.presets import list_presets, load_preset
-from memory_harness import GRID, measure, settings_for
+from memory_harness import GRID, MLX_ONLY, measure, settings_for
 
 TOLERANCE = 0.10
 
@@ -20,14 +20,35 @@ def grid_root(tmp_path_factory):
     return tmp_path_factory.mktemp("grid")
 
 
-@pytest.mark.parametrize("backend", ["torch", "mlx"])
-@pytest.mark.parametrize("case", GRID, ids=[c.name for c in GRID])
-def test_estimate_within_10_percent_of_measured_peak(grid_root, backend, case):
+def check_within_tolerance(grid_root, backend, case):
     predicted = estimate(case.config(), settings_for(case, backend))["total"]
     measured = measure(case, backend, grid_root)
     assert abs(predicted - measured) <= TOLERANCE * measured, \
         f"{case.name} on {backend}: estimated {predicted / 2**20:.1f} MiB, " \
         f"measured {measured / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("case", MLX_ONLY, ids=[c.name for c in MLX_ONLY])
+def test_quantized_estimate_within_10_percent_on_mlx(grid_root, case):
+    check_within_tolerance(grid_root, "mlx", case)
+
+
+def test_estimate_suggests_4bit_when_that_is_what_fits():
+    from lorafit.core.estimate import suggestions
+    st = Settings(dtype="bfloat16", backend="mlx", device="metal", seq_len=512,
+                  grad_checkpoint=True)
+    need = estimate(load_preset("qwen2.5-7b"), st)["total"]
+    with_4bit = estimate(load_preset("qwen2.5-7b"), Settings(**{**st.__dict__,
+                                                               "quantize_bits": 4}))["total"]
+    assert with_4bit < 0.5 * need
+    out = suggestions(load_preset("qwen2.5-7b"), st, (with_4bit + need) // 2)
+    assert any(s.startswith("--quantize 4bit") for s in out)
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@pytest.mark.parametrize("case", GRID, ids=[c.name for c in GRID])
+def test_estimate_within_10_percent_of_measured_peak(grid_root, backend, case):
+    check_within_tolerance(grid_root, backend, case)
 
 
 CFG = load_preset("qwen2.5-1.5b")

@@ -170,6 +170,18 @@ class MLXBackend:
 
         return fused(h)[0], mask.sum()
 
+    quantization = (4, 8)
+
+    def quantize(self, w, bits, group_size):
+        return mx.quantize(w, group_size=group_size, bits=bits)
+
+    def quantized_linear(self, x, w, scales, biases, bits, group_size):
+        return mx.quantized_matmul(x, w, scales, biases, transpose=True,
+                                   group_size=group_size, bits=bits)
+
+    def dequantize(self, w, scales, biases, bits, group_size):
+        return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)
+
     # -- training -------------------------------------------------------------------------
     def value_and_grad(self, fn):
         vg = mx.value_and_grad(lambda trainable, *args: _pack(fn(trainable, *args)))

@@ -152,6 +152,15 @@ class TorchBackend:
         mask = mask.to(torch.float32)
         return _LinearCrossEntropy.apply(h, weight, targets.long(), mask, chunk_rows), mask.sum()
 
+    quantization = ()  # 4-bit NF4 (bitsandbytes / torchao) is not wired in yet
+
+    def quantize(self, w, bits, group_size):
+        from lorafit.core.errors import LorafitError
+        raise LorafitError(f"{bits}-bit base weights are not available on the torch backend "
+                           "yet; use --backend mlx (4bit, 8bit) or drop --quantize")
+
+    quantized_linear = dequantize = quantize
+
     # -- training -------------------------------------------------------------------------
     def value_and_grad(self, fn):
         def wrapped(trainable, *args):
