@@ -84,8 +84,7 @@ def export_merged(adapter_dir: str | Path, out: str | Path, model: str | None = 
         raise LorafitError(f"{adapter_dir}: the adapter does not name its base model; pass "
                            "--model")
     cfg, adapter = adapter_io.load_any(adapter_dir)
-    B = get_backend(("mlx" if quantize else backend),
-                    "cpu" if backend == "auto" and not quantize else None)
+    B = get_backend(backend, "cpu" if backend == "auto" else None)
     m = load_model(base, B, "float32", quantize)
     lora.attach(m, cfg, adapter)
     lora.merge(m)

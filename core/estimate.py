@@ -113,7 +113,7 @@ def base_weights(sh: Shape, st: Settings) -> int:
     per_layer = 2 * C * s
     for i, o in sh.linear_dims().values():
         if st.quantize_bits and i % QUANT_GROUP == 0:
-            per_layer += i * o * st.quantize_bits // 8 + 2 * (i // QUANT_GROUP) * o * s
+            per_layer += quantized_bytes(i * o, st)
         else:
             per_layer += i * o * s
     if sh.attention_bias:
@@ -124,6 +124,26 @@ def base_weights(sh: Shape, st: Settings) -> int:
 
 
 QUANT_GROUP = 64
+
+
+def quantized_bytes(n: int, st: Settings) -> int:
+    """Storage of n quantized weights. MLX (affine): bits/8 per weight plus a scale and a
+    bias per group of 64 in the compute dtype. torch (bitsandbytes NF4, double-quantized):
+    1/2 byte per weight, one uint8 absmax per block of 64, and a float32 scale per 256
+    blocks."""
+    if st.backend == "mlx":
+        return n * st.quantize_bits // 8 + 2 * (n // QUANT_GROUP) * DTYPE_BYTES[st.dtype]
+    blocks = -(-n // QUANT_GROUP)
+    return n // 2 + blocks + 4 * -(-blocks // 256)
+
+
+def dequantization_temporaries(sh: Shape, st: Settings) -> int:
+    """bitsandbytes' CPU/GPU matmul dequantizes one whole projection into the compute
+    dtype before multiplying: the largest quantized in*out*s, alive one at a time."""
+    if not st.quantize_bits or st.backend == "mlx":
+        return 0
+    sizes = [i * o for i, o in sh.linear_dims().values() if i % QUANT_GROUP == 0]
+    return max(sizes, default=0) * DTYPE_BYTES[st.dtype]
 
 
 def adapter_params(sh: Shape, st: Settings) -> int:
@@ -254,7 +274,8 @@ STATIC_TERMS = (("base weights", base_weights), ("adapter weights", adapter_weig
 # top layer is re-run in the backward; each phase adds its own transient terms.
 PHASES = {
     "loss": (("logits and loss", loss_buffers), ("attention scores", attention_scores),
-             ("backward transients", backward_transients)),
+             ("backward transients", backward_transients),
+             ("dequantization temporaries", dequantization_temporaries)),
     "recompute": (("recomputed layer", recompute_layer),
                   ("attention scores", attention_scores)),
 }

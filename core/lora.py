@@ -215,19 +215,23 @@ def _module(leaf: str) -> str:
     return leaf.rsplit(".lora_", 1)[0]
 
 
-def count_params(params: dict) -> tuple[int, int]:
-    """(trainable, all) parameter counts, adapter leaves being the trainable ones."""
+def count_params(params: dict, logical_shapes: dict | None = None) -> tuple[int, int]:
+    """(trainable, all) parameter counts, adapter leaves being the trainable ones. Packed
+    quantized weights count as the weights they stand for (from logical_shapes)."""
     total = trainable = 0
     for k, v in params.items():
-        n = int(np.prod(v.shape))
+        if not hasattr(v, "shape") or k.endswith((".scales", ".biases")):
+            continue  # quantization metadata, not parameters
+        shape = (logical_shapes or {}).get(k, v.shape)
+        n = int(np.prod(shape))
         total += n
         if ".lora_" in k:
             trainable += n
     return trainable, total
 
 
-def summary(params: dict) -> str:
+def summary(params: dict, logical_shapes: dict | None = None) -> str:
     """PEFT's print_trainable_parameters line."""
-    trainable, total = count_params(params)
+    trainable, total = count_params(params, logical_shapes)
     return (f"trainable params: {trainable:,d} || all params: {total:,d} || "
             f"trainable%: {100 * trainable / total:.4f}")

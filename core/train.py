@@ -223,7 +223,9 @@ class Trainer:
         self.emit(ev.RunStarted(total_steps=self.total_steps,
                                 examples=len(self.train_examples),
                                 val_examples=len(self.val_examples), backend=B.name,
-                                device=B.device, trainable=summary(self.model.params),
+                                device=B.device, trainable=summary(self.model.params,
+                                                  self.model.fam.parameter_shapes(
+                                                      self.model.args)),
                                 config=c.to_dict(), estimate=self.estimate))
         B.reset_peak_memory()
         status, bad_in_a_row, t_start, steps_timed = "completed", 0, time.time(), 0

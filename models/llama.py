@@ -152,7 +152,7 @@ def base_linear(B, lp, name, x, quant, bias=None):
     if quant is None:
         return B.linear(x, lp[name + ".weight"], bias)
     y = B.quantized_linear(x, lp[name + ".weight"], lp[name + ".scales"],
-                           lp[name + ".biases"], quant["bits"], quant["group_size"])
+                           lp.get(name + ".biases"), quant["bits"], quant["group_size"])
     return y + bias if bias is not None else y
 
 
@@ -160,7 +160,7 @@ def dense_weight(B, lp, name, quant):
     """The frozen weight as a dense matrix (dequantized when stored quantized)."""
     if quant is None:
         return lp[name + ".weight"]
-    return B.dequantize(lp[name + ".weight"], lp[name + ".scales"], lp[name + ".biases"],
+    return B.dequantize(lp[name + ".weight"], lp[name + ".scales"], lp.get(name + ".biases"),
                         quant["bits"], quant["group_size"])
 
 

@@ -122,8 +122,13 @@ def load_model(path_or_id: str, backend, dtype: str | None = None,
     stored_q = args.quantization
     for b in [x for x in (bits, (stored_q or {}).get("bits")) if x]:
         if b not in getattr(backend, "quantization", ()):
+            hint = ("pip install bitsandbytes for 4bit, or use --backend mlx (4bit, 8bit)"
+                    if backend.name == "torch" and b == 4 else "use --backend mlx")
             raise LorafitError(f"{b}-bit base weights are not available on the {backend.name} "
-                               "backend yet; use --backend mlx, or no --quantize")
+                               f"backend here; {hint}, or drop --quantize")
+    if stored_q and backend.name != "mlx":
+        raise LorafitError(f"{folder} holds mlx-lm quantized weights; load it with "
+                           "--backend mlx")
     if bits and stored_q:
         raise LorafitError(f"{folder} is already quantized ({stored_q.get('bits')}-bit); "
                            "drop --quantize")
@@ -140,7 +145,9 @@ def load_model(path_or_id: str, backend, dtype: str | None = None,
             elif name in expected or name == "lm_head.weight":
                 if bits and name in projections and array.shape[-1] % GROUP_SIZE == 0:
                     q, sc, bi = backend.quantize(array, bits, GROUP_SIZE)
-                    params.update({name: q, module + ".scales": sc, module + ".biases": bi})
+                    params.update({name: q, module + ".scales": sc})
+                    if bi is not None:
+                        params[module + ".biases"] = bi
                     backend.materialize(q, sc, bi)
                     del array
                 else:

@@ -68,6 +68,9 @@ GRID = [
 ]
 MLX_ONLY = [Case("qlora-4bit", quantize="4bit"), Case("qlora-8bit-all-linear", quantize="8bit",
                                                        targets="all-linear")]
+QLORA_4BIT = [Case("qlora-4bit", quantize="4bit"),
+              Case("qlora-4bit-all-linear-wide", quantize="4bit", targets="all-linear",
+                   hidden=384, intermediate=1024, heads=6, kv_heads=6)]
 
 
 def build_folder(case: Case, root: Path) -> Path:

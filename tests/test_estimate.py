@@ -10,7 +10,7 @@ from lorafit.cli import main
 from lorafit.core.errors import LorafitError
 from lorafit.core.estimate import Settings, estimate, largest_fitting, parse_bytes
 from lorafit.models.presets import list_presets, load_preset
-from memory_harness import GRID, MLX_ONLY, measure, settings_for
+from memory_harness import GRID, MLX_ONLY, QLORA_4BIT, measure, settings_for
 
 TOLERANCE = 0.10
 
@@ -31,6 +31,16 @@ def check_within_tolerance(grid_root, backend, case):
 @pytest.mark.parametrize("case", MLX_ONLY, ids=[c.name for c in MLX_ONLY])
 def test_quantized_estimate_within_10_percent_on_mlx(grid_root, case):
     check_within_tolerance(grid_root, "mlx", case)
+
+
+@pytest.mark.parametrize("case", QLORA_4BIT[1:], ids=[c.name for c in QLORA_4BIT[1:]])
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_qlora_4bit_estimate_within_10_percent(grid_root, backend, case):
+    check_within_tolerance(grid_root, backend, case)
+
+
+def test_qlora_4bit_estimate_on_torch(grid_root):
+    check_within_tolerance(grid_root, "torch", QLORA_4BIT[0])
 
 
 def test_estimate_suggests_4bit_when_that_is_what_fits():

@@ -73,6 +73,9 @@ class TorchBackend:
                 yield name, t.to(self._device)
 
     def nbytes(self, x):
+        if not hasattr(x, "numel"):  # a bitsandbytes QuantState: absmax and its own scales
+            return sum(self.nbytes(t) for t in (x.absmax, getattr(x.state2, "absmax", None))
+                       if t is not None)
         return x.numel() * x.element_size()
 
     def save_safetensors(self, path, arrays):
@@ -83,6 +86,7 @@ class TorchBackend:
 
     def materialize(self, *trees):
         """Nothing to do: PyTorch runs eagerly."""
+        return None
 
     def inference(self):
         return torch.no_grad()
@@ -152,14 +156,30 @@ class TorchBackend:
         mask = mask.to(torch.float32)
         return _LinearCrossEntropy.apply(h, weight, targets.long(), mask, chunk_rows), mask.sum()
 
-    quantization = ()  # 4-bit NF4 (bitsandbytes / torchao) is not wired in yet
+    @property
+    def quantization(self):
+        """4-bit NF4 with double-quantized scales (QLoRA) through bitsandbytes, if installed."""
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            return ()
+        return (4,)
 
     def quantize(self, w, bits, group_size):
-        from lorafit.core.errors import LorafitError
-        raise LorafitError(f"{bits}-bit base weights are not available on the torch backend "
-                           "yet; use --backend mlx (4bit, 8bit) or drop --quantize")
+        """NF4, block size `group_size`, absmax scales quantized again (QLoRA's double
+        quantization). Returns (packed uint8, bitsandbytes QuantState, None)."""
+        import bitsandbytes.functional as bnbF
+        q, state = bnbF.quantize_4bit(w.contiguous(), blocksize=group_size, quant_type="nf4",
+                                      compress_statistics=True)
+        return q, state, None
 
-    quantized_linear = dequantize = quantize
+    def quantized_linear(self, x, w, scales, biases, bits, group_size):
+        import bitsandbytes as bnb
+        return bnb.matmul_4bit(x, w.t(), quant_state=scales)
+
+    def dequantize(self, w, scales, biases, bits, group_size):
+        import bitsandbytes.functional as bnbF
+        return bnbF.dequantize_4bit(w, scales)
 
     # -- training -------------------------------------------------------------------------
     def value_and_grad(self, fn):
