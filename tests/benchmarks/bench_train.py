@@ -84,7 +84,7 @@ def run_lorafit(folder: Path, a, backend: str) -> dict:
 
     B = get_backend(backend, "cpu")
     base_rss = rss_bytes()
-    model = load_model(str(folder / "model"), B, "float32")
+    model = load_model(str(folder / "model"), B, "float32", "4bit" if a.qlora else None)
     lora.attach(model, lora.LoraConfig(r=16, alpha=32, targets="all-linear"), seed=0)
     cfg = TrainConfig(model="x", data="x", rank=16, alpha=32, targets="all-linear",
                       batch_size=a.batch, seq_len=a.seq, lr=1e-4, max_grad_norm=None)
@@ -125,8 +125,12 @@ def run_peft(folder: Path, a) -> dict:
     from peft import LoraConfig, get_peft_model
 
     base_rss = rss_bytes()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder / "model"),
-                                                              torch_dtype=torch.float32)
+    quant = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32) if a.qlora else None
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(folder / "model"), torch_dtype=torch.float32, quantization_config=quant,
+        device_map="cpu" if a.qlora else None)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=lora_targets(),
                                              lora_dropout=0.0, task_type="CAUSAL_LM"))
     model.train()
@@ -154,7 +158,10 @@ def run_mlx_lm(folder: Path, a) -> dict:
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load_model
 
-    model, _ = load_model(folder / "model")
+    model, config = load_model(folder / "model")
+    if a.qlora:
+        from mlx_lm.utils import quantize_model
+        model, config = quantize_model(model, config, group_size=64, bits=4)
     model.freeze()
     linear_to_lora_layers(model, a.layers, {"rank": 16, "scale": 2.0, "dropout": 0.0,
                                             "keys": [f"self_attn.{m}" for m in lora_targets()[:4]]
@@ -218,6 +225,9 @@ def main():
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--only", choices=["torch", "mlx"], default=None)
+    p.add_argument("--qlora", action="store_true",
+                   help="4-bit frozen weights everywhere: lorafit --quantize 4bit vs "
+                        "transformers+PEFT+bitsandbytes NF4 and mlx-lm on a 4-bit model")
     p.add_argument("--json", default="bench_train.json")
     p.add_argument("--child", default=None)
     p.add_argument("--folder", default=None)
@@ -225,7 +235,8 @@ def main():
     if a.child:
         return child(a.child, Path(a.folder), a)
     argv = [f"--{k}={getattr(a, k)}" for k in ("layers", "hidden", "vocab", "seq", "batch",
-                                                "steps", "warmup")]
+                                                "steps", "warmup")] + (["--qlora"] if a.qlora
+                                                                        else [])
     folder = Path(tempfile.mkdtemp(prefix="lorafit-bench-"))
     build(folder, a)
     pairs = [("torch-cpu", "lorafit-torch", "peft", "transformers+PEFT"),
@@ -242,7 +253,9 @@ def main():
                      "speed_ratio": r_ours["tokens_per_s"] / r_ref["tokens_per_s"],
                      "memory_ratio": r_ours["peak_mib"] / r_ref["peak_mib"]})
     print(f"model: Llama {a.layers} layers, hidden {a.hidden}, vocab {a.vocab}; batch {a.batch} x "
-          f"seq {a.seq}; LoRA r16 all-linear; fp32; {a.steps} timed steps after {a.warmup}")
+          f"seq {a.seq}; LoRA r16 all-linear; fp32 compute"
+          f"{'; 4-bit frozen weights (QLoRA)' if a.qlora else ''}; {a.steps} timed steps after "
+          f"{a.warmup}")
     print()
     print("| backend | reference | lorafit tok/s | ref tok/s | speed ratio | lorafit step (s) "
           "| ref step (s) | lorafit peak MiB | ref peak MiB | memory ratio |")
