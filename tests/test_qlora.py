@@ -166,9 +166,14 @@ def test_bad_quantize_input_is_one_line(capsys, q_setup):
     assert code == 2 and "use --backend mlx" in err and len(err.strip().splitlines()) == 1
 
 
-def test_dora_on_a_quantized_base_merges_to_the_same_logits(q_setup, mlx_backend):
+@pytest.mark.parametrize("backend_name", ["torch", "mlx"])
+def test_dora_on_a_quantized_base_merges_to_the_same_logits(q_setup, backend_name):
+    from lorafit.backends import get_backend
+
+    if backend_name == "torch":
+        pytest.importorskip("bitsandbytes")
     _, folder, _, _ = q_setup
-    B = mlx_backend
+    B = get_backend(backend_name, "cpu")
     model = load_model(str(folder), B, quantize="4bit")
     cfg = lora.LoraConfig(r=4, alpha=8, targets="all-linear", dora=True)
     names = lora.attach(model, cfg, seed=0)
