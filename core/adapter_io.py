@@ -181,6 +181,9 @@ def load_mlx_lm(folder: str | Path) -> tuple[LoraConfig, dict]:
                      targets=sorted({m.rsplit(".", 1)[-1] for m in _modules(adapter)}),
                      layers=_layers_of(_modules(adapter)) or None,
                      dora=c.get("fine_tune_type") == "dora")
+    if cfg.dora != any(k.endswith(MAGNITUDE) for k in adapter):
+        raise LorafitError(f"{folder}: fine_tune_type {c.get('fine_tune_type', 'lora')!r} but "
+                           f"the weights {'lack' if cfg.dora else 'hold'} DoRA magnitudes (m)")
     return cfg, adapter
 
 

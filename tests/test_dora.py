@@ -143,3 +143,33 @@ def test_lorafit_dora_adapter_loads_in_peft_and_mlx_lm(peft_dora_mistral, tmp_pa
     np.testing.assert_allclose(np.array(mm(mx.array(ids))), ours, atol=1e-4)
     back_cfg, back = adapter_io.load_any(mlx_dir)
     assert back_cfg.dora and all(np.array_equal(back[k], adapter[k]) for k in adapter)
+
+
+def test_dora_flag_and_weights_that_disagree_are_one_line_errors(peft_dora, tmp_path, capsys):
+    import json
+    import shutil
+
+    from lorafit.cli import main
+
+    folder, _, saved = peft_dora
+    bad = tmp_path / "bad"
+    shutil.copytree(saved, bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["use_dora"] = False  # says plain LoRA, holds magnitudes
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    code = main(["generate", "--model", str(folder), "--adapter", str(bad), "--prompt", "x",
+                 "--backend", "torch"])
+    err = capsys.readouterr().err
+    assert code == 2 and "use_dora=False" in err and "lora_magnitude_vector" in err
+    # an mlx-lm adapter that claims DoRA but carries no magnitudes
+    c, adapter = adapter_io.load_peft(saved)
+    plain = {k: v for k, v in adapter.items() if not k.endswith("lora_magnitude_vector")}
+    out = adapter_io.save_mlx_lm(tmp_path / "mlx", plain, lora.LoraConfig(r=c.r, alpha=c.alpha,
+                                 targets=c.targets), num_layers=2)
+    meta = json.loads((out / "adapter_config.json").read_text())
+    meta["fine_tune_type"] = "dora"
+    (out / "adapter_config.json").write_text(json.dumps(meta))
+    code = main(["generate", "--model", str(folder), "--adapter", str(out), "--prompt", "x",
+                 "--backend", "torch"])
+    err = capsys.readouterr().err
+    assert code == 2 and "lack DoRA magnitudes" in err and len(err.strip().splitlines()) <= 2
