@@ -2,20 +2,24 @@
 
 Four record formats are recognised, one per file (detected from the first valid record,
 then every record is checked against it):
-  text               {"text": ...}                          loss on every token
-  prompt_completion  {"prompt": ..., "completion": ...}     loss on the completion
   messages           {"messages": [{"role", "content"}...]} loss on assistant turns
+  prompt_completion  {"prompt": ..., "completion": ...}     loss on the completion
   alpaca             {"instruction", "input"?, "output"}    loss on the output
-Problems are reported as `file:line: reason`; `on_bad_record` decides whether they stop
-the run (before any model is loaded) or are skipped.
+  text               {"text": ...}                          loss on every token
+Problems are reported as `file:line: reason` (`file:record N: reason` for a JSON list);
+`on_bad_record` decides whether they stop the run (before any model is loaded) or are
+skipped. Bad data only ever raises LorafitError.
 
 Shift convention: an example of L tokens gives L-1 (input, target) pairs; in a batch row,
-column t holds input x_t and target x_{t+1}. Padding columns hold token 0 with no loss.
+column t holds input x_t and target x_{t+1}. Padding columns hold input 0, target 0, no loss.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+import math
+from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,13 +27,16 @@ import numpy as np
 
 from lorafit.core.errors import LorafitError
 
+# Most specific first: a record with several formats' keys gets the most specific one
+# (e.g. Alpaca dumps that also carry a pre-rendered "text").
 FORMATS = {
-    "text": ("text",),
-    "prompt_completion": ("prompt", "completion"),
     "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
+    "text": ("text",),
 }
 ROLES = ("system", "user", "assistant", "tool")
+POLICIES = ("fail", "skip")
 ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that "
                      "provides further context. Write a response that appropriately completes "
                      "the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n"
@@ -37,6 +44,8 @@ ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with
 ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that "
                    "appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
                    "### Response:\n")
+GROUP_BATCHES = 50  # length grouping sorts within chunks of this many batches
+MAX_REASON = 200  # characters of a third-party error message kept in a problem line
 
 
 @dataclass
@@ -49,231 +58,370 @@ class Example:
 @dataclass
 class DatasetStats:
     format: str
-    records: int
-    examples: int = 0
+    records: int  # valid records (after validation, before tokenizing)
+    examples: int = 0  # tokenized examples kept
     blank_lines: int = 0
-    truncated: int = 0
+    truncated: int = 0  # kept examples cut to max_seq_len
     loss_tokens: int = 0
     tokens: int = 0
-    problems: list = field(default_factory=list)
+    problems: list = field(default_factory=list)  # "file:line: reason"
 
 
 @dataclass
 class Batch:
-    input_ids: np.ndarray  # int64 (B, T)
-    targets: np.ndarray  # int64 (B, T)
+    input_ids: np.ndarray  # int64 (B, T); padding 0
+    targets: np.ndarray  # int64 (B, T); padding 0
     loss_mask: np.ndarray  # float32 (B, T)
     positions: np.ndarray  # int64 (B, T), reset per packed example
-    segment_ids: np.ndarray | None  # int32 (B, T) when packed
+    segment_ids: np.ndarray | None  # int32 (B, T) when packed; padding has its own id
     n_tokens: int  # loss tokens
+
+
+class _BadRecord(Exception):
+    """A problem with one record, reported as `source: reason` instead of stopping."""
+
+
+def _one_line(text, limit: int = MAX_REASON) -> str:
+    """Third-party messages may span lines; ours are printed on one."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # -- reading and validating ----------------------------------------------------------------
 
-def detect_format(record: dict) -> str | None:
-    for name, keys in FORMATS.items():
-        if all(k in record for k in keys):
-            return name
+def _json_type(value) -> str:
+    """The JSON name of a parsed value, as the user wrote it."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+             float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def detect_format(record) -> str | None:
+    """The most specific format whose fields the record has, or None."""
+    if not isinstance(record, dict):
+        return None
+    return next((name for name, keys in FORMATS.items() if all(k in record for k in keys)), None)
+
+
+def _check_string(value, what: str, allow_empty: bool = False) -> str | None:
+    """Strings must be text the tokenizer can take: present, non-blank, valid Unicode."""
+    if not isinstance(value, str):
+        return f"{what} must be a string, got {_json_type(value)}"
+    if not allow_empty and not value.strip():
+        return f"{what} is empty"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{what} holds an invalid \\u escape (a lone surrogate)"
     return None
 
 
-def _nonempty_str(record, key) -> str | None:
-    v = record.get(key)
-    if not isinstance(v, str):
-        return f'field "{key}" must be a string, got {type(v).__name__}'
-    if not v.strip():
-        return f'field "{key}" is empty'
+def _check_messages(msgs) -> str | None:
+    if not isinstance(msgs, list):
+        return f'field "messages" must be an array, got {_json_type(msgs)}'
+    if not msgs:
+        return 'field "messages" is empty'
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            return f"messages[{i}] must be an object with role and content"
+        if not isinstance(m["role"], str) or m["role"] not in ROLES:
+            return (f"messages[{i}] has unknown role {_one_line(repr(m['role']), 40)} "
+                    f"(expected {', '.join(ROLES)})")
+        reason = _check_string(m["content"], f"messages[{i}].content")
+        if reason:
+            return reason
+    if not any(m["role"] == "assistant" for m in msgs):
+        return "conversation has no assistant turn"
     return None
 
 
 def validate(record, fmt: str) -> str | None:
     """The reason a record does not fit `fmt`, or None."""
     if not isinstance(record, dict):
-        return f"expected a JSON object, got {type(record).__name__}"
-    found = detect_format(record)
-    if found != fmt:
-        if found is None:
-            return f"missing field(s) {', '.join(k for k in FORMATS[fmt] if k not in record)}"
-        return f"a {found} record in a {fmt} file"
+        return f"expected a JSON object, got {_json_type(record)}"
+    missing = [k for k in FORMATS[fmt] if k not in record]
+    if missing:
+        other = detect_format(record)
+        if other:
+            return f"a {other} record in a {fmt} file"
+        return f"missing field(s) {', '.join(missing)}"
     if fmt == "messages":
-        msgs = record["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            return 'field "messages" must be a non-empty list'
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                return f"message {i} needs role and content"
-            if m["role"] not in ROLES:
-                return f"message {i} has unknown role {m['role']!r}"
-            if not isinstance(m["content"], str):
-                return f"message {i} content must be a string"
-            if m["role"] == "assistant" and not m["content"].strip():
-                return f"message {i} (assistant) is empty"
-        if not any(m["role"] == "assistant" for m in msgs):
-            return "conversation has no assistant turn"
-        return None
-    keys = FORMATS[fmt]
-    for k in keys:
-        reason = _nonempty_str(record, k)
+        return _check_messages(record["messages"])
+    for key in FORMATS[fmt]:
+        reason = _check_string(record[key], f'field "{key}"')
         if reason:
             return reason
-    if fmt == "alpaca" and record.get("input") is not None and not isinstance(record["input"], str):
-        return 'field "input" must be a string'
+    if fmt == "alpaca" and record.get("input") is not None:
+        return _check_string(record["input"], 'field "input"', allow_empty=True)
     return None
 
 
-def _raw_records(path: Path) -> tuple[list[tuple[str, object]], list[str], int]:
-    """[(source, parsed or exception text)], problems, blank lines."""
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes without a UTF-8 BOM; unreadable files are user errors."""
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise LorafitError(f"{path}: no such data file") from None
+    except IsADirectoryError:
+        raise LorafitError(f"{path}: is a folder, not a data file") from None
+    except OSError as e:
+        raise LorafitError(f"{path}: cannot read ({e.strerror or e})") from None
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise LorafitError(f"{path}: UTF-16 text; save it as UTF-8")
+    return data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+
+
+def _parse_json_list(name: str, data: bytes) -> list[tuple[str, object, str | None]]:
+    """A whole-file JSON list: one entry per element, sourced as `file:record N`."""
+    try:
+        items = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise LorafitError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    name = str(path)
-    if path.suffix == ".json":
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise LorafitError(f"{name}:{e.lineno}: malformed JSON ({e.msg})") from None
-        if not isinstance(items, list):
-            raise LorafitError(f"{name}: a .json data file must hold a list of records")
-        return [(f"{name}: record {i}", r) for i, r in enumerate(items, 1)], [], 0
-    out, problems, blank = [], [], 0
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+        raise LorafitError(f"{name}: not UTF-8 text (bad byte at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise LorafitError(f"{name}:{e.lineno}: malformed JSON ({e.msg})") from None
+    except (ValueError, RecursionError) as e:
+        raise LorafitError(f"{name}: malformed JSON ({_one_line(e)})") from None
+    if not isinstance(items, list):
+        raise LorafitError(f"{name}: expected a list of records, got {_json_type(items)}")
+    return [(f"{name}:record {i}", r, None) for i, r in enumerate(items, 1)]
+
+
+def _parse_jsonl(name: str, data: bytes) -> tuple[list[tuple[str, object, str | None]], int]:
+    """One entry per non-blank line (record or reason it failed to parse), blank lines.
+    Splits on \\n only: U+2028 and friends may legally sit inside JSON strings."""
+    lines = data.split(b"\n")
+    if lines and not lines[-1].strip():
+        lines.pop()  # the final newline does not end a blank line
+    entries, blank = [], 0
+    for lineno, raw in enumerate(lines, 1):
+        if not raw.strip():
             blank += 1
             continue
+        source = f"{name}:{lineno}"
         try:
-            out.append((f"{name}:{lineno}", json.loads(line)))
+            entries.append((source, json.loads(raw.decode("utf-8")), None))
+        except UnicodeDecodeError as e:
+            entries.append((source, None, f"not UTF-8 text (bad byte {e.start + 1} of the line)"))
         except json.JSONDecodeError as e:
-            problems.append(f"{name}:{lineno}: malformed JSON ({e.msg})")
-    return out, problems, blank
+            entries.append((source, None, f"malformed JSON ({e.msg} at column {e.colno})"))
+        except (ValueError, RecursionError) as e:  # huge numbers, absurd nesting
+            entries.append((source, None, f"malformed JSON ({_one_line(e)})"))
+    return entries, blank
+
+
+def _entries(path: Path) -> tuple[list[tuple[str, object, str | None]], int]:
+    """(source, record, parse problem) per record in file order, and blank lines. A file
+    holding one JSON list is a list of records, whatever its extension."""
+    data = _read_bytes(path)
+    if data.lstrip()[:1] == b"[":
+        try:
+            return _parse_json_list(str(path), data), 0
+        except LorafitError:
+            if path.suffix.lower() == ".json":
+                raise
+    return _parse_jsonl(str(path), data)  # a JSONL file whose first record is an array
+
+
+def _pick_format(path, entries) -> str:
+    """The format of the first valid record (else the first recognisable one)."""
+    found = [(detect_format(r), r) for _, r, bad in entries if bad is None]
+    found = [(fmt, r) for fmt, r in found if fmt]
+    fmt = next((f for f, r in found if validate(r, f) is None), found[0][0] if found else None)
+    if fmt:
+        return fmt
+    if not entries:
+        raise LorafitError(f"{path}: no records (the file is empty)")
+    known = "text, prompt/completion, messages or instruction/output"
+    unparsed = [f"{source}: {why}" for source, _, why in entries if why]
+    if unparsed:
+        more = f" (and {len(unparsed) - 1} more)" if len(unparsed) > 1 else ""
+        raise LorafitError(f"{unparsed[0]}{more}; no record in a known format ({known})")
+    source, record, _ = entries[0]
+    seen = (f"fields {', '.join(map(str, list(record)[:6]))}" if isinstance(record, dict)
+            else f"a JSON {_json_type(record)}")
+    raise LorafitError(f"{source}: no record in a known format ({known}); the first holds "
+                       f"{_one_line(seen, 80)}")
 
 
 def read_records(path) -> tuple[str, list[tuple[str, dict]], list[str], int]:
-    """(format, [(source, record)], problems, blank_lines): parsed and validated."""
+    """(format, [(source, record)], problems, blank_lines): parsed and validated, in file
+    order, without a tokenizer."""
     path = Path(path)
-    raw, problems, blank = _raw_records(path)
-    fmt = next((detect_format(r) for _, r in raw
-                if isinstance(r, dict) and detect_format(r)), None)
-    if fmt is None:
-        if not raw and not problems:
-            raise LorafitError(f"{path}: no records (empty file)")
-        raise LorafitError(f"{path}: no record in a known format (text, prompt/completion, "
-                           "messages or instruction/output)"
-                           + (f"; first problem: {problems[0]}" if problems else ""))
-    good = []
-    for source, record in raw:
-        reason = validate(record, fmt)
+    entries, blank = _entries(path)
+    fmt = _pick_format(path, entries)
+    good, problems = [], []
+    for source, record, reason in entries:
+        reason = reason or validate(record, fmt)
         if reason:
             problems.append(f"{source}: {reason}")
         else:
             good.append((source, record))
-    problems.sort(key=_source_order)
     return fmt, good, problems, blank
 
 
-def _source_order(problem: str):
-    head = problem.split(": ", 1)[0]
-    try:
-        return int(head.rsplit(":", 1)[1])
-    except (IndexError, ValueError):
-        return 0
+def _check_policy(on_bad_record: str) -> None:
+    if on_bad_record not in POLICIES:
+        raise LorafitError(f"on_bad_record must be one of {', '.join(POLICIES)}, "
+                           f"got {on_bad_record!r}")
 
 
 def _raise_problems(problems: list[str]) -> None:
-    more = f" (and {len(problems) - 1} more; --on-bad-record skip drops them)" \
-        if len(problems) > 1 else " (--on-bad-record skip drops it)"
-    raise LorafitError(problems[0] + more)
+    """One line: the first problem, how many more, and how to go on anyway."""
+    more = f" (and {len(problems) - 1} more" if len(problems) > 1 else " ("
+    sep = "; " if len(problems) > 1 else ""
+    raise LorafitError(f"{problems[0]}{more}{sep}--on-bad-record skip drops bad records)")
+
+
+def _raise_nothing_usable(path, what: str, problems: list[str]) -> None:
+    hint = f"; first problem: {problems[0]}" if problems else ""
+    raise LorafitError(f"{path}: no usable {what}{hint}")
 
 
 def check_dataset_file(path, on_bad_record: str = "fail") -> DatasetStats:
-    """Parse and validate without a tokenizer: fails early, before any model is loaded."""
+    """Parse and validate without a tokenizer, so bad or empty data fails before any
+    model is loaded. `examples`, `tokens` and friends stay 0."""
+    _check_policy(on_bad_record)
     fmt, good, problems, blank = read_records(path)
     if problems and on_bad_record == "fail":
         _raise_problems(problems)
     if not good:
-        raise LorafitError(f"{path}: no usable records")
+        _raise_nothing_usable(path, "records", problems)
     return DatasetStats(format=fmt, records=len(good), blank_lines=blank, problems=problems)
 
 
 # -- tokenising ------------------------------------------------------------------------------
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def _encode(tokenizer, text: str) -> list[int]:
+    """Token ids without the tokenizer's own specials: we place bos/eos ourselves."""
+    try:
+        return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    except Exception as e:  # a third-party tokenizer may reject odd text in any way
+        raise _BadRecord(f"the tokenizer failed ({_one_line(e)})") from None
 
 
-def _bos(tokenizer) -> list[int]:
-    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+def _special(tokenizer, name: str) -> list[int]:
+    tid = getattr(tokenizer, f"{name}_token_id", None)
+    return [] if tid is None else [int(tid)]
 
 
-def _eos(tokenizer) -> list[int]:
-    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+def _prompt_completion_ids(tokenizer, prompt: str, completion: str):
+    """(prompt ids, completion ids). The completion is tokenized in context when the
+    prompt's ids are a prefix of the whole (as text generated after the prompt would be),
+    else on its own (a token merged across the boundary)."""
+    p = _encode(tokenizer, prompt)
+    whole = _encode(tokenizer, prompt + completion)
+    if len(whole) > len(p) and whole[: len(p)] == p:
+        return p, whole[len(p):]
+    return p, _encode(tokenizer, completion)
 
 
-def _pieces(fmt: str, record: dict, tokenizer, train_on_prompt: bool):
-    """[(token ids, carries loss)] for one record."""
+def _render(tokenizer, messages, generation_prompt: bool = False) -> list[int]:
+    """Token ids of a conversation through the tokenizer's chat template (the template
+    places its own specials, as in apply_chat_template(tokenize=True))."""
+    if not messages and not generation_prompt:
+        return []
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception as e:  # templates raise on conversations they do not accept
+        raise _BadRecord(f"the chat template failed ({_one_line(e)})") from None
+    return _encode(tokenizer, text)
+
+
+def _is_prefix(short: list[int], long: list[int]) -> bool:
+    return len(short) <= len(long) and long[: len(short)] == short
+
+
+def _loss_start(tokenizer, history, before: list[int], after: list[int]) -> int:
+    """Where an assistant turn's loss starts: after the generation prompt (the role
+    header a model is given at inference) when the template renders it as a prefix,
+    else at the turn's first token."""
+    try:
+        header = _render(tokenizer, history, generation_prompt=True)
+    except _BadRecord:
+        return len(before)
+    if _is_prefix(before, header) and _is_prefix(header, after):
+        return len(header)
+    return len(before)
+
+
+def _chat_ids(tokenizer, messages, train_on_prompt: bool, source: str):
+    """(ids, loss mask) of a conversation. Turn boundaries come from rendering growing
+    prefixes of the conversation; that needs the template to render each prefix as a
+    token prefix of the next, else loss cannot be placed and we stop."""
+    if train_on_prompt:
+        ids = _render(tokenizer, messages)
+        return ids, [True] * len(ids)
+    before, mask = [], []
+    for i, m in enumerate(messages):
+        after = _render(tokenizer, messages[: i + 1])
+        if not _is_prefix(before, after):
+            raise LorafitError(
+                f"{source}: the tokenizer's chat template does not render a conversation "
+                f"as a continuation of its first {i} message(s), so assistant turns cannot "
+                "be found; use --train-on-prompt (loss on everything) or "
+                "prompt/completion data")
+        start = _loss_start(tokenizer, messages[:i], before, after) \
+            if m["role"] == "assistant" else len(after)
+        mask += [False] * (start - len(before)) + [True] * (len(after) - start)
+        before = after
+    return before, mask
+
+
+def _record_ids(fmt: str, record: dict, tokenizer, train_on_prompt: bool, source: str):
+    """(ids, loss mask) of one validated record, before truncation."""
+    if fmt == "messages":
+        return _chat_ids(tokenizer, record["messages"], train_on_prompt, source)
+    bos, eos = _special(tokenizer, "bos"), _special(tokenizer, "eos")
     if fmt == "text":
-        return [(_bos(tokenizer), False), (_ids(tokenizer, record["text"]) + _eos(tokenizer), True)]
-    if fmt == "prompt_completion":
-        prompt, completion = record["prompt"], record["completion"]
-    elif fmt == "alpaca":
+        body = _encode(tokenizer, record["text"]) + eos
+        return bos + body, [False] * len(bos) + [True] * len(body)
+    if fmt == "alpaca":
         inp = record.get("input") or ""
         template = ALPACA_WITH_INPUT if inp.strip() else ALPACA_NO_INPUT
         prompt = template.format(instruction=record["instruction"], input=inp)
         completion = record["output"]
     else:
-        return _chat_pieces(record["messages"], tokenizer, train_on_prompt)
-    return [(_bos(tokenizer) + _ids(tokenizer, prompt), train_on_prompt),
-            (_ids(tokenizer, completion) + _eos(tokenizer), True)]
-
-
-def _render(tokenizer, messages) -> list[int]:
-    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
-
-
-def _chat_pieces(messages, tokenizer, train_on_prompt):
-    """Split the rendered chat at each message boundary; assistant parts carry loss.
-    Relies on the template rendering a conversation's prefix as a token prefix."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise LorafitError("messages data needs a tokenizer with a chat template")
-    pieces, previous = [], []
-    for i in range(len(messages)):
-        ids = _render(tokenizer, messages[: i + 1])
-        if ids[: len(previous)] != previous:
-            raise LorafitError("the chat template does not render conversations "
-                               "incrementally; loss masks cannot be placed (use "
-                               "--train-on-prompt or prompt/completion data)")
-        loss = train_on_prompt or messages[i]["role"] == "assistant"
-        pieces.append((ids[len(previous):], loss))
-        previous = ids
-    return pieces
+        prompt, completion = record["prompt"], record["completion"]
+    p, c = _prompt_completion_ids(tokenizer, prompt, completion)
+    p, c = bos + p, c + eos
+    return p + c, [train_on_prompt] * len(p) + [True] * len(c)
 
 
 def tokenize_records(fmt, records, tokenizer, max_seq_len, train_on_prompt=False):
-    """(examples, problems, truncated count)."""
+    """(examples, problems, truncated count). Examples longer than max_seq_len keep
+    their start; one left with no loss token is a problem, not an example."""
+    if max_seq_len < 2:
+        raise LorafitError(f"the maximum sequence length must be at least 2, got {max_seq_len}")
+    if fmt == "messages" and not getattr(tokenizer, "chat_template", None):
+        raise LorafitError("messages data needs a tokenizer with a chat template; this one "
+                           "has none (use prompt/completion or text data)")
     examples, problems, truncated = [], [], 0
     for source, record in records:
-        ids, mask = [], []
-        for piece, loss in _pieces(fmt, record, tokenizer, train_on_prompt):
-            ids += piece
-            mask += [loss] * len(piece)
-        if len(ids) > max_seq_len:
-            truncated += 1
-            ids, mask = ids[:max_seq_len], mask[:max_seq_len]
-        mask_arr = np.asarray(mask, dtype=bool)
-        if mask_arr.size:
-            mask_arr[0] = False  # the first token is never predicted
-        if len(ids) < 2 or not mask_arr.any():
-            problems.append(f"{source}: no loss tokens left after truncation to "
-                            f"{max_seq_len} tokens")
+        try:
+            ids, mask = _record_ids(fmt, record, tokenizer, train_on_prompt, source)
+        except _BadRecord as e:
+            problems.append(f"{source}: {e}")
             continue
-        examples.append(Example(np.asarray(ids, dtype=np.int32), mask_arr, source))
+        mask = np.asarray(mask, dtype=bool)
+        cut = len(ids) > max_seq_len
+        if mask.size:
+            mask[0] = False  # the first token is never predicted
+        if not mask[:max_seq_len].any():
+            reason = (f"no loss tokens left after truncation to {max_seq_len} tokens (the "
+                      f"example has {len(ids)}, loss starts at token {int(mask.argmax()) + 1})"
+                      if cut and mask.any() else "no tokens to learn from")
+            problems.append(f"{source}: {reason}")
+            continue
+        truncated += cut
+        examples.append(Example(np.asarray(ids[:max_seq_len], dtype=np.int32),
+                                mask[:max_seq_len], source))
     return examples, problems, truncated
 
 
 def load_dataset(path, tokenizer, max_seq_len, on_bad_record="fail", train_on_prompt=False):
     """(examples, stats) from a data file; bad records fail or are skipped."""
+    _check_policy(on_bad_record)
     fmt, records, problems, blank = read_records(path)
     if problems and on_bad_record == "fail":
         _raise_problems(problems)
@@ -281,68 +429,106 @@ def load_dataset(path, tokenizer, max_seq_len, on_bad_record="fail", train_on_pr
                                                  train_on_prompt)
     if more and on_bad_record == "fail":
         _raise_problems(more)
-    problems += more
+    problems = problems + more
     if not examples:
-        raise LorafitError(f"{path}: no usable examples")
+        _raise_nothing_usable(path, "examples", problems)
     stats = DatasetStats(format=fmt, records=len(records), examples=len(examples),
                          blank_lines=blank, truncated=truncated,
-                         loss_tokens=int(sum(e.loss_mask.sum() for e in examples)),
+                         loss_tokens=int(sum(int(e.loss_mask.sum()) for e in examples)),
                          tokens=int(sum(e.input_ids.size for e in examples)),
                          problems=problems)
     return examples, stats
 
 
 def check_enough(examples, batch_size: int) -> None:
+    """Fewer examples than one batch is a user error, found before the model loads."""
+    if batch_size < 1:
+        raise LorafitError(f"the batch size must be at least 1, got {batch_size}")
     if len(examples) < batch_size:
         raise LorafitError(f"only {len(examples)} training example(s), fewer than one batch "
                            f"of {batch_size}; add data or lower --batch-size")
 
 
+def _rng(seed: int, *salt: int) -> np.random.Generator:
+    """A generator keyed on the seed and a purpose, independent across purposes."""
+    return np.random.default_rng([int(seed) % 2**63, *salt])
+
+
 def split_validation(examples, fraction: float, seed: int):
-    """(train, val): a deterministic held-out fraction (at least one example each)."""
-    if not 0 < fraction < 1:
+    """(train, val): a held-out fraction (at least one example each side) that depends
+    only on the seed, so a resumed run holds out the same examples. Order is kept."""
+    if not fraction or fraction <= 0:
         return list(examples), []
-    order = np.random.default_rng(seed + 7919).permutation(len(examples))
-    n_val = min(max(1, int(round(len(examples) * fraction))), len(examples) - 1)
-    val_idx = set(order[:n_val].tolist())
+    if fraction >= 1:
+        raise LorafitError(f"the validation fraction must be below 1, got {fraction}")
+    n = len(examples)
+    if n < 2:
+        raise LorafitError(f"cannot hold out a validation fraction from {n} example(s)")
+    n_val = min(max(1, round(n * fraction)), n - 1)
+    val_idx = set(_rng(seed, 1).permutation(n)[:n_val].tolist())
     return ([e for i, e in enumerate(examples) if i not in val_idx],
             [e for i, e in enumerate(examples) if i in val_idx])
 
 
 # -- batching --------------------------------------------------------------------------------
 
-def _rows_unpacked(examples, order, batch_size, rng):
-    """Length-grouped batches: sort within chunks of 50 batches, then shuffle batch order."""
-    chunk = batch_size * 50
-    groups = []
-    for start in range(0, len(order), chunk):
-        part = sorted(order[start:start + chunk], key=lambda i: examples[i].input_ids.size)
-        groups += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
-    return [groups[i] for i in rng.permutation(len(groups))]
+def _columns(examples, seq_len: int) -> list[int]:
+    """Columns each example fills in a row (L-1); none may exceed seq_len."""
+    cols = [int(e.input_ids.size) - 1 for e in examples]
+    for e, c in zip(examples, cols):
+        if c > seq_len:
+            raise LorafitError(f"{e.source}: {c + 1} tokens do not fit a row of {seq_len}; "
+                               "truncate examples to the sequence length")
+    return cols
 
 
-def _pack(examples, order, seq_len):
-    """Greedy packing of whole examples into rows of at most seq_len + 1 tokens."""
-    rows, row, used = [], [], 0
-    for i in order:
-        n = examples[i].input_ids.size
-        if row and used + n > seq_len + 1:
-            rows.append(row)
-            row, used = [], 0
-        row.append(i)
-        used += n
-    if row:
-        rows.append(row)
+def _pack(cols: list[int], order, seq_len: int) -> list[list[int]]:
+    """Best-fit decreasing: each example, longest first, goes to the fullest row that
+    still has room. Ties keep `order`, so membership is shuffled with it, while the row
+    count depends only on the lengths: the same every epoch, known in advance."""
+    rows: list[list[int]] = []
+    room: list[int] = []  # sorted distinct free capacities of open rows
+    rows_with: dict[int, list[int]] = {}  # free capacity -> open rows
+    for i in sorted(order, key=lambda i: -cols[i]):
+        k = bisect_left(room, cols[i])
+        if k < len(room):
+            cap = room[k]
+            r = rows_with[cap].pop()
+            if not rows_with[cap]:
+                del rows_with[cap], room[k]
+        else:
+            cap, r = seq_len, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        left = cap - cols[i]
+        if left > 0:
+            if left not in rows_with:
+                rows_with[left] = []
+                insort(room, left)
+            rows_with[left].append(r)
     return rows
 
 
+def _length_grouped(cols: list[int], order, batch_size: int, rng) -> list[list[int]]:
+    """Batches of similar lengths (sorted within chunks of GROUP_BATCHES batches, so the
+    shuffle still mixes the data), in shuffled order. Only the last batch may be short."""
+    chunk = GROUP_BATCHES * batch_size
+    groups = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start:start + chunk], key=lambda i: cols[i])
+        groups += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
+    return [groups[k] for k in rng.permutation(len(groups))]
+
+
 def _assemble(examples, rows: list[list[int]], width: int, packed: bool) -> Batch:
+    """Lay examples into (B, width) arrays: inputs, next-token targets, masks, positions."""
     b = len(rows)
     ids = np.zeros((b, width), np.int64)
     tgt = np.zeros((b, width), np.int64)
     mask = np.zeros((b, width), np.float32)
     pos = np.zeros((b, width), np.int64)
     seg = np.zeros((b, width), np.int32) if packed else None
+    n_tokens = 0
     for r, members in enumerate(rows):
         col = 0
         for s, i in enumerate(members):
@@ -354,31 +540,47 @@ def _assemble(examples, rows: list[list[int]], width: int, packed: bool) -> Batc
             pos[r, col:col + n] = np.arange(n)
             if packed:
                 seg[r, col:col + n] = s
+            n_tokens += int(e.loss_mask[1:].sum())
             col += n
         if packed:
-            seg[r, col:] = len(members)  # padding: its own segment
-    return Batch(ids, tgt, mask, pos, seg, int(mask.sum()))
+            seg[r, col:] = len(members)  # padding: a segment of its own
+    return Batch(ids, tgt, mask, pos, seg, n_tokens)
+
+
+def _groups(rows: list, batch_size: int, drop_last: bool) -> list:
+    groups = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    return [g for g in groups if len(g) == batch_size] if drop_last else groups
 
 
 def make_batches(examples, batch_size, seq_len, pack, seed, epoch, drop_last=False):
-    """All batches of one epoch, a pure function of (examples, seed, epoch)."""
+    """All batches of one epoch, a pure function of (examples, seed, epoch).
+    Unpacked: length-grouped, each batch as wide as its longest example (L-1 columns).
+    Packed: rows of exactly seq_len columns, examples whole, rows shuffled into batches."""
+    if batch_size < 1:
+        raise LorafitError(f"the batch size must be at least 1, got {batch_size}")
     if not examples:
         return []
-    rng = np.random.default_rng([seed, epoch])
+    cols = _columns(examples, seq_len)
+    rng = _rng(seed, 2, epoch)
     order = rng.permutation(len(examples)).tolist()
     if pack:
-        rows = _pack(examples, order, seq_len)
-        groups = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-        groups = [g for g in groups if not drop_last or len(g) == batch_size]
-        return [_assemble(examples, g, seq_len, True) for g in groups]
-    groups = _rows_unpacked(examples, order, batch_size, rng)
+        rows = _pack(cols, order, seq_len)
+        rows = [rows[k] for k in rng.permutation(len(rows))]
+        return [_assemble(examples, g, seq_len, True)
+                for g in _groups(rows, batch_size, drop_last)]
+    groups = _length_grouped(cols, order, batch_size, rng)
     if drop_last:
         groups = [g for g in groups if len(g) == batch_size]
-    return [_assemble(examples, [[i] for i in g],
-                      max(examples[i].input_ids.size for i in g) - 1, False) for g in groups]
+    return [_assemble(examples, [[i] for i in g], max(cols[i] for i in g), False)
+            for g in groups]
 
 
-def count_batches(examples, batch_size, seq_len, pack) -> int:
-    if pack:
-        return -(-len(_pack(examples, list(range(len(examples))), seq_len)) // batch_size)
-    return -(-len(examples) // batch_size)
+def count_batches(examples, batch_size, seq_len, pack, drop_last=False) -> int:
+    """Batches per epoch without building them; the same for every seed and epoch."""
+    if batch_size < 1:
+        raise LorafitError(f"the batch size must be at least 1, got {batch_size}")
+    n = len(examples)
+    if pack and examples:
+        cols = _columns(examples, seq_len)
+        n = len(_pack(cols, range(len(cols)), seq_len))
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
