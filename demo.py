@@ -39,14 +39,14 @@ def prompt_for(word: str) -> str:
 
 def build_model(folder: Path) -> Path:
     """A random-init Llama (std 0.02, norms at 1) and a character tokenizer."""
-    from lorafit.models.llama import ModelArgs, parameter_shapes
+    from lorafit.models import parameter_shapes
     from lorafit.models.tiny import char_tokenizer, save_numpy_model
 
     tok = char_tokenizer(ALPHABET + " :=")
     cfg = dict(MODEL_CONFIG, vocab_size=len(tok))
     rng = np.random.default_rng(MODEL_SEED)
     weights = {}
-    for name, shape in parameter_shapes(ModelArgs.from_config(cfg)).items():
+    for name, shape in parameter_shapes(cfg).items():
         if name.endswith("norm.weight"):
             weights[name] = np.ones(shape, np.float32)
         else:

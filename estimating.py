@@ -12,8 +12,11 @@ import sys
 from pathlib import Path
 
 from lorafit.core.errors import LorafitError
-from lorafit.core.estimate import (estimate, fmt_bytes, largest_fitting, parse_bytes,
+from dataclasses import asdict
+
+from lorafit.core.estimate import (Shape, estimate, fmt_bytes, largest_fitting, parse_bytes,
                                    settings_from_config, suggestions)
+from lorafit.models import memory_shape
 
 
 def model_config(model: str) -> tuple[dict, str]:
@@ -94,15 +97,16 @@ def estimate_for_config(cfg, budget_bytes: int | None = None) -> dict:
     config, source = model_config(cfg.model)
     backend, device = resolve_backend(cfg)
     settings = settings_from_config(cfg, backend, device)
-    est = estimate(config, settings)
+    shape = memory_shape(config)
+    est = estimate(shape, settings)
     if budget_bytes is None:
         budget_bytes, budget_source = device_memory(backend, device)
     else:
         budget_source = "--budget"
     fits = est["total"] <= budget_bytes
-    est.update(model_source=source, config=config, budget=budget_bytes, budget_source=budget_source,
-               fits=fits, suggestions=[] if fits else suggestions(config, settings,
-                                                                   budget_bytes))
+    est.update(model_source=source, shape=asdict(shape), budget=budget_bytes,
+               budget_source=budget_source, fits=fits,
+               suggestions=[] if fits else suggestions(shape, settings, budget_bytes))
     return est
 
 
@@ -145,9 +149,8 @@ def cmd_estimate(args, config_from_args) -> int:
     budget = parse_bytes(args.budget) if args.budget else None
     est = estimate_for_config(cfg, budget)
     if args.fit:
-        config, _ = model_config(cfg.model)
         settings = settings_from_config(cfg, est["backend"], est["device"])
-        value = largest_fitting(config, settings, args.fit, est["budget"])
+        value = largest_fitting(Shape(**est["shape"]), settings, args.fit, est["budget"])
         est["fit"] = {"variable": args.fit, "largest": value}
     if args.json:
         print(json.dumps(est, indent=2))

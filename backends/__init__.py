@@ -10,6 +10,7 @@ import importlib.util
 import platform
 import sys
 
+from lorafit.backends.base import Backend
 from lorafit.core.errors import LorafitError
 
 NAMES = ("auto", "torch", "mlx")
@@ -48,7 +49,8 @@ def choose_auto() -> tuple[str, str, str]:
                        f"({INSTALL_HINT['mlx']})")
 
 
-def get_backend(name: str = "auto", device: str | None = None, verbose: bool = False):
+def get_backend(name: str = "auto", device: str | None = None,
+                verbose: bool = False) -> Backend:
     """A backend object by name ('auto', 'torch', 'mlx') and optional device."""
     if name not in NAMES:
         raise LorafitError(f"unknown backend {name!r}: choose one of {', '.join(NAMES)}")

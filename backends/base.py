@@ -1,8 +1,13 @@
 """The backend contract: the few array operations a model, LoRA and the trainer need.
 
 This module imports no framework. Each backend package (`backends/torch`, `backends/mlx`)
-provides a class with the same methods, mapping each op onto its framework's fastest native
-call. The documentation of an op lives here, once; backend code stays thin.
+provides a class with exactly these members (tests/backends/test_contract.py checks it),
+mapping each op onto its framework's fastest native call. The documentation of an op lives
+here, once; backend code stays thin. Callers (models/, core/, commands/) use nothing else and
+never branch on a backend's name: what differs between backends is a declared attribute
+(`pad_multiple`, `quantization`, `quantized_format`).
+
+By convention the backend object is called `ops` wherever it is passed around.
 
 Array layout conventions used by every op:
   activations  (B, T, C)          batch, time, channels
@@ -22,7 +27,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @runtime_checkable
 class Backend(Protocol):
-    name: str  # "torch" or "mlx"
+    name: str  # "torch" or "mlx": for messages and records only, never for branching
     device: str  # "cpu", "cuda", "mps", "metal"
 
     # -- arrays ---------------------------------------------------------------------------
@@ -49,6 +54,24 @@ class Backend(Protocol):
 
     def synchronize(self) -> None:
         """Wait for queued work (mx.eval / cuda.synchronize)."""
+
+    def materialize(self, *trees) -> None:
+        """Evaluate lazily built arrays now (MLX), so a graph does not grow across
+        micro-batches; nothing to do on an eager backend."""
+
+    def inference(self):
+        """A context manager under which no autograd graph is recorded."""
+
+    def nbytes(self, x: Array) -> int:
+        """Bytes held by an array (or by a quantized weight's scale state)."""
+
+    # -- files ----------------------------------------------------------------------------
+    def read_safetensors(self, path, dtype: str):
+        """Yield (name, array) from one safetensors file, one tensor at a time, floating
+        tensors cast to dtype, so no second copy of a shard is ever held."""
+
+    def save_safetensors(self, path, arrays: dict) -> None:
+        """Write backend arrays (any dtype, bf16 included) to one safetensors file."""
 
     # -- layers ---------------------------------------------------------------------------
     def linear(self, x: Array, weight: Array, bias: Array | None = None) -> Array:
@@ -100,6 +123,10 @@ class Backend(Protocol):
         kept for the backward. h (N, C); weight (V, C) frozen. Returns (sum, count)."""
 
     quantization: tuple  # supported bit widths for frozen weights, () if none
+    quantized_format: str  # "affine" (mlx-lm's group-wise scale+bias) or "nf4" (bitsandbytes)
+
+    def quantization_hint(self, bits: int) -> str:
+        """What to do when `bits` is not in `quantization` here (install, other backend)."""
 
     def quantize(self, w: Array, bits: int, group_size: int) -> tuple:
         """(packed weight, scales, biases) of a (out, in) weight, group-wise affine."""
@@ -132,6 +159,10 @@ class Backend(Protocol):
 
     def memory_stats(self) -> dict:
         """{'peak': bytes, 'current': bytes, 'source': str} of the device allocator."""
+
+    def measure_peak(self, fn: Callable) -> tuple:
+        """(fn(), peak bytes of device arrays while fn ran): the tensor-level peak, from the
+        allocator's counter or, where there is none (torch on the CPU), a profiler."""
 
     def reset_peak_memory(self) -> None: ...
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from lorafit.core.errors import LorafitError
 
 SCHEDULES = ("constant", "linear", "cosine")
+QUANTIZE_BITS = {"4bit": 4, "8bit": 8}  # --quantize choices
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
                  "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}

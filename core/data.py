@@ -22,6 +22,7 @@ import math
 from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -67,14 +68,39 @@ class DatasetStats:
     problems: list = field(default_factory=list)  # "file:line: reason"
 
 
-@dataclass
-class Batch:
-    input_ids: np.ndarray  # int64 (B, T); padding 0
-    targets: np.ndarray  # int64 (B, T); padding 0
-    loss_mask: np.ndarray  # float32 (B, T)
-    positions: np.ndarray  # int64 (B, T), reset per packed example
-    segment_ids: np.ndarray | None  # int32 (B, T) when packed; padding has its own id
-    n_tokens: int  # loss tokens
+class Batch(NamedTuple):
+    """One micro-batch, from the data pipeline to the loss: numpy arrays as built here,
+    backend arrays after `on(ops)`. A NamedTuple, so compiled and differentiated functions
+    (mx.compile, mx.value_and_grad) take it as it is."""
+    input_ids: Any  # int64 (B, T); padding 0
+    targets: Any  # int64 (B, T); padding 0
+    loss_mask: Any  # float32 (B, T)
+    positions: Any  # int64 (B, T), reset per packed example
+    segment_ids: Any = None  # int32 (B, T) when packed; padding has its own id
+
+    @property
+    def n_tokens(self) -> int:
+        """Loss tokens (of a numpy batch)."""
+        return int(np.asarray(self.loss_mask).sum())
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.input_ids.shape)
+
+    def on(self, ops, pad_multiple: int = 1) -> "Batch":
+        """The same batch as backend arrays, its columns padded (masked out) to a multiple
+        of pad_multiple so compiled graphs are reused across batches."""
+        pad = (-self.input_ids.shape[1]) % pad_multiple
+
+        def put(a, fill=0):
+            if a is None:
+                return None
+            if pad:
+                a = np.pad(a, ((0, 0), (0, pad)), constant_values=fill)
+            return ops.from_numpy(a)
+        seg = self.segment_ids
+        return Batch(put(self.input_ids), put(self.targets), put(self.loss_mask),
+                     put(self.positions), None if seg is None else put(seg, seg.max() + 1))
 
 
 class _BadRecord(Exception):
@@ -528,7 +554,6 @@ def _assemble(examples, rows: list[list[int]], width: int, packed: bool) -> Batc
     mask = np.zeros((b, width), np.float32)
     pos = np.zeros((b, width), np.int64)
     seg = np.zeros((b, width), np.int32) if packed else None
-    n_tokens = 0
     for r, members in enumerate(rows):
         col = 0
         for s, i in enumerate(members):
@@ -540,11 +565,10 @@ def _assemble(examples, rows: list[list[int]], width: int, packed: bool) -> Batc
             pos[r, col:col + n] = np.arange(n)
             if packed:
                 seg[r, col:col + n] = s
-            n_tokens += int(e.loss_mask[1:].sum())
             col += n
         if packed:
             seg[r, col:] = len(members)  # padding: a segment of its own
-    return Batch(ids, tgt, mask, pos, seg, n_tokens)
+    return Batch(ids, tgt, mask, pos, seg)
 
 
 def _groups(rows: list, batch_size: int, drop_last: bool) -> list:

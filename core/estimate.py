@@ -1,10 +1,11 @@
 """Peak memory of a lorafit training run, predicted before anything is loaded.
 
-Pure Python: a model shape (config.json dict) and the run's settings in, bytes out, with a
-breakdown whose terms add up to the total. Each term is a small function whose docstring
-gives its formula; the counts of saved tensors follow what lorafit's own forward
-(models/llama.py), fused loss (core/loss.py) and AdamW allocate, and tests/test_estimate.py
-checks the total against the measured peak of real steps on both CPU backends.
+Pure Python: a model's shape (a `Shape`, which models/ builds from a config.json with
+`models.memory_shape`) and the run's settings in, bytes out, with a breakdown per term.
+Each term is a small function whose docstring gives its formula; the counts of saved
+tensors follow what lorafit's own forward (models/decoder.py), fused loss (core/loss.py)
+and AdamW allocate, and tests/core/test_estimate.py checks the total against the measured
+peak of real steps on both CPU backends.
 
 Notation: N = batch * seq_len tokens in a micro-batch, C hidden size, F intermediate size,
 Hq/Hk query/key-value heads, D head dim, L adapted layers count, V vocabulary, r rank,
@@ -15,12 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lorafit.core.config import QUANTIZE_BITS, TrainConfig
 from lorafit.core.errors import LorafitError
+from lorafit.core.loss import LOGIT_CHUNK_ELEMENTS
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-LOGIT_CHUNK_ELEMENTS = 2**22  # rows of logits per chunk = this // V (core/loss.py)
-BACKENDS = ("torch-cuda", "torch-mps", "torch-cpu", "mlx-metal", "mlx-cpu")
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Framework overhead beyond tensors: CUDA context + allocator rounding, Metal's residency.
 FRAMEWORK_OVERHEAD = {"torch-cuda": 600 * 2**20, "torch-mps": 300 * 2**20,
@@ -31,7 +31,7 @@ ALLOCATOR_SLACK = {"torch-cuda": 0.05, "torch-mps": 0.05, "torch-cpu": 0.0,
 
 @dataclass
 class Shape:
-    """The few numbers of a config.json that memory depends on."""
+    """The few numbers of a model that memory depends on (built by models.memory_shape)."""
     hidden: int
     intermediate: int
     layers: int
@@ -40,42 +40,28 @@ class Shape:
     head_dim: int
     vocab: int
     tied: bool
+    linears: dict  # projection name -> (in, out), per layer
     attention_bias: bool = False
     qk_norm: bool = False
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> "Shape":
-        from lorafit.models.llama import ModelArgs
-
-        a = ModelArgs.from_config(cfg)
-        return cls(a.hidden_size, a.intermediate_size, a.num_hidden_layers,
-                   a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.vocab_size,
-                   a.tie_word_embeddings, a.attention_bias, a.qk_norm)
-
-    def linear_dims(self) -> dict:
-        """(in, out) of each projection."""
-        C, D = self.hidden, self.head_dim
-        return {"q_proj": (C, self.heads * D), "k_proj": (C, self.kv_heads * D),
-                "v_proj": (C, self.kv_heads * D), "o_proj": (self.heads * D, C),
-                "gate_proj": (C, self.intermediate), "up_proj": (C, self.intermediate),
-                "down_proj": (self.intermediate, C)}
 
 
 @dataclass
 class Settings:
+    """What a run does that memory depends on. The fields shared with TrainConfig take
+    their defaults from it (one source); settings_from_config fills them from a run."""
     backend: str = "torch"
     device: str = "cpu"
     dtype: str = "float32"
-    rank: int = 8
-    targets: str = "q_proj,v_proj"
-    layers: list | None = None
-    batch_size: int = 1
-    seq_len: int = 512
-    grad_checkpoint: bool = False
-    pack: bool = False
-    grad_accum: int = 1
+    rank: int = TrainConfig.rank
+    targets: str = TrainConfig.targets
+    layers: list | None = TrainConfig.layers
+    batch_size: int = TrainConfig.batch_size
+    seq_len: int = TrainConfig.seq_len
+    grad_checkpoint: bool = TrainConfig.grad_checkpoint
+    pack: bool = TrainConfig.pack
+    grad_accum: int = TrainConfig.grad_accum
     adapter_dtype: str = "float32"
-    dora: bool = False
+    dora: bool = TrainConfig.dora
     quantize_bits: int | None = None  # frozen projections stored in this many bits
 
     def __post_init__(self):
@@ -92,14 +78,20 @@ class Settings:
         dev = {"cpu": "cpu", "cuda": "cuda", "mps": "mps", "metal": "metal", "gpu": "metal"}
         return f"{self.backend}-{dev.get(self.device, self.device)}"
 
-    def target_names(self) -> list[str]:
-        if self.targets == "all-linear":
-            return list(MODULES)
-        names = [t.strip() for t in self.targets.split(",") if t.strip()]
-        unknown = [t for t in names if t not in MODULES]
-        if unknown:
-            raise LorafitError(f"unknown LoRA target(s) {', '.join(unknown)}")
-        return names
+    def replace(self, **changes) -> "Settings":
+        return Settings(**{**self.__dict__, **changes})
+
+
+def target_names(sh: Shape, st: Settings) -> list[str]:
+    """The adapted projection names of one layer."""
+    if st.targets == "all-linear":
+        return list(sh.linears)
+    names = [t.strip() for t in st.targets.split(",") if t.strip()]
+    unknown = [t for t in names if t not in sh.linears]
+    if unknown:
+        raise LorafitError(f"unknown LoRA target(s) {', '.join(unknown)}; this model has: "
+                           f"{', '.join(sh.linears)} (or all-linear)")
+    return names
 
 
 # -- static terms ----------------------------------------------------------------------------
@@ -111,7 +103,7 @@ def base_weights(sh: Shape, st: Settings) -> int:
     scale and a bias per group of 64 in the compute dtype: in*out*(bits/8 + 2s/64)."""
     C, D, s = sh.hidden, sh.head_dim, DTYPE_BYTES[st.dtype]
     per_layer = 2 * C * s
-    for i, o in sh.linear_dims().values():
+    for i, o in sh.linears.values():
         if st.quantize_bits and i % QUANT_GROUP == 0:
             per_layer += quantized_bytes(i * o, st)
         else:
@@ -142,17 +134,17 @@ def dequantization_temporaries(sh: Shape, st: Settings) -> int:
     dtype before multiplying: the largest quantized in*out*s, alive one at a time."""
     if not st.quantize_bits or st.backend == "mlx":
         return 0
-    sizes = [i * o for i, o in sh.linear_dims().values() if i % QUANT_GROUP == 0]
+    sizes = [i * o for i, o in sh.linears.values() if i % QUANT_GROUP == 0]
     return max(sizes, default=0) * DTYPE_BYTES[st.dtype]
 
 
 def adapter_params(sh: Shape, st: Settings) -> int:
     """Number of adapter elements: sum over adapted modules of r * (in + out), plus the
     DoRA magnitude (out) per module."""
-    dims = sh.linear_dims()
+    dims = sh.linears
     n_layers = len(st.layers) if st.layers is not None else sh.layers
     per = sum(st.rank * (dims[m][0] + dims[m][1]) + (dims[m][1] if st.dora else 0)
-              for m in st.target_names())
+              for m in target_names(sh, st))
     return n_layers * per
 
 
@@ -185,10 +177,10 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool) -> float:
     C, F, D = sh.hidden, sh.intermediate, sh.head_dim
     n = 3 * C + 2 * sh.heads * D + 2 * sh.kv_heads * D + 3 * F + 2
     if adapted:
-        names = st.target_names()
+        names = target_names(sh, st)
         n += st.rank * len(names)
         if st.dora:  # DoRA keeps the un-normalised output (x W^T + s x A^T B^T): out each
-            n += sum(sh.linear_dims()[m][1] for m in names)
+            n += sum(sh.linears[m][1] for m in names)
         if "o_proj" in names:
             n += sh.heads * D
         if "down_proj" in names:
@@ -281,10 +273,9 @@ PHASES = {
 }
 
 
-def estimate(config: dict, settings: Settings) -> dict:
+def estimate(sh: Shape, settings: Settings) -> dict:
     """{'total', 'breakdown': {term: bytes}, 'phase', 'backend', 'device', 'settings'}.
     The breakdown holds the static terms and those of the phase where the step peaks."""
-    sh = Shape.from_config(config)
     if settings.layers is not None and any(not 0 <= i < sh.layers for i in settings.layers):
         raise LorafitError(f"layer selection {settings.layers} is outside 0..{sh.layers - 1}")
     breakdown = {name: int(fn(sh, settings)) for name, fn in STATIC_TERMS}
@@ -325,15 +316,14 @@ def fmt_bytes(n: int) -> str:
 FIT_VARIABLES = {"batch": "batch_size", "seq-len": "seq_len", "rank": "rank"}
 
 
-def largest_fitting(config: dict, settings: Settings, variable: str, budget: int,
+def largest_fitting(shape: Shape, settings: Settings, variable: str, budget: int,
                     limit: int = 1 << 20) -> int | None:
     """The largest value of `variable` (batch, seq-len, rank) whose estimate fits the
     budget; None when even 1 does not fit. Estimates grow monotonically, so bisect."""
     field_name = FIT_VARIABLES[variable]
 
     def fits(v):
-        st = Settings(**{**settings.__dict__, field_name: v})
-        return estimate(config, st)["total"] <= budget
+        return estimate(shape, settings.replace(**{field_name: v}))["total"] <= budget
 
     if not fits(1):
         return None
@@ -348,31 +338,31 @@ def largest_fitting(config: dict, settings: Settings, variable: str, budget: int
     return lo
 
 
-def suggestions(config: dict, settings: Settings, budget: int) -> list[str]:
+def suggestions(shape: Shape, settings: Settings, budget: int) -> list[str]:
     """What would make a run that does not fit, fit: each with its estimated total."""
     out = []
 
     def total(**kw):
-        return estimate(config, Settings(**{**settings.__dict__, **kw}))["total"]
+        return estimate(shape, settings.replace(**kw))["total"]
 
     variants = [("", settings)]
     if not settings.grad_checkpoint:
-        ckpt = Settings(**{**settings.__dict__, "grad_checkpoint": True})
-        if estimate(config, ckpt)["total"] <= budget:
-            out.append(f"--grad-checkpoint: {fmt_bytes(estimate(config, ckpt)['total'])}")
+        ckpt = settings.replace(grad_checkpoint=True)
+        if estimate(shape, ckpt)["total"] <= budget:
+            out.append(f"--grad-checkpoint: {fmt_bytes(estimate(shape, ckpt)['total'])}")
         variants.append(("--grad-checkpoint ", ckpt))
     for prefix, st in variants:
-        b = largest_fitting(config, st, "batch", budget)
+        b = largest_fitting(shape, st, "batch", budget)
         if b and b < st.batch_size:
             accum = st.grad_accum * -(-st.batch_size // b)
-            tot = estimate(config, Settings(**{**st.__dict__, "batch_size": b}))["total"]
+            tot = estimate(shape, st.replace(batch_size=b))["total"]
             out.append(f"{prefix}--batch-size {b} --grad-accum {accum} (same effective "
                        f"batch): {fmt_bytes(tot)}")
-        t = largest_fitting(config, st, "seq-len", budget)
+        t = largest_fitting(shape, st, "seq-len", budget)
         if t and t < st.seq_len:
-            tot = estimate(config, Settings(**{**st.__dict__, "seq_len": t}))["total"]
+            tot = estimate(shape, st.replace(seq_len=t))["total"]
             out.append(f"{prefix}--seq-len {t}: {fmt_bytes(tot)}")
-    r = largest_fitting(config, settings, "rank", budget)
+    r = largest_fitting(shape, settings, "rank", budget)
     if r and r < settings.rank:
         out.append(f"--rank {r}: {fmt_bytes(total(rank=r))}")
     if settings.dtype == "float32" and total(dtype="bfloat16") <= budget:
@@ -392,5 +382,5 @@ def settings_from_config(cfg, backend: str | None = None, device: str | None = N
                     rank=cfg.rank, targets=cfg.targets, layers=cfg.layers,
                     batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                     grad_checkpoint=cfg.grad_checkpoint, pack=cfg.pack,
-                    grad_accum=cfg.grad_accum, dora=getattr(cfg, "dora", False),
-                    quantize_bits={"4bit": 4, "8bit": 8}.get(getattr(cfg, "quantize", None)))
+                    grad_accum=cfg.grad_accum, dora=cfg.dora,
+                    quantize_bits=QUANTIZE_BITS.get(cfg.quantize))

@@ -18,16 +18,15 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int = 64,
         raise LorafitError("the prompt is empty after tokenisation")
     if temperature < 0:
         raise LorafitError(f"temperature must be >= 0, got {temperature}")
-    B = model.backend
+    ops = model.backend
     rng = np.random.default_rng(seed)
     cache = [[None, None] for _ in range(model.args.num_hidden_layers)]
     ids = np.asarray([prompt_ids], dtype=np.int64)
     pos = np.arange(len(prompt_ids), dtype=np.int64)[None]
-    fam = model.fam
     for _ in range(max_new_tokens):
-        h = model.hidden(B.from_numpy(ids), B.from_numpy(pos), cache=cache)
-        last = B.linear(h[:, -1, :], fam.output_weight(model.params))
-        logits = B.to_numpy(B.cast(last, "float32"))[0].astype(np.float64)
+        h = model.hidden(ops.from_numpy(ids), ops.from_numpy(pos), cache=cache)
+        last = ops.linear(h[:, -1, :], model.output_weight())
+        logits = ops.to_numpy(ops.cast(last, "float32"))[0].astype(np.float64)
         token = _pick(logits, temperature, top_p, rng)
         yield token
         if token in eos_ids:

@@ -1,4 +1,6 @@
-"""LoRA with PEFT's semantics, as leaves beside the frozen weights.
+"""LoRA and DoRA with PEFT's semantics, as leaves beside the frozen weights: the one home
+of all adapter and quantized-linear math. A model family only says which projections exist;
+its forward calls `project` for each, whatever backend the arrays live on.
 
 A targeted projection `W` (out, in) gains `lora_A` (r, in) and `lora_B` (out, r);
 y = x W^T + s * dropout(x) A^T B^T with s = alpha / r (alpha / sqrt(r) with rsLoRA).
@@ -53,6 +55,64 @@ class LoraConfig:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
+# -- the forward of one projection --------------------------------------------------------
+
+def base_linear(ops, lp: dict, name: str, x, quant, bias=None):
+    """The frozen projection, full precision or quantized (packed weight, scales, biases)."""
+    if quant is None:
+        return ops.linear(x, lp[name + ".weight"], bias)
+    y = ops.quantized_linear(x, lp[name + ".weight"], lp[name + ".scales"],
+                             lp.get(name + ".biases"), quant["bits"], quant["group_size"])
+    return y + bias if bias is not None else y
+
+
+def dense_weight(ops, lp: dict, name: str, quant):
+    """The frozen weight as a dense matrix (dequantized when stored quantized)."""
+    if quant is None:
+        return lp[name + ".weight"]
+    return ops.dequantize(lp[name + ".weight"], lp[name + ".scales"], lp.get(name + ".biases"),
+                          quant["bits"], quant["group_size"])
+
+
+def _quant(lp: dict, name: str, quant_cfg):
+    return quant_cfg if quant_cfg and name + ".scales" in lp else None
+
+
+def project(ops, lp: dict, name: str, x, lora, quant_cfg=None):
+    """A linear projection with its LoRA pair, if any: x W^T + b + s * drop(x) A^T B^T.
+    With a DoRA magnitude m the update is PEFT's: m / ||W + s B A||_row scales the
+    adapted output (the norm is detached, as in the DoRA paper, section 4.3).
+    lp maps names within a layer (or the whole model) to arrays; quant_cfg is the model's
+    {"bits", "group_size"} when its projections may be stored quantized."""
+    bias = lp.get(name + ".bias")
+    lora_a = lp.get(f"{name}.{LORA_A}")
+    magnitude = lp.get(f"{name}.{MAGNITUDE}")
+    quant = _quant(lp, name, quant_cfg)
+    y = base_linear(ops, lp, name, x, quant,
+                    bias=bias if lora_a is None or magnitude is None else None)
+    if lora_a is None:
+        return y
+    xa = ops.dropout(x, lora.dropout) if lora is not None and lora.dropout else x
+    adtype = ops.dtype_name(lora_a)
+    if ops.dtype_name(xa) != adtype:
+        xa = ops.cast(xa, adtype)
+    lora_b = lp[f"{name}.{LORA_B}"]
+    delta = ops.linear(ops.linear(xa, lora_a), lora_b) * lora.scale
+    if magnitude is not None:
+        lora_weight = ops.linear(lora_b, ops.swapaxes(lora_a, 0, 1))  # B @ A: (out, in)
+        dense = ops.cast(dense_weight(ops, lp, name, quant), adtype)
+        norm = ops.stop_gradient(ops.row_norms(dense + lora.scale * lora_weight))
+        scale = magnitude / norm
+        out = ops.cast(y, adtype) * scale + delta * scale
+        out = ops.cast(out, ops.dtype_name(y))
+        return out + bias if bias is not None else out
+    if ops.dtype_name(delta) != ops.dtype_name(y):
+        delta = ops.cast(delta, ops.dtype_name(y))
+    return y + delta
+
+
+# -- adapters on a model ------------------------------------------------------------------
+
 def target_modules(cfg: LoraConfig, linear_shapes: dict, module_names: tuple) -> list[str]:
     """Full module names (`model.layers.0.self_attn.q_proj`) that get an adapter.
 
@@ -100,24 +160,23 @@ def attach(model, cfg: LoraConfig, adapter: dict | None = None, seed: int = 0,
            dtype: str = "float32") -> list[str]:
     """Add adapter leaves to model.params (fresh from seed, or the given numpy arrays);
     returns the names of the trainable leaves."""
-    fam = model.fam
-    shapes = {k: tuple(v) for k, v in fam.parameter_shapes(model.args).items()}  # logical
+    shapes = model.parameter_shapes()  # logical shapes, whatever the storage
     if adapter is None:
-        adapter = init_adapter(cfg, shapes, fam.LINEAR_MODULES, seed)
+        adapter = init_adapter(cfg, shapes, model.linear_modules(), seed)
     check_adapter_fits(adapter, shapes)
-    B = model.backend
+    ops = model.backend
     for name, value in adapter.items():
-        model.params[name] = B.from_numpy(np.asarray(value, dtype=np.float32), dtype)
+        model.params[name] = ops.from_numpy(np.asarray(value, dtype=np.float32), dtype)
     model.lora = cfg
     if cfg.dora:
         for name in [k for k in adapter if k.endswith(LORA_A)]:
             mag = f"{_module(name)}.{MAGNITUDE}"
             if mag not in model.params:  # fresh DoRA: m = ||W + s B A|| row-wise (= ||W||)
                 w = _dense(model, _module(name))
-                delta = B.linear(model.params[f"{_module(name)}.{LORA_B}"],
-                                 B.swapaxes(model.params[name], 0, 1))
-                model.params[mag] = B.cast(B.row_norms(B.cast(w, "float32") + cfg.scale * delta),
-                                           dtype)
+                delta = ops.linear(model.params[f"{_module(name)}.{LORA_B}"],
+                                   ops.swapaxes(model.params[name], 0, 1))
+                model.params[mag] = ops.cast(
+                    ops.row_norms(ops.cast(w, "float32") + cfg.scale * delta), dtype)
     elif any(k.endswith(MAGNITUDE) for k in adapter):
         raise LorafitError("the adapter has DoRA magnitudes but the config does not say dora")
     return adapter_leaves(model.params)
@@ -125,8 +184,8 @@ def attach(model, cfg: LoraConfig, adapter: dict | None = None, seed: int = 0,
 
 def _dense(model, module: str):
     """The frozen weight of a module as a dense backend array (dequantized if needed)."""
-    quant = model.args.quantization if module + ".scales" in model.params else None
-    return model.fam.dense_weight(model.backend, model.params, module, quant)
+    return dense_weight(model.backend, model.params, module,
+                        _quant(model.params, module, model.args.quantization))
 
 
 def check_adapter_fits(adapter: dict, shapes: dict) -> None:
@@ -157,8 +216,8 @@ def adapter_leaves(params: dict) -> list[str]:
 
 def detach(model) -> dict:
     """Remove the adapter leaves from the model; returns them as numpy arrays."""
-    B = model.backend
-    out = {k: B.to_numpy(model.params.pop(k)) for k in adapter_leaves(model.params)}
+    ops = model.backend
+    out = {k: ops.to_numpy(model.params.pop(k)) for k in adapter_leaves(model.params)}
     model.lora = None
     return out
 
@@ -171,9 +230,9 @@ def merged_weights(weights: dict, adapter: dict, scale: float) -> dict:
         if not name.endswith(LORA_A):
             continue
         module = _module(name)
-        A, Bm = adapter[name], adapter[f"{module}.{LORA_B}"]
-        W = np.asarray(weights[module + ".weight"], dtype=np.float32)
-        merged = W + scale * (Bm.astype(np.float32) @ A.astype(np.float32))
+        lora_a, lora_b = adapter[name], adapter[f"{module}.{LORA_B}"]
+        w = np.asarray(weights[module + ".weight"], dtype=np.float32)
+        merged = w + scale * (lora_b.astype(np.float32) @ lora_a.astype(np.float32))
         magnitude = adapter.get(f"{module}.{MAGNITUDE}")
         if magnitude is not None:  # DoRA: rescale each row to its learned magnitude
             norm = np.linalg.norm(merged, axis=1)
@@ -186,12 +245,12 @@ def merged_weights(weights: dict, adapter: dict, scale: float) -> dict:
 
 def merge(model) -> None:
     """Fold the adapter into the frozen weights and drop the adapter leaves."""
-    B, scale = model.backend, model.lora.scale
-    adapter = {k: B.to_numpy(model.params[k]) for k in adapter_leaves(model.params)}
-    weights = {_module(k) + ".weight": B.to_numpy(_dense(model, _module(k)))
+    ops, scale = model.backend, model.lora.scale
+    adapter = {k: ops.to_numpy(model.params[k]) for k in adapter_leaves(model.params)}
+    weights = {_module(k) + ".weight": ops.to_numpy(_dense(model, _module(k)))
                for k in adapter if k.endswith(LORA_A)}
     for name, w in merged_weights(weights, adapter, scale).items():
-        model.params[name] = B.from_numpy(w, model.dtype)
+        model.params[name] = ops.from_numpy(w, model.dtype)
         for q in (".scales", ".biases"):  # a quantized base becomes dense where merged
             model.params.pop(name[: -len(".weight")] + q, None)
     detach(model)
@@ -202,11 +261,11 @@ def unmerge(model, adapter: dict, cfg: LoraConfig) -> None:
     if cfg.dora:
         raise LorafitError("a merged DoRA adapter cannot be unmerged (the row norms of the "
                            "original weights are gone); reload the base model instead")
-    B = model.backend
-    weights = {_module(k) + ".weight": B.to_numpy(model.params[_module(k) + ".weight"])
+    ops = model.backend
+    weights = {_module(k) + ".weight": ops.to_numpy(model.params[_module(k) + ".weight"])
                for k in adapter if k.endswith(LORA_A)}
     for name, w in merged_weights(weights, adapter, -cfg.scale).items():
-        model.params[name] = B.from_numpy(w, model.dtype)
+        model.params[name] = ops.from_numpy(w, model.dtype)
     attach(model, cfg, adapter)
 
 

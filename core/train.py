@@ -47,7 +47,7 @@ class Trainer:
         from lorafit.core.control import Control
 
         self.model, self.cfg = model, cfg
-        self.B = model.backend
+        self.ops = model.backend
         self.train_examples, self.val_examples = list(train_examples), list(val_examples)
         self.run_dir = Path(run_dir) if run_dir else None
         self.sinks = list(sinks)
@@ -58,9 +58,9 @@ class Trainer:
             raise LorafitError("the model has no adapter attached")
         self.trainable = {k: model.params[k] for k in names}
         self.frozen = {k: v for k, v in model.params.items() if k not in self.trainable}
-        self.optimizer = self.B.make_optimizer(self.trainable, weight_decay=cfg.weight_decay)
-        grad_fn = self.B.value_and_grad(self._loss)
-        self.grad_fn = grad_fn if cfg.dropout else self.B.compile(grad_fn)
+        self.optimizer = self.ops.make_optimizer(self.trainable, weight_decay=cfg.weight_decay)
+        grad_fn = self.ops.value_and_grad(self._loss)
+        self.grad_fn = grad_fn if cfg.dropout else self.ops.compile(grad_fn)
         self.batches_per_epoch = len(self._epoch_batches(0))
         self.total_steps = cfg.max_steps or max(1, math.ceil(
             cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
@@ -95,50 +95,33 @@ class Trainer:
             self.pos.index += 1
         return out
 
-    def _arrays(self, b: Batch) -> dict:
-        """Backend arrays of a batch, padded to the backend's preferred multiple (masked
-        out) so compiled graphs are reused."""
-        B, mult = self.B, getattr(self.B, "pad_multiple", 1)
-        cols = b.input_ids.shape[1]
-        pad = (-cols) % mult
-        fields = {"ids": b.input_ids, "targets": b.targets, "mask": b.loss_mask,
-                  "pos": b.positions}
-        if b.segment_ids is not None:
-            fields["seg"] = b.segment_ids
-        out = {}
-        for name, a in fields.items():
-            if pad:
-                fill = a.max() + 1 if name == "seg" else 0
-                a = np.pad(a, ((0, 0), (0, pad)), constant_values=fill)
-            out[name] = B.from_numpy(a)
-        return out
+    def _on_backend(self, batch: Batch) -> Batch:
+        return batch.on(self.ops, self.ops.pad_multiple)
 
     # -- one step -------------------------------------------------------------------------
-    def _loss(self, trainable, arrays, denom):
+    def _loss(self, trainable, batch: Batch, denom):
         params = {**self.frozen, **trainable}
-        batch = (arrays["ids"], arrays["targets"], arrays["mask"], arrays["pos"],
-                 arrays.get("seg"))
-        loss_sum, _ = batch_loss(self.B, self.model, params, batch, self.cfg.grad_checkpoint)
+        loss_sum, _ = batch_loss(self.ops, self.model, params, batch, self.cfg.grad_checkpoint)
         return loss_sum / denom, loss_sum
 
     def train_step(self, micro: list[Batch], lr: float) -> tuple[float, float, bool]:
         """Forward, backward and update over the step's micro-batches.
         Returns (mean loss per token, gradient norm, whether the update was applied)."""
-        B = self.B
+        ops = self.ops
         denom = float(sum(b.n_tokens for b in micro))
         if denom == 0:
             return math.nan, math.nan, False
-        B.seed(self.cfg.seed * 1_000_003 + self.pos.step)  # dropout: same on resume
-        denom_arr = B.from_numpy(np.asarray(denom, dtype=np.float32))
+        ops.seed(self.cfg.seed * 1_000_003 + self.pos.step)  # dropout: same on resume
+        denom_arr = ops.from_numpy(np.asarray(denom, dtype=np.float32))
         acc, total = None, None
         for b in micro:
-            (_, loss_sum), grads = self.grad_fn(self.trainable, self._arrays(b), denom_arr)
+            (_, loss_sum), grads = self.grad_fn(self.trainable, self._on_backend(b), denom_arr)
             acc = grads if acc is None else {k: acc[k] + grads[k] for k in acc}
             total = loss_sum if total is None else total + loss_sum
-            B.materialize(acc, total)
-        gnorm_arr = B.global_norm(acc)
-        loss = B.to_float(total) / denom
-        gnorm = B.to_float(gnorm_arr)
+            ops.materialize(acc, total)
+        gnorm_arr = ops.global_norm(acc)
+        loss = ops.to_float(total) / denom
+        gnorm = ops.to_float(gnorm_arr)
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
             return loss, gnorm, False
         scale = 1.0
@@ -149,29 +132,27 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(self) -> float:
-        c, B = self.cfg, self.B
+        c, ops = self.cfg, self.ops
         batches = make_batches(self.val_examples, c.batch_size, c.seq_len, c.pack, c.seed, 0)
         params = {**self.frozen, **self.trainable}
         total, count = 0.0, 0
-        with B.inference():
+        with ops.inference():
             for b in batches:
-                a = self._arrays(b)
-                s, n = batch_loss(B, self.model, params, (a["ids"], a["targets"], a["mask"],
-                                                          a["pos"], a.get("seg")), False)
-                total += B.to_float(s)
+                s, _ = batch_loss(ops, self.model, params, self._on_backend(b), False)
+                total += ops.to_float(s)
                 count += b.n_tokens
         return total / max(count, 1)
 
     # -- state ----------------------------------------------------------------------------
     def adapter_numpy(self) -> dict:
-        return {k: self.B.to_numpy(v) for k, v in self.trainable.items()}
+        return {k: self.ops.to_numpy(v) for k, v in self.trainable.items()}
 
     def trainer_state(self) -> dict:
         return {"step": self.pos.step, "epoch": self.pos.epoch, "index": self.pos.index,
                 "best_val": None if math.isinf(self.best_val) else self.best_val,
                 "evals_without_gain": self.evals_without_gain,
                 "total_steps": self.total_steps, "seed": self.cfg.seed,
-                "backend": self.B.name, "losses": self.losses}
+                "backend": self.ops.name, "losses": self.losses}
 
     def load_state(self, ckpt: dict) -> None:
         """Continue from a checkpoint dict (see core.checkpoint.load_checkpoint)."""
@@ -179,8 +160,8 @@ class Trainer:
         for k, v in ckpt["adapter"].items():
             if k not in self.trainable:
                 raise LorafitError(f"checkpoint adapter key {k} does not match this run")
-            self.trainable[k] = self.B.from_numpy(v, self.B.dtype_name(self.trainable[k]))
-        self.optimizer = self.B.make_optimizer(self.trainable,
+            self.trainable[k] = self.ops.from_numpy(v, self.ops.dtype_name(self.trainable[k]))
+        self.optimizer = self.ops.make_optimizer(self.trainable,
                                                weight_decay=self.cfg.weight_decay)
         self.optimizer.load_state_numpy(ckpt["optimizer"])
         self.pos = Position(st["step"], st["epoch"], st["index"])
@@ -219,15 +200,15 @@ class Trainer:
 
     def run(self) -> str:
         """Train to the end (or until stopped); returns the final status."""
-        c, B = self.cfg, self.B
+        c, ops = self.cfg, self.ops
         self.emit(ev.RunStarted(total_steps=self.total_steps,
                                 examples=len(self.train_examples),
-                                val_examples=len(self.val_examples), backend=B.name,
-                                device=B.device, trainable=summary(self.model.params,
-                                                  self.model.fam.parameter_shapes(
-                                                      self.model.args)),
+                                val_examples=len(self.val_examples), backend=ops.name,
+                                device=ops.device,
+                                trainable=summary(self.model.params,
+                                                  self.model.parameter_shapes()),
                                 config=c.to_dict(), estimate=self.estimate))
-        B.reset_peak_memory()
+        ops.reset_peak_memory()
         status, bad_in_a_row, t_start, steps_timed = "completed", 0, time.time(), 0
         error = None
         try:
@@ -241,7 +222,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 micro = self._next_micro_batches()
                 if self.pos.step == MEASURED_STEP:
-                    (loss, gnorm, applied), peak = B.measure_peak(
+                    (loss, gnorm, applied), peak = ops.measure_peak(
                         lambda: self.train_step(micro, lr))
                     self._record_measured_peak(peak, micro)
                 else:
@@ -310,7 +291,7 @@ class Trainer:
         return None
 
     def _report(self, loss, lr, gnorm, micro, dt, t_start, steps_timed):
-        mem = self.B.memory_stats()
+        mem = self.ops.memory_stats()
         tokens = int(sum(b.input_ids.size for b in micro))
         self._window[0] += tokens
         self._window[1] += dt
@@ -347,14 +328,14 @@ class Trainer:
                                     estimated=est, estimated_this_batch=same_batch))
 
     def _estimate_for_batch(self, batch: Batch) -> int | None:
-        if not self.estimate or "config" not in self.estimate:
+        if not self.estimate or "shape" not in self.estimate:
             return None
-        from lorafit.core.estimate import Settings, estimate
+        from lorafit.core.estimate import Settings, Shape, estimate
 
-        mult = getattr(self.B, "pad_multiple", 1)
+        mult = self.ops.pad_multiple
         b, t = batch.input_ids.shape
         st = dict(self.estimate["settings"], batch_size=b, seq_len=-(-t // mult) * mult)
-        return estimate(self.estimate["config"], Settings(**st))["total"]
+        return estimate(Shape(**self.estimate["shape"]), Settings(**st))["total"]
 
     def _evaluate_and_check(self) -> bool:
         """Evaluate; returns True when early stopping says stop."""

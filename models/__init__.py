@@ -1,40 +1,29 @@
-"""Model families, found by `model_type`, and the loaded-model record."""
+"""Models: one decoder (decoder.py) driven by a family description (spec.py, families/),
+the loader of Hugging Face folders (loader.py), and the loaded-model record."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorafit.core.errors import LorafitError
-from lorafit.models import llama
+import numpy as np
 
-# model_type -> the module holding ModelArgs, parameter_shapes, sanitize and the forward
-FAMILIES = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama}
-
-
-def family(model_type: str | None):
-    if model_type not in FAMILIES:
-        raise LorafitError(f"model_type {model_type!r} is not supported; supported: "
-                           f"{', '.join(sorted(FAMILIES))}")
-    return FAMILIES[model_type]
+from lorafit.models import decoder
+from lorafit.models.families import FAMILIES, family, model_args  # noqa: F401 (re-exported)
 
 
 @dataclass
 class Model:
-    """A model held on a backend: its shape, its parameters (flat dict of HF names) and
-    where it came from. Adapter leaves, when attached, live in the same dict."""
+    """A model held on a backend: its description, its parameters (flat dict of HF names)
+    and where it came from. Adapter leaves, when attached, live in the same dict."""
 
-    args: Any
+    args: Any  # models.spec.ModelArgs
     params: dict
-    backend: Any
+    backend: Any  # the ops object (backends.base.Backend)
     path: str | None = None
     dtype: str = "float32"
     lora: Any = None  # core.lora.LoraConfig once an adapter is attached
     _tokenizer: Any = field(default=None, repr=False)
-
-    @property
-    def fam(self):
-        return family(self.args.model_type)
 
     @property
     def tokenizer(self):
@@ -43,19 +32,55 @@ class Model:
             self._tokenizer = load_tokenizer(self.path)
         return self._tokenizer
 
-    def hidden(self, input_ids, positions, **kw):
-        return self.fam.hidden_states(self.backend, self.args, self.params, input_ids,
-                                      positions, lora=self.lora, **kw)
+    def parameter_shapes(self) -> dict:
+        """Logical shape of every frozen parameter (packed quantized weights included)."""
+        return {k: tuple(v) for k, v in decoder.parameter_shapes(self.args).items()}
+
+    def linear_modules(self) -> tuple:
+        return decoder.linear_modules(self.args)
+
+    def output_weight(self, params: dict | None = None):
+        return decoder.output_weight(self.params if params is None else params)
+
+    def hidden(self, input_ids, positions, params: dict | None = None, **kw):
+        """Final hidden states (B, T, C); params default to the model's own."""
+        return decoder.hidden_states(self.backend, self.args,
+                                     self.params if params is None else params, input_ids,
+                                     positions, lora=self.lora, **kw)
 
     def logits(self, input_ids, positions=None, **kw):
         """Full logits (B, T, V) for backend int arrays; positions default to 0..T-1."""
         if positions is None:
             positions = default_positions(self.backend, input_ids.shape)
         h = self.hidden(input_ids, positions, **kw)
-        return self.backend.linear(h, self.fam.output_weight(self.params))
+        return self.backend.linear(h, self.output_weight())
 
 
-def default_positions(B, shape):
-    import numpy as np
+def parameter_shapes(config: dict) -> dict:
+    """Name and shape of every weight a model with this config.json dict has (for tools
+    that write model folders: the demo, tests)."""
+    return decoder.parameter_shapes(model_args(config))
+
+
+def memory_shape(config: dict):
+    """The estimator's description (core.estimate.Shape) of a config.json dict; an
+    unsupported model_type is a one-line error, never a guess."""
+    from lorafit.core.estimate import Shape
+
+    a = model_args(config)
+    shapes = decoder.parameter_shapes(a)
+    linears = {}
+    for name in decoder.linear_modules(a):
+        key = next(k for k in shapes if k.endswith(f".{name}.weight"))
+        out_dim, in_dim = shapes[key]
+        linears[name] = (in_dim, out_dim)
+    return Shape(hidden=a.hidden_size, intermediate=a.intermediate_size,
+                 layers=a.num_hidden_layers, heads=a.num_attention_heads,
+                 kv_heads=a.num_key_value_heads, head_dim=a.head_dim, vocab=a.vocab_size,
+                 tied=a.tie_word_embeddings, linears=linears,
+                 attention_bias=a.attention_bias, qk_norm=a.qk_norm)
+
+
+def default_positions(ops, shape):
     b, t = shape
-    return B.from_numpy(np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)).copy())
+    return ops.from_numpy(np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)).copy())

@@ -13,11 +13,11 @@ import json
 import os
 from pathlib import Path
 
+from lorafit.core.config import DTYPES
 from lorafit.core.errors import LorafitError
-from lorafit.models import Model, family
+from lorafit.models import Model, decoder, family, model_args
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def resolve_model_path(path_or_id: str) -> Path:
@@ -63,7 +63,7 @@ def read_config(folder: Path) -> dict:
 def load_args(path_or_id: str):
     folder = resolve_model_path(path_or_id)
     cfg = read_config(folder)
-    return family(cfg.get("model_type")).ModelArgs.from_config(cfg), folder
+    return model_args(cfg), folder
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -92,7 +92,7 @@ def default_dtype(backend, args) -> str:
     """float32 on CPUs (no fast bf16 there), the checkpoint's own dtype on accelerators."""
     if backend.device == "cpu":
         return "float32"
-    stored = args.torch_dtype if args.torch_dtype in SUPPORTED_DTYPES else "bfloat16"
+    stored = args.torch_dtype if args.torch_dtype in DTYPES else "bfloat16"
     return "bfloat16" if stored == "float32" and backend.device == "cuda" else stored
 
 
@@ -116,26 +116,25 @@ def load_model(path_or_id: str, backend, dtype: str | None = None,
     does a projection whose input size is not a multiple of 64 (as mlx-lm does).
     A folder already quantized by mlx-lm loads as it is."""
     args, folder = load_args(path_or_id)
-    if dtype is not None and dtype not in SUPPORTED_DTYPES:
-        raise LorafitError(f"dtype {dtype!r}: choose one of {', '.join(SUPPORTED_DTYPES)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise LorafitError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     bits = parse_quantize(quantize)
     stored_q = args.quantization
     for b in [x for x in (bits, (stored_q or {}).get("bits")) if x]:
-        if b not in getattr(backend, "quantization", ()):
-            hint = ("pip install bitsandbytes for 4bit, or use --backend mlx (4bit, 8bit)"
-                    if backend.name == "torch" and b == 4 else "use --backend mlx")
+        if b not in backend.quantization:
             raise LorafitError(f"{b}-bit base weights are not available on the {backend.name} "
-                               f"backend here; {hint}, or drop --quantize")
-    if stored_q and backend.name != "mlx":
-        raise LorafitError(f"{folder} holds mlx-lm quantized weights; load it with "
-                           "--backend mlx")
+                               f"backend here; {backend.quantization_hint(b)}, or drop "
+                               "--quantize")
+    if stored_q and backend.quantized_format != "affine":
+        raise LorafitError(f"{folder} holds mlx-lm (affine) quantized weights, which the "
+                           f"{backend.name} backend cannot use; load it with --backend mlx")
     if bits and stored_q:
         raise LorafitError(f"{folder} is already quantized ({stored_q.get('bits')}-bit); "
                            "drop --quantize")
     dtype = dtype or default_dtype(backend, args)
     fam = family(args.model_type)
-    expected = fam.parameter_shapes(args)
-    projections = {k for k in expected if k.rsplit(".", 2)[-2] in fam.LINEAR_MODULES}
+    expected = decoder.parameter_shapes(args)
+    projections = decoder.projection_weights(args)
     params = {}
     for f in weight_files(folder):
         for name, array in backend.read_safetensors(f, dtype):
@@ -171,15 +170,15 @@ def load_model(path_or_id: str, backend, dtype: str | None = None,
     return Model(args=args, params=params, backend=backend, path=str(folder), dtype=dtype)
 
 
-def _dequantize_non_projections(B, params, q, projections, dtype):
+def _dequantize_non_projections(ops, params, q, projections, dtype):
     """mlx-lm also quantizes embeddings and the head; lorafit keeps those dense."""
     for scales in [k for k in params if k.endswith(".scales")]:
         module = scales[: -len(".scales")]
         if module + ".weight" in projections:
             continue
-        w = B.dequantize(params[module + ".weight"], params.pop(scales),
-                         params.pop(module + ".biases"), q["bits"], q["group_size"])
-        params[module + ".weight"] = B.cast(w, dtype)
+        w = ops.dequantize(params[module + ".weight"], params.pop(scales),
+                           params.pop(module + ".biases"), q["bits"], q["group_size"])
+        params[module + ".weight"] = ops.cast(w, dtype)
 
 
 def load_tokenizer(path):

@@ -74,13 +74,13 @@ QLORA_4BIT = [Case("qlora-4bit", quantize="4bit"),
 
 
 def build_folder(case: Case, root: Path) -> Path:
-    from lorafit.models.llama import ModelArgs, parameter_shapes
+    from lorafit.models import parameter_shapes
     from lorafit.models.tiny import char_tokenizer, save_numpy_model
 
     cfg = case.config()
     rng = np.random.default_rng(0)
     weights = {k: (rng.standard_normal(s) * 0.02).astype(np.float32)
-               for k, s in parameter_shapes(ModelArgs.from_config(cfg)).items()}
+               for k, s in parameter_shapes(cfg).items()}
     return save_numpy_model(root / case.name, cfg, weights, char_tokenizer("abcdefgh "))
 
 
@@ -128,7 +128,7 @@ def measure(case: Case, backend_name: str, root: Path, steps: int = 2) -> int:
         seg[:, half:] = 1
         pos[:, half:] -= half
     batch = Batch(ids[:, :-1], ids[:, 1:], np.ones((case.batch, case.seq), np.float32), pos,
-                  seg, case.batch * case.seq)
+                  seg)
     peak = 0
     for _ in range(steps):
         _, peak = B.measure_peak(lambda: trainer.train_step([batch], 1e-3))
@@ -137,13 +137,14 @@ def measure(case: Case, backend_name: str, root: Path, steps: int = 2) -> int:
 
 def main():
     from lorafit.core.estimate import estimate
+    from lorafit.models import memory_shape
 
     root = Path(tempfile.mkdtemp())
     print("| case | backend | estimate MiB | measured MiB | error % |")
     print("|---|---|---|---|---|")
     for case in GRID:
         for backend in ("torch", "mlx"):
-            est = estimate(case.config(), settings_for(case, backend))["total"]
+            est = estimate(memory_shape(case.config()), settings_for(case, backend))["total"]
             got = measure(case, backend, root)
             print(f"| {case.name} | {backend}-cpu | {est / 2**20:.1f} | {got / 2**20:.1f} | "
                   f"{100 * (est - got) / got:+.1f} |", flush=True)

@@ -10,6 +10,7 @@ import torch
 
 from conftest import random_ids
 from lorafit.core import adapter_io, lora
+from lorafit.core.data import Batch
 from lorafit.core.loss import batch_loss
 from lorafit.models.loader import load_model
 
@@ -86,8 +87,7 @@ def test_peft_dora_adapter_gives_the_same_logits_and_gradients(peft_dora, backen
     train = {k: model.params[k] for k in names}
     frozen = {k: v for k, v in model.params.items() if k not in train}
     pos = np.broadcast_to(np.arange(12), ids.shape).copy()
-    arrays = (B.from_numpy(ids), B.from_numpy(targets), B.from_numpy(mask), B.from_numpy(pos),
-              None)
+    arrays = Batch(ids, targets, mask, pos).on(B)
 
     def loss_fn(tr, arr):
         s, n = batch_loss(B, model, {**frozen, **tr}, arr, False)

@@ -9,6 +9,7 @@ import pytest
 from lorafit.cli import main
 from lorafit.core.errors import LorafitError
 from lorafit.core.estimate import Settings, estimate, largest_fitting, parse_bytes
+from lorafit.models import memory_shape, parameter_shapes
 from lorafit.models.presets import list_presets, load_preset
 from memory_harness import GRID, MLX_ONLY, QLORA_4BIT, measure, settings_for
 
@@ -21,7 +22,7 @@ def grid_root(tmp_path_factory):
 
 
 def check_within_tolerance(grid_root, backend, case):
-    predicted = estimate(case.config(), settings_for(case, backend))["total"]
+    predicted = estimate(memory_shape(case.config()), settings_for(case, backend))["total"]
     measured = measure(case, backend, grid_root)
     assert abs(predicted - measured) <= TOLERANCE * measured, \
         f"{case.name} on {backend}: estimated {predicted / 2**20:.1f} MiB, " \
@@ -47,11 +48,11 @@ def test_estimate_suggests_4bit_when_that_is_what_fits():
     from lorafit.core.estimate import suggestions
     st = Settings(dtype="bfloat16", backend="mlx", device="metal", seq_len=512,
                   grad_checkpoint=True)
-    need = estimate(load_preset("qwen2.5-7b"), st)["total"]
-    with_4bit = estimate(load_preset("qwen2.5-7b"), Settings(**{**st.__dict__,
+    need = estimate(memory_shape(load_preset("qwen2.5-7b")), st)["total"]
+    with_4bit = estimate(memory_shape(load_preset("qwen2.5-7b")), Settings(**{**st.__dict__,
                                                                "quantize_bits": 4}))["total"]
     assert with_4bit < 0.5 * need
-    out = suggestions(load_preset("qwen2.5-7b"), st, (with_4bit + need) // 2)
+    out = suggestions(memory_shape(load_preset("qwen2.5-7b")), st, (with_4bit + need) // 2)
     assert any(s.startswith("--quantize 4bit") for s in out)
 
 
@@ -62,19 +63,30 @@ def test_estimate_within_10_percent_of_measured_peak(grid_root, backend, case):
 
 
 CFG = load_preset("qwen2.5-1.5b")
+SHAPE = memory_shape(CFG)
 
 
 def total(**kw):
-    return estimate(CFG, Settings(**{"dtype": "bfloat16", "backend": "torch", "device": "cuda",
+    return estimate(SHAPE, Settings(**{"dtype": "bfloat16", "backend": "torch", "device": "cuda",
                                      **kw}))
 
 
-@pytest.mark.parametrize("backend,device", [("torch", "cuda"), ("torch", "cpu"),
-                                            ("mlx", "metal"), ("mlx", "cpu"), ("torch", "mps")])
-def test_breakdown_adds_up_to_the_total(backend, device):
-    est = estimate(CFG, Settings(backend=backend, device=device, batch_size=2, seq_len=1024))
-    assert sum(est["breakdown"].values()) == est["total"]
+@pytest.mark.parametrize("preset", ["qwen2.5-1.5b", "llama-3.2-1b", "qwen3-0.6b"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_base_weights_are_the_models_own_parameter_count(preset, dtype):
+    """The estimator's weight term, from its own shape arithmetic, equals the parameter
+    count of the model the loader would build (models.parameter_shapes), times the dtype."""
+    import math
+    cfg = load_preset(preset)
+    n = sum(math.prod(s) for s in parameter_shapes(cfg).values())
+    est = estimate(memory_shape(cfg), Settings(backend="torch", device="cuda", dtype=dtype))
+    assert est["breakdown"]["base weights"] == n * {"bfloat16": 2, "float32": 4}[dtype]
     assert all(v >= 0 for v in est["breakdown"].values())
+
+
+def test_unsupported_model_type_is_an_error_not_a_llama_guess():
+    with pytest.raises(LorafitError, match="not supported"):
+        memory_shape({**CFG, "model_type": "gpt2"})
 
 
 def test_activations_are_linear_in_batch_and_sequence_length():
@@ -105,10 +117,10 @@ def test_fit_returns_a_value_that_fits_and_whose_next_step_does_not():
     st = Settings(dtype="bfloat16", backend="torch", device="cuda", seq_len=2048)
     for variable, field_name in (("batch", "batch_size"), ("seq-len", "seq_len"),
                                  ("rank", "rank")):
-        v = largest_fitting(CFG, st, variable, budget, limit=1 << 16)
+        v = largest_fitting(SHAPE, st, variable, budget, limit=1 << 16)
         assert v and v >= 1
-        fits = estimate(CFG, Settings(**{**st.__dict__, field_name: v}))["total"]
-        over = estimate(CFG, Settings(**{**st.__dict__, field_name: v + 1}))["total"]
+        fits = estimate(SHAPE, Settings(**{**st.__dict__, field_name: v}))["total"]
+        over = estimate(SHAPE, Settings(**{**st.__dict__, field_name: v + 1}))["total"]
         assert fits <= budget < over
 
 
@@ -120,10 +132,10 @@ def test_every_preset_loads_and_names_its_source():
     for name in names:
         cfg = load_preset(name)
         assert cfg["source"].startswith("https://huggingface.co/")
-        est = estimate(cfg, Settings(dtype="bfloat16", backend="torch", device="cuda"))
+        est = estimate(memory_shape(cfg), Settings(dtype="bfloat16", backend="torch", device="cuda"))
         assert est["total"] > 0
     # parameter counts of two well-known models, from the shapes alone
-    w8b = estimate(load_preset("llama-3.1-8b"), Settings(dtype="bfloat16"))
+    w8b = estimate(memory_shape(load_preset("llama-3.1-8b")), Settings(dtype="bfloat16"))
     assert 8.0e9 < w8b["breakdown"]["base weights"] / 2 < 8.1e9  # 8.03B parameters
     assert load_preset("Qwen/Qwen3-8B")["hidden_size"] == 4096  # hub id works too
 

@@ -148,6 +148,7 @@ def test_merge_refuses_non_finite(tiny_models, torch_backend):
 
 
 def test_torch_and_mlx_same_loss_and_lora_grads(tiny_models, torch_backend, mlx_backend):
+    from lorafit.core.data import Batch
     from lorafit.core.loss import batch_loss
 
     folder, ref = tiny_models["qwen3"]
@@ -168,8 +169,7 @@ def test_torch_and_mlx_same_loss_and_lora_grads(tiny_models, torch_backend, mlx_
         lora.attach(model, cfg, adapter)
         train = {k: model.params[k] for k in names}
         frozen = {k: v for k, v in model.params.items() if k not in train}
-        arrays = (B.from_numpy(ids), B.from_numpy(targets), B.from_numpy(mask),
-                  B.from_numpy(pos), None)
+        arrays = Batch(ids, targets, mask, pos).on(B)
 
         def loss_fn(tr, arr):
             s, n = batch_loss(B, model, {**frozen, **tr}, arr, False)

@@ -142,7 +142,7 @@ def test_qlora_run_learns_resumes_exactly_and_merges(q_setup, tmp_path, backend)
 
     # merged: dequantize, merge, dense; transformers gives the adapted quantized logits
     ids = random_ids(320)
-    B = full_t.B
+    B = full_t.ops
     ours = B.to_numpy(full_t.model.logits(B.from_numpy(ids)))
     merged = export_merged(tmp_path / "full" / "adapter", tmp_path / "merged", None, backend,
                            quantize="4bit")

@@ -161,9 +161,7 @@ def test_packed_batch_gives_the_same_loss_as_unpacked(setup):
         for pack in (False, True):
             s_all = n_all = 0.0
             for b in make_batches(examples, 8, 64, pack, 0, 0):
-                arrays = tuple(None if x is None else B.from_numpy(x) for x in (
-                    b.input_ids, b.targets, b.loss_mask, b.positions, b.segment_ids))
-                s, n = batch_loss(B, model, model.params, arrays, False)
+                s, n = batch_loss(B, model, model.params, b.on(B), False)
                 s_all += B.to_float(s)
                 n_all += B.to_float(n)
             totals.append((s_all, n_all))
@@ -184,7 +182,7 @@ def test_trained_adapter_loads_in_peft_mlx_lm_and_merged_transformers(setup, tmp
     trainer, _, _ = train(make_cfg(setup, "exports", max_steps=6))
     adapter_dir = root / "exports" / "adapter"
     ids = np.random.default_rng(0).integers(3, ref.config.vocab_size, (2, 12))
-    ours = trainer.B.to_numpy(trainer.model.logits(trainer.B.from_numpy(ids)))
+    ours = trainer.ops.to_numpy(trainer.model.logits(trainer.ops.from_numpy(ids)))
 
     # PEFT: no missing or unexpected keys, same logits
     pm = PeftModel.from_pretrained(copy.deepcopy(ref), str(adapter_dir)).eval()
@@ -318,6 +316,6 @@ def test_dora_training_agrees_across_backends_and_loads_in_peft(setup):
     assert cfg["use_dora"] is True
     pm = PeftModel.from_pretrained(copy.deepcopy(ref), str(root / "dora-mlx" / "adapter"))
     ids = np.random.default_rng(0).integers(3, ref.config.vocab_size, (2, 12))
-    ours = trainer.B.to_numpy(trainer.model.logits(trainer.B.from_numpy(ids)))
+    ours = trainer.ops.to_numpy(trainer.model.logits(trainer.ops.from_numpy(ids)))
     with torch.no_grad():
         np.testing.assert_allclose(pm.eval()(torch.tensor(ids)).logits.numpy(), ours, atol=1e-4)

@@ -171,6 +171,10 @@ class MLXBackend:
         return fused(h)[0], mask.sum()
 
     quantization = (4, 8)
+    quantized_format = "affine"
+
+    def quantization_hint(self, bits):
+        return "choose 4bit or 8bit"
 
     def quantize(self, w, bits, group_size):
         return mx.quantize(w, group_size=group_size, bits=bits)

@@ -29,7 +29,7 @@ class TorchBackend:
             raise LorafitError("--device cuda asked for, but PyTorch sees no CUDA device")
         self.device = device
         self._device = torch.device(device)
-        self.tracker = TensorTracker() if device == "cpu" else None
+        self._tracker = TensorTracker() if device == "cpu" else None
 
     # -- arrays ---------------------------------------------------------------------------
     def from_numpy(self, a, dtype=None):
@@ -165,6 +165,13 @@ class TorchBackend:
             return ()
         return (4,)
 
+    quantized_format = "nf4"
+
+    def quantization_hint(self, bits):
+        if bits == 4:
+            return "pip install bitsandbytes for 4bit, or use --backend mlx (4bit, 8bit)"
+        return "use --backend mlx (4bit, 8bit)"
+
     def quantize(self, w, bits, group_size):
         """NF4, block size `group_size`, absmax scales quantized again (QLoRA's double
         quantization). Returns (packed uint8, bitsandbytes QuantState, None)."""
@@ -218,7 +225,7 @@ class TorchBackend:
         if self.device == "mps":
             cur = torch.mps.current_allocated_memory()
             return {"peak": cur, "current": cur, "source": "torch.mps (current only)"}
-        return self.tracker.stats()
+        return self._tracker.stats()
 
     def measure_peak(self, fn):
         """(fn(), peak bytes of device arrays while it ran). On the CPU this is the tensor-
@@ -235,8 +242,8 @@ class TorchBackend:
     def reset_peak_memory(self):
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        elif self.tracker is not None:
-            self.tracker.reset_peak()
+        elif self._tracker is not None:
+            self._tracker.reset_peak()
 
     def seed(self, seed):
         torch.manual_seed(seed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from lorafit.core.estimate import Settings, estimate, fmt_bytes
+from lorafit.models import memory_shape
 from lorafit.models.presets import list_presets, load_preset
 
 
@@ -26,7 +27,7 @@ def main():
     print("| preset | base weights | adapter + grads + AdamW | activations + loss | total |")
     print("|---|---|---|---|---|")
     for name in list_presets():
-        e = estimate(load_preset(name), st)
+        e = estimate(memory_shape(load_preset(name)), st)
         b = e["breakdown"]
         adapter = b["adapter weights"] + b["adapter gradients"] + b["optimizer state"]
         rest = e["total"] - b["base weights"] - adapter

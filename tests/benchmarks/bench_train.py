@@ -89,7 +89,7 @@ def run_lorafit(folder: Path, a, backend: str) -> dict:
     cfg = TrainConfig(model="x", data="x", rank=16, alpha=32, targets="all-linear",
                       batch_size=a.batch, seq_len=a.seq, lr=1e-4, max_grad_norm=None)
     trainer = Trainer.__new__(Trainer)  # the step only: no data pipeline, no sinks
-    trainer.model, trainer.cfg, trainer.B = model, cfg, B
+    trainer.model, trainer.cfg, trainer.ops = model, cfg, B
     names = lora.adapter_leaves(model.params)
     trainer.trainable = {k: model.params[k] for k in names}
     trainer.frozen = {k: v for k, v in model.params.items() if k not in trainer.trainable}
@@ -104,7 +104,7 @@ def run_lorafit(folder: Path, a, backend: str) -> dict:
         batches.append(Batch(input_ids=inp, targets=tgt,
                              loss_mask=np.ones(inp.shape, np.float32),
                              positions=np.broadcast_to(np.arange(a.seq), inp.shape).copy(),
-                             segment_ids=None, n_tokens=int(inp.size)))
+                             segment_ids=None))
     times, losses = [], []
     B.reset_peak_memory()
     reset_peak_rss()

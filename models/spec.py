@@ -1,0 +1,72 @@
+"""The description of a decoder: its shape and the switches that tell families apart.
+
+One `ModelArgs` drives the one decoder in models/decoder.py. A family (models/families/)
+only turns its config.json into these fields; everything a family has in common with
+another is a shared switch here, not a copy of the forward code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from lorafit.core.errors import LorafitError
+from lorafit.models.rope import inverse_frequencies
+
+REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "vocab_size")
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    vocab_size: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q, k, v
+    o_proj_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each head of q and k (qwen3)
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    torch_dtype: str | None = None
+    quantization: dict | None = None  # {"bits", "group_size"}: frozen projections quantized
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.hidden_act not in ("silu", "swish"):
+            raise LorafitError(f"hidden_act {self.hidden_act!r} is not supported (only silu)")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise LorafitError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "ModelArgs":
+        """Build from a config.json dict whose family switches are already set (see
+        models.families); unknown keys are kept in `extra`."""
+        cfg = dict(cfg)
+        rope = cfg.pop("rope_parameters", None)  # transformers >= 5 layout
+        if rope:
+            cfg.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+            if rope.get("rope_type", "default") != "default":
+                cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if "torch_dtype" not in cfg and "dtype" in cfg:
+            cfg["torch_dtype"] = cfg["dtype"]
+        missing = [n for n in REQUIRED if cfg.get(n) is None]
+        if missing:
+            raise LorafitError(f"config.json lacks required field(s): {', '.join(missing)}")
+        names = {f.name for f in fields(cls)} - {"extra"}
+        known = {k: v for k, v in cfg.items() if k in names and v is not None}
+        return cls(**known, extra={k: v for k, v in cfg.items() if k not in names})
+
+    @property
+    def inv_freq(self):
+        return inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
