@@ -86,6 +86,9 @@ class Backend(Protocol):
 
     def silu(self, x: Array) -> Array: ...
 
+    def gelu_tanh(self, x: Array) -> Array:
+        """GELU with the tanh approximation (gelu_pytorch_tanh, Gemma's GeGLU)."""
+
     def row_norms(self, w: Array) -> Array:
         """Euclidean norm of each row of a matrix (out, in) -> (out,), in float32."""
 
@@ -103,12 +106,17 @@ class Backend(Protocol):
         """x * cos + rotate_half(x) * sin for x (B, H, T, D)."""
 
     def attention(self, q: Array, k: Array, v: Array, scale: float,
-                  segment_ids: Array | None = None) -> Array:
+                  segment_ids: Array | None = None, window: int | None = None,
+                  softcap: float | None = None, sinks: Array | None = None) -> Array:
         """Causal scaled dot-product attention with grouped-query heads.
 
         q (B, Hq, T, D); k, v (B, Hkv, S, D) with S >= T: the T queries are the last T
         positions of S (a KV cache). segment_ids (B, T) confine attention to tokens of the
-        same packed example (T == S only). Returns (B, Hq, T, D).
+        same packed example (T == S only). window: a query sees only keys less than
+        `window` positions behind it (sliding-window layers). softcap: scores become
+        softcap * tanh(scores / softcap) before the mask (Gemma 2). sinks (Hq,): one
+        learned logit per head that joins each softmax and is then dropped (gpt-oss).
+        Returns (B, Hq, T, D).
         """
 
     def cross_entropy(self, logits: Array, targets: Array, mask: Array) -> tuple:

@@ -77,7 +77,9 @@ def split_layers(params: dict, num_layers: int) -> list[dict]:
     return layers
 
 
-def attention_block(ops, a: ModelArgs, lp: dict, x, cos, sin, segment_ids, cache, lora):
+def attention_block(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_ids, cache,
+                    lora):
+    """Self-attention of layer i (full or sliding-window, as a.layer_types says)."""
     b, t, _ = x.shape  # (B, T, C)
     D, qc = a.head_dim, a.quantization
     q = project(ops, lp, "self_attn.q_proj", x, lora, qc).reshape(b, t, -1, D)
@@ -93,7 +95,7 @@ def attention_block(ops, a: ModelArgs, lp: dict, x, cos, sin, segment_ids, cache
             k = ops.concat([cache[0], k], axis=2)
             v = ops.concat([cache[1], v], axis=2)
         cache[0], cache[1] = k, v
-    o = ops.attention(q, k, v, 1.0 / math.sqrt(D), segment_ids)
+    o = ops.attention(q, k, v, 1.0 / math.sqrt(D), segment_ids, window=a.window(i))
     o = ops.swapaxes(o, 1, 2).reshape(b, t, -1)
     return project(ops, lp, "self_attn.o_proj", o, lora, qc)
 
@@ -105,10 +107,10 @@ def mlp_block(ops, a: ModelArgs, lp: dict, x, lora):
     return project(ops, lp, "mlp.down_proj", ops.silu(gate) * up, lora, qc)
 
 
-def decoder_layer(ops, a: ModelArgs, lp: dict, x, cos, sin, segment_ids=None, cache=None,
-                  lora=None):
+def decoder_layer(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_ids=None,
+                  cache=None, lora=None):
     normed = ops.rms_norm(x, lp["input_layernorm.weight"], a.rms_norm_eps)
-    h = x + attention_block(ops, a, lp, normed, cos, sin, segment_ids, cache, lora)
+    h = x + attention_block(ops, a, i, lp, normed, cos, sin, segment_ids, cache, lora)
     normed = ops.rms_norm(h, lp["post_attention_layernorm.weight"], a.rms_norm_eps)
     return h + mlp_block(ops, a, lp, normed, lora)
 
@@ -121,14 +123,14 @@ def hidden_states(ops, a: ModelArgs, params: dict, input_ids, positions, segment
     cos, sin = ops.rope_tables(positions, a.inv_freq, ops.dtype_name(x))
     for i, lp in enumerate(split_layers(params, a.num_hidden_layers)):
         if recompute:
-            x = _recomputed_layer(ops, a, lp, x, cos, sin, segment_ids, lora)
+            x = _recomputed_layer(ops, a, i, lp, x, cos, sin, segment_ids, lora)
         else:
-            x = decoder_layer(ops, a, lp, x, cos, sin, segment_ids,
+            x = decoder_layer(ops, a, i, lp, x, cos, sin, segment_ids,
                               None if cache is None else cache[i], lora)
     return ops.rms_norm(x, params["model.norm.weight"], a.rms_norm_eps)
 
 
-def _recomputed_layer(ops, a, lp, x, cos, sin, segment_ids, lora):
+def _recomputed_layer(ops, a, i, lp, x, cos, sin, segment_ids, lora):
     """A layer whose activations are recomputed in the backward pass. Only the adapter
     leaves and x are arguments: frozen weights are closed over, so no gradient is ever
     formed for them."""
@@ -136,7 +138,7 @@ def _recomputed_layer(ops, a, lp, x, cos, sin, segment_ids, lora):
     frozen = {k: v for k, v in lp.items() if ".lora_" not in k}
 
     def run(train, x_):
-        return decoder_layer(ops, a, {**frozen, **train}, x_, cos, sin, segment_ids, None,
+        return decoder_layer(ops, a, i, {**frozen, **train}, x_, cos, sin, segment_ids, None,
                              lora)
     return ops.checkpoint(run)(trainable, x)
 

@@ -35,6 +35,8 @@ class ModelArgs:
     mlp_bias: bool = False
     qk_norm: bool = False  # RMSNorm over each head of q and k (qwen3)
     hidden_act: str = "silu"
+    layer_types: list | None = None  # per layer: "full_attention" or "sliding_attention"
+    sliding_window: int | None = None  # keys a sliding layer's query sees (itself included)
     max_position_embeddings: int = 4096
     torch_dtype: str | None = None
     quantization: dict | None = None  # {"bits", "group_size"}: frozen projections quantized
@@ -47,6 +49,17 @@ class ModelArgs:
             raise LorafitError(f"hidden_act {self.hidden_act!r} is not supported (only silu)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise LorafitError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.layer_types is None:
+            self.layer_types = ["full_attention"] * self.num_hidden_layers
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise LorafitError(f"config.json has {len(self.layer_types)} layer_types for "
+                               f"{self.num_hidden_layers} layers")
+        if "sliding_attention" in self.layer_types and not self.sliding_window:
+            raise LorafitError("config.json has sliding_attention layers but no sliding_window")
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of a layer: None for full attention."""
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
 
     @classmethod
     def from_config(cls, cfg: dict) -> "ModelArgs":

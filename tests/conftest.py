@@ -27,8 +27,9 @@ FAMILIES = {
     "llama": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0,
                                 "original_max_position_embeddings": 16}),
-    "mistral": dict(),
-    "qwen2": dict(tie_word_embeddings=True),
+    "mistral": dict(sliding_window=16),  # shorter than the test sequences (24, 20+20)
+    "qwen2": dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=6,
+                  max_window_layers=1),
     "qwen3": dict(head_dim=32, rope_scaling={"rope_type": "linear", "factor": 2.0}),
 }
 

@@ -104,3 +104,58 @@ def test_missing_backend_names_the_package(monkeypatch):
     monkeypatch.setattr(backends, "is_installed", lambda name: name != "mlx")
     with pytest.raises(LorafitError, match=r"pip install .*mlx"):
         get_backend("mlx")
+
+
+def _reference_attention(q, k, v, scale, seg=None, window=None, softcap=None, sinks=None):
+    """Plain numpy attention over float64, the definition the backends must meet."""
+    B, Hq, T, D = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    k = np.repeat(k, Hq // Hk, axis=1)
+    v = np.repeat(v, Hq // Hk, axis=1)
+    s = np.einsum("bhtd,bhsd->bhts", q, k).astype(np.float64) * scale
+    if softcap is not None:
+        s = np.tanh(s / softcap) * softcap
+    qi, ki = np.arange(S - T, S)[:, None], np.arange(S)[None]
+    mask = np.broadcast_to(ki <= qi, (B, 1, T, S))
+    if window is not None:
+        mask = mask & (qi - ki < window)
+    if seg is not None:
+        mask = mask & (seg[:, None, :, None] == seg[:, None, None, :])
+    s = np.where(mask, s, -np.inf)
+    if sinks is not None:
+        s = np.concatenate([s, np.broadcast_to(sinks[None, :, None, None], (B, Hq, T, 1))], -1)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    if sinks is not None:
+        p = p[..., :-1]
+    return np.einsum("bhts,bhsd->bhtd", p, v)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(), dict(window=3), dict(softcap=2.0), dict(sinks=True), dict(window=4, sinks=True),
+    dict(window=3, softcap=1.5, seg=True), dict(cache=True, window=3),
+    dict(cache=True, sinks=True)])
+def test_attention_variants_match_the_definition(backend, variant):
+    rng = np.random.default_rng(1)
+    B, Hq, Hk, T, D = 2, 4, 2, 9, 8
+    S = T + 5 if variant.get("cache") else T
+    q = rng.normal(size=(B, Hq, T, D)).astype(np.float32)
+    k = rng.normal(size=(B, Hk, S, D)).astype(np.float32)
+    v = rng.normal(size=(B, Hk, S, D)).astype(np.float32)
+    seg = np.repeat(np.array([[0] * 4 + [1] * 5]), B, 0).astype(np.int32) \
+        if variant.get("seg") else None
+    sinks = rng.normal(size=(Hq,)).astype(np.float32) if variant.get("sinks") else None
+    kw = dict(window=variant.get("window"), softcap=variant.get("softcap"))
+    want = _reference_attention(q, k, v, 0.3, seg, sinks=sinks, **kw)
+    ops = backend
+    got = ops.attention(ops.from_numpy(q), ops.from_numpy(k), ops.from_numpy(v), 0.3,
+                        None if seg is None else ops.from_numpy(seg),
+                        sinks=None if sinks is None else ops.from_numpy(sinks), **kw)
+    np.testing.assert_allclose(ops.to_numpy(got), want, rtol=1e-4, atol=1e-5)
+
+
+def test_gelu_tanh_matches_torch(backend):
+    x = np.linspace(-5, 5, 101).astype(np.float32)
+    want = torch.nn.functional.gelu(torch.tensor(x), approximate="tanh").numpy()
+    got = backend.to_numpy(backend.gelu_tanh(backend.from_numpy(x)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

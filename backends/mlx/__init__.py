@@ -8,6 +8,8 @@ is in use, and the CLI re-executes itself with OpenBLAS preloaded when it is ins
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import mlx.core as mx
 
@@ -101,6 +103,9 @@ class MLXBackend:
     def silu(self, x):
         return x * mx.sigmoid(x)
 
+    def gelu_tanh(self, x):
+        return 0.5 * x * (1 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
     def row_norms(self, w):
         return mx.sqrt((w.astype(mx.float32) ** 2).sum(axis=1))
 
@@ -124,19 +129,53 @@ class MLXBackend:
         rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
         return x * cos + rotated * sin
 
-    def attention(self, q, k, v, scale, segment_ids=None):
+    def attention(self, q, k, v, scale, segment_ids=None, window=None, softcap=None,
+                  sinks=None):
         T, S = q.shape[2], k.shape[2]
+        if softcap is not None or sinks is not None:
+            return self._eager_attention(q, k, v, scale, segment_ids, window, softcap, sinks)
+        if segment_ids is None and window is None:
+            if T == 1:
+                return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+            if T == S:
+                return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale,
+                                                            mask="causal")
+        mask = self._mask(T, S, segment_ids, window)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+    @staticmethod
+    def _mask(T, S, segment_ids, window):
+        """(T, S) or (B, 1, T, S) boolean: causal, within the window, within the segment."""
+        qi = mx.arange(S - T, S)[:, None]
+        ki = mx.arange(S)[None, :]
+        mask = ki <= qi
+        if window is not None:
+            mask = mx.logical_and(mask, (qi - ki) < window)
         if segment_ids is not None:
             same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-            causal = mx.tril(mx.ones((T, T), dtype=mx.bool_))
-            mask = mx.logical_and(same, causal)
-            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-        if T == 1:
-            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-        if T == S:
-            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
-        mask = mx.tril(mx.ones((T, S), dtype=mx.bool_), k=S - T)
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+            mask = mx.logical_and(mask, same)
+        return mask
+
+    def _eager_attention(self, q, k, v, scale, segment_ids, window, softcap, sinks):
+        """Scores formed explicitly, for what fused kernels cannot do (soft-capping, sinks)."""
+        B, Hq, T, D = q.shape
+        Hk, S = k.shape[1], k.shape[2]
+        qg = q.reshape(B, Hk, Hq // Hk, T, D)  # query heads grouped by their kv head
+        scores = (qg @ mx.swapaxes(k[:, :, None], -1, -2)).astype(mx.float32) * scale
+        if softcap is not None:
+            scores = mx.tanh(scores / softcap) * softcap
+        mask = self._mask(T, S, segment_ids, window)
+        mask = mask[:, :, None] if mask.ndim == 4 else mask
+        scores = mx.where(mask, scores, mx.array(-mx.inf, dtype=mx.float32))
+        if sinks is not None:
+            sink = mx.broadcast_to(sinks.astype(mx.float32).reshape(1, Hk, Hq // Hk, 1, 1),
+                                   (B, Hk, Hq // Hk, T, 1))
+            scores = mx.concatenate([scores, sink], axis=-1)
+        probs = mx.softmax(scores, axis=-1, precise=True)
+        if sinks is not None:
+            probs = probs[..., :-1]
+        out = probs.astype(v.dtype) @ v[:, :, None]  # (B, Hk, G, T, D)
+        return out.reshape(B, Hq, T, D)
 
     def cross_entropy(self, logits, targets, mask):
         logits = logits.astype(mx.float32)

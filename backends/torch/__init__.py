@@ -110,6 +110,9 @@ class TorchBackend:
     def silu(self, x):
         return F.silu(x)
 
+    def gelu_tanh(self, x):
+        return F.gelu(x, approximate="tanh")
+
     def row_norms(self, w):
         return torch.linalg.vector_norm(w.float(), dim=1)
 
@@ -130,22 +133,54 @@ class TorchBackend:
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
-    def attention(self, q, k, v, scale, segment_ids=None):
+    def attention(self, q, k, v, scale, segment_ids=None, window=None, softcap=None,
+                  sinks=None):
         T, S = q.shape[2], k.shape[2]
         gqa = q.shape[1] != k.shape[1]
-        if segment_ids is not None:
-            same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=same & causal,
-                                                  scale=scale, enable_gqa=gqa)
-        if T == S:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                  enable_gqa=gqa)
-        if T == 1:
-            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if softcap is not None or sinks is not None:
+            return self._eager_attention(q, k, v, scale, segment_ids, window, softcap, sinks)
+        if segment_ids is None and window is None:
+            if T == S:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                      enable_gqa=gqa)
+            if T == 1:
+                return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+        mask = self._mask(T, S, segment_ids, window, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                               enable_gqa=gqa)
+
+    @staticmethod
+    def _mask(T, S, segment_ids, window, device):
+        """(T, S) or (B, 1, T, S) boolean: causal, within the window, within the segment."""
+        qi = torch.arange(S - T, S, device=device)[:, None]
+        ki = torch.arange(S, device=device)[None, :]
+        mask = ki <= qi
+        if window is not None:
+            mask = mask & (qi - ki < window)
+        if segment_ids is not None:
+            same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+            mask = mask & same
+        return mask
+
+    def _eager_attention(self, q, k, v, scale, segment_ids, window, softcap, sinks):
+        """Scores formed explicitly, for what fused kernels cannot do (soft-capping, sinks)."""
+        B, Hq, T, D = q.shape
+        Hk, S = k.shape[1], k.shape[2]
+        qg = q.reshape(B, Hk, Hq // Hk, T, D)  # query heads grouped by their kv head
+        scores = (qg @ k[:, :, None].transpose(-1, -2)).float() * scale  # (B, Hk, G, T, S)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        mask = self._mask(T, S, segment_ids, window, q.device)
+        mask = mask[:, :, None] if mask.dim() == 4 else mask
+        scores = scores.masked_fill(~mask, float("-inf"))
+        if sinks is not None:
+            sink = sinks.float().reshape(1, Hk, Hq // Hk, 1, 1).expand(B, -1, -1, T, 1)
+            scores = torch.cat([scores, sink], dim=-1)
+        probs = torch.softmax(scores, dim=-1)
+        if sinks is not None:
+            probs = probs[..., :-1]
+        out = probs.to(v.dtype) @ v[:, :, None]  # (B, Hk, G, T, D)
+        return out.reshape(B, Hq, T, D)
 
     def cross_entropy(self, logits, targets, mask):
         losses = F.cross_entropy(logits.float(), targets.long(), reduction="none")
