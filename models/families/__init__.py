@@ -21,7 +21,10 @@ class Family:
     sanitize: Callable[[dict, object], dict]  # checkpoint tensors -> the model's
 
 
-FAMILIES = {mt: Family(mt, configure, llama.sanitize) for mt, configure in llama.CONFIGURE.items()}
+# Each family module holds CONFIGURE {model_type: config.json -> switches} and sanitize.
+FAMILY_MODULES = (llama,)
+FAMILIES = {mt: Family(mt, configure, module.sanitize)
+            for module in FAMILY_MODULES for mt, configure in module.CONFIGURE.items()}
 
 
 def family(model_type: str | None) -> Family:
