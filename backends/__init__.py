@@ -10,9 +10,9 @@ import importlib.util
 import platform
 import sys
 
+from lorafit.core.config import BACKENDS as NAMES
 from lorafit.core.errors import LorafitError
 
-NAMES = ("auto", "torch", "mlx")
 INSTALL_HINT = {
     "torch": "pip install torch",
     "mlx": "pip install mlx" if sys.platform == "darwin" else "pip install 'mlx[cpu]'",
