@@ -8,7 +8,6 @@ device and its memory, and prints the verdict.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from lorafit.backends.devices import device_memory, resolve_backend
