@@ -1,38 +1,22 @@
-"""The `lorafit` command line. Each subcommand is a small function; user mistakes end as a
-one-line `error: ...` on stderr with exit status 2, never a traceback."""
+"""The `lorafit` command line: parse flags and dispatch to lorafit.commands. User mistakes
+end as a one-line `error: ...` on stderr with exit status 2, never a traceback.
+
+The train/estimate flags are generated from TrainConfig (core/config.py): one flag per
+field, its type, choices and help text from the field's annotation, FIELD_CHOICES and
+docstring. They default to None (= not given) so that a TOML file's values stand; the help
+shows TrainConfig's default.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import types
+import typing
 
+from lorafit.core.config import BACKENDS, DTYPES, QUANTIZE
 from lorafit.core.errors import LorafitError
-
-
-def cmd_env(args) -> int:
-    from lorafit.backends.envinfo import describe
-
-    print(describe())
-    return 0
-
-
-def cmd_generate(args) -> int:
-    from lorafit.backends import get_backend
-    from lorafit.core import adapter_io, lora
-    from lorafit.core.generate import generate_text
-    from lorafit.models.loader import load_model
-
-    B = get_backend(args.backend, args.device, verbose=True)
-    B.seed(args.seed)
-    model = load_model(args.model, B, args.dtype, args.quantize)
-    if args.adapter:
-        cfg, adapter = adapter_io.load_any(args.adapter)
-        lora.attach(model, cfg, adapter, dtype=model.dtype)
-    text = generate_text(model, args.prompt, args.max_new_tokens, args.temperature,
-                         args.seed, chat=args.chat)
-    print(text)
-    return 0
 
 
 def _int_list(text: str) -> list[int]:
@@ -42,116 +26,109 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
 
 
-TRAIN_FLAGS = [  # (flag, config field, argparse kwargs)
-    ("--model", "model", dict(help="model folder or Hugging Face hub id")),
-    ("--data", "data", dict(help="training data (.jsonl or .json)")),
-    ("--val-data", "val_data", dict(help="validation data file")),
-    ("--val-fraction", "val_fraction", dict(type=float, help="hold out this fraction")),
-    ("--output", "output", dict(help="run directory")),
-    ("--rank", "rank", dict(type=int)),
-    ("--alpha", "alpha", dict(type=float)),
-    ("--dropout", "dropout", dict(type=float)),
-    ("--targets", "targets", dict(help="comma-separated module names or all-linear")),
-    ("--layers", "layers", dict(type=_int_list, help="layer indices, e.g. 0,1,2")),
-    ("--batch-size", "batch_size", dict(type=int)),
-    ("--grad-accum", "grad_accum", dict(type=int)),
-    ("--lr", "lr", dict(type=float)),
-    ("--schedule", "schedule", dict(choices=["constant", "linear", "cosine"])),
-    ("--warmup-steps", "warmup_steps", dict(type=int)),
-    ("--weight-decay", "weight_decay", dict(type=float)),
-    ("--max-grad-norm", "max_grad_norm", dict(type=float)),
-    ("--epochs", "epochs", dict(type=float)),
-    ("--max-steps", "max_steps", dict(type=int)),
-    ("--seq-len", "seq_len", dict(type=int)),
-    ("--dtype", "dtype", dict(choices=["bf16", "fp16", "fp32", "bfloat16", "float16",
-                                       "float32"])),
-    ("--quantize", "quantize", dict(help="4bit or 8bit frozen weights (MLX backend)")),
-    ("--seed", "seed", dict(type=int)),
-    ("--eval-every", "eval_every", dict(type=int)),
-    ("--early-stopping-patience", "early_stopping_patience", dict(type=int)),
-    ("--save-every", "save_every", dict(type=int)),
-    ("--keep-checkpoints", "keep_checkpoints", dict(type=int)),
-    ("--log-every", "log_every", dict(type=int)),
-    ("--on-bad-record", "on_bad_record", dict(choices=["skip", "fail"])),
-]
-TRAIN_SWITCHES = [("--pack", "pack"), ("--grad-checkpoint", "grad_checkpoint"),
-                  ("--rslora", "rslora"), ("--dora", "dora"),
-                  ("--train-on-prompt", "train_on_prompt"),
-                  ("--force", "force")]
+def show_default(value) -> str:
+    """A TrainConfig default as the help text shows it."""
+    if value is None or value == "":
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
-def add_train_flags(p) -> None:
-    """The flags shared by `train` and `estimate`; all default to None = 'not given'."""
+def config_flags() -> list[tuple[str, str, dict]]:
+    """(flag, TrainConfig field, argparse kwargs) for every TrainConfig field."""
+    from dataclasses import MISSING, fields
+
+    from lorafit.core.config import FIELD_CHOICES, TrainConfig, field_docs
+
+    hints = typing.get_type_hints(TrainConfig)
+    docs = field_docs()
+    flags = []
+    for f in fields(TrainConfig):
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        default = f.default if f.default is not MISSING else f.default_factory()
+        text = docs.get(f.name, "").replace("%", "%%")
+        kw: dict = dict(dest=f.name, default=None,
+                        help=f"{text} (default: {show_default(default)})".strip())
+        if kind is bool:
+            kw["action"] = "store_true"
+        else:
+            kw["type"] = {int: int, float: float}.get(kind, str)
+            if typing.get_origin(kind) is list:
+                kw.update(type=_int_list, metavar="N,N,...")
+            if f.name in FIELD_CHOICES:  # checked by TrainConfig: a one-line error
+                kw["metavar"] = "{" + ",".join(FIELD_CHOICES[f.name]) + "}"
+        flags.append(("--" + f.name.replace("_", "-"), f.name, kw))
+    return flags
+
+
+def add_config_flags(p) -> None:
+    """The flags shared by `train` and `estimate`."""
     p.add_argument("config", nargs="?", help="TOML config (flags override it)")
-    for flag, dest, kw in TRAIN_FLAGS:
-        p.add_argument(flag, dest=dest, default=None, **kw)
-    for flag, dest in TRAIN_SWITCHES:
-        p.add_argument(flag, dest=dest, action="store_true", default=None)
-    p.add_argument("--backend", default=None, choices=["auto", "torch", "mlx"])
-    p.add_argument("--device", default=None, help="cpu, cuda, mps or metal")
+    for flag, _, kw in config_flags():
+        p.add_argument(flag, **kw)
 
 
-def config_from_args(args):
-    from lorafit.core.config import resolve
+def config_overrides(args) -> dict:
+    """{field: value} of the TrainConfig flags; None = not given."""
+    return {dest: getattr(args, dest) for _, dest, _ in config_flags()}
 
-    overrides = {dest: getattr(args, dest) for _, dest, _ in TRAIN_FLAGS}
-    overrides.update({dest: getattr(args, dest) for _, dest in TRAIN_SWITCHES})
-    overrides.update(backend=args.backend, device=args.device)
-    toml = args.config
-    if getattr(args, "resume", None):
-        from pathlib import Path
-        saved = Path(args.resume) / "config.toml"
-        if not saved.exists():
-            raise LorafitError(f"{args.resume}: no config.toml (not a lorafit run directory)")
-        toml = toml or str(saved)
-        overrides["output"] = args.resume
-    return resolve(toml, overrides)
+
+def cmd_env(args) -> int:
+    from lorafit.commands import env
+
+    return env.main()
+
+
+def cmd_generate(args) -> int:
+    from lorafit.commands import generate
+
+    return generate.main(args.model, args.prompt, args.adapter, args.max_new_tokens,
+                         args.temperature, args.seed, args.chat, args.backend, args.device,
+                         args.dtype, args.quantize)
 
 
 def cmd_train(args) -> int:
-    from lorafit.runner import run_training
+    from lorafit.commands import train
 
-    cfg = config_from_args(args)
-    if not cfg.model or not cfg.data:
-        raise LorafitError("train needs --model and --data (or a config file that sets them)")
-    status = run_training(cfg, resume=bool(args.resume))
-    return 0 if status in ("completed", "early_stopped", "stopped") else 1
+    cfg = train.resolve_config(args.config, config_overrides(args), args.resume)
+    return train.main(cfg, resume=bool(args.resume))
+
+
+def cmd_estimate(args) -> int:
+    from lorafit.commands import estimate
+    from lorafit.core.config import resolve
+
+    cfg = resolve(args.config, config_overrides(args))
+    return estimate.main(cfg, args.budget, args.fit, args.json)
 
 
 def cmd_export(args) -> int:
-    from lorafit import export
+    from lorafit.commands import export
 
-    if args.merge:
-        path = export.export_merged(args.adapter, args.out, args.model, args.backend,
-                                    args.dtype, args.quantize)
-        if args.quantize:
-            print(f"note: merged onto the dequantized {args.quantize} base; the merged model "
-                  "is dense, no longer quantized", file=sys.stderr)
-    else:
-        path = export.export_adapter(args.adapter, args.out, args.format, args.model)
-    print(path)
-    return 0
+    return export.main(args.adapter, args.out, args.format, args.merge, args.model,
+                       args.backend, args.dtype, args.quantize)
 
 
 def cmd_convert(args) -> int:
-    from lorafit import export
+    from lorafit.commands import export
 
-    print(export.export_adapter(args.src, args.out, args.to, None))
-    return 0
+    return export.convert(args.src, args.out, args.to)
 
 
 def cmd_demo(args) -> int:
-    from lorafit.demo import run_demo
+    from lorafit.commands import demo
 
-    return run_demo(backend=args.backend, output=args.output, steps=args.steps)
-
-
-def _add_backend_flags(p):
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
-    p.add_argument("--device", default=None, help="cpu, cuda, mps or metal (default: best)")
+    return demo.main(backend=args.backend, output=args.output, steps=args.steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lorafit.core.estimate import FIT_VARIABLES
+
     parser = argparse.ArgumentParser(prog="lorafit", description="LoRA fine-tuning on PyTorch and MLX, with a memory estimator and a terminal UI.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -166,14 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--quantize", default=None, help="4bit or 8bit frozen weights (MLX)")
-    _add_backend_flags(p)
+    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--quantize", default=None, metavar="{" + ",".join(QUANTIZE) + "}",
+                   help="quantize the frozen weights: 4bit (torch with bitsandbytes, or "
+                        "MLX) or 8bit (MLX only)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--device", default=None, help="cpu, cuda, mps or metal (default: best)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="fine-tune a LoRA adapter")
-    add_train_flags(p)
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    add_config_flags(p)
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR (default: start a new run)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="export an adapter to mlx-lm, or merge it into the model")
@@ -183,11 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true",
                    help="write a merged Hugging Face model folder instead")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="dtype of the merged weights (default: the base model's)")
-    p.add_argument("--quantize", choices=["4bit", "8bit"],
+    p.add_argument("--quantize", choices=QUANTIZE,
                    help="with --merge: the adapter was trained on this quantized base")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("convert", help="convert an adapter between mlx-lm and PEFT layouts")
@@ -198,14 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="fine-tune a tiny bundled model on a small task, "
                                     "and show it learned")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--output", default=None, help="run directory (default: a temp folder)")
     p.add_argument("--steps", type=int, default=None, help="training steps")
     p.set_defaults(func=cmd_demo)
 
-    from lorafit.estimating import add_parser as add_estimate
+    p = sub.add_parser("estimate", help="predict peak memory of a run before loading anything")
+    add_config_flags(p)
+    p.add_argument("--budget", help="memory to fit in, e.g. 24GiB (default: the device's)")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    p.add_argument("--fit", choices=tuple(FIT_VARIABLES),
+                   help="the largest value of this setting that fits")
+    p.set_defaults(func=cmd_estimate)
 
-    add_estimate(sub, add_train_flags, config_from_args)
     from lorafit.tui.cli import add_parsers as add_tui
 
     add_tui(sub)

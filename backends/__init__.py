@@ -11,9 +11,9 @@ import platform
 import sys
 
 from lorafit.backends.base import Backend
+from lorafit.core.config import BACKENDS as NAMES
 from lorafit.core.errors import LorafitError
 
-NAMES = ("auto", "torch", "mlx")
 INSTALL_HINT = {
     "torch": "pip install torch",
     "mlx": "pip install mlx" if sys.platform == "darwin" else "pip install 'mlx[cpu]'",

@@ -7,9 +7,15 @@ run directory as `config.toml`, so any run can be repeated headless.
 
 from __future__ import annotations
 
-import tomllib
-from dataclasses import asdict, dataclass, field, fields
+import ast
+import inspect
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, packaged as tomli
+    import tomli as tomllib
 
 from lorafit.core.errors import LorafitError
 
@@ -18,6 +24,9 @@ QUANTIZE_BITS = {"4bit": 4, "8bit": 8}  # --quantize choices
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
                  "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+BACKENDS = ("auto", "torch", "mlx")
+QUANTIZE = ("4bit", "8bit")
+ON_BAD_RECORD = ("fail", "skip")
 
 
 @dataclass
@@ -35,9 +44,9 @@ class TrainConfig:
     backend: str = "auto"
     """auto, torch or mlx."""
     device: str | None = None
-    """cpu, cuda, mps or metal; default: the best the backend has."""
+    """cpu, cuda, mps or metal; none: the best the backend has."""
     dtype: str | None = None
-    """Base weight dtype (float32, bfloat16, float16); default float32 on CPU, the checkpoint's on GPUs."""
+    """Base weight dtype; none: float32 on CPU, the checkpoint's on GPUs."""
     rank: int = 8
     """LoRA rank r."""
     alpha: float = 16.0
@@ -46,8 +55,8 @@ class TrainConfig:
     """Dropout on the adapter input."""
     targets: str = "q_proj,v_proj"
     """Comma-separated module names, or all-linear."""
-    layers: list | None = None
-    """Layer indices to adapt (default: all)."""
+    layers: list[int] | None = None
+    """Layer indices to adapt; none: all."""
     rslora: bool = False
     """Use alpha / sqrt(r) scaling."""
     dora: bool = False
@@ -67,7 +76,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW decoupled weight decay."""
     max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm to this; None or 0 disables."""
+    """Clip the global gradient norm to this; 0 disables."""
     epochs: float = 1.0
     """Passes over the training data (ignored when max_steps is set)."""
     max_steps: int | None = None
@@ -77,7 +86,7 @@ class TrainConfig:
     pack: bool = False
     """Pack short examples into rows of seq_len tokens (attention stays within each example)."""
     quantize: str | None = None
-    """Frozen projection weights in 4bit or 8bit (QLoRA-style; MLX backend)."""
+    """Frozen projection weights: 4bit (QLoRA; NF4 via bitsandbytes on torch) or 8bit (MLX only)."""
     grad_checkpoint: bool = False
     """Recompute each layer's activations in the backward pass to save memory."""
     seed: int = 0
@@ -125,16 +134,16 @@ class TrainConfig:
             raise LorafitError(f"epochs must be positive, got {self.epochs}")
         if self.schedule not in SCHEDULES:
             raise LorafitError(f"schedule {self.schedule!r}: choose {', '.join(SCHEDULES)}")
-        if self.on_bad_record not in ("fail", "skip"):
-            raise LorafitError("on-bad-record must be fail or skip")
+        if self.on_bad_record not in ON_BAD_RECORD:
+            raise LorafitError(f"on-bad-record must be {' or '.join(ON_BAD_RECORD)}")
         if not 0 <= self.val_fraction < 1:
             raise LorafitError(f"val-fraction must be in [0, 1), got {self.val_fraction}")
         if not 0 <= self.dropout < 1:
             raise LorafitError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.quantize not in (None, "4bit", "8bit"):
-            raise LorafitError(f"--quantize {self.quantize}: choose 4bit or 8bit")
-        if self.backend not in ("auto", "torch", "mlx"):
-            raise LorafitError(f"backend {self.backend!r}: choose auto, torch or mlx")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise LorafitError(f"--quantize {self.quantize}: choose {' or '.join(QUANTIZE)}")
+        if self.backend not in BACKENDS:
+            raise LorafitError(f"backend {self.backend!r}: choose {', '.join(BACKENDS)}")
 
     def lora_config(self):
         from lorafit.core.lora import LoraConfig
@@ -149,6 +158,24 @@ class TrainConfig:
 
 
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
+FIELD_CHOICES = {"schedule": SCHEDULES, "dtype": tuple(DTYPE_ALIASES), "backend": BACKENDS,
+                 "quantize": QUANTIZE, "on_bad_record": ON_BAD_RECORD}
+"""The allowed values of the fields that take one of a few words (the CLI's choices)."""
+
+
+def field_docs(cls=TrainConfig) -> dict[str, str]:
+    """{field: its docstring} for a dataclass whose fields carry a string literal below them
+    (read from the class source, so the docstrings stay where a reader of the class sees
+    them)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
 
 
 def read_toml(path: str | Path) -> dict:

@@ -124,3 +124,67 @@ def test_adapter_shape_mismatch_names_key_and_shapes(capsys, tmp_path, tiny_mode
 def test_unknown_backend_choice_is_rejected(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--model", "x", "--prompt", "y", "--backend", "jax"])
+
+
+def test_train_help_shows_every_config_flag_with_its_default(capsys, monkeypatch):
+    """The train/estimate flags are generated from TrainConfig: every field is a flag whose
+    help line has a description and TrainConfig's default."""
+    from dataclasses import fields
+
+    from lorafit.core.config import TrainConfig
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping: one block per flag
+    for command in ("train", "estimate"):
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        blocks, current = {}, None
+        for line in out.split("options:")[1].splitlines():
+            if line.startswith("  -"):
+                current = line.split()[0]
+                blocks[current] = line
+            elif current:
+                blocks[current] += line
+        for f in fields(TrainConfig):
+            flag = "--" + f.name.replace("_", "-")
+            assert flag in blocks, f"{flag} missing from `lorafit {command} --help`"
+            default = f.default
+            shown = ("none" if default in (None, "") else
+                     ("on" if default else "off") if isinstance(default, bool) else
+                     str(default))
+            text = " ".join(blocks[flag].split())
+            assert text.endswith(f"(default: {shown})"), text
+            assert len(text) > len(flag) + len(f"(default: {shown})") + 10, text  # described
+    for flag in ("--model", "--data", "--val-data", "--val-fraction", "--output", "--rank",
+                 "--alpha", "--dropout", "--targets", "--layers", "--batch-size",
+                 "--grad-accum", "--lr", "--schedule", "--warmup-steps", "--weight-decay",
+                 "--max-grad-norm", "--epochs", "--max-steps", "--seq-len", "--dtype",
+                 "--quantize", "--seed", "--eval-every", "--early-stopping-patience",
+                 "--save-every", "--keep-checkpoints", "--log-every", "--on-bad-record",
+                 "--pack", "--grad-checkpoint", "--rslora", "--dora", "--train-on-prompt",
+                 "--force", "--backend", "--device"):
+        assert flag in blocks
+
+
+def test_config_flags_default_to_not_given(tmp_path):
+    """A flag left out does not override the TOML file; one given does."""
+    from lorafit.cli import build_parser, config_overrides
+    from lorafit.core.config import resolve
+
+    (tmp_path / "c.toml").write_text('rank = 4\nschedule = "linear"\npack = true\n'
+                                     'layers = [0, 2]\n')
+    args = build_parser().parse_args(["train", str(tmp_path / "c.toml"), "--lr", "0.5"])
+    assert all(v is None for k, v in config_overrides(args).items() if k != "lr")
+    cfg = resolve(args.config, config_overrides(args))
+    assert (cfg.rank, cfg.schedule, cfg.pack, cfg.layers, cfg.lr) == (4, "linear", True,
+                                                                      [0, 2], 0.5)
+    args = build_parser().parse_args(["train", str(tmp_path / "c.toml"), "--rank", "2",
+                                      "--layers", "1,3", "--dtype", "bf16"])
+    cfg = resolve(args.config, config_overrides(args))
+    assert (cfg.rank, cfg.layers, cfg.dtype) == (2, [1, 3], "bfloat16")
+
+
+def test_bad_choice_in_a_config_flag_is_a_one_line_error(capsys):
+    code, _, err = run_cli(capsys, "estimate", "--model", "qwen3-0.6b", "--schedule", "step")
+    assert_one_line_error(code, err, "schedule 'step'", "cosine")

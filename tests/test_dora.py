@@ -120,7 +120,7 @@ def test_lorafit_dora_adapter_loads_in_peft_and_mlx_lm(peft_dora_mistral, tmp_pa
     from safetensors.numpy import load_file
 
     from lorafit.backends import get_backend
-    from lorafit.export import export_adapter
+    from lorafit.commands.export import export_adapter
 
     folder, pm, saved = peft_dora_mistral
     cfg, adapter = adapter_io.load_peft(saved)

@@ -46,7 +46,7 @@ def test_qlora_4bit_estimate_on_torch(grid_root):
 
 def test_estimate_suggests_4bit_when_that_is_what_fits():
     from lorafit.core.estimate import suggestions
-    st = Settings(dtype="bfloat16", backend="mlx", device="metal", seq_len=512,
+    st = Settings(dtype="bfloat16", backend="mlx", device="metal", seq_len=512, batch_size=1,
                   grad_checkpoint=True)
     need = estimate(memory_shape(load_preset("qwen2.5-7b")), st)["total"]
     with_4bit = estimate(memory_shape(load_preset("qwen2.5-7b")), Settings(**{**st.__dict__,
@@ -114,7 +114,7 @@ def test_recompute_keeps_one_layer_plus_the_checkpoints():
 
 def test_fit_returns_a_value_that_fits_and_whose_next_step_does_not():
     budget = parse_bytes("12GiB")
-    st = Settings(dtype="bfloat16", backend="torch", device="cuda", seq_len=2048)
+    st = Settings(dtype="bfloat16", backend="torch", device="cuda", seq_len=2048, batch_size=1)
     for variable, field_name in (("batch", "batch_size"), ("seq-len", "seq_len"),
                                  ("rank", "rank")):
         v = largest_fitting(SHAPE, st, variable, budget, limit=1 << 16)

@@ -139,7 +139,7 @@ def test_lorafit_adapter_loads_in_peft_mlx_lm_and_merged_transformers(built, tor
     from peft.utils import get_peft_model_state_dict
     from safetensors.numpy import load_file
 
-    from lorafit.export import export_adapter, export_merged
+    from lorafit.commands.export import export_adapter, export_merged
 
     folder, ref = built(case)
     ops = torch_backend

@@ -120,7 +120,7 @@ def test_qlora_run_learns_resumes_exactly_and_merges(q_setup, tmp_path, backend)
     import transformers
     import torch
 
-    from lorafit.export import export_merged
+    from lorafit.commands.export import export_merged
     from test_train import train
 
     if backend == "torch":

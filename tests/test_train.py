@@ -19,7 +19,7 @@ from lorafit.core import events as ev
 from lorafit.core.checkpoint import latest_checkpoint, load_checkpoint
 from lorafit.core.config import TrainConfig
 from lorafit.models.loader import load_model
-from lorafit.runner import build_trainer
+from lorafit.commands.train import build_trainer
 
 WORDS = "the quick brown fox jumps over lazy dog hello world tiny corpus tokenizer".split()
 
@@ -176,7 +176,7 @@ def test_trained_adapter_loads_in_peft_mlx_lm_and_merged_transformers(setup, tmp
     from safetensors.numpy import load_file
     import transformers
 
-    from lorafit.export import export_adapter, export_merged
+    from lorafit.commands.export import export_adapter, export_merged
 
     root, folder, ref, _ = setup
     trainer, _, _ = train(make_cfg(setup, "exports", max_steps=6))

@@ -185,19 +185,16 @@ class RunScreen(Screen):
 
     @work(thread=True, exclusive=True)
     def _generate(self, prompt: str, ckpt: Path) -> None:
-        from lorafit.backends import get_backend
-        from lorafit.core import adapter_io, lora
+        from lorafit.commands.common import attach_adapter, load_model_with_adapter
         from lorafit.core.errors import LorafitError
         from lorafit.core.generate import generate_text
-        from lorafit.models.loader import load_model
 
         try:
             cfg = self.follower.state.start.get("config", {})
-            B = get_backend("torch" if cfg.get("backend") != "mlx" else "mlx", "cpu")
-            model = load_model(cfg["model"], B)
+            model = load_model_with_adapter(
+                cfg["model"], None, "torch" if cfg.get("backend") != "mlx" else "mlx", "cpu")
             base = generate_text(model, prompt, 32)
-            lcfg, adapter = adapter_io.load_peft(ckpt)
-            lora.attach(model, lcfg, adapter)
+            attach_adapter(model, ckpt)
             tuned = generate_text(model, prompt, 32)
             text = Text()
             text.append("base:    ", style="bold")

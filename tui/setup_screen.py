@@ -109,7 +109,7 @@ class SetupScreen(Screen):
     def _update_memory(self, cfg) -> None:
         if not cfg.model:
             return
-        from lorafit.estimating import estimate_for_config
+        from lorafit.commands.estimate import estimate_for_config
 
         try:
             est = estimate_for_config(cfg)

@@ -1,19 +1,18 @@
 """`lorafit estimate` and the pre-flight check of `lorafit train`.
 
 The arithmetic lives in core/estimate.py (no framework); this module finds the model's
-shape (folder, config.json, cached hub id or preset) and the memory of the chosen device,
-which needs the frameworks, and prints the verdict.
+shape (folder, config.json, cached hub id or preset), asks backends/devices.py for the
+device and its memory, and prints the verdict.
 """
 
 from __future__ import annotations
 
 import json
-import sys
+from dataclasses import asdict
 from pathlib import Path
 
+from lorafit.backends.devices import device_memory, resolve_backend
 from lorafit.core.errors import LorafitError
-from dataclasses import asdict
-
 from lorafit.core.estimate import (Shape, estimate, fmt_bytes, largest_fitting, parse_bytes,
                                    settings_from_config, suggestions)
 from lorafit.models import memory_shape
@@ -49,53 +48,11 @@ def model_config(model: str) -> tuple[dict, str]:
     raise AssertionError
 
 
-def resolve_backend(cfg) -> tuple[str, str]:
-    """(backend, device) the run would use, without loading any model."""
-    if cfg.backend == "auto":
-        from lorafit.backends import choose_auto
-        name, device, _ = choose_auto()
-    else:
-        name = cfg.backend
-        device = cfg.device or ("cuda" if name == "torch" and _cuda() else
-                                "metal" if name == "mlx" and _metal() else "cpu")
-    device = cfg.device or device
-    return name, {"gpu": "metal"}.get(device, device)
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
-
-
-def _metal() -> bool:
-    try:
-        import mlx.core as mx
-        return mx.metal.is_available()
-    except ImportError:
-        return False
-
-
-def device_memory(backend: str, device: str) -> tuple[int, str]:
-    """(bytes, description) of the memory a run on this device can use."""
-    import psutil
-
-    if device == "cuda":
-        import torch
-        free, total = torch.cuda.mem_get_info(0)
-        return total, f"{torch.cuda.get_device_name(0)} memory"
-    if device in ("metal", "mps"):
-        return psutil.virtual_memory().total, "Apple unified memory"
-    return psutil.virtual_memory().available, "available host RAM"
-
-
 def estimate_for_config(cfg, budget_bytes: int | None = None) -> dict:
     """The estimate of a TrainConfig with budget, verdict and suggestions (for the runner,
     the CLI and the TUI)."""
     config, source = model_config(cfg.model)
-    backend, device = resolve_backend(cfg)
+    backend, device = resolve_backend(cfg.backend, cfg.device)
     settings = settings_from_config(cfg, backend, device)
     shape = memory_shape(config)
     est = estimate(shape, settings)
@@ -113,10 +70,7 @@ def estimate_for_config(cfg, budget_bytes: int | None = None) -> dict:
 def preflight(cfg) -> dict | None:
     """Before any weight is loaded: stop with the estimate and what would fit when the run
     cannot fit the device (unless --force)."""
-    try:
-        est = estimate_for_config(cfg)
-    except LorafitError:
-        raise
+    est = estimate_for_config(cfg)
     if not est["fits"] and not cfg.force:
         raise LorafitError(
             f"this run needs about {fmt_bytes(est['total'])} but {est['budget_source']} is "
@@ -144,30 +98,21 @@ def render(est: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_estimate(args, config_from_args) -> int:
-    cfg = config_from_args(args)
-    budget = parse_bytes(args.budget) if args.budget else None
-    est = estimate_for_config(cfg, budget)
-    if args.fit:
+def main(cfg, budget: str | None = None, fit: str | None = None,
+         as_json: bool = False) -> int:
+    """Print the estimate of `cfg` (a table, or JSON); with `fit` ("batch", "seq-len" or
+    "rank") also the largest value of that setting that fits."""
+    est = estimate_for_config(cfg, parse_bytes(budget) if budget else None)
+    if fit:
         settings = settings_from_config(cfg, est["backend"], est["device"])
-        value = largest_fitting(Shape(**est["shape"]), settings, args.fit, est["budget"])
-        est["fit"] = {"variable": args.fit, "largest": value}
-    if args.json:
+        est["fit"] = {"variable": fit, "largest": largest_fitting(
+            Shape(**est["shape"]), settings, fit, est["budget"])}
+    if as_json:
         print(json.dumps(est, indent=2))
     else:
         print(render(est))
-        if args.fit:
+        if fit:
             v = est["fit"]["largest"]
-            print(f"\nlargest {args.fit} that fits: {v}" if v else
-                  f"\nno {args.fit} fits: even 1 needs more than the budget")
+            print(f"\nlargest {fit} that fits: {v}" if v else
+                  f"\nno {fit} fits: even 1 needs more than the budget")
     return 0
-
-
-def add_parser(sub, add_train_flags, config_from_args) -> None:
-    p = sub.add_parser("estimate", help="predict peak memory of a run before loading anything")
-    add_train_flags(p)
-    p.add_argument("--budget", help="memory to fit in, e.g. 24GiB (default: the device's)")
-    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
-    p.add_argument("--fit", choices=["batch", "seq-len", "rank"],
-                   help="the largest value of this setting that fits")
-    p.set_defaults(func=lambda args: cmd_estimate(args, config_from_args))

@@ -83,12 +83,11 @@ def exact_match(preds: list[str], words: list[str]) -> float:
     return sum(p == shift(w) for p, w in zip(preds, words)) / len(words)
 
 
-def run_demo(backend: str = "auto", output: str | None = None, steps: int | None = None) -> int:
+def main(backend: str = "auto", output: str | None = None, steps: int | None = None) -> int:
     from lorafit.backends import get_backend
-    from lorafit.core import adapter_io, lora
+    from lorafit.commands.common import load_model_with_adapter
+    from lorafit.commands.train import run_training
     from lorafit.core.config import TrainConfig
-    from lorafit.models.loader import load_model
-    from lorafit.runner import run_training
 
     root = Path(output) if output else Path(tempfile.mkdtemp(prefix="lorafit-demo-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -101,16 +100,14 @@ def run_demo(backend: str = "auto", output: str | None = None, steps: int | None
                       batch_size=32, lr=3e-3, schedule="cosine", warmup_steps=20,
                       max_steps=steps or 400, seq_len=32, seed=0, log_every=10,
                       save_every=200)
-    B = get_backend(backend, None if backend != "auto" else None)
-    base = load_model(str(model_dir), B)
+    ops = get_backend(cfg.backend, cfg.device)  # the device the run trains on
+    base = load_model_with_adapter(str(model_dir), None, ops)
     t0 = time.time()
     before = answers(base, test_words)
     say(f"held-out exact match before training: {exact_match(before, test_words):.0%} "
         f"({len(test_words)} words never seen in training)")
     run_training(cfg)
-    tuned = load_model(str(model_dir), B)
-    lcfg, adapter = adapter_io.load_peft(root / "run" / "adapter")
-    lora.attach(tuned, lcfg, adapter)
+    tuned = load_model_with_adapter(str(model_dir), root / "run" / "adapter", ops)
     after = answers(tuned, test_words)
     score_before, score_after = exact_match(before, test_words), exact_match(after, test_words)
     print(f"\nheld-out exact match: base {score_before:.0%} -> with adapter {score_after:.0%} "

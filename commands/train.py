@@ -1,5 +1,6 @@
-"""One training run, assembled: check the data, pick the backend, load the model, attach
-the adapter, train, save. Used by `lorafit train`, `lorafit demo` and the TUI's worker."""
+"""`lorafit train`: one training run, assembled: check the data, pick the backend, load the
+model, attach the adapter, train, save. Used by `lorafit train` (which the TUI starts as a
+child process) and `lorafit demo`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,19 @@ from lorafit.core.errors import LorafitError
 from lorafit.core.fileio import atomic_write_text
 from lorafit.core.lora import attach
 from lorafit.core.train import Trainer
+
+
+def resolve_config(toml: str | None, overrides: dict, resume: str | None = None):
+    """The run's TrainConfig: the TOML file (with `resume`, RUN_DIR/config.toml unless a file
+    is given), then the flags that were given (None = not given)."""
+    overrides = dict(overrides)
+    if resume:
+        saved = Path(resume) / "config.toml"
+        if not saved.exists():
+            raise LorafitError(f"{resume}: no config.toml (not a lorafit run directory)")
+        toml = toml or str(saved)
+        overrides["output"] = resume
+    return config_mod.resolve(toml, overrides)
 
 
 def prepare_run_dir(cfg, resume: bool) -> Path:
@@ -56,14 +70,14 @@ def build_trainer(cfg, sinks=(), control=None, resume: bool = False, report=None
         check_dataset_file(cfg.val_data, cfg.on_bad_record)
     folder = resolve_model_path(cfg.model)
     load_args(str(folder))  # config.json problems first: they are cheap to find
-    from lorafit.estimating import preflight
+    from lorafit.commands.estimate import preflight
 
     estimate = preflight(cfg)  # stops here when the run cannot fit (unless --force)
     tokenizer = load_tokenizer(folder)
     train, val, notes = load_examples(cfg, tokenizer)  # data errors before any weight loads
-    B = get_backend(cfg.backend, cfg.device, verbose=True)
-    B.seed(cfg.seed)
-    model = load_model(str(folder), B, cfg.dtype, cfg.quantize)
+    ops = get_backend(cfg.backend, cfg.device, verbose=True)
+    ops.seed(cfg.seed)
+    model = load_model(str(folder), ops, cfg.dtype, cfg.quantize)
     model._tokenizer = tokenizer
     run_dir = prepare_run_dir(cfg, resume)
     ckpt = None
@@ -97,3 +111,10 @@ def run_training(cfg, sinks=None, control=None, resume=False, install_signals=Tr
     finally:
         for s in trainer.sinks:
             s.close()
+
+
+def main(cfg, resume: bool = False) -> int:
+    if not cfg.model or not cfg.data:
+        raise LorafitError("train needs --model and --data (or a config file that sets them)")
+    status = run_training(cfg, resume=resume)
+    return 0 if status in ("completed", "early_stopped", "stopped") else 1

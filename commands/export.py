@@ -1,4 +1,4 @@
-"""Exports: an adapter to mlx-lm's layout (or back), and a merged Hugging Face folder.
+"""`lorafit export` and `lorafit convert`: an adapter to mlx-lm's layout (or back), and a merged Hugging Face folder.
 
 Every export is written into a temporary folder beside the target and renamed into place,
 so an interrupted export never leaves a half-written folder under the target's name.
@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from lorafit.core import adapter_io, lora
+from lorafit.core.config import DTYPES
 from lorafit.core.errors import LorafitError
 
 SHARD_BYTES = 4 * 2**30
@@ -76,25 +78,24 @@ def export_merged(adapter_dir: str | Path, out: str | Path, model: str | None = 
     """Base + adapter folded into plain weights, as a Hugging Face folder (safetensors).
     For an adapter trained on a quantized base, pass the same `quantize`: the base is
     quantized the same way, dequantized, and merged, so the result is what was trained."""
-    from lorafit.backends import get_backend
-    from lorafit.models.loader import load_model, read_config, resolve_model_path
+    from lorafit.commands.common import load_model_with_adapter
+    from lorafit.models.loader import read_config, resolve_model_path
 
     base = _base_model(adapter_dir, model)
     if not base:
         raise LorafitError(f"{adapter_dir}: the adapter does not name its base model; pass "
                            "--model")
-    cfg, adapter = adapter_io.load_any(adapter_dir)
-    B = get_backend(backend, "cpu" if backend == "auto" else None)
-    m = load_model(base, B, "float32", quantize)
-    lora.attach(m, cfg, adapter)
+    m = load_model_with_adapter(base, adapter_dir, backend,
+                                "cpu" if backend == "auto" else None, "float32", quantize)
+    ops = m.backend
     lora.merge(m)
     folder = resolve_model_path(base)
     config = read_config(folder)
     target = dtype or config.get("torch_dtype") or config.get("dtype") or "float32"
-    if target not in ("float32", "bfloat16", "float16"):
+    if target not in DTYPES:
         target = "float32"
     out, tmp = _staging(out)
-    _write_weights(B, {k: B.cast(v, target) for k, v in m.params.items()}, tmp)
+    _write_weights(ops, {k: ops.cast(v, target) for k, v in m.params.items()}, tmp)
     config["torch_dtype"] = target
     config.pop("auto_map", None)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -105,11 +106,11 @@ def export_merged(adapter_dir: str | Path, out: str | Path, model: str | None = 
     return _commit(tmp, out)
 
 
-def _write_weights(B, params: dict, folder: Path) -> None:
+def _write_weights(ops, params: dict, folder: Path) -> None:
     """model.safetensors, or shards plus model.safetensors.index.json past SHARD_BYTES."""
     shards, current, size = [], {}, 0
     for name in sorted(params):
-        nbytes = B.nbytes(params[name])
+        nbytes = ops.nbytes(params[name])
         if current and size + nbytes > SHARD_BYTES:
             shards.append(current)
             current, size = {}, 0
@@ -117,13 +118,34 @@ def _write_weights(B, params: dict, folder: Path) -> None:
         size += nbytes
     shards.append(current)
     if len(shards) == 1:
-        B.save_safetensors(folder / "model.safetensors", shards[0])
+        ops.save_safetensors(folder / "model.safetensors", shards[0])
         return
     weight_map, total = {}, 0
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        B.save_safetensors(folder / fname, shard)
+        ops.save_safetensors(folder / fname, shard)
         weight_map.update({k: fname for k in shard})
-        total += sum(B.nbytes(v) for v in shard.values())
+        total += sum(ops.nbytes(v) for v in shard.values())
     (folder / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def main(adapter: str, out: str, fmt: str = "mlx-lm", merge: bool = False,
+         model: str | None = None, backend: str = "auto", dtype: str | None = None,
+         quantize: str | None = None) -> int:
+    """`lorafit export`: print the folder written."""
+    if merge:
+        path = export_merged(adapter, out, model, backend, dtype, quantize)
+        if quantize:
+            print(f"note: merged onto the dequantized {quantize} base; the merged model "
+                  "is dense, no longer quantized", file=sys.stderr)
+    else:
+        path = export_adapter(adapter, out, fmt, model)
+    print(path)
+    return 0
+
+
+def convert(src: str, out: str, to: str = "peft") -> int:
+    """`lorafit convert`: rewrite an adapter in the other layout; print the folder written."""
+    print(export_adapter(src, out, to, None))
+    return 0

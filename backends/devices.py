@@ -1,0 +1,49 @@
+"""Device probing without building a backend: which device a run would use, and how much
+memory that device offers. Used by `lorafit estimate` and train's pre-flight check, before
+any model is loaded."""
+
+from __future__ import annotations
+
+from lorafit.backends import choose_auto
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def metal_available() -> bool:
+    try:
+        import mlx.core as mx
+    except ImportError:
+        return False
+    return mx.metal.is_available()
+
+
+def resolve_backend(backend: str, device: str | None = None) -> tuple[str, str]:
+    """(backend, device) that `get_backend(backend, device)` would give, without building
+    it. MLX's "gpu" is reported as "metal"."""
+    if backend == "auto":
+        backend, auto_device, _ = choose_auto()
+        device = device or auto_device
+    elif device is None:
+        device = ("cuda" if backend == "torch" and cuda_available() else
+                  "metal" if backend == "mlx" and metal_available() else "cpu")
+    return backend, {"gpu": "metal"}.get(device, device)
+
+
+def device_memory(backend: str, device: str) -> tuple[int, str]:
+    """(bytes, description) of the memory a run on this device can use."""
+    import psutil
+
+    if device == "cuda":
+        import torch
+
+        free, total = torch.cuda.mem_get_info(0)
+        return total, f"{torch.cuda.get_device_name(0)} memory"
+    if device in ("metal", "mps"):
+        return psutil.virtual_memory().total, "Apple unified memory"
+    return psutil.virtual_memory().available, "available host RAM"
