@@ -99,10 +99,10 @@ def config_from_args(args):
     overrides.update(backend=args.backend, device=args.device)
     toml = args.config
     if getattr(args, "resume", None):
-        from pathlib import Path
-        saved = Path(args.resume) / "config.toml"
+        from lorafit.core import rundir
+        saved = rundir.config_path(args.resume)
         if not saved.exists():
-            raise LorafitError(f"{args.resume}: no config.toml (not a lorafit run directory)")
+            raise LorafitError(f"{args.resume}: no {saved.name} (not a lorafit run directory)")
         toml = toml or str(saved)
         overrides["output"] = args.resume
     return resolve(toml, overrides)
