@@ -87,6 +87,7 @@ def main(backend: str = "auto", output: str | None = None, steps: int | None = N
     from lorafit.backends import get_backend
     from lorafit.commands.common import load_model_with_adapter
     from lorafit.commands.train import run_training
+    from lorafit.core import rundir
     from lorafit.core.config import TrainConfig
 
     root = Path(output) if output else Path(tempfile.mkdtemp(prefix="lorafit-demo-"))
@@ -107,7 +108,8 @@ def main(backend: str = "auto", output: str | None = None, steps: int | None = N
     say(f"held-out exact match before training: {exact_match(before, test_words):.0%} "
         f"({len(test_words)} words never seen in training)")
     run_training(cfg)
-    tuned = load_model_with_adapter(str(model_dir), root / "run" / "adapter", ops)
+    adapter_dir = rundir.adapter_path(cfg.output)
+    tuned = load_model_with_adapter(str(model_dir), adapter_dir, ops)
     after = answers(tuned, test_words)
     score_before, score_after = exact_match(before, test_words), exact_match(after, test_words)
     print(f"\nheld-out exact match: base {score_before:.0%} -> with adapter {score_after:.0%} "
@@ -116,5 +118,5 @@ def main(backend: str = "auto", output: str | None = None, steps: int | None = N
     for w, b, a in list(zip(test_words, before, after))[:6]:
         mark = "ok" if a == shift(w) else "x"
         print(f"{prompt_for(w):<16} {shift(w):<9} {b[:12]!r:<12} {a!r:<12} {mark}")
-    print(f"\nadapter (PEFT layout): {root / 'run' / 'adapter'}")
+    print(f"\nadapter (PEFT layout): {adapter_dir}")
     return 0 if score_after > score_before else 1

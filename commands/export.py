@@ -11,7 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from lorafit.core import adapter_io, lora
+from lorafit.core import adapter_io, lora, rundir
 from lorafit.core.config import DTYPES
 from lorafit.core.errors import LorafitError
 
@@ -22,18 +22,11 @@ def _staging(out: str | Path) -> tuple[Path, Path]:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise LorafitError(f"{out} exists and is not empty; choose a new output folder")
-    tmp = out.parent / f".{out.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return out, tmp
+    return out, rundir.staging_folder(out)
 
 
 def _commit(tmp: Path, out: Path) -> Path:
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    return out
+    return rundir.commit_folder(tmp, out)
 
 
 def _base_model(adapter_dir: str | Path, model: str | None) -> str | None:

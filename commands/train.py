@@ -9,11 +9,11 @@ from pathlib import Path
 
 from lorafit.core import config as config_mod
 from lorafit.core import events as ev
+from lorafit.core import rundir
 from lorafit.core.checkpoint import latest_checkpoint, load_checkpoint
 from lorafit.core.control import Control
 from lorafit.core.data import check_dataset_file, check_enough, load_dataset, split_validation
 from lorafit.core.errors import LorafitError
-from lorafit.core.fileio import atomic_write_text
 from lorafit.core.lora import attach
 from lorafit.core.train import Trainer
 
@@ -23,9 +23,9 @@ def resolve_config(toml: str | None, overrides: dict, resume: str | None = None)
     is given), then the flags that were given (None = not given)."""
     overrides = dict(overrides)
     if resume:
-        saved = Path(resume) / "config.toml"
+        saved = rundir.config_path(resume)
         if not saved.exists():
-            raise LorafitError(f"{resume}: no config.toml (not a lorafit run directory)")
+            raise LorafitError(f"{resume}: no {saved.name} (not a lorafit run directory)")
         toml = toml or str(saved)
         overrides["output"] = resume
     return config_mod.resolve(toml, overrides)
@@ -33,12 +33,11 @@ def resolve_config(toml: str | None, overrides: dict, resume: str | None = None)
 
 def prepare_run_dir(cfg, resume: bool) -> Path:
     run_dir = Path(cfg.output)
-    if not resume and (run_dir / "checkpoints").exists() and any(
-            (run_dir / "checkpoints").iterdir()):
+    if not resume and rundir.holds_checkpoints(run_dir):
         raise LorafitError(f"{run_dir} already holds a run; use --resume {run_dir} to "
                            "continue it or --output to start a new one")
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.toml", config_mod.to_toml(cfg))
+    rundir.write_config(run_dir, config_mod.to_toml(cfg))
     return run_dir
 
 
@@ -89,8 +88,7 @@ def build_trainer(cfg, sinks=(), control=None, resume: bool = False, report=None
             ckpt = load_checkpoint(path)
             report(f"resuming from {path}")
     attach(model, cfg.lora_config(), None if ckpt is None else ckpt["adapter"], seed=cfg.seed)
-    sinks = list(sinks) + [ev.JsonlSink(run_dir / "metrics.jsonl"),
-                           ev.StatusSink(run_dir / "status.json")]
+    sinks = list(sinks) + [ev.JsonlSink(run_dir), ev.StatusSink(run_dir)]
     trainer = Trainer(model, cfg, train, val, run_dir, sinks, control or Control(run_dir),
                       estimate=estimate)
     if ckpt is not None:

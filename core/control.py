@@ -1,41 +1,36 @@
 """How a running trainer is steered: pause / resume / save / stop.
 
 Requests arrive from signals (Ctrl-C, SIGTERM), from a UI in the same process (methods), or
-from any other process through `control.json` in the run directory, which the trainer polls
-between steps. So a TUI can steer a run it did not start.
+from any other process through the control file of the run folder (core/rundir.py), which
+the trainer polls between steps. So a TUI can steer a run it did not start.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import threading
 import time
 from pathlib import Path
 
-from lorafit.core.fileio import atomic_write_json
+from lorafit.core import rundir
 
 COMMANDS = ("pause", "resume", "save", "stop")
-CONTROL_FILE = "control.json"
 
 
 def send_command(run_dir: str | Path, command: str) -> None:
     """Ask the trainer of run_dir to pause, resume, save or stop."""
     if command not in COMMANDS:
         raise ValueError(f"unknown command {command!r}")
-    path = Path(run_dir) / CONTROL_FILE
-    seq = 0
     try:
-        seq = int(json.loads(path.read_text()).get("seq", 0))
-    except (OSError, ValueError):
-        pass
-    atomic_write_json(path, {"command": command, "seq": seq + 1, "time": time.time()})
+        seq = int(rundir.read_control(run_dir).get("seq", 0))
+    except (TypeError, ValueError):
+        seq = 0
+    rundir.write_control(run_dir, {"command": command, "seq": seq + 1, "time": time.time()})
 
 
 class Control:
     def __init__(self, run_dir: str | Path | None = None):
-        self.path = Path(run_dir) / CONTROL_FILE if run_dir else None
+        self.run_dir = Path(run_dir) if run_dir else None
         self.stop_requested = False
         self.save_requested = False
         self.paused = False
@@ -58,30 +53,30 @@ class Control:
 
     # -- file requests --------------------------------------------------------------------
     def _stat(self):
-        try:
-            return os.stat(self.path).st_mtime_ns if self.path else None
-        except OSError:
-            return None
+        return rundir.control_mtime(self.run_dir) if self.run_dir else None
 
     def _read(self) -> dict:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
+        return rundir.read_control(self.run_dir)
 
     def _read_seq(self) -> int:
-        return int(self._read().get("seq", 0)) if self.path else 0
+        try:
+            return int(self._read().get("seq", 0)) if self.run_dir else 0
+        except (TypeError, ValueError):
+            return 0
 
     def poll(self) -> str | None:
-        """Apply a new command from control.json, if any; returns it."""
-        if self.path is None:
+        """Apply a new command from the control file, if any; returns it."""
+        if self.run_dir is None:
             return None
         mtime = self._stat()
         if mtime == self._mtime:
             return None
         self._mtime = mtime
         msg = self._read()
-        seq = int(msg.get("seq", 0))
+        try:
+            seq = int(msg.get("seq", 0))
+        except (TypeError, ValueError):
+            return None
         if seq <= self._seen_seq:
             return None
         self._seen_seq = seq

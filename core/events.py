@@ -1,20 +1,22 @@
 """Typed reports from the trainer, and the sinks that receive them.
 
-The trainer emits events; it never knows who listens. A console progress line, the
-`metrics.jsonl` file and the TUI are all sinks with the same one-method interface, so a
+The trainer emits events; it never knows who listens. A console progress line, the run
+folder's metrics file and the TUI are all sinks with the same one-method interface, so a
 headless run and a watched run leave the same records.
+
+Each event type has its own `kind`, the key of its record in the metrics file; readers turn
+records back into events with `from_record` (kinds live only here), so nothing matches
+message texts.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from lorafit.core.fileio import atomic_write_json
+from lorafit.core import rundir
 
 
 @dataclass
@@ -90,7 +92,21 @@ class StepSkipped(Event):
 
 
 @dataclass
+class Paused(Event):
+    """The trainer stopped between steps on a pause request."""
+    step: int
+    kind: str = field(init=False, default="paused")
+
+
+@dataclass
+class Resumed(Event):
+    step: int
+    kind: str = field(init=False, default="resumed")
+
+
+@dataclass
 class Message(Event):
+    """Free text for people (console, event log); never parsed."""
     level: str
     text: str
     kind: str = field(init=False, default="message")
@@ -108,6 +124,27 @@ class RunFinished(Event):
     kind: str = field(init=False, default="end")
 
 
+EVENT_TYPES: dict[str, type[Event]] = {cls.kind: cls for cls in (
+    RunStarted, StepReport, EvalReport, MemoryMeasured, CheckpointSaved, StepSkipped, Paused,
+    Resumed, Message, RunFinished)}
+
+
+def from_record(record: dict) -> Event | None:
+    """The event a metrics record holds; None for an unknown kind or a malformed record
+    (fields added later are ignored, so old readers follow newer trainers)."""
+    cls = EVENT_TYPES.get(record.get("kind")) if isinstance(record, dict) else None
+    if cls is None:
+        return None
+    names = {f.name for f in fields(cls) if f.init}
+    try:
+        event = cls(**{k: v for k, v in record.items() if k in names})
+    except TypeError:
+        return None
+    if isinstance(record.get("time"), (int, float)):
+        event.time = record["time"]
+    return event
+
+
 class Sink:
     def __call__(self, event: Event) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -117,31 +154,30 @@ class Sink:
 
 
 class JsonlSink(Sink):
-    """One JSON object per line, flushed per record, so watchers see it at once."""
+    """The run folder's metrics file: one JSON object per line, flushed per record, so
+    watchers see it at once."""
 
-    def __init__(self, path: str | Path):
-        self.f = open(path, "a", encoding="utf-8")
+    def __init__(self, run_dir: str | Path):
+        self.f = rundir.open_metrics(run_dir)
 
     def __call__(self, event):
-        self.f.write(json.dumps(event.to_dict()) + "\n")
-        self.f.flush()
+        rundir.append_record(self.f, event.to_dict())
 
     def close(self):
         self.f.close()
 
 
 class StatusSink(Sink):
-    """status.json: state, pid, step, last checkpoint. Written atomically."""
+    """The run folder's status file: state, pid, step, last checkpoint. Written atomically."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.status = {"state": "starting", "pid": os.getpid(), "step": 0,
-                       "total_steps": None, "last_checkpoint": None, "error": None}
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.status = rundir.new_status()
         self._write()
 
     def _write(self):
         self.status["updated"] = time.time()
-        atomic_write_json(self.path, self.status)
+        rundir.write_status(self.run_dir, self.status)
 
     def __call__(self, event):
         if isinstance(event, RunStarted):
@@ -152,8 +188,10 @@ class StatusSink(Sink):
                 return
         elif isinstance(event, CheckpointSaved):
             self.status["last_checkpoint"] = event.path
-        elif isinstance(event, Message) and event.text in ("paused", "resumed"):
-            self.status["state"] = "paused" if event.text == "paused" else "running"
+        elif isinstance(event, Paused):
+            self.status["state"] = "paused"
+        elif isinstance(event, Resumed):
+            self.status["state"] = "running"
         elif isinstance(event, RunFinished):
             self.status.update(state=event.status, step=event.step, error=event.error)
         else:
@@ -215,6 +253,10 @@ class ConsoleSink(Sink):
             self._line(f"step {e.step}: checkpoint saved to {e.path}")
         elif isinstance(e, StepSkipped):
             self._line(f"step {e.step}: update skipped ({e.reason})")
+        elif isinstance(e, Paused):
+            self._line(f"step {e.step}: paused")
+        elif isinstance(e, Resumed):
+            self._line(f"step {e.step}: resumed")
         elif isinstance(e, Message):
             self._line(f"{e.level}: {e.text}" if e.level != "info" else e.text)
         elif isinstance(e, RunFinished):
@@ -232,15 +274,5 @@ class ConsoleSink(Sink):
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """All complete records of a metrics.jsonl (a torn last line is ignored)."""
-    out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-    except FileNotFoundError:
-        pass
-    return out
+    """All complete records of a run's metrics file (give the run folder or the file)."""
+    return rundir.read_metrics(path)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from lorafit.core import events as ev
+from lorafit.core import rundir
 from lorafit.core.checkpoint import save_checkpoint
 from lorafit.core.adapter_io import save_peft
 from lorafit.core.data import Batch, make_batches
@@ -180,17 +181,10 @@ class Trainer:
 
     def save_adapter(self) -> Path:
         """The final adapter in PEFT layout, assembled aside and renamed into place."""
-        import shutil
-
-        final = self.run_dir / "adapter"
-        tmp = self.run_dir / ".adapter.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        save_peft(tmp, self.adapter_numpy(), self.model.lora, self.model.path,
-                  num_layers=self.model.args.num_hidden_layers)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        final = rundir.adapter_path(self.run_dir)
+        with rundir.atomic_folder(final) as tmp:
+            save_peft(tmp, self.adapter_numpy(), self.model.lora, self.model.path,
+                      num_layers=self.model.args.num_hidden_layers)
         return final
 
     # -- the loop -------------------------------------------------------------------------
@@ -278,14 +272,14 @@ class Trainer:
             ctl.save_requested = False
             self.save()
         if ctl.paused:
-            self.emit(ev.Message(level="info", text="paused"))
+            self.emit(ev.Paused(step=self.pos.step))
             while ctl.paused and not ctl.stop_requested:
                 time.sleep(0.1)
                 ctl.poll()
                 if ctl.save_requested and self.run_dir:
                     ctl.save_requested = False
                     self.save()
-            self.emit(ev.Message(level="info", text="resumed"))
+            self.emit(ev.Resumed(step=self.pos.step))
         if ctl.stop_requested:
             return "stopped"
         return None

@@ -16,6 +16,7 @@ import torch
 from conftest import build_hf_model
 from lorafit.core import adapter_io, lora
 from lorafit.core import events as ev
+from lorafit.core import rundir
 from lorafit.core.checkpoint import latest_checkpoint, load_checkpoint
 from lorafit.core.config import TrainConfig
 from lorafit.models.loader import load_model
@@ -82,6 +83,7 @@ def test_torch_and_mlx_follow_the_same_loss_curve(setup):
     assert lt[-5:].mean() < lt[:5].mean() - 0.1 and lm[-5:].mean() < lm[:5].mean() - 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grad_accum,stop_at", [(1, 7), (2, 5)])
 def test_resume_is_exact_on_torch(setup, grad_accum, stop_at):
     full_t, full, _ = train(make_cfg(setup, f"full-{grad_accum}", grad_accum=grad_accum,
@@ -110,6 +112,7 @@ def test_checkpoint_from_mlx_resumes_on_torch(setup):
         np.testing.assert_allclose(b[k], a[k], rtol=1e-2, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_write_resumes_from_last_complete(setup, tmp_path):
     root, folder, _, data = setup
     out = tmp_path / "run"
@@ -123,6 +126,7 @@ def test_sigkill_during_checkpoint_write_resumes_from_last_complete(setup, tmp_p
     assert ".step-6.tmp" in ckpts and "step-4" in ckpts and "step-6" not in ckpts
     messages = []
     assert latest_checkpoint(out, report=messages.append).name == "step-4"
+    assert messages == []  # the half-written folder is not a checkpoint at all
     loaded = load_checkpoint(out / "checkpoints" / "step-4")
     assert loaded["state"]["step"] == 4
     env.pop("LORAFIT_FAULT")
@@ -131,7 +135,8 @@ def test_sigkill_during_checkpoint_write_resumes_from_last_complete(setup, tmp_p
     assert proc.returncode == 0, proc.stderr
     assert "resuming from" in proc.stderr and "step-4" in proc.stderr
     assert (out / "adapter" / "adapter_model.safetensors").exists()
-    assert json.loads((out / "status.json").read_text())["state"] == "completed"
+    assert rundir.read_status(out)["state"] == "completed"
+    assert not (out / "checkpoints" / ".step-6.tmp").exists()  # cleaned up on resume
 
 
 def test_incomplete_checkpoint_is_skipped_with_a_message(setup):
@@ -240,6 +245,7 @@ def test_bad_data_fails_before_any_weight_is_loaded(setup, tmp_path):
     assert proc.returncode == 2 and "fewer than one batch" in proc.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_finishes_the_step_saves_and_exits(setup, tmp_path):
     _, folder, _, data = setup
     out = tmp_path / "run"
@@ -251,16 +257,15 @@ def test_ctrl_c_finishes_the_step_saves_and_exits(setup, tmp_path):
     import time
     deadline = time.time() + 120
     while time.time() < deadline:
-        status = out / "status.json"
-        if status.exists() and json.loads(status.read_text()).get("step", 0) >= 3:
+        if rundir.read_status(out).get("step", 0) >= 3:
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    state = json.loads((out / "status.json").read_text())
+    state = rundir.read_status(out)
     assert state["state"] == "stopped" and state["step"] >= 3
-    assert (out / "checkpoints" / f"step-{state['step']}" / "COMPLETE").exists()
+    assert rundir.is_complete(rundir.checkpoint_path(out, state["step"]))
     assert (out / "adapter" / "adapter_config.json").exists()
 
 
@@ -282,8 +287,8 @@ def test_evaluation_and_early_stopping(setup):
     evals = [e for e in rec.events if isinstance(e, ev.EvalReport)]
     assert evals and status == "early_stopped"
     assert trainer.pos.step < 40
-    metrics = ev.read_metrics(setup[0] / "early" / "metrics.jsonl")
-    assert [m["kind"] for m in metrics].count("eval") == len(evals)
+    metrics = ev.read_metrics(setup[0] / "early")
+    assert [m["kind"] for m in metrics].count(ev.EvalReport.kind) == len(evals)
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(setup):
@@ -292,8 +297,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(setup):
                    schedule="constant", max_nonfinite=2)
     with pytest.raises(TrainingStopped, match="non-finite steps in a row"):
         train(cfg)
-    kinds = [m["kind"] for m in ev.read_metrics(setup[0] / "nan" / "metrics.jsonl")]
-    assert kinds.count("skipped") == 2 and kinds[-1] == "end"
+    kinds = [m["kind"] for m in ev.read_metrics(setup[0] / "nan")]
+    assert kinds.count(ev.StepSkipped.kind) == 2 and kinds[-1] == ev.RunFinished.kind
 
 
 def test_unknown_hub_id_offline_is_one_clear_line(tmp_path):

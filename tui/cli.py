@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lorafit.core import rundir
 from lorafit.core.errors import LorafitError
 
 
@@ -19,8 +20,9 @@ def cmd_watch(args) -> int:
     from lorafit.tui.app import LorafitApp
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "metrics.jsonl").exists() and not (run_dir / "status.json").exists():
-        raise LorafitError(f"{run_dir}: not a lorafit run directory (no metrics.jsonl)")
+    if not rundir.is_run_dir(run_dir):
+        raise LorafitError(f"{run_dir}: not a lorafit run directory (no "
+                           f"{rundir.metrics_path(run_dir).name})")
     LorafitApp(watch=run_dir, runs_root=run_dir.parent).run()
     return 0
 

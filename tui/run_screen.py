@@ -16,6 +16,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, ProgressBar, RichLog, Static
 
+from lorafit.core import rundir
 from lorafit.core.control import send_command
 from lorafit.tui.runfiles import RunFollower, newest_checkpoint
 from lorafit.tui.widgets import LossPlot, fmt_bytes, memory_bar
@@ -91,7 +92,7 @@ class RunScreen(Screen):
         code = self.process.poll()
         if code not in (None, 0):
             tail = ""
-            log = self.run_dir / "train.log"
+            log = rundir.train_log_path(self.run_dir)
             if log.exists():
                 lines = [l for l in log.read_text(errors="replace").splitlines() if l.strip()]
                 tail = lines[-1] if lines else ""
@@ -144,7 +145,7 @@ class RunScreen(Screen):
 
     # -- controls ---------------------------------------------------------------------------
     def _run_active(self) -> bool:
-        return self.follower.state.status.get("state") in ("running", "paused", "starting")
+        return self.follower.state.active
 
     def action_pause(self) -> None:
         if not self._run_active():

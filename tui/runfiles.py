@@ -1,16 +1,19 @@
 """Following a run directory: the TUI's only view of a trainer.
 
-A trainer writes metrics.jsonl (one record a line) and status.json; the TUI reads them
-incrementally and steers through control.json. So the UI can watch a run it started, a
-run started headless elsewhere, or a finished one, all the same way.
+A trainer appends event records to the run folder's metrics file and keeps its status file
+current (core/rundir.py); the TUI reads them incrementally, turns records back into typed
+events (core/events.py) and steers through the control file. So the UI can watch a run it
+started, a run started headless elsewhere, or a finished one, all the same way.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lorafit.core import events as ev
+from lorafit.core import rundir
+from lorafit.core.rundir import find_runs, read_status  # noqa: F401  (the TUI's imports)
 
 
 @dataclass
@@ -28,90 +31,68 @@ class RunState:
     status: dict = field(default_factory=dict)
 
     def add(self, rec: dict) -> None:
-        kind = rec.get("kind")
-        if kind == "train":
-            self.steps.append(rec["step"])
-            self.losses.append(rec["loss"])
+        """Fold in one metrics record; records of unknown kinds are ignored."""
+        e = ev.from_record(rec)
+        if isinstance(e, ev.StepReport):
+            self.steps.append(e.step)
+            self.losses.append(e.loss)
             self.last = rec
-        elif kind == "eval":
-            self.val_steps.append(rec["step"])
-            self.val_losses.append(rec["val_loss"])
-            self.log.append(f"step {rec['step']}: validation loss {rec['val_loss']:.4f}")
-        elif kind == "start":
+        elif isinstance(e, ev.EvalReport):
+            self.val_steps.append(e.step)
+            self.val_losses.append(e.val_loss)
+            self.log.append(f"step {e.step}: validation loss {e.val_loss:.4f}")
+        elif isinstance(e, ev.RunStarted):
             self.start = rec
-            self.log.append(f"started: {rec['examples']} examples, {rec['total_steps']} steps "
-                            f"on {rec['backend']}/{rec['device']}")
-        elif kind == "checkpoint":
-            self.log.append(f"step {rec['step']}: saved {rec['path']}")
-        elif kind == "skipped":
-            self.log.append(f"step {rec['step']}: skipped ({rec['reason']})")
-        elif kind == "message":
-            self.log.append(rec["text"] if rec.get("level") == "info"
-                            else f"{rec['level']}: {rec['text']}")
-        elif kind == "memory":
+            self.log.append(f"started: {e.examples} examples, {e.total_steps} steps "
+                            f"on {e.backend}/{e.device}")
+        elif isinstance(e, ev.CheckpointSaved):
+            self.log.append(f"step {e.step}: saved {e.path}")
+        elif isinstance(e, ev.StepSkipped):
+            self.log.append(f"step {e.step}: skipped ({e.reason})")
+        elif isinstance(e, ev.Paused):
+            self.log.append(f"step {e.step}: paused")
+        elif isinstance(e, ev.Resumed):
+            self.log.append(f"step {e.step}: resumed")
+        elif isinstance(e, ev.Message):
+            self.log.append(e.text if e.level == "info" else f"{e.level}: {e.text}")
+        elif isinstance(e, ev.MemoryMeasured):
             self.memory = rec
-        elif kind == "end":
+        elif isinstance(e, ev.RunFinished):
             self.end = rec
-            text = f"run {rec['status']} at step {rec['step']}"
-            if rec.get("error"):
-                text += f": {rec['error']}"
+            text = f"run {e.status} at step {e.step}"
+            if e.error:
+                text += f": {e.error}"
             self.log.append(text)
 
     @property
     def total_steps(self) -> int:
         return int(self.status.get("total_steps") or self.start.get("total_steps") or 0)
 
+    @property
+    def active(self) -> bool:
+        """The trainer may still write: starting, running or paused."""
+        return self.status.get("state") in rundir.ACTIVE_STATES
+
 
 class RunFollower:
-    """Reads new lines of metrics.jsonl since the last call (a torn last line waits)."""
+    """Reads new records of a run since the last call (a torn last line waits)."""
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / "metrics.jsonl"
-        self.offset = 0
+        self.tail = rundir.MetricsTail(self.run_dir)
         self.state = RunState()
 
     def poll(self) -> bool:
         """Fold in new records and the status file; True when something changed."""
-        changed = False
-        try:
-            size = os.path.getsize(self.path)
-        except OSError:
-            size = 0
-        if size > self.offset:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                chunk = f.read(size - self.offset)
-            end = chunk.rfind(b"\n") + 1
-            for line in chunk[:end].splitlines():
-                try:
-                    self.state.add(json.loads(line))
-                except (json.JSONDecodeError, KeyError):
-                    continue
-            self.offset += end
-            changed = end > 0
-        status = read_status(self.run_dir)
+        records = self.tail.read_new()
+        for rec in records:
+            self.state.add(rec)
+        changed = bool(records)
+        status = rundir.read_status(self.run_dir)
         if status != self.state.status:
             self.state.status = status
             changed = True
         return changed
-
-
-def read_status(run_dir: str | Path) -> dict:
-    try:
-        return json.loads((Path(run_dir) / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def find_runs(root: str | Path) -> list[Path]:
-    """Run directories under root (those holding metrics.jsonl or status.json)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = {p.parent for p in root.glob("**/metrics.jsonl")}
-    found |= {p.parent for p in root.glob("**/status.json")}
-    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def newest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -1,5 +1,6 @@
 """The set-up screen: a run's settings, with the memory estimate and the data check beside
-them, updated as the user types. Start writes the same config.toml `lorafit train` reads."""
+them, updated as the user types. Start writes the run's config file, the one `lorafit train`
+reads."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, Select, Static
 
+from lorafit.core import rundir
 from lorafit.core.config import resolve, to_toml
 from lorafit.core.errors import LorafitError
 from lorafit.tui.widgets import fmt_bytes, histogram, memory_bar
@@ -176,14 +178,13 @@ class SetupScreen(Screen):
             if not cfg.model or not cfg.data:
                 raise LorafitError("choose a model and a data file first")
             run_dir = Path(cfg.output)
-            if (run_dir / "checkpoints").exists():
+            if rundir.holds_checkpoints(run_dir):
                 raise LorafitError(f"{run_dir} already holds a run; choose another directory")
         except LorafitError as e:
             self.notify(str(e), severity="error")
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_path = run_dir / "config.toml"
-        config_path.write_text(to_toml(cfg))
+        config_path = rundir.write_config(run_dir, to_toml(cfg))
         process = start_training(config_path, run_dir)
         from lorafit.tui.run_screen import RunScreen
 
@@ -199,8 +200,8 @@ class SetupScreen(Screen):
 
 def start_training(config_path: Path, run_dir: Path) -> subprocess.Popen:
     """`lorafit train CONFIG` as a child in its own session: closing the UI never kills
-    it, and its messages go to RUN/train.log."""
-    log = open(run_dir / "train.log", "ab")
+    it, and its messages go to the run's train.log."""
+    log = open(rundir.train_log_path(run_dir), "ab")
     env = dict(os.environ, LORAFIT_NO_REEXEC=os.environ.get("LORAFIT_NO_REEXEC", "0"))
     return subprocess.Popen([sys.executable, "-m", "lorafit.cli", "train", str(config_path)],
                             stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
