@@ -105,3 +105,28 @@ def mlx_backend():
 
 def random_ids(vocab: int, shape=(2, 12), seed=0) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, vocab, shape)
+
+
+def _has_accelerator() -> bool:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return True
+    except ImportError:
+        pass
+    try:
+        import mlx.core as mx
+        return mx.metal.is_available()
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run where a CUDA or Metal device exists and are skipped (with the
+    reason shown) elsewhere; `slow` tests always run, `-m "not slow"` leaves them out."""
+    if _has_accelerator():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA or Metal device (tests/gpu/run.sh)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -84,16 +84,17 @@ def build_folder(case: Case, root: Path) -> Path:
     return save_numpy_model(root / case.name, cfg, weights, char_tokenizer("abcdefgh "))
 
 
-def settings_for(case: Case, backend: str):
+def settings_for(case: Case, backend: str, device: str = "cpu"):
     from lorafit.core.estimate import Settings
 
-    return Settings(backend=backend, device="cpu", dtype=case.dtype, rank=case.rank,
+    return Settings(backend=backend, device=device, dtype=case.dtype, rank=case.rank,
                     targets=case.targets, batch_size=case.batch, seq_len=case.seq,
                     grad_checkpoint=case.grad_checkpoint, pack=case.pack, dora=case.dora,
                     quantize_bits={"4bit": 4, "8bit": 8}.get(case.quantize))
 
 
-def measure(case: Case, backend_name: str, root: Path, steps: int = 2) -> int:
+def measure(case: Case, backend_name: str, root: Path, steps: int = 2,
+            device: str = "cpu") -> int:
     """Peak bytes of a real training step (the second: optimizer state exists by then)."""
     from lorafit.backends import get_backend
     from lorafit.core import lora
@@ -108,7 +109,7 @@ def measure(case: Case, backend_name: str, root: Path, steps: int = 2) -> int:
     import gc
 
     gc.collect()  # earlier cases' trainers sit in reference cycles
-    B = get_backend(backend_name, "cpu")
+    B = get_backend(backend_name, device)
     # arrays still alive from earlier cases in this process (MLX's compile cache keeps
     # their constants) are not this case's: count from what is live now
     before = B.memory_stats()["current"] if backend_name == "mlx" else 0
