@@ -20,12 +20,12 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, packaged as tomli
 from lorafit.core.errors import LorafitError
 
 SCHEDULES = ("constant", "linear", "cosine")
-QUANTIZE_BITS = {"4bit": 4, "8bit": 8}  # --quantize choices
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
                  "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 BACKENDS = ("auto", "torch", "mlx")
-QUANTIZE = ("4bit", "8bit")
+QUANTIZE_BITS = {"4bit": 4, "8bit": 8}  # --quantize choices and the bits they mean
+QUANTIZE = tuple(QUANTIZE_BITS)
 ON_BAD_RECORD = ("fail", "skip")
 
 

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from lorafit.core.config import DTYPES
+from lorafit.core.config import DTYPES, QUANTIZE_BITS
 from lorafit.core.errors import LorafitError
 from lorafit.models import Model, decoder, family, model_args
 
@@ -96,16 +96,15 @@ def default_dtype(backend, args) -> str:
     return "bfloat16" if stored == "float32" and backend.device == "cuda" else stored
 
 
-QUANTIZE_CHOICES = {"4bit": 4, "8bit": 8}
 GROUP_SIZE = 64
 
 
 def parse_quantize(quantize: str | None) -> int | None:
     if quantize in (None, "", "none"):
         return None
-    if quantize not in QUANTIZE_CHOICES:
+    if quantize not in QUANTIZE_BITS:
         raise LorafitError(f"--quantize {quantize}: choose 4bit or 8bit (or leave it out)")
-    return QUANTIZE_CHOICES[quantize]
+    return QUANTIZE_BITS[quantize]
 
 
 def load_model(path_or_id: str, backend, dtype: str | None = None,

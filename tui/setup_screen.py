@@ -19,7 +19,7 @@ from textual.screen import Screen
 from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, Select, Static
 
 from lorafit.core import rundir
-from lorafit.core.config import resolve, to_toml
+from lorafit.core.config import BACKENDS, resolve, to_toml
 from lorafit.core.errors import LorafitError
 from lorafit.tui.widgets import fmt_bytes, histogram, memory_bar
 
@@ -54,7 +54,7 @@ class SetupScreen(Screen):
                     yield Label(label)
                     yield Input(value=str(self.defaults.get(fid, default)), id=fid)
                 yield Label("backend")
-                yield Select([(b, b) for b in ("auto", "torch", "mlx")], value="auto",
+                yield Select([(b, b) for b in BACKENDS], value="auto",
                              allow_blank=False, id="backend")
                 yield Label("base dtype")
                 yield Select([(d, d) for d in ("auto", "fp32", "bf16", "fp16")], value="auto",
