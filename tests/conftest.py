@@ -107,6 +107,19 @@ def random_ids(vocab: int, shape=(2, 12), seed=0) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, vocab, shape)
 
 
+def randomize_lora(pm, seed=0):
+    """Fill every LoRA leaf of a PEFT model with random, non-zero values (B too, so the
+    adapter changes the logits); returns the model in eval mode."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return pm.eval()
+
+
 def _has_accelerator() -> bool:
     try:
         import torch

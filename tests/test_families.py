@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_hf_model, random_ids
+from conftest import build_hf_model, random_ids, randomize_lora
 from lorafit.core import adapter_io, lora
 from lorafit.core.lora import LoraConfig
 from lorafit.models.loader import load_model
@@ -87,13 +87,7 @@ def random_peft(ref, case: Case, seed=0):
     """A PEFT model over a copy of ref with random (non-zero) A and B."""
     from peft import get_peft_model
 
-    pm = get_peft_model(copy.deepcopy(ref), peft_config(case))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return pm.eval()
+    return randomize_lora(get_peft_model(copy.deepcopy(ref), peft_config(case)), seed)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

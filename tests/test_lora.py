@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_ids
+from conftest import random_ids, randomize_lora
 from lorafit.core import adapter_io, lora
 from lorafit.core.errors import LorafitError
 from lorafit.core.lora import LoraConfig
@@ -29,12 +29,7 @@ def peft_model(ref, peft_kwargs, seed=0):
     from peft import LoraConfig as PeftConfig, get_peft_model
 
     pm = get_peft_model(copy.deepcopy(ref), PeftConfig(task_type="CAUSAL_LM", **peft_kwargs))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return pm.eval()
+    return randomize_lora(pm, seed)
 
 
 def peft_logits(pm, ids):
