@@ -40,6 +40,13 @@ class ModelArgs:
     max_position_embeddings: int = 4096
     torch_dtype: str | None = None
     quantization: dict | None = None  # {"bits", "group_size"}: frozen projections quantized
+    # sparse mixture of experts (models/blocks/moe.py); 0 experts = a dense MLP everywhere
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int | None = None  # expert width (intermediate_size if None)
+    moe_layers: list | None = None  # indices of the sparse layers (None: all, with experts)
+    router: str = "softmax_topk"  # "softmax_topk" (mixtral, qwen3_moe) or "topk_softmax"
+    norm_topk_prob: bool = True  # renormalise the top-k probabilities (softmax_topk)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -56,6 +63,12 @@ class ModelArgs:
                                f"{self.num_hidden_layers} layers")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise LorafitError("config.json has sliding_attention layers but no sliding_window")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether a layer's MLP is the sparse mixture of experts."""
+        if not self.num_local_experts:
+            return False
+        return self.moe_layers is None or layer in self.moe_layers
 
     def window(self, layer: int) -> int | None:
         """The attention window of a layer: None for full attention."""
