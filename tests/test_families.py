@@ -45,6 +45,10 @@ CASES = [
     # adapters on experts/routers yet (one-line error), so that part is off for MoE rows
     Case("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
                          sliding_window=None), mlx_lm=False),
+    # layer 1 dense (mlp_only_layers), no renormalisation of the top-k; mlx_lm off as mixtral
+    Case("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
+                           decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=False,
+                           head_dim=32), mlx_lm=False),
 ]
 IDS = [c.id for c in CASES]
 
