@@ -92,6 +92,10 @@ class Backend(Protocol):
     def softmax(self, x: Array) -> Array:
         """Softmax over the last axis, computed and returned in float32 (MoE routers)."""
 
+    def clip(self, x: Array, low: float | None, high: float | None) -> Array:
+        """x limited to [low, high] (None: unbounded on that side); zero gradient where
+        clipped (gpt-oss's clamped SwiGLU)."""
+
     def top_k_indices(self, x: Array, k: int) -> Array:
         """Integer indices (..., k) of the k largest entries along the last axis, in no
         particular order (MoE routing; take the values with take_along_axis)."""

@@ -126,16 +126,18 @@ def base_weights(sh: Shape, st: Settings) -> int:
 
 def moe_weights(sh: Shape, st: Settings) -> int:
     """A sparse MoE keeps every expert resident: per sparse layer the router E*C and the
-    E experts' gate, up and down projections E*3*C*F' (F' the expert width), per dense
+    E experts' gate, up and down projections E*3*C*F' (F' the expert width; gpt-oss adds
+    E*(1 + 2F' + C) biases and per layer Hq sinks + a C o_proj bias), per dense
     layer of an MoE model its MLP 3*C*F, all in the compute dtype (MXFP4 checkpoints are
     counted dequantized, as lorafit loads them)."""
     if not sh.moe:
         return 0
     m, C, s = sh.moe, sh.hidden, DTYPE_BYTES[st.dtype]
-    sparse = m["experts"] * (C + 3 * C * m["expert_size"] + m.get("expert_bias", 0))
+    sparse = m["experts"] * (C + 3 * C * m["expert_size"] + m["expert_bias"])
     dense = 3 * C * m["dense_size"]
     n_sparse = len(m["layers"])
-    return s * (n_sparse * sparse + (sh.layers - n_sparse) * dense)
+    return s * (n_sparse * sparse + (sh.layers - n_sparse) * dense
+                + sh.layers * m["layer_extra"])
 
 
 def moe_adapter_params(sh: Shape, st: Settings) -> int:

@@ -58,6 +58,8 @@ def parameter_shapes(a: ModelArgs) -> dict:
         if a.mlp_bias and not a.is_moe_layer(i):
             shapes.update({p + "mlp.gate_proj.bias": (F,), p + "mlp.up_proj.bias": (F,),
                            p + "mlp.down_proj.bias": (C,)})
+        if a.attention_sinks:
+            shapes[p + "self_attn.sinks"] = (Hq,)
         if a.qk_norm:
             shapes.update({p + "self_attn.q_norm.weight": (D,),
                            p + "self_attn.k_norm.weight": (D,)})
@@ -100,7 +102,8 @@ def attention_block(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_id
             k = ops.concat([cache[0], k], axis=2)
             v = ops.concat([cache[1], v], axis=2)
         cache[0], cache[1] = k, v
-    o = ops.attention(q, k, v, 1.0 / math.sqrt(D), segment_ids, window=a.window(i))
+    o = ops.attention(q, k, v, 1.0 / math.sqrt(D), segment_ids, window=a.window(i),
+                      sinks=lp["self_attn.sinks"] if a.attention_sinks else None)
     o = ops.swapaxes(o, 1, 2).reshape(b, t, -1)
     return project(ops, lp, "self_attn.o_proj", o, lora, qc)
 
@@ -128,6 +131,8 @@ def hidden_states(ops, a: ModelArgs, params: dict, input_ids, positions, segment
     [k, v] pairs per layer for generation; recompute stores only layer inputs."""
     x = ops.embedding(input_ids, params["model.embed_tokens.weight"])
     cos, sin = ops.rope_tables(positions, a.inv_freq, ops.dtype_name(x))
+    if a.rope_attention_factor != 1.0:  # YaRN scales the tables themselves
+        cos, sin = cos * a.rope_attention_factor, sin * a.rope_attention_factor
     for i, lp in enumerate(split_layers(params, a.num_hidden_layers)):
         if recompute:
             x = _recomputed_layer(ops, a, i, lp, x, cos, sin, segment_ids, lora)

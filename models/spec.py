@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from lorafit.core.errors import LorafitError
-from lorafit.models.rope import inverse_frequencies
+from lorafit.models.rope import attention_factor, inverse_frequencies
 
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "vocab_size")
@@ -47,6 +47,12 @@ class ModelArgs:
     moe_layers: list | None = None  # indices of the sparse layers (None: all, with experts)
     router: str = "softmax_topk"  # "softmax_topk" (mixtral, qwen3_moe) or "topk_softmax"
     norm_topk_prob: bool = True  # renormalise the top-k probabilities (softmax_topk)
+    # gpt-oss experts: router with a bias at mlp.router, (E, in, out) expert weights with
+    # biases, gate/up interleaved, and the clamped SwiGLU (up+1) * g*sigmoid(alpha*g)
+    gpt_oss_experts: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    attention_sinks: bool = False  # a learned per-head logit self_attn.sinks (gpt-oss)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -92,6 +98,11 @@ class ModelArgs:
         names = {f.name for f in fields(cls)} - {"extra"}
         known = {k: v for k, v in cfg.items() if k in names and v is not None}
         return cls(**known, extra={k: v for k, v in cfg.items() if k not in names})
+
+    @property
+    def rope_attention_factor(self) -> float:
+        """What YaRN multiplies the cos/sin tables by (1.0 otherwise)."""
+        return attention_factor(self.rope_scaling)
 
     @property
     def inv_freq(self):

@@ -49,6 +49,11 @@ CASES = [
     Case("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
                            decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=False,
                            head_dim=32), mlx_lm=False),
+    # windows (5) shorter than the sequence on alternating layers, random sinks and biases
+    # (conftest), YaRN; all-linear is attention only (as PEFT). mlx_lm off: mlx-lm's gpt_oss
+    # reads only MXFP4 expert blocks, not the dense experts transformers' save_pretrained writes
+    Case("gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=40,
+                         sliding_window=5, head_dim=16, attention_bias=True), mlx_lm=False),
 ]
 IDS = [c.id for c in CASES]
 

@@ -109,6 +109,9 @@ class MLXBackend:
     def softmax(self, x):
         return mx.softmax(x.astype(mx.float32), axis=-1)
 
+    def clip(self, x, low, high):
+        return mx.clip(x, low, high)
+
     def top_k_indices(self, x, k):
         return mx.stop_gradient(mx.argpartition(-x, kth=k - 1, axis=-1)[..., :k])
 

@@ -116,6 +116,9 @@ class TorchBackend:
     def softmax(self, x):
         return torch.softmax(x.float(), dim=-1)
 
+    def clip(self, x, low, high):
+        return torch.clamp(x, low, high)
+
     def top_k_indices(self, x, k):
         return torch.topk(x, k, dim=-1).indices
 

@@ -1,10 +1,16 @@
-"""The sparse mixture-of-experts MLP (mixtral, qwen3_moe), written once over backend ops.
+"""The sparse mixture-of-experts MLP (mixtral, qwen3_moe, gpt-oss), written once over
+backend ops.
 
 Parameters of a sparse layer, under transformers v5's names (the loader fuses the Hub's
 per-expert checkpoints into these):
   mlp.gate.weight            (E, C)      the router
   mlp.experts.gate_up_proj   (E, 2F, C)  each expert's gate and up projections, stacked
   mlp.experts.down_proj      (E, C, F)
+
+gpt-oss (a.gpt_oss_experts) keeps its own names and layout: mlp.router.{weight, bias};
+mlp.experts.gate_up_proj (E, C, 2F) with gate and up interleaved (even/odd columns),
+gate_up_proj_bias (E, 2F), down_proj (E, F, C), down_proj_bias (E, C); its activation is
+(clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit).
 
 Routing: router logits -> probabilities -> the top k experts of each token and their
 weights; the output is sum_j w_j * expert_{i_j}(x). "softmax_topk" (mixtral, qwen3_moe)
@@ -38,6 +44,11 @@ def expert_size(a) -> int:
 def parameter_shapes(a, p: str) -> dict:
     """The MLP parameters of a sparse layer with prefix p (`model.layers.3.`)."""
     E, C, F = a.num_local_experts, a.hidden_size, expert_size(a)
+    if a.gpt_oss_experts:
+        return {p + "mlp.router.weight": (E, C), p + "mlp.router.bias": (E,),
+                p + EXPERTS + "gate_up_proj": (E, C, 2 * F),
+                p + EXPERTS + "gate_up_proj_bias": (E, 2 * F),
+                p + EXPERTS + "down_proj": (E, F, C), p + EXPERTS + "down_proj_bias": (E, C)}
     return {p + ROUTER + ".weight": (E, C),
             p + EXPERTS + "gate_up_proj": (E, 2 * F, C),
             p + EXPERTS + "down_proj": (E, C, F)}
@@ -45,16 +56,23 @@ def parameter_shapes(a, p: str) -> dict:
 
 def linear_modules(a, attention: tuple, mlp: tuple) -> tuple:
     """What all-linear adapts on an MoE model, as PEFT does on transformers v5: attention,
-    the router (`gate`) and both expert parameters."""
+    the router (`gate`) and both expert parameters. gpt-oss: attention only (its router
+    and experts are not nn.Linear and PEFT has no v4 names to map for it)."""
+    if a.gpt_oss_experts:
+        return attention
     return attention + ("gate",) + EXPERT_PROJECTIONS
 
 
 def memory_shape(a) -> dict:
     """The estimator's MoE description (core.estimate.moe_weights / moe_adapter_params)."""
+    gpt = a.gpt_oss_experts
     return {"experts": a.num_local_experts, "top_k": a.num_experts_per_tok,
+            # gpt-oss: router bias + expert biases per expert; sinks + o_proj bias per layer
+            "expert_bias": 1 + 2 * expert_size(a) + a.hidden_size if gpt else 0,
+            "layer_extra": a.num_attention_heads + a.hidden_size if gpt else 0,
             "expert_size": expert_size(a), "dense_size": a.intermediate_size,
             "layers": [i for i in range(a.num_hidden_layers) if a.is_moe_layer(i)],
-            "all_linear": ("gate",) + EXPERT_PROJECTIONS}
+            "all_linear": () if gpt else ("gate",) + EXPERT_PROJECTIONS}
 
 
 def route(ops, a, logits):
@@ -90,6 +108,8 @@ def moe_block(ops, a, lp: dict, x, lora):
     """The sparse MLP of one layer: x (B, T, C) -> (B, T, C)."""
     b, t, c = x.shape
     h = x.reshape(b * t, c)
+    if a.gpt_oss_experts:
+        return gpt_oss_experts(ops, a, lp, h, lora).reshape(b, t, c)
     idx, w = route(ops, a, project(ops, lp, ROUTER, h, lora, a.quantization))
     rows = h.reshape(b * t, 1, c)
     gate_up = expert_projection(ops, lp, EXPERTS + "gate_up_proj", rows, idx, lora)
@@ -98,6 +118,23 @@ def moe_block(ops, a, lp: dict, x, lora):
     out = expert_projection(ops, lp, EXPERTS + "down_proj", act, idx, lora)  # (N, K, C)
     w = ops.cast(w, ops.dtype_name(out))
     return (out * w[..., None]).sum(1).reshape(b, t, c)
+
+
+def gpt_oss_experts(ops, a, lp: dict, h, lora):
+    """gpt-oss's router (with bias; top k logits, softmax over them) and experts (biases,
+    interleaved gate/up, clamped SwiGLU) for h (N, C) -> (N, C)."""
+    idx, w = route(ops, a, project(ops, lp, "mlp.router", h, lora, a.quantization))
+    n, c = h.shape
+    rows = h.reshape(n, 1, c)
+    gate_up = ops.gather_linear(rows, ops.swapaxes(lp[EXPERTS + "gate_up_proj"], 1, 2), idx)
+    gate_up = gate_up + ops.embedding(idx, lp[EXPERTS + "gate_up_proj_bias"])
+    gate = ops.clip(gate_up[..., ::2], None, a.swiglu_limit)
+    up = ops.clip(gate_up[..., 1::2], -a.swiglu_limit, a.swiglu_limit)
+    glu = ops.silu(gate * a.swiglu_alpha) * (1.0 / a.swiglu_alpha)  # g * sigmoid(alpha g)
+    out = ops.gather_linear((up + 1) * glu, ops.swapaxes(lp[EXPERTS + "down_proj"], 1, 2), idx)
+    out = out + ops.embedding(idx, lp[EXPERTS + "down_proj_bias"])
+    w = ops.cast(w, ops.dtype_name(out))
+    return (out * w[..., None]).sum(1)
 
 
 def load_balancing_loss(ops, a, router_logits: list, attention_mask=None):

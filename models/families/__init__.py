@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lorafit.core.errors import LorafitError
-from lorafit.models.families import llama, mixtral, qwen3_moe
+from lorafit.models.families import gpt_oss, llama, mixtral, qwen3_moe
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class Family:
 
 
 # Each family module holds CONFIGURE {model_type: config.json -> switches} and sanitize.
-FAMILY_MODULES = (llama, mixtral, qwen3_moe)
+FAMILY_MODULES = (llama, mixtral, qwen3_moe, gpt_oss)
 FAMILIES = {mt: Family(mt, configure, module.sanitize, getattr(module, "CHECKPOINT_KEY", None),
                        getattr(module, "convert", None))
             for module in FAMILY_MODULES for mt, configure in module.CONFIGURE.items()}
