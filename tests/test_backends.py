@@ -203,3 +203,10 @@ def test_gather_linear_and_its_gradients(backend):
     gx = np.einsum("nko,nkoi->ni", c, w[idx])[:, None]
     np.testing.assert_allclose(backend.to_numpy(grads["w"]), gw, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(backend.to_numpy(grads["x"]), gx, rtol=1e-4, atol=1e-5)
+
+
+def test_clip(backend):
+    x = np.linspace(-3, 3, 13).astype(np.float32)
+    for lo, hi in ((-1.0, 2.0), (None, 0.5), (-0.5, None)):
+        got = backend.to_numpy(backend.clip(backend.from_numpy(x), lo, hi))
+        np.testing.assert_array_equal(got, np.clip(x, lo, hi))
