@@ -186,26 +186,77 @@ def save_mlx_lm(folder: str | Path, adapter: dict, cfg: LoraConfig, num_layers: 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     modules = _modules(adapter)
-    if any(_is_parameter_target(m) for m in modules):
-        raise LorafitError("adapters on MoE experts or routers cannot be exported to mlx-lm's "
-                           "layout yet; keep the PEFT adapter, or train attention-only targets")
     layers = _layers_of(modules)
+    rank = cfg.r
+    if any(_is_parameter_target(m) for m in modules):
+        tensors, rank = _mlx_lm_moe_tensors(adapter, cfg, _mlx_moe_prefix(base_model))
+        modules = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    else:
+        tensors = {}
+        for m in modules:
+            tensors[f"{m}.lora_a"] = np.ascontiguousarray(adapter[f"{m}.{LORA_A}"].T)
+            tensors[f"{m}.lora_b"] = np.ascontiguousarray(adapter[f"{m}.{LORA_B}"].T)
+            if cfg.dora:  # mlx-lm's DoRALinear keeps the magnitude as `m`
+                tensors[f"{m}.m"] = np.ascontiguousarray(adapter[f"{m}.{MAGNITUDE}"])
     keys = sorted({m.split(".", 3)[3] for m in modules if m.startswith("model.layers.")})
-    tensors = {}
-    for m in modules:
-        tensors[f"{m}.lora_a"] = np.ascontiguousarray(adapter[f"{m}.{LORA_A}"].T)
-        tensors[f"{m}.lora_b"] = np.ascontiguousarray(adapter[f"{m}.{LORA_B}"].T)
-        if cfg.dora:  # mlx-lm's DoRALinear keeps the magnitude as `m`
-            tensors[f"{m}.m"] = np.ascontiguousarray(adapter[f"{m}.{MAGNITUDE}"])
     atomic_save_safetensors(folder / MLX_WEIGHTS, tensors)
     atomic_write_json(folder / PEFT_CONFIG, {
         "fine_tune_type": "dora" if cfg.dora else "lora",
         "model": base_model,
         "num_layers": num_layers - min(layers) if layers else num_layers,
-        "lora_parameters": {"rank": cfg.r, "scale": cfg.scale, "dropout": cfg.dropout,
+        "lora_parameters": {"rank": rank, "scale": cfg.scale, "dropout": cfg.dropout,
                             "keys": keys},
     })
     return folder
+
+
+def _mlx_moe_prefix(base_model: str | None) -> str:
+    """mlx-lm's name of the MoE block: `block_sparse_moe` for mixtral, `mlp` otherwise."""
+    try:
+        cfg = json.loads((Path(base_model) / "config.json").read_text())
+    except (OSError, TypeError, ValueError):
+        return "mlp"
+    return "block_sparse_moe" if cfg.get("model_type") == "mixtral" else "mlp"
+
+
+def _mlx_lm_moe_tensors(adapter: dict, cfg: LoraConfig, moe: str) -> tuple[dict, int]:
+    """mlx-lm's layout for an adapter with MoE parts: its SwitchLinear adapters hold
+    lora_a (E, r, in) and lora_b (E, out, r) per `switch_mlp.{gate,up,down}_proj`, and one
+    rank serves every module. PEFT's fused gate_up adapter (rank 2r) becomes the same
+    rank-2r A on gate_proj and on up_proj with B's gate and up rows, and every other adapter
+    is padded with zero rank to 2r, which leaves each update B A unchanged."""
+    fused = any(k.endswith(f"experts.gate_up_proj.{LORA_A}") for k in adapter)
+    rank = 2 * cfg.r if fused else cfg.r
+    out = {}
+
+    def pad(x, axis):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, rank - x.shape[axis])
+        return np.ascontiguousarray(np.pad(x.astype(np.float32), widths))
+
+    for m in _modules(adapter):
+        a, b = adapter[f"{m}.{LORA_A}"], adapter[f"{m}.{LORA_B}"]
+        leaf = m.rsplit(".", 1)[-1]
+        if ".experts." in m + "." and leaf in EXPERT_PARAMS:
+            r = cfg.r * (2 if leaf == "gate_up_proj" else 1)
+            n = a.shape[0] // r
+            a3 = a.reshape(n, r, a.shape[-1])
+            b3 = b.reshape(b.shape[0], r, n).transpose(2, 0, 1)  # (E, out, r)
+            base = m.replace(".mlp.experts." + leaf, f".{moe}.switch_mlp.")
+            if leaf == "gate_up_proj":
+                f = b3.shape[1] // 2
+                for name, rows in (("gate_proj", b3[:, :f]), ("up_proj", b3[:, f:])):
+                    out[f"{base}{name}.lora_a"] = pad(a3, 1)
+                    out[f"{base}{name}.lora_b"] = pad(rows, 2)
+            else:
+                out[f"{base}down_proj.lora_a"] = pad(a3, 1)
+                out[f"{base}down_proj.lora_b"] = pad(b3, 2)
+            continue
+        if leaf in ROUTER_MODULES:
+            m = m.replace(".mlp.", f".{moe}.")
+        out[f"{m}.lora_a"] = pad(a.T, 1)
+        out[f"{m}.lora_b"] = pad(b.T, 0)
+    return out, rank
 
 
 def load_mlx_lm(folder: str | Path) -> tuple[LoraConfig, dict]:

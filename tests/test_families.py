@@ -41,11 +41,16 @@ CASES = [
     Case("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1,
                        tie_word_embeddings=True), mlx_lm=False),
     Case("qwen3", dict(head_dim=32)),
-    # mlx_lm off: mlx-lm's mixtral ignores the window, and lorafit's mlx-lm export does not
-    # write adapters on experts/routers yet (a one-line error)
+    # mlx_lm off: mlx-lm's mixtral ignores the window
     Case("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
                          sliding_window=7), mlx_lm=False),
-    # layer 1 dense (mlp_only_layers), no renormalisation of the top-k; mlx_lm off as mixtral
+    # without a window mlx-lm reads mixtral as transformers: checks the mlx-lm export of
+    # adapters on the router and experts (switch_mlp, padded to one rank)
+    Case("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
+                         sliding_window=None), id="mixtral-no-window"),
+    # layer 1 dense (mlp_only_layers), no renormalisation of the top-k. mlx_lm off: mlx-lm's
+    # qwen3_moe cannot read the config transformers v5 writes (num_local_experts,
+    # rope_parameters)
     Case("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
                            decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=False,
                            head_dim=32), mlx_lm=False),
