@@ -270,6 +270,9 @@ def load_mlx_lm(folder: str | Path) -> tuple[LoraConfig, dict]:
     if not (folder / MLX_WEIGHTS).exists():
         raise LorafitError(f"{folder}: no {MLX_WEIGHTS} (not an mlx-lm adapter)")
     raw = load_safetensors_numpy(folder / MLX_WEIGHTS)
+    if any(".switch_mlp." in k for k in raw):
+        raise LorafitError(f"{folder}: an mlx-lm adapter on MoE experts (switch_mlp) cannot be "
+                           "read back yet; use the PEFT adapter it was exported from")
     adapter = {}
     for k, v in raw.items():
         if k.endswith(".lora_a"):

@@ -212,7 +212,9 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool) -> float:
 
     Residual input, the two normed inputs (kept for the adapters' dA) and the post-attention
     residual: ~3C (+2 rstd). Attention keeps q, k, v after RoPE and its output:
-    Hq*D + 2*Hk*D + Hq*D. The MLP keeps gate, silu(gate) and up: 3F. Each adapted module
+    Hq*D + 2*Hk*D + Hq*D. The MLP keeps gate, silu(gate) and up: 3F (a sparse MoE: F =
+    k*F', the k experts each token is routed to; nothing scales with the expert count). Each
+    adapted module
     keeps its rank-r projection x A^T (r), and a module whose input is not otherwise kept
     keeps that input (o_proj: Hq*D, down_proj: F).
     """
