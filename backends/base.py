@@ -89,6 +89,27 @@ class Backend(Protocol):
     def gelu_tanh(self, x: Array) -> Array:
         """GELU with the tanh approximation (gelu_pytorch_tanh, Gemma's GeGLU)."""
 
+    def softmax(self, x: Array) -> Array:
+        """Softmax over the last axis, computed and returned in float32 (MoE routers)."""
+
+    def clip(self, x: Array, low: float | None, high: float | None) -> Array:
+        """x limited to [low, high] (None: unbounded on that side); zero gradient where
+        clipped (gpt-oss's clamped SwiGLU)."""
+
+    def top_k_indices(self, x: Array, k: int) -> Array:
+        """Integer indices (..., k) of the k largest entries along the last axis, in no
+        particular order (MoE routing; take the values with take_along_axis)."""
+
+    def take_along_axis(self, x: Array, indices: Array) -> Array:
+        """x[..., indices] along the last axis: (..., n) and int (..., k) -> (..., k);
+        differentiable with respect to x."""
+
+    def gather_linear(self, x: Array, weight: Array, indices: Array) -> Array:
+        """Per-row expert projection: x (N, K, in) (K may be 1, broadcast over the K
+        choices), weight (E, out, in), int indices (N, K) -> (N, K, out) with
+        out[n, j] = x[n, j] @ weight[indices[n, j]].T. Differentiable with respect to x
+        and weight; only the N*K chosen rows are computed (sparse MoE experts)."""
+
     def row_norms(self, w: Array) -> Array:
         """Euclidean norm of each row of a matrix (out, in) -> (out,), in float32."""
 

@@ -90,6 +90,8 @@ def export_merged(adapter_dir: str | Path, out: str | Path, model: str | None = 
     out, tmp = _staging(out)
     _write_weights(ops, {k: ops.cast(v, target) for k, v in m.params.items()}, tmp)
     config["torch_dtype"] = target
+    if (config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
+        config.pop("quantization_config")  # experts were dequantized while loading
     config.pop("auto_map", None)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     for name in ("generation_config.json",):

@@ -24,6 +24,39 @@ PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 MLX_WEIGHTS = "adapters.safetensors"
 
 
+# Adapters on MoE experts and routers (transformers v5 + PEFT): PEFT targets the stacked
+# 3D expert parameters and the router weight through `target_parameters`, and nests the
+# two expert wrappers on one `experts` module: with both targeted, gate_up_proj's adapter is
+# saved under `experts.base_layer.` and down_proj's under `experts.`; with one, under
+# `experts.`. lorafit names them after the parameter (`experts.gate_up_proj.lora_A...`).
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+ROUTER_MODULES = ("gate",)
+
+
+def _is_parameter_target(module: str) -> bool:
+    leaf = module.rsplit(".", 1)[-1]
+    return (".experts." in module + "." and leaf in EXPERT_PARAMS) or \
+        (leaf in ROUTER_MODULES and ".mlp." in module + ".")
+
+
+def _to_peft_name(name: str, expert_params: set) -> str:
+    for p in EXPERT_PARAMS:
+        tag = f".experts.{p}."
+        if tag in name:
+            nested = p == "gate_up_proj" and len(expert_params) == 2
+            return name.replace(tag, ".experts.base_layer." if nested else ".experts.")
+    return name
+
+
+def _from_peft_name(name: str, expert_params: list) -> str:
+    if ".experts.base_layer.lora_" in name:
+        return name.replace(".experts.base_layer.", ".experts.gate_up_proj.")
+    if ".experts.lora_" in name:
+        outer = "down_proj" if "down_proj" in expert_params else expert_params[0]
+        return name.replace(".experts.", f".experts.{outer}.")
+    return name
+
+
 def _modules(adapter: dict) -> list[str]:
     return sorted({k.rsplit(".lora_", 1)[0] for k in adapter})
 
@@ -39,7 +72,8 @@ def save_peft(folder: str | Path, adapter: dict, cfg: LoraConfig, base_model: st
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     modules = _modules(adapter)
-    names = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    names = sorted({m.rsplit(".", 1)[-1] for m in modules if not _is_parameter_target(m)})
+    params = sorted({m.rsplit(".", 1)[-1] for m in modules if _is_parameter_target(m)})
     layers = _layers_of(modules)
     config = {
         "peft_type": "LORA",
@@ -62,7 +96,15 @@ def save_peft(folder: str | Path, adapter: dict, cfg: LoraConfig, base_model: st
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    tensors = {PEFT_PREFIX + k: np.asarray(v, dtype=np.float32) for k, v in adapter.items()}
+    experts = {p for p in params if p in EXPERT_PARAMS}
+    if params:
+        config["target_parameters"] = [p + ".weight" if p in ROUTER_MODULES else p
+                                       for p in params]
+    if "gate_up_proj" in experts:  # PEFT's fused gate+up: twice the rank and alpha
+        config["rank_pattern"] = {r".*\.gate_up_proj": 2 * cfg.r}
+        config["alpha_pattern"] = {r".*\.gate_up_proj": 2 * cfg.alpha}
+    tensors = {PEFT_PREFIX + _to_peft_name(k, experts): np.asarray(v, dtype=np.float32)
+               for k, v in adapter.items()}
     atomic_save_safetensors(folder / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
     atomic_write_json(folder / PEFT_CONFIG, config)
     return folder
@@ -89,7 +131,14 @@ def load_peft(folder: str | Path) -> tuple[LoraConfig, dict]:
     if c.get("peft_type", "LORA") != "LORA":
         raise LorafitError(f"{folder}: peft_type {c.get('peft_type')!r} is not supported "
                            "(only LORA)")
-    if c.get("rank_pattern") or c.get("alpha_pattern"):
+    tparams = [t.removesuffix(".weight") for t in c.get("target_parameters") or []]
+    expert_params = [t for t in EXPERT_PARAMS if t in tparams]
+    fused = {r".*\.gate_up_proj": 2 * c.get("r", 8)}, \
+        {r".*\.gate_up_proj": 2 * c.get("lora_alpha", c.get("r", 8))}
+    if "gate_up_proj" in expert_params and \
+            (c.get("rank_pattern") or {}, c.get("alpha_pattern") or {}) == fused:
+        pass  # PEFT's own pattern for fused experts (see EXPERT_PARAMS)
+    elif c.get("rank_pattern") or c.get("alpha_pattern"):
         raise LorafitError(f"{folder}: per-module rank_pattern / alpha_pattern is not supported")
     if c.get("fan_in_fan_out"):
         raise LorafitError(f"{folder}: fan_in_fan_out adapters (GPT-2 Conv1D) do not apply to "
@@ -104,6 +153,8 @@ def load_peft(folder: str | Path) -> tuple[LoraConfig, dict]:
     adapter = {}
     for k, v in raw.items():
         name = k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k
+        if expert_params:
+            name = _from_peft_name(name, expert_params)
         name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
         name = name.replace(f"{MAGNITUDE}.default.weight", MAGNITUDE)
         if not (name.endswith(LORA_A) or name.endswith(LORA_B) or name.endswith(MAGNITUDE)):
@@ -112,7 +163,8 @@ def load_peft(folder: str | Path) -> tuple[LoraConfig, dict]:
         adapter[name] = v.astype(np.float32)
     if not adapter:
         raise LorafitError(f"{folder}: the adapter holds no tensors")
-    ranks = {v.shape[0] for k, v in adapter.items() if k.endswith(LORA_A)}
+    ranks = {v.shape[0] for k, v in adapter.items()
+             if k.endswith(LORA_A) and ".experts." not in k}  # experts: E*r rows
     r = int(c.get("r", next(iter(ranks))))
     if ranks != {r}:
         raise LorafitError(f"{folder}: config says r={r} but lora_A ranks are {sorted(ranks)}")
@@ -135,22 +187,76 @@ def save_mlx_lm(folder: str | Path, adapter: dict, cfg: LoraConfig, num_layers: 
     folder.mkdir(parents=True, exist_ok=True)
     modules = _modules(adapter)
     layers = _layers_of(modules)
+    rank = cfg.r
+    if any(_is_parameter_target(m) for m in modules):
+        tensors, rank = _mlx_lm_moe_tensors(adapter, cfg, _mlx_moe_prefix(base_model))
+        modules = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    else:
+        tensors = {}
+        for m in modules:
+            tensors[f"{m}.lora_a"] = np.ascontiguousarray(adapter[f"{m}.{LORA_A}"].T)
+            tensors[f"{m}.lora_b"] = np.ascontiguousarray(adapter[f"{m}.{LORA_B}"].T)
+            if cfg.dora:  # mlx-lm's DoRALinear keeps the magnitude as `m`
+                tensors[f"{m}.m"] = np.ascontiguousarray(adapter[f"{m}.{MAGNITUDE}"])
     keys = sorted({m.split(".", 3)[3] for m in modules if m.startswith("model.layers.")})
-    tensors = {}
-    for m in modules:
-        tensors[f"{m}.lora_a"] = np.ascontiguousarray(adapter[f"{m}.{LORA_A}"].T)
-        tensors[f"{m}.lora_b"] = np.ascontiguousarray(adapter[f"{m}.{LORA_B}"].T)
-        if cfg.dora:  # mlx-lm's DoRALinear keeps the magnitude as `m`
-            tensors[f"{m}.m"] = np.ascontiguousarray(adapter[f"{m}.{MAGNITUDE}"])
     atomic_save_safetensors(folder / MLX_WEIGHTS, tensors)
     atomic_write_json(folder / PEFT_CONFIG, {
         "fine_tune_type": "dora" if cfg.dora else "lora",
         "model": base_model,
         "num_layers": num_layers - min(layers) if layers else num_layers,
-        "lora_parameters": {"rank": cfg.r, "scale": cfg.scale, "dropout": cfg.dropout,
+        "lora_parameters": {"rank": rank, "scale": cfg.scale, "dropout": cfg.dropout,
                             "keys": keys},
     })
     return folder
+
+
+def _mlx_moe_prefix(base_model: str | None) -> str:
+    """mlx-lm's name of the MoE block: `block_sparse_moe` for mixtral, `mlp` otherwise."""
+    try:
+        cfg = json.loads((Path(base_model) / "config.json").read_text())
+    except (OSError, TypeError, ValueError):
+        return "mlp"
+    return "block_sparse_moe" if cfg.get("model_type") == "mixtral" else "mlp"
+
+
+def _mlx_lm_moe_tensors(adapter: dict, cfg: LoraConfig, moe: str) -> tuple[dict, int]:
+    """mlx-lm's layout for an adapter with MoE parts: its SwitchLinear adapters hold
+    lora_a (E, r, in) and lora_b (E, out, r) per `switch_mlp.{gate,up,down}_proj`, and one
+    rank serves every module. PEFT's fused gate_up adapter (rank 2r) becomes the same
+    rank-2r A on gate_proj and on up_proj with B's gate and up rows, and every other adapter
+    is padded with zero rank to 2r, which leaves each update B A unchanged."""
+    fused = any(k.endswith(f"experts.gate_up_proj.{LORA_A}") for k in adapter)
+    rank = 2 * cfg.r if fused else cfg.r
+    out = {}
+
+    def pad(x, axis):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, rank - x.shape[axis])
+        return np.ascontiguousarray(np.pad(x.astype(np.float32), widths))
+
+    for m in _modules(adapter):
+        a, b = adapter[f"{m}.{LORA_A}"], adapter[f"{m}.{LORA_B}"]
+        leaf = m.rsplit(".", 1)[-1]
+        if ".experts." in m + "." and leaf in EXPERT_PARAMS:
+            r = cfg.r * (2 if leaf == "gate_up_proj" else 1)
+            n = a.shape[0] // r
+            a3 = a.reshape(n, r, a.shape[-1])
+            b3 = b.reshape(b.shape[0], r, n).transpose(2, 0, 1)  # (E, out, r)
+            base = m.replace(".mlp.experts." + leaf, f".{moe}.switch_mlp.")
+            if leaf == "gate_up_proj":
+                f = b3.shape[1] // 2
+                for name, rows in (("gate_proj", b3[:, :f]), ("up_proj", b3[:, f:])):
+                    out[f"{base}{name}.lora_a"] = pad(a3, 1)
+                    out[f"{base}{name}.lora_b"] = pad(rows, 2)
+            else:
+                out[f"{base}down_proj.lora_a"] = pad(a3, 1)
+                out[f"{base}down_proj.lora_b"] = pad(b3, 2)
+            continue
+        if leaf in ROUTER_MODULES:
+            m = m.replace(".mlp.", f".{moe}.")
+        out[f"{m}.lora_a"] = pad(a.T, 1)
+        out[f"{m}.lora_b"] = pad(b.T, 0)
+    return out, rank
 
 
 def load_mlx_lm(folder: str | Path) -> tuple[LoraConfig, dict]:
@@ -164,6 +270,9 @@ def load_mlx_lm(folder: str | Path) -> tuple[LoraConfig, dict]:
     if not (folder / MLX_WEIGHTS).exists():
         raise LorafitError(f"{folder}: no {MLX_WEIGHTS} (not an mlx-lm adapter)")
     raw = load_safetensors_numpy(folder / MLX_WEIGHTS)
+    if any(".switch_mlp." in k for k in raw):
+        raise LorafitError(f"{folder}: an mlx-lm adapter on MoE experts (switch_mlp) cannot be "
+                           "read back yet; use the PEFT adapter it was exported from")
     adapter = {}
     for k, v in raw.items():
         if k.endswith(".lora_a"):

@@ -43,6 +43,12 @@ class Shape:
     linears: dict  # projection name -> (in, out), per layer
     attention_bias: bool = False
     qk_norm: bool = False
+    moe: dict | None = None  # sparse MoE: see moe_weights / moe_adapter_params
+
+
+# What all-linear adapts on an MoE model besides `linears` (PEFT on transformers v5):
+# the router and the stacked expert parameters (models/blocks/moe.py).
+MOE_TARGETS = ("gate", "gate_up_proj", "down_proj")
 
 
 @dataclass
@@ -87,7 +93,9 @@ def target_names(sh: Shape, st: Settings) -> list[str]:
     if st.targets == "all-linear":
         return list(sh.linears)
     names = [t.strip() for t in st.targets.split(",") if t.strip()]
-    unknown = [t for t in names if t not in sh.linears]
+    moe_names = MOE_TARGETS if sh.moe else ()
+    unknown = [t for t in names if t not in sh.linears and t not in moe_names]
+    names = [t for t in names if t in sh.linears]
     if unknown:
         raise LorafitError(f"unknown LoRA target(s) {', '.join(unknown)}; this model has: "
                            f"{', '.join(sh.linears)} (or all-linear)")
@@ -112,7 +120,41 @@ def base_weights(sh: Shape, st: Settings) -> int:
         per_layer += (sh.heads + 2 * sh.kv_heads) * D * s
     if sh.qk_norm:
         per_layer += 2 * D * s
-    return (sh.vocab * C * (1 if sh.tied else 2) + C) * s + sh.layers * per_layer
+    return (sh.vocab * C * (1 if sh.tied else 2) + C) * s + sh.layers * per_layer \
+        + moe_weights(sh, st)
+
+
+def moe_weights(sh: Shape, st: Settings) -> int:
+    """A sparse MoE keeps every expert resident: per sparse layer the router E*C and the
+    E experts' gate, up and down projections E*3*C*F' (F' the expert width; gpt-oss adds
+    E*(1 + 2F' + C) biases and per layer Hq sinks + a C o_proj bias), per dense
+    layer of an MoE model its MLP 3*C*F, all in the compute dtype (MXFP4 checkpoints are
+    counted dequantized, as lorafit loads them)."""
+    if not sh.moe:
+        return 0
+    m, C, s = sh.moe, sh.hidden, DTYPE_BYTES[st.dtype]
+    sparse = m["experts"] * (C + 3 * C * m["expert_size"] + m["expert_bias"])
+    dense = 3 * C * m["dense_size"]
+    n_sparse = len(m["layers"])
+    return s * (n_sparse * sparse + (sh.layers - n_sparse) * dense
+                + sh.layers * m["layer_extra"])
+
+
+def moe_adapter_params(sh: Shape, st: Settings) -> int:
+    """Adapters on the router (r*(C+E) per sparse layer) and on the stacked experts as
+    PEFT's ParamWrapper: E*r'*(in+out) per parameter, r' = 2r on the fused gate_up
+    (in C, out 2F'), r on down (in F', out C)."""
+    if not sh.moe:
+        return 0
+    m, C, r = sh.moe, sh.hidden, st.rank
+    names = set(m["all_linear"]) if st.targets == "all-linear" else \
+        {t.strip() for t in st.targets.split(",")}
+    E, F = m["experts"], m["expert_size"]
+    per = (r * (C + E) if "gate" in names else 0) \
+        + (E * 2 * r * (C + 2 * F) if "gate_up_proj" in names else 0) \
+        + (E * r * (F + C) if "down_proj" in names else 0)
+    layers = m["layers"] if st.layers is None else [i for i in m["layers"] if i in st.layers]
+    return per * len(layers)
 
 
 QUANT_GROUP = 64
@@ -145,7 +187,7 @@ def adapter_params(sh: Shape, st: Settings) -> int:
     n_layers = len(st.layers) if st.layers is not None else sh.layers
     per = sum(st.rank * (dims[m][0] + dims[m][1]) + (dims[m][1] if st.dora else 0)
               for m in target_names(sh, st))
-    return n_layers * per
+    return n_layers * per + moe_adapter_params(sh, st)
 
 
 def adapter_weights(sh, st) -> int:
@@ -170,7 +212,9 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool) -> float:
 
     Residual input, the two normed inputs (kept for the adapters' dA) and the post-attention
     residual: ~3C (+2 rstd). Attention keeps q, k, v after RoPE and its output:
-    Hq*D + 2*Hk*D + Hq*D. The MLP keeps gate, silu(gate) and up: 3F. Each adapted module
+    Hq*D + 2*Hk*D + Hq*D. The MLP keeps gate, silu(gate) and up: 3F (a sparse MoE: F =
+    k*F', the k experts each token is routed to; nothing scales with the expert count). Each
+    adapted module
     keeps its rank-r projection x A^T (r), and a module whose input is not otherwise kept
     keeps that input (o_proj: Hq*D, down_proj: F).
     """

@@ -20,6 +20,13 @@ import numpy as np
 from lorafit.core.errors import LorafitError
 
 LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
+
+# Mixture-of-experts weights are 3D (experts, out, in) parameters; PEFT adapts them with its
+# ParamWrapper: lora_A (E*r, in), lora_B (out, E*r), expert e's update being
+# B.reshape(out, r, E)[:, :, e] @ A.reshape(E, r, in)[e]. With transformers v5, PEFT fuses
+# the per-expert gate and up adapters into one on `experts.gate_up_proj` with twice the rank
+# and twice alpha (its rank_pattern / alpha_pattern), so the fused pair is the two it replaces.
+FUSED_RANK = {"gate_up_proj": 2}
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's learned per-output-row magnitude (PEFT's name)
 
 
@@ -113,6 +120,24 @@ def project(ops, lp: dict, name: str, x, lora, quant_cfg=None):
 
 # -- adapters on a model ------------------------------------------------------------------
 
+def weight_key(shapes: dict, module: str) -> str:
+    """The frozen parameter a module's adapter sits on: `<module>.weight`, or the module
+    name itself for an MoE's 3D expert parameter (`...experts.gate_up_proj`)."""
+    return module + ".weight" if module + ".weight" in shapes else module
+
+
+def expert_rank(cfg: LoraConfig, module: str) -> int:
+    """The rank of an adapter on a 3D expert parameter (PEFT's fused gate_up: 2r)."""
+    return cfg.r * FUSED_RANK.get(module.rsplit(".", 1)[-1], 1)
+
+
+def expert_lora_factors(ops, lora_a, lora_b, experts: int):
+    """PEFT's per-expert factors of a 3D adapter: A (E, r, in) and B (E, out, r)."""
+    a3 = lora_a.reshape(experts, -1, lora_a.shape[-1])
+    b3 = lora_b.reshape(lora_b.shape[0], -1, experts)  # (out, r, E)
+    return a3, ops.swapaxes(ops.swapaxes(b3, 0, 2), 1, 2)
+
+
 def target_modules(cfg: LoraConfig, linear_shapes: dict, module_names: tuple) -> list[str]:
     """Full module names (`model.layers.0.self_attn.q_proj`) that get an adapter.
 
@@ -124,10 +149,16 @@ def target_modules(cfg: LoraConfig, linear_shapes: dict, module_names: tuple) ->
         raise LorafitError(f"unknown LoRA target(s) {', '.join(sorted(unknown))}; this model "
                            f"has: {', '.join(module_names)} (or all-linear)")
     out = []
-    for key in linear_shapes:
-        if not key.endswith(".weight"):
+    moe_model = any(len(s) == 3 for s in linear_shapes.values())
+    for key, shape in linear_shapes.items():
+        if moe_model and len(shape) == 2 and key.endswith(".down_proj.weight"):
+            continue  # PEFT (transformers v5) maps down_proj to the experts' parameter only
+        if key.endswith(".weight"):
+            module = key[: -len(".weight")]
+        elif len(shape) == 3:  # an MoE's stacked expert weights
+            module = key
+        else:
             continue
-        module = key[: -len(".weight")]
         leaf = module.rsplit(".", 1)[-1]
         if leaf not in wanted:
             continue
@@ -149,7 +180,18 @@ def init_adapter(cfg: LoraConfig, shapes: dict, module_names: tuple, seed: int) 
     rng = np.random.default_rng(seed)
     out = {}
     for module in target_modules(cfg, shapes, module_names):
-        d_out, d_in = shapes[module + ".weight"]
+        shape = shapes[weight_key(shapes, module)]
+        if len(shape) == 3:  # experts (E, out, in): PEFT's ParamWrapper layout
+            if cfg.dora or cfg.rslora or cfg.dropout:
+                raise LorafitError(f"{module}: adapters on MoE experts support plain LoRA "
+                                   "only (no DoRA, rsLoRA or dropout, as PEFT's ParamWrapper)")
+            n, d_out, d_in = shape
+            rank = expert_rank(cfg, module) * n
+            out[f"{module}.{LORA_A}"] = rng.uniform(-1.0 / math.sqrt(d_in), 1.0 / math.sqrt(d_in),
+                                                    (rank, d_in)).astype(np.float32)
+            out[f"{module}.{LORA_B}"] = np.zeros((d_out, rank), dtype=np.float32)
+            continue
+        d_out, d_in = shape
         bound = 1.0 / math.sqrt(d_in)
         out[f"{module}.{LORA_A}"] = rng.uniform(-bound, bound, (cfg.r, d_in)).astype(np.float32)
         out[f"{module}.{LORA_B}"] = np.zeros((d_out, cfg.r), dtype=np.float32)
@@ -184,6 +226,8 @@ def attach(model, cfg: LoraConfig, adapter: dict | None = None, seed: int = 0,
 
 def _dense(model, module: str):
     """The frozen weight of a module as a dense backend array (dequantized if needed)."""
+    if module + ".weight" not in model.params:  # an MoE's 3D expert parameter
+        return model.params[module]
     return dense_weight(model.backend, model.params, module,
                         _quant(model.params, module, model.args.quantization))
 
@@ -193,7 +237,9 @@ def check_adapter_fits(adapter: dict, shapes: dict) -> None:
     for name in sorted(adapter):
         a = tuple(adapter[name].shape)
         module = name.rsplit(".lora_", 1)[0]
-        w = shapes.get(module + ".weight")
+        w = shapes.get(weight_key(shapes, module))
+        if w is not None and len(w) == 3:  # experts: A (E*r, in), B (out, E*r)
+            w = (w[1], w[2])
         if w is None:
             raise LorafitError(f"adapter key {name} names a module the model does not have")
         if name.endswith(MAGNITUDE):
@@ -231,15 +277,22 @@ def merged_weights(weights: dict, adapter: dict, scale: float) -> dict:
             continue
         module = _module(name)
         lora_a, lora_b = adapter[name], adapter[f"{module}.{LORA_B}"]
-        w = np.asarray(weights[module + ".weight"], dtype=np.float32)
-        merged = w + scale * (lora_b.astype(np.float32) @ lora_a.astype(np.float32))
+        key = weight_key(weights, module)
+        w = np.asarray(weights[key], dtype=np.float32)
+        if w.ndim == 3:  # experts: expert e gets B_e A_e (see FUSED_RANK)
+            n = w.shape[0]
+            a3 = lora_a.astype(np.float32).reshape(n, -1, lora_a.shape[-1])
+            b3 = lora_b.astype(np.float32).reshape(lora_b.shape[0], -1, n)
+            merged = w + scale * np.einsum("ore,eri->eoi", b3, a3)
+        else:
+            merged = w + scale * (lora_b.astype(np.float32) @ lora_a.astype(np.float32))
         magnitude = adapter.get(f"{module}.{MAGNITUDE}")
         if magnitude is not None:  # DoRA: rescale each row to its learned magnitude
             norm = np.linalg.norm(merged, axis=1)
             merged = merged * (np.asarray(magnitude, np.float32) / norm)[:, None]
         if not np.isfinite(merged).all():
             raise LorafitError(f"merging {module} gives non-finite weights; adapter is broken")
-        out[module + ".weight"] = merged
+        out[key] = merged
     return out
 
 
@@ -247,7 +300,7 @@ def merge(model) -> None:
     """Fold the adapter into the frozen weights and drop the adapter leaves."""
     ops, scale = model.backend, model.lora.scale
     adapter = {k: ops.to_numpy(model.params[k]) for k in adapter_leaves(model.params)}
-    weights = {_module(k) + ".weight": ops.to_numpy(_dense(model, _module(k)))
+    weights = {weight_key(model.params, _module(k)): ops.to_numpy(_dense(model, _module(k)))
                for k in adapter if k.endswith(LORA_A)}
     for name, w in merged_weights(weights, adapter, scale).items():
         model.params[name] = ops.from_numpy(w, model.dtype)
@@ -262,7 +315,8 @@ def unmerge(model, adapter: dict, cfg: LoraConfig) -> None:
         raise LorafitError("a merged DoRA adapter cannot be unmerged (the row norms of the "
                            "original weights are gone); reload the base model instead")
     ops = model.backend
-    weights = {_module(k) + ".weight": ops.to_numpy(model.params[_module(k) + ".weight"])
+    weights = {weight_key(model.params, _module(k)):
+               ops.to_numpy(model.params[weight_key(model.params, _module(k))])
                for k in adapter if k.endswith(LORA_A)}
     for name, w in merged_weights(weights, adapter, -cfg.scale).items():
         model.params[name] = ops.from_numpy(w, model.dtype)

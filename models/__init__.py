@@ -70,15 +70,23 @@ def memory_shape(config: dict):
     a = model_args(config)
     shapes = decoder.parameter_shapes(a)
     linears = {}
+    moe = None
+    if a.num_local_experts:  # sparse MoE: experts counted by the estimator's MoE terms
+        from lorafit.models.blocks import moe as moe_block
+        moe = moe_block.memory_shape(a)
     for name in decoder.linear_modules(a):
+        if moe and name in moe["all_linear"]:
+            continue
         key = next(k for k in shapes if k.endswith(f".{name}.weight"))
         out_dim, in_dim = shapes[key]
         linears[name] = (in_dim, out_dim)
-    return Shape(hidden=a.hidden_size, intermediate=a.intermediate_size,
+    return Shape(hidden=a.hidden_size,
+                 # an MoE token passes through k experts: its activations are k * F' wide
+                 intermediate=moe["top_k"] * moe["expert_size"] if moe else a.intermediate_size,
                  layers=a.num_hidden_layers, heads=a.num_attention_heads,
                  kv_heads=a.num_key_value_heads, head_dim=a.head_dim, vocab=a.vocab_size,
                  tied=a.tie_word_embeddings, linears=linears,
-                 attention_bias=a.attention_bias, qk_norm=a.qk_norm)
+                 attention_bias=a.attention_bias, qk_norm=a.qk_norm, moe=moe)
 
 
 def default_positions(ops, shape):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 from lorafit.core.lora import project
+from lorafit.models.blocks import moe
 from lorafit.models.spec import ModelArgs
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -21,6 +22,8 @@ LINEAR_MODULES = ATTENTION + MLP  # every projection an adapter can target ("all
 
 def linear_modules(a: ModelArgs) -> tuple:
     """The projection names of this model, the names LoRA targets choose from."""
+    if a.num_local_experts:
+        return moe.linear_modules(a, ATTENTION, MLP)
     return LINEAR_MODULES
 
 
@@ -40,19 +43,23 @@ def parameter_shapes(a: ModelArgs) -> dict:
             p + "self_attn.k_proj.weight": (Hk * D, C),
             p + "self_attn.v_proj.weight": (Hk * D, C),
             p + "self_attn.o_proj.weight": (C, Hq * D),
-            p + "mlp.gate_proj.weight": (F, C),
-            p + "mlp.up_proj.weight": (F, C),
-            p + "mlp.down_proj.weight": (C, F),
         })
+        if a.is_moe_layer(i):
+            shapes.update(moe.parameter_shapes(a, p))
+        else:
+            shapes.update({p + "mlp.gate_proj.weight": (F, C), p + "mlp.up_proj.weight": (F, C),
+                           p + "mlp.down_proj.weight": (C, F)})
         if a.attention_bias:
             shapes.update({p + "self_attn.q_proj.bias": (Hq * D,),
                            p + "self_attn.k_proj.bias": (Hk * D,),
                            p + "self_attn.v_proj.bias": (Hk * D,)})
         if a.o_proj_bias:
             shapes[p + "self_attn.o_proj.bias"] = (C,)
-        if a.mlp_bias:
+        if a.mlp_bias and not a.is_moe_layer(i):
             shapes.update({p + "mlp.gate_proj.bias": (F,), p + "mlp.up_proj.bias": (F,),
                            p + "mlp.down_proj.bias": (C,)})
+        if a.attention_sinks:
+            shapes[p + "self_attn.sinks"] = (Hq,)
         if a.qk_norm:
             shapes.update({p + "self_attn.q_norm.weight": (D,),
                            p + "self_attn.k_norm.weight": (D,)})
@@ -95,7 +102,8 @@ def attention_block(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_id
             k = ops.concat([cache[0], k], axis=2)
             v = ops.concat([cache[1], v], axis=2)
         cache[0], cache[1] = k, v
-    o = ops.attention(q, k, v, 1.0 / math.sqrt(D), segment_ids, window=a.window(i))
+    o = ops.attention(q, k, v, 1.0 / math.sqrt(D), segment_ids, window=a.window(i),
+                      sinks=lp["self_attn.sinks"] if a.attention_sinks else None)
     o = ops.swapaxes(o, 1, 2).reshape(b, t, -1)
     return project(ops, lp, "self_attn.o_proj", o, lora, qc)
 
@@ -112,6 +120,8 @@ def decoder_layer(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_ids=
     normed = ops.rms_norm(x, lp["input_layernorm.weight"], a.rms_norm_eps)
     h = x + attention_block(ops, a, i, lp, normed, cos, sin, segment_ids, cache, lora)
     normed = ops.rms_norm(h, lp["post_attention_layernorm.weight"], a.rms_norm_eps)
+    if a.is_moe_layer(i):
+        return h + moe.moe_block(ops, a, lp, normed, lora)
     return h + mlp_block(ops, a, lp, normed, lora)
 
 
@@ -121,6 +131,8 @@ def hidden_states(ops, a: ModelArgs, params: dict, input_ids, positions, segment
     [k, v] pairs per layer for generation; recompute stores only layer inputs."""
     x = ops.embedding(input_ids, params["model.embed_tokens.weight"])
     cos, sin = ops.rope_tables(positions, a.inv_freq, ops.dtype_name(x))
+    if a.rope_attention_factor != 1.0:  # YaRN scales the tables themselves
+        cos, sin = cos * a.rope_attention_factor, sin * a.rope_attention_factor
     for i, lp in enumerate(split_layers(params, a.num_hidden_layers)):
         if recompute:
             x = _recomputed_layer(ops, a, i, lp, x, cos, sin, segment_ids, lora)

@@ -140,6 +140,8 @@ def load_model(path_or_id: str, backend, dtype: str | None = None,
             module = name.rsplit(".", 1)[0]
             if name.endswith((".scales", ".biases")) and module + ".weight" in expected:
                 params[name] = array
+            elif fam.checkpoint_key is not None and fam.checkpoint_key.match(name):
+                params[name] = array  # converted below (fam.convert)
             elif name in expected or name == "lm_head.weight":
                 if bits and name in projections and array.shape[-1] % GROUP_SIZE == 0:
                     q, sc, bi = backend.quantize(array, bits, GROUP_SIZE)
@@ -151,6 +153,8 @@ def load_model(path_or_id: str, backend, dtype: str | None = None,
                 else:
                     params[name] = array
     params = fam.sanitize(params, args)
+    if fam.convert is not None:
+        params = fam.convert(backend, params, args)
     if stored_q:
         _dequantize_non_projections(backend, params, stored_q, projections, dtype)
     missing = [k for k in expected if k not in params]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from lorafit.core.errors import LorafitError
-from lorafit.models.rope import inverse_frequencies
+from lorafit.models.rope import attention_factor, inverse_frequencies
 
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "vocab_size")
@@ -40,6 +40,19 @@ class ModelArgs:
     max_position_embeddings: int = 4096
     torch_dtype: str | None = None
     quantization: dict | None = None  # {"bits", "group_size"}: frozen projections quantized
+    # sparse mixture of experts (models/blocks/moe.py); 0 experts = a dense MLP everywhere
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int | None = None  # expert width (intermediate_size if None)
+    moe_layers: list | None = None  # indices of the sparse layers (None: all, with experts)
+    router: str = "softmax_topk"  # "softmax_topk" (mixtral, qwen3_moe) or "topk_softmax"
+    norm_topk_prob: bool = True  # renormalise the top-k probabilities (softmax_topk)
+    # gpt-oss experts: router with a bias at mlp.router, (E, in, out) expert weights with
+    # biases, gate/up interleaved, and the clamped SwiGLU (up+1) * g*sigmoid(alpha*g)
+    gpt_oss_experts: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    attention_sinks: bool = False  # a learned per-head logit self_attn.sinks (gpt-oss)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -56,6 +69,12 @@ class ModelArgs:
                                f"{self.num_hidden_layers} layers")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise LorafitError("config.json has sliding_attention layers but no sliding_window")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether a layer's MLP is the sparse mixture of experts."""
+        if not self.num_local_experts:
+            return False
+        return self.moe_layers is None or layer in self.moe_layers
 
     def window(self, layer: int) -> int | None:
         """The attention window of a layer: None for full attention."""
@@ -79,6 +98,11 @@ class ModelArgs:
         names = {f.name for f in fields(cls)} - {"extra"}
         known = {k: v for k, v in cfg.items() if k in names and v is not None}
         return cls(**known, extra={k: v for k, v in cfg.items() if k not in names})
+
+    @property
+    def rope_attention_factor(self) -> float:
+        """What YaRN multiplies the cos/sin tables by (1.0 otherwise)."""
+        return attention_factor(self.rope_scaling)
 
     @property
     def inv_freq(self):

@@ -66,6 +66,8 @@ def build_hf_model(folder, model_type, tokenizer, seed=0, **overrides):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+            elif name.endswith(("sinks", "_bias", "router.bias")):  # gpt-oss: tiny or zero
+                p.add_(torch.randn_like(p) * 0.5)
     model.eval()
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))

@@ -159,3 +159,54 @@ def test_gelu_tanh_matches_torch(backend):
     want = torch.nn.functional.gelu(torch.tensor(x), approximate="tanh").numpy()
     got = backend.to_numpy(backend.gelu_tanh(backend.from_numpy(x)))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# -- MoE routing and expert ops ---------------------------------------------------------------
+
+def test_softmax_top_k_and_take_along_axis(backend):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 7)).astype(np.float32)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(backend.to_numpy(backend.softmax(backend.from_numpy(x))), p,
+                               rtol=1e-5, atol=1e-7)
+    idx = backend.top_k_indices(backend.from_numpy(x), 3)
+    got = np.sort(backend.to_numpy(idx), axis=-1)
+    np.testing.assert_array_equal(got, np.sort(np.argsort(-x, axis=-1)[:, :3], axis=-1))
+    vals = backend.to_numpy(backend.take_along_axis(backend.from_numpy(x), idx))
+    np.testing.assert_allclose(vals, np.take_along_axis(x, backend.to_numpy(idx), -1))
+
+
+def test_gather_linear_and_its_gradients(backend):
+    rng = np.random.default_rng(1)
+    n, k, e, i, o = 6, 2, 4, 5, 3
+    x = rng.normal(size=(n, 1, i)).astype(np.float32)
+    w = rng.normal(size=(e, o, i)).astype(np.float32)
+    idx = np.stack([rng.choice(e, k, replace=False) for _ in range(n)])
+    want = np.einsum("ni,nkoi->nko", x[:, 0], w[idx])
+    got = backend.gather_linear(backend.from_numpy(x), backend.from_numpy(w),
+                                backend.from_numpy(idx))
+    np.testing.assert_allclose(backend.to_numpy(got), want, rtol=1e-5, atol=1e-5)
+    # d/dw of sum(y * c) is sum over the rows routed to each expert of c x^T
+    c = rng.normal(size=(n, k, o)).astype(np.float32)
+    ids = backend.from_numpy(idx)
+
+    def loss(tr, cc):
+        y = backend.gather_linear(tr["x"], tr["w"], ids)
+        return (y * cc).sum(), None
+    (_, _), grads = backend.value_and_grad(loss)(
+        {"x": backend.from_numpy(x), "w": backend.from_numpy(w)}, backend.from_numpy(c))
+    gw = np.zeros_like(w)
+    for a in range(n):
+        for b in range(k):
+            gw[idx[a, b]] += np.outer(c[a, b], x[a, 0])
+    gx = np.einsum("nko,nkoi->ni", c, w[idx])[:, None]
+    np.testing.assert_allclose(backend.to_numpy(grads["w"]), gw, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(backend.to_numpy(grads["x"]), gx, rtol=1e-4, atol=1e-5)
+
+
+def test_clip(backend):
+    x = np.linspace(-3, 3, 13).astype(np.float32)
+    for lo, hi in ((-1.0, 2.0), (None, 0.5), (-0.5, None)):
+        got = backend.to_numpy(backend.clip(backend.from_numpy(x), lo, hi))
+        np.testing.assert_array_equal(got, np.clip(x, lo, hi))

@@ -41,6 +41,24 @@ CASES = [
     Case("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1,
                        tie_word_embeddings=True), mlx_lm=False),
     Case("qwen3", dict(head_dim=32)),
+    # mlx_lm off: mlx-lm's mixtral ignores the window
+    Case("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
+                         sliding_window=7), mlx_lm=False),
+    # without a window mlx-lm reads mixtral as transformers: checks the mlx-lm export of
+    # adapters on the router and experts (switch_mlp, padded to one rank)
+    Case("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
+                         sliding_window=None), id="mixtral-no-window"),
+    # layer 1 dense (mlp_only_layers), no renormalisation of the top-k. mlx_lm off: mlx-lm's
+    # qwen3_moe cannot read the config transformers v5 writes (num_local_experts,
+    # rope_parameters)
+    Case("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
+                           decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=False,
+                           head_dim=32), mlx_lm=False),
+    # windows (5) shorter than the sequence on alternating layers, random sinks and biases
+    # (conftest), YaRN; all-linear is attention only (as PEFT). mlx_lm off: mlx-lm's gpt_oss
+    # reads only MXFP4 expert blocks, not the dense experts transformers' save_pretrained writes
+    Case("gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=40,
+                         sliding_window=5, head_dim=16, attention_bias=True), mlx_lm=False),
 ]
 IDS = [c.id for c in CASES]
 

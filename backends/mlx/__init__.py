@@ -106,6 +106,23 @@ class MLXBackend:
     def gelu_tanh(self, x):
         return 0.5 * x * (1 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 
+    def softmax(self, x):
+        return mx.softmax(x.astype(mx.float32), axis=-1)
+
+    def clip(self, x, low, high):
+        return mx.clip(x, low, high)
+
+    def top_k_indices(self, x, k):
+        return mx.stop_gradient(mx.argpartition(-x, kth=k - 1, axis=-1)[..., :k])
+
+    def take_along_axis(self, x, indices):
+        return mx.take_along_axis(x, indices, axis=-1)
+
+    def gather_linear(self, x, weight, indices):
+        n, k = indices.shape
+        rows = mx.broadcast_to(x, (n, k, x.shape[-1]))[..., None, :]  # (N, K, 1, in)
+        return mx.gather_mm(rows, weight.swapaxes(-1, -2), rhs_indices=indices).squeeze(-2)
+
     def row_norms(self, w):
         return mx.sqrt((w.astype(mx.float32) ** 2).sum(axis=1))
 

@@ -113,6 +113,31 @@ class TorchBackend:
     def gelu_tanh(self, x):
         return F.gelu(x, approximate="tanh")
 
+    def softmax(self, x):
+        return torch.softmax(x.float(), dim=-1)
+
+    def clip(self, x, low, high):
+        return torch.clamp(x, low, high)
+
+    def top_k_indices(self, x, k):
+        return torch.topk(x, k, dim=-1).indices
+
+    def take_along_axis(self, x, indices):
+        return torch.gather(x, -1, indices)
+
+    def gather_linear(self, x, weight, indices):
+        # Rows sorted by expert, one matmul per expert, then put back in order.
+        n, k = indices.shape
+        rows = x.expand(n, k, x.shape[-1]).reshape(n * k, x.shape[-1])
+        flat = indices.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=weight.shape[0]).tolist()
+        parts = torch.split(rows[order], counts)
+        out = torch.cat([F.linear(p, weight[e]) for e, p in enumerate(parts)])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return out[inverse].reshape(n, k, weight.shape[1])
+
     def row_norms(self, w):
         return torch.linalg.vector_norm(w.float(), dim=1)
 

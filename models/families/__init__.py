@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lorafit.core.errors import LorafitError
-from lorafit.models.families import llama
+from lorafit.models.families import gpt_oss, llama, mixtral, qwen3_moe
 
 
 @dataclass(frozen=True)
@@ -19,11 +19,16 @@ class Family:
     model_type: str
     configure: Callable[[dict], dict]  # config.json -> the same dict with switches set
     sanitize: Callable[[dict, object], dict]  # checkpoint tensors -> the model's
+    # checkpoint keys the model does not have but the family converts (e.g. per-expert
+    # MoE weights), and the conversion (ops, weights, args) -> weights, run after reading
+    checkpoint_key: object = None  # a compiled regex, matched at the start of a key
+    convert: Callable | None = None
 
 
 # Each family module holds CONFIGURE {model_type: config.json -> switches} and sanitize.
-FAMILY_MODULES = (llama,)
-FAMILIES = {mt: Family(mt, configure, module.sanitize)
+FAMILY_MODULES = (llama, mixtral, qwen3_moe, gpt_oss)
+FAMILIES = {mt: Family(mt, configure, module.sanitize, getattr(module, "CHECKPOINT_KEY", None),
+                       getattr(module, "convert", None))
             for module in FAMILY_MODULES for mt, configure in module.CONFIGURE.items()}
 
 

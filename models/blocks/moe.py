@@ -1,0 +1,161 @@
+"""The sparse mixture-of-experts MLP (mixtral, qwen3_moe, gpt-oss), written once over
+backend ops.
+
+Parameters of a sparse layer, under transformers v5's names (the loader fuses the Hub's
+per-expert checkpoints into these):
+  mlp.gate.weight            (E, C)      the router
+  mlp.experts.gate_up_proj   (E, 2F, C)  each expert's gate and up projections, stacked
+  mlp.experts.down_proj      (E, C, F)
+
+gpt-oss (a.gpt_oss_experts) keeps its own names and layout: mlp.router.{weight, bias};
+mlp.experts.gate_up_proj (E, C, 2F) with gate and up interleaved (even/odd columns),
+gate_up_proj_bias (E, 2F), down_proj (E, F, C), down_proj_bias (E, C); its activation is
+(clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit).
+
+Routing: router logits -> probabilities -> the top k experts of each token and their
+weights; the output is sum_j w_j * expert_{i_j}(x). "softmax_topk" (mixtral, qwen3_moe)
+takes the softmax over all experts, then the top k, renormalised to sum to 1 when
+`norm_topk_prob` (always for mixtral); "topk_softmax" takes the top k logits and a softmax
+over those k only.
+
+Compute: each token's k chosen experts only, through `ops.gather_linear` (rows sorted by
+expert, one matmul per expert on torch; mx.gather_mm on MLX). Forward and backward both
+cost N*k rows per expert projection, and memory for activations scales with N*k (never
+with the number of experts); gradients reach adapters on the router through the top-k
+weights and adapters on experts through the gathered rows, as in the reference.
+
+Adapters: the router is an ordinary 2D weight (`project`); an adapter on a 3D expert
+parameter follows PEFT's ParamWrapper (core.lora.FUSED_RANK, expert_lora_factors).
+"""
+
+from __future__ import annotations
+
+from lorafit.core.lora import LORA_A, LORA_B, expert_lora_factors, project
+
+ROUTER = "mlp.gate"
+EXPERTS = "mlp.experts."
+EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
+
+
+def expert_size(a) -> int:
+    return a.moe_intermediate_size or a.intermediate_size
+
+
+def parameter_shapes(a, p: str) -> dict:
+    """The MLP parameters of a sparse layer with prefix p (`model.layers.3.`)."""
+    E, C, F = a.num_local_experts, a.hidden_size, expert_size(a)
+    if a.gpt_oss_experts:
+        return {p + "mlp.router.weight": (E, C), p + "mlp.router.bias": (E,),
+                p + EXPERTS + "gate_up_proj": (E, C, 2 * F),
+                p + EXPERTS + "gate_up_proj_bias": (E, 2 * F),
+                p + EXPERTS + "down_proj": (E, F, C), p + EXPERTS + "down_proj_bias": (E, C)}
+    return {p + ROUTER + ".weight": (E, C),
+            p + EXPERTS + "gate_up_proj": (E, 2 * F, C),
+            p + EXPERTS + "down_proj": (E, C, F)}
+
+
+def linear_modules(a, attention: tuple, mlp: tuple) -> tuple:
+    """What all-linear adapts on an MoE model, as PEFT does on transformers v5: attention,
+    the router (`gate`) and both expert parameters. gpt-oss: attention only (its router
+    and experts are not nn.Linear and PEFT has no v4 names to map for it)."""
+    if a.gpt_oss_experts:
+        return attention
+    return attention + ("gate",) + EXPERT_PROJECTIONS
+
+
+def memory_shape(a) -> dict:
+    """The estimator's MoE description (core.estimate.moe_weights / moe_adapter_params)."""
+    gpt = a.gpt_oss_experts
+    return {"experts": a.num_local_experts, "top_k": a.num_experts_per_tok,
+            # gpt-oss: router bias + expert biases per expert; sinks + o_proj bias per layer
+            "expert_bias": 1 + 2 * expert_size(a) + a.hidden_size if gpt else 0,
+            "layer_extra": a.num_attention_heads + a.hidden_size if gpt else 0,
+            "expert_size": expert_size(a), "dense_size": a.intermediate_size,
+            "layers": [i for i in range(a.num_hidden_layers) if a.is_moe_layer(i)],
+            "all_linear": () if gpt else ("gate",) + EXPERT_PROJECTIONS}
+
+
+def route(ops, a, logits):
+    """(indices (N, k), weights (N, k) float32) from router logits (N, E)."""
+    k = a.num_experts_per_tok
+    if a.router == "topk_softmax":
+        idx = ops.top_k_indices(logits, k)
+        return idx, ops.softmax(ops.take_along_axis(logits, idx))
+    probs = ops.softmax(logits)
+    idx = ops.top_k_indices(probs, k)
+    w = ops.take_along_axis(probs, idx)
+    if a.norm_topk_prob:
+        w = w / w.sum(-1)[..., None]
+    return idx, w
+
+
+def expert_projection(ops, lp: dict, name: str, x, idx, lora):
+    """x (N, K or 1, in) through the chosen experts' weights of `name` -> (N, K, out),
+    plus the expert adapter when there is one: s * (x A_e^T) B_e^T for each row's expert."""
+    w = lp[name]
+    y = ops.gather_linear(x, w, idx)
+    lora_a = lp.get(f"{name}.{LORA_A}")
+    if lora_a is None:
+        return y
+    a3, b3 = expert_lora_factors(ops, lora_a, lp[f"{name}.{LORA_B}"], w.shape[0])
+    xa = x if ops.dtype_name(x) == ops.dtype_name(a3) else ops.cast(x, ops.dtype_name(a3))
+    delta = ops.gather_linear(ops.gather_linear(xa, a3, idx), b3, idx) * lora.scale
+    return y + (delta if ops.dtype_name(delta) == ops.dtype_name(y)
+                else ops.cast(delta, ops.dtype_name(y)))
+
+
+def moe_block(ops, a, lp: dict, x, lora):
+    """The sparse MLP of one layer: x (B, T, C) -> (B, T, C)."""
+    b, t, c = x.shape
+    h = x.reshape(b * t, c)
+    if a.gpt_oss_experts:
+        return gpt_oss_experts(ops, a, lp, h, lora).reshape(b, t, c)
+    idx, w = route(ops, a, project(ops, lp, ROUTER, h, lora, a.quantization))
+    rows = h.reshape(b * t, 1, c)
+    gate_up = expert_projection(ops, lp, EXPERTS + "gate_up_proj", rows, idx, lora)
+    f = gate_up.shape[-1] // 2
+    act = ops.silu(gate_up[..., :f]) * gate_up[..., f:]
+    out = expert_projection(ops, lp, EXPERTS + "down_proj", act, idx, lora)  # (N, K, C)
+    w = ops.cast(w, ops.dtype_name(out))
+    return (out * w[..., None]).sum(1).reshape(b, t, c)
+
+
+def gpt_oss_experts(ops, a, lp: dict, h, lora):
+    """gpt-oss's router (with bias; top k logits, softmax over them) and experts (biases,
+    interleaved gate/up, clamped SwiGLU) for h (N, C) -> (N, C)."""
+    idx, w = route(ops, a, project(ops, lp, "mlp.router", h, lora, a.quantization))
+    n, c = h.shape
+    rows = h.reshape(n, 1, c)
+    gate_up = ops.gather_linear(rows, ops.swapaxes(lp[EXPERTS + "gate_up_proj"], 1, 2), idx)
+    gate_up = gate_up + ops.embedding(idx, lp[EXPERTS + "gate_up_proj_bias"])
+    gate = ops.clip(gate_up[..., ::2], None, a.swiglu_limit)
+    up = ops.clip(gate_up[..., 1::2], -a.swiglu_limit, a.swiglu_limit)
+    glu = ops.silu(gate * a.swiglu_alpha) * (1.0 / a.swiglu_alpha)  # g * sigmoid(alpha g)
+    out = ops.gather_linear((up + 1) * glu, ops.swapaxes(lp[EXPERTS + "down_proj"], 1, 2), idx)
+    out = out + ops.embedding(idx, lp[EXPERTS + "down_proj_bias"])
+    w = ops.cast(w, ops.dtype_name(out))
+    return (out * w[..., None]).sum(1)
+
+
+def load_balancing_loss(ops, a, router_logits: list, attention_mask=None):
+    """Switch Transformer's auxiliary loss (transformers' `load_balancing_loss_func`):
+    E * sum_e f_e * P_e over all layers' tokens, f_e = the share of top-k choices that went
+    to expert e, P_e = the mean router probability of e. router_logits: one (N, E) array
+    per sparse layer. Reported as a metric; lorafit does not add it to the loss."""
+    import numpy as np
+
+    E, k = a.num_local_experts, a.num_experts_per_tok
+    logits = np.concatenate([ops.to_numpy(ops.cast(z, "float32")) for z in router_logits])
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    top = np.argsort(-probs, axis=-1)[:, :k]
+    chosen = np.zeros((len(probs), k, E), np.float32)
+    np.put_along_axis(chosen, top[..., None], 1.0, axis=-1)
+    if attention_mask is None:
+        tokens_per_expert = chosen.mean(0)  # (k, E)
+        prob_per_expert = probs.mean(0)
+    else:
+        m = np.tile(np.asarray(attention_mask, np.float32).reshape(-1), len(router_logits))
+        tokens_per_expert = (chosen * m[:, None, None]).sum(0) / m.sum()
+        prob_per_expert = (probs * m[:, None]).sum(0) / m.sum()
+    return float((tokens_per_expert * prob_per_expert[None]).sum() * E)
