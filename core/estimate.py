@@ -43,6 +43,7 @@ class Shape:
     linears: dict  # projection name -> (in, out), per layer
     attention_bias: bool = False
     qk_norm: bool = False
+    layer_vectors: int | None = None  # a layer's norm and bias elements; None: from the flags
 
 
 @dataclass
@@ -102,15 +103,15 @@ def base_weights(sh: Shape, st: Settings) -> int:
     Quantized projections (input a multiple of 64) take bits/8 bytes per weight plus a
     scale and a bias per group of 64 in the compute dtype: in*out*(bits/8 + 2s/64)."""
     C, D, s = sh.hidden, sh.head_dim, DTYPE_BYTES[st.dtype]
-    per_layer = 2 * C * s
+    per_layer = 2 * C * s if sh.layer_vectors is None else sh.layer_vectors * s
     for i, o in sh.linears.values():
         if st.quantize_bits and i % QUANT_GROUP == 0:
             per_layer += quantized_bytes(i * o, st)
         else:
             per_layer += i * o * s
-    if sh.attention_bias:
+    if sh.attention_bias and sh.layer_vectors is None:
         per_layer += (sh.heads + 2 * sh.kv_heads) * D * s
-    if sh.qk_norm:
+    if sh.qk_norm and sh.layer_vectors is None:
         per_layer += 2 * D * s
     return (sh.vocab * C * (1 if sh.tied else 2) + C) * s + sh.layers * per_layer
 

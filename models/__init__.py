@@ -74,11 +74,14 @@ def memory_shape(config: dict):
         key = next(k for k in shapes if k.endswith(f".{name}.weight"))
         out_dim, in_dim = shapes[key]
         linears[name] = (in_dim, out_dim)
+    layer0 = [k for k in shapes if k.startswith("model.layers.0.")]
+    vectors = sum(int(np.prod(shapes[k])) for k in layer0
+                  if k.rsplit(".", 2)[-2] not in linears or not k.endswith(".weight"))
     return Shape(hidden=a.hidden_size, intermediate=a.intermediate_size,
                  layers=a.num_hidden_layers, heads=a.num_attention_heads,
                  kv_heads=a.num_key_value_heads, head_dim=a.head_dim, vocab=a.vocab_size,
                  tied=a.tie_word_embeddings, linears=linears,
-                 attention_bias=a.attention_bias, qk_norm=a.qk_norm)
+                 attention_bias=a.attention_bias, qk_norm=a.qk_norm, layer_vectors=vectors)
 
 
 def default_positions(ops, shape):

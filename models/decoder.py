@@ -21,7 +21,9 @@ LINEAR_MODULES = ATTENTION + MLP  # every projection an adapter can target ("all
 
 def linear_modules(a: ModelArgs) -> tuple:
     """The projection names of this model, the names LoRA targets choose from."""
-    return LINEAR_MODULES
+    attention = ("qkv_proj", "o_proj") if a.fused_qkv else ATTENTION
+    mlp = ("gate_up_proj", "down_proj") if a.fused_gate_up else MLP
+    return attention + mlp
 
 
 def parameter_shapes(a: ModelArgs) -> dict:
@@ -44,6 +46,19 @@ def parameter_shapes(a: ModelArgs) -> dict:
             p + "mlp.up_proj.weight": (F, C),
             p + "mlp.down_proj.weight": (C, F),
         })
+        if a.fused_qkv:
+            for n in ("q", "k", "v"):
+                del shapes[p + f"self_attn.{n}_proj.weight"]
+            shapes[p + "self_attn.qkv_proj.weight"] = ((Hq + 2 * Hk) * D, C)
+        if a.fused_gate_up:
+            del shapes[p + "mlp.gate_proj.weight"], shapes[p + "mlp.up_proj.weight"]
+            shapes[p + "mlp.gate_up_proj.weight"] = (2 * F, C)
+        if a.post_norms:
+            del shapes[p + "input_layernorm.weight"]
+            shapes[p + "post_feedforward_layernorm.weight"] = (C,)
+        if a.qk_norm_whole:
+            shapes.update({p + "self_attn.q_norm.weight": (Hq * D,),
+                           p + "self_attn.k_norm.weight": (Hk * D,)})
         if a.attention_bias:
             shapes.update({p + "self_attn.q_proj.bias": (Hq * D,),
                            p + "self_attn.k_proj.bias": (Hk * D,),
@@ -82,14 +97,23 @@ def attention_block(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_id
     """Self-attention of layer i (full or sliding-window, as a.layer_types says)."""
     b, t, _ = x.shape  # (B, T, C)
     D, qc = a.head_dim, a.quantization
-    q = project(ops, lp, "self_attn.q_proj", x, lora, qc).reshape(b, t, -1, D)
-    k = project(ops, lp, "self_attn.k_proj", x, lora, qc).reshape(b, t, -1, D)
-    v = project(ops, lp, "self_attn.v_proj", x, lora, qc).reshape(b, t, -1, D)
+    if a.fused_qkv:  # one projection, its output split as q | k | v
+        qkv = project(ops, lp, "self_attn.qkv_proj", x, lora, qc)
+        nq, nk = a.num_attention_heads * D, a.num_key_value_heads * D
+        q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+    else:
+        q = project(ops, lp, "self_attn.q_proj", x, lora, qc)
+        k = project(ops, lp, "self_attn.k_proj", x, lora, qc)
+        v = project(ops, lp, "self_attn.v_proj", x, lora, qc)
+    if a.qk_norm_whole:
+        q = ops.rms_norm(q, lp["self_attn.q_norm.weight"], a.rms_norm_eps)
+        k = ops.rms_norm(k, lp["self_attn.k_norm.weight"], a.rms_norm_eps)
+    q, k, v = (z.reshape(b, t, -1, D) for z in (q, k, v))
     if a.qk_norm:
         q = ops.rms_norm(q, lp["self_attn.q_norm.weight"], a.rms_norm_eps)
         k = ops.rms_norm(k, lp["self_attn.k_norm.weight"], a.rms_norm_eps)
     q, k, v = (ops.swapaxes(z, 1, 2) for z in (q, k, v))  # (B, H, T, D)
-    q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
+    q, k = _rotate(ops, q, cos, sin), _rotate(ops, k, cos, sin)
     if cache is not None:
         if cache[0] is not None:
             k = ops.concat([cache[0], k], axis=2)
@@ -100,15 +124,34 @@ def attention_block(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_id
     return project(ops, lp, "self_attn.o_proj", o, lora, qc)
 
 
+def _rotate(ops, x, cos, sin):
+    """RoPE on the leading dims the tables cover (all of them unless partial rotary)."""
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return ops.apply_rope(x, cos, sin)
+    return ops.concat([ops.apply_rope(x[..., :rd], cos, sin), x[..., rd:]], axis=-1)
+
+
 def mlp_block(ops, a: ModelArgs, lp: dict, x, lora):
     qc = a.quantization
-    gate = project(ops, lp, "mlp.gate_proj", x, lora, qc)
-    up = project(ops, lp, "mlp.up_proj", x, lora, qc)
+    if a.fused_gate_up:  # one projection, its output split as gate | up
+        gate_up = project(ops, lp, "mlp.gate_up_proj", x, lora, qc)
+        F = gate_up.shape[-1] // 2
+        gate, up = gate_up[..., :F], gate_up[..., F:]
+    else:
+        gate = project(ops, lp, "mlp.gate_proj", x, lora, qc)
+        up = project(ops, lp, "mlp.up_proj", x, lora, qc)
     return project(ops, lp, "mlp.down_proj", ops.silu(gate) * up, lora, qc)
 
 
 def decoder_layer(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_ids=None,
                   cache=None, lora=None):
+    if a.post_norms:  # OLMo 2: each sublayer's output is normed before the residual add
+        eps = a.rms_norm_eps
+        h = x + ops.rms_norm(attention_block(ops, a, i, lp, x, cos, sin, segment_ids, cache,
+                                             lora), lp["post_attention_layernorm.weight"], eps)
+        return h + ops.rms_norm(mlp_block(ops, a, lp, h, lora),
+                                lp["post_feedforward_layernorm.weight"], eps)
     normed = ops.rms_norm(x, lp["input_layernorm.weight"], a.rms_norm_eps)
     h = x + attention_block(ops, a, i, lp, normed, cos, sin, segment_ids, cache, lora)
     normed = ops.rms_norm(h, lp["post_attention_layernorm.weight"], a.rms_norm_eps)
@@ -120,14 +163,33 @@ def hidden_states(ops, a: ModelArgs, params: dict, input_ids, positions, segment
     """The final normed hidden states (B, T, C). positions (B, T) int; cache is a list of
     [k, v] pairs per layer for generation; recompute stores only layer inputs."""
     x = ops.embedding(input_ids, params["model.embed_tokens.weight"])
-    cos, sin = ops.rope_tables(positions, a.inv_freq, ops.dtype_name(x))
+    tables = {lt: rope_tables(ops, r, positions, ops.dtype_name(x)) for lt, r in a.ropes.items()}
     for i, lp in enumerate(split_layers(params, a.num_hidden_layers)):
+        cos, sin = tables[a.layer_types[i]]
         if recompute:
             x = _recomputed_layer(ops, a, i, lp, x, cos, sin, segment_ids, lora)
         else:
             x = decoder_layer(ops, a, i, lp, x, cos, sin, segment_ids,
                               None if cache is None else cache[i], lora)
     return ops.rms_norm(x, params["model.norm.weight"], a.rms_norm_eps)
+
+
+def rope_tables(ops, r, positions, dtype):
+    """cos and sin (B, 1, T, rotary dims) of a models.rope.Rope. LongRoPE takes its long set
+    when the largest position + 1 exceeds its switch length, for the whole forward (as
+    transformers does), chosen by arithmetic so compiled graphs need no host sync."""
+    scaled = r.attention_scaling != 1.0
+    tdt = "float32" if scaled else dtype
+    cos, sin = ops.rope_tables(positions, r.inv_freq, tdt)
+    if r.long_inv_freq is not None:
+        cos_l, sin_l = ops.rope_tables(positions, r.long_inv_freq, tdt)
+        use_long = ops.cast(positions.max() >= r.long_after, tdt)
+        cos = cos * (1 - use_long) + cos_l * use_long
+        sin = sin * (1 - use_long) + sin_l * use_long
+    if scaled:
+        cos = ops.cast(cos * r.attention_scaling, dtype)
+        sin = ops.cast(sin * r.attention_scaling, dtype)
+    return cos, sin
 
 
 def _recomputed_layer(ops, a, i, lp, x, cos, sin, segment_ids, lora):

@@ -8,9 +8,10 @@ another is a shared switch here, not a copy of the forward code.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 
 from lorafit.core.errors import LorafitError
-from lorafit.models.rope import inverse_frequencies
+from lorafit.models.rope import Rope, inverse_frequencies, rope
 
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "vocab_size")
@@ -40,6 +41,12 @@ class ModelArgs:
     max_position_embeddings: int = 4096
     torch_dtype: str | None = None
     quantization: dict | None = None  # {"bits", "group_size"}: frozen projections quantized
+    partial_rotary_factor: float = 1.0  # rotate only the first head_dim * this dims (phi3)
+    fused_qkv: bool = False  # one self_attn.qkv_proj whose output splits into q, k, v (phi3)
+    fused_gate_up: bool = False  # one mlp.gate_up_proj whose output splits in two (phi3)
+    post_norms: bool = False  # no input norm; norms on the attention and MLP outputs (olmo2)
+    qk_norm_whole: bool = False  # RMSNorm over all of q's and k's projection (olmo2)
+    rope_by_layer_type: dict | None = None  # {layer_type: rope_scaling or None} (olmo3)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -67,6 +74,8 @@ class ModelArgs:
         models.families); unknown keys are kept in `extra`."""
         cfg = dict(cfg)
         rope = cfg.pop("rope_parameters", None)  # transformers >= 5 layout
+        if rope and rope.get("partial_rotary_factor") is not None:
+            cfg.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
         if rope:
             cfg.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
             if rope.get("rope_type", "default") != "default":
@@ -83,3 +92,31 @@ class ModelArgs:
     @property
     def inv_freq(self):
         return inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each head are rotated."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @cached_property
+    def ropes(self) -> dict:
+        """{layer_type: models.rope.Rope} for the layer types this model has."""
+        out = {}
+        for lt in dict.fromkeys(self.layer_types):
+            scaling = self.rope_scaling
+            if self.rope_by_layer_type is not None:
+                scaling = self.rope_by_layer_type.get(lt)
+            theta = (scaling or {}).get("rope_theta", self.rope_theta)
+            out[lt] = rope(self.rotary_dim, theta, scaling, self.max_position_embeddings)
+        return out
+
+    def rope_of(self, layer: int) -> Rope:
+        return self.ropes[self.layer_types[layer]]
+
+    @property
+    def cache_reset_length(self) -> int | None:
+        """LongRoPE switches frequencies past `original_max_position_embeddings` tokens; a
+        generation crossing that length recomputes its cache with the long set, as
+        transformers' Phi-3 does. None when nothing switches."""
+        switches = [r.long_after for r in self.ropes.values() if r.long_after is not None]
+        return min(switches) if switches else None

@@ -71,7 +71,8 @@ def total(**kw):
                                      **kw}))
 
 
-@pytest.mark.parametrize("preset", ["qwen2.5-1.5b", "llama-3.2-1b", "qwen3-0.6b"])
+@pytest.mark.parametrize("preset", ["qwen2.5-1.5b", "llama-3.2-1b", "qwen3-0.6b",
+                                    "phi-3.5-mini-instruct", "phi-4-mini-instruct"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_base_weights_are_the_models_own_parameter_count(preset, dtype):
     """The estimator's weight term, from its own shape arithmetic, equals the parameter
@@ -79,7 +80,8 @@ def test_base_weights_are_the_models_own_parameter_count(preset, dtype):
     import math
     cfg = load_preset(preset)
     n = sum(math.prod(s) for s in parameter_shapes(cfg).values())
-    est = estimate(memory_shape(cfg), Settings(backend="torch", device="cuda", dtype=dtype))
+    est = estimate(memory_shape(cfg), Settings(backend="torch", device="cuda", dtype=dtype,
+                                               targets="all-linear"))  # fused qkv has no q_proj
     assert est["breakdown"]["base weights"] == n * {"bfloat16": 2, "float32": 4}[dtype]
     assert all(v >= 0 for v in est["breakdown"].values())
 

@@ -35,12 +35,30 @@ class Case:
         self.id = self.id or self.model_type
 
 
+def _longrope(n):
+    """A LongRoPE rope dict with n random (fixed) factors per set."""
+    rng = np.random.default_rng(n)
+    return dict(rope_type="longrope", rope_theta=10000.0,
+                short_factor=rng.uniform(1, 2, n).round(3).tolist(),
+                long_factor=rng.uniform(1, 8, n).round(3).tolist())
+
+
 CASES = [
     Case("llama", dict(rope_scaling=None, attention_bias=True)),
     Case("mistral", dict(sliding_window=7), mlx_lm=False),  # mlx-lm ignores the window
     Case("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1,
                        tie_word_embeddings=True), mlx_lm=False),
     Case("qwen3", dict(head_dim=32)),
+    # LongRoPE switching at 30 tokens: the 24-token forwards use the short factors, and
+    # generation crosses 30, where transformers recomputes the cache with the long ones.
+    # phi3-long: 16, so every forward uses the long factors. mlx-lm's phi3 reads neither
+    # transformers 5's rope_parameters (only a top-level rope_scaling and
+    # partial_rotary_factor) nor the window, so it is checked on phi3-plain only.
+    Case("phi3", dict(rope_parameters={**_longrope(4), "partial_rotary_factor": 0.5},
+                      original_max_position_embeddings=30, sliding_window=20), mlx_lm=False),
+    Case("phi3", dict(rope_parameters=_longrope(8), original_max_position_embeddings=16),
+         mlx_lm=False, id="phi3-long"),
+    Case("phi3", dict(tie_word_embeddings=True), id="phi3-plain"),
 ]
 IDS = [c.id for c in CASES]
 
