@@ -59,6 +59,16 @@ CASES = [
     Case("phi3", dict(rope_parameters=_longrope(8), original_max_position_embeddings=16),
          mlx_lm=False, id="phi3-long"),
     Case("phi3", dict(tie_word_embeddings=True), id="phi3-plain"),
+    Case("olmo2", dict(attention_bias=True)),
+    # one sliding (window 6) and one full layer, YaRN on the full layer only; mlx-lm's olmo3
+    # needs a top-level rope_theta, which transformers 5 writes per layer type instead
+    Case("olmo3", dict(sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+                       rope_parameters={
+                           "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                           "full_attention": {"rope_type": "yarn", "rope_theta": 1e4,
+                                              "factor": 4.0, "beta_fast": 8.0,
+                                              "original_max_position_embeddings": 64}}),
+         mlx_lm=False),
 ]
 IDS = [c.id for c in CASES]
 
