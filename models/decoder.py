@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from lorafit.core.lora import project
 from lorafit.models.spec import ModelArgs
 
@@ -93,7 +95,7 @@ def split_layers(params: dict, num_layers: int) -> list[dict]:
 
 
 def attention_block(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_ids, cache,
-                    lora):
+                    lora, q_scale=None):
     """Self-attention of layer i (full or sliding-window, as a.layer_types says)."""
     b, t, _ = x.shape  # (B, T, C)
     D, qc = a.head_dim, a.quantization
@@ -114,6 +116,8 @@ def attention_block(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_id
         k = ops.rms_norm(k, lp["self_attn.k_norm.weight"], a.rms_norm_eps)
     q, k, v = (ops.swapaxes(z, 1, 2) for z in (q, k, v))  # (B, H, T, D)
     q, k = _rotate(ops, q, cos, sin), _rotate(ops, k, cos, sin)
+    if q_scale is not None:
+        q = q * q_scale
     if cache is not None:
         if cache[0] is not None:
             k = ops.concat([cache[0], k], axis=2)
@@ -145,15 +149,17 @@ def mlp_block(ops, a: ModelArgs, lp: dict, x, lora):
 
 
 def decoder_layer(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_ids=None,
-                  cache=None, lora=None):
+                  cache=None, lora=None, q_scale=None):
     if a.post_norms:  # OLMo 2: each sublayer's output is normed before the residual add
         eps = a.rms_norm_eps
         h = x + ops.rms_norm(attention_block(ops, a, i, lp, x, cos, sin, segment_ids, cache,
-                                             lora), lp["post_attention_layernorm.weight"], eps)
+                                             lora, q_scale),
+                             lp["post_attention_layernorm.weight"], eps)
         return h + ops.rms_norm(mlp_block(ops, a, lp, h, lora),
                                 lp["post_feedforward_layernorm.weight"], eps)
     normed = ops.rms_norm(x, lp["input_layernorm.weight"], a.rms_norm_eps)
-    h = x + attention_block(ops, a, i, lp, normed, cos, sin, segment_ids, cache, lora)
+    h = x + attention_block(ops, a, i, lp, normed, cos, sin, segment_ids, cache, lora,
+                            q_scale)
     normed = ops.rms_norm(h, lp["post_attention_layernorm.weight"], a.rms_norm_eps)
     return h + mlp_block(ops, a, lp, normed, lora)
 
@@ -164,13 +170,14 @@ def hidden_states(ops, a: ModelArgs, params: dict, input_ids, positions, segment
     [k, v] pairs per layer for generation; recompute stores only layer inputs."""
     x = ops.embedding(input_ids, params["model.embed_tokens.weight"])
     tables = {lt: rope_tables(ops, r, positions, ops.dtype_name(x)) for lt, r in a.ropes.items()}
+    q_scale = query_scales(ops, a, positions, ops.dtype_name(x))
     for i, lp in enumerate(split_layers(params, a.num_hidden_layers)):
         cos, sin = tables[a.layer_types[i]]
         if recompute:
-            x = _recomputed_layer(ops, a, i, lp, x, cos, sin, segment_ids, lora)
+            x = _recomputed_layer(ops, a, i, lp, x, cos, sin, segment_ids, lora, q_scale)
         else:
             x = decoder_layer(ops, a, i, lp, x, cos, sin, segment_ids,
-                              None if cache is None else cache[i], lora)
+                              None if cache is None else cache[i], lora, q_scale)
     return ops.rms_norm(x, params["model.norm.weight"], a.rms_norm_eps)
 
 
@@ -192,7 +199,20 @@ def rope_tables(ops, r, positions, dtype):
     return cos, sin
 
 
-def _recomputed_layer(ops, a, i, lp, x, cos, sin, segment_ids, lora):
+def query_scales(ops, a: ModelArgs, positions, dtype):
+    """(B, 1, T, 1) factors 1 + beta * ln(1 + floor(position / period)) for the queries, or
+    None. Few distinct values exist, so they are looked up in a numpy-built table."""
+    if a.query_position_scale is None:
+        return None
+    beta, period = a.query_position_scale
+    n = 4 * max(a.max_position_embeddings, period) // period + 2  # headroom past the max
+    table = (1 + beta * np.log1p(np.arange(n, dtype=np.float64))).astype(np.float32)
+    s = ops.embedding(positions // period, ops.from_numpy(table[:, None], dtype))
+    b, t = positions.shape
+    return s.reshape(b, 1, t, 1)
+
+
+def _recomputed_layer(ops, a, i, lp, x, cos, sin, segment_ids, lora, q_scale=None):
     """A layer whose activations are recomputed in the backward pass. Only the adapter
     leaves and x are arguments: frozen weights are closed over, so no gradient is ever
     formed for them."""
@@ -201,7 +221,7 @@ def _recomputed_layer(ops, a, i, lp, x, cos, sin, segment_ids, lora):
 
     def run(train, x_):
         return decoder_layer(ops, a, i, {**frozen, **train}, x_, cos, sin, segment_ids, None,
-                             lora)
+                             lora, q_scale)
     return ops.checkpoint(run)(trainable, x)
 
 

@@ -47,6 +47,9 @@ class ModelArgs:
     post_norms: bool = False  # no input norm; norms on the attention and MLP outputs (olmo2)
     qk_norm_whole: bool = False  # RMSNorm over all of q's and k's projection (olmo2)
     rope_by_layer_type: dict | None = None  # {layer_type: rope_scaling or None} (olmo3)
+    # queries scaled by 1 + beta * ln(1 + floor(position / period)) after RoPE (Llama 4's
+    # attention temperature, ministral3): (beta, period), or None
+    query_position_scale: tuple | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

@@ -69,6 +69,11 @@ CASES = [
                                               "factor": 4.0, "beta_fast": 8.0,
                                               "original_max_position_embeddings": 64}}),
          mlx_lm=False),
+    # YaRN with an mscale ratio, and a query temperature that steps every 8 positions
+    Case("ministral3", dict(head_dim=32, tie_word_embeddings=False, rope_parameters=dict(
+        rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=8,
+        beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=0.5,
+        llama_4_scaling_beta=0.1))),
 ]
 IDS = [c.id for c in CASES]
 
