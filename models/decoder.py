@@ -115,7 +115,8 @@ def attention_block(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_id
         q = ops.rms_norm(q, lp["self_attn.q_norm.weight"], a.rms_norm_eps)
         k = ops.rms_norm(k, lp["self_attn.k_norm.weight"], a.rms_norm_eps)
     q, k, v = (ops.swapaxes(z, 1, 2) for z in (q, k, v))  # (B, H, T, D)
-    q, k = _rotate(ops, q, cos, sin), _rotate(ops, k, cos, sin)
+    if cos is not None:  # None on a NoPE layer
+        q, k = _rotate(ops, q, cos, sin), _rotate(ops, k, cos, sin)
     if q_scale is not None:
         q = q * q_scale
     if cache is not None:
@@ -123,7 +124,8 @@ def attention_block(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_id
             k = ops.concat([cache[0], k], axis=2)
             v = ops.concat([cache[1], v], axis=2)
         cache[0], cache[1] = k, v
-    o = ops.attention(q, k, v, 1.0 / math.sqrt(D), segment_ids, window=a.window(i))
+    scale = a.attention_multiplier if a.attention_multiplier is not None else 1.0 / math.sqrt(D)
+    o = ops.attention(q, k, v, scale, segment_ids, window=a.window(i))
     o = ops.swapaxes(o, 1, 2).reshape(b, t, -1)
     return project(ops, lp, "self_attn.o_proj", o, lora, qc)
 
@@ -158,10 +160,12 @@ def decoder_layer(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_ids=
         return h + ops.rms_norm(mlp_block(ops, a, lp, h, lora),
                                 lp["post_feedforward_layernorm.weight"], eps)
     normed = ops.rms_norm(x, lp["input_layernorm.weight"], a.rms_norm_eps)
-    h = x + attention_block(ops, a, i, lp, normed, cos, sin, segment_ids, cache, lora,
-                            q_scale)
+    attn = attention_block(ops, a, i, lp, normed, cos, sin, segment_ids, cache, lora, q_scale)
+    rm = a.residual_multiplier
+    h = x + (attn if rm == 1.0 else attn * rm)
     normed = ops.rms_norm(h, lp["post_attention_layernorm.weight"], a.rms_norm_eps)
-    return h + mlp_block(ops, a, lp, normed, lora)
+    mlp = mlp_block(ops, a, lp, normed, lora)
+    return h + (mlp if rm == 1.0 else mlp * rm)
 
 
 def hidden_states(ops, a: ModelArgs, params: dict, input_ids, positions, segment_ids=None,
@@ -169,16 +173,22 @@ def hidden_states(ops, a: ModelArgs, params: dict, input_ids, positions, segment
     """The final normed hidden states (B, T, C). positions (B, T) int; cache is a list of
     [k, v] pairs per layer for generation; recompute stores only layer inputs."""
     x = ops.embedding(input_ids, params["model.embed_tokens.weight"])
+    if a.embedding_multiplier != 1.0:
+        x = x * a.embedding_multiplier
     tables = {lt: rope_tables(ops, r, positions, ops.dtype_name(x)) for lt, r in a.ropes.items()}
     q_scale = query_scales(ops, a, positions, ops.dtype_name(x))
     for i, lp in enumerate(split_layers(params, a.num_hidden_layers)):
         cos, sin = tables[a.layer_types[i]]
+        if a.nope_layers is not None and a.nope_layers[i]:
+            cos = sin = None
         if recompute:
             x = _recomputed_layer(ops, a, i, lp, x, cos, sin, segment_ids, lora, q_scale)
         else:
             x = decoder_layer(ops, a, i, lp, x, cos, sin, segment_ids,
                               None if cache is None else cache[i], lora, q_scale)
-    return ops.rms_norm(x, params["model.norm.weight"], a.rms_norm_eps)
+    h = ops.rms_norm(x, params["model.norm.weight"], a.rms_norm_eps)
+    # logits / s = (h / s) W^T: the head and the fused loss both see the scaled states
+    return h if a.logits_scaling == 1.0 else h * (1.0 / a.logits_scaling)
 
 
 def rope_tables(ops, r, positions, dtype):

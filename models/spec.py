@@ -50,6 +50,11 @@ class ModelArgs:
     # queries scaled by 1 + beta * ln(1 + floor(position / period)) after RoPE (Llama 4's
     # attention temperature, ministral3): (beta, period), or None
     query_position_scale: tuple | None = None
+    embedding_multiplier: float = 1.0  # embeddings times this (granite)
+    residual_multiplier: float = 1.0  # each sublayer's output times this before the add
+    attention_multiplier: float | None = None  # attention score scale; None: 1/sqrt(head_dim)
+    logits_scaling: float = 1.0  # logits divided by this (granite)
+    nope_layers: list | None = None  # per layer: True where no RoPE is applied (smollm3)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

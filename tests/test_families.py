@@ -74,6 +74,14 @@ CASES = [
         rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=8,
         beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=0.5,
         llama_4_scaling_beta=0.1))),
+    # mlx-lm's granite needs a top-level rope_theta (transformers 5 writes rope_parameters)
+    Case("granite", dict(embedding_multiplier=3.0, residual_multiplier=0.5,
+                         attention_multiplier=0.2, logits_scaling=4.0, attention_bias=True),
+         mlx_lm=False),
+    # layer 1 of 2 has no RoPE; theta 1e4 because mlx-lm reads no rope_parameters and
+    # falls back to that (smollm3's own default is 2e6)
+    Case("smollm3", dict(no_rope_layer_interval=2, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
 ]
 IDS = [c.id for c in CASES]
 
