@@ -82,6 +82,10 @@ CASES = [
     # falls back to that (smollm3's own default is 2e6)
     Case("smollm3", dict(no_rope_layer_interval=2, tie_word_embeddings=True,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
+    # a sliding layer with RoPE, then a full NoPE layer; mlx-lm's exaone4 needs a top-level
+    # rope_theta, which transformers 5 writes into rope_parameters
+    Case("exaone4", dict(sliding_window=6, sliding_window_pattern=2, head_dim=32),
+         mlx_lm=False),
 ]
 IDS = [c.id for c in CASES]
 
