@@ -44,6 +44,7 @@ class Shape:
     attention_bias: bool = False
     qk_norm: bool = False
     layer_vectors: int | None = None  # a layer's norm and bias elements; None: from the flags
+    final_norm: int | None = None  # elements of the final norm (weight, bias); None: C
 
 
 @dataclass
@@ -113,7 +114,8 @@ def base_weights(sh: Shape, st: Settings) -> int:
         per_layer += (sh.heads + 2 * sh.kv_heads) * D * s
     if sh.qk_norm and sh.layer_vectors is None:
         per_layer += 2 * D * s
-    return (sh.vocab * C * (1 if sh.tied else 2) + C) * s + sh.layers * per_layer
+    final = C if sh.final_norm is None else sh.final_norm
+    return (sh.vocab * C * (1 if sh.tied else 2) + final) * s + sh.layers * per_layer
 
 
 QUANT_GROUP = 64

@@ -81,7 +81,9 @@ def memory_shape(config: dict):
                  layers=a.num_hidden_layers, heads=a.num_attention_heads,
                  kv_heads=a.num_key_value_heads, head_dim=a.head_dim, vocab=a.vocab_size,
                  tied=a.tie_word_embeddings, linears=linears,
-                 attention_bias=a.attention_bias, qk_norm=a.qk_norm, layer_vectors=vectors)
+                 attention_bias=a.attention_bias, qk_norm=a.qk_norm, layer_vectors=vectors,
+                 final_norm=sum(int(np.prod(v)) for k, v in shapes.items()
+                                if k.startswith("model.norm.")))
 
 
 def default_positions(ops, shape):

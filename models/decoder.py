@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from lorafit.core.lora import project
-from lorafit.models.spec import ModelArgs
+from lorafit.models.spec import GELU_TANH, ModelArgs
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -25,6 +25,7 @@ def linear_modules(a: ModelArgs) -> tuple:
     """The projection names of this model, the names LoRA targets choose from."""
     attention = ("qkv_proj", "o_proj") if a.fused_qkv else ATTENTION
     mlp = ("gate_up_proj", "down_proj") if a.fused_gate_up else MLP
+    mlp = ("c_fc", "c_proj") if a.plain_mlp else mlp
     return attention + mlp
 
 
@@ -48,19 +49,6 @@ def parameter_shapes(a: ModelArgs) -> dict:
             p + "mlp.up_proj.weight": (F, C),
             p + "mlp.down_proj.weight": (C, F),
         })
-        if a.fused_qkv:
-            for n in ("q", "k", "v"):
-                del shapes[p + f"self_attn.{n}_proj.weight"]
-            shapes[p + "self_attn.qkv_proj.weight"] = ((Hq + 2 * Hk) * D, C)
-        if a.fused_gate_up:
-            del shapes[p + "mlp.gate_proj.weight"], shapes[p + "mlp.up_proj.weight"]
-            shapes[p + "mlp.gate_up_proj.weight"] = (2 * F, C)
-        if a.post_norms:
-            del shapes[p + "input_layernorm.weight"]
-            shapes[p + "post_feedforward_layernorm.weight"] = (C,)
-        if a.qk_norm_whole:
-            shapes.update({p + "self_attn.q_norm.weight": (Hq * D,),
-                           p + "self_attn.k_norm.weight": (Hk * D,)})
         if a.attention_bias:
             shapes.update({p + "self_attn.q_proj.bias": (Hq * D,),
                            p + "self_attn.k_proj.bias": (Hk * D,),
@@ -73,7 +61,40 @@ def parameter_shapes(a: ModelArgs) -> dict:
         if a.qk_norm:
             shapes.update({p + "self_attn.q_norm.weight": (D,),
                            p + "self_attn.k_norm.weight": (D,)})
+        _layer_variants(a, p, shapes)
+    if a.layer_norm:
+        shapes["model.norm.bias"] = (C,)
     return shapes
+
+
+def _layer_variants(a: ModelArgs, p: str, shapes: dict) -> None:
+    """Layer p's shapes changed for the layouts that differ from Llama's (fused projections,
+    other norms, a plain MLP)."""
+    D, Hq, Hk, C, F = a.head_dim, a.num_attention_heads, a.num_key_value_heads, \
+        a.hidden_size, a.intermediate_size
+    if a.fused_qkv:
+        for n in ("q", "k", "v"):
+            del shapes[p + f"self_attn.{n}_proj.weight"]
+        shapes[p + "self_attn.qkv_proj.weight"] = ((Hq + 2 * Hk) * D, C)
+    if a.fused_gate_up:
+        del shapes[p + "mlp.gate_proj.weight"], shapes[p + "mlp.up_proj.weight"]
+        shapes[p + "mlp.gate_up_proj.weight"] = (2 * F, C)
+    if a.post_norms:
+        del shapes[p + "input_layernorm.weight"]
+        shapes[p + "post_feedforward_layernorm.weight"] = (C,)
+    if a.qk_norm_whole:
+        shapes.update({p + "self_attn.q_norm.weight": (Hq * D,),
+                       p + "self_attn.k_norm.weight": (Hk * D,)})
+    if a.plain_mlp:
+        for n in ("gate", "up", "down"):
+            shapes.pop(p + f"mlp.{n}_proj.weight", None)
+            shapes.pop(p + f"mlp.{n}_proj.bias", None)
+        shapes.update({p + "mlp.c_fc.weight": (F, C), p + "mlp.c_proj.weight": (C, F)})
+        if a.mlp_bias:
+            shapes.update({p + "mlp.c_fc.bias": (F,), p + "mlp.c_proj.bias": (C,)})
+    if a.layer_norm:
+        shapes.update({k[:-len("weight")] + "bias": v for k, v in shapes.items()
+                       if k.startswith(p) and k.endswith("layernorm.weight")})
 
 
 def projection_weights(a: ModelArgs) -> set:
@@ -138,8 +159,18 @@ def _rotate(ops, x, cos, sin):
     return ops.concat([ops.apply_rope(x[..., :rd], cos, sin), x[..., rd:]], axis=-1)
 
 
+def norm(ops, a: ModelArgs, lp: dict, name: str, x):
+    """The model's norm `name` (RMSNorm, or LayerNorm with its bias) applied to x."""
+    if a.layer_norm:
+        return ops.layer_norm(x, lp[name + ".weight"], lp[name + ".bias"], a.rms_norm_eps)
+    return ops.rms_norm(x, lp[name + ".weight"], a.rms_norm_eps)
+
+
 def mlp_block(ops, a: ModelArgs, lp: dict, x, lora):
     qc = a.quantization
+    if a.plain_mlp:
+        h = project(ops, lp, "mlp.c_fc", x, lora, qc)
+        return project(ops, lp, "mlp.c_proj", _act(ops, a, h), lora, qc)
     if a.fused_gate_up:  # one projection, its output split as gate | up
         gate_up = project(ops, lp, "mlp.gate_up_proj", x, lora, qc)
         F = gate_up.shape[-1] // 2
@@ -147,7 +178,11 @@ def mlp_block(ops, a: ModelArgs, lp: dict, x, lora):
     else:
         gate = project(ops, lp, "mlp.gate_proj", x, lora, qc)
         up = project(ops, lp, "mlp.up_proj", x, lora, qc)
-    return project(ops, lp, "mlp.down_proj", ops.silu(gate) * up, lora, qc)
+    return project(ops, lp, "mlp.down_proj", _act(ops, a, gate) * up, lora, qc)
+
+
+def _act(ops, a: ModelArgs, x):
+    return ops.gelu_tanh(x) if a.hidden_act in GELU_TANH else ops.silu(x)
 
 
 def decoder_layer(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_ids=None,
@@ -159,11 +194,11 @@ def decoder_layer(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_ids=
                              lp["post_attention_layernorm.weight"], eps)
         return h + ops.rms_norm(mlp_block(ops, a, lp, h, lora),
                                 lp["post_feedforward_layernorm.weight"], eps)
-    normed = ops.rms_norm(x, lp["input_layernorm.weight"], a.rms_norm_eps)
+    normed = norm(ops, a, lp, "input_layernorm", x)
     attn = attention_block(ops, a, i, lp, normed, cos, sin, segment_ids, cache, lora, q_scale)
     rm = a.residual_multiplier
     h = x + (attn if rm == 1.0 else attn * rm)
-    normed = ops.rms_norm(h, lp["post_attention_layernorm.weight"], a.rms_norm_eps)
+    normed = norm(ops, a, lp, "post_attention_layernorm", h)
     mlp = mlp_block(ops, a, lp, normed, lora)
     return h + (mlp if rm == 1.0 else mlp * rm)
 
@@ -186,7 +221,7 @@ def hidden_states(ops, a: ModelArgs, params: dict, input_ids, positions, segment
         else:
             x = decoder_layer(ops, a, i, lp, x, cos, sin, segment_ids,
                               None if cache is None else cache[i], lora, q_scale)
-    h = ops.rms_norm(x, params["model.norm.weight"], a.rms_norm_eps)
+    h = norm(ops, a, params, "model.norm", x)
     # logits / s = (h / s) W^T: the head and the fused loss both see the scaled states
     return h if a.logits_scaling == 1.0 else h * (1.0 / a.logits_scaling)
 

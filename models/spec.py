@@ -13,6 +13,7 @@ from functools import cached_property
 from lorafit.core.errors import LorafitError
 from lorafit.models.rope import Rope, inverse_frequencies, rope
 
+GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "vocab_size")
 
@@ -55,13 +56,16 @@ class ModelArgs:
     attention_multiplier: float | None = None  # attention score scale; None: 1/sqrt(head_dim)
     logits_scaling: float = 1.0  # logits divided by this (granite)
     nope_layers: list | None = None  # per layer: True where no RoPE is applied (smollm3)
+    layer_norm: bool = False  # LayerNorm with bias instead of RMSNorm (starcoder2)
+    plain_mlp: bool = False  # mlp.c_fc -> activation -> mlp.c_proj, no gate (starcoder2)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
-        if self.hidden_act not in ("silu", "swish"):
-            raise LorafitError(f"hidden_act {self.hidden_act!r} is not supported (only silu)")
+        if self.hidden_act not in ("silu", "swish") + GELU_TANH:
+            raise LorafitError(f"hidden_act {self.hidden_act!r} is not supported (silu or "
+                               "gelu_pytorch_tanh)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise LorafitError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.layer_types is None:

@@ -86,6 +86,11 @@ CASES = [
     # rope_theta, which transformers 5 writes into rope_parameters
     Case("exaone4", dict(sliding_window=6, sliding_window_pattern=2, head_dim=32),
          mlx_lm=False),
+    # mlx-lm's starcoder2 uses the exact (erf) gelu where transformers uses the tanh one
+    # (logits differ by ~3e-4 of their scale here), and has no window
+    Case("starcoder2", dict(tie_word_embeddings=True), mlx_lm=False),
+    Case("starcoder2", dict(sliding_window=7, use_bias=False), mlx_lm=False,
+         id="starcoder2-window"),
 ]
 IDS = [c.id for c in CASES]
 

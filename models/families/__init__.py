@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lorafit.core.errors import LorafitError
-from lorafit.models.families import exaone4, granite, llama, ministral3, olmo, phi3, smollm3
+from lorafit.models.families import (exaone4, granite, llama, ministral3, olmo, phi3, smollm3,
+                                     starcoder2)
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class Family:
 
 
 # Each family module holds CONFIGURE {model_type: config.json -> switches} and sanitize.
-FAMILY_MODULES = (llama, phi3, olmo, ministral3, granite, smollm3, exaone4)
+FAMILY_MODULES = (llama, phi3, olmo, ministral3, granite, smollm3, exaone4, starcoder2)
 FAMILIES = {mt: Family(mt, configure, module.sanitize)
             for module in FAMILY_MODULES for mt, configure in module.CONFIGURE.items()}
 
