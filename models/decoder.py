@@ -92,6 +92,9 @@ def _layer_variants(a: ModelArgs, p: str, shapes: dict) -> None:
         shapes.update({p + "mlp.c_fc.weight": (F, C), p + "mlp.c_proj.weight": (C, F)})
         if a.mlp_bias:
             shapes.update({p + "mlp.c_fc.bias": (F,), p + "mlp.c_proj.bias": (C,)})
+    if a.sandwich_norms:
+        shapes.update({p + "post_self_attn_layernorm.weight": (C,),
+                       p + "post_mlp_layernorm.weight": (C,)})
     if a.layer_norm:
         shapes.update({k[:-len("weight")] + "bias": v for k, v in shapes.items()
                        if k.startswith(p) and k.endswith("layernorm.weight")})
@@ -137,7 +140,8 @@ def attention_block(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_id
         k = ops.rms_norm(k, lp["self_attn.k_norm.weight"], a.rms_norm_eps)
     q, k, v = (ops.swapaxes(z, 1, 2) for z in (q, k, v))  # (B, H, T, D)
     if cos is not None:  # None on a NoPE layer
-        q, k = _rotate(ops, q, cos, sin), _rotate(ops, k, cos, sin)
+        q = _rotate(ops, q, cos, sin, a.rope_interleaved)
+        k = _rotate(ops, k, cos, sin, a.rope_interleaved)
     if q_scale is not None:
         q = q * q_scale
     if cache is not None:
@@ -151,9 +155,14 @@ def attention_block(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_id
     return project(ops, lp, "self_attn.o_proj", o, lora, qc)
 
 
-def _rotate(ops, x, cos, sin):
-    """RoPE on the leading dims the tables cover (all of them unless partial rotary)."""
+def _rotate(ops, x, cos, sin, interleaved=False):
+    """RoPE on the leading dims the tables cover (all of them unless partial rotary).
+    Interleaved pairs (2j, 2j+1) are gathered as (j, j + rd/2) and rotated in the half-split
+    layout; q and k get the same reordering, so their dot products are those of the
+    interleaved rotation and the reordering is never undone."""
     rd = cos.shape[-1]
+    if interleaved:
+        x = ops.concat([x[..., 0:rd:2], x[..., 1:rd:2], x[..., rd:]], axis=-1)
     if rd == x.shape[-1]:
         return ops.apply_rope(x, cos, sin)
     return ops.concat([ops.apply_rope(x[..., :rd], cos, sin), x[..., rd:]], axis=-1)
@@ -196,10 +205,14 @@ def decoder_layer(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_ids=
                                 lp["post_feedforward_layernorm.weight"], eps)
     normed = norm(ops, a, lp, "input_layernorm", x)
     attn = attention_block(ops, a, i, lp, normed, cos, sin, segment_ids, cache, lora, q_scale)
+    if a.sandwich_norms:
+        attn = norm(ops, a, lp, "post_self_attn_layernorm", attn)
     rm = a.residual_multiplier
     h = x + (attn if rm == 1.0 else attn * rm)
     normed = norm(ops, a, lp, "post_attention_layernorm", h)
     mlp = mlp_block(ops, a, lp, normed, lora)
+    if a.sandwich_norms:
+        mlp = norm(ops, a, lp, "post_mlp_layernorm", mlp)
     return h + (mlp if rm == 1.0 else mlp * rm)
 
 

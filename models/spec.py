@@ -58,6 +58,8 @@ class ModelArgs:
     nope_layers: list | None = None  # per layer: True where no RoPE is applied (smollm3)
     layer_norm: bool = False  # LayerNorm with bias instead of RMSNorm (starcoder2)
     plain_mlp: bool = False  # mlp.c_fc -> activation -> mlp.c_proj, no gate (starcoder2)
+    rope_interleaved: bool = False  # RoPE rotates pairs (0, 1), (2, 3), ... (glm4)
+    sandwich_norms: bool = False  # attention and MLP outputs normed too (glm4's 4 norms)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

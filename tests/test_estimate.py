@@ -74,7 +74,8 @@ def total(**kw):
 @pytest.mark.parametrize("preset", ["qwen2.5-1.5b", "llama-3.2-1b", "qwen3-0.6b",
                                     "phi-3.5-mini-instruct", "phi-4-mini-instruct",
                                     "olmo-2-7b", "olmo-2-13b", "olmo-2-32b",
-                                    "granite-3.3-8b-instruct", "smollm3-3b", "starcoder2-7b"])
+                                    "granite-3.3-8b-instruct", "smollm3-3b", "starcoder2-7b",
+                                    "glm-4-9b-0414"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_base_weights_are_the_models_own_parameter_count(preset, dtype):
     """The estimator's weight term, from its own shape arithmetic, equals the parameter

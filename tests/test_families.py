@@ -91,6 +91,10 @@ CASES = [
     Case("starcoder2", dict(tie_word_embeddings=True), mlx_lm=False),
     Case("starcoder2", dict(sliding_window=7, use_bias=False), mlx_lm=False,
          id="starcoder2-window"),
+    # mlx-lm's glm4 needs top-level partial_rotary_factor and rope_theta (transformers 5
+    # writes both into rope_parameters)
+    Case("glm4", dict(attention_bias=True, head_dim=32, partial_rotary_factor=0.5),
+         mlx_lm=False),
 ]
 IDS = [c.id for c in CASES]
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lorafit.core.errors import LorafitError
-from lorafit.models.families import (exaone4, granite, llama, ministral3, olmo, phi3, smollm3,
-                                     starcoder2)
+from lorafit.models.families import (exaone4, glm4, granite, llama, ministral3, olmo, phi3,
+                                     smollm3, starcoder2)
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,8 @@ class Family:
 
 
 # Each family module holds CONFIGURE {model_type: config.json -> switches} and sanitize.
-FAMILY_MODULES = (llama, phi3, olmo, ministral3, granite, smollm3, exaone4, starcoder2)
+FAMILY_MODULES = (llama, phi3, olmo, ministral3, granite, smollm3, exaone4, starcoder2,
+                  glm4)
 FAMILIES = {mt: Family(mt, configure, module.sanitize)
             for module in FAMILY_MODULES for mt, configure in module.CONFIGURE.items()}
 
