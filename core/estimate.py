@@ -89,11 +89,24 @@ def target_names(sh: Shape, st: Settings) -> list[str]:
     if st.targets == "all-linear":
         return list(sh.linears)
     names = [t.strip() for t in st.targets.split(",") if t.strip()]
+    # a model with fused projections (phi3's qkv_proj, gate_up_proj) has no q_proj, v_proj:
+    # asking for a part is counted as the fused projection that computes it, once
+    names = list(dict.fromkeys(_fused_name(sh, t) for t in names))
     unknown = [t for t in names if t not in sh.linears]
     if unknown:
         raise LorafitError(f"unknown LoRA target(s) {', '.join(unknown)}; this model has: "
                            f"{', '.join(sh.linears)} (or all-linear)")
     return names
+
+
+FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _fused_name(sh: Shape, name: str) -> str:
+    if name in sh.linears:
+        return name
+    return next((f for f, parts in FUSED_PARTS.items() if name in parts and f in sh.linears),
+                name)
 
 
 # -- static terms ----------------------------------------------------------------------------

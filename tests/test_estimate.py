@@ -83,8 +83,7 @@ def test_base_weights_are_the_models_own_parameter_count(preset, dtype):
     import math
     cfg = load_preset(preset)
     n = sum(math.prod(s) for s in parameter_shapes(cfg).values())
-    est = estimate(memory_shape(cfg), Settings(backend="torch", device="cuda", dtype=dtype,
-                                               targets="all-linear"))  # fused qkv has no q_proj
+    est = estimate(memory_shape(cfg), Settings(backend="torch", device="cuda", dtype=dtype))
     assert est["breakdown"]["base weights"] == n * {"bfloat16": 2, "float32": 4}[dtype]
     assert all(v >= 0 for v in est["breakdown"].values())
 
@@ -205,3 +204,10 @@ def test_budget_parsing():
     assert parse_bytes("1500MiB") == 1500 * 2**20
     with pytest.raises(LorafitError):
         parse_bytes("-3GB")
+
+
+def test_parts_of_a_fused_projection_count_it_once():
+    from lorafit.core.estimate import adapter_params
+    sh = memory_shape(load_preset("phi-3.5-mini-instruct"))
+    assert adapter_params(sh, Settings(targets="q_proj,v_proj")) == \
+        adapter_params(sh, Settings(targets="qkv_proj")) > 0
