@@ -84,6 +84,10 @@ class Backend(Protocol):
         """x / sqrt(mean(x^2) + eps) * weight over the last axis, computed in float32
         and returned in x's dtype (Llama's convention)."""
 
+    def layer_norm(self, x: Array, weight: Array, bias: Array, eps: float) -> Array:
+        """(x - mean) / sqrt(var + eps) * weight + bias over the last axis (nn.LayerNorm,
+        StarCoder 2), computed in float32 and returned in x's dtype."""
+
     def silu(self, x: Array) -> Array: ...
 
     def gelu_tanh(self, x: Array) -> Array:

@@ -44,6 +44,8 @@ class Shape:
     attention_bias: bool = False
     qk_norm: bool = False
     moe: dict | None = None  # sparse MoE: see moe_weights / moe_adapter_params
+    layer_vectors: int | None = None  # a layer's norm and bias elements; None: from the flags
+    final_norm: int | None = None  # elements of the final norm (weight, bias); None: C
 
 
 # What all-linear adapts on an MoE model besides `linears` (PEFT on transformers v5):
@@ -93,6 +95,9 @@ def target_names(sh: Shape, st: Settings) -> list[str]:
     if st.targets == "all-linear":
         return list(sh.linears)
     names = [t.strip() for t in st.targets.split(",") if t.strip()]
+    # a model with fused projections (phi3's qkv_proj, gate_up_proj) has no q_proj, v_proj:
+    # asking for a part is counted as the fused projection that computes it, once
+    names = list(dict.fromkeys(_fused_name(sh, t) for t in names))
     moe_names = MOE_TARGETS if sh.moe else ()
     unknown = [t for t in names if t not in sh.linears and t not in moe_names]
     names = [t for t in names if t in sh.linears]
@@ -100,6 +105,16 @@ def target_names(sh: Shape, st: Settings) -> list[str]:
         raise LorafitError(f"unknown LoRA target(s) {', '.join(unknown)}; this model has: "
                            f"{', '.join(sh.linears)} (or all-linear)")
     return names
+
+
+FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _fused_name(sh: Shape, name: str) -> str:
+    if name in sh.linears:
+        return name
+    return next((f for f, parts in FUSED_PARTS.items() if name in parts and f in sh.linears),
+                name)
 
 
 # -- static terms ----------------------------------------------------------------------------
@@ -110,17 +125,18 @@ def base_weights(sh: Shape, st: Settings) -> int:
     Quantized projections (input a multiple of 64) take bits/8 bytes per weight plus a
     scale and a bias per group of 64 in the compute dtype: in*out*(bits/8 + 2s/64)."""
     C, D, s = sh.hidden, sh.head_dim, DTYPE_BYTES[st.dtype]
-    per_layer = 2 * C * s
+    per_layer = 2 * C * s if sh.layer_vectors is None else sh.layer_vectors * s
     for i, o in sh.linears.values():
         if st.quantize_bits and i % QUANT_GROUP == 0:
             per_layer += quantized_bytes(i * o, st)
         else:
             per_layer += i * o * s
-    if sh.attention_bias:
+    if sh.attention_bias and sh.layer_vectors is None:
         per_layer += (sh.heads + 2 * sh.kv_heads) * D * s
-    if sh.qk_norm:
+    if sh.qk_norm and sh.layer_vectors is None:
         per_layer += 2 * D * s
-    return (sh.vocab * C * (1 if sh.tied else 2) + C) * s + sh.layers * per_layer \
+    final = C if sh.final_norm is None else sh.final_norm
+    return (sh.vocab * C * (1 if sh.tied else 2) + final) * s + sh.layers * per_layer \
         + moe_weights(sh, st)
 
 

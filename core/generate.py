@@ -23,7 +23,14 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int = 64,
     cache = [[None, None] for _ in range(model.args.num_hidden_layers)]
     ids = np.asarray([prompt_ids], dtype=np.int64)
     pos = np.arange(len(prompt_ids), dtype=np.int64)[None]
+    seen = list(prompt_ids)
+    reset = model.args.cache_reset_length
     for _ in range(max_new_tokens):
+        if reset is not None and pos.shape[1] == 1 and int(pos[0, 0]) == reset:
+            # the rotary frequencies switch here: recompute the cache with the new set
+            cache = [[None, None] for _ in range(model.args.num_hidden_layers)]
+            ids = np.asarray([seen], dtype=np.int64)
+            pos = np.arange(len(seen), dtype=np.int64)[None]
         h = model.hidden(ops.from_numpy(ids), ops.from_numpy(pos), cache=cache)
         last = ops.linear(h[:, -1, :], model.output_weight())
         logits = ops.to_numpy(ops.cast(last, "float32"))[0].astype(np.float64)
@@ -31,6 +38,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int = 64,
         yield token
         if token in eos_ids:
             return
+        seen.append(token)
         ids = np.asarray([[token]], dtype=np.int64)
         pos = pos[:, -1:] + 1
 

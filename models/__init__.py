@@ -80,13 +80,20 @@ def memory_shape(config: dict):
         key = next(k for k in shapes if k.endswith(f".{name}.weight"))
         out_dim, in_dim = shapes[key]
         linears[name] = (in_dim, out_dim)
+    layer0 = [k for k in shapes if k.startswith("model.layers.0.")]
+    vectors = sum(int(np.prod(shapes[k])) for k in layer0
+                  if k.rsplit(".", 2)[-2] not in linears or not k.endswith(".weight"))
     return Shape(hidden=a.hidden_size,
                  # an MoE token passes through k experts: its activations are k * F' wide
                  intermediate=moe["top_k"] * moe["expert_size"] if moe else a.intermediate_size,
                  layers=a.num_hidden_layers, heads=a.num_attention_heads,
                  kv_heads=a.num_key_value_heads, head_dim=a.head_dim, vocab=a.vocab_size,
                  tied=a.tie_word_embeddings, linears=linears,
-                 attention_bias=a.attention_bias, qk_norm=a.qk_norm, moe=moe)
+                 attention_bias=a.attention_bias, qk_norm=a.qk_norm, moe=moe,
+                 # MoE layers are counted by the MoE terms (experts, router, dense layers)
+                 layer_vectors=None if moe else vectors,
+                 final_norm=sum(int(np.prod(v)) for k, v in shapes.items()
+                                if k.startswith("model.norm.")))
 
 
 def default_positions(ops, shape):

@@ -8,10 +8,12 @@ another is a shared switch here, not a copy of the forward code.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 
 from lorafit.core.errors import LorafitError
-from lorafit.models.rope import attention_factor, inverse_frequencies
+from lorafit.models.rope import Rope, rope
 
+GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "vocab_size")
 
@@ -53,13 +55,32 @@ class ModelArgs:
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     attention_sinks: bool = False  # a learned per-head logit self_attn.sinks (gpt-oss)
+    partial_rotary_factor: float = 1.0  # rotate only the first head_dim * this dims (phi3)
+    fused_qkv: bool = False  # one self_attn.qkv_proj whose output splits into q, k, v (phi3)
+    fused_gate_up: bool = False  # one mlp.gate_up_proj whose output splits in two (phi3)
+    post_norms: bool = False  # no input norm; norms on the attention and MLP outputs (olmo2)
+    qk_norm_whole: bool = False  # RMSNorm over all of q's and k's projection (olmo2)
+    rope_by_layer_type: dict | None = None  # {layer_type: rope_scaling or None} (olmo3)
+    # queries scaled by 1 + beta * ln(1 + floor(position / period)) after RoPE (Llama 4's
+    # attention temperature, ministral3): (beta, period), or None
+    query_position_scale: tuple | None = None
+    embedding_multiplier: float = 1.0  # embeddings times this (granite)
+    residual_multiplier: float = 1.0  # each sublayer's output times this before the add
+    attention_multiplier: float | None = None  # attention score scale; None: 1/sqrt(head_dim)
+    logits_scaling: float = 1.0  # logits divided by this (granite)
+    nope_layers: list | None = None  # per layer: True where no RoPE is applied (smollm3)
+    layer_norm: bool = False  # LayerNorm with bias instead of RMSNorm (starcoder2)
+    plain_mlp: bool = False  # mlp.c_fc -> activation -> mlp.c_proj, no gate (starcoder2)
+    rope_interleaved: bool = False  # RoPE rotates pairs (0, 1), (2, 3), ... (glm4)
+    sandwich_norms: bool = False  # attention and MLP outputs normed too (glm4's 4 norms)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
-        if self.hidden_act not in ("silu", "swish"):
-            raise LorafitError(f"hidden_act {self.hidden_act!r} is not supported (only silu)")
+        if self.hidden_act not in ("silu", "swish") + GELU_TANH:
+            raise LorafitError(f"hidden_act {self.hidden_act!r} is not supported (silu or "
+                               "gelu_pytorch_tanh)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise LorafitError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.layer_types is None:
@@ -86,6 +107,8 @@ class ModelArgs:
         models.families); unknown keys are kept in `extra`."""
         cfg = dict(cfg)
         rope = cfg.pop("rope_parameters", None)  # transformers >= 5 layout
+        if rope and rope.get("partial_rotary_factor") is not None:
+            cfg.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
         if rope:
             cfg.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
             if rope.get("rope_type", "default") != "default":
@@ -100,10 +123,29 @@ class ModelArgs:
         return cls(**known, extra={k: v for k, v in cfg.items() if k not in names})
 
     @property
-    def rope_attention_factor(self) -> float:
-        """What YaRN multiplies the cos/sin tables by (1.0 otherwise)."""
-        return attention_factor(self.rope_scaling)
+    def rotary_dim(self) -> int:
+        """How many leading dims of each head are rotated."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @cached_property
+    def ropes(self) -> dict:
+        """{layer_type: models.rope.Rope} for the layer types this model has."""
+        out = {}
+        for lt in dict.fromkeys(self.layer_types):
+            scaling = self.rope_scaling
+            if self.rope_by_layer_type is not None:
+                scaling = self.rope_by_layer_type.get(lt)
+            theta = (scaling or {}).get("rope_theta", self.rope_theta)
+            out[lt] = rope(self.rotary_dim, theta, scaling, self.max_position_embeddings)
+        return out
+
+    def rope_of(self, layer: int) -> Rope:
+        return self.ropes[self.layer_types[layer]]
 
     @property
-    def inv_freq(self):
-        return inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
+    def cache_reset_length(self) -> int | None:
+        """LongRoPE switches frequencies past `original_max_position_embeddings` tokens; a
+        generation crossing that length recomputes its cache with the long set, as
+        transformers' Phi-3 does. None when nothing switches."""
+        switches = [r.long_after for r in self.ropes.values() if r.long_after is not None]
+        return min(switches) if switches else None

@@ -154,6 +154,16 @@ def test_attention_variants_match_the_definition(backend, variant):
     np.testing.assert_allclose(ops.to_numpy(got), want, rtol=1e-4, atol=1e-5)
 
 
+def test_layer_norm_matches_its_definition(backend):
+    rng = np.random.default_rng(0)
+    x = rng.normal(2, 3, (2, 5, 16)).astype(np.float32)
+    w, b = rng.normal(1, 0.2, 16).astype(np.float32), rng.normal(0, 0.5, 16).astype(np.float32)
+    want = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * w + b
+    got = backend.to_numpy(backend.layer_norm(*(backend.from_numpy(a) for a in (x, w, b)),
+                                              1e-5))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_gelu_tanh_matches_torch(backend):
     x = np.linspace(-5, 5, 101).astype(np.float32)
     want = torch.nn.functional.gelu(torch.tensor(x), approximate="tanh").numpy()

@@ -73,7 +73,11 @@ def total(**kw):
 
 @pytest.mark.parametrize("preset", ["qwen2.5-1.5b", "llama-3.2-1b", "qwen3-0.6b",
                                     "mixtral-8x7b", "qwen3-30b-a3b", "qwen3-235b-a22b",
-                                    "gpt-oss-20b", "gpt-oss-120b"])
+                                    "gpt-oss-20b", "gpt-oss-120b",
+                                    "phi-3.5-mini-instruct", "phi-4-mini-instruct",
+                                    "olmo-2-7b", "olmo-2-13b", "olmo-2-32b",
+                                    "granite-3.3-8b-instruct", "smollm3-3b", "starcoder2-7b",
+                                    "glm-4-9b-0414"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_base_weights_are_the_models_own_parameter_count(preset, dtype):
     """The estimator's weight term, from its own shape arithmetic, equals the parameter
@@ -202,3 +206,10 @@ def test_budget_parsing():
     assert parse_bytes("1500MiB") == 1500 * 2**20
     with pytest.raises(LorafitError):
         parse_bytes("-3GB")
+
+
+def test_parts_of_a_fused_projection_count_it_once():
+    from lorafit.core.estimate import adapter_params
+    sh = memory_shape(load_preset("phi-3.5-mini-instruct"))
+    assert adapter_params(sh, Settings(targets="q_proj,v_proj")) == \
+        adapter_params(sh, Settings(targets="qkv_proj")) > 0

@@ -35,6 +35,14 @@ class Case:
         self.id = self.id or self.model_type
 
 
+def _longrope(n):
+    """A LongRoPE rope dict with n random (fixed) factors per set."""
+    rng = np.random.default_rng(n)
+    return dict(rope_type="longrope", rope_theta=10000.0,
+                short_factor=rng.uniform(1, 2, n).round(3).tolist(),
+                long_factor=rng.uniform(1, 8, n).round(3).tolist())
+
+
 CASES = [
     Case("llama", dict(rope_scaling=None, attention_bias=True)),
     Case("mistral", dict(sliding_window=7), mlx_lm=False),  # mlx-lm ignores the window
@@ -59,6 +67,52 @@ CASES = [
     # reads only MXFP4 expert blocks, not the dense experts transformers' save_pretrained writes
     Case("gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=40,
                          sliding_window=5, head_dim=16, attention_bias=True), mlx_lm=False),
+    # LongRoPE switching at 30 tokens: the 24-token forwards use the short factors, and
+    # generation crosses 30, where transformers recomputes the cache with the long ones.
+    # phi3-long: 16, so every forward uses the long factors. mlx-lm's phi3 reads neither
+    # transformers 5's rope_parameters (only a top-level rope_scaling and
+    # partial_rotary_factor) nor the window, so it is checked on phi3-plain only.
+    Case("phi3", dict(rope_parameters={**_longrope(4), "partial_rotary_factor": 0.5},
+                      original_max_position_embeddings=30, sliding_window=20), mlx_lm=False),
+    Case("phi3", dict(rope_parameters=_longrope(8), original_max_position_embeddings=16),
+         mlx_lm=False, id="phi3-long"),
+    Case("phi3", dict(tie_word_embeddings=True), id="phi3-plain"),
+    Case("olmo2", dict(attention_bias=True)),
+    # one sliding (window 6) and one full layer, YaRN on the full layer only; mlx-lm's olmo3
+    # needs a top-level rope_theta, which transformers 5 writes per layer type instead
+    Case("olmo3", dict(sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+                       rope_parameters={
+                           "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                           "full_attention": {"rope_type": "yarn", "rope_theta": 1e4,
+                                              "factor": 4.0, "beta_fast": 8.0,
+                                              "original_max_position_embeddings": 64}}),
+         mlx_lm=False),
+    # YaRN with an mscale ratio, and a query temperature that steps every 8 positions
+    Case("ministral3", dict(head_dim=32, tie_word_embeddings=False, rope_parameters=dict(
+        rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=8,
+        beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=0.5,
+        llama_4_scaling_beta=0.1))),
+    # mlx-lm's granite needs a top-level rope_theta (transformers 5 writes rope_parameters)
+    Case("granite", dict(embedding_multiplier=3.0, residual_multiplier=0.5,
+                         attention_multiplier=0.2, logits_scaling=4.0, attention_bias=True),
+         mlx_lm=False),
+    # layer 1 of 2 has no RoPE; theta 1e4 because mlx-lm reads no rope_parameters and
+    # falls back to that (smollm3's own default is 2e6)
+    Case("smollm3", dict(no_rope_layer_interval=2, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
+    # a sliding layer with RoPE, then a full NoPE layer; mlx-lm's exaone4 needs a top-level
+    # rope_theta, which transformers 5 writes into rope_parameters
+    Case("exaone4", dict(sliding_window=6, sliding_window_pattern=2, head_dim=32),
+         mlx_lm=False),
+    # mlx-lm's starcoder2 uses the exact (erf) gelu where transformers uses the tanh one
+    # (logits differ by ~3e-4 of their scale here), and has no window
+    Case("starcoder2", dict(tie_word_embeddings=True), mlx_lm=False),
+    Case("starcoder2", dict(sliding_window=7, use_bias=False), mlx_lm=False,
+         id="starcoder2-window"),
+    # mlx-lm's glm4 needs top-level partial_rotary_factor and rope_theta (transformers 5
+    # writes both into rope_parameters)
+    Case("glm4", dict(attention_bias=True, head_dim=32, partial_rotary_factor=0.5),
+         mlx_lm=False),
 ]
 IDS = [c.id for c in CASES]
 

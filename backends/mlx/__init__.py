@@ -100,6 +100,11 @@ class MLXBackend:
         # mx.fast.rms_norm accumulates in float32 and returns x's dtype, like Llama's norm.
         return mx.fast.rms_norm(x, weight.astype(x.dtype), eps)
 
+    def layer_norm(self, x, weight, bias, eps):
+        y = mx.fast.layer_norm(x.astype(mx.float32), weight.astype(mx.float32),
+                               bias.astype(mx.float32), eps)
+        return y.astype(x.dtype)
+
     def silu(self, x):
         return x * mx.sigmoid(x)
 

@@ -107,6 +107,10 @@ class TorchBackend:
         y = F.rms_norm(x.float(), (x.shape[-1],), None, eps)
         return weight * y.to(dtype)
 
+    def layer_norm(self, x, weight, bias, eps):
+        y = F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps)
+        return y.to(x.dtype)
+
     def silu(self, x):
         return F.silu(x)
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lorafit.core.errors import LorafitError
-from lorafit.models.families import gpt_oss, llama, mixtral, qwen3_moe
+from lorafit.models.families import (exaone4, glm4, gpt_oss, granite, llama, ministral3,
+                                     mixtral, olmo, phi3, qwen3_moe, smollm3, starcoder2)
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class Family:
 
 
 # Each family module holds CONFIGURE {model_type: config.json -> switches} and sanitize.
-FAMILY_MODULES = (llama, mixtral, qwen3_moe, gpt_oss)
+FAMILY_MODULES = (llama, phi3, olmo, ministral3, granite, smollm3, exaone4, starcoder2,
+                  glm4, mixtral, qwen3_moe, gpt_oss)
 FAMILIES = {mt: Family(mt, configure, module.sanitize, getattr(module, "CHECKPOINT_KEY", None),
                        getattr(module, "convert", None))
             for module in FAMILY_MODULES for mt, configure in module.CONFIGURE.items()}
