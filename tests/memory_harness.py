@@ -1,6 +1,6 @@
 """Measure the real peak of lorafit training steps on small models built on the spot.
 
-Used by tests/test_estimate.py and by `python tests/memory_harness.py` (prints a table of
+Used by tests/core/test_estimate.py and by `python tests/memory_harness.py` (prints a table of
 estimate vs measured for the test grid, as in docs/memory.md).
 """
 

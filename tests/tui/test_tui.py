@@ -7,7 +7,7 @@ inputs (a run folder written by the real sinks from fixed events, a fixed memory
 relative paths, a frozen header clock), so they do not vary between runs or machines. When a
 screen changes on purpose, regenerate them with
 
-    LORAFIT_UPDATE_SNAPSHOTS=1 python -m pytest tests/test_tui.py -k snapshot
+    LORAFIT_UPDATE_SNAPSHOTS=1 python -m pytest tests/tui/test_tui.py -k snapshot
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from lorafit.tui.app import LorafitApp
 from lorafit.tui.run_screen import RunScreen
 from lorafit.tui.setup_screen import SetupScreen
 
-SNAPSHOTS = Path(__file__).parent / "snapshots"
+SNAPSHOTS = Path(__file__).parents[1] / "snapshots"
 UPDATE = os.environ.get("LORAFIT_UPDATE_SNAPSHOTS") == "1"
 SIZE = (80, 24)
 
