@@ -459,3 +459,75 @@ def test_18_non_finite_numbers_are_written_as_null(tmp_path):
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"kind": "train", "loss": None, "x": [None, 1.0],
                                 "d": {"y": None}}
+
+
+# -- fault injection: random SIGKILLs, each followed by --resume ---------------------------
+def _checkpoint_records(out: Path) -> int:
+    return sum(1 for r in rundir.read_metrics(out) if r.get("kind") == "checkpoint")
+
+
+@pytest.mark.slow
+def test_fault_injection_20_random_sigkills_each_resumed(tiny, tmp_path):
+    """20 SIGKILLs at random moments of a --save-every 1 run (some inside a checkpoint
+    write, via LORAFIT_FAULT); each is followed by --resume, which must start and make
+    progress; every surviving checkpoint's adapter and the final adapter load in PEFT."""
+    import random
+    import time
+
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    from lorafit.core.checkpoint import load_latest
+
+    root, folder, data = tiny
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "lorafit.cli", "train"]
+    fresh = ["--model", str(folder), "--data", str(data), "--output", str(out),
+             "--backend", "torch", "--max-steps", "400", "--save-every", "1", "--seq-len",
+             "32", "--batch-size", "2", "--rank", "4", "--keep-checkpoints", "2"]
+    env = dict(os.environ, LORAFIT_NO_REEXEC="1")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder))
+    rng = random.Random(12)
+    kills, last_step = 0, 0
+    while kills < 20:
+        seen = _checkpoint_records(out) if out.exists() else 0
+        args = base + (["--resume", str(out)] if rundir.config_path(out).exists() else fresh)
+        run_env = dict(env)
+        if kills % 4 == 3:  # a kill inside a checkpoint write
+            run_env["LORAFIT_FAULT"] = f"kill-in-checkpoint:{last_step + 2}"
+        proc = subprocess.Popen(args, env=run_env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+
+        def progressed():
+            return out.exists() and _checkpoint_records(out) > seen
+
+        while proc.poll() is None and not progressed():
+            assert time.time() < deadline, "the resumed run made no progress"
+            time.sleep(0.05)
+        if proc.poll() is None:
+            time.sleep(rng.uniform(0.0, 0.3))  # a random moment of the next steps
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        err = proc.stderr.read()
+        assert proc.returncode in (-signal.SIGKILL, 0), err
+        assert "Traceback" not in err and "error:" not in err, err
+        kills += proc.returncode == -signal.SIGKILL
+        found = load_latest(out, report=lambda t: None)
+        assert found is not None
+        path, ckpt = found
+        assert ckpt["state"]["step"] >= last_step  # never lose a completed checkpoint
+        last_step = ckpt["state"]["step"]
+        pm = PeftModel.from_pretrained(ref, str(path))  # every checkpoint adapter loads
+        ref = pm.unload()
+        if proc.returncode == 0:
+            break
+    assert kills == 20
+    proc = subprocess.run(base + ["--resume", str(out)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert rundir.read_status(out)["state"] == "completed"
+    pm = PeftModel.from_pretrained(ref, str(rundir.adapter_path(out))).eval()
+    with torch.no_grad():
+        assert torch.isfinite(pm(torch.tensor([[1, 5, 9]])).logits).all()
