@@ -28,6 +28,7 @@ from lorafit.core.schedule import lr_at
 
 
 MEASURED_STEP = 1  # the second step: optimizer state exists, and so does every buffer
+KEPT_LOSSES = 100  # the newest losses a trainer state keeps; older ones only as a summary
 
 
 class TrainingStopped(LorafitError):
@@ -68,7 +69,8 @@ class Trainer:
         self.pos = Position()
         self.best_val = math.inf
         self.evals_without_gain = 0
-        self.losses: list[float] = []
+        self.losses: list[float] = []  # the newest KEPT_LOSSES (metrics.jsonl has all)
+        self.loss_summary = {"count": 0, "sum": 0.0}  # over every applied step
         self.measured_peak = 0
         self._epoch_cache: tuple[int, list] | None = None
         self._last_saved: int | None = None
@@ -158,6 +160,7 @@ class Trainer:
                 "evals_without_gain": self.evals_without_gain,
                 "total_steps": self.total_steps, "seed": self.cfg.seed,
                 "backend": self.ops.name, "losses": self.losses,
+                "loss_summary": self.loss_summary,
                 "best_step": self.best_step, "fingerprint": self.fingerprint}
 
     def load_state(self, ckpt: dict) -> None:
@@ -173,7 +176,10 @@ class Trainer:
         self.pos = Position(st["step"], st["epoch"], st["index"])
         self.best_val = st["best_val"] if st.get("best_val") is not None else math.inf
         self.evals_without_gain = st.get("evals_without_gain", 0)
-        self.losses = list(st.get("losses", []))
+        self.losses = list(st.get("losses", []))[-KEPT_LOSSES:]
+        summary_ = st.get("loss_summary")
+        self.loss_summary = dict(summary_) if isinstance(summary_, dict) else \
+            {"count": len(self.losses), "sum": float(sum(self.losses))}
         self.best_step = st.get("best_step")
         self._last_saved = self.pos.step  # this checkpoint is on disk already
 
@@ -283,7 +289,7 @@ class Trainer:
                             "check the data")
                     continue
                 bad_in_a_row = 0
-                self.losses.append(loss)
+                self._record_loss(loss)
                 steps_timed += 1
                 self._report(loss, lr, gnorm, micro, dt, t_start, steps_timed)
                 if c.eval_every and self.val_examples and self.pos.step % c.eval_every == 0:
@@ -340,6 +346,15 @@ class Trainer:
         if ctl.stop_requested:
             return "stopped"
         return None
+
+    def _record_loss(self, loss: float) -> None:
+        """Keep the newest losses and a running summary: a checkpoint's trainer state stays
+        the same size however long the run (every loss is in metrics.jsonl)."""
+        self.losses.append(loss)
+        if len(self.losses) > KEPT_LOSSES:
+            del self.losses[:-KEPT_LOSSES]
+        self.loss_summary["count"] += 1
+        self.loss_summary["sum"] += float(loss)
 
     def _acknowledge(self, command) -> None:
         """A control-file request was applied: say so (status.json shows it)."""

@@ -531,3 +531,17 @@ def test_fault_injection_20_random_sigkills_each_resumed(tiny, tmp_path):
     pm = PeftModel.from_pretrained(ref, str(rundir.adapter_path(out))).eval()
     with torch.no_grad():
         assert torch.isfinite(pm(torch.tensor([[1, 5, 9]])).logits).all()
+
+
+# -- 17. the trainer state does not grow with the steps -----------------------------------
+def test_17_trainer_state_stays_the_same_size_over_a_long_run(tiny):
+    from lorafit.core.train import KEPT_LOSSES
+
+    trainer, _, _ = run(cfg_of(tiny, "long", max_steps=2))
+    sizes = []
+    for n in (1_000, 10_000):
+        while trainer.loss_summary["count"] < n:
+            trainer._record_loss(1.25)
+        sizes.append(len(json.dumps(trainer.trainer_state())))
+    assert sizes[1] <= sizes[0] + 16 and len(trainer.losses) == KEPT_LOSSES
+    assert trainer.loss_summary["count"] == 10_000
