@@ -545,3 +545,50 @@ def test_17_trainer_state_stays_the_same_size_over_a_long_run(tiny):
         sizes.append(len(json.dumps(trainer.trainer_state())))
     assert sizes[1] <= sizes[0] + 16 and len(trainer.losses) == KEPT_LOSSES
     assert trainer.loss_summary["count"] == 10_000
+
+
+# -- 14, 15. estimating for a device this machine does not have ---------------------------
+def test_14_estimate_for_an_absent_device_shows_the_breakdown_without_a_budget(tiny, capsys,
+                                                                              monkeypatch):
+    import lorafit.backends.devices as devices
+    from lorafit.cli import main
+
+    monkeypatch.setattr(devices, "cuda_available", lambda: False)
+    monkeypatch.setattr(devices, "metal_available", lambda: False)
+    folder = str(tiny[1])
+    for device in ("cuda", "cuda:1", "metal"):
+        assert main(["estimate", "--model", folder, "--backend", "torch" if device != "metal"
+                     else "mlx", "--device", device]) == 0
+        out = capsys.readouterr().out
+        assert "no budget known" in out and "total" in out and "suggestions" not in out
+        assert "trainable parameters:" in out
+    assert main(["estimate", "--model", folder, "--device", "cuda", "--backend", "torch",
+                 "--json"]) == 0
+    est = json.loads(capsys.readouterr().out)
+    assert est["fits"] is None and est["budget"] is None and est["trainable_params"] > 0
+    assert main(["estimate", "--model", folder, "--backend", "torch", "--device", "cpu",
+                 "--budget", "64GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: fits" in out and "suggestions" not in out  # nothing to suggest
+    assert main(["estimate", "--model", folder, "--backend", "torch", "--device", "cpu",
+                 "--budget", "1KiB"]) == 0
+    assert "suggestions (each alone would fit):" in capsys.readouterr().out
+
+
+def test_15_a_gpu_run_without_dtype_is_estimated_in_the_checkpoints_dtype(tmp_path,
+                                                                         monkeypatch):
+    import lorafit.backends.devices as devices
+    from lorafit.commands.estimate import estimate_for_config
+
+    config = {"model_type": "llama", "vocab_size": 320, "hidden_size": 64,
+              "intermediate_size": 112, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "torch_dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(devices, "cuda_available", lambda: False)
+    cfg = TrainConfig(model=str(tmp_path / "config.json"), data="d", backend="torch",
+                      device="cuda")
+    assert estimate_for_config(cfg)["settings"]["dtype"] == "bfloat16"
+    cfg = TrainConfig(model=str(tmp_path / "config.json"), data="d", backend="torch",
+                      device="cpu")
+    assert estimate_for_config(cfg)["settings"]["dtype"] == "float32"
+    assert devices.device_memory("torch", "cuda:1")[0] is None
