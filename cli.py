@@ -95,8 +95,11 @@ def cmd_generate(args) -> int:
 def cmd_train(args) -> int:
     from lorafit.commands import train
 
+    from lorafit.core.checkpoint import parse_allow_changed
+
+    allowed = parse_allow_changed(args.allow_changed)
     cfg = train.resolve_config(args.config, config_overrides(args), args.resume)
-    return train.main(cfg, resume=bool(args.resume))
+    return train.main(cfg, resume=bool(args.resume), allow_changed=allowed)
 
 
 def cmd_estimate(args) -> int:
@@ -155,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR (default: start a new run)")
+    p.add_argument("--allow-changed", metavar="NAME,...",
+                   help="with --resume: settings that may differ from the checkpoint's "
+                        "(lr, schedule, warmup-steps, min-lr-ratio, max-steps, epochs, "
+                        "eval-every, save-every, early-stopping-patience, weight-decay)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="export an adapter to mlx-lm, or merge it into the model")

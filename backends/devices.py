@@ -35,15 +35,40 @@ def resolve_backend(backend: str, device: str | None = None) -> tuple[str, str]:
     return backend, {"gpu": "metal"}.get(device, device)
 
 
-def device_memory(backend: str, device: str) -> tuple[int, str]:
-    """(bytes, description) of the memory a run on this device can use."""
+def device_memory(backend: str, device: str) -> tuple[int | None, str]:
+    """(bytes, description) of the memory a run on this device can use; (None, why) when
+    this machine does not have the device (estimating for another machine is allowed)."""
     import psutil
 
-    if device == "cuda":
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        if not cuda_available():
+            return None, "no CUDA device on this machine"
         import torch
 
-        free, total = torch.cuda.mem_get_info(0)
-        return total, f"{torch.cuda.get_device_name(0)} memory"
-    if device in ("metal", "mps"):
+        i = int(index) if index.isdigit() else 0
+        if i >= torch.cuda.device_count():
+            return None, f"no device {device} on this machine"
+        free, total = torch.cuda.mem_get_info(i)
+        return total, f"{torch.cuda.get_device_name(i)} memory"
+    if kind in ("metal", "mps", "gpu"):
+        if not metal_available():
+            try:
+                import torch
+
+                mps = torch.backends.mps.is_available()
+            except ImportError:
+                mps = False
+            if not mps:
+                return None, "no Metal device on this machine"
+        try:
+            import mlx.core as mx
+
+            info = mx.metal.device_info()
+            size = int(info.get("max_recommended_working_set_size") or 0)
+            if size:
+                return size, "Metal's recommended working set"
+        except Exception:
+            pass
         return psutil.virtual_memory().total, "Apple unified memory"
     return psutil.virtual_memory().available, "available host RAM"

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from lorafit.backends.devices import device_memory, resolve_backend
 from lorafit.core.errors import LorafitError
-from lorafit.core.estimate import (Shape, estimate, fmt_bytes, largest_fitting, parse_bytes,
-                                   settings_from_config, suggestions)
+from lorafit.core.estimate import (Settings, Shape, adapter_params, estimate, fmt_bytes,
+                                   largest_fitting, parse_bytes, settings_from_config,
+                                   suggestions)
 from lorafit.models import memory_shape
 
 
@@ -54,24 +55,37 @@ def estimate_for_config(cfg, budget_bytes: int | None = None) -> dict:
     config, source = model_config(cfg.model)
     backend, device = resolve_backend(cfg.backend, cfg.device)
     settings = settings_from_config(cfg, backend, device)
+    if cfg.dtype is None:
+        settings = settings.replace(dtype=load_dtype(config, device))
     shape = memory_shape(config)
     est = estimate(shape, settings)
     if budget_bytes is None:
         budget_bytes, budget_source = device_memory(backend, device)
     else:
         budget_source = "--budget"
-    fits = est["total"] <= budget_bytes
+    fits = None if budget_bytes is None else est["total"] <= budget_bytes
     est.update(model_source=source, shape=asdict(shape), budget=budget_bytes,
                budget_source=budget_source, fits=fits,
-               suggestions=[] if fits else suggestions(shape, settings, budget_bytes))
+               trainable_params=adapter_params(shape, settings),
+               suggestions=suggestions(shape, settings, budget_bytes) if fits is False
+               else [])
     return est
+
+
+def load_dtype(config: dict, device: str) -> str:
+    """The dtype the loader gives base weights without --dtype: float32 on a CPU, the
+    checkpoint's own (bf16, fp16) on a GPU."""
+    if device.split(":")[0] == "cpu":
+        return "float32"
+    stored = config.get("torch_dtype") or config.get("dtype")
+    return stored if stored in ("float32", "bfloat16", "float16") else "float32"
 
 
 def preflight(cfg) -> dict | None:
     """Before any weight is loaded: stop with the estimate and what would fit when the run
     cannot fit the device (unless --force)."""
     est = estimate_for_config(cfg)
-    if not est["fits"] and not cfg.force:
+    if est["fits"] is False and not cfg.force:
         raise LorafitError(
             f"this run needs about {fmt_bytes(est['total'])} but {est['budget_source']} is "
             f"{fmt_bytes(est['budget'])}; would fit: {'; '.join(est['suggestions'])} "
@@ -87,14 +101,21 @@ def render(est: dict) -> str:
     for name, value in est["breakdown"].items():
         lines.append(f"  {name:<{width}} {fmt_bytes(value):>12}")
     lines.append(f"  {'total':<{width}} {fmt_bytes(est['total']):>12}")
-    lines.append(f"  {est['budget_source']:<{width}} {fmt_bytes(est['budget']):>12}")
+    if est["budget"] is not None:
+        lines.append(f"  {est['budget_source']:<{width}} {fmt_bytes(est['budget']):>12}")
     lines.append("")
-    if est["fits"]:
+    lines.append(f"trainable parameters: {est['trainable_params']:,}")
+    if est["fits"] is None:
+        lines.append(f"verdict: no budget known ({est['budget_source']}); pass --budget "
+                     "(e.g. --budget 24GiB) to check a fit")
+    elif est["fits"]:
         lines.append(f"verdict: fits ({100 * est['total'] / est['budget']:.0f}% of "
                      f"{est['budget_source']})")
     else:
-        lines.append("verdict: does NOT fit. What would:")
-        lines += [f"  {s}" for s in est["suggestions"]]
+        lines.append("verdict: does NOT fit.")
+        if est["suggestions"]:
+            lines.append("suggestions (each alone would fit):")
+            lines += [f"  {s}" for s in est["suggestions"]]
     return "\n".join(lines)
 
 
@@ -104,7 +125,10 @@ def main(cfg, budget: str | None = None, fit: str | None = None,
     "rank") also the largest value of that setting that fits."""
     est = estimate_for_config(cfg, parse_bytes(budget) if budget else None)
     if fit:
-        settings = settings_from_config(cfg, est["backend"], est["device"])
+        settings = Settings(**est["settings"])
+        if est["budget"] is None:
+            raise LorafitError(f"--fit needs a budget: {est['budget_source']}; pass "
+                               "--budget")
         est["fit"] = {"variable": fit, "largest": largest_fitting(
             Shape(**est["shape"]), settings, fit, est["budget"])}
     if as_json:

@@ -10,7 +10,7 @@ from pathlib import Path
 from lorafit.core import config as config_mod
 from lorafit.core import events as ev
 from lorafit.core import rundir
-from lorafit.core.checkpoint import latest_checkpoint, load_checkpoint
+from lorafit.core.checkpoint import check_fingerprint, fingerprint, load_latest
 from lorafit.core.control import Control
 from lorafit.core.data import check_dataset_file, check_enough, load_dataset, split_validation
 from lorafit.core.errors import LorafitError
@@ -31,14 +31,57 @@ def resolve_config(toml: str | None, overrides: dict, resume: str | None = None)
     return config_mod.resolve(toml, overrides)
 
 
-def prepare_run_dir(cfg, resume: bool) -> Path:
+class Interrupted(LorafitError):
+    """Ctrl-C (or SIGTERM) arrived before the first step: nothing was written."""
+
+
+def check_new_run(cfg, resume: bool) -> Path:
     run_dir = Path(cfg.output)
     if not resume and rundir.holds_checkpoints(run_dir):
         raise LorafitError(f"{run_dir} already holds a run; use --resume {run_dir} to "
                            "continue it or --output to start a new one")
+    return run_dir
+
+
+def prepare_run_dir(cfg, resume: bool) -> Path:
+    run_dir = check_new_run(cfg, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     rundir.write_config(run_dir, config_mod.to_toml(cfg))
     return run_dir
+
+
+UNSUPPORTED_QUANT = "lorafit trains on float weights (fp32/bf16/fp16), quantizing them " \
+                    "itself with --quantize 4bit or 8bit"
+
+
+def check_model_folder(cfg, folder) -> None:
+    """What config.json says that lorafit cannot train on, before any weight loads: weights
+    stored quantized (FP8, int8, GPTQ, AWQ, bitsandbytes) would be read without their
+    scales; layer indices must exist."""
+    from lorafit.models.loader import load_args, read_config
+
+    raw = read_config(Path(folder))
+    q = raw.get("quantization_config")
+    if q:
+        method = q.get("quant_method") or q.get("quant_type") or "quantized" \
+            if isinstance(q, dict) else "quantized"
+        raise LorafitError(f"{folder}: weights stored {method} (quantization_config) are "
+                           f"not supported; {UNSUPPORTED_QUANT}")
+    n = load_args(str(folder))[0].num_hidden_layers
+    bad = [i for i in cfg.layers or [] if not 0 <= i < n]
+    if bad:
+        raise LorafitError(f"layers {','.join(map(str, bad))} out of range: the model has "
+                           f"{n} layers (0-{n - 1})")
+
+
+def check_token_ids(examples, vocab_size: int, what: str = "data") -> None:
+    """Token ids the embedding has no row for (a tokenizer that does not match the model)."""
+    top = max((int(e.input_ids.max()) for e in examples if e.input_ids.size), default=-1)
+    low = min((int(e.input_ids.min()) for e in examples if e.input_ids.size), default=0)
+    if top >= vocab_size or low < 0:
+        raise LorafitError(f"{what}: token id {top if top >= vocab_size else low} is outside "
+                           f"the model's vocabulary (0-{vocab_size - 1}); the tokenizer does "
+                           "not match the model")
 
 
 def load_examples(cfg, tokenizer):
@@ -57,40 +100,71 @@ def load_examples(cfg, tokenizer):
     return train, val, notes
 
 
-def build_trainer(cfg, sinks=(), control=None, resume: bool = False, report=None):
-    """Everything up to the first step. Data problems surface before the model loads."""
+def build_trainer(cfg, sinks=(), control=None, resume: bool = False, report=None,
+                  allow_changed=()):
+    """Everything up to the first step. Data problems surface before the model loads; the
+    run folder is locked before anything loads and released when the run ends."""
+    run_dir = Path(cfg.output)
+    created = not run_dir.exists()
+    lock = rundir.RunLock(run_dir).acquire()
+    try:
+        trainer = _build(cfg, sinks, control, resume, report, allow_changed, lock)
+    except BaseException:
+        lock.release()
+        if created and {p.name for p in run_dir.iterdir()} <= {rundir.LOCK}:
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)  # a run that never started
+        raise
+    return trainer
+
+
+def _build(cfg, sinks, control, resume, report, allow_changed, lock):
     from lorafit.backends import get_backend
-    from lorafit.models.loader import load_args, load_model, load_tokenizer, \
-        resolve_model_path
+    from lorafit.models.loader import load_model, load_tokenizer, resolve_model_path
 
     report = report or (lambda text: print(text, file=sys.stderr))
+    control = control or Control(cfg.output)
+
+    def check_interrupt():
+        if control.stop_requested:
+            raise Interrupted("interrupted before training started; nothing was written")
+
     check_dataset_file(cfg.data, cfg.on_bad_record)
     if cfg.val_data:
         check_dataset_file(cfg.val_data, cfg.on_bad_record)
     folder = resolve_model_path(cfg.model)
-    load_args(str(folder))  # config.json problems first: they are cheap to find
+    check_model_folder(cfg, folder)  # config.json problems first: they are cheap to find
+    run_dir = check_new_run(cfg, resume)
+    ckpt, print_ = None, fingerprint(cfg)
+    if resume:
+        found = load_latest(run_dir, report=report)
+        if found is None:
+            report(f"no complete checkpoint in {run_dir}; starting from the beginning")
+        else:
+            path, ckpt = found
+            check_fingerprint(ckpt["state"].get("fingerprint"), print_, allow_changed)
+            report(f"resuming from {path}")
     from lorafit.commands.estimate import preflight
 
     estimate = preflight(cfg)  # stops here when the run cannot fit (unless --force)
+    check_interrupt()
     tokenizer = load_tokenizer(folder)
     train, val, notes = load_examples(cfg, tokenizer)  # data errors before any weight loads
+    check_interrupt()
     ops = get_backend(cfg.backend, cfg.device, verbose=True)
     ops.seed(cfg.seed)
     model = load_model(str(folder), ops, cfg.dtype, cfg.quantize)
+    check_token_ids(train, model.args.vocab_size, cfg.data)
+    check_token_ids(val, model.args.vocab_size, cfg.val_data or cfg.data)
     model._tokenizer = tokenizer
+    check_interrupt()
     run_dir = prepare_run_dir(cfg, resume)
-    ckpt = None
-    if resume:
-        path = latest_checkpoint(run_dir, report=report)
-        if path is None:
-            report(f"no complete checkpoint in {run_dir}; starting from the beginning")
-        else:
-            ckpt = load_checkpoint(path)
-            report(f"resuming from {path}")
     attach(model, cfg.lora_config(), None if ckpt is None else ckpt["adapter"], seed=cfg.seed)
     sinks = list(sinks) + [ev.JsonlSink(run_dir), ev.StatusSink(run_dir)]
-    trainer = Trainer(model, cfg, train, val, run_dir, sinks, control or Control(run_dir),
-                      estimate=estimate)
+    trainer = Trainer(model, cfg, train, val, run_dir, sinks, control, estimate=estimate)
+    trainer.lock = lock
+    trainer.fingerprint = print_
     if ckpt is not None:
         trainer.load_state(ckpt)
     for note in notes:
@@ -98,12 +172,13 @@ def build_trainer(cfg, sinks=(), control=None, resume: bool = False, report=None
     return trainer
 
 
-def run_training(cfg, sinks=None, control=None, resume=False, install_signals=True) -> str:
+def run_training(cfg, sinks=None, control=None, resume=False, install_signals=True,
+                 allow_changed=()) -> str:
     sinks = [ev.ConsoleSink()] if sinks is None else sinks
     control = control or Control(cfg.output)
     if install_signals:
         control.install_signal_handlers(report=lambda t: print(f"\n{t}", file=sys.stderr))
-    trainer = build_trainer(cfg, sinks, control, resume)
+    trainer = build_trainer(cfg, sinks, control, resume, allow_changed=allow_changed)
     try:
         return trainer.run()
     finally:
@@ -111,8 +186,35 @@ def run_training(cfg, sinks=None, control=None, resume=False, install_signals=Tr
             s.close()
 
 
-def main(cfg, resume: bool = False) -> int:
+def main(cfg, resume: bool = False, allow_changed=()) -> int:
+    """`lorafit train`. An unexpected error (out of memory, a full disk, a bug) ends as one
+    line; its traceback goes to RUN/error.log and status.json says "failed"."""
     if not cfg.model or not cfg.data:
         raise LorafitError("train needs --model and --data (or a config file that sets them)")
-    status = run_training(cfg, resume=resume)
+    try:
+        status = run_training(cfg, resume=resume, allow_changed=allow_changed)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
+    except LorafitError:
+        raise
+    except Exception as e:
+        import traceback
+
+        log = rundir.error_log_path(cfg.output)
+        where = ""
+        try:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "a", encoding="utf-8") as f:
+                traceback.print_exc(file=f)
+            where = f" (traceback in {log})"
+        except OSError:
+            pass
+        print(f"error: {one_line(e)}{where}", file=sys.stderr)
+        return 1
     return 0 if status in ("completed", "early_stopped", "stopped") else 1
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}"[:300] if text else type(e).__name__

@@ -55,6 +55,22 @@ def latest_checkpoint(run_dir: str | Path, report=print) -> Path | None:
     return None
 
 
+def load_latest(run_dir: str | Path, report=print) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads, tried newest to oldest: incomplete or unreadable
+    ones (a marker over torn tensors, a damaged state file) are skipped with one line each.
+    None when no checkpoint loads."""
+    for step, path in reversed(rundir.checkpoint_dirs(run_dir)):
+        if not rundir.is_complete(path):
+            report(f"skipping incomplete checkpoint {path} (no completion marker)")
+            continue
+        try:
+            return path, load_checkpoint(path)
+        except Exception as e:  # any damage: safetensors, JSON, missing files
+            reason = " ".join(str(e).split()) or type(e).__name__
+            report(f"skipping unreadable checkpoint {path} ({reason[:200]})")
+    return None
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """{'adapter', 'lora_config', 'optimizer', 'state'} from a complete checkpoint."""
     path = Path(path)
@@ -65,5 +81,80 @@ def load_checkpoint(path: str | Path) -> dict:
         state = rundir.read_trainer_state(path)
     except (OSError, ValueError) as e:
         raise LorafitError(f"{rundir.trainer_state_path(path)}: unreadable ({e})") from None
-    return {"adapter": adapter, "lora_config": cfg, "state": state,
-            "optimizer": rundir.read_optimizer(path)}
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise LorafitError(f"{rundir.trainer_state_path(path)}: not a trainer state")
+    try:
+        optimizer = rundir.read_optimizer(path)
+    except Exception as e:
+        raise LorafitError(f"{path}: unreadable optimizer state ({e})") from None
+    return {"adapter": adapter, "lora_config": cfg, "state": state, "optimizer": optimizer}
+
+
+# -- what a checkpoint was trained with ---------------------------------------------------
+# A resumed run must continue the run that wrote its checkpoint. These settings change what
+# the checkpoint's tensors mean (LoRA shape and scale, the data, the batches): never allowed.
+FIXED = ("rank", "alpha", "dropout", "targets", "layers", "rslora", "dora", "quantize",
+         "batch_size", "grad_accum", "seq_len", "pack", "seed", "train_on_prompt",
+         "val_fraction", "data_sha256", "val_data_sha256")
+# These only steer the rest of the run: allowed with --allow-changed NAME.
+SAFE = ("lr", "schedule", "warmup_steps", "min_lr_ratio", "max_steps", "epochs",
+        "eval_every", "save_every", "early_stopping_patience", "weight_decay")
+
+
+def file_sha256(path: str | Path | None) -> str | None:
+    if not path:
+        return None
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(cfg) -> dict:
+    """The settings a checkpoint depends on (core/config.TrainConfig fields), and the data
+    files' hashes."""
+    out = {k: getattr(cfg, k) for k in FIXED + SAFE if hasattr(cfg, k)}
+    out["data_sha256"] = file_sha256(cfg.data)
+    out["val_data_sha256"] = file_sha256(cfg.val_data)
+    return out
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_sha256", "").replace("_", "-")
+
+
+def parse_allow_changed(text: str | None) -> tuple[str, ...]:
+    """--allow-changed lr,max-steps -> ("lr", "max_steps"); only SAFE names."""
+    names = tuple(n.strip().replace("-", "_") for n in (text or "").split(",") if n.strip())
+    bad = [n for n in names if n not in SAFE]
+    if bad:
+        raise LorafitError(f"--allow-changed {','.join(bad)}: only "
+                           f"{', '.join(_flag(n)[2:] for n in SAFE)} may change on resume")
+    return names
+
+
+def check_fingerprint(saved: dict | None, current: dict, allowed=()) -> None:
+    """One line listing what changed since the checkpoint was written; settings in
+    `allowed` (SAFE ones) may change. A checkpoint without a fingerprint is not checked."""
+    if not isinstance(saved, dict):
+        return
+    changed = [k for k in current if k in saved and saved[k] != current[k]]
+    fixed = [k for k in changed if k not in SAFE]
+    unsafe = [k for k in changed if k in SAFE and k not in allowed]
+    if not fixed and not unsafe:
+        return
+
+    def show(k):
+        if k.endswith("_sha256"):
+            return f"{_flag(k)} (the file's contents changed)"
+        return f"{_flag(k)} {saved[k]!r} -> {current[k]!r}"
+
+    text = "; ".join(show(k) for k in fixed + unsafe)
+    hint = (" (these change what the checkpoint means; start a new run with --output)"
+            if fixed else "")
+    if unsafe and not fixed:
+        hint = f" (pass --allow-changed {','.join(_flag(k)[2:] for k in unsafe)} to accept)"
+    raise LorafitError(f"resume with changed settings: {text}{hint}")

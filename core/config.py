@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -128,10 +129,7 @@ class TrainConfig:
             if v is not None and (not isinstance(v, int) or v <= 0):
                 raise LorafitError(f"{name.replace('_', '-')} must be a positive integer, "
                                    f"got {v!r}")
-        if self.lr <= 0:
-            raise LorafitError(f"lr must be positive, got {self.lr}")
-        if self.epochs <= 0:
-            raise LorafitError(f"epochs must be positive, got {self.epochs}")
+        self._check_numbers()
         if self.schedule not in SCHEDULES:
             raise LorafitError(f"schedule {self.schedule!r}: choose {', '.join(SCHEDULES)}")
         if self.on_bad_record not in ON_BAD_RECORD:
@@ -144,6 +142,47 @@ class TrainConfig:
             raise LorafitError(f"--quantize {self.quantize}: choose {' or '.join(QUANTIZE)}")
         if self.backend not in BACKENDS:
             raise LorafitError(f"backend {self.backend!r}: choose {', '.join(BACKENDS)}")
+
+    def _check_numbers(self) -> None:
+        """Hyper-parameters that would train wrongly or not at all, refused up front."""
+        def number(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise LorafitError(f"{name.replace('_', '-')} must be a finite number, "
+                                   f"got {v!r}")
+            return v
+
+        if number("lr") <= 0:
+            raise LorafitError(f"lr must be positive, got {self.lr}")
+        if number("epochs") <= 0:
+            raise LorafitError(f"epochs must be positive, got {self.epochs}")
+        if number("alpha") <= 0:
+            raise LorafitError(f"alpha must be positive, got {self.alpha}")
+        if number("weight_decay") < 0:
+            raise LorafitError(f"weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= number("min_lr_ratio") <= 1:
+            raise LorafitError(f"min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_grad_norm is not None and number("max_grad_norm") < 0:
+            raise LorafitError(f"max-grad-norm must be >= 0 (0 disables clipping), got "
+                               f"{self.max_grad_norm}")
+        for name in ("seed", "warmup_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise LorafitError(f"{name.replace('_', '-')} must be an integer >= 0, "
+                                   f"got {v!r}")
+        if self.layers is not None:
+            if not isinstance(self.layers, list) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
+                raise LorafitError(f"layers must be a list of integers, got {self.layers!r}")
+            if any(i < 0 for i in self.layers):
+                raise LorafitError(f"layers must be >= 0, got {self.layers}")
+        for name in ("model", "data", "val_data", "output"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                raise LorafitError(f"{name.replace('_', '-')} must be a string, got {v!r}")
+            if v and any(ord(ch) < 32 or ord(ch) == 127 for ch in v):
+                raise LorafitError(f"{name.replace('_', '-')} {v!r}: control characters "
+                                   "(such as a newline) are not allowed in a path")
 
     def lora_config(self):
         from lorafit.core.lora import LoraConfig
@@ -182,18 +221,27 @@ def read_toml(path: str | Path) -> dict:
     """Flatten a TOML file into TrainConfig keys; unknown keys are an error."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LorafitError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise LorafitError(f"{path}: is a folder, not a config file") from None
+    except UnicodeDecodeError as e:
+        raise LorafitError(f"{path}: not UTF-8 text (byte {e.start}); a config file is "
+                           "TOML") from None
+    except OSError as e:
+        raise LorafitError(f"{path}: cannot read ({e.strerror or e})") from None
     except tomllib.TOMLDecodeError as e:
-        raise LorafitError(f"{path}: invalid TOML ({e})") from None
-    flat = {}
+        raise LorafitError(f"{path}: invalid TOML ({' '.join(str(e).split())})") from None
+    flat, where = {}, {}
     for k, v in raw.items():
-        if isinstance(v, dict):
-            flat.update(v)
-        else:
-            flat[k] = v
-    flat = {k.replace("-", "_"): v for k, v in flat.items()}
+        items = v.items() if isinstance(v, dict) else [(k, v)]
+        table = f"[{k}]" if isinstance(v, dict) else "the top level"
+        for key, value in items:
+            key = key.replace("-", "_")
+            if key in flat:
+                raise LorafitError(f"{path}: {key} is set twice ({where[key]} and {table})")
+            flat[key], where[key] = value, table
     unknown = sorted(set(flat) - set(FIELD_NAMES))
     if unknown:
         raise LorafitError(f"{path}: unknown key(s) {', '.join(unknown)}")
@@ -227,5 +275,19 @@ def _toml_value(v) -> str:
         return repr(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{s}"'
+    return _toml_string(str(v))
+
+
+def _toml_string(s: str) -> str:
+    """A TOML basic string: backslash, quote and every control character escaped."""
+    out = []
+    for ch in s:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == '"':
+            out.append('\\"')
+        elif ord(ch) < 32 or ord(ch) == 127:
+            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(ch, f"\\u{ord(ch):04x}"))
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'

@@ -7,6 +7,8 @@ the trainer polls between steps. So a TUI can steer a run it did not start.
 
 from __future__ import annotations
 
+import math
+import os
 import signal
 import threading
 import time
@@ -17,15 +19,33 @@ from lorafit.core import rundir
 COMMANDS = ("pause", "resume", "save", "stop")
 
 
+def _seq(msg: dict) -> int:
+    """The request's sequence number; anything malformed counts as 0."""
+    v = msg.get("seq", 0)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or \
+            (isinstance(v, float) and not math.isfinite(v)):
+        return 0
+    return int(v)
+
+
+def _identity(msg: dict):
+    """What tells one request from another: its id (written by send_command), else its
+    (seq, time). A request is new whenever this differs from the last one applied, so a
+    deleted control file (seq restarting at 1) still steers the run."""
+    rid = msg.get("id")
+    if isinstance(rid, str) and rid:
+        return ("id", rid)
+    t = msg.get("time")
+    return ("seq", _seq(msg), t if isinstance(t, (int, float)) else None)
+
+
 def send_command(run_dir: str | Path, command: str) -> None:
     """Ask the trainer of run_dir to pause, resume, save or stop."""
     if command not in COMMANDS:
         raise ValueError(f"unknown command {command!r}")
-    try:
-        seq = int(rundir.read_control(run_dir).get("seq", 0))
-    except (TypeError, ValueError):
-        seq = 0
-    rundir.write_control(run_dir, {"command": command, "seq": seq + 1, "time": time.time()})
+    seq = _seq(rundir.read_control(run_dir))
+    rundir.write_control(run_dir, {"command": command, "seq": seq + 1, "time": time.time(),
+                                   "id": f"{os.getpid()}-{time.time_ns()}-{os.urandom(4).hex()}"})
 
 
 class Control:
@@ -34,9 +54,10 @@ class Control:
         self.stop_requested = False
         self.save_requested = False
         self.paused = False
-        self._seen_seq = self._read_seq()
+        self._seen = _identity(self._read()) if self.run_dir else None
         self._mtime = self._stat()
         self._interrupts = 0
+        self.last_request: dict | None = None
 
     # -- in-process requests --------------------------------------------------------------
     def stop(self):
@@ -56,16 +77,16 @@ class Control:
         return rundir.control_mtime(self.run_dir) if self.run_dir else None
 
     def _read(self) -> dict:
-        return rundir.read_control(self.run_dir)
-
-    def _read_seq(self) -> int:
+        """The control file's request; {} when missing, unreadable or not an object."""
         try:
-            return int(self._read().get("seq", 0)) if self.run_dir else 0
-        except (TypeError, ValueError):
-            return 0
+            msg = rundir.read_control(self.run_dir)
+        except Exception:  # never let a malformed file stop the run
+            return {}
+        return msg if isinstance(msg, dict) else {}
 
     def poll(self) -> str | None:
-        """Apply a new command from the control file, if any; returns it."""
+        """Apply a new request from the control file, if any; returns its command. A
+        malformed file is ignored, never fatal."""
         if self.run_dir is None:
             return None
         mtime = self._stat()
@@ -73,16 +94,18 @@ class Control:
             return None
         self._mtime = mtime
         msg = self._read()
-        try:
-            seq = int(msg.get("seq", 0))
-        except (TypeError, ValueError):
+        if not msg:
             return None
-        if seq <= self._seen_seq:
+        ident = _identity(msg)
+        if ident == self._seen:
             return None
-        self._seen_seq = seq
+        self._seen = ident
         cmd = msg.get("command")
-        if cmd in COMMANDS:
+        if isinstance(cmd, str) and cmd in COMMANDS:
             getattr(self, cmd)()
+            self.last_request = {"command": cmd, "seq": _seq(msg),
+                                 "id": msg.get("id") if isinstance(msg.get("id"), str)
+                                 else None}
             return cmd
         return None
 

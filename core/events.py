@@ -105,6 +105,15 @@ class Resumed(Event):
 
 
 @dataclass
+class ControlApplied(Event):
+    """A request from the control file was applied (status.json acknowledges it)."""
+    command: str
+    step: int
+    request: dict | None = None  # the request as read: command, seq, id
+    kind: str = field(init=False, default="control")
+
+
+@dataclass
 class Message(Event):
     """Free text for people (console, event log); never parsed."""
     level: str
@@ -121,12 +130,13 @@ class RunFinished(Event):
     measured_peak: int | None
     estimated_peak: int | None
     error: str | None = None
+    adapter_step: int | None = None  # the step the adapter's weights are from
     kind: str = field(init=False, default="end")
 
 
 EVENT_TYPES: dict[str, type[Event]] = {cls.kind: cls for cls in (
     RunStarted, StepReport, EvalReport, MemoryMeasured, CheckpointSaved, StepSkipped, Paused,
-    Resumed, Message, RunFinished)}
+    Resumed, ControlApplied, Message, RunFinished)}
 
 
 def from_record(record: dict) -> Event | None:
@@ -192,6 +202,9 @@ class StatusSink(Sink):
             self.status["state"] = "paused"
         elif isinstance(event, Resumed):
             self.status["state"] = "running"
+        elif isinstance(event, ControlApplied):
+            self.status["acknowledged"] = dict(event.request or {}, command=event.command,
+                                               step=event.step)
         elif isinstance(event, RunFinished):
             self.status.update(state=event.status, step=event.step, error=event.error)
         else:

@@ -11,6 +11,9 @@ CLI and the TUI cannot disagree about them:
     RUN/checkpoints/step-N/    adapter (PEFT layout), optimizer.safetensors,
                                trainer_state.json and, written last, COMPLETE
     RUN/adapter/               the final adapter (PEFT layout)
+    RUN/best-adapter/          the adapter of the best validation loss so far (PEFT layout)
+    RUN/lock                   held (flock) by the one trainer writing to the folder; its pid
+    RUN/error.log              the traceback of a run that failed on an unexpected error
 
 It also holds the one atomic folder write (`atomic_folder`, or `staging_folder` then
 `commit_folder`): a folder is assembled under a temporary name beside its target, every file
@@ -19,7 +22,9 @@ and folder in it is fsynced, and it is renamed into place. A reader never sees h
 
 from __future__ import annotations
 
+import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -36,6 +41,9 @@ CONTROL = "control.json"
 TRAIN_LOG = "train.log"
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
+BEST_ADAPTER = "best-adapter"
+LOCK = "lock"
+ERROR_LOG = "error.log"
 # inside checkpoints/step-N/
 COMPLETE = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
@@ -79,6 +87,107 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
 
 def adapter_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / ADAPTER
+
+
+def best_adapter_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / BEST_ADAPTER
+
+
+def lock_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / LOCK
+
+
+def error_log_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / ERROR_LOG
+
+
+# -- the run folder lock ------------------------------------------------------------------
+class RunLock:
+    """An exclusive flock on RUN/lock, held while a trainer may write to the folder. The
+    kernel drops it when the process dies, however it dies, so a stale lock cannot block."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        from lorafit.core.errors import LorafitError
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path(self.run_dir), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            pid = lock_holder(self.run_dir)
+            holder = f"pid {pid}" if pid else "another process"
+            raise LorafitError(f"{self.run_dir} is in use by another trainer ({holder}); "
+                               "wait for it to finish or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            try:
+                os.ftruncate(fd, 0)
+            except OSError:
+                pass
+            os.close(fd)  # closing drops the flock
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def is_locked(run_dir: str | Path) -> bool:
+    """True while some process holds the run folder's lock (a trainer is writing)."""
+    try:
+        fd = os.open(lock_path(run_dir), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def lock_holder(run_dir: str | Path) -> int | None:
+    """The pid written in the lock file by its holder, if any."""
+    try:
+        return int(lock_path(run_dir).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def effective_state(run_dir: str | Path, status: dict | None = None) -> str | None:
+    """status.json's state, except that an active state whose trainer is gone (its pid
+    dead and the folder unlocked) reads as "failed"."""
+    status = read_status(run_dir) if status is None else status
+    state = status.get("state")
+    if state in ACTIVE_STATES and not pid_alive(status.get("pid")) \
+            and not is_locked(run_dir):
+        return "failed"
+    return state
 
 
 # -- what a folder holds ------------------------------------------------------------------
@@ -170,13 +279,38 @@ def control_mtime(run_dir: str | Path) -> int | None:
 
 # -- metrics.jsonl ------------------------------------------------------------------------
 def open_metrics(run_dir: str | Path):
-    """metrics.jsonl opened for appending (a resumed run continues the same file)."""
-    return open(metrics_path(run_dir), "a", encoding="utf-8")
+    """metrics.jsonl opened for appending (a resumed run continues the same file). A torn
+    last line, left by a killed writer, is ended first so the next record stands alone."""
+    path = metrics_path(run_dir)
+    f = open(path, "a", encoding="utf-8")
+    try:
+        size = os.path.getsize(path)
+        if size:
+            with open(path, "rb") as r:
+                r.seek(size - 1)
+                if r.read(1) != b"\n":
+                    f.write("\n")
+                    f.flush()
+    except OSError:
+        pass
+    return f
+
+
+def _finite(value):
+    """NaN and infinities become null (standard JSON), in nested dicts and lists too."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def append_record(f, record: dict) -> None:
-    """One record a line, flushed at once so watchers see it."""
-    f.write(json.dumps(record) + "\n")
+    """One record a line (standard JSON: non-finite numbers are null), flushed at once so
+    watchers see it."""
+    f.write(json.dumps(_finite(record), allow_nan=False) + "\n")
     f.flush()
 
 

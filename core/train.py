@@ -28,6 +28,7 @@ from lorafit.core.schedule import lr_at
 
 
 MEASURED_STEP = 1  # the second step: optimizer state exists, and so does every buffer
+KEPT_LOSSES = 100  # the newest losses a trainer state keeps; older ones only as a summary
 
 
 class TrainingStopped(LorafitError):
@@ -68,10 +69,15 @@ class Trainer:
         self.pos = Position()
         self.best_val = math.inf
         self.evals_without_gain = 0
-        self.losses: list[float] = []
+        self.losses: list[float] = []  # the newest KEPT_LOSSES (metrics.jsonl has all)
+        self.loss_summary = {"count": 0, "sum": 0.0}  # over every applied step
         self.measured_peak = 0
         self._epoch_cache: tuple[int, list] | None = None
         self._last_saved: int | None = None
+        self.lock = None  # the run folder's lock (commands/train.py), released by run()
+        self.fingerprint: dict | None = None  # stored in every checkpoint
+        self.best_step: int | None = None
+        self._best_adapter: dict | None = None
         self._window = [0, 0.0]  # tokens and seconds since the last report
 
     # -- data -----------------------------------------------------------------------------
@@ -153,7 +159,9 @@ class Trainer:
                 "best_val": None if math.isinf(self.best_val) else self.best_val,
                 "evals_without_gain": self.evals_without_gain,
                 "total_steps": self.total_steps, "seed": self.cfg.seed,
-                "backend": self.ops.name, "losses": self.losses}
+                "backend": self.ops.name, "losses": self.losses,
+                "loss_summary": self.loss_summary,
+                "best_step": self.best_step, "fingerprint": self.fingerprint}
 
     def load_state(self, ckpt: dict) -> None:
         """Continue from a checkpoint dict (see core.checkpoint.load_checkpoint)."""
@@ -168,7 +176,12 @@ class Trainer:
         self.pos = Position(st["step"], st["epoch"], st["index"])
         self.best_val = st["best_val"] if st.get("best_val") is not None else math.inf
         self.evals_without_gain = st.get("evals_without_gain", 0)
-        self.losses = list(st.get("losses", []))
+        self.losses = list(st.get("losses", []))[-KEPT_LOSSES:]
+        summary_ = st.get("loss_summary")
+        self.loss_summary = dict(summary_) if isinstance(summary_, dict) else \
+            {"count": len(self.losses), "sum": float(sum(self.losses))}
+        self.best_step = st.get("best_step")
+        self._last_saved = self.pos.step  # this checkpoint is on disk already
 
     def save(self) -> Path:
         self._last_saved = self.pos.step
@@ -179,13 +192,29 @@ class Trainer:
         self.emit(ev.CheckpointSaved(step=self.pos.step, path=str(path)))
         return path
 
-    def save_adapter(self) -> Path:
-        """The final adapter in PEFT layout, assembled aside and renamed into place."""
-        final = rundir.adapter_path(self.run_dir)
+    def save_adapter(self, adapter: dict | None = None, final: Path | None = None) -> Path:
+        """The final adapter in PEFT layout, assembled aside and renamed into place (the old
+        one is renamed aside first and deleted last: rundir.commit_folder)."""
+        final = final or rundir.adapter_path(self.run_dir)
         with rundir.atomic_folder(final) as tmp:
-            save_peft(tmp, self.adapter_numpy(), self.model.lora, self.model.path,
+            save_peft(tmp, self.adapter_numpy() if adapter is None else adapter,
+                      self.model.lora, self.model.path,
                       num_layers=self.model.args.num_hidden_layers)
         return final
+
+    def _best_adapter_weights(self) -> dict | None:
+        """The adapter of the best validation loss: kept in memory, or read back from
+        RUN/best-adapter/ (written at each improvement, so it survives a resume)."""
+        if self._best_adapter is not None:
+            return self._best_adapter
+        if self.run_dir and rundir.best_adapter_path(self.run_dir).is_dir():
+            from lorafit.core.adapter_io import load_peft
+
+            try:
+                return load_peft(rundir.best_adapter_path(self.run_dir))[1]
+            except Exception:
+                return None
+        return None
 
     # -- the loop -------------------------------------------------------------------------
     def emit(self, event) -> None:
@@ -193,7 +222,32 @@ class Trainer:
             sink(event)
 
     def run(self) -> str:
-        """Train to the end (or until stopped); returns the final status."""
+        """Train to the end (or until stopped); returns the final status. Any other error
+        (out of memory, a full disk, a bug) is recorded as status "failed" with a one-line
+        reason before it propagates; the run folder's lock is released in every case."""
+        try:
+            return self._run()
+        except TrainingStopped:
+            raise
+        except BaseException as e:
+            text = " ".join(str(e).split())
+            reason = f"{type(e).__name__}: {text}"[:300] if text else type(e).__name__
+            if isinstance(e, KeyboardInterrupt):
+                reason = "interrupted at once (second Ctrl-C); the newest checkpoint is intact"
+            try:
+                self.emit(ev.RunFinished(status="failed", step=self.pos.step, adapter=None,
+                                         final_loss=self.losses[-1] if self.losses else None,
+                                         measured_peak=self.measured_peak or None,
+                                         estimated_peak=(self.estimate or {}).get("total"),
+                                         error=reason))
+            except Exception:
+                pass  # e.g. the disk is full: the error itself still propagates
+            raise
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _run(self) -> str:
         c, ops = self.cfg, self.ops
         self.emit(ev.RunStarted(total_steps=self.total_steps,
                                 examples=len(self.train_examples),
@@ -204,7 +258,7 @@ class Trainer:
                                 config=c.to_dict(), estimate=self.estimate))
         ops.reset_peak_memory()
         status, bad_in_a_row, t_start, steps_timed = "completed", 0, time.time(), 0
-        error = None
+        error, start_step = None, self.pos.step
         try:
             while self.pos.step < self.total_steps:
                 status = self._between_steps()
@@ -235,7 +289,7 @@ class Trainer:
                             "check the data")
                     continue
                 bad_in_a_row = 0
-                self.losses.append(loss)
+                self._record_loss(loss)
                 steps_timed += 1
                 self._report(loss, lr, gnorm, micro, dt, t_start, steps_timed)
                 if c.eval_every and self.val_examples and self.pos.step % c.eval_every == 0:
@@ -249,13 +303,22 @@ class Trainer:
         if self.val_examples and c.eval_every and status == "completed" \
                 and self.pos.step % c.eval_every:
             self._evaluate_and_check()
-        adapter = None
-        if self.run_dir:
-            if self._last_saved != self.pos.step:
+        adapter, adapter_step = None, None
+        if self.run_dir and self.pos.step > 0:  # stopped before step 1: nothing written
+            if self._last_saved != self.pos.step and self.pos.step != start_step:
                 self.save()
-            adapter = str(self.save_adapter())
+            best = self._best_adapter_weights() if status == "early_stopped" else None
+            if best is not None and self.best_step is not None:
+                adapter, adapter_step = str(self.save_adapter(best)), self.best_step
+                self.emit(ev.Message(level="info", text=(
+                    f"early stopping: the adapter in {adapter} is the one of step "
+                    f"{self.best_step} (best validation loss {self.best_val:.4f}); the last "
+                    f"weights are in the step-{self.pos.step} checkpoint")))
+            else:
+                adapter, adapter_step = str(self.save_adapter()), self.pos.step
         self.model.params.update(self.trainable)
         self.emit(ev.RunFinished(status=status, step=self.pos.step, adapter=adapter,
+                                 adapter_step=adapter_step,
                                  final_loss=self.losses[-1] if self.losses else None,
                                  measured_peak=self.measured_peak or None,
                                  estimated_peak=(self.estimate or {}).get("total"),
@@ -267,7 +330,7 @@ class Trainer:
     def _between_steps(self) -> str | None:
         """Apply control requests; returns a status when the run must end now."""
         ctl = self.control
-        ctl.poll()
+        self._acknowledge(ctl.poll())
         if ctl.save_requested and self.run_dir:
             ctl.save_requested = False
             self.save()
@@ -275,7 +338,7 @@ class Trainer:
             self.emit(ev.Paused(step=self.pos.step))
             while ctl.paused and not ctl.stop_requested:
                 time.sleep(0.1)
-                ctl.poll()
+                self._acknowledge(ctl.poll())
                 if ctl.save_requested and self.run_dir:
                     ctl.save_requested = False
                     self.save()
@@ -283,6 +346,21 @@ class Trainer:
         if ctl.stop_requested:
             return "stopped"
         return None
+
+    def _record_loss(self, loss: float) -> None:
+        """Keep the newest losses and a running summary: a checkpoint's trainer state stays
+        the same size however long the run (every loss is in metrics.jsonl)."""
+        self.losses.append(loss)
+        if len(self.losses) > KEPT_LOSSES:
+            del self.losses[:-KEPT_LOSSES]
+        self.loss_summary["count"] += 1
+        self.loss_summary["sum"] += float(loss)
+
+    def _acknowledge(self, command) -> None:
+        """A control-file request was applied: say so (status.json shows it)."""
+        if command:
+            self.emit(ev.ControlApplied(command=command, step=self.pos.step,
+                                        request=self.control.last_request))
 
     def _report(self, loss, lr, gnorm, micro, dt, t_start, steps_timed):
         mem = self.ops.memory_stats()
@@ -336,6 +414,12 @@ class Trainer:
         val = self.evaluate()
         if val < self.best_val:
             self.best_val, self.evals_without_gain = val, 0
+            self.best_step = self.pos.step
+            # a copy: a backend's numpy view may share memory with the parameters
+            self._best_adapter = {k: np.array(v, copy=True)
+                                  for k, v in self.adapter_numpy().items()}
+            if self.run_dir and self.cfg.early_stopping_patience:
+                self.save_adapter(self._best_adapter, rundir.best_adapter_path(self.run_dir))
         else:
             self.evals_without_gain += 1
         self.emit(ev.EvalReport(step=self.pos.step, val_loss=val, best_val_loss=self.best_val))

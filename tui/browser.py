@@ -51,7 +51,7 @@ class BrowserScreen(Screen):
             loss = f"{st.losses[-1]:.4f}" if st.losses else "-"
             table.add_row("*" if run in self.marked else " ", str(run.relative_to(self.root))
                           if run.is_relative_to(self.root) else str(run),
-                          read_status(run).get("state", "?"),
+                          st.state or "?",
                           f"{st.last.get('step', 0)}/{st.total_steps}", loss)
 
     def _current(self) -> Path | None:

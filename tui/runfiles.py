@@ -69,6 +69,10 @@ class RunState:
         return int(self.status.get("total_steps") or self.start.get("total_steps") or 0)
 
     @property
+    def state(self) -> str | None:
+        return self.status.get("state")
+
+    @property
     def active(self) -> bool:
         """The trainer may still write: starting, running or paused."""
         return self.status.get("state") in rundir.ACTIVE_STATES
@@ -89,6 +93,10 @@ class RunFollower:
             self.state.add(rec)
         changed = bool(records)
         status = rundir.read_status(self.run_dir)
+        state = rundir.effective_state(self.run_dir, status)
+        if state != status.get("state"):  # the trainer died without a final status
+            status = dict(status, state=state, error=status.get("error") or
+                          "the trainer process ended without a final status")
         if status != self.state.status:
             self.state.status = status
             changed = True

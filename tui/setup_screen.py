@@ -178,6 +178,10 @@ class SetupScreen(Screen):
             if not cfg.model or not cfg.data:
                 raise LorafitError("choose a model and a data file first")
             run_dir = Path(cfg.output)
+            if rundir.is_locked(run_dir):
+                pid = rundir.lock_holder(run_dir)
+                raise LorafitError(f"{run_dir} is in use by another trainer"
+                                   f"{f' (pid {pid})' if pid else ''}; choose another directory")
             if rundir.holds_checkpoints(run_dir):
                 raise LorafitError(f"{run_dir} already holds a run; choose another directory")
         except LorafitError as e:

@@ -185,7 +185,8 @@ def _one_of_each() -> list[ev.Event]:
             ev.Paused(step=3), ev.Resumed(step=3),
             ev.Message(level="info", text="paused"),  # a text, not a state change
             ev.RunFinished(status="completed", step=4, adapter="a", final_loss=1.0,
-                           measured_peak=100, estimated_peak=110)]
+                           measured_peak=100, estimated_peak=110),
+            ev.ControlApplied(command="stop", step=4, request={"command": "stop", "seq": 1})]
 
 
 def test_every_event_type_has_its_own_kind_and_round_trips(tmp_path):
