@@ -43,6 +43,9 @@ class Shape:
     linears: dict  # projection name -> (in, out), per layer
     attention_bias: bool = False
     qk_norm: bool = False
+    norms_per_layer: int = 2  # RMSNorms of width C per layer (Gemma's sandwich norms: 4)
+    attn_softcap: bool = False  # soft-capped scores: attention runs eagerly (Gemma 2)
+    final_softcap: bool = False  # soft-capped logits in the fused loss (Gemma 2)
 
 
 @dataclass
@@ -98,11 +101,12 @@ def target_names(sh: Shape, st: Settings) -> list[str]:
 
 def base_weights(sh: Shape, st: Settings) -> int:
     """Every frozen parameter in the compute dtype: embeddings V*C, head V*C unless tied,
-    per layer the 7 projections, 2 norms (+ biases, + q/k norms): sum(numel) * s.
+    per layer the 7 projections, its norms (2, or 4 with Gemma's sandwich norms; + biases,
+    + q/k norms): sum(numel) * s.
     Quantized projections (input a multiple of 64) take bits/8 bytes per weight plus a
     scale and a bias per group of 64 in the compute dtype: in*out*(bits/8 + 2s/64)."""
     C, D, s = sh.hidden, sh.head_dim, DTYPE_BYTES[st.dtype]
-    per_layer = 2 * C * s
+    per_layer = sh.norms_per_layer * C * s
     for i, o in sh.linears.values():
         if st.quantize_bits and i % QUANT_GROUP == 0:
             per_layer += quantized_bytes(i * o, st)
@@ -209,7 +213,17 @@ def activations(sh: Shape, st: Settings) -> int:
         return N * s * sh.hidden * sh.layers
     adapted = _adapted_layers(sh, st)
     return int(N * s * sum(saved_per_token_per_layer(sh, st, i in adapted)
-                           for i in range(sh.layers)))
+                           for i in range(sh.layers))) + sh.layers * eager_scores(sh, st)
+
+
+def eager_scores(sh: Shape, st: Settings) -> int:
+    """Soft-capped attention (Gemma 2) cannot use the fused kernels: each layer keeps its
+    (B, Hq, T, T) scores after tanh and its probabilities, both float32 (8 bytes), plus the
+    probabilities cast to the compute dtype when that is not float32."""
+    if not sh.attn_softcap:
+        return 0
+    per = 8 + (DTYPE_BYTES[st.dtype] if st.dtype != "float32" else 0)
+    return st.batch_size * sh.heads * st.seq_len * st.seq_len * per
 
 
 def _adapted_layers(sh, st) -> set:
@@ -223,7 +237,7 @@ def recompute_layer(sh: Shape, st: Settings) -> int:
         return 0
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     per = saved_per_token_per_layer(sh, st, bool(_adapted_layers(sh, st)))
-    return int(N * s * (per + sh.hidden))
+    return int(N * s * (per + sh.hidden)) + eager_scores(sh, st)
 
 
 def backward_transients(sh: Shape, st: Settings) -> int:
@@ -247,10 +261,13 @@ def embeddings_and_rope(sh: Shape, st: Settings) -> int:
 def loss_buffers(sh: Shape, st: Settings) -> int:
     """Fused head + loss: float32 logits and their exp for one chunk of rows
     (2 * rows * V * 4, rows = min(N, 2^22 // V)) and dL/dh for all tokens (N * C * s),
-    formed in the same pass. MLX evaluates all chunks in one graph, so rows = N there."""
+    formed in the same pass. MLX evaluates all chunks in one graph, so rows = N there.
+    Soft-capped logits keep the slope 1 - (c / cap)^2 too: one more chunk buffer on torch,
+    two on MLX (tanh and slope live in the same graph)."""
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     rows = N if st.backend == "mlx" else min(N, max(16, LOGIT_CHUNK_ELEMENTS // sh.vocab))
-    return 2 * rows * sh.vocab * 4 + N * sh.hidden * s
+    buffers = 2 + (sh.final_softcap and (2 if st.backend == "mlx" else 1))  # + tanh' slope
+    return buffers * rows * sh.vocab * 4 + N * sh.hidden * s
 
 
 def framework_overhead(sh: Shape, st: Settings, subtotal: int) -> int:

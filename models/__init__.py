@@ -53,7 +53,11 @@ class Model:
         if positions is None:
             positions = default_positions(self.backend, input_ids.shape)
         h = self.hidden(input_ids, positions, **kw)
-        return self.backend.linear(h, self.output_weight())
+        return self.head(h)
+
+    def head(self, h):
+        """Logits of final hidden states (soft-capped where the family says so)."""
+        return decoder.head(self.backend, self.args, h, self.output_weight())
 
 
 def parameter_shapes(config: dict) -> dict:
@@ -78,7 +82,10 @@ def memory_shape(config: dict):
                  layers=a.num_hidden_layers, heads=a.num_attention_heads,
                  kv_heads=a.num_key_value_heads, head_dim=a.head_dim, vocab=a.vocab_size,
                  tied=a.tie_word_embeddings, linears=linears,
-                 attention_bias=a.attention_bias, qk_norm=a.qk_norm)
+                 attention_bias=a.attention_bias, qk_norm=a.qk_norm,
+                 norms_per_layer=4 if a.sandwich_norms else 2,
+                 attn_softcap=bool(a.attn_logit_softcapping),
+                 final_softcap=bool(a.final_logit_softcapping))
 
 
 def default_positions(ops, shape):

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from lorafit.core.lora import project
-from lorafit.models.spec import ModelArgs
+from lorafit.models.spec import GELU_TANH, ModelArgs
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -56,6 +58,9 @@ def parameter_shapes(a: ModelArgs) -> dict:
         if a.qk_norm:
             shapes.update({p + "self_attn.q_norm.weight": (D,),
                            p + "self_attn.k_norm.weight": (D,)})
+        if a.sandwich_norms:
+            shapes.update({p + "pre_feedforward_layernorm.weight": (C,),
+                           p + "post_feedforward_layernorm.weight": (C,)})
     return shapes
 
 
@@ -77,6 +82,25 @@ def split_layers(params: dict, num_layers: int) -> list[dict]:
     return layers
 
 
+def norm(ops, a: ModelArgs, x, weight):
+    """RMSNorm as the family computes it: Llama's (normalise in float32, cast, times w) or
+    Gemma's (everything in float32, times (offset + w), then cast)."""
+    if a.norm_offset is None:
+        return ops.rms_norm(x, weight, a.rms_norm_eps)
+    dtype = ops.dtype_name(x)
+    w = ops.cast(weight, "float32")
+    if a.norm_offset:
+        w = w + a.norm_offset
+    y = ops.rms_norm(ops.cast(x, "float32"), w, a.rms_norm_eps)
+    return ops.cast(y, dtype)
+
+
+def attention_scale(a: ModelArgs) -> float:
+    if a.query_pre_attn_scalar is not None:
+        return float(a.query_pre_attn_scalar) ** -0.5
+    return 1.0 / math.sqrt(a.head_dim)
+
+
 def attention_block(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_ids, cache,
                     lora):
     """Self-attention of layer i (full or sliding-window, as a.layer_types says)."""
@@ -86,8 +110,8 @@ def attention_block(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_id
     k = project(ops, lp, "self_attn.k_proj", x, lora, qc).reshape(b, t, -1, D)
     v = project(ops, lp, "self_attn.v_proj", x, lora, qc).reshape(b, t, -1, D)
     if a.qk_norm:
-        q = ops.rms_norm(q, lp["self_attn.q_norm.weight"], a.rms_norm_eps)
-        k = ops.rms_norm(k, lp["self_attn.k_norm.weight"], a.rms_norm_eps)
+        q = norm(ops, a, q, lp["self_attn.q_norm.weight"])
+        k = norm(ops, a, k, lp["self_attn.k_norm.weight"])
     q, k, v = (ops.swapaxes(z, 1, 2) for z in (q, k, v))  # (B, H, T, D)
     q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
     if cache is not None:
@@ -95,7 +119,8 @@ def attention_block(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_id
             k = ops.concat([cache[0], k], axis=2)
             v = ops.concat([cache[1], v], axis=2)
         cache[0], cache[1] = k, v
-    o = ops.attention(q, k, v, 1.0 / math.sqrt(D), segment_ids, window=a.window(i))
+    o = ops.attention(q, k, v, attention_scale(a), segment_ids, window=a.window(i),
+                      softcap=a.attn_logit_softcapping)
     o = ops.swapaxes(o, 1, 2).reshape(b, t, -1)
     return project(ops, lp, "self_attn.o_proj", o, lora, qc)
 
@@ -104,14 +129,21 @@ def mlp_block(ops, a: ModelArgs, lp: dict, x, lora):
     qc = a.quantization
     gate = project(ops, lp, "mlp.gate_proj", x, lora, qc)
     up = project(ops, lp, "mlp.up_proj", x, lora, qc)
-    return project(ops, lp, "mlp.down_proj", ops.silu(gate) * up, lora, qc)
+    act = ops.gelu_tanh(gate) if a.hidden_act in GELU_TANH else ops.silu(gate)
+    return project(ops, lp, "mlp.down_proj", act * up, lora, qc)
 
 
 def decoder_layer(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_ids=None,
                   cache=None, lora=None):
-    normed = ops.rms_norm(x, lp["input_layernorm.weight"], a.rms_norm_eps)
+    if a.sandwich_norms:  # Gemma: post_attention_layernorm normalises the attention output
+        attn = attention_block(ops, a, i, lp, norm(ops, a, x, lp["input_layernorm.weight"]),
+                               cos, sin, segment_ids, cache, lora)
+        h = x + norm(ops, a, attn, lp["post_attention_layernorm.weight"])
+        mlp = mlp_block(ops, a, lp, norm(ops, a, h, lp["pre_feedforward_layernorm.weight"]), lora)
+        return h + norm(ops, a, mlp, lp["post_feedforward_layernorm.weight"])
+    normed = norm(ops, a, x, lp["input_layernorm.weight"])
     h = x + attention_block(ops, a, i, lp, normed, cos, sin, segment_ids, cache, lora)
-    normed = ops.rms_norm(h, lp["post_attention_layernorm.weight"], a.rms_norm_eps)
+    normed = norm(ops, a, h, lp["post_attention_layernorm.weight"])
     return h + mlp_block(ops, a, lp, normed, lora)
 
 
@@ -120,14 +152,26 @@ def hidden_states(ops, a: ModelArgs, params: dict, input_ids, positions, segment
     """The final normed hidden states (B, T, C). positions (B, T) int; cache is a list of
     [k, v] pairs per layer for generation; recompute stores only layer inputs."""
     x = ops.embedding(input_ids, params["model.embed_tokens.weight"])
-    cos, sin = ops.rope_tables(positions, a.inv_freq, ops.dtype_name(x))
+    if a.embed_scale:  # Gemma: sqrt(hidden) rounded to the compute dtype first
+        x = x * ops.cast(ops.from_numpy(np.array(math.sqrt(a.hidden_size), np.float32)),
+                         ops.dtype_name(x))
+    tables = rope_tables(ops, a, positions, ops.dtype_name(x))
     for i, lp in enumerate(split_layers(params, a.num_hidden_layers)):
+        cos, sin = tables[a.layer_types[i]]
         if recompute:
             x = _recomputed_layer(ops, a, i, lp, x, cos, sin, segment_ids, lora)
         else:
             x = decoder_layer(ops, a, i, lp, x, cos, sin, segment_ids,
                               None if cache is None else cache[i], lora)
-    return ops.rms_norm(x, params["model.norm.weight"], a.rms_norm_eps)
+    return norm(ops, a, x, params["model.norm.weight"])
+
+
+def rope_tables(ops, a: ModelArgs, positions, dtype: str) -> dict:
+    """{layer type: (cos, sin)}: one shared pair unless layer types have their own RoPE."""
+    if not a.layer_rope:
+        pair = ops.rope_tables(positions, a.inv_freq, dtype)
+        return {t: pair for t in set(a.layer_types)}
+    return {t: ops.rope_tables(positions, a.rope_of(t), dtype) for t in set(a.layer_types)}
 
 
 def _recomputed_layer(ops, a, i, lp, x, cos, sin, segment_ids, lora):
@@ -141,6 +185,14 @@ def _recomputed_layer(ops, a, i, lp, x, cos, sin, segment_ids, lora):
         return decoder_layer(ops, a, i, {**frozen, **train}, x_, cos, sin, segment_ids, None,
                              lora)
     return ops.checkpoint(run)(trainable, x)
+
+
+def head(ops, a: ModelArgs, h, weight):
+    """Logits of hidden states: h @ weight^T, soft-capped where the family says so."""
+    logits = ops.linear(h, weight)
+    if a.final_logit_softcapping:
+        logits = ops.softcap(logits, float(a.final_logit_softcapping))
+    return logits
 
 
 def output_weight(params: dict):

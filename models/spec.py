@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from lorafit.core.errors import LorafitError
 from lorafit.models.rope import inverse_frequencies
 
+GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")  # GeGLU's activation (Gemma)
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "vocab_size")
 
@@ -40,13 +41,22 @@ class ModelArgs:
     max_position_embeddings: int = 4096
     torch_dtype: str | None = None
     quantization: dict | None = None  # {"bits", "group_size"}: frozen projections quantized
+    # Gemma switches (all off by default: Llama's behaviour)
+    norm_offset: float | None = None  # RMSNorm in float32 times (offset + w), then cast (Gemma)
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size) rounded to the compute dtype
+    sandwich_norms: bool = False  # post-attention norm on the attention output, pre/post-MLP norms
+    attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap)
+    query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 (not head_dim's)
+    layer_rope: dict | None = None  # layer type -> {"rope_theta", "rope_type", ...} (Gemma 3)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
-        if self.hidden_act not in ("silu", "swish"):
-            raise LorafitError(f"hidden_act {self.hidden_act!r} is not supported (only silu)")
+        if self.hidden_act not in ("silu", "swish") + GELU_TANH:
+            raise LorafitError(f"hidden_act {self.hidden_act!r} is not supported (silu or "
+                               "gelu_pytorch_tanh)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise LorafitError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.layer_types is None:
@@ -83,3 +93,13 @@ class ModelArgs:
     @property
     def inv_freq(self):
         return inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
+
+    def rope_of(self, layer_type: str):
+        """Inverse frequencies of a layer type: its own RoPE parameters where the config gives
+        them per layer type (`layer_rope`), else the model's."""
+        p = (self.layer_rope or {}).get(layer_type)
+        if p is None:
+            return self.inv_freq
+        scaling = p if p.get("rope_type", "default") != "default" else None
+        return inverse_frequencies(self.head_dim, float(p.get("rope_theta", self.rope_theta)),
+                                   scaling)

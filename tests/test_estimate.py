@@ -71,7 +71,9 @@ def total(**kw):
                                      **kw}))
 
 
-@pytest.mark.parametrize("preset", ["qwen2.5-1.5b", "llama-3.2-1b", "qwen3-0.6b"])
+@pytest.mark.parametrize("preset", ["qwen2.5-1.5b", "llama-3.2-1b", "qwen3-0.6b",
+                                    "gemma-2-2b", "gemma-2-27b", "gemma-3-1b-it",
+                                    "gemma-3-27b-it"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_base_weights_are_the_models_own_parameter_count(preset, dtype):
     """The estimator's weight term, from its own shape arithmetic, equals the parameter

@@ -41,6 +41,23 @@ CASES = [
     Case("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1,
                        tie_word_embeddings=True), mlx_lm=False),
     Case("qwen3", dict(head_dim=32)),
+    # Gemma 2: sliding layer (window 6 < 24) then full, both soft-caps small enough to bite,
+    # query_pre_attn_scalar unlike head_dim; mlx-lm's gemma2 ignores the window.
+    Case("gemma2", dict(head_dim=16, sliding_window=6, attn_logit_softcapping=2.0,
+                        final_logit_softcapping=3.0, query_pre_attn_scalar=24), mlx_lm=False),
+    Case("gemma2", dict(head_dim=16, sliding_window=64, attn_logit_softcapping=2.0,
+                        final_logit_softcapping=3.0, query_pre_attn_scalar=24),
+         id="gemma2-no-window"),  # the same with a window past the sequence, for mlx-lm
+    # Gemma 3: q/k norms, sliding layer (window 6) with its own RoPE base, full layer with
+    # linear RoPE scaling; mlx-lm's gemma3_text reads only the older keys (rope_local_base_freq,
+    # sliding_window_pattern), not transformers 5's rope_parameters per layer type.
+    Case("gemma3_text", dict(head_dim=16, sliding_window=6, query_pre_attn_scalar=24,
+                             layer_types=["sliding_attention", "full_attention"],
+                             rope_parameters={
+                                 "sliding_attention": {"rope_type": "default",
+                                                       "rope_theta": 100.0},
+                                 "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                    "rope_theta": 10000.0}}), mlx_lm=False),
 ]
 IDS = [c.id for c in CASES]
 
