@@ -46,6 +46,12 @@ class Shape:
     norms_per_layer: int = 2  # RMSNorms of width C per layer (Gemma's sandwich norms: 4)
     attn_softcap: bool = False  # soft-capped scores: attention runs eagerly (Gemma 2)
     final_softcap: bool = False  # soft-capped logits in the fused loss (Gemma 2)
+    # Where layers differ (Gemma 4: wider full layers, kv-sharing layers without k/v, double-
+    # wide MLPs): each layer's {name: (in, out)}; `linears` then holds each name's first.
+    layer_linears: list | None = None
+    model_linears: dict = field(default_factory=dict)  # projections outside the layers
+    extra_params: int = 0  # frozen parameters the terms above do not describe (Gemma 4's
+    #                        per-layer embedding table, its norm, wider q/k norms, scalars)
 
 
 @dataclass
@@ -106,17 +112,23 @@ def base_weights(sh: Shape, st: Settings) -> int:
     Quantized projections (input a multiple of 64) take bits/8 bytes per weight plus a
     scale and a bias per group of 64 in the compute dtype: in*out*(bits/8 + 2s/64)."""
     C, D, s = sh.hidden, sh.head_dim, DTYPE_BYTES[st.dtype]
+
+    def linear(i, o):
+        return quantized_bytes(i * o, st) if st.quantize_bits and i % QUANT_GROUP == 0 \
+            else i * o * s
     per_layer = sh.norms_per_layer * C * s
-    for i, o in sh.linears.values():
-        if st.quantize_bits and i % QUANT_GROUP == 0:
-            per_layer += quantized_bytes(i * o, st)
-        else:
-            per_layer += i * o * s
+    if sh.layer_linears is None:
+        per_layer += sum(linear(i, o) for i, o in sh.linears.values())
+        linears = 0
+    else:  # layers of different shapes, and projections outside the layers
+        linears = sum(linear(i, o) for d in sh.layer_linears for i, o in d.values()) + \
+            sum(linear(i, o) for i, o in sh.model_linears.values())
     if sh.attention_bias:
         per_layer += (sh.heads + 2 * sh.kv_heads) * D * s
     if sh.qk_norm:
         per_layer += 2 * D * s
-    return (sh.vocab * C * (1 if sh.tied else 2) + C) * s + sh.layers * per_layer
+    return (sh.vocab * C * (1 if sh.tied else 2) + C + sh.extra_params) * s + \
+        sh.layers * per_layer + linears
 
 
 QUANT_GROUP = 64
@@ -147,6 +159,17 @@ def adapter_params(sh: Shape, st: Settings) -> int:
     DoRA magnitude (out) per module."""
     dims = sh.linears
     n_layers = len(st.layers) if st.layers is not None else sh.layers
+    if sh.layer_linears is not None:  # layers differ; outside ones only without a selection
+        names = target_names(sh, st)
+
+        def cost(i, o):
+            return st.rank * (i + o) + (o if st.dora else 0)
+        layers = st.layers if st.layers is not None else range(sh.layers)
+        n = sum(cost(*sh.layer_linears[ly][m]) for ly in layers for m in names
+                if m in sh.layer_linears[ly])
+        if st.layers is None:
+            n += sum(cost(*sh.model_linears[m]) for m in names if m in sh.model_linears)
+        return n
     per = sum(st.rank * (dims[m][0] + dims[m][1]) + (dims[m][1] if st.dora else 0)
               for m in target_names(sh, st))
     return n_layers * per

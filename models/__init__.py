@@ -78,6 +78,8 @@ def memory_shape(config: dict):
         key = next(k for k in shapes if k.endswith(f".{name}.weight"))
         out_dim, in_dim = shapes[key]
         linears[name] = (in_dim, out_dim)
+    if a.per_layer_input_size or a.kv_shared_layers or a.layer_head_dim:  # Gemma 4
+        return _varied_shape(a, shapes, linears)
     return Shape(hidden=a.hidden_size, intermediate=a.intermediate_size,
                  layers=a.num_hidden_layers, heads=a.num_attention_heads,
                  kv_heads=a.num_key_value_heads, head_dim=a.head_dim, vocab=a.vocab_size,
@@ -86,6 +88,39 @@ def memory_shape(config: dict):
                  norms_per_layer=4 if a.sandwich_norms else 2,
                  attn_softcap=bool(a.attn_logit_softcapping),
                  final_softcap=bool(a.final_logit_softcapping))
+
+
+def _varied_shape(a, shapes: dict, linears: dict):
+    """The Shape of a model whose layers differ (Gemma 4): each layer's projections, those
+    outside the layers, and the parameters no term describes, counted from the shapes."""
+    import math
+
+    from lorafit.core.estimate import Settings, Shape, base_weights
+
+    layer_linears = [{} for _ in range(a.num_hidden_layers)]
+    model_linears = {}
+    names = decoder.linear_modules(a)
+    for k, shape in shapes.items():
+        module = k[: -len(".weight")]
+        if not k.endswith(".weight") or module.rsplit(".", 1)[-1] not in names:
+            continue
+        out_dim, in_dim = shape
+        if module.startswith("model.layers."):
+            layer_linears[int(module.split(".")[2])][module.rsplit(".", 1)[-1]] = (in_dim,
+                                                                                  out_dim)
+        else:
+            model_linears[module.rsplit(".", 1)[-1]] = (in_dim, out_dim)
+    sh = Shape(hidden=a.hidden_size, intermediate=a.intermediate_size,
+               layers=a.num_hidden_layers, heads=a.num_attention_heads,
+               kv_heads=a.num_key_value_heads, head_dim=a.head_dim, vocab=a.vocab_size,
+               tied=a.tie_word_embeddings, linears=linears, attention_bias=a.attention_bias,
+               qk_norm=False, norms_per_layer=4 if a.sandwich_norms else 2,
+               attn_softcap=bool(a.attn_logit_softcapping),
+               final_softcap=bool(a.final_logit_softcapping), layer_linears=layer_linears,
+               model_linears=model_linears)
+    total = sum(math.prod(s) for s in shapes.values())
+    sh.extra_params = total - base_weights(sh, Settings(dtype="float32")) // 4
+    return sh
 
 
 def default_positions(ops, shape):

@@ -49,6 +49,17 @@ class ModelArgs:
     final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap)
     query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 (not head_dim's)
     layer_rope: dict | None = None  # layer type -> {"rope_theta", "rope_type", ...} (Gemma 3)
+    # Gemma 4 switches
+    layer_head_dim: dict | None = None  # layer type -> its head dim (full layers' global_head_dim)
+    layer_kv_heads: dict | None = None  # layer type -> its key-value heads
+    v_norm: bool = False  # RMSNorm without weight over each head of v
+    k_eq_v: bool = False  # full-attention layers have no v_proj: v is k's projection
+    kv_shared_layers: int = 0  # the last n layers reuse the k, v of the last earlier layer of
+    #                            their type and have no k/v projections of their own
+    double_wide_mlp: bool = False  # those kv-sharing layers have a 2x intermediate size
+    per_layer_input_size: int = 0  # per-layer input embeddings (PLE) of this width; 0: none
+    per_layer_vocab: int | None = None  # rows of the per-layer embedding table
+    layer_scalar: bool = False  # each layer's output times a stored scalar (a buffer)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -90,6 +101,34 @@ class ModelArgs:
         known = {k: v for k, v in cfg.items() if k in names and v is not None}
         return cls(**known, extra={k: v for k, v in cfg.items() if k not in names})
 
+    def head_dim_of(self, layer: int) -> int:
+        return (self.layer_head_dim or {}).get(self.layer_types[layer], self.head_dim)
+
+    def kv_heads_of(self, layer: int) -> int:
+        return (self.layer_kv_heads or {}).get(self.layer_types[layer], self.num_key_value_heads)
+
+    def has_v_proj(self, layer: int) -> bool:
+        return not (self.k_eq_v and self.layer_types[layer] == "full_attention")
+
+    def kv_source(self, layer: int) -> int | None:
+        """The earlier layer whose k, v a kv-sharing layer reuses; None for a layer that
+        computes its own."""
+        first = self.num_hidden_layers - self.kv_shared_layers
+        if not self.kv_shared_layers or layer < first:
+            return None
+        same = [j for j in range(first) if self.layer_types[j] == self.layer_types[layer]]
+        if not same:
+            raise LorafitError(f"layer {layer} shares the k, v of an earlier "
+                               f"{self.layer_types[layer]} layer, but there is none")
+        return same[-1]
+
+    def kv_producers(self) -> set:
+        return {self.kv_source(i) for i in range(self.num_hidden_layers)} - {None}
+
+    def intermediate_of(self, layer: int) -> int:
+        wide = self.double_wide_mlp and self.kv_source(layer) is not None
+        return self.intermediate_size * (2 if wide else 1)
+
     @property
     def inv_freq(self):
         return inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
@@ -101,5 +140,5 @@ class ModelArgs:
         if p is None:
             return self.inv_freq
         scaling = p if p.get("rope_type", "default") != "default" else None
-        return inverse_frequencies(self.head_dim, float(p.get("rope_theta", self.rope_theta)),
-                                   scaling)
+        dim = (self.layer_head_dim or {}).get(layer_type, self.head_dim)
+        return inverse_frequencies(dim, float(p.get("rope_theta", self.rope_theta)), scaling)

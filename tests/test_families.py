@@ -58,6 +58,17 @@ CASES = [
                                                        "rope_theta": 100.0},
                                  "full_attention": {"rope_type": "linear", "factor": 4.0,
                                                     "rope_theta": 10000.0}}), mlx_lm=False),
+    # Gemma 4: sliding (window 6) and full layers (wider heads, proportional partial RoPE,
+    # k = v with one kv head), the last two layers reusing earlier k, v with double-wide
+    # MLPs, per-layer input embeddings, final soft-cap; mlx-lm's gemma4_text reads
+    # global_head_dim, which transformers 5 saves as per_layer_config instead.
+    Case("gemma4_text", dict(head_dim=16, global_head_dim=32, sliding_window=6,
+                             num_hidden_layers=4, num_kv_shared_layers=2,
+                             layer_types=["sliding_attention", "full_attention"] * 2,
+                             use_double_wide_mlp=True, hidden_size_per_layer_input=8,
+                             vocab_size_per_layer_input=512, attention_k_eq_v=True,
+                             num_global_key_value_heads=1, final_logit_softcapping=3.0),
+         mlx_lm=False),
 ]
 IDS = [c.id for c in CASES]
 

@@ -63,3 +63,54 @@ def test_estimator_counts_the_tied_vocabulary_and_four_norms_per_layer():
     # eager soft-capped attention keeps (B, H, T, T) tanh output and probabilities per layer
     assert capped["activations"] - plain["activations"] == 26 * 8 * 1024 * 1024 * 10
     assert capped["logits and loss"] > plain["logits and loss"]
+
+
+GEMMA4 = dict(head_dim=16, global_head_dim=32, sliding_window=6, num_hidden_layers=4,
+              num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 2,
+              use_double_wide_mlp=True, hidden_size_per_layer_input=8,
+              vocab_size_per_layer_input=512, final_logit_softcapping=3.0)
+
+
+def test_gemma4_recompute_gives_the_same_gradients(tmp_path, tokenizer, backend):
+    """Layers that reuse earlier k, v and per-layer inputs carry gradients across the
+    recomputed (checkpointed) layers: gradients equal those of the plain forward."""
+    from conftest import build_hf_model, random_ids
+    from lorafit.core import lora
+    from lorafit.core.lora import LoraConfig
+    from lorafit.models import default_positions
+    from lorafit.models.loader import load_model
+
+    folder, ref = build_hf_model(tmp_path, "gemma4_text", tokenizer, **GEMMA4)
+    ops = backend
+    model = load_model(str(folder), ops)
+    names = lora.attach(model, LoraConfig(r=2, alpha=4, targets="all-linear"), seed=0)
+    rng = np.random.default_rng(0)
+    for k in names:  # B non-zero, so every adapter's gradient is
+        model.params[k] = ops.from_numpy(rng.normal(0, 0.1, ops.to_numpy(model.params[k]).shape)
+                                         .astype(np.float32))
+    ids = ops.from_numpy(random_ids(ref.config.vocab_size, (2, 12), seed=1))
+    pos = default_positions(ops, (2, 12))
+    probe = ops.from_numpy(rng.normal(size=(2, 12, 64)).astype(np.float32))
+    frozen = {k: v for k, v in model.params.items() if k not in names}
+    out = []
+    for recompute in (False, True):
+        def f(tr, _):
+            h = model.hidden(ids, pos, params={**frozen, **tr}, recompute=recompute)
+            return (h * probe).sum(), None
+        (loss, _), g = ops.value_and_grad(f)({k: model.params[k] for k in names}, None)
+        out.append((ops.to_float(loss), {k: ops.to_numpy(v) for k, v in g.items()}))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
+    assert any("per_layer_model_projection" in k for k in names)
+    for k in names:
+        np.testing.assert_allclose(out[1][1][k], out[0][1][k], rtol=1e-4, atol=1e-6)
+        assert np.abs(out[0][1][k]).max() > 0, k
+
+
+def test_gemma4_moe_is_a_one_line_error():
+    from lorafit.core.errors import LorafitError
+
+    cfg = {"model_type": "gemma4_text", "vocab_size": 320, "hidden_size": 64,
+           "intermediate_size": 112, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2}
+    with pytest.raises(LorafitError, match="enable_moe_block"):
+        model_args(cfg)
