@@ -52,6 +52,7 @@ class Shape:
     model_linears: dict = field(default_factory=dict)  # projections outside the layers
     extra_params: int = 0  # frozen parameters the terms above do not describe (Gemma 4's
     #                        per-layer embedding table, its norm, wider q/k norms, scalars)
+    per_layer_inputs: int = 0  # width of Gemma 4's per-layer inputs, all layers (L * P)
 
 
 @dataclass
@@ -275,9 +276,12 @@ def backward_transients(sh: Shape, st: Settings) -> int:
 
 def embeddings_and_rope(sh: Shape, st: Settings) -> int:
     """The embedding output and final norm (2 * N * C) and the shared RoPE cos/sin tables
-    (2 * N * D), in the compute dtype; MLX also keeps the float32 angle table."""
+    (2 * N * D), in the compute dtype; MLX also keeps the float32 angle table. Gemma 4's
+    per-layer inputs add 4 * N * L * P (table rows, projection, its norm, their sum)."""
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     extra = N * sh.head_dim * 4 if st.backend == "mlx" else 0
+    # Gemma 4's per-layer inputs: the table rows, the projection, its norm and their sum
+    extra += 4 * N * sh.per_layer_inputs * s
     return N * s * (2 * sh.hidden + 2 * sh.head_dim) + extra
 
 

@@ -117,7 +117,8 @@ def _varied_shape(a, shapes: dict, linears: dict):
                qk_norm=False, norms_per_layer=4 if a.sandwich_norms else 2,
                attn_softcap=bool(a.attn_logit_softcapping),
                final_softcap=bool(a.final_logit_softcapping), layer_linears=layer_linears,
-               model_linears=model_linears)
+               model_linears=model_linears,
+               per_layer_inputs=a.num_hidden_layers * a.per_layer_input_size)
     total = sum(math.prod(s) for s in shapes.values())
     sh.extra_params = total - base_weights(sh, Settings(dtype="float32")) // 4
     return sh

@@ -69,6 +69,11 @@ CASES = [
                              vocab_size_per_layer_input=512, attention_k_eq_v=True,
                              num_global_key_value_heads=1, final_logit_softcapping=3.0),
          mlx_lm=False),
+    # the larger Gemma 4 layout: no per-layer inputs, no kv sharing, v_proj everywhere
+    Case("gemma4_text", dict(head_dim=16, global_head_dim=32, sliding_window=6,
+                             layer_types=["sliding_attention", "full_attention"],
+                             hidden_size_per_layer_input=0, num_kv_shared_layers=0),
+         mlx_lm=False, id="gemma4_text-plain"),
 ]
 IDS = [c.id for c in CASES]
 
