@@ -113,6 +113,8 @@ class Backend(Protocol):
         choices), weight (E, out, in), int indices (N, K) -> (N, K, out) with
         out[n, j] = x[n, j] @ weight[indices[n, j]].T. Differentiable with respect to x
         and weight; only the N*K chosen rows are computed (sparse MoE experts)."""
+    def softcap(self, x: Array, cap: float) -> Array:
+        """cap * tanh(x / cap) in x's dtype (Gemma's final-logit soft-capping)."""
 
     def row_norms(self, w: Array) -> Array:
         """Euclidean norm of each row of a matrix (out, in) -> (out,), in float32."""
@@ -149,11 +151,13 @@ class Backend(Protocol):
         logits (N, V) in any dtype, computed in float32; targets (N,) int; mask (N,)."""
 
     def linear_cross_entropy(self, h: Array, weight: Array, targets: Array, mask: Array,
-                             chunk_rows: int) -> tuple:
+                             chunk_rows: int, softcap: float | None = None) -> tuple:
         """cross_entropy(linear(h, weight), targets, mask) without ever holding the full
         logits: rows are processed `chunk_rows` at a time, and the gradient with respect to
         h is formed in the same pass (softmax - onehot) @ weight, so nothing of size V is
-        kept for the backward. h (N, C); weight (V, C) frozen. Returns (sum, count)."""
+        kept for the backward. h (N, C); weight (V, C) frozen. Returns (sum, count).
+        softcap: the logits z become c = softcap * tanh(z / softcap) (in float32) before the
+        loss, and the gradient gains the factor dc/dz = 1 - (c / softcap)^2."""
 
     quantization: tuple  # supported bit widths for frozen weights, () if none
     quantized_format: str  # "affine" (mlx-lm's group-wise scale+bias) or "nf4" (bitsandbytes)

@@ -46,6 +46,15 @@ class Shape:
     moe: dict | None = None  # sparse MoE: see moe_weights / moe_adapter_params
     layer_vectors: int | None = None  # a layer's norm and bias elements; None: from the flags
     final_norm: int | None = None  # elements of the final norm (weight, bias); None: C
+    attn_softcap: bool = False  # soft-capped scores: attention runs eagerly (Gemma 2)
+    final_softcap: bool = False  # soft-capped logits in the fused loss (Gemma 2)
+    # Where layers differ (Gemma 4: wider full layers, kv-sharing layers without k/v, double-
+    # wide MLPs): each layer's {name: (in, out)}; `linears` then holds each name's first.
+    layer_linears: list | None = None
+    model_linears: dict = field(default_factory=dict)  # projections outside the layers
+    extra_params: int = 0  # frozen parameters the terms above do not describe (Gemma 4's
+    #                        per-layer embedding table, its norm, every layer's vectors)
+    per_layer_inputs: int = 0  # width of Gemma 4's per-layer inputs, all layers (L * P)
 
 
 # What all-linear adapts on an MoE model besides `linears` (PEFT on transformers v5):
@@ -121,23 +130,29 @@ def _fused_name(sh: Shape, name: str) -> str:
 
 def base_weights(sh: Shape, st: Settings) -> int:
     """Every frozen parameter in the compute dtype: embeddings V*C, head V*C unless tied,
-    per layer the 7 projections, 2 norms (+ biases, + q/k norms): sum(numel) * s.
+    per layer the projections and its norm and bias vectors (layer_vectors, counted from
+    the model's shapes), what no term describes (extra_params): sum(numel) * s.
     Quantized projections (input a multiple of 64) take bits/8 bytes per weight plus a
     scale and a bias per group of 64 in the compute dtype: in*out*(bits/8 + 2s/64)."""
     C, D, s = sh.hidden, sh.head_dim, DTYPE_BYTES[st.dtype]
+
+    def linear(i, o):
+        return quantized_bytes(i * o, st) if st.quantize_bits and i % QUANT_GROUP == 0 \
+            else i * o * s
     per_layer = 2 * C * s if sh.layer_vectors is None else sh.layer_vectors * s
-    for i, o in sh.linears.values():
-        if st.quantize_bits and i % QUANT_GROUP == 0:
-            per_layer += quantized_bytes(i * o, st)
-        else:
-            per_layer += i * o * s
+    if sh.layer_linears is None:
+        per_layer += sum(linear(i, o) for i, o in sh.linears.values())
+        linears = 0
+    else:  # layers of different shapes, and projections outside the layers
+        linears = sum(linear(i, o) for d in sh.layer_linears for i, o in d.values()) + \
+            sum(linear(i, o) for i, o in sh.model_linears.values())
     if sh.attention_bias and sh.layer_vectors is None:
         per_layer += (sh.heads + 2 * sh.kv_heads) * D * s
     if sh.qk_norm and sh.layer_vectors is None:
         per_layer += 2 * D * s
     final = C if sh.final_norm is None else sh.final_norm
-    return (sh.vocab * C * (1 if sh.tied else 2) + final) * s + sh.layers * per_layer \
-        + moe_weights(sh, st)
+    return (sh.vocab * C * (1 if sh.tied else 2) + final + sh.extra_params) * s \
+        + sh.layers * per_layer + linears + moe_weights(sh, st)
 
 
 def moe_weights(sh: Shape, st: Settings) -> int:
@@ -201,6 +216,17 @@ def adapter_params(sh: Shape, st: Settings) -> int:
     DoRA magnitude (out) per module."""
     dims = sh.linears
     n_layers = len(st.layers) if st.layers is not None else sh.layers
+    if sh.layer_linears is not None:  # layers differ; outside ones only without a selection
+        names = target_names(sh, st)
+
+        def cost(i, o):
+            return st.rank * (i + o) + (o if st.dora else 0)
+        layers = st.layers if st.layers is not None else range(sh.layers)
+        n = sum(cost(*sh.layer_linears[ly][m]) for ly in layers for m in names
+                if m in sh.layer_linears[ly])
+        if st.layers is None:
+            n += sum(cost(*sh.model_linears[m]) for m in names if m in sh.model_linears)
+        return n
     per = sum(st.rank * (dims[m][0] + dims[m][1]) + (dims[m][1] if st.dora else 0)
               for m in target_names(sh, st))
     return n_layers * per + moe_adapter_params(sh, st)
@@ -269,7 +295,17 @@ def activations(sh: Shape, st: Settings) -> int:
         return N * s * sh.hidden * sh.layers
     adapted = _adapted_layers(sh, st)
     return int(N * s * sum(saved_per_token_per_layer(sh, st, i in adapted)
-                           for i in range(sh.layers)))
+                           for i in range(sh.layers))) + sh.layers * eager_scores(sh, st)
+
+
+def eager_scores(sh: Shape, st: Settings) -> int:
+    """Soft-capped attention (Gemma 2) cannot use the fused kernels: each layer keeps its
+    (B, Hq, T, T) scores after tanh and its probabilities, both float32 (8 bytes), plus the
+    probabilities cast to the compute dtype when that is not float32."""
+    if not sh.attn_softcap:
+        return 0
+    per = 8 + (DTYPE_BYTES[st.dtype] if st.dtype != "float32" else 0)
+    return st.batch_size * sh.heads * st.seq_len * st.seq_len * per
 
 
 def _adapted_layers(sh, st) -> set:
@@ -283,7 +319,7 @@ def recompute_layer(sh: Shape, st: Settings) -> int:
         return 0
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     per = saved_per_token_per_layer(sh, st, bool(_adapted_layers(sh, st)))
-    return int(N * s * (per + sh.hidden))
+    return int(N * s * (per + sh.hidden)) + eager_scores(sh, st)
 
 
 def backward_transients(sh: Shape, st: Settings) -> int:
@@ -298,19 +334,25 @@ def backward_transients(sh: Shape, st: Settings) -> int:
 
 def embeddings_and_rope(sh: Shape, st: Settings) -> int:
     """The embedding output and final norm (2 * N * C) and the shared RoPE cos/sin tables
-    (2 * N * D), in the compute dtype; MLX also keeps the float32 angle table."""
+    (2 * N * D), in the compute dtype; MLX also keeps the float32 angle table. Gemma 4's
+    per-layer inputs add 4 * N * L * P (table rows, projection, its norm, their sum)."""
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     extra = N * sh.head_dim * 4 if st.backend == "mlx" else 0
+    # Gemma 4's per-layer inputs: the table rows, the projection, its norm and their sum
+    extra += 4 * N * sh.per_layer_inputs * s
     return N * s * (2 * sh.hidden + 2 * sh.head_dim) + extra
 
 
 def loss_buffers(sh: Shape, st: Settings) -> int:
     """Fused head + loss: float32 logits and their exp for one chunk of rows
     (2 * rows * V * 4, rows = min(N, 2^22 // V)) and dL/dh for all tokens (N * C * s),
-    formed in the same pass. MLX evaluates all chunks in one graph, so rows = N there."""
+    formed in the same pass. MLX evaluates all chunks in one graph, so rows = N there.
+    Soft-capped logits keep the slope 1 - (c / cap)^2 too: one more chunk buffer on torch,
+    two on MLX (tanh and slope live in the same graph)."""
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     rows = N if st.backend == "mlx" else min(N, max(16, LOGIT_CHUNK_ELEMENTS // sh.vocab))
-    return 2 * rows * sh.vocab * 4 + N * sh.hidden * s
+    buffers = 2 + (sh.final_softcap and (2 if st.backend == "mlx" else 1))  # + tanh' slope
+    return buffers * rows * sh.vocab * 4 + N * sh.hidden * s
 
 
 def framework_overhead(sh: Shape, st: Settings, subtotal: int) -> int:

@@ -328,13 +328,17 @@ def _module(leaf: str) -> str:
     return leaf.rsplit(".lora_", 1)[0]
 
 
+BUFFERS = (".layer_scalar",)  # checkpoint tensors that are buffers, not parameters (Gemma 4)
+
+
 def count_params(params: dict, logical_shapes: dict | None = None) -> tuple[int, int]:
     """(trainable, all) parameter counts, adapter leaves being the trainable ones. Packed
-    quantized weights count as the weights they stand for (from logical_shapes)."""
+    quantized weights count as the weights they stand for (from logical_shapes); stored
+    buffers (BUFFERS) are not parameters, as PyTorch and PEFT count them."""
     total = trainable = 0
     for k, v in params.items():
-        if not hasattr(v, "shape") or k.endswith((".scales", ".biases")):
-            continue  # quantization metadata, not parameters
+        if not hasattr(v, "shape") or k.endswith((".scales", ".biases") + BUFFERS):
+            continue  # quantization metadata or buffers, not parameters
         shape = (logical_shapes or {}).get(k, v.shape)
         n = int(np.prod(shape))
         total += n

@@ -127,6 +127,8 @@ class MLXBackend:
         n, k = indices.shape
         rows = mx.broadcast_to(x, (n, k, x.shape[-1]))[..., None, :]  # (N, K, 1, in)
         return mx.gather_mm(rows, weight.swapaxes(-1, -2), rhs_indices=indices).squeeze(-2)
+    def softcap(self, x, cap):
+        return mx.tanh(x / cap) * cap
 
     def row_norms(self, w):
         return mx.sqrt((w.astype(mx.float32) ** 2).sum(axis=1))
@@ -206,7 +208,7 @@ class MLXBackend:
         mask = mask.astype(mx.float32)
         return ((lse - picked) * mask).sum(), mask.sum()
 
-    def linear_cross_entropy(self, h, weight, targets, mask, chunk_rows):
+    def linear_cross_entropy(self, h, weight, targets, mask, chunk_rows, softcap=None):
         mask = mask.astype(mx.float32)
         targets = targets.astype(mx.int32)
 
@@ -216,12 +218,20 @@ class MLXBackend:
             for start in range(0, h_.shape[0], chunk_rows):
                 hs, t, m = (z[start:start + chunk_rows] for z in (h_, targets, mask))
                 logits = (hs @ weight.T).astype(mx.float32)
+                if softcap is not None:
+                    logits = mx.tanh(logits / softcap) * softcap
                 lse = mx.logsumexp(logits, axis=-1)
                 picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
                 total = total + ((lse - picked) * m).sum()
                 # (softmax - onehot) @ W  ==  softmax @ W - W[targets]: no (rows, V) one-hot
-                probs = (mx.exp(logits - lse[:, None]) * m[:, None]).astype(weight.dtype)
-                grads.append((probs @ weight - weight[t] * m[:, None].astype(weight.dtype))
+                probs = mx.exp(logits - lse[:, None]) * m[:, None]
+                row = m[:, None]
+                if softcap is not None:  # times dc/dz = 1 - (c / cap)^2, picked column too
+                    slope = 1 - (logits / softcap) ** 2
+                    probs = probs * slope
+                    row = row * mx.take_along_axis(slope, t[:, None], axis=-1)
+                probs = probs.astype(weight.dtype)
+                grads.append((probs @ weight - weight[t] * row.astype(weight.dtype))
                              .astype(h_.dtype))
             return total, mx.concatenate(grads, axis=0)
 

@@ -141,6 +141,8 @@ class TorchBackend:
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         return out[inverse].reshape(n, k, weight.shape[1])
+    def softcap(self, x, cap):
+        return torch.tanh(x / cap) * cap
 
     def row_norms(self, w):
         return torch.linalg.vector_norm(w.float(), dim=1)
@@ -216,9 +218,10 @@ class TorchBackend:
         mask = mask.to(losses.dtype)
         return (losses * mask).sum(), mask.sum()
 
-    def linear_cross_entropy(self, h, weight, targets, mask, chunk_rows):
+    def linear_cross_entropy(self, h, weight, targets, mask, chunk_rows, softcap=None):
         mask = mask.to(torch.float32)
-        return _LinearCrossEntropy.apply(h, weight, targets.long(), mask, chunk_rows), mask.sum()
+        return (_LinearCrossEntropy.apply(h, weight, targets.long(), mask, chunk_rows, softcap),
+                mask.sum())
 
     @property
     def quantization(self):
@@ -317,21 +320,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Chunked lm-head + cross-entropy whose backward is computed in the forward pass."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, mask, chunk_rows):
+    def forward(ctx, h, weight, targets, mask, chunk_rows, softcap=None):
         need_grad = h.requires_grad and torch.is_grad_enabled() or ctx.needs_input_grad[0]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_grad else None
         for start in range(0, h.shape[0], chunk_rows):
             sl = slice(start, start + chunk_rows)
             logits = F.linear(h[sl], weight).float()
+            if softcap is not None:
+                logits = logits.div_(softcap).tanh_().mul_(softcap)
             lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, targets[sl, None])[:, 0]
             total += ((lse - picked) * mask[sl]).sum()
             if need_grad:
                 # (softmax - onehot) @ W  ==  softmax @ W - W[targets]: no (rows, V) one-hot
-                probs = logits.sub_(lse[:, None]).exp_().mul_(mask[sl, None])
+                if softcap is None:
+                    probs = logits.sub_(lse[:, None]).exp_().mul_(mask[sl, None])
+                    row = mask[sl, None]
+                else:  # times dc/dz = 1 - (c / cap)^2, for the picked column too
+                    slope = 1 - (logits / softcap) ** 2
+                    row = mask[sl, None] * slope.gather(1, targets[sl, None])
+                    probs = logits.sub_(lse[:, None]).exp_().mul_(slope).mul_(mask[sl, None])
+                    del slope
                 g = probs.to(weight.dtype) @ weight
-                g -= weight[targets[sl]] * mask[sl, None].to(weight.dtype)
+                g -= weight[targets[sl]] * row.to(weight.dtype)
                 grad_h[sl] = g.to(h.dtype)
                 del probs, g
             del logits, lse  # free this chunk before the next one is formed
@@ -341,4 +353,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), None, None, None, None
+        return grad_h * grad_out.to(grad_h.dtype), None, None, None, None, None

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lorafit.core.errors import LorafitError
-from lorafit.models.families import (exaone4, glm4, gpt_oss, granite, llama, ministral3,
-                                     mixtral, olmo, phi3, qwen3_moe, smollm3, starcoder2)
+from lorafit.models.families import (exaone4, gemma, glm4, gpt_oss, granite, llama,
+                                     ministral3, mixtral, olmo, phi3, qwen3_moe, smollm3,
+                                     starcoder2)
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Family:
 
 # Each family module holds CONFIGURE {model_type: config.json -> switches} and sanitize.
 FAMILY_MODULES = (llama, phi3, olmo, ministral3, granite, smollm3, exaone4, starcoder2,
-                  glm4, mixtral, qwen3_moe, gpt_oss)
+                  glm4, gemma, mixtral, qwen3_moe, gpt_oss)
 FAMILIES = {mt: Family(mt, configure, module.sanitize, getattr(module, "CHECKPOINT_KEY", None),
                        getattr(module, "convert", None))
             for module in FAMILY_MODULES for mt, configure in module.CONFIGURE.items()}
