@@ -43,6 +43,11 @@ class Shape:
     linears: dict  # projection name -> (in, out), per layer
     attention_bias: bool = False
     qk_norm: bool = False
+    # hybrid models (layers of different kinds), set only for them:
+    module_layers: dict | None = None  # projection name -> the layers that have it
+    layer_other_params: list | None = None  # per layer: its parameters outside projections
+    linear_attention: dict | None = None  # Gated DeltaNet: layers, key/value heads and dims
+    attention_output_gate: bool = False  # q_proj also makes a gate (o * sigmoid(gate))
 
 
 @dataclass
@@ -102,6 +107,10 @@ def base_weights(sh: Shape, st: Settings) -> int:
     Quantized projections (input a multiple of 64) take bits/8 bytes per weight plus a
     scale and a bias per group of 64 in the compute dtype: in*out*(bits/8 + 2s/64)."""
     C, D, s = sh.hidden, sh.head_dim, DTYPE_BYTES[st.dtype]
+    if sh.module_layers is not None:  # hybrid: each projection counted where it exists
+        return (sh.vocab * C * (1 if sh.tied else 2) + C + sum(sh.layer_other_params)) * s \
+            + sum(len(sh.module_layers[m]) * _projection_bytes(i, o, st)
+                  for m, (i, o) in sh.linears.items())
     per_layer = 2 * C * s
     for i, o in sh.linears.values():
         if st.quantize_bits and i % QUANT_GROUP == 0:
@@ -116,6 +125,12 @@ def base_weights(sh: Shape, st: Settings) -> int:
 
 
 QUANT_GROUP = 64
+
+
+def _projection_bytes(i: int, o: int, st: Settings) -> int:
+    if st.quantize_bits and i % QUANT_GROUP == 0:
+        return quantized_bytes(i * o, st)
+    return i * o * DTYPE_BYTES[st.dtype]
 
 
 def quantized_bytes(n: int, st: Settings) -> int:
@@ -142,6 +157,11 @@ def adapter_params(sh: Shape, st: Settings) -> int:
     """Number of adapter elements: sum over adapted modules of r * (in + out), plus the
     DoRA magnitude (out) per module."""
     dims = sh.linears
+    if sh.module_layers is not None:  # hybrid: a module counts in the layers that have it
+        adapted = _adapted_layers(sh, st)
+        return sum(len(adapted & set(sh.module_layers[m]))
+                   * (st.rank * (dims[m][0] + dims[m][1]) + (dims[m][1] if st.dora else 0))
+                   for m in target_names(sh, st))
     n_layers = len(st.layers) if st.layers is not None else sh.layers
     per = sum(st.rank * (dims[m][0] + dims[m][1]) + (dims[m][1] if st.dora else 0)
               for m in target_names(sh, st))
@@ -165,24 +185,70 @@ def optimizer_state(sh, st) -> int:
 
 # -- activations -----------------------------------------------------------------------------
 
-def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool) -> float:
+def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
+                              layer: int | None = None) -> float:
     """Elements one layer keeps for the backward pass, per token.
 
     Residual input, the two normed inputs (kept for the adapters' dA) and the post-attention
     residual: ~3C (+2 rstd). Attention keeps q, k, v after RoPE and its output:
     Hq*D + 2*Hk*D + Hq*D. The MLP keeps gate, silu(gate) and up: 3F. Each adapted module
     keeps its rank-r projection x A^T (r), and a module whose input is not otherwise kept
-    keeps that input (o_proj: Hq*D, down_proj: F).
+    keeps that input (o_proj: Hq*D, down_proj: F). An output gate keeps the gate and its
+    sigmoid: 2*Hq*D. Linear-attention layers: see gated_deltanet_saved_per_token.
     """
+    if sh.linear_attention and layer in sh.linear_attention["layers"]:
+        return gated_deltanet_saved_per_token(sh, st, adapted, layer)
     C, F, D = sh.hidden, sh.intermediate, sh.head_dim
     n = 3 * C + 2 * sh.heads * D + 2 * sh.kv_heads * D + 3 * F + 2
+    if sh.attention_output_gate:
+        n += 2 * sh.heads * D
     if adapted:
-        names = target_names(sh, st)
+        names = _layer_targets(sh, st, layer)
         n += st.rank * len(names)
         if st.dora:  # DoRA keeps the un-normalised output (x W^T + s x A^T B^T): out each
             n += sum(sh.linears[m][1] for m in names)
         if "o_proj" in names:
             n += sh.heads * D
+        if "down_proj" in names:
+            n += F
+    return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
+
+
+def _layer_targets(sh: Shape, st: Settings, layer: int | None) -> list:
+    """The adapted projection names that exist in a layer (all, for uniform models)."""
+    names = target_names(sh, st)
+    if sh.module_layers is None or layer is None:
+        return names
+    return [m for m in names if layer in sh.module_layers[m]]
+
+
+def gated_deltanet_saved_per_token(sh: Shape, st: Settings, adapted: bool,
+                                   layer: int) -> float:
+    """Elements a Gated DeltaNet layer keeps for the backward pass, per token, in units of
+    the compute dtype (the delta rule runs in float32: its terms count 4/s each).
+
+    Hk/Hv key/value heads, Dk/Dv their dims, X = 2*Hk*Dk + Hv*Dv conv channels,
+    c = min(64, seq_len) the delta rule's chunk. Residual, normed inputs and MLP as an
+    attention layer: 3C + 2 + 3F. Mixer, compute dtype: in_proj_qkv's output, the conv
+    output and its silu (3X), z and silu(z) (2*Hv*Dv), a and b (2*Hv), the delta rule's
+    output, the normed and the gated output (3*Hv*Dv). Delta rule, float32: normalised
+    q, k repeated to Hv heads, their 4 scaled/decayed copies and the solved keys
+    (7*Hv*Dk), v, the solved values, the corrected values and the output (4*Hv*Dv),
+    beta, g and its cumulative sum (3*Hv), the decay, UT and intra-chunk score matrices
+    (3*Hv*c), and one (Dk, Dv) state per head per chunk (Hv*Dk*Dv / c).
+    Adapted modules add r each (their inputs are kept already); DoRA its outputs.
+    """
+    la = sh.linear_attention
+    C, F, s = sh.hidden, sh.intermediate, DTYPE_BYTES[st.dtype]
+    Hk, Hv, Dk, Dv = la["key_heads"], la["value_heads"], la["key_dim"], la["value_dim"]
+    X, c = 2 * Hk * Dk + Hv * Dv, min(64, st.seq_len)
+    n = 3 * C + 2 + 3 * F + 3 * X + 5 * Hv * Dv + 2 * Hv
+    n += (Hv * (7 * Dk + 4 * Dv + 3 * c + 3) + Hv * Dk * Dv / c) * 4 / s
+    if adapted:
+        names = _layer_targets(sh, st, layer)
+        n += st.rank * len(names)
+        if st.dora:
+            n += sum(sh.linears[m][1] for m in names)
         if "down_proj" in names:
             n += F
     return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
@@ -208,7 +274,7 @@ def activations(sh: Shape, st: Settings) -> int:
     if st.grad_checkpoint:
         return N * s * sh.hidden * sh.layers
     adapted = _adapted_layers(sh, st)
-    return int(N * s * sum(saved_per_token_per_layer(sh, st, i in adapted)
+    return int(N * s * sum(saved_per_token_per_layer(sh, st, i in adapted, i)
                            for i in range(sh.layers)))
 
 
@@ -222,7 +288,8 @@ def recompute_layer(sh: Shape, st: Settings) -> int:
     if not st.grad_checkpoint:
         return 0
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
-    per = saved_per_token_per_layer(sh, st, bool(_adapted_layers(sh, st)))
+    adapted = bool(_adapted_layers(sh, st))
+    per = max(saved_per_token_per_layer(sh, st, adapted, i) for i in range(sh.layers))
     return int(N * s * (per + sh.hidden))
 
 

@@ -78,7 +78,36 @@ def memory_shape(config: dict):
                  layers=a.num_hidden_layers, heads=a.num_attention_heads,
                  kv_heads=a.num_key_value_heads, head_dim=a.head_dim, vocab=a.vocab_size,
                  tied=a.tie_word_embeddings, linears=linears,
-                 attention_bias=a.attention_bias, qk_norm=a.qk_norm)
+                 attention_bias=a.attention_bias, qk_norm=a.qk_norm,
+                 attention_output_gate=a.attention_output_gate,
+                 **_hybrid_shape(a, shapes, linears))
+
+
+def _hybrid_shape(a, shapes: dict, linears: dict) -> dict:
+    """The Shape fields of a model whose layers differ (Gated DeltaNet and attention):
+    where each projection exists, every other parameter per layer, the DeltaNet dims."""
+    if "linear_attention" not in a.layer_types:
+        return {}
+    import math
+
+    module_layers = {m: [] for m in linears}
+    other = [0] * a.num_hidden_layers
+    for k, shape in shapes.items():
+        if not k.startswith("model.layers."):
+            continue
+        i, rest = k[len("model.layers."):].split(".", 1)
+        module, leaf = rest.rsplit(".", 1)[0].rsplit(".", 1)[-1], rest.rsplit(".", 1)[-1]
+        if leaf == "weight" and module in module_layers:
+            module_layers[module].append(int(i))
+        else:
+            other[int(i)] += math.prod(shape)
+    linear_layers = [i for i, t in enumerate(a.layer_types) if t == "linear_attention"]
+    return dict(module_layers=module_layers, layer_other_params=other,
+                linear_attention=dict(layers=linear_layers,
+                                      key_heads=a.linear_num_key_heads,
+                                      value_heads=a.linear_num_value_heads,
+                                      key_dim=a.linear_key_head_dim,
+                                      value_dim=a.linear_value_head_dim))
 
 
 def default_positions(ops, shape):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 
 from lorafit.core.lora import project
+from lorafit.models.blocks import gated_deltanet
+from lorafit.models.rope import apply_partial_rope
 from lorafit.models.spec import ModelArgs
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -21,6 +23,8 @@ LINEAR_MODULES = ATTENTION + MLP  # every projection an adapter can target ("all
 
 def linear_modules(a: ModelArgs) -> tuple:
     """The projection names of this model, the names LoRA targets choose from."""
+    if "linear_attention" in a.layer_types:
+        return LINEAR_MODULES + gated_deltanet.NAMES
     return LINEAR_MODULES
 
 
@@ -36,7 +40,7 @@ def parameter_shapes(a: ModelArgs) -> dict:
         shapes.update({
             p + "input_layernorm.weight": (C,),
             p + "post_attention_layernorm.weight": (C,),
-            p + "self_attn.q_proj.weight": (Hq * D, C),
+            p + "self_attn.q_proj.weight": (Hq * D * (2 if a.attention_output_gate else 1), C),
             p + "self_attn.k_proj.weight": (Hk * D, C),
             p + "self_attn.v_proj.weight": (Hk * D, C),
             p + "self_attn.o_proj.weight": (C, Hq * D),
@@ -45,7 +49,8 @@ def parameter_shapes(a: ModelArgs) -> dict:
             p + "mlp.down_proj.weight": (C, F),
         })
         if a.attention_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (Hq * D,),
+            shapes.update({p + "self_attn.q_proj.bias": (Hq * D * (2 if a.attention_output_gate
+                                                                 else 1),),
                            p + "self_attn.k_proj.bias": (Hk * D,),
                            p + "self_attn.v_proj.bias": (Hk * D,)})
         if a.o_proj_bias:
@@ -56,6 +61,10 @@ def parameter_shapes(a: ModelArgs) -> dict:
         if a.qk_norm:
             shapes.update({p + "self_attn.q_norm.weight": (D,),
                            p + "self_attn.k_norm.weight": (D,)})
+        if a.layer_types[i] == "linear_attention":  # a Gated DeltaNet mixer, no self_attn
+            for k in [k for k in shapes if k.startswith(p + "self_attn.")]:
+                del shapes[k]
+            shapes.update(gated_deltanet.parameter_shapes(a, p))
     return shapes
 
 
@@ -83,13 +92,16 @@ def attention_block(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_id
     b, t, _ = x.shape  # (B, T, C)
     D, qc = a.head_dim, a.quantization
     q = project(ops, lp, "self_attn.q_proj", x, lora, qc).reshape(b, t, -1, D)
+    if a.attention_output_gate:  # per head: D query dims, then D gate dims
+        q = q.reshape(b, t, -1, 2 * D)
+        q, gate = q[..., :D], q[..., D:].reshape(b, t, -1)
     k = project(ops, lp, "self_attn.k_proj", x, lora, qc).reshape(b, t, -1, D)
     v = project(ops, lp, "self_attn.v_proj", x, lora, qc).reshape(b, t, -1, D)
     if a.qk_norm:
-        q = ops.rms_norm(q, lp["self_attn.q_norm.weight"], a.rms_norm_eps)
-        k = ops.rms_norm(k, lp["self_attn.k_norm.weight"], a.rms_norm_eps)
+        q = rms_norm(ops, a, q, lp["self_attn.q_norm.weight"])
+        k = rms_norm(ops, a, k, lp["self_attn.k_norm.weight"])
     q, k, v = (ops.swapaxes(z, 1, 2) for z in (q, k, v))  # (B, H, T, D)
-    q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
+    q, k = (apply_partial_rope(ops, z, cos, sin, a.rotary_dim) for z in (q, k))
     if cache is not None:
         if cache[0] is not None:
             k = ops.concat([cache[0], k], axis=2)
@@ -97,6 +109,8 @@ def attention_block(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_id
         cache[0], cache[1] = k, v
     o = ops.attention(q, k, v, 1.0 / math.sqrt(D), segment_ids, window=a.window(i))
     o = ops.swapaxes(o, 1, 2).reshape(b, t, -1)
+    if a.attention_output_gate:
+        o = o * ops.sigmoid(gate)
     return project(ops, lp, "self_attn.o_proj", o, lora, qc)
 
 
@@ -107,18 +121,31 @@ def mlp_block(ops, a: ModelArgs, lp: dict, x, lora):
     return project(ops, lp, "mlp.down_proj", ops.silu(gate) * up, lora, qc)
 
 
+def rms_norm(ops, a: ModelArgs, x, weight):
+    """The model's RMSNorm: Llama's x * w, or (norm_unit_offset) Gemma/Qwen3.5's
+    x * (1 + w), formed in float32 and returned in x's dtype."""
+    if not a.norm_unit_offset:
+        return ops.rms_norm(x, weight, a.rms_norm_eps)
+    y = ops.rms_norm(ops.cast(x, "float32"), ops.cast(weight, "float32") + 1.0, a.rms_norm_eps)
+    return ops.cast(y, ops.dtype_name(x))
+
+
 def decoder_layer(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_ids=None,
                   cache=None, lora=None):
-    normed = ops.rms_norm(x, lp["input_layernorm.weight"], a.rms_norm_eps)
-    h = x + attention_block(ops, a, i, lp, normed, cos, sin, segment_ids, cache, lora)
-    normed = ops.rms_norm(h, lp["post_attention_layernorm.weight"], a.rms_norm_eps)
+    normed = rms_norm(ops, a, x, lp["input_layernorm.weight"])
+    if a.layer_types[i] == "linear_attention":
+        h = x + gated_deltanet.block(ops, a, lp, normed, segment_ids, cache, lora)
+    else:
+        h = x + attention_block(ops, a, i, lp, normed, cos, sin, segment_ids, cache, lora)
+    normed = rms_norm(ops, a, h, lp["post_attention_layernorm.weight"])
     return h + mlp_block(ops, a, lp, normed, lora)
 
 
 def hidden_states(ops, a: ModelArgs, params: dict, input_ids, positions, segment_ids=None,
                   cache=None, lora=None, recompute=False):
     """The final normed hidden states (B, T, C). positions (B, T) int; cache is a list of
-    [k, v] pairs per layer for generation; recompute stores only layer inputs."""
+    two-slot lists per layer for generation ([k, v] for attention layers, [conv state,
+    recurrent state] for linear-attention ones); recompute stores only layer inputs."""
     x = ops.embedding(input_ids, params["model.embed_tokens.weight"])
     cos, sin = ops.rope_tables(positions, a.inv_freq, ops.dtype_name(x))
     for i, lp in enumerate(split_layers(params, a.num_hidden_layers)):
@@ -127,7 +154,7 @@ def hidden_states(ops, a: ModelArgs, params: dict, input_ids, positions, segment
         else:
             x = decoder_layer(ops, a, i, lp, x, cos, sin, segment_ids,
                               None if cache is None else cache[i], lora)
-    return ops.rms_norm(x, params["model.norm.weight"], a.rms_norm_eps)
+    return rms_norm(ops, a, x, params["model.norm.weight"])
 
 
 def _recomputed_layer(ops, a, i, lp, x, cos, sin, segment_ids, lora):

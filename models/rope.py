@@ -43,3 +43,12 @@ def _llama3(inv_freq: np.ndarray, s: dict) -> np.ndarray:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_partial_rope(ops, x, cos, sin, rotary_dim: int):
+    """RoPE on the first `rotary_dim` dims of each head of x (B, H, T, D), the rest passed
+    through (partial_rotary_factor < 1); cos/sin are tables for rotary_dim."""
+    if rotary_dim == x.shape[-1]:
+        return ops.apply_rope(x, cos, sin)
+    return ops.concat([ops.apply_rope(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]],
+                      axis=-1)

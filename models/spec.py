@@ -40,6 +40,15 @@ class ModelArgs:
     max_position_embeddings: int = 4096
     torch_dtype: str | None = None
     quantization: dict | None = None  # {"bits", "group_size"}: frozen projections quantized
+    partial_rotary_factor: float = 1.0  # RoPE turns only the first part of each head
+    norm_unit_offset: bool = False  # RMSNorms scale by (1 + weight) (qwen3_5, qwen3_next)
+    attention_output_gate: bool = False  # q_proj also makes a per-head gate: o * sigmoid(g)
+    # Gated DeltaNet ("linear_attention" layers, models/blocks/gated_deltanet.py)
+    linear_num_key_heads: int | None = None
+    linear_num_value_heads: int | None = None
+    linear_key_head_dim: int | None = None
+    linear_value_head_dim: int | None = None
+    linear_conv_kernel_dim: int = 4
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -54,6 +63,11 @@ class ModelArgs:
         if len(self.layer_types) != self.num_hidden_layers:
             raise LorafitError(f"config.json has {len(self.layer_types)} layer_types for "
                                f"{self.num_hidden_layers} layers")
+        if "linear_attention" in self.layer_types and not (
+                self.linear_num_key_heads and self.linear_num_value_heads
+                and self.linear_key_head_dim and self.linear_value_head_dim):
+            raise LorafitError("config.json has linear_attention layers but lacks linear_num_"
+                               "key_heads/linear_num_value_heads/linear_key/value_head_dim")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise LorafitError("config.json has sliding_attention layers but no sliding_window")
 
@@ -69,6 +83,8 @@ class ModelArgs:
         rope = cfg.pop("rope_parameters", None)  # transformers >= 5 layout
         if rope:
             cfg.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+            if rope.get("partial_rotary_factor") is not None:
+                cfg.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
             if rope.get("rope_type", "default") != "default":
                 cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
         if "torch_dtype" not in cfg and "dtype" in cfg:
@@ -81,5 +97,10 @@ class ModelArgs:
         return cls(**known, extra={k: v for k, v in cfg.items() if k not in names})
 
     @property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each head RoPE turns (all of them unless partial)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
     def inv_freq(self):
-        return inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
+        return inverse_frequencies(self.rotary_dim, self.rope_theta, self.rope_scaling)

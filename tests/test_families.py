@@ -41,6 +41,16 @@ CASES = [
     Case("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1,
                        tie_word_embeddings=True), mlx_lm=False),
     Case("qwen3", dict(head_dim=32)),
+    # Gated DeltaNet and gated full-attention layers, partial rotary, (1 + w) norms; 70
+    # tokens cross the delta rule's 64-step chunks. mlx-lm has no qwen3_5_text model (only
+    # the VL wrapper qwen3_5, which nests it under language_model and takes the layer
+    # types from full_attention_interval).
+    Case("qwen3_5_text", dict(num_hidden_layers=3, head_dim=32,
+                              layer_types=["linear_attention", "full_attention",
+                                           "linear_attention"],
+                              linear_num_key_heads=2, linear_num_value_heads=4,
+                              linear_key_head_dim=16, linear_value_head_dim=8),
+         mlx_lm=False, seq=70),
 ]
 IDS = [c.id for c in CASES]
 

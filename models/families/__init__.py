@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lorafit.core.errors import LorafitError
-from lorafit.models.families import llama
+from lorafit.models.families import llama, qwen3_5
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class Family:
 
 
 # Each family module holds CONFIGURE {model_type: config.json -> switches} and sanitize.
-FAMILY_MODULES = (llama,)
+FAMILY_MODULES = (llama, qwen3_5)
 FAMILIES = {mt: Family(mt, configure, module.sanitize)
             for module in FAMILY_MODULES for mt, configure in module.CONFIGURE.items()}
 
