@@ -24,7 +24,7 @@ LINEAR_MODULES = ATTENTION + MLP  # every projection an adapter can target ("all
 def linear_modules(a: ModelArgs) -> tuple:
     """The projection names of this model, the names LoRA targets choose from."""
     if "linear_attention" in a.layer_types:
-        return LINEAR_MODULES + gated_deltanet.NAMES
+        return LINEAR_MODULES + gated_deltanet.names(a)
     return LINEAR_MODULES
 
 

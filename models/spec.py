@@ -49,6 +49,7 @@ class ModelArgs:
     linear_key_head_dim: int | None = None
     linear_value_head_dim: int | None = None
     linear_conv_kernel_dim: int = 4
+    linear_fused_projections: bool = False  # qwen3_next's in_proj_qkvz and in_proj_ba
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lorafit.core.errors import LorafitError
-from lorafit.models.families import llama, qwen3_5
+from lorafit.models.families import llama, qwen3_5, qwen3_next
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class Family:
 
 
 # Each family module holds CONFIGURE {model_type: config.json -> switches} and sanitize.
-FAMILY_MODULES = (llama, qwen3_5)
+FAMILY_MODULES = (llama, qwen3_5, qwen3_next)
 FAMILIES = {mt: Family(mt, configure, module.sanitize)
             for module in FAMILY_MODULES for mt, configure in module.CONFIGURE.items()}
 
