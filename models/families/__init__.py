@@ -19,11 +19,12 @@ class Family:
     model_type: str
     configure: Callable[[dict], dict]  # config.json -> the same dict with switches set
     sanitize: Callable[[dict, object], dict]  # checkpoint tensors -> the model's
+    rename: Callable[[str], str] = str  # a checkpoint tensor's name -> the model's, as read
 
 
 # Each family module holds CONFIGURE {model_type: config.json -> switches} and sanitize.
 FAMILY_MODULES = (llama, qwen3_5, qwen3_next)
-FAMILIES = {mt: Family(mt, configure, module.sanitize)
+FAMILIES = {mt: Family(mt, configure, module.sanitize, vars(module).get("rename", str))
             for module in FAMILY_MODULES for mt, configure in module.CONFIGURE.items()}
 
 

@@ -39,13 +39,23 @@ def _qwen3_5(cfg: dict) -> dict:
 CONFIGURE = {"qwen3_5_text": _qwen3_5_text, "qwen3_5": _qwen3_5}
 
 
+# the vision-language checkpoints' text-model prefixes (transformers', mlx-lm's)
+PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+            ("language_model.lm_head.", "lm_head."))
+
+
+def rename(name: str) -> str:
+    """A checkpoint tensor's name under transformers' causal-LM names (the text model's
+    tensors of a vision-language checkpoint lose their language_model prefix; the vision
+    tower's and the multi-token-prediction head's keep names the model does not have)."""
+    for old, new in PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
 def sanitize(weights: dict, args) -> dict:
-    """The text model's tensors under transformers' causal-LM names."""
-    out = {}
-    for k, v in weights.items():
-        if k.startswith(("mtp.", "model.visual.")) or "rotary_emb.inv_freq" in k:
-            continue
-        out[k.replace("model.language_model.", "model.", 1)] = v
+    weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
     if args.tie_word_embeddings:
-        out.pop("lm_head.weight", None)
-    return out
+        weights.pop("lm_head.weight", None)
+    return weights

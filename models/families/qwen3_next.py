@@ -10,7 +10,7 @@ config with expert layers is a one-line error, never a silently dense model.
 from __future__ import annotations
 
 from lorafit.core.errors import LorafitError
-from lorafit.models.families.qwen3_5 import _qwen3_5_text, sanitize  # noqa: F401
+from lorafit.models.families.qwen3_5 import _qwen3_5_text, rename, sanitize  # noqa: F401
 
 
 def _qwen3_next(cfg: dict) -> dict:
