@@ -71,8 +71,8 @@ def total(**kw):
                                      **kw}))
 
 
-@pytest.mark.parametrize("preset", ["qwen2.5-1.5b", "llama-3.2-1b", "qwen3-0.6b", "qwen3.5-9b",
-                                    "qwen3.5-27b"])
+@pytest.mark.parametrize("preset", ["qwen2.5-1.5b", "llama-3.2-1b", "qwen3-0.6b", "qwen3.5-0.8b",
+                                    "qwen3.5-9b", "qwen3.5-27b"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_base_weights_are_the_models_own_parameter_count(preset, dtype):
     """The estimator's weight term, from its own shape arithmetic, equals the parameter
