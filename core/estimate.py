@@ -49,12 +49,15 @@ class Shape:
     attn_softcap: bool = False  # soft-capped scores: attention runs eagerly (Gemma 2)
     final_softcap: bool = False  # soft-capped logits in the fused loss (Gemma 2)
     # Where layers differ (Gemma 4: wider full layers, kv-sharing layers without k/v, double-
-    # wide MLPs): each layer's {name: (in, out)}; `linears` then holds each name's first.
+    # wide MLPs; qwen3_5: DeltaNet and attention layers): each layer's {name: (in, out)};
+    # `linears` then holds each name's first.
     layer_linears: list | None = None
     model_linears: dict = field(default_factory=dict)  # projections outside the layers
     extra_params: int = 0  # frozen parameters the terms above do not describe (Gemma 4's
     #                        per-layer embedding table, its norm, every layer's vectors)
     per_layer_inputs: int = 0  # width of Gemma 4's per-layer inputs, all layers (L * P)
+    linear_attention: dict | None = None  # Gated DeltaNet: layers, key/value heads and dims
+    attention_output_gate: bool = False  # q_proj also makes a gate (o * sigmoid(gate))
 
 
 # What all-linear adapts on an MoE model besides `linears` (PEFT on transformers v5):
@@ -249,7 +252,8 @@ def optimizer_state(sh, st) -> int:
 
 # -- activations -----------------------------------------------------------------------------
 
-def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool) -> float:
+def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
+                              layer: int | None = None) -> float:
     """Elements one layer keeps for the backward pass, per token.
 
     Residual input, the two normed inputs (kept for the adapters' dA) and the post-attention
@@ -258,17 +262,62 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool) -> float:
     k*F', the k experts each token is routed to; nothing scales with the expert count). Each
     adapted module
     keeps its rank-r projection x A^T (r), and a module whose input is not otherwise kept
-    keeps that input (o_proj: Hq*D, down_proj: F).
+    keeps that input (o_proj: Hq*D, down_proj: F). An output gate keeps the gate and its
+    sigmoid: 2*Hq*D. Linear-attention layers: see gated_deltanet_saved_per_token.
     """
+    if sh.linear_attention and layer in sh.linear_attention["layers"]:
+        return gated_deltanet_saved_per_token(sh, st, adapted, layer)
     C, F, D = sh.hidden, sh.intermediate, sh.head_dim
     n = 3 * C + 2 * sh.heads * D + 2 * sh.kv_heads * D + 3 * F + 2
+    if sh.attention_output_gate:
+        n += 2 * sh.heads * D
     if adapted:
-        names = target_names(sh, st)
+        names = _layer_targets(sh, st, layer)
         n += st.rank * len(names)
         if st.dora:  # DoRA keeps the un-normalised output (x W^T + s x A^T B^T): out each
             n += sum(sh.linears[m][1] for m in names)
         if "o_proj" in names:
             n += sh.heads * D
+        if "down_proj" in names:
+            n += F
+    return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
+
+
+def _layer_targets(sh: Shape, st: Settings, layer: int | None) -> list:
+    """The adapted projection names that exist in a layer (all, for uniform models)."""
+    names = target_names(sh, st)
+    if sh.layer_linears is None or layer is None:
+        return names
+    return [m for m in names if m in sh.layer_linears[layer]]
+
+
+def gated_deltanet_saved_per_token(sh: Shape, st: Settings, adapted: bool,
+                                   layer: int) -> float:
+    """Elements a Gated DeltaNet layer keeps for the backward pass, per token, in units of
+    the compute dtype (the delta rule runs in float32: its terms count 4/s each).
+
+    Hk/Hv key/value heads, Dk/Dv their dims, X = 2*Hk*Dk + Hv*Dv conv channels,
+    c = min(64, seq_len) the delta rule's chunk. Residual, normed inputs and MLP as an
+    attention layer: 3C + 2 + 3F. Mixer, compute dtype: in_proj_qkv's output, the conv
+    output and its silu (3X), z and silu(z) (2*Hv*Dv), a and b (2*Hv), the delta rule's
+    output, the normed and the gated output (3*Hv*Dv). Delta rule, float32: normalised
+    q, k repeated to Hv heads, their 4 scaled/decayed copies and the solved keys
+    (7*Hv*Dk), v, the solved values, the corrected values and the output (4*Hv*Dv),
+    beta, g and its cumulative sum (3*Hv), the decay, UT and intra-chunk score matrices
+    (3*Hv*c), and one (Dk, Dv) state per head per chunk (Hv*Dk*Dv / c).
+    Adapted modules add r each (their inputs are kept already); DoRA its outputs.
+    """
+    la = sh.linear_attention
+    C, F, s = sh.hidden, sh.intermediate, DTYPE_BYTES[st.dtype]
+    Hk, Hv, Dk, Dv = la["key_heads"], la["value_heads"], la["key_dim"], la["value_dim"]
+    X, c = 2 * Hk * Dk + Hv * Dv, min(64, st.seq_len)
+    n = 3 * C + 2 + 3 * F + 3 * X + 5 * Hv * Dv + 2 * Hv
+    n += (Hv * (7 * Dk + 4 * Dv + 3 * c + 3) + Hv * Dk * Dv / c) * 4 / s
+    if adapted:
+        names = _layer_targets(sh, st, layer)
+        n += st.rank * len(names)
+        if st.dora:
+            n += sum(sh.linears[m][1] for m in names)
         if "down_proj" in names:
             n += F
     return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
@@ -294,7 +343,7 @@ def activations(sh: Shape, st: Settings) -> int:
     if st.grad_checkpoint:
         return N * s * sh.hidden * sh.layers
     adapted = _adapted_layers(sh, st)
-    return int(N * s * sum(saved_per_token_per_layer(sh, st, i in adapted)
+    return int(N * s * sum(saved_per_token_per_layer(sh, st, i in adapted, i)
                            for i in range(sh.layers))) + sh.layers * eager_scores(sh, st)
 
 
@@ -318,7 +367,8 @@ def recompute_layer(sh: Shape, st: Settings) -> int:
     if not st.grad_checkpoint:
         return 0
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
-    per = saved_per_token_per_layer(sh, st, bool(_adapted_layers(sh, st)))
+    adapted = bool(_adapted_layers(sh, st))
+    per = max(saved_per_token_per_layer(sh, st, adapted, i) for i in range(sh.layers))
     return int(N * s * (per + sh.hidden)) + eager_scores(sh, st)
 
 

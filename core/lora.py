@@ -149,7 +149,9 @@ def target_modules(cfg: LoraConfig, linear_shapes: dict, module_names: tuple) ->
         raise LorafitError(f"unknown LoRA target(s) {', '.join(sorted(unknown))}; this model "
                            f"has: {', '.join(module_names)} (or all-linear)")
     out = []
-    moe_model = any(len(s) == 3 for s in linear_shapes.values())
+    # stacked expert parameters are (E, out, in) without a `.weight` suffix (a conv1d's
+    # (C, 1, K) weight is not one)
+    moe_model = any(len(s) == 3 and not k.endswith(".weight") for k, s in linear_shapes.items())
     for key, shape in linear_shapes.items():
         if moe_model and len(shape) == 2 and key.endswith(".down_proj.weight"):
             continue  # PEFT (transformers v5) maps down_proj to the experts' parameter only

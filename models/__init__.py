@@ -103,13 +103,25 @@ def memory_shape(config: dict):
                               if k.startswith("model.norm.")),
                attn_softcap=bool(a.attn_logit_softcapping),
                final_softcap=bool(a.final_logit_softcapping),
-               per_layer_inputs=a.num_hidden_layers * a.per_layer_input_size)
+               per_layer_inputs=a.num_hidden_layers * a.per_layer_input_size,
+               attention_output_gate=a.attention_output_gate,
+               linear_attention=_linear_attention(a))
     if varied:  # each layer's projections, those outside the layers, the rest as a count
         from lorafit.core.estimate import Settings, base_weights
         sh.layer_linears, sh.model_linears = layer_linears, model_linears
         total = sum(int(np.prod(v)) for v in shapes.values())
         sh.extra_params = total - base_weights(sh, Settings(dtype="float32")) // 4
     return sh
+
+
+def _linear_attention(a) -> dict | None:
+    """The Gated DeltaNet layers and dims of a hybrid model, None without them."""
+    layers = [i for i, t in enumerate(a.layer_types) if t == "linear_attention"]
+    if not layers:
+        return None
+    return dict(layers=layers, key_heads=a.linear_num_key_heads,
+                value_heads=a.linear_num_value_heads, key_dim=a.linear_key_head_dim,
+                value_dim=a.linear_value_head_dim)
 
 
 def _linears_by_place(a, shapes: dict) -> tuple:

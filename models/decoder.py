@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from lorafit.core.lora import project
-from lorafit.models.blocks import moe
+from lorafit.models.blocks import gated_deltanet, moe
 from lorafit.models.spec import GELU_TANH, ModelArgs
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -30,7 +30,8 @@ def linear_modules(a: ModelArgs) -> tuple:
     attention = ("qkv_proj", "o_proj") if a.fused_qkv else ATTENTION
     mlp = ("gate_up_proj", "down_proj") if a.fused_gate_up else MLP
     mlp = ("c_fc", "c_proj") if a.plain_mlp else mlp
-    return attention + mlp + (PER_LAYER_INPUT if a.per_layer_input_size else ())
+    mixer = gated_deltanet.names(a) if "linear_attention" in a.layer_types else ()
+    return attention + mlp + mixer + (PER_LAYER_INPUT if a.per_layer_input_size else ())
 
 
 def sublayer_norms(a: ModelArgs) -> tuple:
@@ -97,7 +98,8 @@ def parameter_shapes(a: ModelArgs) -> dict:
 
 def _layer_variants(a: ModelArgs, i: int, p: str, shapes: dict) -> None:
     """Layer i's shapes changed for the layouts that differ from Llama's (fused
-    projections, whole-projection q/k norms, a plain MLP, LayerNorm biases)."""
+    projections, whole-projection q/k norms, q's output gate, a plain MLP, LayerNorm biases,
+    a Gated DeltaNet in place of self-attention)."""
     D, Hq, Hk, C, F = a.head_dim_of(i), a.num_attention_heads, a.kv_heads_of(i), \
         a.hidden_size, a.intermediate_of(i)
     if a.fused_qkv:
@@ -110,6 +112,9 @@ def _layer_variants(a: ModelArgs, i: int, p: str, shapes: dict) -> None:
     if a.qk_norm_whole:
         shapes.update({p + "self_attn.q_norm.weight": (Hq * D,),
                        p + "self_attn.k_norm.weight": (Hk * D,)})
+    if a.attention_output_gate:  # q_proj makes the gate too: 2 * D per head
+        for k in [k for k in shapes if k.startswith(p + "self_attn.q_proj.")]:
+            shapes[k] = (2 * shapes[k][0],) + shapes[k][1:]
     if a.plain_mlp:
         for n in ("gate", "up", "down"):
             shapes.pop(p + f"mlp.{n}_proj.weight", None)
@@ -120,6 +125,10 @@ def _layer_variants(a: ModelArgs, i: int, p: str, shapes: dict) -> None:
     if a.layer_norm:
         shapes.update({k[:-len("weight")] + "bias": v for k, v in shapes.items()
                        if k.startswith(p) and k.endswith("layernorm.weight")})
+    if a.layer_types[i] == "linear_attention":  # a Gated DeltaNet mixer, no self_attn
+        for k in [k for k in shapes if k.startswith(p + "self_attn.")]:
+            del shapes[k]
+        shapes.update(gated_deltanet.parameter_shapes(a, p))
 
 
 def _gemma4_layer(a: ModelArgs, i: int, p: str, shapes: dict) -> None:
@@ -222,6 +231,10 @@ def attention_block(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_id
     if a.qk_norm_whole:
         q = rms_norm(ops, a, q, lp["self_attn.q_norm.weight"])
         k = rms_norm(ops, a, k, lp["self_attn.k_norm.weight"])
+    gate = None
+    if a.attention_output_gate:  # per head: D query dims, then D gate dims
+        q = q.reshape(b, t, -1, 2 * D)
+        q, gate = q[..., :D].reshape(b, t, -1), q[..., D:].reshape(b, t, -1)
     q = _heads(ops, a, lp, "q", q, b, t, D)  # (B, H, T, D)
     if cos is not None:  # None on a NoPE layer
         q = _rotate(ops, q, cos, sin, a.rope_interleaved)
@@ -244,6 +257,8 @@ def attention_block(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_id
                       softcap=a.attn_logit_softcapping,
                       sinks=lp["self_attn.sinks"] if a.attention_sinks else None)
     o = ops.swapaxes(o, 1, 2).reshape(b, t, -1)
+    if gate is not None:
+        o = o * ops.sigmoid(gate)
     return project(ops, lp, "self_attn.o_proj", o, lora, a.quantization)
 
 
@@ -292,7 +307,7 @@ def decoder_layer(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_ids=
     and added to the residual stream; Gemma 4's per-layer input and scalar last."""
     pre_attn, post_attn, pre_mlp, post_mlp = sublayer_norms(a)
     h = x if pre_attn is None else norm(ops, a, lp, pre_attn, x)
-    h = attention_block(ops, a, i, lp, h, cos, sin, segment_ids, cache, lora, q_scale, shared)
+    h = token_mixer(ops, a, i, lp, h, cos, sin, segment_ids, cache, lora, q_scale, shared)
     x = _residual(a, x, h if post_attn is None else norm(ops, a, lp, post_attn, h))
     h = x if pre_mlp is None else norm(ops, a, lp, pre_mlp, x)
     h = feed_forward(ops, a, i, lp, h, lora)
@@ -302,6 +317,15 @@ def decoder_layer(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_ids=
     if a.layer_scalar:
         x = x * lp["layer_scalar"]
     return x
+
+
+def token_mixer(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_ids, cache, lora,
+                q_scale=None, shared=None):
+    """Layer i's token mixer: a Gated DeltaNet on linear_attention layers, else attention."""
+    if a.layer_types[i] == "linear_attention":
+        return gated_deltanet.block(ops, a, lp, x, segment_ids, cache, lora)
+    return attention_block(ops, a, i, lp, x, cos, sin, segment_ids, cache, lora, q_scale,
+                           shared)
 
 
 def _residual(a: ModelArgs, x, y):
@@ -325,7 +349,8 @@ def embed(ops, a: ModelArgs, params: dict, input_ids):
 def hidden_states(ops, a: ModelArgs, params: dict, input_ids, positions, segment_ids=None,
                   cache=None, lora=None, recompute=False):
     """The final normed hidden states (B, T, C). positions (B, T) int; cache is a list of
-    [k, v] pairs per layer for generation; recompute stores only layer inputs."""
+    two-slot lists per layer for generation ([k, v] for attention layers, [conv state,
+    recurrent state] for linear-attention ones); recompute stores only layer inputs."""
     x = embed(ops, a, params, input_ids)
     tables = {lt: rope_tables(ops, r, positions, ops.dtype_name(x)) for lt, r in a.ropes.items()}
     q_scale = query_scales(ops, a, positions, ops.dtype_name(x))

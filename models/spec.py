@@ -76,10 +76,11 @@ class ModelArgs:
     # glm4's four norms: post_self_attn_layernorm and post_mlp_layernorm on the attention
     # and MLP outputs, besides input_layernorm and post_attention_layernorm on their inputs
     sandwich_norms: bool = False
-    # Gemma switches (all off by default: Llama's behaviour)
-    # RMSNorm wholly in float32 times (offset + w), then cast: 1.0 for Gemma 2/3's (1 + w),
-    # 0.0 for Gemma 4's plain w; None: Llama's (normalised in float32, cast, times w)
+    # RMSNorm wholly in float32 times (offset + w), then cast: 1.0 for (1 + w) (Gemma 2/3,
+    # qwen3_5, qwen3_next), 0.0 for Gemma 4's plain w; None: Llama's (normalised in
+    # float32, cast, times w)
     norm_offset: float | None = None
+    # Gemma switches (all off by default: Llama's behaviour)
     embed_scale: bool = False  # embeddings times sqrt(hidden_size) rounded to the compute dtype
     # Gemma's four norms: post_attention_layernorm on the attention output (not the MLP
     # input), pre_feedforward_layernorm and post_feedforward_layernorm around the MLP
@@ -98,6 +99,14 @@ class ModelArgs:
     per_layer_input_size: int = 0  # per-layer input embeddings (PLE) of this width; 0: none
     per_layer_vocab: int | None = None  # rows of the per-layer embedding table
     layer_scalar: bool = False  # each layer's output times a stored scalar (a buffer)
+    attention_output_gate: bool = False  # q_proj also makes a per-head gate: o * sigmoid(g)
+    # Gated DeltaNet ("linear_attention" layers, models/blocks/gated_deltanet.py)
+    linear_num_key_heads: int | None = None
+    linear_num_value_heads: int | None = None
+    linear_key_head_dim: int | None = None
+    linear_value_head_dim: int | None = None
+    linear_conv_kernel_dim: int = 4
+    linear_fused_projections: bool = False  # qwen3_next's in_proj_qkvz and in_proj_ba
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -113,6 +122,11 @@ class ModelArgs:
         if len(self.layer_types) != self.num_hidden_layers:
             raise LorafitError(f"config.json has {len(self.layer_types)} layer_types for "
                                f"{self.num_hidden_layers} layers")
+        if "linear_attention" in self.layer_types and not (
+                self.linear_num_key_heads and self.linear_num_value_heads
+                and self.linear_key_head_dim and self.linear_value_head_dim):
+            raise LorafitError("config.json has linear_attention layers but lacks linear_num_"
+                               "key_heads/linear_num_value_heads/linear_key/value_head_dim")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise LorafitError("config.json has sliding_attention layers but no sliding_window")
 

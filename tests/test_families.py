@@ -146,6 +146,27 @@ CASES = [
                              layer_types=["sliding_attention", "full_attention"],
                              hidden_size_per_layer_input=0, num_kv_shared_layers=0),
          mlx_lm=False, id="gemma4_text-plain"),
+    # Gated DeltaNet and gated full-attention layers, partial rotary, (1 + w) norms; 70
+    # tokens cross the delta rule's 64-step chunks. mlx-lm has no qwen3_5_text model (only
+    # the VL wrapper qwen3_5, which nests it under language_model and takes the layer
+    # types from full_attention_interval).
+    Case("qwen3_5_text", dict(num_hidden_layers=3, head_dim=32,
+                              layer_types=["linear_attention", "full_attention",
+                                           "linear_attention"],
+                              linear_num_key_heads=2, linear_num_value_heads=4,
+                              linear_key_head_dim=16, linear_value_head_dim=8),
+         mlx_lm=False, seq=70),
+    # The same hybrid with qwen3_next's fused DeltaNet projections; dense MLPs only (its
+    # experts wait for the MoE block), so num_experts=0. PEFT maps qwen3_next's gate/up/
+    # down_proj targets onto expert parameters (its transformers-v5 MoE conversion), which
+    # a dense MLP lacks, so the targets here are every other projection. mlx-lm's
+    # qwen3_next wants rope_theta and partial_rotary_factor at the top level, where
+    # transformers 5 no longer writes them (they are in rope_parameters).
+    Case("qwen3_next", dict(num_hidden_layers=4, head_dim=32, num_experts=0,
+                            linear_num_key_heads=2, linear_num_value_heads=4,
+                            linear_key_head_dim=16, linear_value_head_dim=8), seq=70,
+         targets=["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba",
+                  "out_proj"], mlx_lm=False),
 ]
 IDS = [c.id for c in CASES]
 

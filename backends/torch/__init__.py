@@ -143,6 +143,83 @@ class TorchBackend:
         return out[inverse].reshape(n, k, weight.shape[1])
     def softcap(self, x, cap):
         return torch.tanh(x / cap) * cap
+    def sigmoid(self, x):
+        return torch.sigmoid(x)
+
+    def causal_conv1d(self, x, weight, state=None, segment_ids=None):
+        B, T, Ch = x.shape
+        K = weight.shape[-1]
+        if state is None:
+            state = x.new_zeros(B, K - 1, Ch)
+        xs = torch.cat([state.to(x.dtype), x], dim=1)  # (B, K-1+T, Ch)
+        w = weight.to(x.dtype)
+        if segment_ids is None:
+            y = F.conv1d(xs.transpose(1, 2), w[:, None, :], groups=Ch).transpose(1, 2)
+        else:  # tap by tap, each masked to the query's own example
+            segs = torch.cat([segment_ids[:, :1].expand(B, K - 1), segment_ids], dim=1)
+            y = 0
+            for j in range(K):
+                same = (segs[:, j:j + T] == segment_ids).unsqueeze(-1).to(x.dtype)
+                y = y + xs[:, j:j + T] * w[:, j] * same
+        return y, xs[:, T:]
+
+    def gated_delta_rule(self, q, k, v, a, b, a_log, dt_bias, state=None, segment_ids=None):
+        B, T, Hk, Dk = q.shape
+        Hv, Dv = v.shape[2], v.shape[3]
+        out_dtype = v.dtype
+        beta = torch.sigmoid(b.float())
+        g = -torch.exp(a_log.float()) * F.softplus(a.float() + dt_bias.float())
+        q, k = (z.float() * torch.rsqrt((z.float() ** 2).sum(-1, keepdim=True) + 1e-6)
+                for z in (q, k))
+        q = q * Dk ** -0.5
+        if Hv != Hk:
+            q, k = (z.repeat_interleave(Hv // Hk, dim=2) for z in (q, k))
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v.float()))  # (B, H, T, D)
+        beta, g = beta.transpose(1, 2), g.transpose(1, 2)  # (B, H, T)
+        C = min(64, T)
+        pad = -T % C
+        N = (T + pad) // C
+        if pad:  # padded steps have k = v = beta = g = 0: they change nothing
+            q, k, v = (F.pad(z, (0, 0, 0, pad)) for z in (q, k, v))
+            beta, g = (F.pad(z, (0, pad)) for z in (beta, g))
+        q, k, v = (z.reshape(B, Hv, N, C, -1) for z in (q, k, v))
+        beta, g = (z.reshape(B, Hv, N, C) for z in (beta, g))
+        cum = g.cumsum(-1)
+        mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+        keep = last = None
+        if segment_ids is not None:
+            seg = segment_ids
+            if pad:
+                seg = torch.cat([seg, seg[:, -1:].expand(B, pad)], dim=1)
+            seg = seg.reshape(B, 1, N, C)
+            mask = mask & (seg[..., :, None] == seg[..., None, :])
+            prev = torch.cat([seg[:, :, :1, :1], seg[:, :, :-1, -1:]], dim=2)
+            keep = (seg == prev).float()  # in the example of the state entering the chunk
+            last = (seg == seg[..., -1:]).float()  # in the example of the chunk's last step
+        decay = torch.where(mask, cum[..., :, None] - cum[..., None, :],
+                            float("-inf")).exp()  # (B, H, N, C, C)
+        kb = k * beta[..., None]
+        kread = kb * cum.exp()[..., None]
+        qread = q * cum.exp()[..., None]
+        kwrite = k * (cum[..., -1:] - cum).exp()[..., None]
+        total = cum[..., -1].exp()
+        if keep is not None:
+            kread, qread = kread * keep[..., None], qread * keep[..., None]
+            kwrite, total = kwrite * last[..., None], total * keep[..., -1]
+        ut = (kb @ k.transpose(-1, -2)) * decay  # only its strictly lower part is read
+        sol = torch.linalg.solve_triangular(ut, torch.cat([v * beta[..., None], kread], -1),
+                                            upper=False, unitriangular=True)
+        u, w = sol[..., :Dv], sol[..., Dv:]
+        attn = (q @ k.transpose(-1, -2)) * decay
+        S = (torch.zeros(B, Hv, Dk, Dv, device=q.device) if state is None
+             else state.float())
+        outs = []
+        for n in range(N):
+            vn = u[:, :, n] - w[:, :, n] @ S
+            outs.append(qread[:, :, n] @ S + attn[:, :, n] @ vn)
+            S = S * total[:, :, n, None, None] + kwrite[:, :, n].transpose(-1, -2) @ vn
+        o = torch.stack(outs, dim=2).reshape(B, Hv, N * C, Dv)[:, :, :T]
+        return o.transpose(1, 2).to(out_dtype), S
 
     def row_norms(self, w):
         return torch.linalg.vector_norm(w.float(), dim=1)
