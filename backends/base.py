@@ -113,6 +113,33 @@ class Backend(Protocol):
         choices), weight (E, out, in), int indices (N, K) -> (N, K, out) with
         out[n, j] = x[n, j] @ weight[indices[n, j]].T. Differentiable with respect to x
         and weight; only the N*K chosen rows are computed (sparse MoE experts)."""
+    def softcap(self, x: Array, cap: float) -> Array:
+        """cap * tanh(x / cap) in x's dtype (Gemma's final-logit soft-capping)."""
+    def sigmoid(self, x: Array) -> Array: ...
+
+    def causal_conv1d(self, x: Array, weight: Array, state: Array | None = None,
+                      segment_ids: Array | None = None) -> tuple:
+        """Depthwise causal convolution over time, no bias, no activation.
+
+        x (B, T, Ch); weight (Ch, K): y_t = sum_j weight[:, j] * x_{t-K+1+j}, with the K-1
+        inputs before the first taken from state (B, K-1, Ch) (zeros when None).
+        segment_ids (B, T): a tap from another packed example counts as zero. Returns
+        (y (B, T, Ch), the last K-1 inputs (B, K-1, Ch): the state for the next call)."""
+
+    def gated_delta_rule(self, q: Array, k: Array, v: Array, a: Array, b: Array,
+                         a_log: Array, dt_bias: Array, state: Array | None = None,
+                         segment_ids: Array | None = None) -> tuple:
+        """The gated delta rule of Gated DeltaNet (qwen3_next, qwen3_5 linear attention).
+
+        q, k (B, T, Hk, Dk); v (B, T, Hv, Dv), each q/k head serving Hv/Hk consecutive v
+        heads; a, b (B, T, Hv); a_log, dt_bias (Hv,). In float32: q and k are L2-normalised
+        over Dk (x / sqrt(sum x^2 + 1e-6)) and q scaled by Dk^-0.5; beta = sigmoid(b),
+        g = -exp(a_log) * softplus(a + dt_bias). With S (B, Hv, Dk, Dv), per step t:
+            S = exp(g_t) S;  S += k_t (beta_t (v_t - S^T k_t))^T;  o_t = S^T q_t.
+        state: S before the first step (zeros when None). segment_ids (B, T): S restarts
+        from zero at each packed example's first token. Computed in chunks of at most 64
+        steps (the UT form), so the backward keeps one S per chunk, not per step.
+        Returns (o (B, T, Hv, Dv) in v's dtype, the final S in float32)."""
 
     def row_norms(self, w: Array) -> Array:
         """Euclidean norm of each row of a matrix (out, in) -> (out,), in float32."""
@@ -149,11 +176,13 @@ class Backend(Protocol):
         logits (N, V) in any dtype, computed in float32; targets (N,) int; mask (N,)."""
 
     def linear_cross_entropy(self, h: Array, weight: Array, targets: Array, mask: Array,
-                             chunk_rows: int) -> tuple:
+                             chunk_rows: int, softcap: float | None = None) -> tuple:
         """cross_entropy(linear(h, weight), targets, mask) without ever holding the full
         logits: rows are processed `chunk_rows` at a time, and the gradient with respect to
         h is formed in the same pass (softmax - onehot) @ weight, so nothing of size V is
-        kept for the backward. h (N, C); weight (V, C) frozen. Returns (sum, count)."""
+        kept for the backward. h (N, C); weight (V, C) frozen. Returns (sum, count).
+        softcap: the logits z become c = softcap * tanh(z / softcap) (in float32) before the
+        loss, and the gradient gains the factor dc/dz = 1 - (c / softcap)^2."""
 
     quantization: tuple  # supported bit widths for frozen weights, () if none
     quantized_format: str  # "affine" (mlx-lm's group-wise scale+bias) or "nf4" (bitsandbytes)

@@ -46,6 +46,18 @@ class Shape:
     moe: dict | None = None  # sparse MoE: see moe_weights / moe_adapter_params
     layer_vectors: int | None = None  # a layer's norm and bias elements; None: from the flags
     final_norm: int | None = None  # elements of the final norm (weight, bias); None: C
+    attn_softcap: bool = False  # soft-capped scores: attention runs eagerly (Gemma 2)
+    final_softcap: bool = False  # soft-capped logits in the fused loss (Gemma 2)
+    # Where layers differ (Gemma 4: wider full layers, kv-sharing layers without k/v, double-
+    # wide MLPs; qwen3_5: DeltaNet and attention layers): each layer's {name: (in, out)};
+    # `linears` then holds each name's first.
+    layer_linears: list | None = None
+    model_linears: dict = field(default_factory=dict)  # projections outside the layers
+    extra_params: int = 0  # frozen parameters the terms above do not describe (Gemma 4's
+    #                        per-layer embedding table, its norm, every layer's vectors)
+    per_layer_inputs: int = 0  # width of Gemma 4's per-layer inputs, all layers (L * P)
+    linear_attention: dict | None = None  # Gated DeltaNet: layers, key/value heads and dims
+    attention_output_gate: bool = False  # q_proj also makes a gate (o * sigmoid(gate))
 
 
 # What all-linear adapts on an MoE model besides `linears` (PEFT on transformers v5):
@@ -121,23 +133,29 @@ def _fused_name(sh: Shape, name: str) -> str:
 
 def base_weights(sh: Shape, st: Settings) -> int:
     """Every frozen parameter in the compute dtype: embeddings V*C, head V*C unless tied,
-    per layer the 7 projections, 2 norms (+ biases, + q/k norms): sum(numel) * s.
+    per layer the projections and its norm and bias vectors (layer_vectors, counted from
+    the model's shapes), what no term describes (extra_params): sum(numel) * s.
     Quantized projections (input a multiple of 64) take bits/8 bytes per weight plus a
     scale and a bias per group of 64 in the compute dtype: in*out*(bits/8 + 2s/64)."""
     C, D, s = sh.hidden, sh.head_dim, DTYPE_BYTES[st.dtype]
+
+    def linear(i, o):
+        return quantized_bytes(i * o, st) if st.quantize_bits and i % QUANT_GROUP == 0 \
+            else i * o * s
     per_layer = 2 * C * s if sh.layer_vectors is None else sh.layer_vectors * s
-    for i, o in sh.linears.values():
-        if st.quantize_bits and i % QUANT_GROUP == 0:
-            per_layer += quantized_bytes(i * o, st)
-        else:
-            per_layer += i * o * s
+    if sh.layer_linears is None:
+        per_layer += sum(linear(i, o) for i, o in sh.linears.values())
+        linears = 0
+    else:  # layers of different shapes, and projections outside the layers
+        linears = sum(linear(i, o) for d in sh.layer_linears for i, o in d.values()) + \
+            sum(linear(i, o) for i, o in sh.model_linears.values())
     if sh.attention_bias and sh.layer_vectors is None:
         per_layer += (sh.heads + 2 * sh.kv_heads) * D * s
     if sh.qk_norm and sh.layer_vectors is None:
         per_layer += 2 * D * s
     final = C if sh.final_norm is None else sh.final_norm
-    return (sh.vocab * C * (1 if sh.tied else 2) + final) * s + sh.layers * per_layer \
-        + moe_weights(sh, st)
+    return (sh.vocab * C * (1 if sh.tied else 2) + final + sh.extra_params) * s \
+        + sh.layers * per_layer + linears + moe_weights(sh, st)
 
 
 def moe_weights(sh: Shape, st: Settings) -> int:
@@ -201,6 +219,17 @@ def adapter_params(sh: Shape, st: Settings) -> int:
     DoRA magnitude (out) per module."""
     dims = sh.linears
     n_layers = len(st.layers) if st.layers is not None else sh.layers
+    if sh.layer_linears is not None:  # layers differ; outside ones only without a selection
+        names = target_names(sh, st)
+
+        def cost(i, o):
+            return st.rank * (i + o) + (o if st.dora else 0)
+        layers = st.layers if st.layers is not None else range(sh.layers)
+        n = sum(cost(*sh.layer_linears[ly][m]) for ly in layers for m in names
+                if m in sh.layer_linears[ly])
+        if st.layers is None:
+            n += sum(cost(*sh.model_linears[m]) for m in names if m in sh.model_linears)
+        return n
     per = sum(st.rank * (dims[m][0] + dims[m][1]) + (dims[m][1] if st.dora else 0)
               for m in target_names(sh, st))
     return n_layers * per + moe_adapter_params(sh, st)
@@ -223,7 +252,8 @@ def optimizer_state(sh, st) -> int:
 
 # -- activations -----------------------------------------------------------------------------
 
-def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool) -> float:
+def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
+                              layer: int | None = None) -> float:
     """Elements one layer keeps for the backward pass, per token.
 
     Residual input, the two normed inputs (kept for the adapters' dA) and the post-attention
@@ -232,17 +262,62 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool) -> float:
     k*F', the k experts each token is routed to; nothing scales with the expert count). Each
     adapted module
     keeps its rank-r projection x A^T (r), and a module whose input is not otherwise kept
-    keeps that input (o_proj: Hq*D, down_proj: F).
+    keeps that input (o_proj: Hq*D, down_proj: F). An output gate keeps the gate and its
+    sigmoid: 2*Hq*D. Linear-attention layers: see gated_deltanet_saved_per_token.
     """
+    if sh.linear_attention and layer in sh.linear_attention["layers"]:
+        return gated_deltanet_saved_per_token(sh, st, adapted, layer)
     C, F, D = sh.hidden, sh.intermediate, sh.head_dim
     n = 3 * C + 2 * sh.heads * D + 2 * sh.kv_heads * D + 3 * F + 2
+    if sh.attention_output_gate:
+        n += 2 * sh.heads * D
     if adapted:
-        names = target_names(sh, st)
+        names = _layer_targets(sh, st, layer)
         n += st.rank * len(names)
         if st.dora:  # DoRA keeps the un-normalised output (x W^T + s x A^T B^T): out each
             n += sum(sh.linears[m][1] for m in names)
         if "o_proj" in names:
             n += sh.heads * D
+        if "down_proj" in names:
+            n += F
+    return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
+
+
+def _layer_targets(sh: Shape, st: Settings, layer: int | None) -> list:
+    """The adapted projection names that exist in a layer (all, for uniform models)."""
+    names = target_names(sh, st)
+    if sh.layer_linears is None or layer is None:
+        return names
+    return [m for m in names if m in sh.layer_linears[layer]]
+
+
+def gated_deltanet_saved_per_token(sh: Shape, st: Settings, adapted: bool,
+                                   layer: int) -> float:
+    """Elements a Gated DeltaNet layer keeps for the backward pass, per token, in units of
+    the compute dtype (the delta rule runs in float32: its terms count 4/s each).
+
+    Hk/Hv key/value heads, Dk/Dv their dims, X = 2*Hk*Dk + Hv*Dv conv channels,
+    c = min(64, seq_len) the delta rule's chunk. Residual, normed inputs and MLP as an
+    attention layer: 3C + 2 + 3F. Mixer, compute dtype: in_proj_qkv's output, the conv
+    output and its silu (3X), z and silu(z) (2*Hv*Dv), a and b (2*Hv), the delta rule's
+    output, the normed and the gated output (3*Hv*Dv). Delta rule, float32: normalised
+    q, k repeated to Hv heads, their 4 scaled/decayed copies and the solved keys
+    (7*Hv*Dk), v, the solved values, the corrected values and the output (4*Hv*Dv),
+    beta, g and its cumulative sum (3*Hv), the decay, UT and intra-chunk score matrices
+    (3*Hv*c), and one (Dk, Dv) state per head per chunk (Hv*Dk*Dv / c).
+    Adapted modules add r each (their inputs are kept already); DoRA its outputs.
+    """
+    la = sh.linear_attention
+    C, F, s = sh.hidden, sh.intermediate, DTYPE_BYTES[st.dtype]
+    Hk, Hv, Dk, Dv = la["key_heads"], la["value_heads"], la["key_dim"], la["value_dim"]
+    X, c = 2 * Hk * Dk + Hv * Dv, min(64, st.seq_len)
+    n = 3 * C + 2 + 3 * F + 3 * X + 5 * Hv * Dv + 2 * Hv
+    n += (Hv * (7 * Dk + 4 * Dv + 3 * c + 3) + Hv * Dk * Dv / c) * 4 / s
+    if adapted:
+        names = _layer_targets(sh, st, layer)
+        n += st.rank * len(names)
+        if st.dora:
+            n += sum(sh.linears[m][1] for m in names)
         if "down_proj" in names:
             n += F
     return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
@@ -268,8 +343,18 @@ def activations(sh: Shape, st: Settings) -> int:
     if st.grad_checkpoint:
         return N * s * sh.hidden * sh.layers
     adapted = _adapted_layers(sh, st)
-    return int(N * s * sum(saved_per_token_per_layer(sh, st, i in adapted)
-                           for i in range(sh.layers)))
+    return int(N * s * sum(saved_per_token_per_layer(sh, st, i in adapted, i)
+                           for i in range(sh.layers))) + sh.layers * eager_scores(sh, st)
+
+
+def eager_scores(sh: Shape, st: Settings) -> int:
+    """Soft-capped attention (Gemma 2) cannot use the fused kernels: each layer keeps its
+    (B, Hq, T, T) scores after tanh and its probabilities, both float32 (8 bytes), plus the
+    probabilities cast to the compute dtype when that is not float32."""
+    if not sh.attn_softcap:
+        return 0
+    per = 8 + (DTYPE_BYTES[st.dtype] if st.dtype != "float32" else 0)
+    return st.batch_size * sh.heads * st.seq_len * st.seq_len * per
 
 
 def _adapted_layers(sh, st) -> set:
@@ -282,8 +367,9 @@ def recompute_layer(sh: Shape, st: Settings) -> int:
     if not st.grad_checkpoint:
         return 0
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
-    per = saved_per_token_per_layer(sh, st, bool(_adapted_layers(sh, st)))
-    return int(N * s * (per + sh.hidden))
+    adapted = bool(_adapted_layers(sh, st))
+    per = max(saved_per_token_per_layer(sh, st, adapted, i) for i in range(sh.layers))
+    return int(N * s * (per + sh.hidden)) + eager_scores(sh, st)
 
 
 def backward_transients(sh: Shape, st: Settings) -> int:
@@ -298,19 +384,25 @@ def backward_transients(sh: Shape, st: Settings) -> int:
 
 def embeddings_and_rope(sh: Shape, st: Settings) -> int:
     """The embedding output and final norm (2 * N * C) and the shared RoPE cos/sin tables
-    (2 * N * D), in the compute dtype; MLX also keeps the float32 angle table."""
+    (2 * N * D), in the compute dtype; MLX also keeps the float32 angle table. Gemma 4's
+    per-layer inputs add 4 * N * L * P (table rows, projection, its norm, their sum)."""
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     extra = N * sh.head_dim * 4 if st.backend == "mlx" else 0
+    # Gemma 4's per-layer inputs: the table rows, the projection, its norm and their sum
+    extra += 4 * N * sh.per_layer_inputs * s
     return N * s * (2 * sh.hidden + 2 * sh.head_dim) + extra
 
 
 def loss_buffers(sh: Shape, st: Settings) -> int:
     """Fused head + loss: float32 logits and their exp for one chunk of rows
     (2 * rows * V * 4, rows = min(N, 2^22 // V)) and dL/dh for all tokens (N * C * s),
-    formed in the same pass. MLX evaluates all chunks in one graph, so rows = N there."""
+    formed in the same pass. MLX evaluates all chunks in one graph, so rows = N there.
+    Soft-capped logits keep the slope 1 - (c / cap)^2 too: one more chunk buffer on torch,
+    two on MLX (tanh and slope live in the same graph)."""
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     rows = N if st.backend == "mlx" else min(N, max(16, LOGIT_CHUNK_ELEMENTS // sh.vocab))
-    return 2 * rows * sh.vocab * 4 + N * sh.hidden * s
+    buffers = 2 + (sh.final_softcap and (2 if st.backend == "mlx" else 1))  # + tanh' slope
+    return buffers * rows * sh.vocab * 4 + N * sh.hidden * s
 
 
 def framework_overhead(sh: Shape, st: Settings, subtotal: int) -> int:

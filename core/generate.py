@@ -32,7 +32,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int = 64,
             ids = np.asarray([seen], dtype=np.int64)
             pos = np.arange(len(seen), dtype=np.int64)[None]
         h = model.hidden(ops.from_numpy(ids), ops.from_numpy(pos), cache=cache)
-        last = ops.linear(h[:, -1, :], model.output_weight())
+        last = model.head(h[:, -1, :])
         logits = ops.to_numpy(ops.cast(last, "float32"))[0].astype(np.float64)
         token = _pick(logits, temperature, top_p, rng)
         yield token

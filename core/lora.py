@@ -149,7 +149,9 @@ def target_modules(cfg: LoraConfig, linear_shapes: dict, module_names: tuple) ->
         raise LorafitError(f"unknown LoRA target(s) {', '.join(sorted(unknown))}; this model "
                            f"has: {', '.join(module_names)} (or all-linear)")
     out = []
-    moe_model = any(len(s) == 3 for s in linear_shapes.values())
+    # stacked expert parameters are (E, out, in) without a `.weight` suffix (a conv1d's
+    # (C, 1, K) weight is not one)
+    moe_model = any(len(s) == 3 and not k.endswith(".weight") for k, s in linear_shapes.items())
     for key, shape in linear_shapes.items():
         if moe_model and len(shape) == 2 and key.endswith(".down_proj.weight"):
             continue  # PEFT (transformers v5) maps down_proj to the experts' parameter only
@@ -328,13 +330,17 @@ def _module(leaf: str) -> str:
     return leaf.rsplit(".lora_", 1)[0]
 
 
+BUFFERS = (".layer_scalar",)  # checkpoint tensors that are buffers, not parameters (Gemma 4)
+
+
 def count_params(params: dict, logical_shapes: dict | None = None) -> tuple[int, int]:
     """(trainable, all) parameter counts, adapter leaves being the trainable ones. Packed
-    quantized weights count as the weights they stand for (from logical_shapes)."""
+    quantized weights count as the weights they stand for (from logical_shapes); stored
+    buffers (BUFFERS) are not parameters, as PyTorch and PEFT count them."""
     total = trainable = 0
     for k, v in params.items():
-        if not hasattr(v, "shape") or k.endswith((".scales", ".biases")):
-            continue  # quantization metadata, not parameters
+        if not hasattr(v, "shape") or k.endswith((".scales", ".biases") + BUFFERS):
+            continue  # quantization metadata or buffers, not parameters
         shape = (logical_shapes or {}).get(k, v.shape)
         n = int(np.prod(shape))
         total += n

@@ -17,4 +17,5 @@ def batch_loss(ops, model, params: dict, batch, recompute: bool):
     n = batch.input_ids.shape[0] * batch.input_ids.shape[1]
     weight = model.output_weight(params)
     return ops.linear_cross_entropy(h.reshape(n, -1), weight, batch.targets.reshape(n),
-                                    batch.loss_mask.reshape(n), chunk_rows(weight.shape[0]))
+                                    batch.loss_mask.reshape(n), chunk_rows(weight.shape[0]),
+                                    softcap=model.args.final_logit_softcapping)

@@ -53,7 +53,11 @@ class Model:
         if positions is None:
             positions = default_positions(self.backend, input_ids.shape)
         h = self.hidden(input_ids, positions, **kw)
-        return self.backend.linear(h, self.output_weight())
+        return self.head(h)
+
+    def head(self, h):
+        """Logits of final hidden states (soft-capped where the family says so)."""
+        return decoder.head(self.backend, self.args, h, self.output_weight())
 
 
 def parameter_shapes(config: dict) -> dict:
@@ -80,20 +84,62 @@ def memory_shape(config: dict):
         key = next(k for k in shapes if k.endswith(f".{name}.weight"))
         out_dim, in_dim = shapes[key]
         linears[name] = (in_dim, out_dim)
+    layer_linears, model_linears = _linears_by_place(a, shapes)
+    varied = not moe and (model_linears or any(d != layer_linears[0] for d in layer_linears))
     layer0 = [k for k in shapes if k.startswith("model.layers.0.")]
     vectors = sum(int(np.prod(shapes[k])) for k in layer0
                   if k.rsplit(".", 2)[-2] not in linears or not k.endswith(".weight"))
-    return Shape(hidden=a.hidden_size,
-                 # an MoE token passes through k experts: its activations are k * F' wide
-                 intermediate=moe["top_k"] * moe["expert_size"] if moe else a.intermediate_size,
-                 layers=a.num_hidden_layers, heads=a.num_attention_heads,
-                 kv_heads=a.num_key_value_heads, head_dim=a.head_dim, vocab=a.vocab_size,
-                 tied=a.tie_word_embeddings, linears=linears,
-                 attention_bias=a.attention_bias, qk_norm=a.qk_norm, moe=moe,
-                 # MoE layers are counted by the MoE terms (experts, router, dense layers)
-                 layer_vectors=None if moe else vectors,
-                 final_norm=sum(int(np.prod(v)) for k, v in shapes.items()
-                                if k.startswith("model.norm.")))
+    sh = Shape(hidden=a.hidden_size,
+               # an MoE token passes through k experts: its activations are k * F' wide
+               intermediate=moe["top_k"] * moe["expert_size"] if moe else a.intermediate_size,
+               layers=a.num_hidden_layers, heads=a.num_attention_heads,
+               kv_heads=a.num_key_value_heads, head_dim=a.head_dim, vocab=a.vocab_size,
+               tied=a.tie_word_embeddings, linears=linears,
+               attention_bias=a.attention_bias, qk_norm=a.qk_norm, moe=moe,
+               # MoE layers are counted by the MoE terms (experts, router, dense layers);
+               # layers that differ by what extra_params leaves over
+               layer_vectors=None if moe else 0 if varied else vectors,
+               final_norm=sum(int(np.prod(v)) for k, v in shapes.items()
+                              if k.startswith("model.norm.")),
+               attn_softcap=bool(a.attn_logit_softcapping),
+               final_softcap=bool(a.final_logit_softcapping),
+               per_layer_inputs=a.num_hidden_layers * a.per_layer_input_size,
+               attention_output_gate=a.attention_output_gate,
+               linear_attention=_linear_attention(a))
+    if varied:  # each layer's projections, those outside the layers, the rest as a count
+        from lorafit.core.estimate import Settings, base_weights
+        sh.layer_linears, sh.model_linears = layer_linears, model_linears
+        total = sum(int(np.prod(v)) for v in shapes.values())
+        sh.extra_params = total - base_weights(sh, Settings(dtype="float32")) // 4
+    return sh
+
+
+def _linear_attention(a) -> dict | None:
+    """The Gated DeltaNet layers and dims of a hybrid model, None without them."""
+    layers = [i for i, t in enumerate(a.layer_types) if t == "linear_attention"]
+    if not layers:
+        return None
+    return dict(layers=layers, key_heads=a.linear_num_key_heads,
+                value_heads=a.linear_num_value_heads, key_dim=a.linear_key_head_dim,
+                value_dim=a.linear_value_head_dim)
+
+
+def _linears_by_place(a, shapes: dict) -> tuple:
+    """([per layer {projection: (in, out)}], {projection outside the layers: (in, out)})."""
+    layer_linears = [{} for _ in range(a.num_hidden_layers)]
+    model_linears = {}
+    names = decoder.linear_modules(a)
+    for k, shape in shapes.items():
+        module = k[: -len(".weight")]
+        name = module.rsplit(".", 1)[-1]
+        if not k.endswith(".weight") or name not in names:
+            continue
+        out_dim, in_dim = shape
+        if module.startswith("model.layers."):
+            layer_linears[int(module.split(".")[2])][name] = (in_dim, out_dim)
+        else:
+            model_linears[name] = (in_dim, out_dim)
+    return layer_linears, model_linears
 
 
 def default_positions(ops, shape):

@@ -137,6 +137,7 @@ def load_model(path_or_id: str, backend, dtype: str | None = None,
     params = {}
     for f in weight_files(folder):
         for name, array in backend.read_safetensors(f, dtype):
+            name = fam.rename(name)
             module = name.rsplit(".", 1)[0]
             if name.endswith((".scales", ".biases")) and module + ".weight" in expected:
                 params[name] = array

@@ -13,7 +13,7 @@ import numpy as np
 
 from lorafit.core.errors import LorafitError
 
-SUPPORTED_SCALING = ("default", "linear", "llama3", "longrope", "yarn")
+SUPPORTED_SCALING = ("default", "linear", "llama3", "longrope", "yarn", "proportional")
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
@@ -27,6 +27,8 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> np
         return (inv_freq / float(scaling["factor"])).astype(np.float32)
     if kind == "llama3":
         return _llama3(inv_freq, scaling)
+    if kind == "proportional":
+        return _proportional(head_dim, theta, scaling)
     raise LorafitError(f"rope scaling {kind!r} is not supported; supported: "
                        f"{', '.join(SUPPORTED_SCALING)}")
 
@@ -44,6 +46,17 @@ def _llama3(inv_freq: np.ndarray, s: dict) -> np.ndarray:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _proportional(head_dim: int, theta: float, s: dict) -> np.ndarray:
+    """Gemma 4's partial rotary: the first partial_rotary_factor * head_dim / 2 pairs rotate
+    with exponents over the whole head_dim, the other pairs get frequency 0 (left as they
+    are); all divided by `factor`."""
+    angles = int(float(s.get("partial_rotary_factor", 1.0)) * head_dim // 2)
+    exponents = np.arange(0, 2 * angles, 2, dtype=np.int64).astype(np.float32) / head_dim
+    rotated = (1.0 / (theta ** exponents.astype(np.float64))).astype(np.float32)
+    inv = np.concatenate([rotated, np.zeros(head_dim // 2 - angles, np.float32)])
+    return (inv / float(s.get("factor", 1.0))).astype(np.float32)
 
 
 @dataclass(frozen=True, eq=False)

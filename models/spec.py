@@ -13,7 +13,7 @@ from functools import cached_property
 from lorafit.core.errors import LorafitError
 from lorafit.models.rope import Rope, rope
 
-GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
+GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")  # GeGLU's activation (Gemma)
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "vocab_size")
 
@@ -60,7 +60,8 @@ class ModelArgs:
     fused_gate_up: bool = False  # one mlp.gate_up_proj whose output splits in two (phi3)
     post_norms: bool = False  # no input norm; norms on the attention and MLP outputs (olmo2)
     qk_norm_whole: bool = False  # RMSNorm over all of q's and k's projection (olmo2)
-    rope_by_layer_type: dict | None = None  # {layer_type: rope_scaling or None} (olmo3)
+    # {layer_type: rope_scaling (with its rope_theta) or None} (olmo3, gemma3, gemma4)
+    rope_by_layer_type: dict | None = None
     # queries scaled by 1 + beta * ln(1 + floor(position / period)) after RoPE (Llama 4's
     # attention temperature, ministral3): (beta, period), or None
     query_position_scale: tuple | None = None
@@ -72,7 +73,40 @@ class ModelArgs:
     layer_norm: bool = False  # LayerNorm with bias instead of RMSNorm (starcoder2)
     plain_mlp: bool = False  # mlp.c_fc -> activation -> mlp.c_proj, no gate (starcoder2)
     rope_interleaved: bool = False  # RoPE rotates pairs (0, 1), (2, 3), ... (glm4)
-    sandwich_norms: bool = False  # attention and MLP outputs normed too (glm4's 4 norms)
+    # glm4's four norms: post_self_attn_layernorm and post_mlp_layernorm on the attention
+    # and MLP outputs, besides input_layernorm and post_attention_layernorm on their inputs
+    sandwich_norms: bool = False
+    # RMSNorm wholly in float32 times (offset + w), then cast: 1.0 for (1 + w) (Gemma 2/3,
+    # qwen3_5, qwen3_next), 0.0 for Gemma 4's plain w; None: Llama's (normalised in
+    # float32, cast, times w)
+    norm_offset: float | None = None
+    # Gemma switches (all off by default: Llama's behaviour)
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size) rounded to the compute dtype
+    # Gemma's four norms: post_attention_layernorm on the attention output (not the MLP
+    # input), pre_feedforward_layernorm and post_feedforward_layernorm around the MLP
+    feedforward_norms: bool = False
+    attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap)
+    query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 (not head_dim's)
+    # Gemma 4 switches
+    layer_head_dim: dict | None = None  # layer type -> its head dim (full layers' global_head_dim)
+    layer_kv_heads: dict | None = None  # layer type -> its key-value heads
+    v_norm: bool = False  # RMSNorm without weight over each head of v
+    k_eq_v: bool = False  # full-attention layers have no v_proj: v is k's projection
+    kv_shared_layers: int = 0  # the last n layers reuse the k, v of the last earlier layer of
+    #                            their type and have no k/v projections of their own
+    double_wide_mlp: bool = False  # those kv-sharing layers have a 2x intermediate size
+    per_layer_input_size: int = 0  # per-layer input embeddings (PLE) of this width; 0: none
+    per_layer_vocab: int | None = None  # rows of the per-layer embedding table
+    layer_scalar: bool = False  # each layer's output times a stored scalar (a buffer)
+    attention_output_gate: bool = False  # q_proj also makes a per-head gate: o * sigmoid(g)
+    # Gated DeltaNet ("linear_attention" layers, models/blocks/gated_deltanet.py)
+    linear_num_key_heads: int | None = None
+    linear_num_value_heads: int | None = None
+    linear_key_head_dim: int | None = None
+    linear_value_head_dim: int | None = None
+    linear_conv_kernel_dim: int = 4
+    linear_fused_projections: bool = False  # qwen3_next's in_proj_qkvz and in_proj_ba
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -88,6 +122,11 @@ class ModelArgs:
         if len(self.layer_types) != self.num_hidden_layers:
             raise LorafitError(f"config.json has {len(self.layer_types)} layer_types for "
                                f"{self.num_hidden_layers} layers")
+        if "linear_attention" in self.layer_types and not (
+                self.linear_num_key_heads and self.linear_num_value_heads
+                and self.linear_key_head_dim and self.linear_value_head_dim):
+            raise LorafitError("config.json has linear_attention layers but lacks linear_num_"
+                               "key_heads/linear_num_value_heads/linear_key/value_head_dim")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise LorafitError("config.json has sliding_attention layers but no sliding_window")
 
@@ -122,6 +161,37 @@ class ModelArgs:
         known = {k: v for k, v in cfg.items() if k in names and v is not None}
         return cls(**known, extra={k: v for k, v in cfg.items() if k not in names})
 
+    def head_dim_of(self, layer: int) -> int:
+        return self.head_dim_of_type(self.layer_types[layer])
+
+    def head_dim_of_type(self, layer_type: str) -> int:
+        return (self.layer_head_dim or {}).get(layer_type, self.head_dim)
+
+    def kv_heads_of(self, layer: int) -> int:
+        return (self.layer_kv_heads or {}).get(self.layer_types[layer], self.num_key_value_heads)
+
+    def has_v_proj(self, layer: int) -> bool:
+        return not (self.k_eq_v and self.layer_types[layer] == "full_attention")
+
+    def kv_source(self, layer: int) -> int | None:
+        """The earlier layer whose k, v a kv-sharing layer reuses; None for a layer that
+        computes its own."""
+        first = self.num_hidden_layers - self.kv_shared_layers
+        if not self.kv_shared_layers or layer < first:
+            return None
+        same = [j for j in range(first) if self.layer_types[j] == self.layer_types[layer]]
+        if not same:
+            raise LorafitError(f"layer {layer} shares the k, v of an earlier "
+                               f"{self.layer_types[layer]} layer, but there is none")
+        return same[-1]
+
+    def kv_producers(self) -> set:
+        return {self.kv_source(i) for i in range(self.num_hidden_layers)} - {None}
+
+    def intermediate_of(self, layer: int) -> int:
+        wide = self.double_wide_mlp and self.kv_source(layer) is not None
+        return self.intermediate_size * (2 if wide else 1)
+
     @property
     def rotary_dim(self) -> int:
         """How many leading dims of each head are rotated."""
@@ -129,14 +199,17 @@ class ModelArgs:
 
     @cached_property
     def ropes(self) -> dict:
-        """{layer_type: models.rope.Rope} for the layer types this model has."""
+        """{layer_type: models.rope.Rope} for the layer types this model has: the model's
+        rope_scaling, or each type's own (rope_by_layer_type: theta, scaling, and the type's
+        head dim, as Gemma 3/4 and OLMo 3 give them)."""
         out = {}
         for lt in dict.fromkeys(self.layer_types):
             scaling = self.rope_scaling
             if self.rope_by_layer_type is not None:
                 scaling = self.rope_by_layer_type.get(lt)
             theta = (scaling or {}).get("rope_theta", self.rope_theta)
-            out[lt] = rope(self.rotary_dim, theta, scaling, self.max_position_embeddings)
+            dim = int(self.head_dim_of_type(lt) * self.partial_rotary_factor)
+            out[lt] = rope(dim, theta, scaling, self.max_position_embeddings)
         return out
 
     def rope_of(self, layer: int) -> Rope:

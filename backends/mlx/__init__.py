@@ -127,6 +127,94 @@ class MLXBackend:
         n, k = indices.shape
         rows = mx.broadcast_to(x, (n, k, x.shape[-1]))[..., None, :]  # (N, K, 1, in)
         return mx.gather_mm(rows, weight.swapaxes(-1, -2), rhs_indices=indices).squeeze(-2)
+    def softcap(self, x, cap):
+        return mx.tanh(x / cap) * cap
+    def sigmoid(self, x):
+        return mx.sigmoid(x)
+
+    def causal_conv1d(self, x, weight, state=None, segment_ids=None):
+        B, T, Ch = x.shape
+        K = weight.shape[-1]
+        if state is None:
+            state = mx.zeros((B, K - 1, Ch), dtype=x.dtype)
+        xs = mx.concatenate([state.astype(x.dtype), x], axis=1)  # (B, K-1+T, Ch)
+        w = weight.astype(x.dtype)
+        segs = None
+        if segment_ids is not None:
+            segs = mx.concatenate([mx.repeat(segment_ids[:, :1], K - 1, axis=1), segment_ids],
+                                  axis=1)
+        y = 0
+        for j in range(K):
+            tap = xs[:, j:j + T] * w[:, j]
+            if segs is not None:
+                tap = tap * (segs[:, j:j + T] == segment_ids)[..., None].astype(x.dtype)
+            y = y + tap
+        return y, xs[:, T:]
+
+    def gated_delta_rule(self, q, k, v, a, b, a_log, dt_bias, state=None, segment_ids=None):
+        B, T, Hk, Dk = q.shape
+        Hv, Dv = v.shape[2], v.shape[3]
+        out_dtype = v.dtype
+        f32 = mx.float32
+        beta = mx.sigmoid(b.astype(f32))
+        g = -mx.exp(a_log.astype(f32)) * mx.logaddexp(a.astype(f32) + dt_bias.astype(f32), 0.0)
+        q, k = (z.astype(f32) * mx.rsqrt((z.astype(f32) ** 2).sum(-1, keepdims=True) + 1e-6)
+                for z in (q, k))
+        q = q * Dk ** -0.5
+        if Hv != Hk:
+            q, k = (mx.repeat(z, Hv // Hk, axis=2) for z in (q, k))
+        q, k, v = (mx.swapaxes(z, 1, 2) for z in (q, k, v.astype(f32)))  # (B, H, T, D)
+        beta, g = mx.swapaxes(beta, 1, 2), mx.swapaxes(g, 1, 2)  # (B, H, T)
+        C = min(64, T)
+        pad = -T % C
+        N = (T + pad) // C
+        if pad:  # padded steps have k = v = beta = g = 0: they change nothing
+            q, k, v = (mx.pad(z, [(0, 0), (0, 0), (0, pad), (0, 0)]) for z in (q, k, v))
+            beta, g = (mx.pad(z, [(0, 0), (0, 0), (0, pad)]) for z in (beta, g))
+        q, k, v = (z.reshape(B, Hv, N, C, -1) for z in (q, k, v))
+        beta, g = (z.reshape(B, Hv, N, C) for z in (beta, g))
+        cum = mx.cumsum(g, axis=-1)
+        mask = mx.array(np.tril(np.ones((C, C), dtype=bool)))
+        keep = last = None
+        if segment_ids is not None:
+            seg = segment_ids
+            if pad:
+                seg = mx.concatenate([seg, mx.repeat(seg[:, -1:], pad, axis=1)], axis=1)
+            seg = seg.reshape(B, 1, N, C)
+            mask = mask & (seg[..., :, None] == seg[..., None, :])
+            prev = mx.concatenate([seg[:, :, :1, :1], seg[:, :, :-1, -1:]], axis=2)
+            keep = (seg == prev).astype(f32)  # in the example of the state entering the chunk
+            last = (seg == seg[..., -1:]).astype(f32)  # in the example of the last step
+        decay = mx.exp(mx.where(mask, cum[..., :, None] - cum[..., None, :], -mx.inf))
+        kb = k * beta[..., None]
+        kread = kb * mx.exp(cum)[..., None]
+        qread = q * mx.exp(cum)[..., None]
+        kwrite = k * mx.exp(cum[..., -1:] - cum)[..., None]
+        total = mx.exp(cum[..., -1])
+        if keep is not None:
+            kread, qread = kread * keep[..., None], qread * keep[..., None]
+            kwrite, total = kwrite * last[..., None], total * keep[..., -1]
+        # (I + L)^-1 for L the strictly lower part, as prod_k (I + (-L)^(2^k)): matmuls
+        # only, so it differentiates (MLX has no vjp for triangular solves)
+        strict = mx.array(np.tril(np.ones((C, C), dtype=np.float32), -1))
+        neg = -((kb @ mx.swapaxes(k, -1, -2)) * decay * strict)
+        inv = mx.eye(C, dtype=f32) + neg
+        power, span = neg, 2
+        while span < C:
+            power = power @ power
+            inv = inv + inv @ power
+            span *= 2
+        u = inv @ (v * beta[..., None])
+        w = inv @ kread
+        attn = (q @ mx.swapaxes(k, -1, -2)) * decay
+        S = mx.zeros((B, Hv, Dk, Dv), dtype=f32) if state is None else state.astype(f32)
+        outs = []
+        for n in range(N):
+            vn = u[:, :, n] - w[:, :, n] @ S
+            outs.append(qread[:, :, n] @ S + attn[:, :, n] @ vn)
+            S = S * total[:, :, n, None, None] + mx.swapaxes(kwrite[:, :, n], -1, -2) @ vn
+        o = mx.stack(outs, axis=2).reshape(B, Hv, N * C, Dv)[:, :, :T]
+        return mx.swapaxes(o, 1, 2).astype(out_dtype), S
 
     def row_norms(self, w):
         return mx.sqrt((w.astype(mx.float32) ** 2).sum(axis=1))
@@ -206,7 +294,7 @@ class MLXBackend:
         mask = mask.astype(mx.float32)
         return ((lse - picked) * mask).sum(), mask.sum()
 
-    def linear_cross_entropy(self, h, weight, targets, mask, chunk_rows):
+    def linear_cross_entropy(self, h, weight, targets, mask, chunk_rows, softcap=None):
         mask = mask.astype(mx.float32)
         targets = targets.astype(mx.int32)
 
@@ -216,12 +304,20 @@ class MLXBackend:
             for start in range(0, h_.shape[0], chunk_rows):
                 hs, t, m = (z[start:start + chunk_rows] for z in (h_, targets, mask))
                 logits = (hs @ weight.T).astype(mx.float32)
+                if softcap is not None:
+                    logits = mx.tanh(logits / softcap) * softcap
                 lse = mx.logsumexp(logits, axis=-1)
                 picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
                 total = total + ((lse - picked) * m).sum()
                 # (softmax - onehot) @ W  ==  softmax @ W - W[targets]: no (rows, V) one-hot
-                probs = (mx.exp(logits - lse[:, None]) * m[:, None]).astype(weight.dtype)
-                grads.append((probs @ weight - weight[t] * m[:, None].astype(weight.dtype))
+                probs = mx.exp(logits - lse[:, None]) * m[:, None]
+                row = m[:, None]
+                if softcap is not None:  # times dc/dz = 1 - (c / cap)^2, picked column too
+                    slope = 1 - (logits / softcap) ** 2
+                    probs = probs * slope
+                    row = row * mx.take_along_axis(slope, t[:, None], axis=-1)
+                probs = probs.astype(weight.dtype)
+                grads.append((probs @ weight - weight[t] * row.astype(weight.dtype))
                              .astype(h_.dtype))
             return total, mx.concatenate(grads, axis=0)
 

@@ -141,6 +141,85 @@ class TorchBackend:
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         return out[inverse].reshape(n, k, weight.shape[1])
+    def softcap(self, x, cap):
+        return torch.tanh(x / cap) * cap
+    def sigmoid(self, x):
+        return torch.sigmoid(x)
+
+    def causal_conv1d(self, x, weight, state=None, segment_ids=None):
+        B, T, Ch = x.shape
+        K = weight.shape[-1]
+        if state is None:
+            state = x.new_zeros(B, K - 1, Ch)
+        xs = torch.cat([state.to(x.dtype), x], dim=1)  # (B, K-1+T, Ch)
+        w = weight.to(x.dtype)
+        if segment_ids is None:
+            y = F.conv1d(xs.transpose(1, 2), w[:, None, :], groups=Ch).transpose(1, 2)
+        else:  # tap by tap, each masked to the query's own example
+            segs = torch.cat([segment_ids[:, :1].expand(B, K - 1), segment_ids], dim=1)
+            y = 0
+            for j in range(K):
+                same = (segs[:, j:j + T] == segment_ids).unsqueeze(-1).to(x.dtype)
+                y = y + xs[:, j:j + T] * w[:, j] * same
+        return y, xs[:, T:]
+
+    def gated_delta_rule(self, q, k, v, a, b, a_log, dt_bias, state=None, segment_ids=None):
+        B, T, Hk, Dk = q.shape
+        Hv, Dv = v.shape[2], v.shape[3]
+        out_dtype = v.dtype
+        beta = torch.sigmoid(b.float())
+        g = -torch.exp(a_log.float()) * F.softplus(a.float() + dt_bias.float())
+        q, k = (z.float() * torch.rsqrt((z.float() ** 2).sum(-1, keepdim=True) + 1e-6)
+                for z in (q, k))
+        q = q * Dk ** -0.5
+        if Hv != Hk:
+            q, k = (z.repeat_interleave(Hv // Hk, dim=2) for z in (q, k))
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v.float()))  # (B, H, T, D)
+        beta, g = beta.transpose(1, 2), g.transpose(1, 2)  # (B, H, T)
+        C = min(64, T)
+        pad = -T % C
+        N = (T + pad) // C
+        if pad:  # padded steps have k = v = beta = g = 0: they change nothing
+            q, k, v = (F.pad(z, (0, 0, 0, pad)) for z in (q, k, v))
+            beta, g = (F.pad(z, (0, pad)) for z in (beta, g))
+        q, k, v = (z.reshape(B, Hv, N, C, -1) for z in (q, k, v))
+        beta, g = (z.reshape(B, Hv, N, C) for z in (beta, g))
+        cum = g.cumsum(-1)
+        mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+        keep = last = None
+        if segment_ids is not None:
+            seg = segment_ids
+            if pad:
+                seg = torch.cat([seg, seg[:, -1:].expand(B, pad)], dim=1)
+            seg = seg.reshape(B, 1, N, C)
+            mask = mask & (seg[..., :, None] == seg[..., None, :])
+            prev = torch.cat([seg[:, :, :1, :1], seg[:, :, :-1, -1:]], dim=2)
+            keep = (seg == prev).float()  # in the example of the state entering the chunk
+            last = (seg == seg[..., -1:]).float()  # in the example of the chunk's last step
+        decay = torch.where(mask, cum[..., :, None] - cum[..., None, :],
+                            float("-inf")).exp()  # (B, H, N, C, C)
+        kb = k * beta[..., None]
+        kread = kb * cum.exp()[..., None]
+        qread = q * cum.exp()[..., None]
+        kwrite = k * (cum[..., -1:] - cum).exp()[..., None]
+        total = cum[..., -1].exp()
+        if keep is not None:
+            kread, qread = kread * keep[..., None], qread * keep[..., None]
+            kwrite, total = kwrite * last[..., None], total * keep[..., -1]
+        ut = (kb @ k.transpose(-1, -2)) * decay  # only its strictly lower part is read
+        sol = torch.linalg.solve_triangular(ut, torch.cat([v * beta[..., None], kread], -1),
+                                            upper=False, unitriangular=True)
+        u, w = sol[..., :Dv], sol[..., Dv:]
+        attn = (q @ k.transpose(-1, -2)) * decay
+        S = (torch.zeros(B, Hv, Dk, Dv, device=q.device) if state is None
+             else state.float())
+        outs = []
+        for n in range(N):
+            vn = u[:, :, n] - w[:, :, n] @ S
+            outs.append(qread[:, :, n] @ S + attn[:, :, n] @ vn)
+            S = S * total[:, :, n, None, None] + kwrite[:, :, n].transpose(-1, -2) @ vn
+        o = torch.stack(outs, dim=2).reshape(B, Hv, N * C, Dv)[:, :, :T]
+        return o.transpose(1, 2).to(out_dtype), S
 
     def row_norms(self, w):
         return torch.linalg.vector_norm(w.float(), dim=1)
@@ -216,9 +295,10 @@ class TorchBackend:
         mask = mask.to(losses.dtype)
         return (losses * mask).sum(), mask.sum()
 
-    def linear_cross_entropy(self, h, weight, targets, mask, chunk_rows):
+    def linear_cross_entropy(self, h, weight, targets, mask, chunk_rows, softcap=None):
         mask = mask.to(torch.float32)
-        return _LinearCrossEntropy.apply(h, weight, targets.long(), mask, chunk_rows), mask.sum()
+        return (_LinearCrossEntropy.apply(h, weight, targets.long(), mask, chunk_rows, softcap),
+                mask.sum())
 
     @property
     def quantization(self):
@@ -317,21 +397,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Chunked lm-head + cross-entropy whose backward is computed in the forward pass."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, mask, chunk_rows):
+    def forward(ctx, h, weight, targets, mask, chunk_rows, softcap=None):
         need_grad = h.requires_grad and torch.is_grad_enabled() or ctx.needs_input_grad[0]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_grad else None
         for start in range(0, h.shape[0], chunk_rows):
             sl = slice(start, start + chunk_rows)
             logits = F.linear(h[sl], weight).float()
+            if softcap is not None:
+                logits = logits.div_(softcap).tanh_().mul_(softcap)
             lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, targets[sl, None])[:, 0]
             total += ((lse - picked) * mask[sl]).sum()
             if need_grad:
                 # (softmax - onehot) @ W  ==  softmax @ W - W[targets]: no (rows, V) one-hot
-                probs = logits.sub_(lse[:, None]).exp_().mul_(mask[sl, None])
+                if softcap is None:
+                    probs = logits.sub_(lse[:, None]).exp_().mul_(mask[sl, None])
+                    row = mask[sl, None]
+                else:  # times dc/dz = 1 - (c / cap)^2, for the picked column too
+                    slope = 1 - (logits / softcap) ** 2
+                    row = mask[sl, None] * slope.gather(1, targets[sl, None])
+                    probs = logits.sub_(lse[:, None]).exp_().mul_(slope).mul_(mask[sl, None])
+                    del slope
                 g = probs.to(weight.dtype) @ weight
-                g -= weight[targets[sl]] * mask[sl, None].to(weight.dtype)
+                g -= weight[targets[sl]] * row.to(weight.dtype)
                 grad_h[sl] = g.to(h.dtype)
                 del probs, g
             del logits, lse  # free this chunk before the next one is formed
@@ -341,4 +430,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), None, None, None, None
+        return grad_h * grad_out.to(grad_h.dtype), None, None, None, None, None

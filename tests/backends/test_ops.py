@@ -220,3 +220,124 @@ def test_clip(backend):
     for lo, hi in ((-1.0, 2.0), (None, 0.5), (-0.5, None)):
         got = backend.to_numpy(backend.clip(backend.from_numpy(x), lo, hi))
         np.testing.assert_array_equal(got, np.clip(x, lo, hi))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_linear_cross_entropy_with_softcap_matches_autograd(backend, dtype):
+    """Gemma's final-logit soft-capping inside the fused loss: value and dL/dh equal torch
+    autograd through cap * tanh(z / cap) on the full logits."""
+    rng = np.random.default_rng(3)
+    N, C, V, cap = 29, 16, 50, 2.5
+    h = rng.normal(size=(N, C)).astype(np.float32)
+    w = rng.normal(size=(V, C)).astype(np.float32)
+    t = rng.integers(0, V, N)
+    m = (rng.random(N) > 0.3).astype(np.float32)
+    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    ht = torch.tensor(h).to(tdt).requires_grad_(True)
+    z = (ht @ torch.tensor(w).to(tdt).T).float()
+    losses = torch.nn.functional.cross_entropy(torch.tanh(z / cap) * cap, torch.tensor(t),
+                                               reduction="none")
+    ref = (losses * torch.tensor(m)).sum()
+    ref.backward()
+
+    B = backend
+    wb, tb, mb = B.from_numpy(w, dtype), B.from_numpy(t), B.from_numpy(m)
+
+    def f(tr, _):
+        return B.linear_cross_entropy(tr["h"], wb, tb, mb, chunk_rows=8, softcap=cap)
+    (s, n), g = B.value_and_grad(f)({"h": B.from_numpy(h, dtype)}, None)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    assert B.to_float(s) == pytest.approx(float(ref), rel=tol)
+    np.testing.assert_allclose(B.to_numpy(g["h"]), ht.grad.float().numpy(), rtol=tol * 10,
+                               atol=tol)
+    # the plain path: softcap op, then cross_entropy
+    s2, _ = B.cross_entropy(B.softcap(B.linear(B.from_numpy(h), B.from_numpy(w)), cap), tb, mb)
+    ref32 = torch.nn.functional.cross_entropy(
+        torch.tanh(torch.tensor(h) @ torch.tensor(w).T / cap) * cap, torch.tensor(t),
+        reduction="none")
+    assert B.to_float(s2) == pytest.approx(float((ref32 * torch.tensor(m)).sum()), rel=1e-5)
+def _reference_gated_delta(q, k, v, a, b, a_log, dt_bias, state=None, seg=None):
+    """The gated delta rule step by step (torch float64 autograd): the definition."""
+    q, k, v, a, b, a_log, dt_bias = (torch.as_tensor(x).double() for x in
+                                     (q, k, v, a, b, a_log, dt_bias))
+    B, T, Hk, Dk = q.shape
+    Hv, Dv = v.shape[2:]
+    q, k = (z / torch.sqrt((z * z).sum(-1, keepdim=True) + 1e-6) for z in (q, k))
+    q = q * Dk ** -0.5
+    q, k = (z.repeat_interleave(Hv // Hk, dim=2) for z in (q, k))
+    beta = torch.sigmoid(b)
+    g = -torch.exp(a_log) * torch.nn.functional.softplus(a + dt_bias)
+    S = torch.zeros(B, Hv, Dk, Dv, dtype=torch.float64) if state is None \
+        else torch.as_tensor(state).double()
+    outs = []
+    for t in range(T):
+        if seg is not None and t > 0:
+            S = S * torch.as_tensor(seg[:, t] == seg[:, t - 1]).double()[:, None, None, None]
+        S = S * torch.exp(g[:, t])[..., None, None]
+        mem = torch.einsum("bhkv,bhk->bhv", S, k[:, t])
+        delta = (v[:, t] - mem) * beta[:, t, :, None]
+        S = S + k[:, t, :, :, None] * delta[:, :, None, :]
+        outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
+    return torch.stack(outs, 1), S
+
+
+def _delta_inputs(T, seed=0, B=2, Hk=2, Hv=4, Dk=8, Dv=6):
+    rng = np.random.default_rng(seed)
+    f = lambda *s: rng.normal(size=s).astype(np.float32)  # noqa: E731
+    return dict(q=f(B, T, Hk, Dk), k=f(B, T, Hk, Dk), v=f(B, T, Hv, Dv), a=f(B, T, Hv),
+                b=f(B, T, Hv), a_log=(f(Hv) * 0.5).astype(np.float32), dt_bias=f(Hv))
+
+
+@pytest.mark.parametrize("T", [1, 5, 70, 150])  # one step, one chunk, across chunks of 64
+def test_gated_delta_rule_matches_the_recurrence(backend, T):
+    ops = backend
+    x = _delta_inputs(T)
+    state = np.random.default_rng(3).normal(size=(2, 4, 8, 6)).astype(np.float32)
+    want_o, want_s = _reference_gated_delta(**x, state=state)
+    o, s = ops.gated_delta_rule(**{n: ops.from_numpy(v) for n, v in x.items()},
+                                state=ops.from_numpy(state))
+    np.testing.assert_allclose(ops.to_numpy(o), want_o.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ops.to_numpy(s), want_s.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_gated_delta_rule_restarts_at_each_packed_example_and_differentiates(backend):
+    ops = backend
+    T = 150
+    x = _delta_inputs(T, seed=1)
+    seg = np.zeros((2, T), np.int32)
+    seg[0, 40:], seg[0, 64:], seg[0, 130:] = 1, 2, 3  # a boundary on a chunk edge
+    seg[1, 100:] = 1
+    r = np.random.default_rng(2).normal(size=(2, T, 4, 6))
+    leaves = {n: torch.tensor(v, dtype=torch.float64, requires_grad=True) for n, v in x.items()}
+    want, _ = _reference_gated_delta(**leaves, seg=seg)
+    (want * torch.tensor(r)).sum().backward()
+
+    names = list(x)
+
+    def f(tr, _):
+        o, _ = ops.gated_delta_rule(**tr, segment_ids=ops.from_numpy(seg))
+        return (o * ops.from_numpy(r.astype(np.float32))).sum(), o
+    (_, o), grads = ops.value_and_grad(f)({n: ops.from_numpy(x[n]) for n in names}, None)
+    np.testing.assert_allclose(ops.to_numpy(o), want.detach().numpy(), rtol=1e-4, atol=1e-5)
+    for n in names:
+        np.testing.assert_allclose(ops.to_numpy(grads[n]), leaves[n].grad.numpy(),
+                                   rtol=1e-3, atol=1e-4, err_msg=n)
+
+
+def test_causal_conv1d_matches_the_definition_with_state_and_segments(backend):
+    ops = backend
+    rng = np.random.default_rng(0)
+    B, T, Ch, K = 2, 9, 5, 4
+    x = rng.normal(size=(B, T, Ch)).astype(np.float32)
+    w = rng.normal(size=(Ch, K)).astype(np.float32)
+    state = rng.normal(size=(B, K - 1, Ch)).astype(np.float32)
+    xs = np.concatenate([state, x], 1)
+    want = sum(xs[:, j:j + T] * w[:, j] for j in range(K))
+    y, s = ops.causal_conv1d(ops.from_numpy(x), ops.from_numpy(w), ops.from_numpy(state))
+    np.testing.assert_allclose(ops.to_numpy(y), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ops.to_numpy(s), xs[:, -(K - 1):])
+    seg = np.array([[0] * 4 + [1] * 5, [0] * 9], np.int32)
+    y, _ = ops.causal_conv1d(ops.from_numpy(x), ops.from_numpy(w),
+                             segment_ids=ops.from_numpy(seg))
+    for bi, lo, hi in ((0, 0, 4), (0, 4, 9), (1, 0, 9)):
+        alone, _ = ops.causal_conv1d(ops.from_numpy(x[bi:bi + 1, lo:hi]), ops.from_numpy(w))
+        np.testing.assert_allclose(ops.to_numpy(y)[bi:bi + 1, lo:hi], ops.to_numpy(alone),
+                                   rtol=1e-5, atol=1e-5)

@@ -77,7 +77,10 @@ def total(**kw):
                                     "phi-3.5-mini-instruct", "phi-4-mini-instruct",
                                     "olmo-2-7b", "olmo-2-13b", "olmo-2-32b",
                                     "granite-3.3-8b-instruct", "smollm3-3b", "starcoder2-7b",
-                                    "glm-4-9b-0414"])
+                                    "glm-4-9b-0414",
+                                    "gemma-2-2b", "gemma-2-27b", "gemma-3-1b-it",
+                                    "gemma-3-27b-it", "qwen3.5-0.8b", "qwen3.5-9b",
+                                    "qwen3.5-27b"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_base_weights_are_the_models_own_parameter_count(preset, dtype):
     """The estimator's weight term, from its own shape arithmetic, equals the parameter

@@ -113,6 +113,60 @@ CASES = [
     # writes both into rope_parameters)
     Case("glm4", dict(attention_bias=True, head_dim=32, partial_rotary_factor=0.5),
          mlx_lm=False),
+    # Gemma 2: sliding layer (window 6 < 24) then full, both soft-caps small enough to bite,
+    # query_pre_attn_scalar unlike head_dim; mlx-lm's gemma2 ignores the window.
+    Case("gemma2", dict(head_dim=16, sliding_window=6, attn_logit_softcapping=2.0,
+                        final_logit_softcapping=3.0, query_pre_attn_scalar=24), mlx_lm=False),
+    Case("gemma2", dict(head_dim=16, sliding_window=64, attn_logit_softcapping=2.0,
+                        final_logit_softcapping=3.0, query_pre_attn_scalar=24),
+         id="gemma2-no-window"),  # the same with a window past the sequence, for mlx-lm
+    # Gemma 3: q/k norms, sliding layer (window 6) with its own RoPE base, full layer with
+    # linear RoPE scaling; mlx-lm's gemma3_text reads only the older keys (rope_local_base_freq,
+    # sliding_window_pattern), not transformers 5's rope_parameters per layer type.
+    Case("gemma3_text", dict(head_dim=16, sliding_window=6, query_pre_attn_scalar=24,
+                             layer_types=["sliding_attention", "full_attention"],
+                             rope_parameters={
+                                 "sliding_attention": {"rope_type": "default",
+                                                       "rope_theta": 100.0},
+                                 "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                    "rope_theta": 10000.0}}), mlx_lm=False),
+    # Gemma 4: sliding (window 6) and full layers (wider heads, proportional partial RoPE,
+    # k = v with one kv head), the last two layers reusing earlier k, v with double-wide
+    # MLPs, per-layer input embeddings, final soft-cap; mlx-lm's gemma4_text reads
+    # global_head_dim, which transformers 5 saves as per_layer_config instead.
+    Case("gemma4_text", dict(head_dim=16, global_head_dim=32, sliding_window=6,
+                             num_hidden_layers=4, num_kv_shared_layers=2,
+                             layer_types=["sliding_attention", "full_attention"] * 2,
+                             use_double_wide_mlp=True, hidden_size_per_layer_input=8,
+                             vocab_size_per_layer_input=512, attention_k_eq_v=True,
+                             num_global_key_value_heads=1, final_logit_softcapping=3.0),
+         mlx_lm=False),
+    # the larger Gemma 4 layout: no per-layer inputs, no kv sharing, v_proj everywhere
+    Case("gemma4_text", dict(head_dim=16, global_head_dim=32, sliding_window=6,
+                             layer_types=["sliding_attention", "full_attention"],
+                             hidden_size_per_layer_input=0, num_kv_shared_layers=0),
+         mlx_lm=False, id="gemma4_text-plain"),
+    # Gated DeltaNet and gated full-attention layers, partial rotary, (1 + w) norms; 70
+    # tokens cross the delta rule's 64-step chunks. mlx-lm has no qwen3_5_text model (only
+    # the VL wrapper qwen3_5, which nests it under language_model and takes the layer
+    # types from full_attention_interval).
+    Case("qwen3_5_text", dict(num_hidden_layers=3, head_dim=32,
+                              layer_types=["linear_attention", "full_attention",
+                                           "linear_attention"],
+                              linear_num_key_heads=2, linear_num_value_heads=4,
+                              linear_key_head_dim=16, linear_value_head_dim=8),
+         mlx_lm=False, seq=70),
+    # The same hybrid with qwen3_next's fused DeltaNet projections; dense MLPs only (its
+    # experts wait for the MoE block), so num_experts=0. PEFT maps qwen3_next's gate/up/
+    # down_proj targets onto expert parameters (its transformers-v5 MoE conversion), which
+    # a dense MLP lacks, so the targets here are every other projection. mlx-lm's
+    # qwen3_next wants rope_theta and partial_rotary_factor at the top level, where
+    # transformers 5 no longer writes them (they are in rope_parameters).
+    Case("qwen3_next", dict(num_hidden_layers=4, head_dim=32, num_experts=0,
+                            linear_num_key_heads=2, linear_num_value_heads=4,
+                            linear_key_head_dim=16, linear_value_head_dim=8), seq=70,
+         targets=["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba",
+                  "out_proj"], mlx_lm=False),
 ]
 IDS = [c.id for c in CASES]
 

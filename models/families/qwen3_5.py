@@ -1,0 +1,61 @@
+"""Qwen3.5 (dense): a hybrid of Gated DeltaNet linear-attention layers
+(models/blocks/gated_deltanet.py) and full-attention layers whose q_proj also makes an
+output gate, with per-head q/k RMSNorm and RoPE on the first quarter of each head
+(partial_rotary_factor). Every RMSNorm but the DeltaNet's gated one scales by (1 + w).
+
+The published checkpoints are the vision-language model (model_type qwen3_5, the text
+model under text_config, weights under model.language_model.*); lorafit trains its text
+model, as transformers' Qwen3_5ForCausalLM does: the vision tower and the multi-token-
+prediction head are dropped. qwen3_5_text is the text model's own config.
+"""
+
+from __future__ import annotations
+
+
+def _qwen3_5_text(cfg: dict) -> dict:
+    cfg["qk_norm"] = True
+    cfg["norm_offset"] = 1.0  # (1 + w) in float32
+    cfg["attention_output_gate"] = True
+    if cfg.get("attention_bias"):  # o_proj has a bias too
+        cfg["o_proj_bias"] = True
+    if cfg.get("layer_types") is None:  # transformers' default: every 4th layer is full
+        every = cfg.get("full_attention_interval", 4)
+        cfg["layer_types"] = ["full_attention" if (i + 1) % every == 0 else "linear_attention"
+                              for i in range(cfg["num_hidden_layers"])]
+    rope = cfg.get("rope_parameters") or {}
+    if "partial_rotary_factor" not in cfg and "partial_rotary_factor" not in rope:
+        cfg["partial_rotary_factor"] = 0.25  # transformers' default for this family
+    return cfg
+
+
+def _qwen3_5(cfg: dict) -> dict:
+    """The vision-language config: its text_config, with the top-level tying."""
+    text = dict(cfg.get("text_config") or {})
+    text.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
+    text["model_type"] = cfg["model_type"]
+    return _qwen3_5_text(text)
+
+
+CONFIGURE = {"qwen3_5_text": _qwen3_5_text, "qwen3_5": _qwen3_5}
+
+
+# the vision-language checkpoints' text-model prefixes (transformers', mlx-lm's)
+PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+            ("language_model.lm_head.", "lm_head."))
+
+
+def rename(name: str) -> str:
+    """A checkpoint tensor's name under transformers' causal-LM names (the text model's
+    tensors of a vision-language checkpoint lose their language_model prefix; the vision
+    tower's and the multi-token-prediction head's keep names the model does not have)."""
+    for old, new in PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def sanitize(weights: dict, args) -> dict:
+    weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+    if args.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    return weights
