@@ -287,13 +287,15 @@ def test_setup_screen_snapshot(tiny_run_inputs, tmp_path, monkeypatch, size, the
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
     async def scenario():
-        from textual.widgets import Select
+        from textual.widgets import Input, Select
         app = LorafitApp(runs_root="runs")
         async with app.run_test(size=size) as pilot:
             app.theme = theme
             screen = app.screen
             freeze_clock(app)
             screen.query_one("#backend", Select).value = "torch"
+            for field in screen.query(Input):
+                field.cursor_blink = False  # a fixed frame
             await fill(pilot, screen, model=folder.name, data=data.name, output="runs/new",
                        batch_size=2, seq_len=64)
             assert await wait_for(pilot, lambda: "8.00 GiB" in panel_text(screen,
