@@ -490,41 +490,68 @@ def largest_fitting(shape: Shape, settings: Settings, variable: str, budget: int
     return lo
 
 
-def suggestions(shape: Shape, settings: Settings, budget: int) -> list[str]:
-    """What would make a run that does not fit, fit: each with its estimated total."""
-    out = []
+def suggestions(shape: Shape, settings: Settings, budget: int, limit: int = 6) -> list[str]:
+    """What would make a run that does not fit, fit: each a set of flags with its estimated
+    total, checked with the estimator. Combinations are searched (gradient checkpointing,
+    bf16, 4-bit, then a smaller micro-batch with the same effective batch, then a shorter
+    sequence), fewest changes first."""
+    from itertools import combinations
 
-    def total(**kw):
-        return estimate(shape, settings.replace(**kw))["total"]
+    def total(st):
+        return estimate(shape, st)["total"]
 
-    variants = [("", settings)]
+    levers = []  # (flags, changes)
     if not settings.grad_checkpoint:
-        ckpt = settings.replace(grad_checkpoint=True)
-        if estimate(shape, ckpt)["total"] <= budget:
-            out.append(f"--grad-checkpoint: {fmt_bytes(estimate(shape, ckpt)['total'])}")
-        variants.append(("--grad-checkpoint ", ckpt))
-    for prefix, st in variants:
-        b = largest_fitting(shape, st, "batch", budget)
-        if b and b < st.batch_size:
-            accum = st.grad_accum * -(-st.batch_size // b)
-            tot = estimate(shape, st.replace(batch_size=b))["total"]
-            out.append(f"{prefix}--batch-size {b} --grad-accum {accum} (same effective "
-                       f"batch): {fmt_bytes(tot)}")
-        t = largest_fitting(shape, st, "seq-len", budget)
-        if t and t < st.seq_len:
-            tot = estimate(shape, st.replace(seq_len=t))["total"]
-            out.append(f"{prefix}--seq-len {t}: {fmt_bytes(tot)}")
+        levers.append(("--grad-checkpoint", {"grad_checkpoint": True}))
+    if settings.dtype == "float32":
+        levers.append(("--dtype bf16", {"dtype": "bfloat16"}))
+    if not settings.quantize_bits:
+        levers.append(("--quantize 4bit", {"quantize_bits": 4}))
+    effective = settings.batch_size * settings.grad_accum
+    found = []  # (number of changes, total, text)
+    enough = []  # lever sets that fit alone: adding levers to them helps nobody
+    for n in range(len(levers) + 1):
+        for combo in combinations(levers, n):
+            if any(set(e) <= {f for f, _ in combo} for e in enough):
+                continue
+            changes = {k: v for _, c in combo for k, v in c.items()}
+            st = settings.replace(**changes)
+            flags = [f for f, _ in combo]
+            if n and total(st) <= budget:
+                found.append((n, total(st), " ".join(flags)))
+                enough.append([f for f, _ in combo])
+                continue
+            # a smaller micro-batch that divides the effective batch: the same optimisation
+            b = largest_fitting(shape, st, "batch", budget)
+            b = next((d for d in range(min(b or 0, st.batch_size - 1), 0, -1)
+                      if effective % d == 0), None)
+            if b:
+                accum = effective // b
+                tot = total(st.replace(batch_size=b, grad_accum=accum))
+                if tot <= budget:
+                    found.append((n + 1, tot, " ".join(flags + [
+                        f"--batch-size {b} --grad-accum {accum} (same effective batch "
+                        f"{effective})"])))
+                    continue
+            t = largest_fitting(shape, st.replace(batch_size=1), "seq-len", budget)
+            if t and t < st.seq_len:
+                tot = total(st.replace(batch_size=1, seq_len=t))
+                extra = [] if st.batch_size == 1 else [
+                    f"--batch-size 1 --grad-accum {effective}"]
+                if tot <= budget:
+                    found.append((n + 2, tot, " ".join(flags + extra + [f"--seq-len {t}"])))
     r = largest_fitting(shape, settings, "rank", budget)
     if r and r < settings.rank:
-        out.append(f"--rank {r}: {fmt_bytes(total(rank=r))}")
-    if settings.dtype == "float32" and total(dtype="bfloat16") <= budget:
-        out.append(f"--dtype bf16: {fmt_bytes(total(dtype='bfloat16'))}")
-    if not settings.quantize_bits and total(quantize_bits=4) <= budget:
-        out.append(f"--quantize 4bit: {fmt_bytes(total(quantize_bits=4))}")
+        found.append((1, total(settings.replace(rank=r)), f"--rank {r}"))
+    out, seen = [], set()
+    for _, tot, text in sorted(found, key=lambda f: (f[0], -f[1])):
+        if text not in seen:
+            seen.add(text)
+            out.append(f"{text}: {fmt_bytes(tot)}")
     if not out:
         out.append("nothing short of a smaller model fits: even batch 1 at this sequence "
                    "length needs more")
-    return out
+    return out[:limit]
 
 
 def settings_from_config(cfg, backend: str | None = None, device: str | None = None) -> Settings:

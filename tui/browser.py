@@ -1,20 +1,34 @@
-"""The run browser: every run directory under a root, newest first; Enter opens one,
-c compares the loss curves of the marked runs."""
+"""The run browser: every run directory under a root, newest first; Enter (or a click)
+opens one, Space marks runs, c compares the loss curves of the marked runs."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from rich.text import Text
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
-from lorafit.tui.runfiles import RunFollower, find_runs, read_status
+from lorafit.tui.runfiles import RunFollower, list_runs, run_state
 from lorafit.tui.widgets import plot_lines, smooth
 
 COLORS = ["cyan", "magenta", "green", "yellow", "blue", "red"]
+
+
+class RunsTable(DataTable):
+    """A click on any cell of a row opens that run (DataTable alone only selects on a
+    second click on the cursor cell)."""
+
+    async def _on_click(self, event) -> None:
+        meta = event.style.meta
+        row, col = meta.get("row", -1), meta.get("column", -1)
+        already = (row, col) == tuple(self.cursor_coordinate)
+        await super()._on_click(event)
+        if row >= 0 and col >= 0 and not already and not meta.get("out_of_bounds"):
+            self._post_selected_message()
 
 
 class BrowserScreen(Screen):
@@ -27,36 +41,51 @@ class BrowserScreen(Screen):
         self.root = Path(root)
         self.runs: list[Path] = []
         self.marked: set[Path] = set()
+        self.comparing = False
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield DataTable(id="runs", cursor_type="row")
+        yield RunsTable(id="runs", cursor_type="row")
         yield Static(id="compare")
         yield Footer()
 
     def on_mount(self) -> None:
         self.title = f"lorafit — runs in {self.root}"
         table = self.query_one(DataTable)
-        table.add_columns(" ", "run", "state", "step", "last loss")
+        self.mark_col, *_ = table.add_columns(" ", "run", "state", "step", "last loss")
         self.action_reload()
+        table.focus()
+
+    def on_screen_resume(self) -> None:
+        if self.is_mounted and self.runs:
+            self.action_reload()
 
     def action_reload(self) -> None:
         table = self.query_one(DataTable)
+        keep = self._current()
         table.clear()
-        self.runs = find_runs(self.root)
+        self.runs = list_runs(self.root)
         for run in self.runs:
             f = RunFollower(run)
             f.poll()
             st = f.state
             loss = f"{st.losses[-1]:.4f}" if st.losses else "-"
-            table.add_row("*" if run in self.marked else " ", str(run.relative_to(self.root))
-                          if run.is_relative_to(self.root) else str(run),
-                          st.state or "?",
-                          f"{st.last.get('step', 0)}/{st.total_steps}", loss)
+            state = run_state(run, st.status)
+            style = {"failed": "red", "died": "bold red", "running": "green",
+                     "paused": "yellow", "stopped": "yellow", "completed": "cyan"}.get(state, "")
+            table.add_row("*" if run in self.marked else " ",
+                          str(run.relative_to(self.root)) if run.is_relative_to(self.root)
+                          else str(run), Text(state, style=style) if style else state,
+                          f"{st.last.get('step', 0)}/{st.total_steps}", loss, key=str(run))
+        if keep in self.runs:
+            table.move_cursor(row=self.runs.index(keep))
+        if self.comparing:
+            self.action_compare()
 
     def _current(self) -> Path | None:
-        row = self.query_one(DataTable).cursor_row
-        return self.runs[row] if 0 <= row < len(self.runs) else None
+        table = self.query_one(DataTable)
+        row = table.cursor_row
+        return self.runs[row] if table.row_count and 0 <= row < len(self.runs) else None
 
     def action_open(self) -> None:
         from lorafit.tui.run_screen import RunScreen
@@ -65,13 +94,23 @@ class BrowserScreen(Screen):
         if run is not None:
             self.app.push_screen(RunScreen(run))
 
+    @on(DataTable.RowSelected)
+    def _row_selected(self, event: DataTable.RowSelected) -> None:
+        """Enter on the table, or a click on the row under the cursor."""
+        event.stop()
+        self.action_open()
+
     def action_mark(self) -> None:
+        """Toggle the mark of the run under the cursor; the cursor stays on it."""
         run = self._current()
-        if run is not None:
-            self.marked ^= {run}
-            self.action_reload()
+        if run is None:
+            return
+        self.marked ^= {run}
+        table = self.query_one(DataTable)
+        table.update_cell(str(run), self.mark_col, "*" if run in self.marked else " ")
 
     def action_compare(self) -> None:
+        self.comparing = True
         runs = sorted(self.marked) or self.runs[:3]
         series, legend = [], Text()
         for i, run in enumerate(runs):
@@ -82,6 +121,10 @@ class BrowserScreen(Screen):
             legend.append(f"■ {run.name}  ", style=color)
         lines = plot_lines(series, max(self.size.width - 2, 30), 8)
         self.query_one("#compare", Static).update(Text("\n").join([legend] + lines))
+
+    def on_resize(self) -> None:
+        if self.comparing:
+            self.call_after_refresh(self.action_compare)
 
     def action_back(self) -> None:
         if len(self.app.screen_stack) > 2:

@@ -12,13 +12,13 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, ProgressBar, RichLog, Static
 
 from lorafit.core import rundir
 from lorafit.core.control import send_command
-from lorafit.tui.runfiles import RunFollower, newest_checkpoint
+from lorafit.tui.runfiles import RunFollower, log_tail, newest_checkpoint, run_state
 from lorafit.tui.widgets import LossPlot, fmt_bytes, memory_bar
 
 REFRESH_S = 0.25  # at most 4 redraws a second, whatever the trainer's pace
@@ -34,7 +34,7 @@ class RunScreen(Screen):
     BINDINGS = [
         Binding("p", "pause", "Pause/resume"),
         Binding("s", "save", "Save now"),
-        Binding("x", "stop", "Stop"),
+        Binding("x", "stop", "Stop (asks)"),
         Binding("t", "try_it", "Try it"),
         Binding("escape", "back", "Back"),
     ]
@@ -48,18 +48,21 @@ class RunScreen(Screen):
         self.follower = RunFollower(self.run_dir)
         self.logged = 0
         self.crash_shown = False
+        self.died_shown = False
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=True)
         with Horizontal(id="run-top"):
             yield LossPlot(id="plot")
             yield Static(id="side")
+        yield Static("", id="settings")
         yield ProgressBar(id="progress", show_eta=False)
         with Horizontal(id="run-bottom"):
             yield RichLog(id="events", max_lines=500, wrap=True)
             with Vertical(id="try-panel"):
-                yield Input(placeholder="prompt to try (t), Enter to generate", id="prompt")
-                yield Static("", id="try-out")
+                yield Input(placeholder="a prompt; Enter generates, Esc closes", id="prompt")
+                with VerticalScroll(id="try-scroll"):
+                    yield Static("", id="try-out")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -72,9 +75,12 @@ class RunScreen(Screen):
     def refresh_view(self) -> None:
         changed = self.follower.poll()
         self._check_process()
+        if self.follower.state.active and not self.died_shown and self._check_died():
+            return
         if not changed:
             return
         st = self.follower.state
+        self.query_one("#settings", Static).update(self._settings_text())
         self.query_one(LossPlot).update_series(st.steps, st.losses, st.val_steps, st.val_losses)
         self.query_one("#side", Static).update(self._stats_text() + self._memory_text())
         bar = self.query_one(ProgressBar)
@@ -85,6 +91,25 @@ class RunScreen(Screen):
         self.logged = len(st.log)
         if st.status.get("state") == "failed" and not self.crash_shown:
             self._show_crash(st.status.get("error") or "the run failed")
+
+    def state(self) -> str:
+        """status.json's state, or 'died' when its trainer is gone without a word."""
+        return run_state(self.run_dir, self.follower.state.status)
+
+    def _check_died(self) -> bool:
+        if self.state() != "died":
+            return False
+        if not self.died_shown:
+            self.died_shown = True
+            log = self.query_one(RichLog)
+            log.write(Text("the trainer died (its process is gone; killed, e.g. out of "
+                           "memory?) — last lines of its log:", style="bold red"))
+            for line in log_tail(self.run_dir, 5):
+                log.write(Text(line, style="red"))
+            self.query_one("#side", Static).update(self._stats_text() + self._memory_text())
+            self.notify("the trainer died; see the event log", title="run died",
+                        severity="error", timeout=30)
+        return True
 
     def _check_process(self) -> None:
         if self.process is None or self.crash_shown:
@@ -106,50 +131,83 @@ class RunScreen(Screen):
 
     def _stats_text(self) -> Text:
         st = self.follower.state
-        last, state = st.last, st.status.get("state", "?")
+        last, state = st.last, self.state()
         t = Text()
         style = {"running": "green", "paused": "yellow", "failed": "bold red",
-                 "completed": "cyan", "stopped": "yellow"}.get(state, "")
-        t.append(f"{state}\n", style=style)
-        t.append(f"step      {last.get('step', 0)}/{st.total_steps}\n")
+                 "died": "bold red", "completed": "cyan", "stopped": "yellow"}.get(state, "")
+        t.append(f"{state:<13}", style=style)
+        t.append(f"step {last.get('step', 0)}/{st.total_steps}\n")
         if last:
-            t.append(f"loss      {last['loss']:.4f}\n")
-            if st.val_losses:
-                t.append(f"val loss  {st.val_losses[-1]:.4f}\n")
-            t.append(f"lr        {last['lr']:.2e}\n")
-            t.append(f"tokens/s  {last['tokens_per_s']:,.0f}\n")
-            t.append(f"step time {last['step_time']:.3f}s\n")
-            t.append(f"eta       {_fmt_time(last.get('eta_s'))}\n")
+            t.append(f"{'loss ' + format(last['loss'], '.4f'):<13}")
+            t.append(f"val {st.val_losses[-1]:.4f}\n" if st.val_losses else "\n")
+            eta = _fmt_time(last.get("eta_s")) if state in ("running", "paused") else "-"
+            t.append(f"{'lr ' + format(last['lr'], '.2e'):<13}eta {eta}\n")
+            t.append(f"{format(last['tokens_per_s'], ',.0f') + ' tok/s':<13}"
+                     f"{last['step_time']:.3f} s/step\n")
+        return t
+
+    def _settings_text(self) -> Text:
+        """The run's settings in one line: model, data, rank, lr, batch, dtype, backend."""
+        cfg = self.follower.state.start.get("config") or {}
+        st = self.follower.state.start
+        if not cfg:
+            return Text("")
+        parts = [("model", Path(str(cfg.get("model", "?"))).name or cfg.get("model")),
+                 ("data", Path(str(cfg.get("data", ""))).name or "-"),
+                 ("rank", cfg.get("rank", "-")), ("lr", cfg.get("lr", "-")),
+                 ("batch", cfg.get("batch_size", "-")), ("dtype", cfg.get("dtype") or "auto"),
+                 ("on", f"{st.get('backend', cfg.get('backend', '?'))}/"
+                        f"{st.get('device', '?')}")]
+        t = Text()
+        for i, (k, v) in enumerate(parts):
+            t.append(("  " if i else " ") + f"{k} ", style="dim")
+            t.append(str(v), style="bold")
         return t
 
     def _memory_text(self) -> Text:
         st = self.follower.state
         est = (st.start.get("estimate") or {})
-        t = Text("memory\n", style="bold")
+        t = Text()
+        t.append("memory", style="bold")
+        if est.get("budget"):
+            t.append(f" of {fmt_bytes(est['budget'])}", style="dim")
+        t.append("\n")
         measured = st.memory.get("measured")
+        if est.get("total"):
+            t.append(f"estimate  {fmt_bytes(est.get('total'))}\n")
+        if measured:
+            t.append(f"measured  {fmt_bytes(measured)}")
+            same = st.memory.get("estimated_this_batch")
+            if same:
+                t.append(f" ({100 * (same - measured) / measured:+.1f}% est)", style="dim")
+            t.append("\n")
+        if st.last.get("memory_peak"):
+            t.append(f"peak now  {fmt_bytes(st.last['memory_peak'])}\n")
+        if measured or st.last.get("memory_peak"):
+            t.append("measured: tensor peak of one full step, beside the estimate for that "
+                     "batch; peak now: the newest step's peak\n", style="dim")
         if est.get("breakdown"):
             parts = [(k, v) for k, v in est["breakdown"].items() if v]
             t.append(memory_bar(parts, est.get("budget"), width=30))
-            t.append(f"estimate  {fmt_bytes(est.get('total'))}\n")
-        if measured:
-            t.append(f"measured  {fmt_bytes(measured)}\n")
-            same = st.memory.get("estimated_this_batch")
-            if same:
-                t.append(f"estimated {fmt_bytes(same)} for that batch "
-                         f"({100 * (same - measured) / measured:+.1f}%)\n")
-        if st.last.get("memory_peak"):
-            t.append(f"peak now  {fmt_bytes(st.last['memory_peak'])}\n")
-        if est.get("budget"):
-            t.append(f"capacity  {fmt_bytes(est['budget'])}\n")
         return t
 
     # -- controls ---------------------------------------------------------------------------
+    def check_action(self, action: str, parameters) -> bool | None:
+        """While the prompt has focus, letters are text: no run key fires (nor shows)."""
+        if action in ("pause", "save", "stop", "try_it") and \
+                isinstance(self.focused, Input):
+            return False
+        return True
+
     def _run_active(self) -> bool:
-        return self.follower.state.active
+        return self.follower.state.active and self.state() != "died"
+
+    def _try_open(self) -> bool:
+        return bool(self.query_one("#try-panel").display)
 
     def action_pause(self) -> None:
         if not self._run_active():
-            self.notify("the run is not running")
+            self.notify(f"the run is not running ({self.state()})")
             return
         paused = self.follower.state.status.get("state") == "paused"
         send_command(self.run_dir, "resume" if paused else "pause")
@@ -161,19 +219,35 @@ class RunScreen(Screen):
             self.notify("saving a checkpoint after this step")
 
     def action_stop(self) -> None:
-        if self._run_active():
-            send_command(self.run_dir, "stop")
-            self.notify("stopping: the trainer saves and exits after this step")
+        """Asks first; the trainer saves a checkpoint and exits after this step."""
+        if not self._run_active():
+            self.notify(f"the run is not running ({self.state()})")
+            return
+        from lorafit.tui.app import ConfirmScreen
+
+        def answer(yes: bool) -> None:
+            if yes:
+                send_command(self.run_dir, "stop")
+                self.notify("stopping: the trainer saves and exits after this step")
+
+        self.app.push_screen(ConfirmScreen(f"Stop {self.run_dir.name}? The trainer saves a "
+                                           "checkpoint and exits.", "Stop"), answer)
 
     def action_back(self) -> None:
+        if self._try_open():  # Esc closes the try-it box first
+            self.action_try_it()
+            return
         if len(self.app.screen_stack) > 2:
             self.app.pop_screen()
 
     def action_try_it(self) -> None:
         panel = self.query_one("#try-panel")
         panel.display = not panel.display
+        self.set_class(bool(panel.display), "trying")
         if panel.display:
             self.query_one("#prompt", Input).focus()
+        else:
+            self.query_one("#events").focus()
 
     @on(Input.Submitted, "#prompt")
     def generate(self, event: Input.Submitted) -> None:
@@ -197,11 +271,16 @@ class RunScreen(Screen):
             base = generate_text(model, prompt, 32)
             attach_adapter(model, ckpt)
             tuned = generate_text(model, prompt, 32)
-            text = Text()
-            text.append("base:    ", style="bold")
-            text.append(base + "\n")
-            text.append(f"{ckpt.name}: ", style="bold cyan")
-            text.append(tuned)
+            self.app.call_from_thread(self.show_answers, base, ckpt.name, tuned)
         except (LorafitError, KeyError) as e:
-            text = Text(f"cannot generate: {e}", style="red")
-        self.app.call_from_thread(self.query_one("#try-out", Static).update, text)
+            self.app.call_from_thread(self.query_one("#try-out", Static).update,
+                                      Text(f"cannot generate: {e}", style="red"))
+
+    def show_answers(self, base: str, name: str, tuned: str) -> None:
+        """The base model's and the checkpoint's answers, one under the other."""
+        text = Text()
+        text.append("base model\n", style="bold")
+        text.append(base.strip() + "\n\n")
+        text.append(f"fine-tuned ({name})\n", style="bold cyan")
+        text.append(tuned.strip())
+        self.query_one("#try-out", Static).update(text)

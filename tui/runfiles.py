@@ -107,3 +107,60 @@ def newest_checkpoint(run_dir: str | Path) -> Path | None:
     from lorafit.core.checkpoint import latest_checkpoint
 
     return latest_checkpoint(run_dir, report=lambda _: None)
+
+
+def list_runs(root: str | Path) -> list[Path]:
+    """The run folders under root, newest first: those with metrics or status (find_runs)
+    and those a trainer left only its config and log in (a run that failed before its
+    first event)."""
+    root = Path(root)
+    found = set(find_runs(root))
+    if root.is_dir():
+        for d in [root, *root.glob("*"), *root.glob("*/*")]:
+            if d.is_dir() and (rundir.config_path(d).is_file()
+                               or rundir.train_log_path(d).is_file()):
+                found.add(d)
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def pid_alive(pid) -> bool:
+    """Whether a process with this id exists (a zombie counts as gone)."""
+    import os
+
+    try:
+        pid = int(pid)
+    except (TypeError, ValueError):
+        return True  # no pid to check: assume alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not reaped) is dead too
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def run_state(run_dir: str | Path, status: dict | None = None) -> str:
+    """The state to show: status.json's, except 'died' for an active status whose trainer
+    pid is gone (killed, e.g. out of memory) and 'failed' for a folder with a log but no
+    status (the trainer failed before its first event)."""
+    status = rundir.read_status(run_dir) if status is None else status
+    state = status.get("state")
+    if not state:
+        return "failed" if rundir.train_log_path(run_dir).is_file() else "?"
+    if state in rundir.ACTIVE_STATES and status.get("pid") and not pid_alive(status["pid"]):
+        return "died"
+    return state
+
+
+def log_tail(run_dir: str | Path, n: int = 5) -> list[str]:
+    """The last n non-empty lines of the run's train.log."""
+    log = rundir.train_log_path(run_dir)
+    if not log.is_file():
+        return []
+    lines = [l for l in log.read_text(errors="replace").splitlines() if l.strip()]
+    return lines[-n:]

@@ -1,10 +1,12 @@
 """The set-up screen: a run's settings, with the memory estimate and the data check beside
 them, updated as the user types. Start writes the run's config file, the one `lorafit train`
-reads."""
+reads, after checking what would make the run fail at once."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,48 +21,103 @@ from textual.screen import Screen
 from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, Select, Static
 
 from lorafit.core import rundir
-from lorafit.core.config import BACKENDS, resolve, to_toml
+from lorafit.core.config import (BACKENDS, ON_BAD_RECORD, QUANTIZE, SCHEDULES, resolve,
+                                 to_toml)
 from lorafit.core.errors import LorafitError
 from lorafit.tui.widgets import fmt_bytes, histogram, memory_bar
 
 FIELDS = [  # (id, label, default, TrainConfig field, parser)
-    ("model", "model (folder, hub id or preset)", "", "model", str),
-    ("data", "data file (.jsonl / .json)", "", "data", str),
-    ("output", "run directory", "", "output", str),
+    ("model", "model", "", "model", str),
+    ("data", "data file", "", "data", str),
+    ("output", "run folder", "", "output", str),
     ("rank", "rank", "8", "rank", int),
     ("alpha", "alpha", "16", "alpha", float),
     ("targets", "targets", "q_proj,v_proj", "targets", str),
     ("batch_size", "batch size", "4", "batch_size", int),
-    ("seq_len", "sequence length", "512", "seq_len", int),
+    ("grad_accum", "grad accum", "1", "grad_accum", int),
+    ("seq_len", "seq length", "512", "seq_len", int),
     ("lr", "learning rate", "1e-4", "lr", float),
-    ("max_steps", "max steps (empty: epochs)", "", "max_steps", int),
+    ("warmup_steps", "warmup steps", "0", "warmup_steps", int),
+    ("max_steps", "max steps", "", "max_steps", int),
     ("epochs", "epochs", "1", "epochs", float),
+    ("val_fraction", "val fraction", "0", "val_fraction", float),
+    ("eval_every", "eval every", "", "eval_every", int),
+    ("save_every", "save every", "", "save_every", int),
+    ("budget", "budget", "", None, str),
 ]
+PLACEHOLDERS = {"model": "folder, hub id (a preset only estimates)",
+                "data": ".jsonl / .json", "output": "empty: RUNS/run-DATE",
+                "max_steps": "empty: epochs", "eval_every": "empty: never",
+                "save_every": "empty: at the end", "budget": "empty: the device's memory"}
+SELECTS = [  # (id, label, choices, default; None: a blank that must be chosen when needed)
+    ("backend", "backend", BACKENDS, "auto"),
+    ("dtype", "base dtype", ("auto", "fp32", "bf16", "fp16"), "auto"),
+    ("quantize", "quantize", ("none",) + QUANTIZE, "none"),
+    ("schedule", "schedule", SCHEDULES, "cosine"),
+    ("on_bad_record", "bad records", ON_BAD_RECORD, None),
+]
+FLAG_FIELDS = {"--batch-size": "batch_size", "--grad-accum": "grad_accum",
+               "--seq-len": "seq_len", "--rank": "rank", "--dtype": "dtype",
+               "--quantize": "quantize", "--grad-checkpoint": "grad_checkpoint"}
+
+
+def suggestion_changes(text: str) -> dict:
+    """'--dtype bf16 --batch-size 1 --grad-accum 4 (...): 17 GiB' -> the form's changes."""
+    flags = text.split(":", 1)[0]
+    changes = {}
+    for m in re.finditer(r"(--[a-z-]+)(?:\s+([^\s-][^\s]*))?", flags):
+        fid = FLAG_FIELDS.get(m.group(1))
+        if fid:
+            changes[fid] = True if fid == "grad_checkpoint" else m.group(2)
+    return changes
+
+
+def weights_problem(model: str) -> str | None:
+    """Why this model field cannot start a run (None when it may): a preset describes a
+    model's shape for the estimate, it has no weights."""
+    from lorafit.models.presets import find_preset
+
+    if Path(model).expanduser().is_dir():
+        return None
+    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        return None  # a hub id: the trainer loads it from the cache or downloads it
+    if find_preset(model):
+        return (f"{model} is a preset: it estimates memory but has no weights; give a "
+                "model folder or a hub id to train")
+    return f"{model}: no such model folder"
 
 
 class SetupScreen(Screen):
-    BINDINGS = [Binding("ctrl+s", "start", "Start"), Binding("ctrl+r", "runs", "Runs")]
+    BINDINGS = [Binding("ctrl+s", "start", "Start"), Binding("ctrl+r", "runs", "Runs"),
+                Binding("ctrl+f", "apply_fit", "Apply fit", tooltip="put the next suggestion "
+                        "of the memory estimate into the form"),
+                Binding("escape", "leave_field", "Leave field")]
 
     def __init__(self, defaults: dict | None = None):
         super().__init__()
         self.defaults = defaults or {}
         self.estimate: dict | None = None
+        self.data_problems: list = []
+        self.fit_index = 0
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=True)
         with Horizontal(id="setup"):
             with VerticalScroll(id="form"):
                 for fid, label, default, _, _ in FIELDS:
-                    yield Label(label)
-                    yield Input(value=str(self.defaults.get(fid, default)), id=fid)
-                yield Label("backend")
-                yield Select([(b, b) for b in BACKENDS], value="auto",
-                             allow_blank=False, id="backend")
-                yield Label("base dtype")
-                yield Select([(d, d) for d in ("auto", "fp32", "bf16", "fp16")], value="auto",
-                             allow_blank=False, id="dtype")
-                yield Checkbox("gradient checkpointing", id="grad_checkpoint")
-                yield Button("Start (ctrl+s)", id="start", variant="primary")
+                    with Horizontal(classes="row"):
+                        yield Label(label)
+                        yield Input(value=str(self.defaults.get(fid, default)), id=fid,
+                                    placeholder=PLACEHOLDERS.get(fid, ""), compact=True)
+                for sid, label, choices, default in SELECTS:
+                    with Horizontal(classes="row"):
+                        yield Label(label)
+                        yield Select([(c, c) for c in choices], value=default or Select.NULL,
+                                     allow_blank=default is None, id=sid,
+                                     prompt="choose" if default is None else "Select",
+                                     compact=True)
+                yield Checkbox("gradient checkpointing", id="grad_checkpoint", compact=True)
+                yield Button("Start (ctrl+s)", id="start", variant="primary", compact=True)
             with Vertical(id="panels"):
                 yield Static("memory: fill in a model", id="memory-panel")
                 yield Static("data: choose a file", id="data-panel")
@@ -68,14 +125,26 @@ class SetupScreen(Screen):
 
     def on_mount(self) -> None:
         self.title = "lorafit — new run"
+        self.query_one("#model", Input).focus()
         self.schedule_update()
 
+    def action_leave_field(self) -> None:
+        """Esc leaves a text field, so that one-letter keys (q, d, ?) work again."""
+        self.set_focus(None)
+
     # -- the form -------------------------------------------------------------------------
+    def budget(self) -> int | None:
+        text = self.query_one("#budget", Input).value.strip()
+        if not text:
+            return None
+        from lorafit.core.estimate import parse_bytes
+        return parse_bytes(text)
+
     def config(self):
         values = {}
         for fid, label, _, field_name, parse in FIELDS:
             text = self.query_one(f"#{fid}", Input).value.strip()
-            if not text:
+            if not text or field_name is None:
                 continue
             try:
                 values[field_name] = parse(text)
@@ -85,9 +154,18 @@ class SetupScreen(Screen):
         dtype = self.query_one("#dtype", Select).value
         if dtype != "auto":
             values["dtype"] = dtype
+        quantize = self.query_one("#quantize", Select).value
+        if quantize != "none":
+            values["quantize"] = quantize
+        values["schedule"] = self.query_one("#schedule", Select).value
+        bad = self.query_one("#on_bad_record", Select).value
+        if bad in ON_BAD_RECORD:
+            values["on_bad_record"] = bad
         values["grad_checkpoint"] = self.query_one("#grad_checkpoint", Checkbox).value
         if not values.get("output"):
-            values["output"] = str(Path("runs") / time.strftime("run-%Y%m%d-%H%M%S"))
+            values["output"] = str(Path(self.app.runs_root) /
+                                   time.strftime("run-%Y%m%d-%H%M%S"))
+        self.budget()  # a budget that cannot be read is a form error too
         return resolve(None, values)
 
     @on(Input.Changed)
@@ -99,55 +177,76 @@ class SetupScreen(Screen):
         self._timer = self.set_timer(0.3, self.update_panels)
 
     def update_panels(self) -> None:
+        memory = self.query_one("#memory-panel", Static)
+        data = self.query_one("#data-panel", Static)
         try:
             cfg = self.config()
+            budget = self.budget()
         except LorafitError as e:
-            self.query_one("#memory-panel", Static).update(Text(str(e), style="red"))
+            memory.update(Text(str(e), style="red"))
             return
-        self._update_memory(cfg)
-        self._update_data(cfg)
+        if not cfg.model:  # a cleared field clears its panel
+            self.estimate = None
+            memory.update(Text("memory: fill in a model", style="dim"))
+        else:
+            self._update_memory(cfg, budget)
+        if not cfg.data:
+            self.data_problems = []
+            data.update(Text("data: choose a file", style="dim"))
+        else:
+            self._update_data(cfg)
+
+    def _still(self, fid: str, value) -> bool:
+        """Whether the field still holds what a worker computed for (no stale panels)."""
+        return str(self.query_one(f"#{fid}", Input).value.strip()) == str(value)
 
     @work(thread=True, exclusive=True, group="memory")
-    def _update_memory(self, cfg) -> None:
-        if not cfg.model:
-            return
+    def _update_memory(self, cfg, budget=None) -> None:
         from lorafit.commands.estimate import estimate_for_config
 
+        panel = self.query_one("#memory-panel", Static)
         try:
-            est = estimate_for_config(cfg)
+            est = estimate_for_config(cfg, budget)
         except LorafitError as e:
-            self.app.call_from_thread(self.query_one("#memory-panel", Static).update,
-                                      Text(f"memory: {e}", style="red"))
+            if self._still("model", cfg.model):
+                self.estimate = None
+                self.app.call_from_thread(panel.update, Text(f"memory: {e}", style="red"))
+            return
+        if not self._still("model", cfg.model):
             return
         self.estimate = est
-        t = Text("memory estimate\n", style="bold")
-        t.append(f"{est['backend']} on {est['device']}, {est['model_source']}\n", style="dim")
-        t.append(memory_bar([(k, v) for k, v in est["breakdown"].items() if v],
-                            est["budget"], width=36))
-        t.append(f"total {fmt_bytes(est['total'])} of {fmt_bytes(est['budget'])} "
-                 f"({est['budget_source']})\n")
+        self.fit_index = 0
+        t = Text()
         if est["fits"]:
-            t.append("fits\n", style="bold green")
+            t.append("fits", style="bold green")
+            t.append(f": {fmt_bytes(est['total'])} of {fmt_bytes(est['budget'])}\n")
         else:
-            t.append("does NOT fit; what would:\n", style="bold red")
+            t.append("does NOT fit", style="bold red")
+            t.append(f": {fmt_bytes(est['total'])} of {fmt_bytes(est['budget'])}; "
+                     "ctrl+f applies:\n")
             for s in est["suggestions"]:
                 t.append(f"  {s}\n")
-        self.app.call_from_thread(self.query_one("#memory-panel", Static).update, t)
+        t.append("memory estimate ", style="bold")
+        t.append(f"{est['backend']} on {est['device']}, {est['model_source']} "
+                 f"({est['budget_source']})\n", style="dim")
+        t.append(memory_bar([(k, v) for k, v in est["breakdown"].items() if v],
+                            est["budget"], width=32))
+        self.app.call_from_thread(panel.update, t)
 
     @work(thread=True, exclusive=True, group="data")
     def _update_data(self, cfg) -> None:
-        if not cfg.data:
-            return
         from lorafit.core.data import check_dataset_file, load_dataset
 
         panel = self.query_one("#data-panel", Static)
         try:
             stats = check_dataset_file(cfg.data, "skip")
         except LorafitError as e:
-            self.app.call_from_thread(panel.update, Text(f"data: {e}", style="red"))
+            if self._still("data", cfg.data):
+                self.data_problems = []
+                self.app.call_from_thread(panel.update, Text(f"data: {e}", style="red"))
             return
-        t = Text("data\n", style="bold")
-        t.append(f"{stats.records} records, format {stats.format}\n")
+        body = Text()
+        body.append(f"{stats.records} records, format {stats.format}\n")
         lengths = []
         if cfg.model and Path(cfg.model).is_dir():
             try:
@@ -156,19 +255,46 @@ class SetupScreen(Screen):
                 examples, tstats = load_dataset(cfg.data, load_tokenizer(cfg.model),
                                                 cfg.seq_len, "skip")
                 lengths = [e.input_ids.size for e in examples]
-                t.append(f"{tstats.examples} examples, {tstats.truncated} truncated to "
-                         f"{cfg.seq_len} tokens\n")
+                body.append(f"{tstats.examples} examples, {tstats.truncated} truncated to "
+                            f"{cfg.seq_len} tokens\n")
                 stats.problems = tstats.problems
             except LorafitError as e:
-                t.append(f"{e}\n", style="red")
+                body.append(f"{e}\n", style="red")
         if lengths:
-            t.append("token lengths\n", style="bold")
-            t.append(histogram(lengths))
-        if stats.problems:
-            t.append(f"{len(stats.problems)} bad record(s):\n", style="bold red")
+            body.append("token lengths\n", style="bold")
+            body.append(histogram(lengths))
+        if not self._still("data", cfg.data):
+            return
+        self.data_problems = list(stats.problems)
+        t = Text()
+        if stats.problems:  # problems first, where they are seen
+            t.append(f"{len(stats.problems)} bad record(s)", style="bold red")
+            t.append(" — choose 'bad records': skip, or fix the file\n", style="red")
             for p in stats.problems[:5]:
                 t.append(f"  {p}\n", style="red")
+        t.append("data\n", style="bold")
+        t.append(body)
         self.app.call_from_thread(panel.update, t)
+
+    # -- applying a suggestion ------------------------------------------------------------
+    def action_apply_fit(self) -> None:
+        """Put the next suggestion of the estimate into the form."""
+        sugg = (self.estimate or {}).get("suggestions") or []
+        if not sugg:
+            self.notify("nothing to apply: the run fits" if self.estimate else
+                        "no estimate yet")
+            return
+        text = sugg[self.fit_index % len(sugg)]
+        self.fit_index += 1
+        changes = suggestion_changes(text)
+        for fid, value in changes.items():
+            if fid == "grad_checkpoint":
+                self.query_one("#grad_checkpoint", Checkbox).value = True
+            elif fid in ("dtype", "quantize"):
+                self.query_one(f"#{fid}", Select).value = value
+            else:
+                self.query_one(f"#{fid}", Input).value = str(value)
+        self.notify(f"applied: {text.split(':', 1)[0]}")
 
     # -- starting ---------------------------------------------------------------------------
     @on(Button.Pressed, "#start")
@@ -177,6 +303,9 @@ class SetupScreen(Screen):
             cfg = self.config()
             if not cfg.model or not cfg.data:
                 raise LorafitError("choose a model and a data file first")
+            problem = weights_problem(cfg.model)
+            if problem:
+                raise LorafitError(problem)
             run_dir = Path(cfg.output)
             if rundir.is_locked(run_dir):
                 pid = rundir.lock_holder(run_dir)
@@ -184,15 +313,41 @@ class SetupScreen(Screen):
                                    f"{f' (pid {pid})' if pid else ''}; choose another directory")
             if rundir.holds_checkpoints(run_dir):
                 raise LorafitError(f"{run_dir} already holds a run; choose another directory")
+            from lorafit.core.data import check_dataset_file
+            problems = check_dataset_file(cfg.data, "skip").problems or self.data_problems
+            if problems and self.query_one("#on_bad_record", Select).value not in ON_BAD_RECORD:
+                raise LorafitError(f"the data has {len(problems)} bad record(s) "
+                                   f"({problems[0]}): choose 'bad records' skip (drop them) "
+                                   "or fail")
+            from lorafit.commands.estimate import estimate_for_config
+            est = estimate_for_config(cfg, self.budget())
         except LorafitError as e:
-            self.notify(str(e), severity="error")
+            self.notify(str(e), severity="error", timeout=15)
             return
+        self.estimate = est
+        if est["fits"]:
+            self._start(cfg)
+            return
+        from lorafit.tui.app import ConfirmScreen
+
+        def answer(yes: bool) -> None:
+            if yes:
+                self._start(dataclasses.replace(cfg, force=True))
+
+        self.app.push_screen(ConfirmScreen(
+            f"This run needs about {fmt_bytes(est['total'])} but {est['budget_source']} is "
+            f"{fmt_bytes(est['budget'])}; it will likely run out of memory. Start anyway?",
+            "Start anyway"), answer)
+
+    def _start(self, cfg) -> None:
+        cfg = absolute_paths(cfg)
+        run_dir = Path(cfg.output)
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = rundir.write_config(run_dir, to_toml(cfg))
         process = start_training(config_path, run_dir)
         from lorafit.tui.run_screen import RunScreen
 
-        self.app.started.append(process)
+        self.app.started.append((process, run_dir))
         self.app.push_screen(RunScreen(run_dir, process,
                                        (self.estimate or {}).get("budget")))
 
@@ -200,6 +355,18 @@ class SetupScreen(Screen):
         from lorafit.tui.browser import BrowserScreen
 
         self.app.push_screen(BrowserScreen(self.app.runs_root))
+
+
+def absolute_paths(cfg):
+    """The config with its file paths absolute, so `lorafit train RUN/config.toml` works from
+    any folder (a hub id stays as it is)."""
+    changes = {"data": str(Path(cfg.data).expanduser().resolve()),
+               "output": str(Path(cfg.output).expanduser().resolve())}
+    if cfg.val_data:
+        changes["val_data"] = str(Path(cfg.val_data).expanduser().resolve())
+    if Path(cfg.model).expanduser().exists():
+        changes["model"] = str(Path(cfg.model).expanduser().resolve())
+    return dataclasses.replace(cfg, **changes)
 
 
 def start_training(config_path: Path, run_dir: Path) -> subprocess.Popen:

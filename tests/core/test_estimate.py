@@ -216,3 +216,35 @@ def test_parts_of_a_fused_projection_count_it_once():
     sh = memory_shape(load_preset("phi-3.5-mini-instruct"))
     assert adapter_params(sh, Settings(targets="q_proj,v_proj")) == \
         adapter_params(sh, Settings(targets="qkv_proj")) > 0
+
+
+def test_suggestions_search_combinations_and_each_fits():
+    """llama-3.1-8b in fp32 at batch 4 on a 23 GiB budget: bf16 with a smaller micro-batch
+    and 4-bit both fit; every suggestion is checked and keeps the effective batch."""
+    import re
+
+    from lorafit.core.estimate import suggestions
+    shape = memory_shape(load_preset("llama-3.1-8b"))
+    st, budget = Settings(), 23 * 2**30
+    out = suggestions(shape, st, budget)
+    assert not any(s.startswith("nothing") for s in out)
+    assert any("--dtype bf16" in s for s in out) and any("--quantize 4bit" in s for s in out)
+    for s in out:
+        flags = s.split(":")[0]
+        ch = {}
+        for flag, field_name, conv in (("--batch-size", "batch_size", int),
+                                       ("--grad-accum", "grad_accum", int),
+                                       ("--seq-len", "seq_len", int), ("--rank", "rank", int)):
+            m = re.search(flag + r" (\d+)", flags)
+            if m:
+                ch[field_name] = conv(m.group(1))
+        if "--dtype bf16" in flags:
+            ch["dtype"] = "bfloat16"
+        if "--quantize 4bit" in flags:
+            ch["quantize_bits"] = 4
+        if "--grad-checkpoint" in flags:
+            ch["grad_checkpoint"] = True
+        new = st.replace(**ch)
+        assert estimate(shape, new)["total"] <= budget, s
+        if "same effective batch" in s:
+            assert new.batch_size * new.grad_accum == st.batch_size * st.grad_accum, s

@@ -184,10 +184,16 @@ def fixed_runs(tmp_path, monkeypatch):
     return Path("runs")
 
 
-@pytest.mark.parametrize("size,theme,run", [((80, 24), "textual-dark", "lr-1e-3"),
-                                            ((80, 24), "textual-light", "lr-3e-3"),
-                                            ((200, 60), "textual-dark", "lr-3e-3"),
-                                            ((200, 60), "textual-light", "lr-1e-3")])
+SIZES = [((80, 24), "textual-dark"), ((80, 24), "textual-light"),
+         ((120, 36), "textual-dark"), ((120, 36), "textual-light")]
+
+
+def snap_name(screen: str, size, theme: str) -> str:
+    return f"{screen}-{size[0]}x{size[1]}-{theme.split('-')[1]}"
+
+
+@pytest.mark.parametrize("size,theme,run", [(s, t, r) for (s, t), r in
+                                            zip(SIZES, ["lr-1e-3", "lr-3e-3"] * 2)])
 def test_run_screen_snapshot(fixed_runs, tmp_path, size, theme, run):
     async def scenario():
         app = LorafitApp(watch=fixed_runs / run, runs_root=fixed_runs)
@@ -201,22 +207,57 @@ def test_run_screen_snapshot(fixed_runs, tmp_path, size, theme, run):
             await pilot.pause(0.5)
             assert f"{total}/40" in panel_text(screen, "#side")
             assert "step 12: paused" in log_text(screen)  # typed events reach the log
-            assert screen.query_one("#plot").size.height >= (size[1] - 12 if size[1] > 30
+            assert screen.query_one("#plot").size.height >= (size[1] - 13 if size[1] > 30
                                                              else 8)
-            check_snapshot(app, f"run-{size[0]}x{size[1]}-{theme.split('-')[1]}",
-                           tmp_path / "out")
+            check_snapshot(app, snap_name("run", size, theme), tmp_path / "out")
     asyncio.run(scenario())
 
 
-def test_browser_snapshot(fixed_runs, tmp_path):
+@pytest.mark.parametrize("size,theme", SIZES)
+def test_try_it_snapshot(fixed_runs, tmp_path, size, theme):
+    async def scenario():
+        app = LorafitApp(watch=fixed_runs / "lr-3e-3", runs_root=fixed_runs)
+        async with app.run_test(size=size) as pilot:
+            app.theme = theme
+            screen = app.screen
+            freeze_clock(app)
+            assert await wait_for(pilot, lambda: len(screen.follower.state.steps) == 40)
+            await pilot.press("t")
+            screen.query_one("#prompt").cursor_blink = False  # a fixed frame
+            await pilot.press(*"say fox")
+            screen.show_answers("say fox and the the the of a", "step-40", "fox fox")
+            await pilot.pause(0.5)
+            check_snapshot(app, snap_name("tryit", size, theme), tmp_path / "out")
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("size,theme", SIZES)
+def test_help_snapshot(fixed_runs, tmp_path, size, theme):
+    async def scenario():
+        app = LorafitApp(watch=fixed_runs / "lr-3e-3", runs_root=fixed_runs)
+        async with app.run_test(size=size) as pilot:
+            app.theme = theme
+            freeze_clock(app)
+            assert await wait_for(pilot, lambda: len(app.screen.follower.state.steps) == 40)
+            await pilot.press("question_mark")
+            await pilot.pause(0.5)
+            assert await wait_for(pilot, lambda: "palette" in screen_text(app).splitlines()[-1])
+            await pilot.pause(0.3)
+            check_snapshot(app, snap_name("help", size, theme), tmp_path / "out")
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("size,theme", SIZES)
+def test_browser_snapshot(fixed_runs, tmp_path, size, theme):
     async def scenario():
         app = LorafitApp(runs_root=fixed_runs)
-        async with app.run_test(size=SIZE) as pilot:
-            await pilot.press("ctrl+r")
+        async with app.run_test(size=size) as pilot:
+            app.theme = theme
+            await pilot.press("escape", "ctrl+r")
             await pilot.pause(0.3)
             from textual.widgets import DataTable
             table = app.screen.query_one(DataTable)
-            rows = [table.get_row_at(i) for i in range(table.row_count)]
+            rows = [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]
             assert [r[1:] for r in rows] == [["lr-1e-3", "running", "30/40", rows[0][4]],
                                              ["lr-3e-3", "completed", "40/40", rows[1][4]]]
             await pilot.press("space")  # mark the first run, then compare it alone
@@ -226,11 +267,12 @@ def test_browser_snapshot(fixed_runs, tmp_path):
             assert "lr-3e-3" not in panel_text(app.screen, "#compare")
             freeze_clock(app)
             await pilot.pause(0.2)
-            check_snapshot(app, "browser-80x24", tmp_path / "out")
+            check_snapshot(app, snap_name("browser", size, theme), tmp_path / "out")
     asyncio.run(scenario())
 
 
-def test_setup_screen_snapshot(tiny_run_inputs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("size,theme", SIZES)
+def test_setup_screen_snapshot(tiny_run_inputs, tmp_path, monkeypatch, size, theme):
     """Relative paths, the torch backend and a fixed 8 GiB budget: the same screen on any
     machine."""
     import collections
@@ -245,20 +287,24 @@ def test_setup_screen_snapshot(tiny_run_inputs, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
     async def scenario():
-        from textual.widgets import Select
+        from textual.widgets import Input, Select
         app = LorafitApp(runs_root="runs")
-        async with app.run_test(size=SIZE) as pilot:
+        async with app.run_test(size=size) as pilot:
+            app.theme = theme
             screen = app.screen
             freeze_clock(app)
             screen.query_one("#backend", Select).value = "torch"
+            for field in screen.query(Input):
+                field.cursor_blink = False  # a fixed frame
             await fill(pilot, screen, model=folder.name, data=data.name, output="runs/new",
                        batch_size=2, seq_len=64)
             assert await wait_for(pilot, lambda: "8.00 GiB" in panel_text(screen,
                                                                          "#memory-panel"))
             assert await wait_for(pilot, lambda: "token lengths" in
                                   panel_text(screen, "#data-panel"))
+            screen.query_one("#model").focus()
             await pilot.pause(0.3)
-            check_snapshot(app, "setup-80x24", tmp_path / "out")
+            check_snapshot(app, snap_name("setup", size, theme), tmp_path / "out")
     asyncio.run(scenario())
 
 
@@ -272,7 +318,7 @@ def test_setup_screen_updates_memory_and_shows_bad_records(tiny_run_inputs):
             screen = app.screen
             assert isinstance(screen, SetupScreen)
             await fill(pilot, screen, model=folder, data=data, batch_size=2, seq_len=64)
-            assert await wait_for(pilot, lambda: "total" in panel_text(screen, "#memory-panel"))
+            assert await wait_for(pilot, lambda: "memory estimate" in panel_text(screen, "#memory-panel"))
             before = panel_text(screen, "#memory-panel")
             await fill(pilot, screen, batch_size=16)
             assert await wait_for(pilot, lambda: panel_text(screen, "#memory-panel") != before)
@@ -332,7 +378,7 @@ def test_start_pause_resume_stop_a_real_run(tiny_run_inputs, children):
             assert step() == paused_at
             await pilot.press("p")
             assert await wait_for(pilot, lambda: step() > paused_at + 2)
-            await pilot.press("x")
+            await pilot.press("x", "y")  # stop asks first
             assert await wait_for(pilot, lambda: run.follower.state.status.get("state")
                                   == "stopped", timeout=60)
             run.process.wait(timeout=60)
