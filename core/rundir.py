@@ -168,6 +168,7 @@ def lock_holder(run_dir: str | Path) -> int | None:
 
 
 def pid_alive(pid) -> bool:
+    """Whether the process with this id runs (a zombie, exited but not reaped, does not)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -176,17 +177,22 @@ def pid_alive(pid) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS): the kill test stands
+        return True
 
 
 def effective_state(run_dir: str | Path, status: dict | None = None) -> str | None:
     """status.json's state, except that an active state whose trainer is gone (its pid
-    dead and the folder unlocked) reads as "failed"."""
+    dead and the folder unlocked) reads as "died": a failure without a final status
+    (killed, e.g. out of memory)."""
     status = read_status(run_dir) if status is None else status
     state = status.get("state")
     if state in ACTIVE_STATES and not pid_alive(status.get("pid")) \
             and not is_locked(run_dir):
-        return "failed"
+        return "died"
     return state
 
 

@@ -75,7 +75,7 @@ class RunScreen(Screen):
     def refresh_view(self) -> None:
         changed = self.follower.poll()
         self._check_process()
-        if self.follower.state.active and not self.died_shown and self._check_died():
+        if not self.died_shown and self._check_died():
             return
         if not changed:
             return

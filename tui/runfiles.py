@@ -123,38 +123,14 @@ def list_runs(root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def pid_alive(pid) -> bool:
-    """Whether a process with this id exists (a zombie counts as gone)."""
-    import os
-
-    try:
-        pid = int(pid)
-    except (TypeError, ValueError):
-        return True  # no pid to check: assume alive
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not reaped) is dead too
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def run_state(run_dir: str | Path, status: dict | None = None) -> str:
     """The state to show: status.json's, except 'died' for an active status whose trainer
     pid is gone (killed, e.g. out of memory) and 'failed' for a folder with a log but no
     status (the trainer failed before its first event)."""
     status = rundir.read_status(run_dir) if status is None else status
-    state = status.get("state")
-    if not state:
+    if not status.get("state"):
         return "failed" if rundir.train_log_path(run_dir).is_file() else "?"
-    if state in rundir.ACTIVE_STATES and status.get("pid") and not pid_alive(status["pid"]):
-        return "died"
-    return state
+    return rundir.effective_state(run_dir, status)
 
 
 def log_tail(run_dir: str | Path, n: int = 5) -> list[str]:

@@ -219,17 +219,17 @@ def test_5_an_unexpected_error_marks_the_run_failed_and_prints_one_line(tiny, mo
     assert not rundir.is_locked(cfg.output)
 
 
-def test_5_a_dead_trainer_reads_as_failed(tmp_path):
+def test_5_a_dead_trainer_reads_as_died(tmp_path):
     from lorafit.tui.runfiles import RunFollower
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     status = dict(rundir.new_status(dead.pid), state="running")
     rundir.write_status(tmp_path, status)
-    assert rundir.effective_state(tmp_path) == "failed"
+    assert rundir.effective_state(tmp_path) == "died"
     follower = RunFollower(tmp_path)
     follower.poll()
-    assert not follower.state.active and follower.state.state == "failed"
+    assert not follower.state.active and follower.state.state == "died"
     rundir.write_status(tmp_path, dict(status, pid=os.getpid()))
     assert rundir.effective_state(tmp_path) == "running"
 
