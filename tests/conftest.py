@@ -109,6 +109,22 @@ def random_ids(vocab: int, shape=(2, 12), seed=0) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, vocab, shape)
 
 
+WORDS = "the quick brown fox jumps over lazy dog hello world tiny corpus tokenizer".split()
+
+
+def write_prompt_completion_data(path, n: int, seed: int = 0):
+    """A JSONL file of n short prompt/completion records drawn from WORDS."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            prompt = " ".join(rng.choice(WORDS, rng.integers(2, 6)))
+            answer = " ".join(rng.choice(WORDS, rng.integers(1, 4)))
+            f.write(json.dumps({"prompt": prompt + " ->", "completion": " " + answer}) + "\n")
+    return path
+
+
 def randomize_lora(pm, seed=0):
     """Fill every LoRA leaf of a PEFT model with random, non-zero values (B too, so the
     adapter changes the logits); returns the model in eval mode."""

@@ -5,7 +5,6 @@ backends/ imports a framework is tests/test_imports.py)."""
 from __future__ import annotations
 
 import ast
-import inspect
 from pathlib import Path
 
 import pytest

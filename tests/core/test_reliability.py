@@ -86,18 +86,12 @@ def test_1_restore_goes_through_optimizer_load_state_dict_and_resumes_exactly():
 # -- a tiny run ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer):
-    from conftest import build_hf_model
+    from conftest import build_hf_model, write_prompt_completion_data
 
     root = tmp_path_factory.mktemp("rel")
     folder, _ = build_hf_model(root / "model", "llama", tokenizer, num_hidden_layers=2,
                                hidden_size=32, intermediate_size=64, rope_scaling=None)
-    rng = np.random.default_rng(0)
-    data = root / "train.jsonl"
-    with open(data, "w") as f:
-        for _ in range(32):
-            prompt = " ".join(rng.choice(WORDS, rng.integers(2, 6)))
-            answer = " ".join(rng.choice(WORDS, rng.integers(1, 4)))
-            f.write(json.dumps({"prompt": prompt + " ->", "completion": " " + answer}) + "\n")
+    data = write_prompt_completion_data(root / "train.jsonl", 32)
     return root, folder, data
 
 

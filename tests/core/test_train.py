@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_hf_model
+from conftest import build_hf_model, write_prompt_completion_data
 from lorafit.core import adapter_io, lora
 from lorafit.core import events as ev
 from lorafit.core import rundir
@@ -22,7 +22,6 @@ from lorafit.core.config import TrainConfig
 from lorafit.models.loader import load_model
 from lorafit.commands.train import build_trainer
 
-WORDS = "the quick brown fox jumps over lazy dog hello world tiny corpus tokenizer".split()
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +31,7 @@ def setup(tmp_path_factory, tokenizer):
     # short original contexts, and this fixture also checks mlx-lm's logits
     folder, ref = build_hf_model(root / "model", "llama", tokenizer, num_hidden_layers=2,
                                  hidden_size=64, intermediate_size=128, rope_scaling=None)
-    rng = np.random.default_rng(0)
-    data = root / "train.jsonl"
-    with open(data, "w") as f:
-        for i in range(48):
-            prompt = " ".join(rng.choice(WORDS, rng.integers(2, 6)))
-            answer = " ".join(rng.choice(WORDS, rng.integers(1, 4)))
-            f.write(json.dumps({"prompt": prompt + " ->", "completion": " " + answer}) + "\n")
+    data = write_prompt_completion_data(root / "train.jsonl", 48)
     return root, folder, ref, data
 
 

@@ -9,7 +9,6 @@ on it. Ids are random, so nothing here was tuned to a particular input.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
