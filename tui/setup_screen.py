@@ -217,7 +217,10 @@ class SetupScreen(Screen):
         self.estimate = est
         self.fit_index = 0
         t = Text()
-        if est["fits"]:
+        if est["budget"] is None:  # a device this machine lacks: no capacity to compare
+            t.append("no budget known", style="bold yellow")
+            t.append(f": needs {fmt_bytes(est['total'])}; set a budget to check the fit\n")
+        elif est["fits"]:
             t.append("fits", style="bold green")
             t.append(f": {fmt_bytes(est['total'])} of {fmt_bytes(est['budget'])}\n")
         else:
