@@ -12,6 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -123,6 +125,35 @@ def write_prompt_completion_data(path, n: int, seed: int = 0):
             answer = " ".join(rng.choice(WORDS, rng.integers(1, 4)))
             f.write(json.dumps({"prompt": prompt + " ->", "completion": " " + answer}) + "\n")
     return path
+
+
+def peft_logits_checking_keys(base, adapter_dir, ids):
+    """Load adapter_dir in PEFT over a copy of `base`, check that the saved keys are exactly
+    PEFT's (no missing, no unexpected), and return PEFT's logits for ids."""
+    import copy
+
+    import torch
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.numpy import load_file
+
+    pm = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir)).eval()
+    saved = set(load_file(str(Path(adapter_dir) / "adapter_model.safetensors")))
+    assert saved == set(get_peft_model_state_dict(pm))
+    with torch.no_grad():
+        return pm(torch.tensor(ids)).logits.float().numpy()
+
+
+def mlx_lm_logits(folder, mlx_adapter_dir, ids):
+    """Logits of mlx-lm's own loader and LoRA layers for a model folder and an mlx-lm
+    adapter folder, as float32 numpy."""
+    import mlx.core as mx
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_model as mlx_load_model
+
+    mm, _ = mlx_load_model(Path(folder))
+    mm = load_adapters(mm, str(mlx_adapter_dir))
+    return np.array(mm(mx.array(ids)).astype(mx.float32))
 
 
 def randomize_lora(pm, seed=0):

@@ -18,7 +18,6 @@ from lorafit.core import rundir
 from lorafit.core.config import TrainConfig
 from lorafit.core.errors import LorafitError
 
-WORDS = "the quick brown fox jumps over lazy dog hello world tiny corpus tokenizer".split()
 
 
 # -- 1. fused AdamW resume ---------------------------------------------------------------

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_hf_model, random_ids, randomize_lora
+from conftest import (build_hf_model, mlx_lm_logits, peft_logits_checking_keys,
+                      random_ids, randomize_lora)
 from lorafit.core import adapter_io, lora
 from lorafit.core.lora import LoraConfig
 from lorafit.models.loader import load_model
@@ -254,9 +255,6 @@ def test_peft_adapter_gives_peft_logits(built, backend, case, tmp_path):
 def test_lorafit_adapter_loads_in_peft_mlx_lm_and_merged_transformers(built, torch_backend,
                                                                         case, tmp_path):
     import transformers
-    from peft import PeftModel
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.numpy import load_file
 
     from lorafit.commands.export import export_adapter, export_merged
 
@@ -274,20 +272,10 @@ def test_lorafit_adapter_loads_in_peft_mlx_lm_and_merged_transformers(built, tor
     ids = random_ids(ref.config.vocab_size, (2, case.seq), seed=4)
     ours = logits_of(model, ops, ids)
 
-    pm = PeftModel.from_pretrained(copy.deepcopy(ref), str(out)).eval()
-    assert set(load_file(str(out / "adapter_model.safetensors"))) == \
-        set(get_peft_model_state_dict(pm))  # no missing, no unexpected keys
-    close(ours, hf_logits(pm, ids))
-
+    close(ours, peft_logits_checking_keys(ref, out, ids))
     if case.mlx_lm:
-        import mlx.core as mx
-        from mlx_lm.tuner.utils import load_adapters
-        from mlx_lm.utils import load_model as mlx_load_model
-
         mlx_dir = export_adapter(out, tmp_path / "mlx", "mlx-lm", None)
-        mm, _ = mlx_load_model(folder)
-        mm = load_adapters(mm, str(mlx_dir))
-        close(np.array(mm(mx.array(ids)).astype(mx.float32)), ours)
+        close(mlx_lm_logits(folder, mlx_dir, ids), ours)
 
     merged = export_merged(out, tmp_path / "merged", str(folder), "torch")
     tm = transformers.AutoModelForCausalLM.from_pretrained(str(merged)).eval()
