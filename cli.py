@@ -99,7 +99,8 @@ def cmd_train(args) -> int:
 
     allowed = parse_allow_changed(args.allow_changed)
     cfg = train.resolve_config(args.config, config_overrides(args), args.resume)
-    return train.main(cfg, resume=bool(args.resume), allow_changed=allowed)
+    return train.main(cfg, resume=bool(args.resume), allow_changed=allowed, nproc=args.nproc,
+                      argv=args.argv)
 
 
 def cmd_estimate(args) -> int:
@@ -162,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --resume: settings that may differ from the checkpoint's "
                         "(lr, schedule, warmup-steps, min-lr-ratio, max-steps, epochs, "
                         "eval-every, save-every, early-stopping-patience, weight-decay)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train data-parallel in N processes on this machine, started with "
+                        "the backend's launcher (torchrun, mlx.launch); the global batch is "
+                        "batch-size x N x grad-accum (docs/distributed.md)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="export an adapter to mlx-lm, or merge it into the model")
@@ -214,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         reexec_with_openblas(argv)  # a process that is already running cannot preload
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv  # `train --nproc` hands the same command line to its workers
     try:
         return int(args.func(args) or 0)
     except LorafitError as e:

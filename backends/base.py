@@ -232,6 +232,28 @@ class Backend(Protocol):
         """Seed the backend RNG (dropout, sampling)."""
 
 
+    # -- several processes ----------------------------------------------------------------
+    # Joined at construction when a launcher's environment says so (core/launch.py reads
+    # the same variables): torchrun -> torch.distributed (gloo on the CPU, NCCL on CUDA),
+    # mlx.launch -> mx.distributed (ring, MPI...). Alone: rank 0 of 1 and no-op collectives.
+    rank: int  # this process's index, 0 .. world_size - 1
+    world_size: int  # processes training together; 1 when alone
+
+    def all_reduce(self, arrays: dict) -> dict:
+        """Each array summed element-wise over all processes (summed in float32, returned
+        in its own dtype); the dict itself when alone. A lost peer raises LorafitError."""
+
+    def broadcast(self, arrays: dict) -> dict:
+        """Process 0's arrays, on every process (replicas start from the same adapter)."""
+
+    def barrier(self) -> None:
+        """Wait until every process reaches this point."""
+
+    def launch_command(self, nproc: int, args: list) -> list:
+        """The command line that runs `python -m lorafit.cli <args>` as nproc processes on
+        this machine with the framework's own launcher (torchrun, mlx.launch)."""
+
+
 class Optimizer(Protocol):
     """AdamW with PyTorch's update rule (decoupled weight decay, bias correction), so that
     both backends follow the same trajectory. Its state round-trips through numpy."""

@@ -10,7 +10,9 @@ from pathlib import Path
 from lorafit.core import config as config_mod
 from lorafit.core import events as ev
 from lorafit.core import rundir
-from lorafit.core.checkpoint import check_fingerprint, fingerprint, load_latest
+from lorafit.core import launch
+from lorafit.core.checkpoint import check_fingerprint, fingerprint, fit_grad_accum, \
+    load_latest
 from lorafit.core.control import Control
 from lorafit.core.data import check_dataset_file, check_enough, load_dataset, split_validation
 from lorafit.core.errors import LorafitError
@@ -106,7 +108,8 @@ def build_trainer(cfg, sinks=(), control=None, resume: bool = False, report=None
     run folder is locked before anything loads and released when the run ends."""
     run_dir = Path(cfg.output)
     created = not run_dir.exists()
-    lock = rundir.RunLock(run_dir).acquire()
+    primary = launch.detect().rank == 0  # rank 0 alone writes the run folder
+    lock = rundir.RunLock(run_dir).acquire() if primary else _NoLock()
     try:
         trainer = _build(cfg, sinks, control, resume, report, allow_changed, lock)
     except BaseException:
@@ -119,12 +122,23 @@ def build_trainer(cfg, sinks=(), control=None, resume: bool = False, report=None
     return trainer
 
 
+class _NoLock:
+    """What ranks other than 0 hold instead of the run folder's lock."""
+
+    def release(self):
+        pass
+
+
 def _build(cfg, sinks, control, resume, report, allow_changed, lock):
     from lorafit.backends import get_backend
     from lorafit.models.loader import load_model, load_tokenizer, resolve_model_path
 
+    place = launch.detect()
+    primary = place.rank == 0
     report = report or (lambda text: print(text, file=sys.stderr))
-    control = control or Control(cfg.output)
+    if not primary:
+        report, sinks = (lambda text: None), ()
+    control = control or Control(cfg.output if primary else None)
 
     def check_interrupt():
         if control.stop_requested:
@@ -136,15 +150,18 @@ def _build(cfg, sinks, control, resume, report, allow_changed, lock):
     folder = resolve_model_path(cfg.model)
     check_model_folder(cfg, folder)  # config.json problems first: they are cheap to find
     run_dir = check_new_run(cfg, resume)
-    ckpt, print_ = None, fingerprint(cfg)
+    ckpt = None
     if resume:
         found = load_latest(run_dir, report=report)
         if found is None:
             report(f"no complete checkpoint in {run_dir}; starting from the beginning")
         else:
             path, ckpt = found
-            check_fingerprint(ckpt["state"].get("fingerprint"), print_, allow_changed)
+            fit_grad_accum(cfg, ckpt["state"].get("fingerprint"), place.world_size, report)
+            check_fingerprint(ckpt["state"].get("fingerprint"),
+                              fingerprint(cfg, place.world_size), allow_changed)
             report(f"resuming from {path}")
+    print_ = fingerprint(cfg, place.world_size)
     from lorafit.commands.estimate import preflight
 
     estimate = preflight(cfg)  # stops here when the run cannot fit (unless --force)
@@ -152,17 +169,20 @@ def _build(cfg, sinks, control, resume, report, allow_changed, lock):
     tokenizer = load_tokenizer(folder)
     train, val, notes = load_examples(cfg, tokenizer)  # data errors before any weight loads
     check_interrupt()
-    ops = get_backend(cfg.backend, cfg.device, verbose=True)
+    ops = get_backend(cfg.backend, cfg.device, verbose=primary)
     ops.seed(cfg.seed)
     model = load_model(str(folder), ops, cfg.dtype, cfg.quantize)
     check_token_ids(train, model.args.vocab_size, cfg.data)
     check_token_ids(val, model.args.vocab_size, cfg.val_data or cfg.data)
     model._tokenizer = tokenizer
     check_interrupt()
-    run_dir = prepare_run_dir(cfg, resume)
+    if primary:
+        run_dir = prepare_run_dir(cfg, resume)
     attach(model, cfg.lora_config(), None if ckpt is None else ckpt["adapter"], seed=cfg.seed)
-    sinks = list(sinks) + [ev.JsonlSink(run_dir), ev.StatusSink(run_dir)]
-    trainer = Trainer(model, cfg, train, val, run_dir, sinks, control, estimate=estimate)
+    if primary:
+        sinks = list(sinks) + [ev.JsonlSink(run_dir), ev.StatusSink(run_dir)]
+    trainer = Trainer(model, cfg, train, val, run_dir if primary else None, sinks, control,
+                      estimate=estimate)
     trainer.lock = lock
     trainer.fingerprint = print_
     if ckpt is not None:
@@ -174,8 +194,9 @@ def _build(cfg, sinks, control, resume, report, allow_changed, lock):
 
 def run_training(cfg, sinks=None, control=None, resume=False, install_signals=True,
                  allow_changed=()) -> str:
-    sinks = [ev.ConsoleSink()] if sinks is None else sinks
-    control = control or Control(cfg.output)
+    primary = launch.detect().rank == 0
+    sinks = ([ev.ConsoleSink()] if primary else []) if sinks is None else sinks
+    control = control or Control(cfg.output if primary else None)
     if install_signals:
         control.install_signal_handlers(report=lambda t: print(f"\n{t}", file=sys.stderr))
     trainer = build_trainer(cfg, sinks, control, resume, allow_changed=allow_changed)
@@ -186,11 +207,45 @@ def run_training(cfg, sinks=None, control=None, resume=False, install_signals=Tr
             s.close()
 
 
-def main(cfg, resume: bool = False, allow_changed=()) -> int:
+def main(cfg, resume: bool = False, allow_changed=(), nproc: int | None = None,
+         argv=None) -> int:
     """`lorafit train`. An unexpected error (out of memory, a full disk, a bug) ends as one
-    line; its traceback goes to RUN/error.log and status.json says "failed"."""
+    line; its traceback goes to RUN/error.log and status.json says "failed". With nproc > 1
+    it starts that many workers with the backend's launcher (core/launch.py); a worker
+    leaves its pid and exit records in RUN/ranks/."""
     if not cfg.model or not cfg.data:
         raise LorafitError("train needs --model and --data (or a config file that sets them)")
+    place = launch.detect()
+    if nproc is not None and nproc < 1:
+        raise LorafitError(f"--nproc must be at least 1, got {nproc}")
+    if nproc and nproc > 1:
+        if place.world_size > 1:
+            raise LorafitError("--nproc inside a launcher (torchrun, mlx.launch): the "
+                               "launcher already started the processes; drop --nproc")
+        from lorafit.backends import get_backend
+
+        check_new_run(cfg, resume)
+        command = get_backend(cfg.backend, cfg.device).launch_command(
+            nproc, launch.strip_nproc(list(argv or [])))
+        return launch.run_launcher(command, cfg.output, nproc)
+    if place.world_size == 1:
+        return _main(cfg, resume, allow_changed)
+    launch.record_start(cfg.output, place)
+    code, error = 1, None
+    try:
+        code = _main(cfg, resume, allow_changed)
+        return code
+    except BaseException as e:
+        error = str(e) if isinstance(e, LorafitError) else one_line(e)
+        raise
+    finally:
+        launch.record_exit(cfg.output, place, code, error or _last_error.get("text"))
+
+
+_last_error: dict = {}  # the one line _main printed for an unexpected error
+
+
+def _main(cfg, resume: bool, allow_changed) -> int:
     try:
         status = run_training(cfg, resume=resume, allow_changed=allow_changed)
     except Interrupted as e:
@@ -210,6 +265,7 @@ def main(cfg, resume: bool = False, allow_changed=()) -> int:
             where = f" (traceback in {log})"
         except OSError:
             pass
+        _last_error["text"] = one_line(e)
         print(f"error: {one_line(e)}{where}", file=sys.stderr)
         return 1
     return 0 if status in ("completed", "early_stopped", "stopped") else 1

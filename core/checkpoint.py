@@ -113,10 +113,12 @@ def file_sha256(path: str | Path | None) -> str | None:
     return h.hexdigest()
 
 
-def fingerprint(cfg) -> dict:
-    """The settings a checkpoint depends on (core/config.TrainConfig fields), and the data
-    files' hashes."""
+def fingerprint(cfg, world_size: int = 1) -> dict:
+    """The settings a checkpoint depends on (core/config.TrainConfig fields), the data
+    files' hashes, and the number of processes (only grad_accum x world_size, the step's
+    micro-batches, must stay: see fit_grad_accum)."""
     out = {k: getattr(cfg, k) for k in FIXED + SAFE if hasattr(cfg, k)}
+    out["world_size"] = world_size
     out["data_sha256"] = file_sha256(cfg.data)
     out["val_data_sha256"] = file_sha256(cfg.val_data)
     return out
@@ -142,6 +144,9 @@ def check_fingerprint(saved: dict | None, current: dict, allowed=()) -> None:
     if not isinstance(saved, dict):
         return
     changed = [k for k in current if k in saved and saved[k] != current[k]]
+    if _micro_per_step(saved) == _micro_per_step(current):  # same global batch
+        changed = [k for k in changed if k not in ("grad_accum", "world_size")]
+    changed = [k for k in changed if k != "world_size"]  # grad_accum says what matters
     fixed = [k for k in changed if k not in SAFE]
     unsafe = [k for k in changed if k in SAFE and k not in allowed]
     if not fixed and not unsafe:
@@ -158,3 +163,29 @@ def check_fingerprint(saved: dict | None, current: dict, allowed=()) -> None:
     if unsafe and not fixed:
         hint = f" (pass --allow-changed {','.join(_flag(k)[2:] for k in unsafe)} to accept)"
     raise LorafitError(f"resume with changed settings: {text}{hint}")
+
+
+def _micro_per_step(fp: dict) -> int | None:
+    if not isinstance(fp.get("grad_accum"), int):
+        return None
+    return fp["grad_accum"] * int(fp.get("world_size") or 1)
+
+
+def fit_grad_accum(cfg, saved: dict | None, world_size: int, report=print) -> None:
+    """A run resumed with another number of processes keeps its global batch: grad_accum
+    becomes (saved grad_accum x saved world size) / world_size. A grad_accum the user
+    changed on purpose is left for check_fingerprint to refuse."""
+    if not isinstance(saved, dict) or _micro_per_step(saved) is None:
+        return
+    total, before = _micro_per_step(saved), int(saved.get("world_size") or 1)
+    if total == cfg.grad_accum * world_size or cfg.grad_accum != saved["grad_accum"]:
+        return
+    if total % world_size:
+        raise LorafitError(f"the checkpoint's steps take {total} micro-batches (grad-accum "
+                           f"{saved['grad_accum']} x {before} processes), which "
+                           f"{world_size} processes cannot share evenly; resume with a "
+                           f"process count that divides {total}")
+    new = total // world_size
+    report(f"{world_size} process(es) continue a run of {before}: grad-accum "
+           f"{cfg.grad_accum} -> {new} keeps the global batch")
+    cfg.grad_accum = new

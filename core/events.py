@@ -38,6 +38,7 @@ class RunStarted(Event):
     trainable: str
     config: dict
     estimate: dict | None = None
+    world_size: int = 1  # processes training together (data parallel)
     kind: str = field(init=False, default="start")
 
 
@@ -191,7 +192,8 @@ class StatusSink(Sink):
 
     def __call__(self, event):
         if isinstance(event, RunStarted):
-            self.status.update(state="running", total_steps=event.total_steps)
+            self.status.update(state="running", total_steps=event.total_steps,
+                               world_size=event.world_size)
         elif isinstance(event, StepReport):
             self.status["step"] = event.step
             if time.time() - self.status.get("updated", 0) < 1.0:

@@ -5,6 +5,14 @@ One optimizer step consumes `grad_accum` micro-batches from a stream that runs a
 epochs; each micro-batch's loss is divided by the number of loss tokens of the whole step
 (known in advance from the numpy masks), so accumulation equals one big batch exactly.
 A checkpoint is taken only between steps: stopping mid-accumulation finishes the step.
+
+Several processes (data parallel, `ops.world_size` > 1): a step consumes
+grad_accum x world_size micro-batches of the same stream; each rank computes every
+world-th of them (core/launch.shard) against the token count of the whole step, the adapter
+gradients and loss sums are all-reduced, and every rank applies the same update. So N
+processes equal one process with grad_accum x N, and the data position stays in global
+micro-batches: a checkpoint does not depend on the world size. Only rank 0 has a run folder
+(sinks, checkpoints, the adapter); control requests are agreed on at each step boundary.
 """
 
 from __future__ import annotations
@@ -22,11 +30,13 @@ from lorafit.core.checkpoint import save_checkpoint
 from lorafit.core.adapter_io import save_peft
 from lorafit.core.data import Batch, make_batches
 from lorafit.core.errors import LorafitError
+from lorafit.core.launch import shard
 from lorafit.core.lora import adapter_leaves, summary
 from lorafit.core.loss import batch_loss
 from lorafit.core.schedule import lr_at
 
 
+_LOSS = "\0loss"  # the loss sum travels with the gradients (no adapter key looks like it)
 MEASURED_STEP = 1  # the second step: optimizer state exists, and so does every buffer
 KEPT_LOSSES = 100  # the newest losses a trainer state keeps; older ones only as a summary
 
@@ -59,13 +69,17 @@ class Trainer:
         if not names:
             raise LorafitError("the model has no adapter attached")
         self.trainable = {k: model.params[k] for k in names}
+        self.rank, self.world_size = self.ops.rank, self.ops.world_size
+        if self.world_size > 1:  # replicas start from rank 0's adapter
+            self.trainable = self.ops.broadcast(self.trainable)
+        self.micro_per_step = cfg.grad_accum * self.world_size
         self.frozen = {k: v for k, v in model.params.items() if k not in self.trainable}
         self.optimizer = self.ops.make_optimizer(self.trainable, weight_decay=cfg.weight_decay)
         grad_fn = self.ops.value_and_grad(self._loss)
         self.grad_fn = grad_fn if cfg.dropout else self.ops.compile(grad_fn)
         self.batches_per_epoch = len(self._epoch_batches(0))
         self.total_steps = cfg.max_steps or max(1, math.ceil(
-            cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
+            cfg.epochs * self.batches_per_epoch / self.micro_per_step))
         self.pos = Position()
         self.best_val = math.inf
         self.evals_without_gain = 0
@@ -91,9 +105,9 @@ class Trainer:
         return self._epoch_cache[1]
 
     def _next_micro_batches(self) -> list[Batch]:
-        """The micro-batches of the next step; advances the data position."""
+        """The micro-batches of the next step, over all ranks; advances the data position."""
         out = []
-        for _ in range(self.cfg.grad_accum):
+        for _ in range(self.micro_per_step):
             batches = self._batches(self.pos.epoch)
             if self.pos.index >= len(batches):
                 self.pos.epoch, self.pos.index = self.pos.epoch + 1, 0
@@ -112,20 +126,26 @@ class Trainer:
         return loss_sum / denom, loss_sum
 
     def train_step(self, micro: list[Batch], lr: float) -> tuple[float, float, bool]:
-        """Forward, backward and update over the step's micro-batches.
-        Returns (mean loss per token, gradient norm, whether the update was applied)."""
+        """Forward, backward and update over the step's micro-batches (of all ranks: this
+        rank computes its share, core/launch.shard). Returns (mean loss per token over the
+        whole step, gradient norm, whether the update was applied)."""
         ops = self.ops
-        denom = float(sum(b.n_tokens for b in micro))
+        denom = float(sum(b.n_tokens for b in micro))  # every rank knows the global count
         if denom == 0:
             return math.nan, math.nan, False
-        ops.seed(self.cfg.seed * 1_000_003 + self.pos.step)  # dropout: same on resume
+        # dropout: the same on resume; rank 0 draws as a lone process would
+        ops.seed(self.cfg.seed * 1_000_003 + self.pos.step + 7_919 * self.rank)
         denom_arr = ops.from_numpy(np.asarray(denom, dtype=np.float32))
         acc, total = None, None
-        for b in micro:
+        for b in shard(micro, self.rank, self.world_size):
             (_, loss_sum), grads = self.grad_fn(self.trainable, self._on_backend(b), denom_arr)
             acc = grads if acc is None else {k: acc[k] + grads[k] for k in acc}
             total = loss_sum if total is None else total + loss_sum
             ops.materialize(acc, total)
+        if self.world_size > 1:
+            summed = ops.all_reduce({**acc, _LOSS: total})
+            total = summed.pop(_LOSS)
+            acc = summed
         gnorm_arr = ops.global_norm(acc)
         loss = ops.to_float(total) / denom
         gnorm = ops.to_float(gnorm_arr)
@@ -142,12 +162,14 @@ class Trainer:
         c, ops = self.cfg, self.ops
         batches = make_batches(self.val_examples, c.batch_size, c.seq_len, c.pack, c.seed, 0)
         params = {**self.frozen, **self.trainable}
-        total, count = 0.0, 0
+        total, count = 0.0, sum(b.n_tokens for b in batches)
         with ops.inference():
-            for b in batches:
+            for b in shard(batches, self.rank, self.world_size):
                 s, _ = batch_loss(ops, self.model, params, self._on_backend(b), False)
                 total += ops.to_float(s)
-                count += b.n_tokens
+        if self.world_size > 1:
+            arr = ops.from_numpy(np.asarray([total], dtype=np.float32))
+            total = float(ops.to_numpy(ops.all_reduce({"loss": arr})["loss"])[0])
         return total / max(count, 1)
 
     # -- state ----------------------------------------------------------------------------
@@ -161,7 +183,8 @@ class Trainer:
                 "total_steps": self.total_steps, "seed": self.cfg.seed,
                 "backend": self.ops.name, "losses": self.losses,
                 "loss_summary": self.loss_summary,
-                "best_step": self.best_step, "fingerprint": self.fingerprint}
+                "best_step": self.best_step, "fingerprint": self.fingerprint,
+                "world_size": self.world_size}
 
     def load_state(self, ckpt: dict) -> None:
         """Continue from a checkpoint dict (see core.checkpoint.load_checkpoint)."""
@@ -255,7 +278,8 @@ class Trainer:
                                 device=ops.device,
                                 trainable=summary(self.model.params,
                                                   self.model.parameter_shapes()),
-                                config=c.to_dict(), estimate=self.estimate))
+                                config=c.to_dict(), estimate=self.estimate,
+                                world_size=self.world_size))
         ops.reset_peak_memory()
         status, bad_in_a_row, t_start, steps_timed = "completed", 0, time.time(), 0
         error, start_step = None, self.pos.step
@@ -331,21 +355,37 @@ class Trainer:
         """Apply control requests; returns a status when the run must end now."""
         ctl = self.control
         self._acknowledge(ctl.poll())
-        if ctl.save_requested and self.run_dir:
+        self._agree()
+        if ctl.save_requested:
             ctl.save_requested = False
-            self.save()
+            if self.run_dir:
+                self.save()
         if ctl.paused:
             self.emit(ev.Paused(step=self.pos.step))
             while ctl.paused and not ctl.stop_requested:
                 time.sleep(0.1)
                 self._acknowledge(ctl.poll())
-                if ctl.save_requested and self.run_dir:
+                self._agree()
+                if ctl.save_requested:
                     ctl.save_requested = False
-                    self.save()
+                    if self.run_dir:
+                        self.save()
             self.emit(ev.Resumed(step=self.pos.step))
         if ctl.stop_requested:
             return "stopped"
         return None
+
+    def _agree(self) -> None:
+        """Every rank acts on the same requests at the same boundary: stop and save when any
+        rank was asked (a signal reaches each rank), pause as rank 0 says (only rank 0
+        reads the control file)."""
+        if self.world_size == 1:
+            return
+        ctl, ops = self.control, self.ops
+        flags = np.asarray([ctl.stop_requested, ctl.save_requested,
+                            ctl.paused and self.rank == 0], dtype=np.float32)
+        agreed = ops.to_numpy(ops.all_reduce({"flags": ops.from_numpy(flags)})["flags"])
+        ctl.stop_requested, ctl.save_requested, ctl.paused = (bool(x > 0) for x in agreed)
 
     def _record_loss(self, loss: float) -> None:
         """Keep the newest losses and a running summary: a checkpoint's trainer state stays

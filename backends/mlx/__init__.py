@@ -29,6 +29,13 @@ class MLXBackend:
             raise LorafitError("MLX sees no Metal device here; use --device cpu")
         mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
         self.device = "metal" if device == "gpu" else "cpu"
+        from lorafit.core.launch import detect
+
+        place = detect()
+        self._group = None
+        self.rank, self.world_size = place.rank, place.world_size
+        if self.world_size > 1:
+            self._group = _join_group(place)
 
     # -- arrays ---------------------------------------------------------------------------
     def from_numpy(self, a, dtype=None):
@@ -382,6 +389,40 @@ class MLXBackend:
     def reset_peak_memory(self):
         mx.reset_peak_memory()
 
+    # -- several processes ----------------------------------------------------------------
+    def all_reduce(self, arrays):
+        if self.world_size == 1:
+            return arrays
+        keys = list(arrays)
+        flat = mx.concatenate([arrays[k].reshape(-1).astype(mx.float32) for k in keys])
+        total = _collective(lambda: mx.distributed.all_sum(flat, group=self._group,
+                                                           stream=mx.cpu))
+        out, at = {}, 0
+        for k in keys:
+            n = arrays[k].size
+            out[k] = total[at:at + n].reshape(arrays[k].shape).astype(arrays[k].dtype)
+            at += n
+        return out
+
+    def broadcast(self, arrays):
+        if self.world_size == 1:
+            return arrays
+        mine = {k: v if self.rank == 0 else mx.zeros_like(v) for k, v in arrays.items()}
+        return self.all_reduce(mine)  # exact: every other process adds zeros
+
+    def barrier(self):
+        if self.world_size > 1:
+            _collective(lambda: mx.distributed.all_sum(mx.array(0.0), group=self._group,
+                                                       stream=mx.cpu))
+
+    def launch_command(self, nproc, args):
+        import sys
+        # mlx.launch's entry point, run by this interpreter (the script may not be on PATH)
+        launcher = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch "
+                    "import main; sys.exit(main())"]
+        return [*launcher, "--backend", "ring", "-n", str(nproc), "--starting-port", str(_free_ports(nproc)),
+                "--python", sys.executable, "--", "-m", "lorafit.cli", *args]
+
     def seed(self, seed):
         mx.random.seed(seed)
 
@@ -390,3 +431,49 @@ def _pack(out):
     """mx.value_and_grad differentiates the first output; keep aux alongside."""
     loss, aux = out
     return loss, aux
+
+
+def _join_group(place):
+    """mlx.launch's environment -> mx.distributed's group (ring, MPI, ...)."""
+    group = mx.distributed.init(strict=True)
+    if group.size() != place.world_size or group.rank() != place.rank:
+        from lorafit.core.errors import LorafitError
+        raise LorafitError(f"mx.distributed says rank {group.rank()} of {group.size()}, "
+                           f"the launcher's environment rank {place.rank} of "
+                           f"{place.world_size}")
+    return group
+
+
+def _collective(fn):
+    """Run a collective now; a peer that is gone becomes one line."""
+    try:
+        out = fn()
+        mx.eval(out)
+        return out
+    except RuntimeError as e:
+        from lorafit.core.errors import LorafitError
+        text = " ".join(str(e).split())[:200]
+        raise LorafitError(f"lost contact with another training process (it stopped or "
+                           f"died): {text}") from None
+
+
+def _free_ports(n: int) -> int:
+    """The first of n consecutive free TCP ports on the loopback (the ring's listeners)."""
+    import random
+    import socket
+
+    for _ in range(100):
+        start = random.randint(20000, 60000 - n)
+        socks = []
+        try:
+            for p in range(start, start + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return start
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    return 32323

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
@@ -27,9 +28,19 @@ class TorchBackend:
         if device == "cuda" and not torch.cuda.is_available():
             from lorafit.core.errors import LorafitError
             raise LorafitError("--device cuda asked for, but PyTorch sees no CUDA device")
+        from lorafit.core.launch import detect
+
+        place = detect()
+        self.rank, self.world_size = place.rank, place.world_size
+        if device == "cuda" and self.world_size > 1:
+            torch.cuda.set_device(place.local_rank)
+            self._device = torch.device("cuda", place.local_rank)
+        else:
+            self._device = torch.device(device)
         self.device = device
-        self._device = torch.device(device)
         self._tracker = TensorTracker() if device == "cpu" else None
+        if self.world_size > 1:
+            _join_process_group(device)
 
     # -- arrays ---------------------------------------------------------------------------
     def from_numpy(self, a, dtype=None):
@@ -389,6 +400,40 @@ class TorchBackend:
         elif self._tracker is not None:
             self._tracker.reset_peak()
 
+    # -- several processes ----------------------------------------------------------------
+    def all_reduce(self, arrays):
+        if self.world_size == 1:
+            return arrays
+        keys = list(arrays)
+        flat = torch.cat([arrays[k].detach().reshape(-1).float() for k in keys])
+        _collective(dist.all_reduce, flat)
+        out, at = {}, 0
+        for k in keys:
+            n = arrays[k].numel()
+            out[k] = flat[at:at + n].view(arrays[k].shape).to(arrays[k].dtype)
+            at += n
+        return out
+
+    def broadcast(self, arrays):
+        if self.world_size == 1:
+            return arrays
+        out = {}
+        for k, v in arrays.items():
+            t = v.detach().clone()
+            _collective(dist.broadcast, t, 0)
+            out[k] = t.requires_grad_(v.requires_grad)
+        return out
+
+    def barrier(self):
+        if self.world_size > 1:
+            _collective(dist.barrier)
+
+    def launch_command(self, nproc, args):
+        import sys
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", str(nproc), "--monitor-interval", "0.5",
+                "-m", "lorafit.cli", *args]
+
     def seed(self, seed):
         torch.manual_seed(seed)
 
@@ -431,3 +476,37 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         (grad_h,) = ctx.saved_tensors
         return grad_h * grad_out.to(grad_h.dtype), None, None, None, None, None
+
+
+def _join_process_group(device: str) -> None:
+    """torchrun's environment -> the default process group: NCCL between CUDA devices,
+    gloo otherwise (the CPU, MPS). Left cleanly at exit."""
+    import atexit
+    from datetime import timedelta
+
+    if not dist.is_available():
+        from lorafit.core.errors import LorafitError
+        raise LorafitError("this PyTorch build has no torch.distributed")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo",
+                                timeout=timedelta(minutes=30))
+        atexit.register(_leave_process_group)
+
+
+def _leave_process_group() -> None:
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:
+        pass
+
+
+def _collective(fn, *args):
+    """A collective; a peer that is gone becomes one line instead of a C++ traceback."""
+    try:
+        return fn(*args)
+    except RuntimeError as e:  # DistBackendError and gloo's errors are RuntimeErrors
+        from lorafit.core.errors import LorafitError
+        text = " ".join(str(e).split())[:200]
+        raise LorafitError(f"lost contact with another training process (it stopped or "
+                           f"died): {text}") from None
