@@ -1,0 +1,241 @@
+"""Issue 11: data-parallel training in several processes on the CPU (torch: gloo through
+torchrun; MLX: the ring backend through mlx.launch), over the loopback.
+
+The bar: N processes equal one process with the same global batch (batch x N x grad-accum),
+checkpoints move between world sizes, and a stop or a dead rank ends every process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lorafit.core import launch, rundir
+from lorafit.core.config import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tokenizer):
+    from conftest import build_hf_model, write_prompt_completion_data
+
+    root = tmp_path_factory.mktemp("dist")
+    folder, _ = build_hf_model(root / "model", "llama", tokenizer, num_hidden_layers=2,
+                               hidden_size=32, intermediate_size=64, rope_scaling=None)
+    data = write_prompt_completion_data(root / "train.jsonl", 32)
+    return root, folder, data
+
+
+SETTINGS = dict(rank=4, alpha=8, targets="q_proj,v_proj", batch_size=2, lr=3e-3,
+                max_steps=4, seq_len=32, seed=0, warmup_steps=0, save_every=2,
+                keep_checkpoints=3)
+ENV = dict(os.environ, LORAFIT_NO_REEXEC="1")
+
+
+def flags(folder, data, out, backend, **kw) -> list[str]:
+    s = dict(SETTINGS, **kw)
+    args = ["--model", str(folder), "--data", str(data), "--output", str(out),
+            "--backend", backend, "--device", "cpu"]
+    for k, v in s.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def cli(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorafit.cli", "train", *args], env=ENV,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def one_process(folder, data, out, backend, resume=False, **kw) -> str:
+    """A run in this process (world size 1)."""
+    from lorafit.commands.train import build_trainer
+
+    cfg = TrainConfig(model=str(folder), data=str(data), output=str(out), backend=backend,
+                      device="cpu", **dict(SETTINGS, **kw))
+    trainer = build_trainer(cfg, [], resume=resume, report=lambda t: None)
+    try:
+        return trainer.run()
+    finally:
+        for s in trainer.sinks:
+            s.close()
+
+
+def adapter(path) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(Path(path) / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a, b, tol=1e-5):
+    a, b = adapter(a), adapter(b)
+    assert a.keys() == b.keys()
+    for k in a:
+        scale = max(float(np.abs(a[k]).max()), 1e-12)
+        assert float(np.abs(a[k] - b[k]).max()) / scale <= tol, k
+    assert any(np.abs(v).max() > 0 for v in a.values())
+
+
+def back_to_step(src, dst, step):
+    """A copy of run src as if it had stopped after checkpoint `step`."""
+    shutil.copytree(src, dst)
+    for s, path in rundir.checkpoint_dirs(dst):
+        if s > step:
+            shutil.rmtree(path)
+    shutil.rmtree(rundir.adapter_path(dst))
+    shutil.rmtree(launch.ranks_path(dst), ignore_errors=True)
+
+
+def test_the_step_micro_batches_are_shared_by_rank_and_cover_the_step():
+    items = list(range(6))
+    shares = [launch.shard(items, r, 3) for r in range(3)]
+    assert sorted(sum(shares, [])) == items and shares[1] == [1, 4]
+    assert launch.shard(items, 0, 1) == items
+
+
+def test_the_launchers_environment_gives_rank_and_world(tmp_path):
+    assert launch.detect({}) == launch.Place(0, 1, 0)
+    assert launch.detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == \
+        launch.Place(3, 4, 1)
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([["127.0.0.1:5000"], ["127.0.0.1:5001"]]))
+    assert launch.detect({"MLX_RANK": "1", "MLX_HOSTFILE": str(hostfile)}) == \
+        launch.Place(1, 2, 0)
+    assert launch.strip_nproc(["train", "--nproc", "2", "--x", "1", "--nproc=3"]) == \
+        ["train", "--x", "1"]
+
+
+def test_resuming_with_another_world_size_keeps_the_global_batch():
+    from lorafit.core.checkpoint import check_fingerprint, fit_grad_accum
+    from lorafit.core.errors import LorafitError
+
+    def fp(cfg, world):
+        return {"grad_accum": cfg.grad_accum, "world_size": world, "lr": cfg.lr}
+
+    cfg = TrainConfig(model="m", data="d", grad_accum=1)
+    saved = fp(cfg, 4)  # 4 micro-batches a step
+    fit_grad_accum(cfg, saved, 2, report=lambda t: None)
+    assert cfg.grad_accum == 2
+    check_fingerprint(saved, fp(cfg, 2))  # same global batch: accepted
+    with pytest.raises(LorafitError, match="cannot share evenly"):
+        fit_grad_accum(TrainConfig(model="m", data="d", grad_accum=1), saved, 3)
+    changed = TrainConfig(model="m", data="d", grad_accum=3)
+    fit_grad_accum(changed, saved, 2)  # changed on purpose: left to the fingerprint check
+    with pytest.raises(LorafitError, match="--grad-accum 1 -> 3"):
+        check_fingerprint(saved, fp(changed, 2))
+
+
+@pytest.mark.slow
+def test_torch_two_processes_equal_one_and_checkpoints_move_between_world_sizes(tiny):
+    """2 processes x batch 2 == 1 process x batch 2 x grad-accum 2 (fp32, 1e-5); a step-2
+    checkpoint of either continues in the other to the same final adapter."""
+    root, folder, data = tiny
+    ref = root / "ref"
+    assert one_process(folder, data, ref, "torch", grad_accum=2) == "completed"
+    two = root / "two"
+    proc = cli(*flags(folder, data, two, "torch"), "--nproc", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_adapter(rundir.adapter_path(ref), rundir.adapter_path(two))
+    start = next(r for r in rundir.read_metrics(two) if r.get("kind") == "start")
+    assert start["world_size"] == 2 and rundir.read_status(two)["world_size"] == 2
+    assert rundir.read_trainer_state(rundir.checkpoint_path(two, 2))["world_size"] == 2
+    assert rundir.read_status(two)["pid"] == int(
+        (launch.ranks_path(two) / "rank-0.pid").read_text())  # rank 0 is the writer
+
+    two_to_one = root / "two_to_one"  # 2 -> 1: grad-accum becomes 2 by itself
+    back_to_step(two, two_to_one, 2)
+    assert one_process(folder, data, two_to_one, "torch", resume=True) == "completed"
+    assert_same_adapter(rundir.adapter_path(ref), rundir.adapter_path(two_to_one))
+
+    one_to_two = root / "one_to_two"  # 1 -> 2: grad-accum 2 becomes 1
+    back_to_step(ref, one_to_two, 2)
+    proc = cli("--resume", str(one_to_two), "--nproc", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "grad-accum 2 -> 1" in proc.stderr
+    assert_same_adapter(rundir.adapter_path(ref), rundir.adapter_path(one_to_two))
+
+
+@pytest.mark.slow
+def test_mlx_two_processes_on_the_ring_equal_one(tiny):
+    root, folder, data = tiny
+    ref = root / "mlx-ref"
+    assert one_process(folder, data, ref, "mlx", grad_accum=2) == "completed"
+    two = root / "mlx-two"
+    proc = cli(*flags(folder, data, two, "mlx"), "--nproc", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_adapter(rundir.adapter_path(ref), rundir.adapter_path(two))
+    assert rundir.read_status(two)["world_size"] == 2
+
+
+def _wait_for_step(out: Path, proc, step: int, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        if out.exists() and any(r.get("kind") == "step" and r.get("step", 0) >= step
+                                for r in rundir.read_metrics(out)):
+            return
+        time.sleep(0.2)
+    raise AssertionError("the run made no progress")
+
+
+def _pids(out: Path) -> dict:
+    return {int(p.stem[5:]): int(p.read_text())
+            for p in launch.ranks_path(out).glob("rank-*.pid")}
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint_and_resume_finishes(tiny):
+    root, folder, data = tiny
+    out = root / "term"
+    proc = subprocess.Popen([sys.executable, "-m", "lorafit.cli", "train",
+                             *flags(folder, data, out, "torch", max_steps=300, save_every=0,
+                                    log_every=1),
+                             "--nproc", "2"], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_step(out, proc, 2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    status = rundir.read_status(out)
+    assert status["state"] == "stopped", status
+    from lorafit.core.checkpoint import load_latest
+
+    path, ckpt = load_latest(out, report=lambda t: None)
+    assert ckpt["state"]["step"] == status["step"] < 300
+    pids = _pids(out)
+    assert len(pids) == 2 and not any(rundir.pid_alive(p) for p in pids.values())
+    proc = cli("--resume", str(out), "--nproc", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert rundir.read_status(out)["state"] == "completed"
+    assert rundir.read_status(out)["step"] == 300
+
+
+@pytest.mark.slow
+def test_a_killed_worker_ends_the_others_with_one_line_naming_it(tiny):
+    root, folder, data = tiny
+    out = root / "kill"
+    proc = subprocess.Popen([sys.executable, "-m", "lorafit.cli", "train",
+                             *flags(folder, data, out, "torch", max_steps=100_000,
+                                    save_every=2, log_every=1),
+                             "--nproc", "2"], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_step(out, proc, 3)
+    pids = _pids(out)
+    os.kill(pids[1], signal.SIGKILL)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=90)
+    assert time.time() - t0 < 60
+    assert proc.returncode == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: rank 1 was killed"), err[-3000:]
+    assert not any(rundir.pid_alive(p) for p in pids.values())
+    assert rundir.read_status(out)["state"] in ("failed", "running")
+    from lorafit.core.checkpoint import load_latest
+
+    assert load_latest(out, report=lambda t: None) is not None  # still loadable
