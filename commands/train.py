@@ -235,8 +235,13 @@ def main(cfg, resume: bool = False, allow_changed=(), nproc: int | None = None,
     try:
         code = _main(cfg, resume, allow_changed)
         return code
+    except LorafitError as e:
+        error = str(e)
+        if place.rank == 0:
+            raise
+        return 2  # rank 0 says the same (or `--nproc`'s parent names this rank): one line
     except BaseException as e:
-        error = str(e) if isinstance(e, LorafitError) else one_line(e)
+        error = one_line(e)
         raise
     finally:
         launch.record_exit(cfg.output, place, code, error or _last_error.get("text"))

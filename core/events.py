@@ -74,6 +74,7 @@ class MemoryMeasured(Event):
     measured: int
     estimated: int | None  # for full batch_size x seq_len batches
     estimated_this_batch: int | None = None  # for the shape of the measured batch
+    rank_peaks: list | None = None  # several processes: each rank's measured peak
     kind: str = field(init=False, default="memory")
 
 

@@ -148,8 +148,9 @@ def _signal(pid: int, sig) -> None:
         pass
 
 
-def failure_line(run_dir, nproc: int, code: int) -> str:
-    """One line naming the rank(s) that died, else the first error a rank recorded."""
+def failure_line(run_dir, nproc: int, code: int) -> str | None:
+    """One line naming the rank(s) that died, else the error of the rank that failed
+    first (None when every rank failed alike and rank 0 already said why)."""
     pids, exits = _records(run_dir)
     dead = [r for r in range(nproc) if r not in exits]
     if dead:
@@ -162,7 +163,11 @@ def failure_line(run_dir, nproc: int, code: int) -> str:
             text += f"; the other ranks stopped: {others[0]}"
         return text
     errors = [(r, e.get("error")) for r, e in sorted(exits.items()) if e.get("code")]
+    if errors and all(err == errors[0][1] for _, err in errors) and errors[0][0] == 0 \
+            and errors[0][1]:
+        return None  # every rank failed alike (a user mistake): rank 0 printed it
     if errors:
+        errors.sort(key=lambda e: e[0] == 0)  # another rank's own error before rank 0's
         r, err = errors[0]
         return f"rank {r} failed: {err or 'exit code ' + str(exits[r].get('code'))}"
     return f"the launcher exited with code {code}"
@@ -204,7 +209,9 @@ def run_launcher(command: list[str], run_dir, nproc: int, grace_s: float = 60.0)
         _signal(p, signal.SIGKILL)
     _kill_group(proc)
     if code != 0:
-        print(f"error: {failure_line(run_dir, nproc, code)}", file=sys.stderr)
+        line = failure_line(run_dir, nproc, code)
+        if line:
+            print(f"error: {line}", file=sys.stderr)
         return 1
     return 0
 

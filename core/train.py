@@ -425,6 +425,12 @@ class Trainer:
         """The tensor-level peak of one full step, reported beside the estimate for the
         run (full-length batches) and for the very batch that was measured."""
         self.measured_peak = max(self.measured_peak, int(peak))
+        rank_peaks = None
+        if self.world_size > 1:  # every rank is here: the same step of the same loop
+            mine = np.zeros(self.world_size, dtype=np.float32)
+            mine[self.rank] = peak
+            rank_peaks = [int(v) for v in self.ops.to_numpy(self.ops.all_reduce(
+                {"peaks": self.ops.from_numpy(mine)})["peaks"])]
         est = (self.estimate or {}).get("total")
         same_batch = self._estimate_for_batch(micro[0])
         text = f"measured peak of step {self.pos.step + 1}: {peak / 2**20:.1f} MiB"
@@ -435,9 +441,12 @@ class Trainer:
         if est:
             text += f"; for full {self.cfg.batch_size}x{self.cfg.seq_len} batches " \
                     f"{est / 2**20:.1f} MiB"
+        if rank_peaks:
+            text += "; per rank " + ", ".join(f"{p / 2**20:.1f}" for p in rank_peaks) + " MiB"
         self.emit(ev.Message(level="info", text=text))
         self.emit(ev.MemoryMeasured(step=self.pos.step + 1, measured=int(peak),
-                                    estimated=est, estimated_this_batch=same_batch))
+                                    estimated=est, estimated_this_batch=same_batch,
+                                    rank_peaks=rank_peaks))
 
     def _estimate_for_batch(self, batch: Batch) -> int | None:
         if not self.estimate or "shape" not in self.estimate:

@@ -144,6 +144,8 @@ def test_torch_two_processes_equal_one_and_checkpoints_move_between_world_sizes(
     assert_same_adapter(rundir.adapter_path(ref), rundir.adapter_path(two))
     start = next(r for r in rundir.read_metrics(two) if r.get("kind") == "start")
     assert start["world_size"] == 2 and rundir.read_status(two)["world_size"] == 2
+    memory = next(r for r in rundir.read_metrics(two) if r.get("kind") == "memory")
+    assert len(memory["rank_peaks"]) == 2 and all(p > 0 for p in memory["rank_peaks"])
     assert rundir.read_trainer_state(rundir.checkpoint_path(two, 2))["world_size"] == 2
     assert rundir.read_status(two)["pid"] == int(
         (launch.ranks_path(two) / "rank-0.pid").read_text())  # rank 0 is the writer
@@ -177,7 +179,7 @@ def _wait_for_step(out: Path, proc, step: int, timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        if out.exists() and any(r.get("kind") == "step" and r.get("step", 0) >= step
+        if out.exists() and any(r.get("kind") == "train" and r.get("step", 0) >= step
                                 for r in rundir.read_metrics(out)):
             return
         time.sleep(0.2)
@@ -194,7 +196,7 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint_and_resume_f
     root, folder, data = tiny
     out = root / "term"
     proc = subprocess.Popen([sys.executable, "-m", "lorafit.cli", "train",
-                             *flags(folder, data, out, "torch", max_steps=300, save_every=0,
+                             *flags(folder, data, out, "torch", max_steps=300, save_every=1000,
                                     log_every=1),
                              "--nproc", "2"], env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
