@@ -208,7 +208,8 @@ def run_launcher(command: list[str], run_dir, nproc: int, grace_s: float = 60.0)
     for p in left:
         _signal(p, signal.SIGKILL)
     _kill_group(proc)
-    if code != 0:
+    _, exits = _records(run_dir)  # mlx.launch exits 0 even when a rank failed
+    if code != 0 or any(r not in exits or exits[r].get("code") for r in range(nproc)):
         line = failure_line(run_dir, nproc, code)
         if line:
             print(f"error: {line}", file=sys.stderr)

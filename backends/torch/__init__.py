@@ -430,7 +430,15 @@ class TorchBackend:
 
     def launch_command(self, nproc, args):
         import sys
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+        # torchrun itself, without the traceback its main prints when a worker fails: the
+        # caller names the failed rank in one line (core/launch.py)
+        torchrun = ("import sys\n"
+                    "from torch.distributed.run import parse_args, run\n"
+                    "from torch.distributed.elastic.multiprocessing.errors import "
+                    "ChildFailedError\n"
+                    "try:\n    run(parse_args(sys.argv[1:]))\n"
+                    "except ChildFailedError:\n    sys.exit(1)\n")
+        return [sys.executable, "-c", torchrun, "--standalone",
                 "--nproc-per-node", str(nproc), "--monitor-interval", "0.5",
                 "-m", "lorafit.cli", *args]
 
@@ -507,6 +515,14 @@ def _collective(fn, *args):
         return fn(*args)
     except RuntimeError as e:  # DistBackendError and gloo's errors are RuntimeErrors
         from lorafit.core.errors import LorafitError
-        text = " ".join(str(e).split())[:200]
+        text = _short(e)
         raise LorafitError(f"lost contact with another training process (it stopped or "
                            f"died): {text}") from None
+
+
+def _short(e: BaseException) -> str:
+    """gloo's / NCCL's message without its source location and advice."""
+    import re
+
+    text = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", " ".join(str(e).split()))
+    return text.split(". ")[0][:160]
