@@ -209,6 +209,14 @@ def _wait_for_step(out: Path, proc, step: int, timeout=240):
     raise AssertionError("the run made no progress")
 
 
+def _wait(condition, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+
+
 def _pids(out: Path) -> dict:
     return {int(p.stem[5:]): int(p.read_text())
             for p in launch.ranks_path(out).glob("rank-*.pid")}
@@ -216,29 +224,41 @@ def _pids(out: Path) -> dict:
 
 @pytest.mark.slow
 def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint_and_resume_finishes(tiny):
+    """Pause, save and resume through the control file, then SIGTERM to `train --nproc`."""
     root, folder, data = tiny
     out = root / "term"
     proc = subprocess.Popen([sys.executable, "-m", "lorafit.cli", "train",
-                             *flags(folder, data, out, "torch", max_steps=300, save_every=1000,
+                             *flags(folder, data, out, "torch", max_steps=100_000, save_every=1000,
                                     log_every=1),
                              "--nproc", "2"], env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     _wait_for_step(out, proc, 2)
+    # the control file (lorafit watch, the TUI) steers every rank through rank 0
+    from lorafit.core.checkpoint import load_latest
+    from lorafit.core.control import send_command
+
+    send_command(out, "pause")
+    _wait(lambda: rundir.read_status(out).get("state") == "paused", proc)
+    send_command(out, "save")
+    _wait(lambda: load_latest(out, report=lambda t: None) is not None, proc)
+    saved = load_latest(out, report=lambda t: None)[1]["state"]["step"]
+    send_command(out, "resume")
+    _wait_for_step(out, proc, saved + 2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     status = rundir.read_status(out)
     assert status["state"] == "stopped", status
-    from lorafit.core.checkpoint import load_latest
-
     path, ckpt = load_latest(out, report=lambda t: None)
-    assert ckpt["state"]["step"] == status["step"] < 300
+    stopped = ckpt["state"]["step"]
+    assert stopped == status["step"] > saved
     pids = _pids(out)
     assert len(pids) == 2 and not any(rundir.pid_alive(p) for p in pids.values())
-    proc = cli("--resume", str(out), "--nproc", "2")
+    proc = cli("--resume", str(out), "--nproc", "2", "--allow-changed", "max-steps",
+               "--max-steps", str(stopped + 3))  # the rest of the run, shortened
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert rundir.read_status(out)["state"] == "completed"
-    assert rundir.read_status(out)["step"] == 300
+    assert rundir.read_status(out)["step"] == stopped + 3
 
 
 @pytest.mark.slow
