@@ -236,10 +236,10 @@ def main(cfg, resume: bool = False, allow_changed=(), nproc: int | None = None,
         code = _main(cfg, resume, allow_changed)
         return code
     except LorafitError as e:
-        error = str(e)
+        code, error = 2, str(e)
         if place.rank == 0:
             raise
-        return 2  # rank 0 says the same (or `--nproc`'s parent names this rank): one line
+        return code  # rank 0 says the same (or `--nproc`'s parent names this rank): one line
     except BaseException as e:
         error = one_line(e)
         raise
