@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -85,6 +86,31 @@ def _quant(lp: dict, name: str, quant_cfg):
     return quant_cfg if quant_cfg and name + ".scales" in lp else None
 
 
+STACK_A, STACK_B = "stacked_A", "stacked_B"  # the engine's per-row adapter stacks
+
+
+@dataclass
+class RowAdapters:
+    """Each row of a batch with its own adapter (S-LoRA / Punica): beside a frozen weight sit
+    every served adapter's factors stacked, A (E, r, in) and B (E, out, r), slot 0 all
+    zeros (the base model) and smaller ranks zero-padded; the base matmul runs once for the
+    batch and each token's low-rank update gathers its own A and B (ops.gather_linear)."""
+    index: Any  # (B*T, 1) int backend array: each token's adapter slot
+    scale: Any  # (B, T, 1) float backend array: that adapter's alpha / r
+    dropout: float = 0.0  # inference only
+
+
+def _project_rows(ops, lp: dict, name: str, x, y, rows: RowAdapters):
+    stack_a, stack_b = lp[f"{name}.{STACK_A}"], lp[f"{name}.{STACK_B}"]
+    b, t, d_in = x.shape
+    xa = x if ops.dtype_name(x) == ops.dtype_name(stack_a) else ops.cast(x, ops.dtype_name(stack_a))
+    low = ops.gather_linear(xa.reshape(b * t, 1, d_in), stack_a, rows.index)
+    delta = ops.gather_linear(low, stack_b, rows.index).reshape(b, t, -1) * rows.scale
+    if ops.dtype_name(delta) != ops.dtype_name(y):
+        delta = ops.cast(delta, ops.dtype_name(y))
+    return y + delta
+
+
 def project(ops, lp: dict, name: str, x, lora, quant_cfg=None):
     """A linear projection with its LoRA pair, if any: x W^T + b + s * drop(x) A^T B^T.
     With a DoRA magnitude m the update is PEFT's: m / ||W + s B A||_row scales the
@@ -97,6 +123,8 @@ def project(ops, lp: dict, name: str, x, lora, quant_cfg=None):
     quant = _quant(lp, name, quant_cfg)
     y = base_linear(ops, lp, name, x, quant,
                     bias=bias if lora_a is None or magnitude is None else None)
+    if isinstance(lora, RowAdapters):
+        return _project_rows(ops, lp, name, x, y, lora) if f"{name}.{STACK_A}" in lp else y
     if lora_a is None:
         return y
     xa = ops.dropout(x, lora.dropout) if lora is not None and lora.dropout else x
