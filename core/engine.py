@@ -83,6 +83,10 @@ class Engine:
         self._lock = threading.Lock()  # held by a step and by adapter changes
         self.wake = threading.Event()  # set when work arrives
         self.tokens_out = 0  # generated tokens, for throughput lines
+        # evaluate lazily built arrays here: a lazy array cannot be evaluated on another
+        # thread (the server steps the engine on its own)
+        self.ops.materialize(self.params, *(() if self.cache is None else
+                                            (self.cache.k, self.cache.v)))
 
     # -- adapters -----------------------------------------------------------------------
     def add_adapter(self, name: str, cfg, adapter: dict) -> None:
@@ -143,6 +147,7 @@ class Engine:
                 stack_b[slot, :, :lb.shape[1]] = lb
             self.params[f"{module}.{STACK_A}"] = ops.from_numpy(stack_a, self.model.dtype)
             self.params[f"{module}.{STACK_B}"] = ops.from_numpy(stack_b, self.model.dtype)
+        ops.materialize({k: v for k, v in self.params.items() if k.endswith((STACK_A, STACK_B))})
 
     def memory_bytes(self) -> dict:
         """Bytes held: the model's weights, the adapters' stacks, the KV cache."""
@@ -187,6 +192,20 @@ class Engine:
 
     def busy(self) -> bool:
         return bool(self._waiting or self._running)
+
+    def running(self) -> int:
+        return len(self._running)
+
+    def abort_all(self) -> None:
+        """Drop every sequence after a failed step, telling each with on_token(None,
+        "error"), so the engine serves again from a clean state."""
+        with self._lock:
+            for seq in list(self._waiting) + self._running:
+                self._release(seq)
+                if seq.request.on_token is not None and not seq.cancelled:
+                    seq.request.on_token(None, "error")
+            self._waiting.clear()
+            self._running.clear()
 
     def step(self) -> bool:
         """One round: retire finished rows, admit waiting sequences (prefill), one decode
