@@ -212,13 +212,16 @@ class Engine:
         forward for all running rows. Returns whether work remains."""
         with self._lock:
             self._retire()
+            new = []
             while self._waiting and len(self._running) < self.max_batch:
                 seq = self._waiting.popleft()
                 if seq.cancelled:
                     self._release(seq)
                     continue
                 self._running.append(seq)
-                self._prefill(seq, len(self._running) - 1)
+                new.append(seq)
+            if new:
+                self._prefill(new, len(self._running) - len(new))
             self._retire()
             if self._running:
                 self._decode()
@@ -251,8 +254,10 @@ class Engine:
             self._release(seq)
 
     # -- forwards -----------------------------------------------------------------------
-    def _forward(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, cache):
-        """Last-position logits (B, V) as float64 numpy."""
+    def _forward(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, cache,
+                 last: np.ndarray | None = None):
+        """Logits (B, V) as float64 numpy at each row's position `last` (default: the
+        last one)."""
         ops = self.ops
         b, t = ids.shape
         if self.attached:
@@ -264,25 +269,38 @@ class Engine:
         with ops.inference():
             h = decoder.hidden_states(ops, self.args, self.params, ops.from_numpy(ids),
                                       ops.from_numpy(positions), cache=cache, lora=lora)
-            logits = decoder.head(ops, self.args, h[:, -1, :],
-                                  decoder.output_weight(self.params))
+            h = h[:, -1, :] if last is None else \
+                h[ops.from_numpy(np.arange(b)), ops.from_numpy(last.astype(np.int64))]
+            logits = decoder.head(ops, self.args, h, decoder.output_weight(self.params))
             out = ops.to_numpy(ops.cast(logits, "float32")).astype(np.float64)
         if self.cache is not None:
             ops.materialize(self.cache.k, self.cache.v)
         return out
 
-    def _prefill(self, seq: Sequence, row: int) -> None:
-        prompt = np.asarray([seq.request.prompt_ids], np.int64)
-        n = prompt.shape[1]
-        pos = np.arange(n, dtype=np.int64)[None]
-        slots = np.array([seq.slot])
-        if self.cache is not None:
-            cache = self.cache.views(row, np.array([0]), n)
-        else:
-            seq.cache = cache = [[None, None] for _ in range(self.args.num_hidden_layers)]
-        logits = self._forward(prompt, pos, slots, cache)
-        seq.length = n
-        self._emit(seq, logits[0])
+    def _prefill(self, seqs: list, first: int) -> None:
+        """Newly admitted sequences' prompts in one forward, right-padded to the longest
+        (rows first, first + 1, ...; a padded position is written but never attended to:
+        the row's length ends before it). Row-by-row models prefill each alone."""
+        if self.cache is None:
+            for seq in seqs:
+                prompt = np.asarray([seq.request.prompt_ids], np.int64)
+                seq.cache = [[None, None] for _ in range(self.args.num_hidden_layers)]
+                logits = self._forward(prompt, np.arange(prompt.shape[1])[None],
+                                       np.array([seq.slot]), seq.cache)
+                seq.length = prompt.shape[1]
+                self._emit(seq, logits[0])
+            return
+        sizes = np.asarray([len(s.request.prompt_ids) for s in seqs])
+        n, t = len(seqs), int(sizes.max())
+        ids = np.zeros((n, t), np.int64)
+        for i, s in enumerate(seqs):
+            ids[i, :sizes[i]] = s.request.prompt_ids
+        pos = np.broadcast_to(np.arange(t, dtype=np.int64), (n, t)).copy()
+        logits = self._forward(ids, pos, np.asarray([s.slot for s in seqs]),
+                               self.cache.views(first, np.zeros(n, np.int64), t), sizes - 1)
+        for seq, size, row in zip(seqs, sizes, logits):
+            seq.length = int(size)
+            self._emit(seq, row)
 
     def _decode(self) -> None:
         run = self._running

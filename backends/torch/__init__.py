@@ -137,15 +137,16 @@ class TorchBackend:
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=weight.shape[0]).tolist()
         parts = torch.split(rows[order], counts)
-        out = torch.cat([F.linear(p, weight[e]) for e, p in enumerate(parts)])
+        out = torch.cat([F.linear(p, weight[e]) for e, p in enumerate(parts) if len(p)])
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         return out[inverse].reshape(n, k, weight.shape[1])
     def write_rows(self, buffer, rows, starts, values):
         n, _, t, _ = values.shape
         pos = starts.reshape(n, 1) + torch.arange(t, device=starts.device).reshape(1, t)
+        # a copy: values may be a slice of buffer itself (moving a row)
         buffer[rows.reshape(n, 1).expand(n, t), :, pos] = values.permute(0, 2, 1, 3).to(
-            buffer.dtype)
+            buffer.dtype, copy=True)
         return buffer
 
     def softcap(self, x, cap):

@@ -45,6 +45,9 @@ def test_mixed_adapter_batch_equals_lone_generation(served, backend, family):
     engine = Engine(model, max_batch=4, max_len=64)
     for name, path in adapters.items():
         engine.add_adapter(name, *adapter_io.load_any(path))
+    moves = []
+    copy_row = engine.cache.copy_row
+    engine.cache.copy_row = lambda *a: (moves.append(a), copy_row(*a))
     names = [None, "a", "b", "a", None, "b", "b"]
     prompts = [random_ids(300, (1, 3 + 2 * i), seed=i)[0].tolist() for i in range(len(names))]
     lengths = [12, 5, 16, 9, 14, 3, 11]
@@ -62,6 +65,7 @@ def test_mixed_adapter_batch_equals_lone_generation(served, backend, family):
         engine.step()
     engine.run_until_done()
     assert not engine.busy() and engine.in_use("a") == 0
+    assert moves  # rows finished out of order and were packed
     for i, name in enumerate(names):
         want = lone(folder, adapters[name] if name else None, backend, prompts[i], lengths[i])
         assert got[i] == want, (i, name)
