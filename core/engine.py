@@ -29,8 +29,8 @@ from typing import Callable
 import numpy as np
 
 from lorafit.core.errors import LorafitError
-from lorafit.core.lora import LORA_A, LORA_B, MAGNITUDE, STACK_A, STACK_B, RowAdapters, \
-    adapter_leaves, check_adapter_fits, weight_key
+from lorafit.core.lora import LORA_A, LORA_B, MAGNITUDE, STACK_A, STACK_B, STACK_DORA, \
+    RowAdapters, adapter_leaves, check_adapter_fits, dense_weight, weight_key
 from lorafit.models import decoder
 from lorafit.models.kv_cache import SlotCache, batchable
 
@@ -96,9 +96,6 @@ class Engine:
             raise LorafitError("this engine serves the adapter attached to its model")
         shapes = self.model.parameter_shapes()
         check_adapter_fits(adapter, shapes)
-        if cfg.dora or any(k.endswith(MAGNITUDE) for k in adapter):
-            raise LorafitError(f"adapter {name}: DoRA adapters cannot be served per row yet; "
-                               "merge it (lorafit export) or use lorafit generate")
         if any(len(shapes[weight_key(shapes, k.rsplit('.lora_', 1)[0])]) != 2 for k in adapter):
             raise LorafitError(f"adapter {name}: adapters on MoE experts cannot be served per "
                                "row yet; use lorafit generate")
@@ -126,7 +123,7 @@ class Engine:
         """Rebuild every projection's stacked A, B from the adapters held (slots keep their
         numbers, so running rows are unaffected)."""
         ops, shapes = self.ops, self.model.parameter_shapes()
-        for k in [k for k in self.params if k.endswith((STACK_A, STACK_B))]:
+        for k in [k for k in self.params if k.endswith((STACK_A, STACK_B, STACK_DORA))]:
             del self.params[k]
         n = max([s for s, _, _ in self._adapters.values()], default=0) + 1
         self._scales = np.zeros(n, np.float32)
@@ -147,13 +144,32 @@ class Engine:
                 stack_b[slot, :, :lb.shape[1]] = lb
             self.params[f"{module}.{STACK_A}"] = ops.from_numpy(stack_a, self.model.dtype)
             self.params[f"{module}.{STACK_B}"] = ops.from_numpy(stack_b, self.model.dtype)
-        ops.materialize({k: v for k, v in self.params.items() if k.endswith((STACK_A, STACK_B))})
+            dora = [(slot, a) for slot, a in users if f"{module}.{MAGNITUDE}" in a]
+            if dora:
+                factors = np.ones((n, d_out), np.float32)
+                for slot, a in dora:
+                    factors[slot] = self._dora_factor(module, a, self._scales[slot])
+                self.params[f"{module}.{STACK_DORA}"] = ops.from_numpy(factors,
+                                                                       self.model.dtype)
+        ops.materialize({k: v for k, v in self.params.items()
+                         if k.endswith((STACK_A, STACK_B, STACK_DORA))})
+
+    def _dora_factor(self, module: str, adapter: dict, scale: float) -> np.ndarray:
+        """DoRA's m / ||W + s B A||_row, computed as core.lora.project does (in the
+        adapter's dtype, on the backend), once: at inference it is a constant."""
+        ops, dtype = self.ops, self.model.dtype
+        la, lb = (ops.from_numpy(adapter[f"{module}.{k}"], dtype) for k in (LORA_A, LORA_B))
+        quant = self.args.quantization if module + ".scales" in self.params else None
+        dense = ops.cast(dense_weight(ops, self.params, module, quant), dtype)
+        norm = ops.row_norms(dense + scale * ops.linear(lb, ops.swapaxes(la, 0, 1)))
+        m = ops.from_numpy(adapter[f"{module}.{MAGNITUDE}"], dtype)
+        return ops.to_numpy(ops.cast(m / norm, "float32"))
 
     def memory_bytes(self) -> dict:
         """Bytes held: the model's weights, the adapters' stacks, the KV cache."""
         ops = self.ops
         stacks = sum(ops.nbytes(v) for k, v in self.params.items()
-                     if k.endswith((STACK_A, STACK_B)))
+                     if k.endswith((STACK_A, STACK_B, STACK_DORA)))
         weights = sum(ops.nbytes(v) for k, v in self.model.params.items())
         return {"weights": weights, "adapters": stacks,
                 "kv_cache": self.cache.nbytes() if self.cache else 0}

@@ -1,6 +1,7 @@
-"""The engine batches rows with different adapters, prompt lengths and arrival times; each
-row's greedy tokens equal a lone generation with that adapter attached to the model (the
-PEFT-verified LoRA path), and sampled tokens depend only on the request's own seed."""
+"""The engine batches rows with different adapters (LoRA of several ranks and targets, DoRA),
+prompt lengths and arrival times; each row's greedy tokens equal a lone generation with that
+adapter attached to the model (the PEFT-verified LoRA path), and sampled tokens depend only
+on the request's own seed."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ def served(tmp_path_factory, tokenizer):
             "a": write_peft_adapter(root / "a", base, seed=1, r=4),
             "b": write_peft_adapter(root / "b", base, seed=2, r=8,
                                     targets=("q_proj", "o_proj", "up_proj", "down_proj")),
+            "dora": write_peft_adapter(root / "dora", base, seed=3, r=4, dora=True,
+                                       targets=("q_proj", "v_proj", "down_proj")),
         })
     return out
 
@@ -48,9 +51,9 @@ def test_mixed_adapter_batch_equals_lone_generation(served, backend, family):
     moves = []
     copy_row = engine.cache.copy_row
     engine.cache.copy_row = lambda *a: (moves.append(a), copy_row(*a))
-    names = [None, "a", "b", "a", None, "b", "b"]
+    names = [None, "a", "b", "dora", None, "b", "dora", "a"]
     prompts = [random_ids(300, (1, 3 + 2 * i), seed=i)[0].tolist() for i in range(len(names))]
-    lengths = [12, 5, 16, 9, 14, 3, 11]
+    lengths = [12, 5, 16, 9, 14, 3, 11, 7]
     got = {i: [] for i in range(len(names))}
 
     def submit(i):
