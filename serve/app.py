@@ -188,6 +188,8 @@ class Server:
         if len(ids) > lim.max_prompt_tokens:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; the limit is "
                            f"{lim.max_prompt_tokens}", "messages" if p.chat else "prompt")
+        if p.max_tokens is None:
+            p.max_tokens = max(1, min(lim.max_tokens, self.engine.max_len - len(ids)))
         if len(ids) + p.max_tokens > self.engine.max_len:
             raise ApiError(400, f"this model's context holds {self.engine.max_len} tokens: "
                            f"{len(ids)} in the prompt + {p.max_tokens} max_tokens is too many",

@@ -29,7 +29,7 @@ class Params:
     chat: bool
     prompt: str | None  # /v1/completions
     messages: list | None  # /v1/chat/completions
-    max_tokens: int
+    max_tokens: int | None  # None: as many as the context and the server's limit allow
     temperature: float
     top_p: float
     stop: list
@@ -101,7 +101,7 @@ def parse(body, chat: bool, max_tokens_limit: int) -> Params:
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise ApiError(400, "prompt must be a string (one prompt per request)", "prompt")
-    default_max = max_tokens_limit if chat else 16  # OpenAI's defaults
+    default_max = None if chat else 16  # OpenAI's defaults (chat: what the context allows)
     key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None \
         else "max_tokens"
     max_tokens = _integer(body, key, default_max, 1, max_tokens_limit)

@@ -177,6 +177,9 @@ def test_stop_seed_and_sampling(server):
     assert out.choices[0].finish_reason == "stop"
     streamed, _, _ = ask_stop(client, cut)
     assert streamed == full[:full.index(cut)]
+    free = client.chat.completions.create(model="tiny", temperature=0,  # no max_tokens
+                                          messages=[{"role": "user", "content": "hi"}])
+    assert free.usage.completion_tokens <= 64 and free.choices[0].finish_reason
     kw = dict(model="b", prompt="the quick", max_tokens=12, temperature=1.0, top_p=0.9)
     one = client.completions.create(seed=11, **kw).choices[0].text
     assert one == client.completions.create(seed=11, **kw).choices[0].text
