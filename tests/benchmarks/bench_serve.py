@@ -148,6 +148,7 @@ def main() -> int:
                 t = time.perf_counter()
                 n = contenders[name]()
                 rates[name].append(n / (time.perf_counter() - t))
+                print(f"round {r + 1}: {name}: {rates[name][-1]:.1f} tokens/s", flush=True)
     med = {k: statistics.median(v) for k, v in rates.items()}
     peft_rate = med["PEFT batched (adapter_names)"]
     print(f"16 requests x {a.new} new tokens, 4 adapters, Llama {a.layers} layers hidden "
