@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import build_hf_model, random_ids, write_peft_adapter
+from conftest import build_hf_model, random_ids, write_peft_adapter
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import build_hf_model, write_peft_adapter
+from conftest import build_hf_model, write_peft_adapter
 
 KEY = "sk-test-key"
 PROMPTS = ["hello world", "the quick brown fox", "tiny corpus", "jumps over the lazy dog",
