@@ -92,6 +92,16 @@ def cmd_generate(args) -> int:
                          args.dtype, args.quantize)
 
 
+def cmd_serve(args) -> int:
+    from lorafit.commands import serve
+
+    return serve.main(args.model, args.adapter, args.adapter_dir, args.host, args.port,
+                      api_key=args.api_key, max_adapters=args.max_adapters,
+                      backend=args.backend, device=args.device, dtype=args.dtype,
+                      quantize=args.quantize, max_batch=args.max_batch, max_len=args.max_len,
+                      max_tokens=args.max_tokens, log_every=args.log_every)
+
+
 def cmd_train(args) -> int:
     from lorafit.commands import train
 
@@ -154,6 +164,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--device", default=None, help="cpu, cuda, mps or metal (default: best)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve a model and its adapters over an "
+                                     "OpenAI-compatible HTTP API")
+    p.add_argument("--model", required=True, help="model folder or Hugging Face hub id")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH",
+                   help="an adapter (PEFT, mlx-lm or a lorafit run folder) served as NAME; "
+                        "repeatable")
+    p.add_argument("--adapter-dir", metavar="DIR",
+                   help="every adapter folder in DIR, by folder name, loaded on first use")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--max-adapters", type=int, default=8,
+                   help="adapters held in memory at once (least recently used goes first)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--max-len", type=int, default=2048,
+                   help="tokens per sequence, prompt included (the KV cache's length)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens accepted")
+    p.add_argument("--log-every", type=float, default=30.0, help="seconds between log lines")
+    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--quantize", default=None, metavar="{" + ",".join(QUANTIZE) + "}",
+                   help="quantize the frozen weights (as for generate)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--device", default=None, help="cpu, cuda, mps or metal (default: best)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("train", help="fine-tune a LoRA adapter")
     add_config_flags(p)

@@ -159,7 +159,8 @@ class Backend(Protocol):
 
     def attention(self, q: Array, k: Array, v: Array, scale: float,
                   segment_ids: Array | None = None, window: int | None = None,
-                  softcap: float | None = None, sinks: Array | None = None) -> Array:
+                  softcap: float | None = None, sinks: Array | None = None,
+                  lengths: Array | None = None) -> Array:
         """Causal scaled dot-product attention with grouped-query heads.
 
         q (B, Hq, T, D); k, v (B, Hkv, S, D) with S >= T: the T queries are the last T
@@ -168,8 +169,17 @@ class Backend(Protocol):
         `window` positions behind it (sliding-window layers). softcap: scores become
         softcap * tanh(scores / softcap) before the mask (Gemma 2). sinks (Hq,): one
         learned logit per head that joins each softmax and is then dropped (gpt-oss).
+        lengths (B,) int: row b's keys are only its first lengths[b] of the S (a
+        preallocated cache, rows of different lengths), and its T queries are positions
+        lengths[b] - T .. lengths[b] - 1 (segment_ids must then be None).
         Returns (B, Hq, T, D).
         """
+
+    def write_rows(self, buffer: Array, rows: Array, starts: Array, values: Array) -> Array:
+        """Write values (N, H, T, D) into a preallocated buffer (B, H, S, D): row rows[i]
+        gets values[i] at time positions starts[i] .. starts[i] + T - 1 (the engine's KV
+        cache). rows, starts int (N,). Returns the updated buffer (in place where the
+        framework allows it); not differentiable."""
 
     def cross_entropy(self, logits: Array, targets: Array, mask: Array) -> tuple:
         """Sum of token cross-entropies where mask is 1, and the count of such tokens.

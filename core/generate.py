@@ -1,4 +1,5 @@
-"""Text generation with a KV cache: greedy at temperature 0, sampled otherwise.
+"""Text generation for one prompt: greedy at temperature 0, sampled otherwise, through the
+engine (core/engine.py), the one generation code path.
 
 Sampling happens in numpy on the last position's logits, so both backends pick tokens the
 same way from the same seed.
@@ -6,57 +7,22 @@ same way from the same seed.
 
 from __future__ import annotations
 
-import numpy as np
-
+from lorafit.core.engine import Engine, Request
 from lorafit.core.errors import LorafitError
 
 
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int = 64,
                  temperature: float = 0.0, seed: int = 0, eos_ids=(), top_p: float = 1.0):
-    """Yield new token ids one at a time."""
-    if not prompt_ids:
-        raise LorafitError("the prompt is empty after tokenisation")
-    if temperature < 0:
-        raise LorafitError(f"temperature must be >= 0, got {temperature}")
-    ops = model.backend
-    rng = np.random.default_rng(seed)
-    cache = [[None, None] for _ in range(model.args.num_hidden_layers)]
-    ids = np.asarray([prompt_ids], dtype=np.int64)
-    pos = np.arange(len(prompt_ids), dtype=np.int64)[None]
-    seen = list(prompt_ids)
-    reset = model.args.cache_reset_length
-    for _ in range(max_new_tokens):
-        if reset is not None and pos.shape[1] == 1 and int(pos[0, 0]) == reset:
-            # the rotary frequencies switch here: recompute the cache with the new set
-            cache = [[None, None] for _ in range(model.args.num_hidden_layers)]
-            ids = np.asarray([seen], dtype=np.int64)
-            pos = np.arange(len(seen), dtype=np.int64)[None]
-        h = model.hidden(ops.from_numpy(ids), ops.from_numpy(pos), cache=cache)
-        last = model.head(h[:, -1, :])
-        logits = ops.to_numpy(ops.cast(last, "float32"))[0].astype(np.float64)
-        token = _pick(logits, temperature, top_p, rng)
-        yield token
-        if token in eos_ids:
-            return
-        seen.append(token)
-        ids = np.asarray([[token]], dtype=np.int64)
-        pos = pos[:, -1:] + 1
-
-
-def _pick(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
-    if temperature == 0:
-        return int(np.argmax(logits))
-    z = logits / temperature
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    if top_p < 1.0:
-        order = np.argsort(-p)
-        keep = np.cumsum(p[order]) - p[order] < top_p
-        mask = np.zeros_like(p, dtype=bool)
-        mask[order[keep]] = True
-        p = np.where(mask, p, 0)
-        p /= p.sum()
-    return int(rng.choice(len(p), p=p))
+    """Yield new token ids one at a time (an end-of-sequence token ends it, and is
+    yielded). One request through the engine, with the adapter attached to the model."""
+    engine = Engine(model, max_batch=1, max_len=len(prompt_ids) + max(max_new_tokens, 1))
+    out: list = []
+    engine.submit(Request(list(prompt_ids), max_new_tokens, temperature, top_p, seed,
+                          eos_ids=frozenset(eos_ids), on_token=lambda t, _: out.append(t)))
+    while max_new_tokens > 0 and engine.step():
+        yield from out
+        out.clear()
+    yield from out
 
 
 def eos_token_ids(tokenizer, model_args=None) -> set:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -85,6 +86,41 @@ def _quant(lp: dict, name: str, quant_cfg):
     return quant_cfg if quant_cfg and name + ".scales" in lp else None
 
 
+STACK_A, STACK_B = "stacked_A", "stacked_B"  # the engine's per-row adapter stacks
+STACK_DORA = "stacked_dora"  # (E, out): DoRA's m / ||W + s B A||_row per adapter, 1 if none
+
+
+@dataclass
+class RowAdapters:
+    """Each row of a batch with its own adapter (S-LoRA / Punica): beside a frozen weight sit
+    every served adapter's factors stacked, A (E, r, in) and B (E, out, r), slot 0 all
+    zeros (the base model) and smaller ranks zero-padded; the base matmul runs once for the
+    batch and each token's low-rank update gathers its own A and B (ops.gather_linear).
+    DoRA's factor m / ||W + s B A|| is a constant at inference, stacked per adapter too."""
+    index: Any  # (B*T, 1) int backend array: each token's adapter slot
+    scale: Any  # (B, T, 1) float backend array: that adapter's alpha / r
+    dropout: float = 0.0  # inference only
+
+
+def _project_rows(ops, lp: dict, name: str, x, y, rows: RowAdapters, bias=None):
+    """y (the base projection, without its bias where the stack has DoRA factors) plus
+    each token's own low-rank update (see RowAdapters)."""
+    stack_a, stack_b = lp[f"{name}.{STACK_A}"], lp[f"{name}.{STACK_B}"]
+    b, t, d_in = x.shape
+    adtype = ops.dtype_name(stack_a)
+    xa = x if ops.dtype_name(x) == adtype else ops.cast(x, adtype)
+    low = ops.gather_linear(xa.reshape(b * t, 1, d_in), stack_a, rows.index)
+    delta = ops.gather_linear(low, stack_b, rows.index).reshape(b, t, -1) * rows.scale
+    dora = lp.get(f"{name}.{STACK_DORA}")
+    if dora is not None:  # as project's DoRA: (y + delta) scaled per row, then the bias
+        factor = ops.embedding(rows.index.reshape(b, t), dora)
+        out = ops.cast(ops.cast(y, adtype) * factor + delta * factor, ops.dtype_name(y))
+        return out + bias if bias is not None else out
+    if ops.dtype_name(delta) != ops.dtype_name(y):
+        delta = ops.cast(delta, ops.dtype_name(y))
+    return y + delta
+
+
 def project(ops, lp: dict, name: str, x, lora, quant_cfg=None):
     """A linear projection with its LoRA pair, if any: x W^T + b + s * drop(x) A^T B^T.
     With a DoRA magnitude m the update is PEFT's: m / ||W + s B A||_row scales the
@@ -95,6 +131,10 @@ def project(ops, lp: dict, name: str, x, lora, quant_cfg=None):
     lora_a = lp.get(f"{name}.{LORA_A}")
     magnitude = lp.get(f"{name}.{MAGNITUDE}")
     quant = _quant(lp, name, quant_cfg)
+    if isinstance(lora, RowAdapters) and f"{name}.{STACK_A}" in lp:
+        bare = f"{name}.{STACK_DORA}" in lp  # DoRA scales the output before the bias
+        y = base_linear(ops, lp, name, x, quant, bias=None if bare else bias)
+        return _project_rows(ops, lp, name, x, y, lora, bias if bare else None)
     y = base_linear(ops, lp, name, x, quant,
                     bias=bias if lora_a is None or magnitude is None else None)
     if lora_a is None:

@@ -228,6 +228,7 @@ def attention_block(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_id
     b, t, _ = x.shape  # (B, T, C)
     D, source = a.head_dim_of(i), a.kv_source(i)
     q, k, v = _project_qkv(ops, a, i, lp, x, lora, source is None)
+    lengths = None  # per-row key lengths, with the engine's cache
     if a.qk_norm_whole:
         q = rms_norm(ops, a, q, lp["self_attn.q_norm.weight"])
         k = rms_norm(ops, a, k, lp["self_attn.k_norm.weight"])
@@ -246,16 +247,19 @@ def attention_block(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_id
         k, v = _heads(ops, a, lp, "k", k, b, t, D), _heads(ops, a, lp, "v", v, b, t, D)
         if cos is not None:
             k = _rotate(ops, k, cos, sin, a.rope_interleaved)
-        if cache is not None:
+        if isinstance(cache, list):
             if cache[0] is not None:
                 k = ops.concat([cache[0], k], axis=2)
                 v = ops.concat([cache[1], v], axis=2)
             cache[0], cache[1] = k, v
+        elif cache is not None:  # the engine's preallocated cache (models/kv_cache.py)
+            k, v, lengths = cache.update(k, v)
         if shared is not None:
             shared[i] = (k, v)
     o = ops.attention(q, k, v, attention_scale(a, i), segment_ids, window=a.window(i),
                       softcap=a.attn_logit_softcapping,
-                      sinks=lp["self_attn.sinks"] if a.attention_sinks else None)
+                      sinks=lp["self_attn.sinks"] if a.attention_sinks else None,
+                      lengths=lengths)
     o = ops.swapaxes(o, 1, 2).reshape(b, t, -1)
     if gate is not None:
         o = o * ops.sigmoid(gate)

@@ -192,3 +192,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def write_peft_adapter(folder, base, seed=0, r=4, targets=("q_proj", "v_proj"), dora=False):
+    """A PEFT LoRA (or DoRA) adapter with random non-zero leaves over a copy of the
+    transformers model `base`, saved to folder (PEFT's own layout); returns folder."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), use_dora=dora)
+    randomize_lora(get_peft_model(copy.deepcopy(base), cfg), seed).save_pretrained(str(folder))
+    return folder

@@ -134,6 +134,13 @@ class MLXBackend:
         n, k = indices.shape
         rows = mx.broadcast_to(x, (n, k, x.shape[-1]))[..., None, :]  # (N, K, 1, in)
         return mx.gather_mm(rows, weight.swapaxes(-1, -2), rhs_indices=indices).squeeze(-2)
+    def write_rows(self, buffer, rows, starts, values):
+        n, _, t, _ = values.shape
+        pos = starts.reshape(n, 1) + mx.arange(t).reshape(1, t)
+        buffer[mx.broadcast_to(rows.reshape(n, 1), (n, t)), :, pos] = \
+            values.transpose(0, 2, 1, 3).astype(buffer.dtype)
+        return buffer
+
     def softcap(self, x, cap):
         return mx.tanh(x / cap) * cap
     def sigmoid(self, x):
@@ -247,24 +254,28 @@ class MLXBackend:
         return x * cos + rotated * sin
 
     def attention(self, q, k, v, scale, segment_ids=None, window=None, softcap=None,
-                  sinks=None):
+                  sinks=None, lengths=None):
         T, S = q.shape[2], k.shape[2]
         if softcap is not None or sinks is not None:
-            return self._eager_attention(q, k, v, scale, segment_ids, window, softcap, sinks)
-        if segment_ids is None and window is None:
+            return self._eager_attention(q, k, v, scale, segment_ids, window, softcap, sinks,
+                                         lengths)
+        if segment_ids is None and window is None and lengths is None:
             if T == 1:
                 return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
             if T == S:
                 return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale,
                                                             mask="causal")
-        mask = self._mask(T, S, segment_ids, window)
+        mask = self._mask(T, S, segment_ids, window, lengths)
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
     @staticmethod
-    def _mask(T, S, segment_ids, window):
-        """(T, S) or (B, 1, T, S) boolean: causal, within the window, within the segment."""
+    def _mask(T, S, segment_ids, window, lengths=None):
+        """(T, S) or (B, 1, T, S) boolean: causal, within the window, within the segment;
+        with lengths, row b's queries end at its own length (see Backend.attention)."""
         qi = mx.arange(S - T, S)[:, None]
         ki = mx.arange(S)[None, :]
+        if lengths is not None:
+            qi = lengths.reshape(-1, 1, 1, 1) - T + mx.arange(T).reshape(1, 1, T, 1)
         mask = ki <= qi
         if window is not None:
             mask = mx.logical_and(mask, (qi - ki) < window)
@@ -273,7 +284,8 @@ class MLXBackend:
             mask = mx.logical_and(mask, same)
         return mask
 
-    def _eager_attention(self, q, k, v, scale, segment_ids, window, softcap, sinks):
+    def _eager_attention(self, q, k, v, scale, segment_ids, window, softcap, sinks,
+                         lengths=None):
         """Scores formed explicitly, for what fused kernels cannot do (soft-capping, sinks)."""
         B, Hq, T, D = q.shape
         Hk, S = k.shape[1], k.shape[2]
@@ -281,7 +293,7 @@ class MLXBackend:
         scores = (qg @ mx.swapaxes(k[:, :, None], -1, -2)).astype(mx.float32) * scale
         if softcap is not None:
             scores = mx.tanh(scores / softcap) * softcap
-        mask = self._mask(T, S, segment_ids, window)
+        mask = self._mask(T, S, segment_ids, window, lengths)
         mask = mask[:, :, None] if mask.ndim == 4 else mask
         scores = mx.where(mask, scores, mx.array(-mx.inf, dtype=mx.float32))
         if sinks is not None:

@@ -148,10 +148,18 @@ class TorchBackend:
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=weight.shape[0]).tolist()
         parts = torch.split(rows[order], counts)
-        out = torch.cat([F.linear(p, weight[e]) for e, p in enumerate(parts)])
+        out = torch.cat([F.linear(p, weight[e]) for e, p in enumerate(parts) if len(p)])
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         return out[inverse].reshape(n, k, weight.shape[1])
+    def write_rows(self, buffer, rows, starts, values):
+        n, _, t, _ = values.shape
+        pos = starts.reshape(n, 1) + torch.arange(t, device=starts.device).reshape(1, t)
+        # a copy: values may be a slice of buffer itself (moving a row)
+        buffer[rows.reshape(n, 1).expand(n, t), :, pos] = values.permute(0, 2, 1, 3).to(
+            buffer.dtype, copy=True)
+        return buffer
+
     def softcap(self, x, cap):
         return torch.tanh(x / cap) * cap
     def sigmoid(self, x):
@@ -253,26 +261,31 @@ class TorchBackend:
         return x * cos + rotated * sin
 
     def attention(self, q, k, v, scale, segment_ids=None, window=None, softcap=None,
-                  sinks=None):
+                  sinks=None, lengths=None):
         T, S = q.shape[2], k.shape[2]
         gqa = q.shape[1] != k.shape[1]
         if softcap is not None or sinks is not None:
-            return self._eager_attention(q, k, v, scale, segment_ids, window, softcap, sinks)
-        if segment_ids is None and window is None:
+            return self._eager_attention(q, k, v, scale, segment_ids, window, softcap, sinks,
+                                         lengths)
+        if segment_ids is None and window is None and lengths is None:
             if T == S:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                       enable_gqa=gqa)
             if T == 1:
                 return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
-        mask = self._mask(T, S, segment_ids, window, q.device)
+        mask = self._mask(T, S, segment_ids, window, q.device, lengths)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                               enable_gqa=gqa)
 
     @staticmethod
-    def _mask(T, S, segment_ids, window, device):
-        """(T, S) or (B, 1, T, S) boolean: causal, within the window, within the segment."""
+    def _mask(T, S, segment_ids, window, device, lengths=None):
+        """(T, S) or (B, 1, T, S) boolean: causal, within the window, within the segment;
+        with lengths, row b's queries end at its own length (see Backend.attention)."""
         qi = torch.arange(S - T, S, device=device)[:, None]
         ki = torch.arange(S, device=device)[None, :]
+        if lengths is not None:
+            qi = (lengths.reshape(-1, 1, 1, 1) - T
+                  + torch.arange(T, device=device).reshape(1, 1, T, 1))
         mask = ki <= qi
         if window is not None:
             mask = mask & (qi - ki < window)
@@ -281,7 +294,8 @@ class TorchBackend:
             mask = mask & same
         return mask
 
-    def _eager_attention(self, q, k, v, scale, segment_ids, window, softcap, sinks):
+    def _eager_attention(self, q, k, v, scale, segment_ids, window, softcap, sinks,
+                         lengths=None):
         """Scores formed explicitly, for what fused kernels cannot do (soft-capping, sinks)."""
         B, Hq, T, D = q.shape
         Hk, S = k.shape[1], k.shape[2]
@@ -289,7 +303,7 @@ class TorchBackend:
         scores = (qg @ k[:, :, None].transpose(-1, -2)).float() * scale  # (B, Hk, G, T, S)
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
-        mask = self._mask(T, S, segment_ids, window, q.device)
+        mask = self._mask(T, S, segment_ids, window, q.device, lengths)
         mask = mask[:, :, None] if mask.dim() == 4 else mask
         scores = scores.masked_fill(~mask, float("-inf"))
         if sinks is not None:

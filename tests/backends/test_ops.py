@@ -341,3 +341,27 @@ def test_causal_conv1d_matches_the_definition_with_state_and_segments(backend):
         alone, _ = ops.causal_conv1d(ops.from_numpy(x[bi:bi + 1, lo:hi]), ops.from_numpy(w))
         np.testing.assert_allclose(ops.to_numpy(y)[bi:bi + 1, lo:hi], ops.to_numpy(alone),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_write_rows_and_attention_over_rows_of_different_lengths(backend):
+    """The engine's cache ops: rows written at their own positions; attention with lengths
+    equals each row's attention over its own unpadded keys."""
+    ops = backend
+    buf = ops.zeros((3, 2, 6, 4))
+    vals = np.arange(2 * 2 * 2 * 4, dtype=np.float32).reshape(2, 2, 2, 4)
+    buf = ops.write_rows(buf, ops.from_numpy(np.array([2, 0])), ops.from_numpy(np.array([1, 3])),
+                         ops.from_numpy(vals))
+    ref = np.zeros((3, 2, 6, 4), np.float32)
+    ref[2, :, 1:3], ref[0, :, 3:5] = vals[0], vals[1]
+    assert np.array_equal(ops.to_numpy(buf), ref)
+    rng = np.random.default_rng(0)
+    k, v = (rng.standard_normal((2, 2, 7, 8)).astype(np.float32) for _ in range(2))
+    lens = np.array([3, 7])
+    for t, kw in ((1, {}), (1, {"window": 2}), (1, {"softcap": 5.0}), (3, {})):
+        q = rng.standard_normal((2, 4, t, 8)).astype(np.float32)
+        out = ops.to_numpy(ops.attention(ops.from_numpy(q), ops.from_numpy(k), ops.from_numpy(v),
+                                         0.3, lengths=ops.from_numpy(lens), **kw))
+        for b in range(2):
+            one = ops.attention(ops.from_numpy(q[b:b + 1]), ops.from_numpy(k[b:b + 1, :, :lens[b]]),
+                                ops.from_numpy(v[b:b + 1, :, :lens[b]]), 0.3, **kw)
+            np.testing.assert_allclose(out[b:b + 1], ops.to_numpy(one), atol=1e-5)
