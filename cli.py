@@ -114,7 +114,7 @@ def cmd_export(args) -> int:
     from lorafit.commands import export
 
     return export.main(args.adapter, args.out, args.format, args.merge, args.model,
-                       args.backend, args.dtype, args.quantize)
+                       args.backend, args.dtype, args.quantize, args.outtype)
 
 
 def cmd_convert(args) -> int:
@@ -167,9 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export an adapter to mlx-lm, or merge it into the model")
     p.add_argument("out", help="output folder")
     p.add_argument("--adapter", required=True, help="PEFT adapter folder (e.g. RUN/adapter)")
-    p.add_argument("--format", default="mlx-lm", choices=["mlx-lm", "peft"])
+    p.add_argument("--format", default="mlx-lm", choices=["mlx-lm", "peft", "gguf"],
+                   help="gguf: llama.cpp/Ollama files (base + LoRA adapter, or merged "
+                        "with --merge) and a Modelfile")
     p.add_argument("--merge", action="store_true",
-                   help="write a merged Hugging Face model folder instead")
+                   help="write a merged Hugging Face model folder instead (with --format "
+                        "gguf: one merged GGUF)")
+    p.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="with --format gguf: the tensor type of the GGUF files")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="dtype of the merged weights (default: the base model's)")
