@@ -123,6 +123,13 @@ def cmd_convert(args) -> int:
     return export.convert(args.src, args.out, args.to)
 
 
+def cmd_push(args) -> int:
+    from lorafit.commands import push
+
+    return push.main(args.folder, args.repo_id, args.dry_run, args.private, args.revision,
+                     args.message)
+
+
 def cmd_demo(args) -> int:
     from lorafit.commands import demo
 
@@ -188,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder")
     p.add_argument("--to", default="peft", choices=["peft", "mlx-lm"])
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("push", help="upload an adapter, merged or GGUF folder to the "
+                                    "Hugging Face Hub")
+    p.add_argument("folder", help="folder to upload (e.g. RUN/adapter)")
+    p.add_argument("repo_id", help="Hub repository, org/name (created if missing)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be sent; send "
+                                                          "nothing")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", help="branch to push to (default: main)")
+    p.add_argument("--message", help="commit message")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("demo", help="fine-tune a tiny bundled model on a small task, "
                                     "and show it learned")

@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from lorafit.core import adapter_io, lora, rundir
+from lorafit.core import adapter_io, lora, model_card, rundir
 from lorafit.core.config import DTYPES
 from lorafit.core.errors import LorafitError
 
@@ -63,6 +63,7 @@ def export_adapter(src: str | Path, out: str | Path, fmt: str, model: str | None
         adapter_io.save_peft(tmp, adapter, cfg, base, _num_layers(base, adapter))
     else:
         raise LorafitError(f"unknown adapter format {fmt!r}: mlx-lm or peft")
+    model_card.write_card(tmp, base, "adapter", model_card.run_dir_of(src))
     return _commit(tmp, out)
 
 
@@ -99,6 +100,7 @@ def export_merged(adapter_dir: str | Path, out: str | Path, model: str | None = 
         if (folder / name).exists():
             shutil.copy(folder / name, tmp / name)
     m.tokenizer.save_pretrained(str(tmp))
+    model_card.write_card(tmp, base, "merged", model_card.run_dir_of(adapter_dir))
     return _commit(tmp, out)
 
 

@@ -57,7 +57,7 @@ def _gguf():
     try:
         import gguf
     except ImportError:
-        raise LorafitError("GGUF export needs the gguf package: pip install gguf") from None
+        raise LorafitError("GGUF export needs the gguf package: pip install 'lorafit[gguf]'") from None
     return gguf
 
 
