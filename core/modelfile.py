@@ -53,13 +53,14 @@ def _go(text: str) -> str:
 
 
 def go_template(p: dict) -> str:
-    """The Go template Ollama renders for a conversation, from the per-role pieces."""
-    parts = [_go(p["start"]), "{{- range $i, $m := .Messages }}"]
+    """The Go template Ollama renders for a conversation, from the per-role pieces. No
+    `{{-` trimming anywhere: it would eat the newlines the pieces end with."""
+    parts = [_go(p["start"]), "{{ range $i, $m := .Messages }}"]
     for k, role in enumerate(ROLES):
         pre, suf = p[role]
-        parts.append(("{{- if" if k == 0 else "{{- else if") + f' eq $m.Role "{role}" }}}}'
+        parts.append(("{{ if" if k == 0 else "{{ else if") + f' eq $m.Role "{role}" }}}}'
                      + _go(pre) + "{{ $m.Content }}" + _go(suf))
-    parts.append("{{- end }}{{- end }}" + _go(p["generation"]))
+    parts.append("{{ end }}{{ end }}" + _go(p["generation"]))
     return "".join(parts)
 
 
