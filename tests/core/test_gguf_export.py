@@ -118,9 +118,10 @@ def test_modelfile_template_renders_like_the_chat_template(tmp_path, adapted, to
     text = (out / "Modelfile").read_text()
     assert text.startswith("FROM ./base-f32.gguf\nADAPTER ./adapter-f32.gguf\nTEMPLATE")
     assert 'PARAMETER stop "</s>"' in text
+    # (transformers renders with trim_blocks: the newline after {% endif %} goes)
     assert ('TEMPLATE """{{ range $i, $m := .Messages }}{{ if eq $m.Role "system" }}<|system|>\n'
-            '{{ $m.Content }}\n{{ else if eq $m.Role "user" }}<|user|>\n{{ $m.Content }}\n'
-            '{{ else if eq $m.Role "assistant" }}<|assistant|>\n{{ $m.Content }}</s>\n'
+            '{{ $m.Content }}{{ else if eq $m.Role "user" }}<|user|>\n{{ $m.Content }}'
+            '{{ else if eq $m.Role "assistant" }}<|assistant|>\n{{ $m.Content }}</s>'
             '{{ end }}{{ end }}<|assistant|>\n"""') in text
     render = lambda m, g: tokenizer.apply_chat_template(m, tokenize=False,  # noqa: E731
                                                         add_generation_prompt=g)
