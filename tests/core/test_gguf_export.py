@@ -155,17 +155,22 @@ def _llama_cpp():
 
 
 def _llama_greedy(path, ids, lora_path=None):
+    """llama.cpp's greedy continuation of ids, and its logits over the prompt."""
     llama_cpp = _llama_cpp()
     llm = llama_cpp.Llama(model_path=str(path), lora_path=lora_path and str(lora_path),
-                          n_ctx=64, n_threads=2, n_batch=64, verbose=False, seed=0)
-    assert llm.tokenize(PROMPT.encode(), add_bos=False, special=False) == ids  # tokenizer
-    llm.eval(ids)
-    out = []
-    for _ in range(NEW_TOKENS):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(token)
-        llm.eval([token])
-    return out, np.asarray(llm.scores[len(ids) - 1])
+                          n_ctx=64, n_threads=2, n_batch=64, logits_all=True, verbose=False,
+                          type_k=0, type_v=0)  # GGML_TYPE_F32: no f16 KV cache rounding
+    try:
+        assert llm.tokenize(PROMPT.encode(), add_bos=False, special=False) == ids  # tokenizer
+        llm.eval(ids)
+        prompt_logits = np.array(llm.scores[:len(ids)])
+        out = []
+        for _ in range(NEW_TOKENS):
+            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([out[-1]])
+    finally:
+        llm.close()
+    return out, prompt_logits
 
 
 def _lorafit_greedy(model, ids):
@@ -183,8 +188,14 @@ def test_llama_cpp_greedy_tokens_match_lorafit(tmp_path, adapted, tokenizer, fam
     want = _lorafit_greedy(model, ids)
     merged = _export(tmp_path, adapter_dir, merge=True)
     split = _export(tmp_path, adapter_dir, merge=False)
-    got_merged, _ = _llama_greedy(merged / "model-f32.gguf", ids)
-    got_lora, _ = _llama_greedy(split / "base-f32.gguf", ids, split / "adapter-f32.gguf")
+    got_merged, logits_merged = _llama_greedy(merged / "model-f32.gguf", ids)
+    got_lora, logits_lora = _llama_greedy(split / "base-f32.gguf", ids,
+                                          split / "adapter-f32.gguf")
+    ops = model.backend
+    ours = ops.to_numpy(model.logits(ops.from_numpy(np.asarray([ids]))))[0]
+    tol = 2e-3 * np.abs(ours).max()
+    assert np.abs(logits_merged - ours).max() < tol
+    assert np.abs(logits_lora - ours).max() < tol
     assert got_merged == want
     assert got_lora == want
     lora.detach(model)  # the adapter matters: the base alone generates something else
