@@ -26,6 +26,7 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 class Family:
     arch: str  # gguf.MODEL_ARCH member name
     permute_qk: bool = False  # llama.cpp rotates interleaved pairs: undo HF's permutation
+    scales: tuple = ()  # (config key, GGUFWriter method) pairs of multipliers
 
 
 # Hugging Face model_type -> how llama.cpp knows it (checked end to end in
@@ -35,6 +36,13 @@ FAMILIES = {
     "mistral": Family("LLAMA", permute_qk=True),
     "qwen2": Family("QWEN2"),
     "qwen3": Family("QWEN3"),
+    "olmo2": Family("OLMO2"),
+    "granite": Family("GRANITE", permute_qk=True, scales=(
+        ("embedding_multiplier", "add_embedding_scale"),
+        ("residual_multiplier", "add_residual_scale"),
+        ("attention_multiplier", "add_attention_scale"),
+        ("logits_scaling", "add_logit_scale"))),
+    "starcoder2": Family("STARCODER2"),
 }
 
 # The pre-tokenizer regexes of tokenizer.json that llama.cpp knows by name.
@@ -150,10 +158,11 @@ def _hyperparameters(w, gguf, config: dict, fam: Family, outtype: str) -> None:
     w.add_context_length(config.get("max_position_embeddings", 4096))
     w.add_embedding_length(config["hidden_size"])
     w.add_block_count(config["num_hidden_layers"])
-    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_feed_forward_length(config.get("intermediate_size") or 4 * config["hidden_size"])
     w.add_head_count(config["num_attention_heads"])
     w.add_head_count_kv(config.get("num_key_value_heads") or config["num_attention_heads"])
-    w.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    if config.get("norm_epsilon") is None:
+        w.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
     w.add_key_length(head_dim(config))
     w.add_value_length(head_dim(config))
     w.add_rope_dimension_count(head_dim(config))
@@ -170,6 +179,11 @@ def _hyperparameters(w, gguf, config: dict, fam: Family, outtype: str) -> None:
         w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
     elif kind not in (None, "llama3"):
         raise LorafitError(f"rope scaling {kind!r} has no GGUF export yet")
+    for key, method in fam.scales:
+        if config.get(key) is not None:
+            getattr(w, method)(float(config[key]))
+    if config.get("norm_epsilon") is not None:  # LayerNorm families (starcoder2)
+        w.add_layer_norm_eps(config["norm_epsilon"])
     w.add_file_type(_file_type(gguf, outtype))
 
 
@@ -177,8 +191,10 @@ def unsupported_features(config: dict) -> list[str]:
     """What the model computes that llama.cpp's implementation of the family does not
     (the GGUF runs, but its outputs differ): said to the user at export."""
     notes = []
-    if config.get("model_type") == "qwen2" and config.get("use_sliding_window"):
-        notes.append(f"llama.cpp's qwen2 ignores sliding_window={config.get('sliding_window')}")
+    mt, window = config.get("model_type"), config.get("sliding_window")
+    if mt == "qwen2" and config.get("use_sliding_window") or \
+            mt in ("mistral", "starcoder2") and window:
+        notes.append(f"llama.cpp's {mt} ignores sliding_window={window}")
     return notes
 
 

@@ -21,6 +21,10 @@ GGUF_FAMILIES = {
     "mistral": dict(sliding_window=None),
     "qwen2": dict(use_sliding_window=False, sliding_window=None, attention_bias=True),
     "qwen3": dict(),  # head_dim 32 != hidden/heads, q/k norms, linear rope scaling
+    "olmo2": dict(attention_bias=False),  # q/k norms over the whole projection
+    "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.5,
+                    attention_multiplier=0.2, logits_scaling=4.0),
+    "starcoder2": dict(sliding_window=None),  # LayerNorm with biases, GELU MLP
 }
 PROMPT = "the quick brown fox"
 NEW_TOKENS = 12
