@@ -207,3 +207,47 @@ def test_llama_cpp_greedy_tokens_match_lorafit(tmp_path, adapted, tokenizer, fam
         assert _lorafit_greedy(model, ids) != want
     finally:
         lora.attach(model, *adapter_io.load_peft(adapter_dir))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("regex", ["LLAMA3_REGEX", "QWEN2_REGEX"])
+def test_llama3_and_qwen2_pre_tokenizers_split_text_as_in_transformers(tmp_path, adapted,
+                                                                      regex):
+    """The pre-tokenizer names written for Llama 3 / Qwen2 style tokenizer.json files make
+    llama.cpp split text (digits, contractions, newlines) exactly as transformers does."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lorafit.core import gguf_export
+    from lorafit.models.tiny import SPECIALS
+
+    llama_cpp = _llama_cpp()
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(getattr(gguf_export, regex)), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    text = "It's 12345 apples,\n\n  don't   they? 7 x 89 = 623\tok\r\nend"
+    tk.train_from_iterator([text, PROMPT] * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>")
+    hf.save_pretrained(str(tmp_path / "tok"))
+    assert gguf_export.pre_tokenizer_name(json.loads((tmp_path / "tok" / "tokenizer.json")
+                                                     .read_text())) in ("llama-bpe", "qwen2")
+    folder, _, model = adapted["llama"]
+    from lorafit.models.loader import read_config
+
+    weights = {k: model.backend.to_numpy(v) for k, v in model.params.items()
+               if ".lora_" not in k}
+    path = gguf_export.write_model(tmp_path / "m.gguf", read_config(folder), weights,
+                                   tmp_path / "tok", "f32")
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        for sample in (text, "999 1234567 can't\n\n\nx  y"):
+            assert llm.tokenize(sample.encode(), add_bos=False, special=False) == \
+                hf(sample, add_special_tokens=False)["input_ids"]
+    finally:
+        llm.close()
