@@ -251,3 +251,18 @@ def test_llama3_and_qwen2_pre_tokenizers_split_text_as_in_transformers(tmp_path,
                 hf(sample, add_special_tokens=False)["input_ids"]
     finally:
         llm.close()
+
+
+def test_cli_export_gguf_and_its_errors(tmp_path, adapted, capsys):
+    from lorafit.cli import main
+
+    folder, adapter_dir, _ = adapted["qwen3"]
+    out = tmp_path / "cli"
+    assert main(["export", str(out), "--adapter", str(adapter_dir), "--format", "gguf",
+                 "--merge", "--outtype", "f32", "--backend", "torch"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model-f32.gguf"]
+    assert (out / "Modelfile").read_text().startswith("FROM ./model-f32.gguf\nTEMPLATE")
+    # the target exists: one line, nothing overwritten
+    assert main(["export", str(out), "--adapter", str(adapter_dir), "--format", "gguf"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
