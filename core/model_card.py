@@ -170,7 +170,7 @@ class ModelCardSink:
         if isinstance(event, RunFinished) and event.adapter:
             try:
                 write_card(event.adapter, self.base_model, "adapter", self.run_dir)
-            except OSError as e:  # a card is a courtesy: never fail a finished run for it
+            except Exception as e:  # a card is a courtesy: never fail a finished run for it
                 import sys
 
                 print(f"warning: no model card written ({e})", file=sys.stderr)
