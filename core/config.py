@@ -103,7 +103,7 @@ class TrainConfig:
     log_every: int = 1
     """Report training metrics every N steps."""
     report_to: str = ""
-    """Also log to these trackers (comma-separated): tensorboard, wandb, mlflow."""
+    """Also log to these trackers (comma-separated): tensorboard, wandb, mlflow, trackio."""
     on_bad_record: str = "fail"
     """What a bad data record does: fail (stop before loading) or skip (report and drop)."""
     train_on_prompt: bool = False

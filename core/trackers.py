@@ -1,6 +1,6 @@
-"""Experiment trackers as event sinks: TensorBoard, Weights & Biases, MLflow.
+"""Experiment trackers as event sinks: TensorBoard, Weights & Biases, MLflow, Trackio.
 
-Each is one more listener beside metrics.jsonl (`--report-to tensorboard,wandb,mlflow`) and
+Each is one more listener beside metrics.jsonl (`--report-to tensorboard,wandb,mlflow,trackio`) and
 logs the same numbers at the same steps: training loss, learning rate, gradient norm and
 tokens/s per reported step, validation loss per evaluation, the run's config as parameters.
 Every package is optional; a missing one stops the run before any weight loads with the
@@ -16,7 +16,8 @@ from lorafit.core import events as ev
 from lorafit.core.errors import LorafitError
 
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
-            "mlflow": ("mlflow", "mlflow")}  # name -> (module, lorafit extra)
+            "mlflow": ("mlflow", "mlflow"), "trackio": ("trackio", "trackio")}
+# name -> (module, lorafit extra)
 TRAIN_KEYS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
               "tokens_per_s": "train/tokens_per_s"}
 EVAL_KEYS = {"val_loss": "eval/loss"}
@@ -144,7 +145,32 @@ class WandbSink(ev.Sink):
             self.run = None
 
 
-SINKS = {"tensorboard": TensorBoardSink, "wandb": WandbSink, "mlflow": MlflowSink}
+class TrackioSink(ev.Sink):
+    """A Trackio run (local-first: TRACKIO_DIR's SQLite database; TRACKIO_PROJECT or
+    "lorafit"), named after the run folder."""
+
+    def __init__(self, run_dir: str | Path):
+        import trackio
+
+        self.trackio, self.name, self.run = trackio, Path(run_dir).name, None
+
+    def __call__(self, event):
+        if isinstance(event, ev.RunStarted):
+            import os
+
+            self.run = self.trackio.init(project=os.environ.get("TRACKIO_PROJECT", "lorafit"),
+                                         name=self.name, config=_flat_params(event.config))
+        elif self.run is not None and (values := metrics_of(event)):
+            self.trackio.log(values, step=event.step)
+
+    def close(self):
+        if self.run is not None:
+            self.trackio.finish()
+            self.run = None
+
+
+SINKS = {"tensorboard": TensorBoardSink, "wandb": WandbSink, "mlflow": MlflowSink,
+         "trackio": TrackioSink}
 
 
 def make_sinks(report_to: str | None, run_dir: str | Path) -> list[ev.Sink]:

@@ -27,7 +27,8 @@ def run(tmp_path_factory, tokenizer):
     data = write_prompt_completion_data(root / "train.jsonl", 24)
     env = {"MLFLOW_TRACKING_URI": (root / "mlruns").as_uri(), "MLFLOW_ALLOW_FILE_STORE": "true",
            "WANDB_MODE": "offline",
-           "WANDB_SILENT": "true", "WANDB_PROJECT": "lorafit-test"}
+           "WANDB_SILENT": "true", "WANDB_PROJECT": "lorafit-test",
+           "TRACKIO_DIR": str(root / "trackio"), "TRACKIO_PROJECT": "lorafit-test"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -35,7 +36,7 @@ def run(tmp_path_factory, tokenizer):
                           backend="torch", rank=4, alpha=8, targets="all-linear",
                           batch_size=4, lr=3e-3, max_steps=STEPS, seq_len=32, seed=0,
                           val_fraction=0.25, eval_every=3,
-                          report_to="tensorboard,mlflow,wandb")
+                          report_to="tensorboard,mlflow,wandb,trackio")
         status = run_training(cfg, sinks=[], install_signals=False)
     finally:
         for k, v in old.items():
@@ -125,6 +126,17 @@ def test_wandb_offline_run_holds_the_same_values(run):
     assert loss == pytest.approx({s: r["loss"] for s, r in train.items()}, rel=1e-6)
     assert val == pytest.approx(evals, rel=1e-6)
     assert config["rank"] == 4
+
+
+def test_trackio_logs_equal_metrics_jsonl(run):
+    from trackio.sqlite_storage import SQLiteStorage
+
+    root, _, cfg, train, evals = run
+    logs = SQLiteStorage.get_logs("lorafit-test", "run")
+    loss = {r["step"]: r["train/loss"] for r in logs if "train/loss" in r}
+    val = {r["step"]: r["eval/loss"] for r in logs if "eval/loss" in r}
+    assert loss == pytest.approx({s: r["loss"] for s, r in train.items()}, rel=1e-6)
+    assert val == pytest.approx(evals, rel=1e-6)
 
 
 def test_model_card_in_the_adapter_folder(run):
