@@ -266,3 +266,29 @@ def test_cli_export_gguf_and_its_errors(tmp_path, adapted, capsys):
     # the target exists: one line, nothing overwritten
     assert main(["export", str(out), "--adapter", str(adapter_dir), "--format", "gguf"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outtype,tol", [("f16", 2e-3), ("bf16", 2e-2), ("q8_0", 3e-2)])
+def test_llama_cpp_runs_the_smaller_types(tmp_path, adapted, tokenizer, outtype, tol):
+    """f16, bf16 and q8_0 files load in llama.cpp and give lorafit's logits within the
+    type's rounding (llama.cpp also rounds activations for q8_0). A milder adapter than the
+    fixture's: its large random updates make the tiny network amplify any rounding."""
+    folder, adapter_dir, model = adapted["llama"]
+    _llama_cpp()
+    cfg, adapter = adapter_io.load_peft(adapter_dir)
+    mild = {k: v * 0.2 for k, v in adapter.items()}
+    adapter_io.save_peft(tmp_path / "mild", mild, cfg, str(folder), 2)
+    ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    out = _export(tmp_path, tmp_path / "mild", merge=True, outtype=outtype)
+    _, logits = _llama_greedy(out / f"model-{outtype}.gguf", ids)
+    ops = model.backend
+    lora.detach(model)
+    try:
+        lora.attach(model, cfg, mild)
+        ours = ops.to_numpy(model.logits(ops.from_numpy(np.asarray([ids]))))[0]
+    finally:
+        lora.detach(model)
+        lora.attach(model, cfg, adapter)
+    err = np.abs(logits - ours).max() / np.abs(ours).max()
+    assert err < tol, err
