@@ -173,7 +173,33 @@ SINKS = {"tensorboard": TensorBoardSink, "wandb": WandbSink, "mlflow": MlflowSin
          "trackio": TrackioSink}
 
 
+class Guarded(ev.Sink):
+    """A tracker that fails (a server gone, a full disk) is switched off with one warning;
+    the run and its metrics.jsonl go on."""
+
+    def __init__(self, name: str, sink: ev.Sink):
+        self.name, self.sink = name, sink
+
+    def _try(self, fn, *args):
+        if self.sink is None:
+            return
+        try:
+            fn(*args)
+        except Exception as e:
+            import sys
+
+            print(f"warning: --report-to {self.name} failed and is off for this run "
+                  f"({type(e).__name__}: {' '.join(str(e).split())[:160]})", file=sys.stderr)
+            self.sink = None
+
+    def __call__(self, event):
+        self._try(lambda: self.sink(event))
+
+    def close(self):
+        self._try(lambda: self.sink.close())
+
+
 def make_sinks(report_to: str | None, run_dir: str | Path) -> list[ev.Sink]:
     names = parse(report_to)
     check_installed(names)
-    return [SINKS[n](run_dir) for n in names]
+    return [Guarded(n, SINKS[n](run_dir)) for n in names]

@@ -197,3 +197,24 @@ def test_missing_tracker_package_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     with pytest.raises(LorafitError, match=r"pip install 'lorafit\[wandb\]'"):
         trackers.check_installed(["wandb"])
+
+
+def test_a_failing_tracker_is_switched_off_with_one_warning(capsys):
+    from lorafit.core import events as ev
+    from lorafit.core.trackers import Guarded
+
+    calls = []
+
+    class Broken(ev.Sink):
+        def __call__(self, event):
+            calls.append(event)
+            raise ConnectionError("server gone")
+
+    sink = Guarded("mlflow", Broken())
+    step = ev.EvalReport(step=1, val_loss=1.0, best_val_loss=1.0)
+    sink(step)
+    sink(step)
+    sink.close()
+    assert len(calls) == 1
+    err = capsys.readouterr().err
+    assert err.count("warning: --report-to mlflow failed") == 1 and "server gone" in err
