@@ -229,4 +229,5 @@ def export_gguf(adapter_dir: str | Path, out: str | Path, merge: bool, model: st
     if not write_modelfile(tmp, model_file, adapter_file, m.tokenizer, folder):
         print("note: the chat template is not plain per-role text; the Modelfile has no "
               "TEMPLATE (Ollama uses the GGUF's own)", file=sys.stderr)
+    model_card.write_card(tmp, base, "gguf", model_card.run_dir_of(adapter_dir))
     return _commit(tmp, out)

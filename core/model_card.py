@@ -97,21 +97,26 @@ def _config_values(config_text: str) -> dict:
 
 
 def card_text(base_model: str | None, kind: str, summary: dict, title: str) -> str:
-    """README.md for an adapter (kind "adapter") or a merged model (kind "merged")."""
+    """README.md for an adapter (kind "adapter"), a merged model ("merged") or GGUF files
+    ("gguf")."""
     from huggingface_hub import ModelCardData
 
     values = _config_values(summary["config"])
     data = values.get("data") or values.get("dataset")
-    tags = ["lorafit", "lora", "text-generation"]
-    meta = dict(library_name="peft" if kind == "adapter" else "transformers", tags=tags,
-                pipeline_tag="text-generation")
+    tags = ["lorafit", "lora", "text-generation"] + (["gguf", "llama.cpp", "ollama"]
+                                                     if kind == "gguf" else [])
+    library = {"adapter": "peft", "merged": "transformers"}.get(kind)
+    meta = dict(tags=tags, pipeline_tag="text-generation")
+    if library:
+        meta["library_name"] = library
     if base_model:
         meta["base_model"] = base_model
         tags.append(f"base_model:{'adapter' if kind == 'adapter' else 'finetune'}:{base_model}")
     if _is_hub_id(data):
         meta["datasets"] = [data]
     body = [f"# {title}", ""]
-    what = "A LoRA adapter" if kind == "adapter" else "A model merged from a LoRA adapter"
+    what = {"adapter": "A LoRA adapter", "merged": "A model merged from a LoRA adapter",
+            "gguf": "GGUF files (llama.cpp, Ollama) of a LoRA fine-tune"}[kind]
     body.append(f"{what} for `{base_model or 'its base model'}`, trained with lorafit"
                 + (f" on `{data}`." if data else "."))
     train, val, end = summary["train"], summary["val"], summary["end"]
@@ -128,6 +133,9 @@ def card_text(base_model: str | None, kind: str, summary: dict, title: str) -> s
     if kind == "adapter":
         body += ["", "## Use", "", "```python", "from peft import AutoPeftModelForCausalLM",
                  "model = AutoPeftModelForCausalLM.from_pretrained(\"REPO_OR_FOLDER\")", "```"]
+    if kind == "gguf":
+        body += ["", "## Use", "", "```bash", "ollama create my-model -f Modelfile",
+                 "ollama run my-model", "```"]
     if summary["config"]:
         body += ["", "## Config", "", "```toml", summary["config"].strip(), "```"]
     return f"---\n{ModelCardData(**meta).to_yaml()}\n---\n\n" + "\n".join(body) + "\n"

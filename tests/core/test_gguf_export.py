@@ -261,7 +261,9 @@ def test_cli_export_gguf_and_its_errors(tmp_path, adapted, capsys):
     assert main(["export", str(out), "--adapter", str(adapter_dir), "--format", "gguf",
                  "--merge", "--outtype", "f32", "--backend", "torch"]) == 0
     assert capsys.readouterr().out.strip() == str(out)
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model-f32.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "model-f32.gguf"]
+    card = (out / "README.md").read_text()
+    assert f"base_model: {folder}" in card and "- gguf" in card and "library_name" not in card
     assert (out / "Modelfile").read_text().startswith("FROM ./model-f32.gguf\nTEMPLATE")
     # the target exists: one line, nothing overwritten
     assert main(["export", str(out), "--adapter", str(adapter_dir), "--format", "gguf"]) == 2
