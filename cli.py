@@ -125,13 +125,20 @@ def cmd_export(args) -> int:
     from lorafit.commands import export
 
     return export.main(args.adapter, args.out, args.format, args.merge, args.model,
-                       args.backend, args.dtype, args.quantize)
+                       args.backend, args.dtype, args.quantize, args.outtype)
 
 
 def cmd_convert(args) -> int:
     from lorafit.commands import export
 
     return export.convert(args.src, args.out, args.to)
+
+
+def cmd_push(args) -> int:
+    from lorafit.commands import push
+
+    return push.main(args.folder, args.repo_id, args.dry_run, args.private, args.revision,
+                     args.message)
 
 
 def cmd_demo(args) -> int:
@@ -207,9 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export an adapter to mlx-lm, or merge it into the model")
     p.add_argument("out", help="output folder")
     p.add_argument("--adapter", required=True, help="PEFT adapter folder (e.g. RUN/adapter)")
-    p.add_argument("--format", default="mlx-lm", choices=["mlx-lm", "peft"])
+    p.add_argument("--format", default="mlx-lm", choices=["mlx-lm", "peft", "gguf"],
+                   help="gguf: llama.cpp/Ollama files (base + LoRA adapter, or merged "
+                        "with --merge) and a Modelfile")
     p.add_argument("--merge", action="store_true",
-                   help="write a merged Hugging Face model folder instead")
+                   help="write a merged Hugging Face model folder instead (with --format "
+                        "gguf: one merged GGUF)")
+    p.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="with --format gguf: the tensor type of the GGUF files")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="dtype of the merged weights (default: the base model's)")
@@ -223,6 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder")
     p.add_argument("--to", default="peft", choices=["peft", "mlx-lm"])
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("push", help="upload an adapter, merged or GGUF folder to the "
+                                    "Hugging Face Hub")
+    p.add_argument("folder", help="folder to upload (e.g. RUN/adapter)")
+    p.add_argument("repo_id", help="Hub repository, org/name (created if missing)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be sent; send "
+                                                          "nothing")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", help="branch to push to (default: main)")
+    p.add_argument("--message", help="commit message")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("demo", help="fine-tune a tiny bundled model on a small task, "
                                     "and show it learned")

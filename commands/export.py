@@ -1,4 +1,5 @@
-"""`lorafit export` and `lorafit convert`: an adapter to mlx-lm's layout (or back), and a merged Hugging Face folder.
+"""`lorafit export` and `lorafit convert`: an adapter to mlx-lm's layout (or back), a merged
+Hugging Face folder, and GGUF files for llama.cpp / Ollama.
 
 Every export is written into a temporary folder beside the target and renamed into place,
 so an interrupted export never leaves a half-written folder under the target's name.
@@ -11,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from lorafit.core import adapter_io, lora, rundir
+from lorafit.core import adapter_io, lora, model_card, rundir
 from lorafit.core.config import DTYPES
 from lorafit.core.errors import LorafitError
 
@@ -62,6 +63,7 @@ def export_adapter(src: str | Path, out: str | Path, fmt: str, model: str | None
         adapter_io.save_peft(tmp, adapter, cfg, base, _num_layers(base, adapter))
     else:
         raise LorafitError(f"unknown adapter format {fmt!r}: mlx-lm or peft")
+    model_card.write_card(tmp, base, "adapter", model_card.run_dir_of(src))
     return _commit(tmp, out)
 
 
@@ -98,6 +100,7 @@ def export_merged(adapter_dir: str | Path, out: str | Path, model: str | None = 
         if (folder / name).exists():
             shutil.copy(folder / name, tmp / name)
     m.tokenizer.save_pretrained(str(tmp))
+    model_card.write_card(tmp, base, "merged", model_card.run_dir_of(adapter_dir))
     return _commit(tmp, out)
 
 
@@ -127,8 +130,11 @@ def _write_weights(ops, params: dict, folder: Path) -> None:
 
 def main(adapter: str, out: str, fmt: str = "mlx-lm", merge: bool = False,
          model: str | None = None, backend: str = "auto", dtype: str | None = None,
-         quantize: str | None = None) -> int:
+         quantize: str | None = None, outtype: str = "f16") -> int:
     """`lorafit export`: print the folder written."""
+    if fmt == "gguf":
+        print(export_gguf(adapter, out, merge, model, outtype, backend, quantize))
+        return 0
     if merge:
         path = export_merged(adapter, out, model, backend, dtype, quantize)
         if quantize:
@@ -144,3 +150,84 @@ def convert(src: str, out: str, to: str = "peft") -> int:
     """`lorafit convert`: rewrite an adapter in the other layout; print the folder written."""
     print(export_adapter(src, out, to, None))
     return 0
+
+
+# -- GGUF (llama.cpp, Ollama) ----------------------------------------------------------------
+
+def _numpy_weights(m) -> dict:
+    ops = m.backend
+    return {k: ops.to_numpy(ops.cast(v, "float32")) for k, v in m.params.items()
+            if not k.endswith("inv_freq")}
+
+
+def _chat_render(tokenizer):
+    def render(messages, add_generation_prompt):
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    return render if getattr(tokenizer, "chat_template", None) else None
+
+
+def _stop_texts(tokenizer, folder: Path) -> list[str]:
+    ids = set()
+    gen = folder / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return [tokenizer.convert_ids_to_tokens(int(i)) for i in sorted(ids)]
+
+
+def write_modelfile(folder: Path, model_file: str, adapter_file: str | None, tokenizer,
+                    base_folder: Path) -> bool:
+    """The Modelfile beside the GGUF files; True when it carries a TEMPLATE."""
+    from lorafit.core import modelfile
+
+    render = _chat_render(tokenizer)
+    template = modelfile.template_for(render) if render else None
+    text = modelfile.modelfile(f"./{model_file}", adapter_file and f"./{adapter_file}",
+                               template, _stop_texts(tokenizer, base_folder))
+    (folder / "Modelfile").write_text(text)
+    return template is not None
+
+
+def export_gguf(adapter_dir: str | Path, out: str | Path, merge: bool, model: str | None = None,
+                outtype: str = "f16", backend: str = "auto", quantize: str | None = None) -> Path:
+    """GGUF files and an Ollama Modelfile: with `merge`, model-<type>.gguf (base + adapter
+    folded); without, base-<type>.gguf plus adapter-<type>.gguf (llama.cpp's --lora)."""
+    from lorafit.commands.common import load_model_with_adapter
+    from lorafit.core import gguf_export
+    from lorafit.models.loader import read_config, resolve_model_path
+
+    if outtype not in gguf_export.OUTTYPES:
+        raise LorafitError(f"unknown GGUF type {outtype!r}: {', '.join(gguf_export.OUTTYPES)}")
+    base = _base_model(adapter_dir, model)
+    if not base:
+        raise LorafitError(f"{adapter_dir}: the adapter does not name its base model; pass "
+                           "--model")
+    folder = resolve_model_path(base)
+    config = read_config(folder)
+    gguf_export.family(config)  # an unsupported family stops before any weight loads
+    cfg, adapter = adapter_io.load_any(adapter_dir)
+    if not merge and cfg.dora:
+        raise LorafitError("llama.cpp has no DoRA: export with --merge")
+    for note in gguf_export.unsupported_features(config):
+        print(f"warning: {note}; outputs of the GGUF will differ", file=sys.stderr)
+    out, tmp = _staging(out)
+    dev = "cpu" if backend == "auto" else None
+    if merge:
+        m = load_model_with_adapter(base, adapter_dir, backend, dev, "float32", quantize)
+        lora.merge(m)
+        model_file, adapter_file = f"model-{outtype}.gguf", None
+    else:
+        m = load_model_with_adapter(base, None, backend, dev, "float32", quantize)
+        model_file, adapter_file = f"base-{outtype}.gguf", f"adapter-{outtype}.gguf"
+        gguf_export.write_lora(tmp / adapter_file, config, adapter, cfg.r, cfg.alpha,
+                               cfg.rslora, outtype)
+    gguf_export.write_model(tmp / model_file, config, _numpy_weights(m), folder, outtype,
+                            name=Path(str(base)).name)
+    if not write_modelfile(tmp, model_file, adapter_file, m.tokenizer, folder):
+        print("note: the chat template is not plain per-role text; the Modelfile has no "
+              "TEMPLATE (Ollama uses the GGUF's own)", file=sys.stderr)
+    model_card.write_card(tmp, base, "gguf", model_card.run_dir_of(adapter_dir))
+    return _commit(tmp, out)

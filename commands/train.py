@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lorafit.core import config as config_mod
 from lorafit.core import events as ev
-from lorafit.core import rundir
+from lorafit.core import rundir, trackers
 from lorafit.core import launch
 from lorafit.core.checkpoint import check_fingerprint, fingerprint, fit_grad_accum, \
     load_latest
@@ -17,6 +17,7 @@ from lorafit.core.control import Control
 from lorafit.core.data import check_dataset_file, check_enough, load_dataset, split_validation
 from lorafit.core.errors import LorafitError
 from lorafit.core.lora import attach
+from lorafit.core.model_card import ModelCardSink
 from lorafit.core.train import Trainer
 
 
@@ -145,6 +146,7 @@ def _build(cfg, sinks, control, resume, report, allow_changed, lock):
             raise Interrupted("interrupted before training started; nothing was written")
 
     check_dataset_file(cfg.data, cfg.on_bad_record)
+    trackers.check_installed(trackers.parse(cfg.report_to))
     if cfg.val_data:
         check_dataset_file(cfg.val_data, cfg.on_bad_record)
     folder = resolve_model_path(cfg.model)
@@ -180,7 +182,9 @@ def _build(cfg, sinks, control, resume, report, allow_changed, lock):
         run_dir = prepare_run_dir(cfg, resume)
     attach(model, cfg.lora_config(), None if ckpt is None else ckpt["adapter"], seed=cfg.seed)
     if primary:
-        sinks = list(sinks) + [ev.JsonlSink(run_dir), ev.StatusSink(run_dir)]
+        sinks = list(sinks) + [ev.JsonlSink(run_dir), ev.StatusSink(run_dir),
+                               ModelCardSink(run_dir, cfg.model)] + \
+            trackers.make_sinks(cfg.report_to, run_dir)
     trainer = Trainer(model, cfg, train, val, run_dir if primary else None, sinks, control,
                       estimate=estimate)
     trainer.lock = lock

@@ -102,6 +102,8 @@ class TrainConfig:
     """How many of the newest checkpoints to keep."""
     log_every: int = 1
     """Report training metrics every N steps."""
+    report_to: str = ""
+    """Also log to these trackers (comma-separated): tensorboard, wandb, mlflow, trackio."""
     on_bad_record: str = "fail"
     """What a bad data record does: fail (stop before loading) or skip (report and drop)."""
     train_on_prompt: bool = False
@@ -140,6 +142,9 @@ class TrainConfig:
             raise LorafitError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.quantize is not None and self.quantize not in QUANTIZE:
             raise LorafitError(f"--quantize {self.quantize}: choose {' or '.join(QUANTIZE)}")
+        from lorafit.core.trackers import parse as parse_trackers
+
+        self.report_to = ",".join(parse_trackers(self.report_to))
         if self.backend not in BACKENDS:
             raise LorafitError(f"backend {self.backend!r}: choose {', '.join(BACKENDS)}")
 

@@ -1,0 +1,347 @@
+"""GGUF files for llama.cpp and Ollama, written with the `gguf` package (llama.cpp's own
+writer): a whole model, or a LoRA adapter alone (llama.cpp's `--lora` file).
+
+Framework-free: Hugging Face tensor names and numpy arrays in, a .gguf file out. What
+llama.cpp's converters do that the arrays do not say is done here the same way: tensor names
+through gguf's TensorNameMap, the Llama q/k row permutation (llama.cpp's `llama` architecture
+rotates interleaved pairs, Hugging Face checkpoints rotate halves), Llama 3's rope scaling as a
+`rope_freqs` tensor, and the byte-level BPE tokenizer as token list, types and merges.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lorafit.core.errors import LorafitError
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+@dataclass(frozen=True)
+class Family:
+    arch: str  # gguf.MODEL_ARCH member name
+    permute_qk: bool = False  # llama.cpp rotates interleaved pairs: undo HF's permutation
+    scales: tuple = ()  # (config key, GGUFWriter method) pairs of multipliers
+
+
+# Hugging Face model_type -> how llama.cpp knows it (checked end to end in
+# tests/core/test_gguf_export.py through llama-cpp-python).
+FAMILIES = {
+    "llama": Family("LLAMA", permute_qk=True),
+    "mistral": Family("LLAMA", permute_qk=True),
+    "qwen2": Family("QWEN2"),
+    "qwen3": Family("QWEN3"),
+    "olmo2": Family("OLMO2"),
+    "granite": Family("GRANITE", permute_qk=True, scales=(
+        ("embedding_multiplier", "add_embedding_scale"),
+        ("residual_multiplier", "add_residual_scale"),
+        ("attention_multiplier", "add_attention_scale"),
+        ("logits_scaling", "add_logit_scale"))),
+    "starcoder2": Family("STARCODER2"),
+}
+
+# The pre-tokenizer regexes of tokenizer.json that llama.cpp knows by name.
+LLAMA3_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?"
+                "[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+QWEN2_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?"
+               "[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+PRE_TOKENIZERS = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
+
+
+def family(config: dict) -> Family:
+    mt = config.get("model_type")
+    if mt not in FAMILIES:
+        raise LorafitError(f"GGUF export supports {', '.join(sorted(FAMILIES))}; this model is "
+                           f"{mt!r}")
+    return FAMILIES[mt]
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise LorafitError("GGUF export needs the gguf package: pip install 'lorafit[gguf]'") from None
+    return gguf
+
+
+def _rope(config: dict) -> tuple[float, dict]:
+    """(rope_theta, scaling dict) from transformers v4 (rope_theta + rope_scaling) or v5
+    (rope_parameters) configs."""
+    params = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or params
+    theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    return float(theta), (scaling if kind != "default" else {})
+
+
+def head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def llama3_rope_factors(config: dict) -> np.ndarray:
+    """llama.cpp's `rope_freqs`: what each rotary frequency is divided by (Llama 3.1's
+    scaling), i.e. the unscaled inverse frequency over transformers' llama3 one."""
+    theta, s = _rope(config)
+    dim = head_dim(config)
+    inv = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old = s.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    scaled = np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    return (inv / scaled).astype(np.float32)
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Hugging Face's rotate-half row order -> llama.cpp's interleaved one (the inverse of
+    transformers' convert_llama_weights_to_hf permutation), on a weight's (or LoRA B's)
+    output rows."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def _prepare(name: str, w: np.ndarray, config: dict, fam: Family) -> np.ndarray:
+    if fam.permute_qk and name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.lora_B",
+                                         "self_attn.q_proj.bias")):
+        return permute_rows(w, config["num_attention_heads"])
+    if fam.permute_qk and name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.lora_B",
+                                         "self_attn.k_proj.bias")):
+        return permute_rows(w, config.get("num_key_value_heads")
+                            or config["num_attention_heads"])
+    return w
+
+
+def _encode(gguf, w: np.ndarray, outtype: str):
+    """(data, raw_dtype) for the writer: 1-D tensors stay f32 as llama.cpp's converter
+    keeps them; q8_0 needs rows of a multiple of 32 (others fall back to f16)."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if outtype == "f32" or w.ndim == 1:
+        return w, None
+    if outtype == "f16":
+        return w.astype(np.float16), None
+    q = gguf.GGMLQuantizationType
+    if outtype == "bf16":
+        return gguf.quants.quantize(w, q.BF16), q.BF16
+    if outtype == "q8_0":
+        if w.shape[-1] % 32:
+            return w.astype(np.float16), None
+        return gguf.quants.quantize(w, q.Q8_0), q.Q8_0
+    raise LorafitError(f"unknown GGUF type {outtype!r}: {', '.join(OUTTYPES)}")
+
+
+def _file_type(gguf, outtype: str) -> int:
+    t = gguf.LlamaFileType
+    return {"f32": t.ALL_F32, "f16": t.MOSTLY_F16, "bf16": t.MOSTLY_BF16,
+            "q8_0": t.MOSTLY_Q8_0}[outtype]
+
+
+def _name_map(gguf, fam: Family, config: dict):
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH[fam.arch], config["num_hidden_layers"])
+
+
+def gguf_name(name_map, hf_name: str) -> str:
+    new = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if new is None:
+        raise LorafitError(f"{hf_name}: llama.cpp has no tensor of that name for this "
+                           "architecture")
+    return new
+
+
+def _hyperparameters(w, gguf, config: dict, fam: Family, outtype: str) -> None:
+    w.add_context_length(config.get("max_position_embeddings", 4096))
+    w.add_embedding_length(config["hidden_size"])
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_feed_forward_length(config.get("intermediate_size") or 4 * config["hidden_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(config.get("num_key_value_heads") or config["num_attention_heads"])
+    if config.get("norm_epsilon") is None:
+        w.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    w.add_key_length(head_dim(config))
+    w.add_value_length(head_dim(config))
+    w.add_rope_dimension_count(head_dim(config))
+    w.add_vocab_size(config["vocab_size"])
+    theta, scaling = _rope(config)
+    w.add_rope_freq_base(theta)
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(scaling["factor"])
+    elif kind == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(scaling["factor"])
+        w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+    elif kind not in (None, "llama3"):
+        raise LorafitError(f"rope scaling {kind!r} has no GGUF export yet")
+    for key, method in fam.scales:
+        if config.get(key) is not None:
+            getattr(w, method)(float(config[key]))
+    if config.get("norm_epsilon") is not None:  # LayerNorm families (starcoder2)
+        w.add_layer_norm_eps(config["norm_epsilon"])
+    w.add_file_type(_file_type(gguf, outtype))
+
+
+def unsupported_features(config: dict) -> list[str]:
+    """What the model computes that llama.cpp's implementation of the family does not
+    (the GGUF runs, but its outputs differ): said to the user at export."""
+    notes = []
+    mt, window = config.get("model_type"), config.get("sliding_window")
+    if mt == "qwen2" and config.get("use_sliding_window") or \
+            mt in ("mistral", "starcoder2") and window:
+        notes.append(f"llama.cpp's {mt} ignores sliding_window={window}")
+    return notes
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def _read_tokenizer_json(folder: Path) -> dict:
+    path = folder / "tokenizer.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LorafitError(f"{folder}: no tokenizer.json (GGUF export writes the tokenizer "
+                           "from it)") from None
+
+
+def pre_tokenizer_name(tj: dict) -> str:
+    """llama.cpp's name for the text splitting of a byte-level BPE tokenizer.json."""
+    pt = tj.get("pre_tokenizer") or {}
+    parts = pt.get("pretokenizers", [pt]) if pt.get("type") == "Sequence" else [pt]
+    for p in parts:
+        if p.get("type") == "ByteLevel" and p.get("use_regex", True):
+            return "gpt-2"
+        if p.get("type") == "Split":
+            regex = (p.get("pattern") or {}).get("Regex")
+            if regex in PRE_TOKENIZERS:
+                return PRE_TOKENIZERS[regex]
+    raise LorafitError("tokenizer.json: a pre-tokenizer llama.cpp does not know by name "
+                       f"({json.dumps(pt)[:120]}); GGUF export supports GPT-2, Llama 3 and "
+                       "Qwen2 byte-level BPE tokenizers")
+
+
+def add_tokenizer(w, gguf, folder: str | Path, vocab_size: int) -> None:
+    """Tokens, their types, merges, special ids, add-BOS and the chat template."""
+    folder = Path(folder)
+    tj = _read_tokenizer_json(folder)
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or \
+            (tj.get("decoder") or {}).get("type") not in ("ByteLevel", None):
+        raise LorafitError(f"{folder}: GGUF export supports byte-level BPE tokenizers "
+                           f"(this one is {model.get('type')}"
+                           f"{' with byte fallback' if model.get('byte_fallback') else ''})")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for text, i in model["vocab"].items():
+        if i < vocab_size:
+            tokens[i], types[i] = text, gguf.TokenType.NORMAL
+    for a in tj.get("added_tokens") or []:
+        if a["id"] < vocab_size:
+            tokens[a["id"]] = a["content"]
+            types[a["id"]] = gguf.TokenType.CONTROL if a.get("special") \
+                else gguf.TokenType.USER_DEFINED
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre_tokenizer_name(tj))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_add_bos_token(_adds_bos(tj, folder))
+    gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(w, quiet=True)
+
+
+def _adds_bos(tj: dict, folder: Path) -> bool:
+    """Whether the Hugging Face tokenizer puts BOS in front when encoding."""
+    try:
+        tc = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        tc = {}
+    if "add_bos_token" in tc:
+        return bool(tc["add_bos_token"])
+    pp = tj.get("post_processor") or {}
+    procs = pp.get("processors", [pp]) if pp.get("type") == "Sequence" else [pp]
+    return any(p.get("type") == "TemplateProcessing" and p.get("special_tokens")
+               and "SpecialToken" in json.dumps(p.get("single", [])[:1]) for p in procs)
+
+
+# ----------------------------------------------------------------------------- writers
+
+def _writer(gguf, path: Path, fam: Family):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[fam.arch]])
+
+
+def _finish(w) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_model(path: str | Path, config: dict, weights: dict, tokenizer_dir: str | Path,
+                outtype: str = "f16", name: str | None = None) -> Path:
+    """A whole model as one GGUF file. `weights`: Hugging Face names -> float arrays."""
+    gguf = _gguf()
+    fam = family(config)
+    path = Path(path)
+    names = _name_map(gguf, fam, config)
+    tensors = {}
+    for hf in sorted(weights):
+        if hf.endswith("rotary_emb.inv_freq"):
+            continue
+        tensors[gguf_name(names, hf)] = _encode(
+            gguf, _prepare(hf, np.asarray(weights[hf]), config, fam), outtype)
+    if _rope(config)[1].get("rope_type") == "llama3":
+        tensors[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = \
+            (llama3_rope_factors(config), None)
+    w = _writer(gguf, path, fam)
+    w.add_type(gguf.GGUFType.MODEL)
+    if name:
+        w.add_name(name)
+    _hyperparameters(w, gguf, config, fam, outtype)
+    add_tokenizer(w, gguf, tokenizer_dir, config["vocab_size"])
+    for key, (data, raw) in tensors.items():
+        w.add_tensor(key, data, raw_dtype=raw)
+    _finish(w)
+    return path
+
+
+def write_lora(path: str | Path, config: dict, adapter: dict, r: int, alpha: float,
+               rslora: bool = False, outtype: str = "f32") -> Path:
+    """A LoRA adapter as llama.cpp loads it with `--lora`: `<tensor>.lora_a` (r x in) and
+    `.lora_b` (out x r) beside the base tensor's GGUF name; llama.cpp scales by
+    adapter.lora.alpha / r. `adapter`: PEFT module names (`...q_proj.lora_A.weight`)."""
+    gguf = _gguf()
+    fam = family(config)
+    path = Path(path)
+    names = _name_map(gguf, fam, config)
+    tensors = {}
+    for key in sorted(adapter):
+        if key.endswith("lora_magnitude_vector"):
+            raise LorafitError("llama.cpp has no DoRA: merge the adapter (--merge) and "
+                               "export the merged model instead")
+        if ".lora_A." not in key and ".lora_B." not in key:
+            raise LorafitError(f"{key}: only LoRA A/B tensors go into a GGUF adapter")
+        module, part = key.split(".lora_", 1)
+        if module.rsplit(".", 1)[-1] in ("experts", "gate_up_proj") or ".experts." in module:
+            raise LorafitError(f"{module}: adapters on MoE experts have no GGUF export")
+        a_or_b = part[0]
+        base = gguf_name(names, module + ".weight")
+        v = np.asarray(adapter[key])
+        if a_or_b == "B":
+            v = _prepare(module + ".lora_B", v, config, fam)
+        tensors[f"{base}.lora_{a_or_b.lower()}"] = _encode(gguf, v, outtype)
+    if not tensors:
+        raise LorafitError("the adapter holds no tensors")
+    w = _writer(gguf, path, fam)
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha * math.sqrt(r) if rslora else alpha))
+    w.add_file_type(_file_type(gguf, outtype))
+    for key, (data, raw) in tensors.items():
+        w.add_tensor(key, data, raw_dtype=raw)
+    _finish(w)
+    return path

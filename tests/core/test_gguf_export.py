@@ -1,0 +1,296 @@
+"""GGUF export: files read back with gguf's reader, and run by llama.cpp itself
+(llama-cpp-python): its greedy tokens for the merged GGUF and for base GGUF + LoRA GGUF
+equal lorafit's with the adapter attached."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lorafit.core import adapter_io, lora
+from lorafit.core.errors import LorafitError
+from lorafit.core.lora import LoraConfig
+from lorafit.models.loader import load_model
+
+from conftest import build_hf_model
+
+# Plain variants of the test families: llama.cpp's qwen2 has no sliding window and its
+# llama has none either, so those features are switched off here (export warns about them).
+GGUF_FAMILIES = {
+    "llama": dict(),  # keeps conftest's llama3 rope scaling: the rope_freqs tensor is tested
+    "mistral": dict(sliding_window=None),
+    "qwen2": dict(use_sliding_window=False, sliding_window=None, attention_bias=True),
+    "qwen3": dict(),  # head_dim 32 != hidden/heads, q/k norms, linear rope scaling
+    "olmo2": dict(attention_bias=False),  # q/k norms over the whole projection
+    "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.5,
+                    attention_multiplier=0.2, logits_scaling=4.0),
+    "starcoder2": dict(sliding_window=None),  # LayerNorm with biases, GELU MLP
+}
+PROMPT = "the quick brown fox"
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory, tokenizer, torch_backend):
+    """{family: (model folder, adapter folder, lorafit model with the adapter attached)}."""
+    out = {}
+    for i, (mt, over) in enumerate(GGUF_FAMILIES.items()):
+        root = tmp_path_factory.mktemp(f"gguf-{mt}")
+        folder, _ = build_hf_model(root / "model", mt, tokenizer, seed=i, **over)
+        model = load_model(str(folder), torch_backend, "float32")
+        cfg = LoraConfig(r=4, alpha=8.0, targets="all-linear")
+        names = lora.attach(model, cfg, seed=1)
+        rng = np.random.default_rng(i)
+        adapter = {k: rng.normal(0, 0.3, model.params[k].shape).astype(np.float32)
+                   for k in names}
+        lora.detach(model)
+        lora.attach(model, cfg, adapter)
+        adapter_io.save_peft(root / "adapter", adapter, cfg, str(folder),
+                             model.args.num_hidden_layers)
+        model._tokenizer = tokenizer
+        out[mt] = (folder, root / "adapter", model)
+    return out
+
+
+def _export(tmp_path, adapter_dir, merge, outtype="f32"):
+    from lorafit.commands.export import export_gguf
+
+    return export_gguf(adapter_dir, tmp_path / ("merged" if merge else "split"), merge,
+                       outtype=outtype, backend="torch")
+
+
+def test_adapter_gguf_metadata_and_tensors(tmp_path, adapted):
+    from gguf import GGUFReader
+
+    folder, adapter_dir, model = adapted["llama"]
+    out = _export(tmp_path, adapter_dir, merge=False)
+    r = GGUFReader(str(out / "adapter-f32.gguf"))
+    fields = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    assert fields["general.type"] == "adapter"
+    assert fields["general.architecture"] == "llama"
+    assert fields["adapter.type"] == "lora"
+    assert fields["adapter.lora.alpha"] == 8.0
+    tensors = {t.name: t for t in r.tensors}
+    _, adapter = adapter_io.load_peft(adapter_dir)
+    assert len(tensors) == len(adapter)
+    a = adapter["model.layers.1.mlp.down_proj.lora_A.weight"]
+    np.testing.assert_array_equal(np.asarray(tensors["blk.1.ffn_down.weight.lora_a"].data), a)
+    # q's B rows are permuted like the base weight (llama.cpp's interleaved rope)
+    from lorafit.core.gguf_export import permute_rows
+
+    b = adapter["model.layers.0.self_attn.q_proj.lora_B.weight"]
+    got = np.asarray(tensors["blk.0.attn_q.weight.lora_b"].data)
+    np.testing.assert_array_equal(got, permute_rows(b, 4))
+    assert not np.array_equal(got, b)
+    base = GGUFReader(str(out / "base-f32.gguf"))
+    names = {t.name for t in base.tensors}
+    assert {"token_embd.weight", "output.weight", "rope_freqs.weight", "blk.0.attn_q.weight"} \
+        <= names
+    tok = {k: f.contents() for k, f in base.fields.items() if k.startswith("tokenizer.")}
+    assert tok["tokenizer.ggml.model"] == "gpt2" and tok["tokenizer.ggml.pre"] == "gpt-2"
+    assert tok["tokenizer.ggml.tokens"][:3] == ["<pad>", "<s>", "</s>"]
+    assert tok["tokenizer.ggml.eos_token_id"] == 2
+    assert "tokenizer.chat_template" in tok and tok["tokenizer.ggml.merges"]
+
+
+@pytest.mark.parametrize("outtype,tol", [("f16", 2e-3), ("bf16", 2e-2), ("q8_0", 2e-2)])
+def test_merged_gguf_types_dequantize_close(tmp_path, adapted, outtype, tol):
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    folder, adapter_dir, model = adapted["qwen3"]
+    out = _export(tmp_path, adapter_dir, merge=True, outtype=outtype)
+    r = GGUFReader(str(out / f"model-{outtype}.gguf"))
+    t = next(t for t in r.tensors if t.name == "blk.1.ffn_up.weight")
+    got = dequantize(t.data, t.tensor_type).reshape(112, 64)
+    merged = lora.merged_weights(
+        {"m.weight": model.backend.to_numpy(model.params["model.layers.1.mlp.up_proj.weight"])},
+        {"m.lora_A.weight": model.backend.to_numpy(
+            model.params["model.layers.1.mlp.up_proj.lora_A.weight"]),
+         "m.lora_B.weight": model.backend.to_numpy(
+            model.params["model.layers.1.mlp.up_proj.lora_B.weight"])}, model.lora.scale)
+    want = merged["m.weight"]
+    assert np.abs(got - want).max() <= tol * np.abs(want).max()
+    assert t.tensor_type.name == outtype.upper()
+
+
+def test_modelfile_template_renders_like_the_chat_template(tmp_path, adapted, tokenizer):
+    from lorafit.core import modelfile
+
+    folder, adapter_dir, _ = adapted["qwen2"]
+    out = _export(tmp_path, adapter_dir, merge=False)
+    text = (out / "Modelfile").read_text()
+    assert text.startswith("FROM ./base-f32.gguf\nADAPTER ./adapter-f32.gguf\nTEMPLATE")
+    assert 'PARAMETER stop "</s>"' in text
+    # (transformers renders with trim_blocks: the newline after {% endif %} goes)
+    assert ('TEMPLATE """{{ range $i, $m := .Messages }}{{ if eq $m.Role "system" }}<|system|>\n'
+            '{{ $m.Content }}{{ else if eq $m.Role "user" }}<|user|>\n{{ $m.Content }}'
+            '{{ else if eq $m.Role "assistant" }}<|assistant|>\n{{ $m.Content }}</s>'
+            '{{ end }}{{ end }}<|assistant|>\n"""') in text
+    render = lambda m, g: tokenizer.apply_chat_template(m, tokenize=False,  # noqa: E731
+                                                        add_generation_prompt=g)
+    p = modelfile._pieces(render)
+    convo = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+             {"role": "user", "content": "c"}]
+    assert modelfile.render_like_go(p, convo) == render(convo, True)
+    assert modelfile.template_for(lambda m, g: "{% bad") is None
+
+
+def test_unsupported_family_and_dora_are_one_line_errors(tmp_path, adapted):
+    from lorafit.core.gguf_export import family
+
+    with pytest.raises(LorafitError, match="GGUF export supports"):
+        family({"model_type": "gpt_oss"})
+    with pytest.raises(LorafitError, match="no DoRA"):
+        from lorafit.core.gguf_export import write_lora
+
+        write_lora(tmp_path / "x.gguf", {"model_type": "llama", "num_hidden_layers": 2},
+                   {"model.layers.0.self_attn.q_proj.lora_magnitude_vector": np.ones(4)}, 4, 8)
+
+
+# -- llama.cpp itself -----------------------------------------------------------------------
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as e:  # the test extra installs it (it builds from source)
+        pytest.skip(f"llama-cpp-python is not importable ({e}); pip install llama-cpp-python")
+    return llama_cpp
+
+
+def _llama_greedy(path, ids, lora_path=None):
+    """llama.cpp's greedy continuation of ids, and its logits over the prompt."""
+    llama_cpp = _llama_cpp()
+    llm = llama_cpp.Llama(model_path=str(path), lora_path=lora_path and str(lora_path),
+                          n_ctx=64, n_threads=2, n_batch=64, logits_all=True, verbose=False,
+                          type_k=0, type_v=0)  # GGML_TYPE_F32: no f16 KV cache rounding
+    try:
+        assert llm.tokenize(PROMPT.encode(), add_bos=False, special=False) == ids  # tokenizer
+        llm.eval(ids)
+        prompt_logits = np.array(llm.scores[:len(ids)])
+        out = []
+        for _ in range(NEW_TOKENS):
+            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([out[-1]])
+    finally:
+        llm.close()
+    return out, prompt_logits
+
+
+def _lorafit_greedy(model, ids):
+    from lorafit.core.generate import generate_ids
+
+    return list(generate_ids(model, ids, NEW_TOKENS, temperature=0.0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(GGUF_FAMILIES))
+def test_llama_cpp_greedy_tokens_match_lorafit(tmp_path, adapted, tokenizer, family):
+    folder, adapter_dir, model = adapted[family]
+    _llama_cpp()
+    ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    want = _lorafit_greedy(model, ids)
+    merged = _export(tmp_path, adapter_dir, merge=True)
+    split = _export(tmp_path, adapter_dir, merge=False)
+    got_merged, logits_merged = _llama_greedy(merged / "model-f32.gguf", ids)
+    got_lora, logits_lora = _llama_greedy(split / "base-f32.gguf", ids,
+                                          split / "adapter-f32.gguf")
+    ops = model.backend
+    ours = ops.to_numpy(model.logits(ops.from_numpy(np.asarray([ids]))))[0]
+    tol = 2e-3 * np.abs(ours).max()
+    assert np.abs(logits_merged - ours).max() < tol
+    assert np.abs(logits_lora - ours).max() < tol
+    assert got_merged == want
+    assert got_lora == want
+    lora.detach(model)  # the adapter matters: the base alone generates something else
+    try:
+        assert _lorafit_greedy(model, ids) != want
+    finally:
+        lora.attach(model, *adapter_io.load_peft(adapter_dir))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("regex", ["LLAMA3_REGEX", "QWEN2_REGEX"])
+def test_llama3_and_qwen2_pre_tokenizers_split_text_as_in_transformers(tmp_path, adapted,
+                                                                      regex):
+    """The pre-tokenizer names written for Llama 3 / Qwen2 style tokenizer.json files make
+    llama.cpp split text (digits, contractions, newlines) exactly as transformers does."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lorafit.core import gguf_export
+    from lorafit.models.tiny import SPECIALS
+
+    llama_cpp = _llama_cpp()
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(getattr(gguf_export, regex)), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    text = "It's 12345 apples,\n\n  don't   they? 7 x 89 = 623\tok\r\nend"
+    tk.train_from_iterator([text, PROMPT] * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>")
+    hf.save_pretrained(str(tmp_path / "tok"))
+    assert gguf_export.pre_tokenizer_name(json.loads((tmp_path / "tok" / "tokenizer.json")
+                                                     .read_text())) in ("llama-bpe", "qwen2")
+    folder, _, model = adapted["llama"]
+    from lorafit.models.loader import read_config
+
+    weights = {k: model.backend.to_numpy(v) for k, v in model.params.items()
+               if ".lora_" not in k}
+    path = gguf_export.write_model(tmp_path / "m.gguf", read_config(folder), weights,
+                                   tmp_path / "tok", "f32")
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        for sample in (text, "999 1234567 can't\n\n\nx  y"):
+            assert llm.tokenize(sample.encode(), add_bos=False, special=False) == \
+                hf(sample, add_special_tokens=False)["input_ids"]
+    finally:
+        llm.close()
+
+
+def test_cli_export_gguf_and_its_errors(tmp_path, adapted, capsys):
+    from lorafit.cli import main
+
+    folder, adapter_dir, _ = adapted["qwen3"]
+    out = tmp_path / "cli"
+    assert main(["export", str(out), "--adapter", str(adapter_dir), "--format", "gguf",
+                 "--merge", "--outtype", "f32", "--backend", "torch"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "model-f32.gguf"]
+    card = (out / "README.md").read_text()
+    assert f"base_model: {folder}" in card and "- gguf" in card and "library_name" not in card
+    assert (out / "Modelfile").read_text().startswith("FROM ./model-f32.gguf\nTEMPLATE")
+    # the target exists: one line, nothing overwritten
+    assert main(["export", str(out), "--adapter", str(adapter_dir), "--format", "gguf"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outtype,tol", [("f16", 2e-3), ("bf16", 2e-2), ("q8_0", 3e-2)])
+def test_llama_cpp_runs_the_smaller_types(tmp_path, adapted, tokenizer, outtype, tol):
+    """f16, bf16 and q8_0 files load in llama.cpp and give lorafit's logits within the
+    type's rounding (llama.cpp also rounds activations for q8_0). A milder adapter than the
+    fixture's: its large random updates make the tiny network amplify any rounding."""
+    folder, adapter_dir, model = adapted["llama"]
+    _llama_cpp()
+    cfg, adapter = adapter_io.load_peft(adapter_dir)
+    mild = {k: v * 0.2 for k, v in adapter.items()}
+    adapter_io.save_peft(tmp_path / "mild", mild, cfg, str(folder), 2)
+    ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    out = _export(tmp_path, tmp_path / "mild", merge=True, outtype=outtype)
+    _, logits = _llama_greedy(out / f"model-{outtype}.gguf", ids)
+    ops = model.backend
+    lora.detach(model)
+    try:
+        lora.attach(model, cfg, mild)
+        ours = ops.to_numpy(model.logits(ops.from_numpy(np.asarray([ids]))))[0]
+    finally:
+        lora.detach(model)
+        lora.attach(model, cfg, adapter)
+    err = np.abs(logits - ours).max() / np.abs(ours).max()
+    assert err < tol, err
