@@ -271,6 +271,8 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
     n = 3 * C + 2 * sh.heads * D + 2 * sh.kv_heads * D + 3 * F + 2
     if sh.attention_output_gate:
         n += 2 * sh.heads * D
+    if sh.qk_norm:  # the q/k norms' vjps read their inputs: q and k before the norm
+        n += (sh.heads + sh.kv_heads) * D
     if adapted:
         names = _layer_targets(sh, st, layer)
         n += st.rank * len(names)
@@ -431,6 +433,18 @@ def backward_transients(sh: Shape, st: Settings) -> int:
     return N * s * (8 * sh.intermediate + 6 * sh.hidden)
 
 
+def dora_norm_temporaries(sh: Shape, st: Settings) -> int:
+    """DoRA's detached row norm ||W + s B A|| forms B @ A and the sum as (out, in) float32
+    matrices (plus W cast or dequantized to float32 when it is not float32 already), one
+    module at a time in the forward, while the saved activations of the layers below are
+    alive: the largest adapted module's 2 (or 3) * out * in * 4."""
+    if not st.dora:
+        return 0
+    copies = 2 if st.dtype == "float32" and not st.quantize_bits else 3
+    dims = [sh.linears[m] for m in target_names(sh, st)]
+    return copies * 4 * max((i * o for i, o in dims), default=0)
+
+
 def embeddings_and_rope(sh: Shape, st: Settings) -> int:
     """The embedding output and final norm (2 * N * C) and the shared RoPE cos/sin tables
     (2 * N * D), in the compute dtype; MLX also keeps the float32 angle table. Gemma 4's
@@ -471,6 +485,8 @@ PHASES = {
              ("dequantization temporaries", dequantization_temporaries)),
     "recompute": (("recomputed layer", recompute_layer),
                   ("attention scores", attention_scores)),
+    # DoRA's norm temporaries in the top layer's forward, every saved activation alive
+    "dora norm": (("dora norm temporaries", dora_norm_temporaries),),
 }
 # MLX evaluates forward, loss and backward as one graph: with recompute, the re-run layer
 # sits beside the loss buffers and the backward transients, not after them.
