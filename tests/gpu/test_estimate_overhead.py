@@ -39,8 +39,9 @@ def test_cuda_context_and_allocator_slack_are_covered(tmp_path):
     est = estimate(memory_shape(case.config()), st)
     tensors = est["total"] - est["breakdown"]["framework overhead"]
     slack = reserved / allocated - 1
-    print(f"CUDA context {context / 2**20:.0f} MiB (estimate {FRAMEWORK_OVERHEAD['torch-cuda'] / 2**20:.0f}); "
-          f"allocator slack {slack * 100:.1f}% (estimate {ALLOCATOR_SLACK['torch-cuda'] * 100:.0f}%); "
+    ctx_est, slack_est = FRAMEWORK_OVERHEAD["torch-cuda"], ALLOCATOR_SLACK["torch-cuda"]
+    print(f"CUDA context {context / 2**20:.0f} MiB (estimate {ctx_est / 2**20:.0f}); "
+          f"allocator slack {slack * 100:.1f}% (estimate {slack_est * 100:.0f}%); "
           f"tensors estimated {tensors / 2**20:.0f} MiB, max allocated {allocated / 2**20:.0f} MiB")
     assert context <= FRAMEWORK_OVERHEAD["torch-cuda"]
     assert slack <= ALLOCATOR_SLACK["torch-cuda"]
