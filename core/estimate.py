@@ -271,6 +271,8 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
     n = 3 * C + 2 * sh.heads * D + 2 * sh.kv_heads * D + 3 * F + 2
     if sh.attention_output_gate:
         n += 2 * sh.heads * D
+    if sh.qk_norm:  # the q/k norms' vjps read their inputs: q and k before the norm
+        n += (sh.heads + sh.kv_heads) * D
     if adapted:
         names = _layer_targets(sh, st, layer)
         n += st.rank * len(names)
@@ -323,9 +325,23 @@ def gated_deltanet_saved_per_token(sh: Shape, st: Settings, adapted: bool,
     return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
 
 
-# MLX keeps ~20% more per layer than torch (its vjps retain some inputs that torch's
-# autograd recomputes or never needs), measured on the test grid: see docs/memory.md.
-BACKEND_SAVED_FACTOR = {"torch": 1.0, "mlx": 1.2}
+# Kept for backward per layer beyond the count above, by backend (elements per token).
+BACKEND_SAVED_FACTOR = {"torch": 1.0, "mlx": 1.0}
+
+
+def mlx_attention_kept(sh: Shape, st: Settings, layer: int | None = None) -> int:
+    """MLX only, bytes one layer's attention keeps for the backward. While a gradient is
+    traced, mx.fast.scaled_dot_product_attention runs its unfused fallback on every device
+    (CPU has no fused kernel; on Metal mlx chooses the unfused path for training): the
+    scaled queries q*scale (N*Hq*D) and the softmax probabilities (B, Hq, T, T) are the
+    inputs of the two matmuls' vjps, so every layer keeps both, in the compute dtype.
+    Soft-capped attention (eager_scores) and Gated DeltaNet layers keep their own."""
+    if st.backend != "mlx" or sh.attn_softcap:
+        return 0
+    if sh.linear_attention and layer in sh.linear_attention["layers"]:
+        return 0
+    B, T, s = st.batch_size, st.seq_len, DTYPE_BYTES[st.dtype]
+    return B * sh.heads * T * (T + sh.head_dim) * s
 
 
 def attention_scores(sh: Shape, st: Settings) -> int:
@@ -341,10 +357,17 @@ def activations(sh: Shape, st: Settings) -> int:
     recompute only each layer's input is kept: N * C * L * s."""
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     if st.grad_checkpoint:
-        return N * s * sh.hidden * sh.layers
+        return N * s * sh.hidden * sh.layers * CHECKPOINT_COPIES.get(st.backend, 1)
     adapted = _adapted_layers(sh, st)
     return int(N * s * sum(saved_per_token_per_layer(sh, st, i in adapted, i)
-                           for i in range(sh.layers))) + sh.layers * eager_scores(sh, st)
+                           for i in range(sh.layers))) + sh.layers * eager_scores(sh, st) \
+        + sum(mlx_attention_kept(sh, st, i) for i in range(sh.layers))
+
+
+# MLX keeps two (N, C) arrays per checkpointed layer: its input and the output that
+# mx.checkpoint's vjp receives (the next layer's input goes through a Depends node, a
+# second array); torch's checkpoint keeps the input only.
+CHECKPOINT_COPIES = {"torch": 1, "mlx": 2}
 
 
 def eager_scores(sh: Shape, st: Settings) -> int:
@@ -368,8 +391,36 @@ def recompute_layer(sh: Shape, st: Settings) -> int:
         return 0
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     adapted = bool(_adapted_layers(sh, st))
-    per = max(saved_per_token_per_layer(sh, st, adapted, i) for i in range(sh.layers))
-    return int(N * s * (per + sh.hidden)) + eager_scores(sh, st)
+    per = max(N * s * saved_per_token_per_layer(sh, st, adapted, i)
+              + mlx_attention_kept(sh, st, i) for i in range(sh.layers))
+    return int(per + N * s * sh.hidden) + eager_scores(sh, st)
+
+
+def adapter_inputs_per_token(sh: Shape, st: Settings, layer: int | None = None) -> int:
+    """Elements per token a layer's adapter gradients read (dA = dY' x^T needs each
+    adapted projection's input, dB its rank-r projection): C for the attention inputs,
+    C for the MLP's, Hq*D for o_proj and F for down_proj when adapted, r per module."""
+    names = _layer_targets(sh, st, layer)
+    n = st.rank * len(names)
+    if any(m not in ("o_proj", "down_proj", "c_proj") for m in names):
+        n += 2 * sh.hidden
+    if "o_proj" in names:
+        n += sh.heads * sh.head_dim
+    if "down_proj" in names or "c_proj" in names:
+        n += sh.intermediate
+    return n
+
+
+def recompute_neighbour(sh: Shape, st: Settings) -> int:
+    """MLX only. mx.checkpoint's vjp re-runs a layer once its forward outputs exist (it
+    depends on them, not on the cotangent), and the whole step is one lazy graph, so the
+    tape may evaluate the adapter gradients of the layer above after the re-run of the
+    layer below: the inputs those gradients read stay alive beside the re-run set. N *
+    adapter_inputs * s with two or more layers."""
+    if st.backend != "mlx" or not st.grad_checkpoint or sh.layers < 2:
+        return 0
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    return N * s * max(adapter_inputs_per_token(sh, st, i) for i in range(sh.layers))
 
 
 def backward_transients(sh: Shape, st: Settings) -> int:
@@ -380,6 +431,18 @@ def backward_transients(sh: Shape, st: Settings) -> int:
         return 0
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     return N * s * (8 * sh.intermediate + 6 * sh.hidden)
+
+
+def dora_norm_temporaries(sh: Shape, st: Settings) -> int:
+    """DoRA's detached row norm ||W + s B A|| forms B @ A and the sum as (out, in) float32
+    matrices (plus W cast or dequantized to float32 when it is not float32 already), one
+    module at a time in the forward, while the saved activations of the layers below are
+    alive: the largest adapted module's 2 (or 3) * out * in * 4."""
+    if not st.dora:
+        return 0
+    copies = 2 if st.dtype == "float32" and not st.quantize_bits else 3
+    dims = [sh.linears[m] for m in target_names(sh, st)]
+    return copies * 4 * max((i * o for i, o in dims), default=0)
 
 
 def embeddings_and_rope(sh: Shape, st: Settings) -> int:
@@ -422,7 +485,27 @@ PHASES = {
              ("dequantization temporaries", dequantization_temporaries)),
     "recompute": (("recomputed layer", recompute_layer),
                   ("attention scores", attention_scores)),
+    # DoRA's norm temporaries in the top layer's forward, every saved activation alive
+    "dora norm": (("dora norm temporaries", dora_norm_temporaries),),
 }
+# MLX evaluates forward, loss and backward as one graph: with recompute, the re-run layer
+# sits beside the loss buffers and the backward transients, not after them.
+MLX_RECOMPUTE = (("logits and loss", loss_buffers), ("recomputed layer", recompute_layer),
+                 ("layer above's adapter inputs", recompute_neighbour),
+                 ("attention scores", attention_scores),
+                 ("backward transients", backward_transients))
+
+
+# Backends pad a batch's columns to a multiple of this many tokens (backends.mlx's
+# pad_multiple: compiled graphs are reused across batch lengths); the padded tokens cost
+# memory like any other.
+PAD_MULTIPLE = {"mlx": 32}
+
+
+def padded(st: Settings) -> Settings:
+    """The settings with seq_len rounded up to what the backend actually runs."""
+    m = PAD_MULTIPLE.get(st.backend, 1)
+    return st.replace(seq_len=-(-st.seq_len // m) * m) if st.seq_len % m else st
 
 
 def estimate(sh: Shape, settings: Settings) -> dict:
@@ -430,16 +513,20 @@ def estimate(sh: Shape, settings: Settings) -> dict:
     The breakdown holds the static terms and those of the phase where the step peaks."""
     if settings.layers is not None and any(not 0 <= i < sh.layers for i in settings.layers):
         raise LorafitError(f"layer selection {settings.layers} is outside 0..{sh.layers - 1}")
+    asked, settings = settings, padded(settings)
     breakdown = {name: int(fn(sh, settings)) for name, fn in STATIC_TERMS}
+    phase_terms = dict(PHASES)
+    if settings.backend == "mlx":
+        phase_terms["recompute"] = MLX_RECOMPUTE
     phases = {ph: {name: int(fn(sh, settings)) for name, fn in terms}
-              for ph, terms in PHASES.items()}
+              for ph, terms in phase_terms.items()}
     phase = max(phases, key=lambda ph: sum(phases[ph].values()))
     breakdown.update(phases[phase])
     subtotal = sum(breakdown.values())
     breakdown["framework overhead"] = framework_overhead(sh, settings, subtotal)
     return {"total": sum(breakdown.values()), "breakdown": breakdown, "phase": phase,
             "backend": settings.backend, "device": settings.device,
-            "settings": dict(settings.__dict__)}
+            "settings": dict(asked.__dict__)}
 
 
 # -- budgets and the inverse question ------------------------------------------------------

@@ -95,7 +95,8 @@ def memory_shape(config: dict):
                layers=a.num_hidden_layers, heads=a.num_attention_heads,
                kv_heads=a.num_key_value_heads, head_dim=a.head_dim, vocab=a.vocab_size,
                tied=a.tie_word_embeddings, linears=linears,
-               attention_bias=a.attention_bias, qk_norm=a.qk_norm, moe=moe,
+               attention_bias=a.attention_bias, qk_norm=a.qk_norm or a.qk_norm_whole,
+               moe=moe,
                # MoE layers are counted by the MoE terms (experts, router, dense layers);
                # layers that differ by what extra_params leaves over
                layer_vectors=None if moe else 0 if varied else vectors,

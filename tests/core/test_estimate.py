@@ -11,7 +11,7 @@ from lorafit.core.errors import LorafitError
 from lorafit.core.estimate import Settings, estimate, largest_fitting, parse_bytes
 from lorafit.models import memory_shape, parameter_shapes
 from lorafit.models.presets import list_presets, load_preset
-from memory_harness import GRID, MLX_ONLY, QLORA_4BIT, measure, settings_for
+from memory_harness import GRID, MLX_ONLY, QLORA_4BIT, Case, measure, settings_for
 
 TOLERANCE = 0.10
 
@@ -248,3 +248,24 @@ def test_suggestions_search_combinations_and_each_fits():
         assert estimate(shape, new)["total"] <= budget, s
         if "same effective batch" in s:
             assert new.batch_size * new.grad_accum == st.batch_size * st.grad_accum, s
+
+
+# The shape a new user tried (issue 16): a small GQA model, all-linear r16, batch 4 x 384,
+# fp32; MLX was 15 % low without recompute and 40 % low with it, packed or not.
+GQA_384 = [Case(f"gqa-384{'-recompute' if rc else ''}{'-packed' if pk else ''}", heads=8,
+                kv_heads=2, targets="all-linear", rank=16, batch=4, seq=384, layers=2,
+                grad_checkpoint=rc, pack=pk)
+           for rc, pk in ((False, False), (True, False), (True, True))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", GQA_384, ids=[c.name for c in GQA_384])
+def test_gqa_384_on_mlx_is_never_low(grid_root, case):
+    """The dangerous direction first: the estimate is never more than 5 % under."""
+    predicted = estimate(memory_shape(case.config()), settings_for(case, "mlx"))["total"]
+    measured = measure(case, "mlx", grid_root)
+    print(f"{case.name}: estimated {predicted / 2**20:.1f} MiB, measured "
+          f"{measured / 2**20:.1f} MiB ({100 * (predicted - measured) / measured:+.1f}%)")
+    assert predicted >= 0.95 * measured
+    if predicted > 1.10 * measured:  # safe but loose: the open part of issue 16
+        pytest.xfail(f"over by {100 * (predicted - measured) / measured:.0f}% (bound +10%)")

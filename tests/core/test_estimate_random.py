@@ -1,0 +1,100 @@
+"""The estimator on shapes it was not tuned on: seeded random configurations of every family
+(tests/memory_random.py), measured in a fresh subprocess per backend, and one unseeded
+configuration per run whose result is printed. The bound is asymmetric: an estimate under
+the measured peak is the dangerous direction (a run told it fits runs out of memory)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parents[1]
+UNDER, OVER = 0.05, 0.10  # never more than 5 % under the measured peak, at most 10 % over
+SEED, COUNT = 0, 40
+
+# Mechanisms the estimator does not model yet (docs/memory.md, "Open"): a case these match
+# is measured and printed, but its bound is not asserted. Each is (backend, predicate).
+def _family(case: str) -> str:
+    return case.split()[0]
+
+
+KNOWN_GAPS = {
+    "MLX with recompute: mx.checkpoint re-runs a layer as soon as its forward outputs "
+    "exist, so how many re-run sets the tape holds at once depends on the graph "
+    "(-53 % to +30 % on the seed-0 grid)":
+        lambda backend, case: backend == "mlx" and " rc" in case,
+    "DoRA: the norm temporaries and the un-normalised outputs are counted, what else the "
+    "magnitude's gradient keeps is not (to -15 %)": lambda backend, case: " dora" in case,
+    "sparse MoE: routing buffers (top-k weights, gathered expert inputs) are not counted "
+    "(to -22 %)":
+        lambda backend, case: _family(case) in ("mixtral", "qwen3_moe", "gpt_oss"),
+    "Gemma 2 and 4: soft-capping on MLX (+14 %), kv-sharing and per-layer inputs under "
+    "recompute on torch (to -14 %)":
+        lambda backend, case: _family(case) in ("gemma2", "gemma4_text"),
+    "MLX: olmo2's whole-projection q/k norms and phi3's split of the fused qkv keep "
+    "arrays not yet identified (-22 %, -6 %)":
+        lambda backend, case: backend == "mlx" and _family(case) in ("olmo2", "phi3"),
+}
+
+
+def measured(backend: str, seed, count: int) -> list[dict]:
+    """Run tests/memory_random.py in a subprocess; its JSON lines."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(HERE.parents[1]), os.environ.get("PYTHONPATH")) if p)}
+    out = subprocess.run([sys.executable, str(HERE / "memory_random.py"), backend,
+                          str(seed), str(count)], capture_output=True, text=True, env=env,
+                         timeout=1800)
+    lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    assert lines, out.stderr[-2000:]
+    return lines
+
+
+def gap(backend: str, case: str) -> str | None:
+    return next((why for why, hit in KNOWN_GAPS.items() if hit(backend, case)), None)
+
+
+def check(backend: str, lines: list[dict]) -> list[str]:
+    """The cases outside the bound that no known gap explains."""
+    bad = []
+    for d in lines:
+        assert "failed" not in d, f"{d['case']}: {d.get('failed')}"
+        ok = -UNDER <= d["error"] <= OVER
+        why = gap(backend, d["case"])
+        print(f"{backend} {d['error'] * 100:+6.1f}% est {d['estimate'] / 2**20:8.2f} MiB "
+              f"measured {d['measured'] / 2**20:8.2f} MiB  {d['case']}"
+              f"{'' if ok else '  OUT OF BOUND' + (' (known gap)' if why else '')}")
+        if not ok and not why:
+            bad.append(f"{d['case']}: {d['error'] * 100:+.1f}%")
+    return bad
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_random_configurations_within_the_asymmetric_bound(backend):
+    lines = measured(backend, SEED, COUNT)
+    assert len(lines) == COUNT
+    families = {d["case"].split()[0] for d in lines}
+    from lorafit.models.families import FAMILIES
+    # every family is drawn (qwen3_5 and mistral-like aliases share a config class)
+    assert families >= set(FAMILIES) - {"qwen3_5"}, set(FAMILIES) - families
+    bad = check(backend, lines)
+    errors = sorted(d["error"] for d in lines)
+    print(f"{backend}: worst under {errors[0] * 100:+.1f}%, worst over "
+          f"{errors[-1] * 100:+.1f}%, median {errors[len(errors) // 2] * 100:+.1f}%")
+    assert not bad, f"outside -{UNDER:.0%}..+{OVER:.0%} on {backend}: " + "; ".join(bad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_one_fresh_random_configuration(backend):
+    """A new configuration each run; its seed is printed so a failure can be reproduced
+    (python tests/memory_random.py BACKEND SEED 1)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"fresh configuration on {backend}: seed {seed}")
+    lines = measured(backend, seed, 1)
+    assert not check(backend, lines)
