@@ -415,19 +415,20 @@ def test_13_config_file_mistakes_are_one_line_errors(tmp_path):
 def test_13_written_config_reads_back_exactly(tmp_path):
     from lorafit.core.config import read_toml, resolve, to_toml
 
-    cfg = TrainConfig(model='dir "with" quotes\\and backslash/ünï', data="d\u00e9.jsonl",
-                      output="runs/#not a comment", targets="all-linear", layers=[0, 1])
-    path = tmp_path / "c.toml"
-    path.write_text(to_toml(cfg), encoding="utf-8")
-    assert resolve(str(path), {}) == cfg
-    from lorafit.core.config import _toml_string
-    try:
-        import tomllib
-    except ModuleNotFoundError:
-        import tomli as tomllib
-    for s in ["a\nb", 'q"\\', "\x00\x1f\x7f", "ü→"]:
-        assert tomllib.loads(f"k = {_toml_string(s)}")["k"] == s
-    read_toml(path)
+    awkward = ['dir "with" quotes\\and backslash/ünï', "d\u00e9 \u2192 \U0001f600.jsonl",
+               "runs/#not a comment", "it's = [x]", "C:\\Users\\a b\\", '"""', "'''",
+               "[table]", "  leading and trailing  "]
+    for i, text in enumerate(awkward):
+        cfg = TrainConfig(model=text, data=awkward[(i + 1) % len(awkward)], output=text,
+                          targets="all-linear", layers=[0, 1], lr=3e-5, alpha=0.5,
+                          max_grad_norm=None, val_fraction=0.1)
+        path = tmp_path / f"c{i}.toml"
+        path.write_text(to_toml(cfg), encoding="utf-8")
+        assert resolve(str(path), {}) == cfg
+        assert read_toml(path)["model"] == text
+    for bad in ["a\nb", "tab\there", "nul\x00"]:  # refused before anything is written
+        with pytest.raises(LorafitError, match="control characters"):
+            TrainConfig(model="m", data=bad)
 
 
 # -- 18. metrics.jsonl --------------------------------------------------------------------
