@@ -18,6 +18,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int = 64,
         raise LorafitError("the prompt is empty after tokenisation")
     if temperature < 0:
         raise LorafitError(f"temperature must be >= 0, got {temperature}")
+    model.check_ids(prompt_ids)  # a tokenizer that does not match the model
     ops = model.backend
     rng = np.random.default_rng(seed)
     cache = [[None, None] for _ in range(model.args.num_hidden_layers)]

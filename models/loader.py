@@ -60,9 +60,28 @@ def read_config(folder: Path) -> dict:
         raise LorafitError(f"{cfg_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
+UNSUPPORTED_QUANT = "lorafit trains on float weights (fp32/bf16/fp16), quantizing them " \
+                    "itself with --quantize 4bit or 8bit, and reads mlx-lm's quantized folders"
+
+
+def check_stored_quantization(raw: dict, folder) -> None:
+    """Weights stored quantized by other tools (FP8, int8, GPTQ, AWQ, bitsandbytes) would be
+    cast without their scales: refused. mlx-lm's affine format (its "quantization" key, which
+    it also copies into quantization_config) is read by load_model."""
+    q = raw.get("quantization_config") or (raw.get("text_config") or {}).get(
+        "quantization_config")
+    if not q or raw.get("quantization"):
+        return
+    method = (q.get("quant_method") or q.get("quant_type") or "quantized") \
+        if isinstance(q, dict) else "quantized"
+    raise LorafitError(f"{folder}: weights stored {method} (quantization_config) are not "
+                       f"supported; {UNSUPPORTED_QUANT}")
+
+
 def load_args(path_or_id: str):
     folder = resolve_model_path(path_or_id)
     cfg = read_config(folder)
+    check_stored_quantization(cfg, folder)
     return model_args(cfg), folder
 
 

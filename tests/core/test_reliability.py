@@ -394,6 +394,64 @@ def test_11_a_folder_of_stored_quantized_weights_is_refused(tiny, tmp_path):
         run(cfg_of(tiny, "fp8", model=str(folder)))
 
 
+def _copy_with_config(src, dst, **changes):
+    import shutil
+
+    shutil.copytree(src, dst)
+    c = json.loads((dst / "config.json").read_text())
+    c.update(changes)
+    (dst / "config.json").write_text(json.dumps(c))
+    return dst
+
+
+def test_11_generate_and_export_refuse_stored_quantized_folders_in_one_line(tiny, tmp_path,
+                                                                            capsys):
+    from lorafit.cli import main
+
+    fp8 = _copy_with_config(tiny[1], tmp_path / "fp8", quantization_config={
+        "quant_method": "fp8", "weight_block_size": [128, 128]})
+    trained, _, _ = run(cfg_of(tiny, "q-src", max_steps=1))
+    for argv in (["generate", "--model", str(fp8), "--prompt", "hello", "--backend", "torch"],
+                 ["export", "--adapter", str(trained.run_dir / "adapter"), str(tmp_path / "merged"),
+                  "--merge", "--model", str(fp8)]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "weights stored fp8" in err and "\n" not in err
+        assert "Traceback" not in err
+    assert not (tmp_path / "merged").exists()
+
+
+def test_11_an_mlx_lm_quantized_config_is_not_mistaken_for_a_foreign_one(tmp_path):
+    from lorafit.models.loader import check_stored_quantization
+
+    q = {"group_size": 64, "bits": 4}  # mlx-lm writes both keys
+    check_stored_quantization({"quantization": q, "quantization_config": q}, tmp_path)
+    with pytest.raises(LorafitError, match="weights stored gptq"):
+        check_stored_quantization({"text_config": {"quantization_config": {
+            "quant_method": "gptq"}}}, tmp_path)
+
+
+def test_11_generate_refuses_prompt_ids_outside_the_vocabulary(tiny, tmp_path, capsys):
+    """A model whose embedding is smaller than its tokenizer (a mismatched tokenizer)."""
+    from safetensors.numpy import load_file, save_file
+
+    from lorafit.cli import main
+
+    small = _copy_with_config(tiny[1], tmp_path / "small", vocab_size=8)
+    weights = load_file(small / "model.safetensors")
+    weights = {k: (v[:8] if k in ("model.embed_tokens.weight", "lm_head.weight") else v)
+               for k, v in weights.items()}
+    save_file(weights, small / "model.safetensors", metadata={"format": "pt"})
+    for backend in ("torch", "mlx"):
+        capsys.readouterr()
+        rc = main(["generate", "--model", str(small), "--prompt", "the quick brown fox",
+                   "--backend", backend, "--max-new-tokens", "2"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and "is outside the model's vocabulary (0-7)" in err
+        assert "\n" not in err.split("error: ", 1)[1]
+
+
 # -- 13. config files ---------------------------------------------------------------------
 def test_13_config_file_mistakes_are_one_line_errors(tmp_path):
     from lorafit.core.config import read_toml
