@@ -107,7 +107,8 @@ def build_trainer(cfg, sinks=(), control=None, resume: bool = False, report=None
 
 def _build(cfg, sinks, control, resume, report, allow_changed, lock):
     from lorafit.backends import get_backend
-    from lorafit.models.loader import load_model, load_tokenizer, resolve_model_path
+    from lorafit.models.loader import (load_args, load_model, load_tokenizer,
+                                       resolve_model_path, training_dtype)
 
     report = report or (lambda text: print(text, file=sys.stderr))
     control = control or Control(cfg.output)
@@ -140,7 +141,8 @@ def _build(cfg, sinks, control, resume, report, allow_changed, lock):
     check_interrupt()
     ops = get_backend(cfg.backend, cfg.device, verbose=True)
     ops.seed(cfg.seed)
-    model = load_model(str(folder), ops, cfg.dtype, cfg.quantize)
+    model = load_model(str(folder), ops, cfg.dtype or training_dtype(ops, load_args(folder)[0]),
+                       cfg.quantize)
     check_token_ids(train, model.args.vocab_size, cfg.data)
     check_token_ids(val, model.args.vocab_size, cfg.val_data or cfg.data)
     model._tokenizer = tokenizer

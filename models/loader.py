@@ -115,6 +115,15 @@ def default_dtype(backend, args) -> str:
     return "bfloat16" if stored == "float32" and backend.device == "cuda" else stored
 
 
+def training_dtype(backend, args) -> str:
+    """The base weights' dtype for training without --dtype: default_dtype, except that a
+    float16 checkpoint trains in bfloat16 where the device has it (same memory, float32's
+    range: no gradient underflow, no loss scaling); elsewhere float16 stays and the trainer
+    scales the loss (core/loss_scale.py)."""
+    dtype = default_dtype(backend, args)
+    return "bfloat16" if dtype == "float16" and backend.bf16_native else dtype
+
+
 GROUP_SIZE = 64
 
 

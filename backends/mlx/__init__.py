@@ -29,6 +29,7 @@ class MLXBackend:
             raise LorafitError("MLX sees no Metal device here; use --device cpu")
         mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
         self.device = "metal" if device == "gpu" else "cpu"
+        self.bf16_native = self.device == "metal"  # Metal has bf16; MLX's CPU emulates it
 
     # -- arrays ---------------------------------------------------------------------------
     def from_numpy(self, a, dtype=None):

@@ -28,6 +28,7 @@ class TorchBackend:
             from lorafit.core.errors import LorafitError
             raise LorafitError("--device cuda asked for, but PyTorch sees no CUDA device")
         self.device = device
+        self.bf16_native = device.startswith("cuda") and torch.cuda.is_bf16_supported()
         self._device = torch.device(device)
         self._tracker = TensorTracker() if device == "cpu" else None
 
