@@ -12,8 +12,8 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
-from lorafit.tui.runfiles import RunFollower, list_runs, run_state
-from lorafit.tui.widgets import plot_lines, smooth
+from lorafit.tui.runfiles import RunFollower, list_runs, run_summary
+from lorafit.tui.widgets import plot_lines
 
 COLORS = ["cyan", "magenta", "green", "yellow", "blue", "red"]
 
@@ -65,18 +65,17 @@ class BrowserScreen(Screen):
         keep = self._current()
         table.clear()
         self.runs = list_runs(self.root)
-        for run in self.runs:
-            f = RunFollower(run)
-            f.poll()
-            st = f.state
-            loss = f"{st.losses[-1]:.4f}" if st.losses else "-"
-            state = run_state(run, st.status)
+        for run in self.runs:  # status files only: a long run's metrics are never read
+            summary = run_summary(run)
+            loss = f"{summary['loss']:.4f}" if isinstance(summary["loss"], (int, float)) \
+                else "-"
+            state = summary["state"]
             style = {"failed": "red", "died": "bold red", "running": "green",
                      "paused": "yellow", "stopped": "yellow", "completed": "cyan"}.get(state, "")
             table.add_row("*" if run in self.marked else " ",
                           str(run.relative_to(self.root)) if run.is_relative_to(self.root)
                           else str(run), Text(state, style=style) if style else state,
-                          f"{st.last.get('step', 0)}/{st.total_steps}", loss, key=str(run))
+                          f"{summary['step']}/{summary['total_steps']}", loss, key=str(run))
         if keep in self.runs:
             table.move_cursor(row=self.runs.index(keep))
         if self.comparing:
@@ -117,7 +116,7 @@ class BrowserScreen(Screen):
             f = RunFollower(run)
             f.poll()
             color = COLORS[i % len(COLORS)]
-            series.append((f.state.steps, smooth(f.state.losses), color))
+            series.append((f.state.smoothed.xs, f.state.smoothed.ys, color))
             legend.append(f"■ {run.name}  ", style=color)
         lines = plot_lines(series, max(self.size.width - 2, 30), 8)
         self.query_one("#compare", Static).update(Text("\n").join([legend] + lines))

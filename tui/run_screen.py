@@ -81,7 +81,8 @@ class RunScreen(Screen):
             return
         st = self.follower.state
         self.query_one("#settings", Static).update(self._settings_text())
-        self.query_one(LossPlot).update_series(st.steps, st.losses, st.val_steps, st.val_losses)
+        self.query_one(LossPlot).update_series(st.steps, st.losses, st.val_steps, st.val_losses,
+                                               (st.smoothed.xs, st.smoothed.ys))
         self.query_one("#side", Static).update(self._stats_text() + self._memory_text())
         bar = self.query_one(ProgressBar)
         bar.update(total=max(st.total_steps, 1), progress=st.last.get("step", 0))

@@ -62,17 +62,21 @@ class LossPlot(Static):
 
     def __init__(self, **kw):
         super().__init__(**kw)
-        self.series = ([], [], [], [])  # steps, losses, val steps, val losses
+        self.series = ([], [], [], [], ([], []))  # steps, losses, val, smoothed
 
-    def update_series(self, steps, losses, val_steps, val_losses) -> None:
-        self.series = (list(steps), list(losses), list(val_steps), list(val_losses))
+    def update_series(self, steps, losses, val_steps, val_losses, smoothed=None) -> None:
+        """smoothed: (xs, ys) folded in as records arrived (runfiles.RunState); otherwise
+        computed here from the losses."""
+        smoothed = smoothed or (steps, smooth(losses))
+        self.series = (list(steps), list(losses), list(val_steps), list(val_losses),
+                       (list(smoothed[0]), list(smoothed[1])))
         self.refresh()
 
     def render(self):
-        steps, losses, vs, vl = self.series
+        steps, losses, vs, vl, (ss, sl) = self.series
         width = max(self.size.width, 20)
         height = max(self.size.height - 2, 3)
-        lines = plot_lines([(steps, losses, "grey50"), (steps, smooth(losses), "bold cyan"),
+        lines = plot_lines([(steps, losses, "grey50"), (ss, sl, "bold cyan"),
                             (vs, vl, "bold magenta")], width, height)
         legend = Text("loss ", style="grey50")
         legend.append("smoothed ", style="bold cyan")
