@@ -12,6 +12,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
+from lorafit.core import rundir
 from lorafit.tui.runfiles import RunFollower, list_runs, run_summary
 from lorafit.tui.widgets import plot_lines
 
@@ -34,6 +35,7 @@ class RunsTable(DataTable):
 class BrowserScreen(Screen):
     BINDINGS = [Binding("enter", "open", "Open"), Binding("space", "mark", "Mark"),
                 Binding("c", "compare", "Compare marked"), Binding("r", "reload", "Reload"),
+                Binding("u", "resume", "Resume run"),
                 Binding("escape", "back", "Back")]
 
     def __init__(self, root: str | Path):
@@ -98,6 +100,32 @@ class BrowserScreen(Screen):
         """Enter on the table, or a click on the row under the cursor."""
         event.stop()
         self.action_open()
+
+    def action_resume(self) -> None:
+        """Continue a stopped, failed or died run from its newest checkpoint: `lorafit
+        train --resume RUN` as a child of this app (what the quit dialog can stop)."""
+        from lorafit.tui.run_screen import RunScreen
+        from lorafit.tui.setup_screen import start_training
+
+        run = self._current()
+        if run is None:
+            return
+        summary = run_summary(run)
+        state = summary["state"]
+        if state in ("starting", "running", "paused") or rundir.is_locked(run):
+            self.notify(f"{run.name} is {state}: open it with Enter", severity="warning")
+            return
+        if state == "completed":
+            self.notify(f"{run.name} is completed; start a new run to train further",
+                        severity="warning")
+            return
+        if not rundir.config_path(run).is_file():
+            self.notify(f"{run.name} has no config.toml to resume from", severity="error")
+            return
+        process = start_training(rundir.config_path(run), run, resume=True)
+        self.app.started.append((process, run))
+        self.notify(f"resuming {run.name} from its newest checkpoint")
+        self.app.push_screen(RunScreen(run, process))
 
     def action_mark(self) -> None:
         """Toggle the mark of the run under the cursor; the cursor stays on it."""

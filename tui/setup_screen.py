@@ -372,11 +372,12 @@ def absolute_paths(cfg):
     return dataclasses.replace(cfg, **changes)
 
 
-def start_training(config_path: Path, run_dir: Path) -> subprocess.Popen:
-    """`lorafit train CONFIG` as a child in its own session: closing the UI never kills
-    it, and its messages go to the run's train.log."""
+def start_training(config_path: Path, run_dir: Path, resume: bool = False) -> subprocess.Popen:
+    """`lorafit train CONFIG` (or `lorafit train --resume RUN`) as a child in its own
+    session: closing the UI never kills it, and its messages go to the run's train.log."""
     log = open(rundir.train_log_path(run_dir), "ab")
     env = dict(os.environ, LORAFIT_NO_REEXEC=os.environ.get("LORAFIT_NO_REEXEC", "0"))
-    return subprocess.Popen([sys.executable, "-m", "lorafit.cli", "train", str(config_path)],
+    args = ["--resume", str(run_dir)] if resume else [str(config_path)]
+    return subprocess.Popen([sys.executable, "-m", "lorafit.cli", "train", *args],
                             stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
                             start_new_session=True)

@@ -432,3 +432,52 @@ def test_run_screen_shows_the_run_settings(fixed_runs):
             text = panel_text(app.screen, "#settings")
             assert "tiny-model" in text and "torch/cpu" in text
     run(scenario())
+
+
+# -- resume from the runs list ------------------------------------------------------------
+def test_a_stopped_run_resumes_from_the_runs_list(tiny_run_inputs, tmp_path, monkeypatch):
+    """A run stopped at step 2 of 4; `u` on its row continues it in a child trainer, whose
+    screen opens; a running or completed run is not started twice."""
+    from lorafit.commands.train import run_training
+    from lorafit.core import events as ev
+    from lorafit.core.config import TrainConfig
+    from lorafit.core.control import Control
+
+    root, folder, data, _ = tiny_run_inputs
+    out = tmp_path / "runs" / "stopped"
+    cfg = TrainConfig(model=str(folder), data=str(data), output=str(out), backend="torch",
+                      device="cpu", rank=4, batch_size=4, max_steps=4, seq_len=32,
+                      save_every=1)
+    control = Control(out)
+
+    class StopAt2(ev.Sink):
+        def __call__(self, e):
+            if isinstance(e, ev.StepReport) and e.step == 2:
+                control.stop_requested = True
+
+    assert run_training(cfg, [StopAt2()], control, install_signals=False) == "stopped"
+    assert rundir.read_status(out)["state"] == "stopped"
+    monkeypatch.chdir(tmp_path)
+
+    async def scenario():
+        app = LorafitApp(runs_root=tmp_path / "runs")
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("escape", "ctrl+r")
+            await pilot.pause(0.3)
+            await pilot.press("u")
+            await pilot.pause(0.3)
+            assert isinstance(app.screen, RunScreen) and app.screen.run_dir == out
+            assert [d for _, d in app.started] == [out]
+            assert await wait_for(pilot, lambda: rundir.read_status(out).get("state")
+                                  == "completed", timeout=120)
+            assert rundir.read_status(out)["step"] == 4
+            app.started[0][0].wait(30)
+            await pilot.press("escape")
+            await pilot.pause(0.3)
+            assert isinstance(app.screen, BrowserScreen)
+            await pilot.press("u")  # completed: nothing more to resume
+            await pilot.pause(0.3)
+            assert isinstance(app.screen, BrowserScreen) and len(app.started) == 1
+    run(scenario())
+    log = rundir.train_log_path(out).read_text()
+    assert "resuming from" in log
