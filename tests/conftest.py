@@ -192,3 +192,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def fixed_tui_usage(request):
+    """TUI tests see fixed CPU/GPU utilisation, so screens (and snapshots) repeat; a test
+    marked real_usage samples the machine."""
+    if "tui" not in request.node.path.parts or request.node.get_closest_marker("real_usage"):
+        yield
+        return
+    from lorafit.tui import sysinfo
+
+    fixed = sysinfo.Usage(cpu=37.0, trainer_cpu=180.0, trainer_rss=1536 * 2**20, gpus=[])
+    mp = pytest.MonkeyPatch()
+    mp.setattr(sysinfo.UsageSampler, "sample", lambda self, pid: fixed)
+    yield
+    mp.undo()

@@ -144,7 +144,7 @@ class BrowserScreen(Screen):
             f = RunFollower(run)
             f.poll()
             color = COLORS[i % len(COLORS)]
-            series.append((f.state.smoothed.xs, f.state.smoothed.ys, color))
+            series.append((f.state.smoothed.xs, f.state.smoothed.ys, color, "line"))
             legend.append(f"■ {run.name}  ", style=color)
         lines = plot_lines(series, max(self.size.width - 2, 30), 8)
         self.query_one("#compare", Static).update(Text("\n").join([legend] + lines))
