@@ -481,3 +481,97 @@ def test_a_stopped_run_resumes_from_the_runs_list(tiny_run_inputs, tmp_path, mon
     run(scenario())
     log = rundir.train_log_path(out).read_text()
     assert "resuming from" in log
+
+
+# -- the set-up form at 80x24 -------------------------------------------------------------
+def test_every_setup_field_is_reachable_at_80x24(tmp_path):
+    """Tab walks every field of the form, and each one scrolls into view when it has focus
+    (the form is taller than an 80x24 screen)."""
+    from textual.widgets import Button, Checkbox, Input, Select
+
+    async def scenario():
+        app = LorafitApp(runs_root=tmp_path / "runs")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause(0.3)
+            screen = app.screen
+            form = screen.query_one("#form")
+            fields = [w for w in form.query("*") if isinstance(w, (Input, Select, Checkbox,
+                                                                   Button))]
+            assert form.virtual_size.height > form.size.height  # it does not fit: it scrolls
+            seen = []
+            for _ in range(len(fields) + 5):
+                w = app.focused
+                while w is not None and w not in fields:
+                    w = w.parent
+                if w is not None and w not in seen:
+                    seen.append(w)
+                    visible = form.region.intersection(w.region)
+                    assert visible.height >= 1 and visible == w.region, w.id
+                await pilot.press("tab")
+                await pilot.pause(0.05)
+            assert set(seen) == set(fields)
+    run(scenario())
+
+
+# -- typing paths: completion and a file picker ---------------------------------------------
+def test_the_model_field_completes_presets_and_folders(tmp_path, monkeypatch):
+    from textual.widgets import Input
+
+    (tmp_path / "models" / "tiny-a").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+
+    async def scenario():
+        app = LorafitApp(runs_root=tmp_path / "runs")
+        async with app.run_test(size=SIZE) as pilot:
+            field = app.screen.query_one("#model", Input)
+            assert app.focused is field
+            await pilot.press(*"llama-3.1-8")
+            await pilot.pause(0.3)
+            await pilot.press("right")  # accepts the ghost-text completion
+            assert field.value == "llama-3.1-8b"
+            field.value = ""
+            await pilot.press(".", "/", "m")
+            await pilot.pause(0.3)
+            await pilot.press("right")
+            assert field.value == "./models/"
+            await pilot.press("t")
+            await pilot.pause(0.3)
+            await pilot.press("right")
+            assert field.value == "./models/tiny-a/"
+    run(scenario())
+
+
+def test_ctrl_o_picks_the_data_file_from_a_tree(tmp_path, monkeypatch):
+    from textual.widgets import Input
+
+    from lorafit.tui.pickers import DataFilePicker, DataTree
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"text": "hi"}\n')
+    (tmp_path / "data" / "notes.txt").write_text("not data")
+    monkeypatch.chdir(tmp_path)
+
+    async def scenario():
+        app = LorafitApp(runs_root=tmp_path / "runs")
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("tab")  # the data field
+            await pilot.press("ctrl+o")
+            await pilot.pause(0.5)
+            assert isinstance(app.screen, DataFilePicker)
+            tree = app.screen.query_one(DataTree)
+            await pilot.press("down", "enter")  # open data/
+            await pilot.pause(0.5)
+            shown = [str(n.label) for n in tree.root.children[0].children]
+            assert shown == ["train.jsonl"]  # notes.txt is not data
+            await pilot.press("down", "enter")
+            await pilot.pause(0.3)
+            assert isinstance(app.screen, SetupScreen)
+            field = app.screen.query_one("#data", Input)
+            assert field.value == str(Path("data") / "train.jsonl") or \
+                Path(field.value).resolve() == (tmp_path / "data" / "train.jsonl").resolve()
+            await pilot.press("ctrl+o")
+            await pilot.pause(0.3)
+            await pilot.press("escape")  # cancel keeps the value
+            await pilot.pause(0.2)
+            assert isinstance(app.screen, SetupScreen) and field.value.endswith("train.jsonl")
+    run(scenario())
