@@ -35,7 +35,7 @@ class RunsTable(DataTable):
 class BrowserScreen(Screen):
     BINDINGS = [Binding("enter", "open", "Open"), Binding("space", "mark", "Mark"),
                 Binding("c", "compare", "Compare marked"), Binding("r", "reload", "Reload"),
-                Binding("u", "resume", "Resume run"),
+                Binding("u", "resume", "Resume"),
                 Binding("escape", "back", "Back")]
 
     def __init__(self, root: str | Path):
@@ -120,7 +120,8 @@ class BrowserScreen(Screen):
                         severity="warning")
             return
         if not rundir.config_path(run).is_file():
-            self.notify(f"{run.name} has no config.toml to resume from", severity="error")
+            self.notify(f"{run.name} has no {rundir.config_path(run).name} to resume from",
+                        severity="error")
             return
         process = start_training(rundir.config_path(run), run, resume=True)
         self.app.started.append((process, run))

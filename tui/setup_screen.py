@@ -92,7 +92,7 @@ class SetupScreen(Screen):
     BINDINGS = [Binding("ctrl+s", "start", "Start"), Binding("ctrl+r", "runs", "Runs"),
                 Binding("ctrl+f", "apply_fit", "Apply fit", tooltip="put the next suggestion "
                         "of the memory estimate into the form"),
-                Binding("ctrl+o", "pick_data", "Pick data file"),
+                Binding("ctrl+o", "pick_data", "Files", tooltip="pick the data file from a folder tree"),
                 Binding("escape", "leave_field", "Leave field")]
 
     def __init__(self, defaults: dict | None = None):
