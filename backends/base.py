@@ -29,6 +29,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 class Backend(Protocol):
     name: str  # "torch" or "mlx": for messages and records only, never for branching
     device: str  # "cpu", "cuda", "mps", "metal"
+    bf16_native: bool  # bfloat16 runs at full speed here: training prefers it to float16
 
     # -- arrays ---------------------------------------------------------------------------
     def from_numpy(self, a: np.ndarray, dtype: str | None = None) -> Array:

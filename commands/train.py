@@ -53,23 +53,12 @@ def prepare_run_dir(cfg, resume: bool) -> Path:
     return run_dir
 
 
-UNSUPPORTED_QUANT = "lorafit trains on float weights (fp32/bf16/fp16), quantizing them " \
-                    "itself with --quantize 4bit or 8bit"
-
-
 def check_model_folder(cfg, folder) -> None:
     """What config.json says that lorafit cannot train on, before any weight loads: weights
-    stored quantized (FP8, int8, GPTQ, AWQ, bitsandbytes) would be read without their
-    scales; layer indices must exist."""
-    from lorafit.models.loader import load_args, read_config
+    stored quantized by other tools (models.loader.check_stored_quantization, also run by
+    every load); layer indices must exist."""
+    from lorafit.models.loader import load_args
 
-    raw = read_config(Path(folder))
-    q = raw.get("quantization_config")
-    if q:
-        method = q.get("quant_method") or q.get("quant_type") or "quantized" \
-            if isinstance(q, dict) else "quantized"
-        raise LorafitError(f"{folder}: weights stored {method} (quantization_config) are "
-                           f"not supported; {UNSUPPORTED_QUANT}")
     n = load_args(str(folder))[0].num_hidden_layers
     bad = [i for i in cfg.layers or [] if not 0 <= i < n]
     if bad:
@@ -79,12 +68,9 @@ def check_model_folder(cfg, folder) -> None:
 
 def check_token_ids(examples, vocab_size: int, what: str = "data") -> None:
     """Token ids the embedding has no row for (a tokenizer that does not match the model)."""
-    top = max((int(e.input_ids.max()) for e in examples if e.input_ids.size), default=-1)
-    low = min((int(e.input_ids.min()) for e in examples if e.input_ids.size), default=0)
-    if top >= vocab_size or low < 0:
-        raise LorafitError(f"{what}: token id {top if top >= vocab_size else low} is outside "
-                           f"the model's vocabulary (0-{vocab_size - 1}); the tokenizer does "
-                           "not match the model")
+    from lorafit.models import check_token_ids as check
+
+    check((e.input_ids for e in examples), vocab_size, what)
 
 
 def load_examples(cfg, tokenizer):
@@ -132,7 +118,8 @@ class _NoLock:
 
 def _build(cfg, sinks, control, resume, report, allow_changed, lock):
     from lorafit.backends import get_backend
-    from lorafit.models.loader import load_model, load_tokenizer, resolve_model_path
+    from lorafit.models.loader import (load_args, load_model, load_tokenizer,
+                                       resolve_model_path, training_dtype)
 
     place = launch.detect()
     primary = place.rank == 0
@@ -173,7 +160,8 @@ def _build(cfg, sinks, control, resume, report, allow_changed, lock):
     check_interrupt()
     ops = get_backend(cfg.backend, cfg.device, verbose=primary)
     ops.seed(cfg.seed)
-    model = load_model(str(folder), ops, cfg.dtype, cfg.quantize)
+    model = load_model(str(folder), ops, cfg.dtype or training_dtype(ops, load_args(folder)[0]),
+                       cfg.quantize)
     check_token_ids(train, model.args.vocab_size, cfg.data)
     check_token_ids(val, model.args.vocab_size, cfg.val_data or cfg.data)
     model._tokenizer = tokenizer

@@ -167,7 +167,9 @@ class TrainConfig:
             raise LorafitError(f"weight-decay must be >= 0, got {self.weight_decay}")
         if not 0 <= number("min_lr_ratio") <= 1:
             raise LorafitError(f"min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.max_grad_norm is not None and number("max_grad_norm") < 0:
+        if self.max_grad_norm is None:  # "no clipping", said the way config.toml keeps it
+            self.max_grad_norm = 0.0
+        if number("max_grad_norm") < 0:
             raise LorafitError(f"max-grad-norm must be >= 0 (0 disables clipping), got "
                                f"{self.max_grad_norm}")
         for name in ("seed", "warmup_steps"):
@@ -264,35 +266,11 @@ def resolve(toml_path: str | None, overrides: dict) -> TrainConfig:
 
 
 def to_toml(cfg: TrainConfig) -> str:
-    """The config as TOML (None values are left out: they mean 'default')."""
-    lines = ["# lorafit run configuration: `lorafit train THIS_FILE` repeats the run"]
-    for k, v in cfg.to_dict().items():
-        if v is None:
-            continue
-        lines.append(f"{k} = {_toml_value(v)}")
-    return "\n".join(lines) + "\n"
+    """The config as TOML, written by tomli-w (None values are left out: they mean
+    'default'). Paths cannot hold control characters (TrainConfig refuses them), so every
+    value reads back exactly."""
+    import tomli_w
 
-
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return _toml_string(str(v))
-
-
-def _toml_string(s: str) -> str:
-    """A TOML basic string: backslash, quote and every control character escaped."""
-    out = []
-    for ch in s:
-        if ch == "\\":
-            out.append("\\\\")
-        elif ch == '"':
-            out.append('\\"')
-        elif ord(ch) < 32 or ord(ch) == 127:
-            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(ch, f"\\u{ord(ch):04x}"))
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
+    values = {k: v for k, v in cfg.to_dict().items() if v is not None}
+    return "# lorafit run configuration: `lorafit train THIS_FILE` repeats the run\n" + \
+        tomli_w.dumps(values)

@@ -15,6 +15,11 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int = 64,
                  temperature: float = 0.0, seed: int = 0, eos_ids=(), top_p: float = 1.0):
     """Yield new token ids one at a time (an end-of-sequence token ends it, and is
     yielded). One request through the engine, with the adapter attached to the model."""
+    if not prompt_ids:
+        raise LorafitError("the prompt is empty after tokenisation")
+    if temperature < 0:
+        raise LorafitError(f"temperature must be >= 0, got {temperature}")
+    model.check_ids(prompt_ids)  # a tokenizer that does not match the model
     engine = Engine(model, max_batch=1, max_len=len(prompt_ids) + max(max_new_tokens, 1))
     out: list = []
     engine.submit(Request(list(prompt_ids), max_new_tokens, temperature, top_p, seed,

@@ -32,6 +32,7 @@ from lorafit.core.data import Batch, make_batches
 from lorafit.core.errors import LorafitError
 from lorafit.core.launch import shard
 from lorafit.core.lora import adapter_leaves, summary
+from lorafit.core.loss_scale import DynamicLossScale
 from lorafit.core.loss import batch_loss
 from lorafit.core.schedule import lr_at
 
@@ -93,6 +94,8 @@ class Trainer:
         self.best_step: int | None = None
         self._best_adapter: dict | None = None
         self._window = [0, 0.0]  # tokens and seconds since the last report
+        # float16 base weights underflow small gradients: scale the loss (core/loss_scale)
+        self.loss_scale = DynamicLossScale() if model.dtype == "float16" else None
 
     # -- data -----------------------------------------------------------------------------
     def _epoch_batches(self, epoch: int) -> list[Batch]:
@@ -135,7 +138,8 @@ class Trainer:
             return math.nan, math.nan, False
         # dropout: the same on resume; rank 0 draws as a lone process would
         ops.seed(self.cfg.seed * 1_000_003 + self.pos.step + 7_919 * self.rank)
-        denom_arr = ops.from_numpy(np.asarray(denom, dtype=np.float32))
+        loss_scale = self.loss_scale.scale if self.loss_scale else 1.0
+        denom_arr = ops.from_numpy(np.asarray(denom / loss_scale, dtype=np.float32))
         acc, total = None, None
         for b in shard(micro, self.rank, self.world_size):
             (_, loss_sum), grads = self.grad_fn(self.trainable, self._on_backend(b), denom_arr)
@@ -148,13 +152,16 @@ class Trainer:
             acc = summed
         gnorm_arr = ops.global_norm(acc)
         loss = ops.to_float(total) / denom
-        gnorm = ops.to_float(gnorm_arr)
+        gnorm = ops.to_float(gnorm_arr) / loss_scale
+        if self.loss_scale and math.isfinite(loss) and not self.loss_scale.update(
+                math.isfinite(gnorm)):
+            return loss, gnorm, False  # overflow: skipped, the scale halved
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
             return loss, gnorm, False
         scale = 1.0
         if self.cfg.max_grad_norm and gnorm > self.cfg.max_grad_norm:
             scale = self.cfg.max_grad_norm / (gnorm + 1e-6)
-        self.optimizer.step(self.trainable, acc, lr, grad_scale=scale)
+        self.optimizer.step(self.trainable, acc, lr, grad_scale=scale / loss_scale)
         return loss, gnorm, True
 
     # -- evaluation -----------------------------------------------------------------------
@@ -184,7 +191,8 @@ class Trainer:
                 "backend": self.ops.name, "losses": self.losses,
                 "loss_summary": self.loss_summary,
                 "best_step": self.best_step, "fingerprint": self.fingerprint,
-                "world_size": self.world_size}
+                "world_size": self.world_size,
+                "loss_scale": self.loss_scale.state() if self.loss_scale else None}
 
     def load_state(self, ckpt: dict) -> None:
         """Continue from a checkpoint dict (see core.checkpoint.load_checkpoint)."""
@@ -204,6 +212,8 @@ class Trainer:
         self.loss_summary = dict(summary_) if isinstance(summary_, dict) else \
             {"count": len(self.losses), "sum": float(sum(self.losses))}
         self.best_step = st.get("best_step")
+        if self.loss_scale:
+            self.loss_scale.load(st.get("loss_scale"))
         self._last_saved = self.pos.step  # this checkpoint is on disk already
 
     def save(self) -> Path:
@@ -302,10 +312,14 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 self.pos.step += 1
                 if not applied:
-                    bad_in_a_row += 1
+                    ls = self.loss_scale  # a float16 overflow above the floor is routine
+                    routine = ls is not None and math.isfinite(loss) and not ls.at_floor
+                    bad_in_a_row += 0 if routine else 1
                     self.emit(ev.StepSkipped(step=self.pos.step, in_a_row=bad_in_a_row,
-                                             reason=f"non-finite loss {loss} or gradient "
-                                                    f"norm {gnorm}"))
+                                             reason=f"float16 gradient overflow; loss scale "
+                                                    f"now {ls.scale:g}" if routine else
+                                             f"non-finite loss {loss} or gradient "
+                                             f"norm {gnorm}"))
                     if bad_in_a_row >= c.max_nonfinite:
                         raise TrainingStopped(
                             f"{bad_in_a_row} non-finite steps in a row at step "

@@ -8,8 +8,23 @@ from typing import Any
 
 import numpy as np
 
+from lorafit.core.errors import LorafitError
 from lorafit.models import decoder
 from lorafit.models.families import FAMILIES, family, model_args  # noqa: F401 (re-exported)
+
+
+def check_token_ids(id_arrays, vocab_size: int, what: str = "data") -> None:
+    """Token ids the embedding has no row for (a tokenizer that does not match the model):
+    an IndexError on a CPU, a device assert on CUDA and silent garbage on MLX otherwise."""
+    top, low = -1, 0
+    for ids in id_arrays:
+        ids = np.asarray(ids)
+        if ids.size:
+            top, low = max(top, int(ids.max())), min(low, int(ids.min()))
+    if top >= vocab_size or low < 0:
+        raise LorafitError(f"{what}: token id {top if top >= vocab_size else low} is outside "
+                           f"the model's vocabulary (0-{vocab_size - 1}); the tokenizer does "
+                           "not match the model")
 
 
 @dataclass
@@ -31,6 +46,10 @@ class Model:
             from lorafit.models.loader import load_tokenizer
             self._tokenizer = load_tokenizer(self.path)
         return self._tokenizer
+
+    def check_ids(self, ids, what: str = "the prompt") -> None:
+        """Refuse token ids the embedding has no row for (see check_token_ids)."""
+        check_token_ids([ids], self.args.vocab_size, what)
 
     def parameter_shapes(self) -> dict:
         """Logical shape of every frozen parameter (packed quantized weights included)."""

@@ -60,9 +60,28 @@ def read_config(folder: Path) -> dict:
         raise LorafitError(f"{cfg_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
+UNSUPPORTED_QUANT = "lorafit trains on float weights (fp32/bf16/fp16), quantizing them " \
+                    "itself with --quantize 4bit or 8bit, and reads mlx-lm's quantized folders"
+
+
+def check_stored_quantization(raw: dict, folder) -> None:
+    """Weights stored quantized by other tools (FP8, int8, GPTQ, AWQ, bitsandbytes) would be
+    cast without their scales: refused. mlx-lm's affine format (its "quantization" key, which
+    it also copies into quantization_config) is read by load_model."""
+    q = raw.get("quantization_config") or (raw.get("text_config") or {}).get(
+        "quantization_config")
+    if not q or raw.get("quantization"):
+        return
+    method = (q.get("quant_method") or q.get("quant_type") or "quantized") \
+        if isinstance(q, dict) else "quantized"
+    raise LorafitError(f"{folder}: weights stored {method} (quantization_config) are not "
+                       f"supported; {UNSUPPORTED_QUANT}")
+
+
 def load_args(path_or_id: str):
     folder = resolve_model_path(path_or_id)
     cfg = read_config(folder)
+    check_stored_quantization(cfg, folder)
     return model_args(cfg), folder
 
 
@@ -94,6 +113,15 @@ def default_dtype(backend, args) -> str:
         return "float32"
     stored = args.torch_dtype if args.torch_dtype in DTYPES else "bfloat16"
     return "bfloat16" if stored == "float32" and backend.device == "cuda" else stored
+
+
+def training_dtype(backend, args) -> str:
+    """The base weights' dtype for training without --dtype: default_dtype, except that a
+    float16 checkpoint trains in bfloat16 where the device has it (same memory, float32's
+    range: no gradient underflow, no loss scaling); elsewhere float16 stays and the trainer
+    scales the loss (core/loss_scale.py)."""
+    dtype = default_dtype(backend, args)
+    return "bfloat16" if dtype == "float16" and backend.bf16_native else dtype
 
 
 GROUP_SIZE = 64

@@ -204,3 +204,19 @@ def write_peft_adapter(folder, base, seed=0, r=4, targets=("q_proj", "v_proj"), 
     cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), use_dora=dora)
     randomize_lora(get_peft_model(copy.deepcopy(base), cfg), seed).save_pretrained(str(folder))
     return folder
+
+
+@pytest.fixture(autouse=True)
+def fixed_tui_usage(request):
+    """TUI tests see fixed CPU/GPU utilisation, so screens (and snapshots) repeat; a test
+    marked real_usage samples the machine."""
+    if "tui" not in request.node.path.parts or request.node.get_closest_marker("real_usage"):
+        yield
+        return
+    from lorafit.tui import sysinfo
+
+    fixed = sysinfo.Usage(cpu=37.0, trainer_cpu=180.0, trainer_rss=1536 * 2**20, gpus=[])
+    mp = pytest.MonkeyPatch()
+    mp.setattr(sysinfo.UsageSampler, "sample", lambda self, pid: fixed)
+    yield
+    mp.undo()

@@ -115,7 +115,7 @@ def keys_of(bindings) -> list[tuple[str, str]]:
     for b in bindings:
         b = b if isinstance(b, Binding) else Binding(*b)
         if b.description:
-            out.append((_key_name(b), b.description))
+            out.append((_key_name(b), b.tooltip or b.description))
     return out
 
 

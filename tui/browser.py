@@ -12,8 +12,9 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
-from lorafit.tui.runfiles import RunFollower, list_runs, run_state
-from lorafit.tui.widgets import plot_lines, smooth
+from lorafit.core import rundir
+from lorafit.tui.runfiles import RunFollower, list_runs, run_summary
+from lorafit.tui.widgets import plot_lines
 
 COLORS = ["cyan", "magenta", "green", "yellow", "blue", "red"]
 
@@ -34,6 +35,7 @@ class RunsTable(DataTable):
 class BrowserScreen(Screen):
     BINDINGS = [Binding("enter", "open", "Open"), Binding("space", "mark", "Mark"),
                 Binding("c", "compare", "Compare marked"), Binding("r", "reload", "Reload"),
+                Binding("u", "resume", "Resume"),
                 Binding("escape", "back", "Back")]
 
     def __init__(self, root: str | Path):
@@ -65,18 +67,17 @@ class BrowserScreen(Screen):
         keep = self._current()
         table.clear()
         self.runs = list_runs(self.root)
-        for run in self.runs:
-            f = RunFollower(run)
-            f.poll()
-            st = f.state
-            loss = f"{st.losses[-1]:.4f}" if st.losses else "-"
-            state = run_state(run, st.status)
+        for run in self.runs:  # status files only: a long run's metrics are never read
+            summary = run_summary(run)
+            loss = f"{summary['loss']:.4f}" if isinstance(summary["loss"], (int, float)) \
+                else "-"
+            state = summary["state"]
             style = {"failed": "red", "died": "bold red", "running": "green",
                      "paused": "yellow", "stopped": "yellow", "completed": "cyan"}.get(state, "")
             table.add_row("*" if run in self.marked else " ",
                           str(run.relative_to(self.root)) if run.is_relative_to(self.root)
                           else str(run), Text(state, style=style) if style else state,
-                          f"{st.last.get('step', 0)}/{st.total_steps}", loss, key=str(run))
+                          f"{summary['step']}/{summary['total_steps']}", loss, key=str(run))
         if keep in self.runs:
             table.move_cursor(row=self.runs.index(keep))
         if self.comparing:
@@ -100,6 +101,33 @@ class BrowserScreen(Screen):
         event.stop()
         self.action_open()
 
+    def action_resume(self) -> None:
+        """Continue a stopped, failed or died run from its newest checkpoint: `lorafit
+        train --resume RUN` as a child of this app (what the quit dialog can stop)."""
+        from lorafit.tui.run_screen import RunScreen
+        from lorafit.tui.setup_screen import start_training
+
+        run = self._current()
+        if run is None:
+            return
+        summary = run_summary(run)
+        state = summary["state"]
+        if state in ("starting", "running", "paused") or rundir.is_locked(run):
+            self.notify(f"{run.name} is {state}: open it with Enter", severity="warning")
+            return
+        if state == "completed":
+            self.notify(f"{run.name} is completed; start a new run to train further",
+                        severity="warning")
+            return
+        if not rundir.config_path(run).is_file():
+            self.notify(f"{run.name} has no {rundir.config_path(run).name} to resume from",
+                        severity="error")
+            return
+        process = start_training(rundir.config_path(run), run, resume=True)
+        self.app.started.append((process, run))
+        self.notify(f"resuming {run.name} from its newest checkpoint")
+        self.app.push_screen(RunScreen(run, process))
+
     def action_mark(self) -> None:
         """Toggle the mark of the run under the cursor; the cursor stays on it."""
         run = self._current()
@@ -117,7 +145,7 @@ class BrowserScreen(Screen):
             f = RunFollower(run)
             f.poll()
             color = COLORS[i % len(COLORS)]
-            series.append((f.state.steps, smooth(f.state.losses), color))
+            series.append((f.state.smoothed.xs, f.state.smoothed.ys, color, "line"))
             legend.append(f"■ {run.name}  ", style=color)
         lines = plot_lines(series, max(self.size.width - 2, 30), 8)
         self.query_one("#compare", Static).update(Text("\n").join([legend] + lines))

@@ -19,9 +19,11 @@ from textual.widgets import Button, Footer, Header, Input, ProgressBar, RichLog,
 from lorafit.core import rundir
 from lorafit.core.control import send_command
 from lorafit.tui.runfiles import RunFollower, log_tail, newest_checkpoint, run_state
+from lorafit.tui.sysinfo import Usage, UsageSampler, usage_text
 from lorafit.tui.widgets import LossPlot, fmt_bytes, memory_bar
 
 REFRESH_S = 0.25  # at most 4 redraws a second, whatever the trainer's pace
+USAGE_S = 2.0  # CPU/GPU utilisation is sampled this often (nvidia-smi is not free)
 
 
 def _fmt_time(s) -> str:
@@ -49,6 +51,8 @@ class RunScreen(Screen):
         self.logged = 0
         self.crash_shown = False
         self.died_shown = False
+        self.sampler = UsageSampler()
+        self.usage = Usage()
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=True)
@@ -68,8 +72,25 @@ class RunScreen(Screen):
     def on_mount(self) -> None:
         self.title = f"lorafit — {self.run_dir}"
         self.query_one("#try-panel").display = False
+        self.usage = self.sampler.sample(self._trainer_pid())
         self.refresh_view()
         self.set_interval(REFRESH_S, self.refresh_view)
+        self.set_interval(USAGE_S, self._sample_usage)
+
+    def _trainer_pid(self) -> int | None:
+        if self.process is not None:
+            return self.process.pid
+        return self.follower.state.status.get("pid") if self._run_active() else None
+
+    @work(thread=True, exclusive=True, group="usage")
+    def _sample_usage(self) -> None:
+        usage = self.sampler.sample(self._trainer_pid())
+        self.app.call_from_thread(self._show_usage, usage)
+
+    def _show_usage(self, usage: Usage) -> None:
+        if usage != self.usage:
+            self.usage = usage
+            self.query_one("#side", Static).update(self._stats_text() + self._memory_text())
 
     # -- following the files ----------------------------------------------------------------
     def refresh_view(self) -> None:
@@ -81,7 +102,7 @@ class RunScreen(Screen):
             return
         st = self.follower.state
         self.query_one("#settings", Static).update(self._settings_text())
-        self.query_one(LossPlot).update_series(st.steps, st.losses, st.val_steps, st.val_losses)
+        self.query_one(LossPlot).update_state(st)
         self.query_one("#side", Static).update(self._stats_text() + self._memory_text())
         bar = self.query_one(ProgressBar)
         bar.update(total=max(st.total_steps, 1), progress=st.last.get("step", 0))
@@ -144,6 +165,9 @@ class RunScreen(Screen):
             t.append(f"{'lr ' + format(last['lr'], '.2e'):<13}eta {eta}\n")
             t.append(f"{format(last['tokens_per_s'], ',.0f') + ' tok/s':<13}"
                      f"{last['step_time']:.3f} s/step\n")
+        usage = usage_text(self.usage)
+        if usage:
+            t.append(usage + "\n", style="dim")
         return t
 
     def _settings_text(self) -> Text:

@@ -8,6 +8,8 @@ started, a run started headless elsewhere, or a finished one, all the same way.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,13 +18,77 @@ from lorafit.core import rundir
 from lorafit.core.rundir import find_runs, read_status  # noqa: F401  (the TUI's imports)
 
 
+MAX_POINTS = 1024  # a plotted series never holds more (a plot is a few hundred cells wide)
+SMOOTHING = 0.1  # the weight of the newest loss in the smoothed line
+
+
+class Series:
+    """(x, y) points kept for plotting, at most `cap` of them. Each kept point is the mean of
+    `bucket` consecutive raw points; when the list is full, neighbouring pairs merge and the
+    bucket doubles. So a series of any length costs the same to hold and to draw, every
+    point stands for the same number of steps, and the newest (partial) bucket is shown
+    as it fills."""
+
+    def __init__(self, cap: int = MAX_POINTS):
+        self.cap = cap
+        self.bucket = 1  # raw points per kept point
+        self.count = 0  # raw points added
+        self._xs: list = []
+        self._ys: list = []
+        self._open = [0.0, 0.0, 0, 0]  # x sum, finite y sum, points, finite points
+
+    def add(self, x, y) -> None:
+        self.count += 1
+        o = self._open
+        o[0] += x
+        o[2] += 1
+        if y is not None and math.isfinite(y):
+            o[1] += y
+            o[3] += 1
+        if o[2] == self.bucket:
+            self._xs.append(o[0] / o[2])
+            self._ys.append(o[1] / o[3] if o[3] else math.nan)
+            self._open = [0.0, 0.0, 0, 0]
+            if len(self._xs) >= self.cap:
+                self._halve()
+
+    def _halve(self) -> None:
+        xs, ys = self._xs, self._ys
+        self._xs = [(xs[i] + xs[i + 1]) / 2 for i in range(0, len(xs) - 1, 2)]
+        self._ys = [_mean2(ys[i], ys[i + 1]) for i in range(0, len(ys) - 1, 2)]
+        self.bucket *= 2
+
+    @property
+    def xs(self) -> list:
+        o = self._open
+        return self._xs + [o[0] / o[2]] if o[2] else list(self._xs)
+
+    @property
+    def ys(self) -> list:
+        o = self._open
+        return self._ys + [o[1] / o[3] if o[3] else math.nan] if o[2] else list(self._ys)
+
+    def weights(self) -> list[int]:
+        """How many raw points each of xs stands for."""
+        return [self.bucket] * len(self._xs) + ([self._open[2]] if self._open[2] else [])
+
+
+def _mean2(a: float, b: float) -> float:
+    finite = [v for v in (a, b) if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
 @dataclass
 class RunState:
-    """Everything the run screen shows, folded from the records read so far."""
-    steps: list = field(default_factory=list)
-    losses: list = field(default_factory=list)
-    val_steps: list = field(default_factory=list)
-    val_losses: list = field(default_factory=list)
+    """Everything the run screen shows, folded from the records read so far: summaries and
+    downsampled series (Series), so each record costs O(1) however long the run."""
+    train: Series = field(default_factory=Series)  # raw training loss
+    smoothed: Series = field(default_factory=Series)  # its debiased moving average
+    val: Series = field(default_factory=Series)
+    lr: Series = field(default_factory=Series)
+    tokens_per_s: Series = field(default_factory=Series)
+    grad_norm: Series = field(default_factory=Series)
+    _ema: float = 0.0
     last: dict = field(default_factory=dict)  # the newest train record
     start: dict = field(default_factory=dict)
     end: dict = field(default_factory=dict)
@@ -34,12 +100,17 @@ class RunState:
         """Fold in one metrics record; records of unknown kinds are ignored."""
         e = ev.from_record(rec)
         if isinstance(e, ev.StepReport):
-            self.steps.append(e.step)
-            self.losses.append(e.loss)
+            self.train.add(e.step, e.loss)
+            if e.loss is not None and math.isfinite(e.loss):
+                self._ema = SMOOTHING * e.loss + (1 - SMOOTHING) * self._ema
+                n = self.smoothed.count + 1  # debiased like TensorBoard's smoothing
+                self.smoothed.add(e.step, self._ema / (1 - (1 - SMOOTHING) ** n))
+            self.lr.add(e.step, e.lr)
+            self.tokens_per_s.add(e.step, e.tokens_per_s)
+            self.grad_norm.add(e.step, e.grad_norm)
             self.last = rec
         elif isinstance(e, ev.EvalReport):
-            self.val_steps.append(e.step)
-            self.val_losses.append(e.val_loss)
+            self.val.add(e.step, e.val_loss)
             self.log.append(f"step {e.step}: validation loss {e.val_loss:.4f}")
         elif isinstance(e, ev.RunStarted):
             self.start = rec
@@ -63,6 +134,12 @@ class RunState:
             if e.error:
                 text += f": {e.error}"
             self.log.append(text)
+
+    # the plotted points (downsampled past MAX_POINTS)
+    steps = property(lambda self: self.train.xs)
+    losses = property(lambda self: self.train.ys)
+    val_steps = property(lambda self: self.val.xs)
+    val_losses = property(lambda self: self.val.ys)
 
     @property
     def total_steps(self) -> int:
@@ -101,6 +178,43 @@ class RunFollower:
             self.state.status = status
             changed = True
         return changed
+
+
+def last_train_record(run_dir: str | Path, max_bytes: int = 1 << 16) -> dict | None:
+    """The newest training record, read from the last `max_bytes` of metrics.jsonl only."""
+    path = rundir.metrics_path(run_dir)
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.seek(max(0, f.tell() - max_bytes))
+            chunk = f.read()
+    except OSError:
+        return None
+    lines = chunk.split(b"\n")
+    if size:
+        lines = lines[1:]  # the first line is cut
+    for line in reversed(lines):
+        if b'"train"' in line:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("kind") == "train":
+                return rec
+    return None
+
+
+def run_summary(run_dir: str | Path) -> dict:
+    """What the runs list shows of a run: status.json (state, total) and the newest training
+    record from the tail of metrics.jsonl (step, loss): a bounded read however long the
+    run, never the whole file."""
+    status = rundir.read_status(run_dir)
+    out = {"state": run_state(run_dir, status), "step": status.get("step") or 0,
+           "total_steps": status.get("total_steps") or 0, "loss": None}
+    rec = last_train_record(run_dir)
+    if rec:
+        out.update(loss=rec.get("loss"), step=max(out["step"], rec.get("step") or 0))
+    return out
 
 
 def newest_checkpoint(run_dir: str | Path) -> Path | None:

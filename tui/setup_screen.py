@@ -24,6 +24,7 @@ from lorafit.core import rundir
 from lorafit.core.config import (BACKENDS, ON_BAD_RECORD, QUANTIZE, SCHEDULES, resolve,
                                  to_toml)
 from lorafit.core.errors import LorafitError
+from lorafit.tui.pickers import DataFilePicker, ModelSuggester
 from lorafit.tui.widgets import fmt_bytes, histogram, memory_bar
 
 FIELDS = [  # (id, label, default, TrainConfig field, parser)
@@ -91,6 +92,7 @@ class SetupScreen(Screen):
     BINDINGS = [Binding("ctrl+s", "start", "Start"), Binding("ctrl+r", "runs", "Runs"),
                 Binding("ctrl+f", "apply_fit", "Apply fit", tooltip="put the next suggestion "
                         "of the memory estimate into the form"),
+                Binding("ctrl+o", "pick_data", "Files", tooltip="pick the data file from a folder tree"),
                 Binding("escape", "leave_field", "Leave field")]
 
     def __init__(self, defaults: dict | None = None):
@@ -108,7 +110,8 @@ class SetupScreen(Screen):
                     with Horizontal(classes="row"):
                         yield Label(label)
                         yield Input(value=str(self.defaults.get(fid, default)), id=fid,
-                                    placeholder=PLACEHOLDERS.get(fid, ""), compact=True)
+                                    placeholder=PLACEHOLDERS.get(fid, ""), compact=True,
+                                    suggester=ModelSuggester() if fid == "model" else None)
                 for sid, label, choices, default in SELECTS:
                     with Horizontal(classes="row"):
                         yield Label(label)
@@ -127,6 +130,17 @@ class SetupScreen(Screen):
         self.title = "lorafit — new run"
         self.query_one("#model", Input).focus()
         self.schedule_update()
+
+    def action_pick_data(self) -> None:
+        """A folder tree to choose the data file from (typing the path works too)."""
+        field = self.query_one("#data", Input)
+
+        def picked(path: str | None) -> None:
+            if path:
+                field.value = path
+                field.focus()
+
+        self.app.push_screen(DataFilePicker(field.value.strip() or "."), picked)
 
     def action_leave_field(self) -> None:
         """Esc leaves a text field, so that one-letter keys (q, d, ?) work again."""
@@ -372,11 +386,12 @@ def absolute_paths(cfg):
     return dataclasses.replace(cfg, **changes)
 
 
-def start_training(config_path: Path, run_dir: Path) -> subprocess.Popen:
-    """`lorafit train CONFIG` as a child in its own session: closing the UI never kills
-    it, and its messages go to the run's train.log."""
+def start_training(config_path: Path, run_dir: Path, resume: bool = False) -> subprocess.Popen:
+    """`lorafit train CONFIG` (or `lorafit train --resume RUN`) as a child in its own
+    session: closing the UI never kills it, and its messages go to the run's train.log."""
     log = open(rundir.train_log_path(run_dir), "ab")
     env = dict(os.environ, LORAFIT_NO_REEXEC=os.environ.get("LORAFIT_NO_REEXEC", "0"))
-    return subprocess.Popen([sys.executable, "-m", "lorafit.cli", "train", str(config_path)],
+    args = ["--resume", str(run_dir)] if resume else [str(config_path)]
+    return subprocess.Popen([sys.executable, "-m", "lorafit.cli", "train", *args],
                             stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
                             start_new_session=True)

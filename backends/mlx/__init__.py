@@ -36,6 +36,7 @@ class MLXBackend:
         self.rank, self.world_size = place.rank, place.world_size
         if self.world_size > 1:
             self._group = _join_group(place)
+        self.bf16_native = self.device == "metal"  # Metal has bf16; MLX's CPU emulates it
 
     # -- arrays ---------------------------------------------------------------------------
     def from_numpy(self, a, dtype=None):

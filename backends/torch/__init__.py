@@ -38,6 +38,7 @@ class TorchBackend:
         else:
             self._device = torch.device(device)
         self.device = device
+        self.bf16_native = device.startswith("cuda") and torch.cuda.is_bf16_supported()
         self._tracker = TensorTracker() if device == "cpu" else None
         if self.world_size > 1:
             _join_process_group(device)

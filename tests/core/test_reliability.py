@@ -394,6 +394,64 @@ def test_11_a_folder_of_stored_quantized_weights_is_refused(tiny, tmp_path):
         run(cfg_of(tiny, "fp8", model=str(folder)))
 
 
+def _copy_with_config(src, dst, **changes):
+    import shutil
+
+    shutil.copytree(src, dst)
+    c = json.loads((dst / "config.json").read_text())
+    c.update(changes)
+    (dst / "config.json").write_text(json.dumps(c))
+    return dst
+
+
+def test_11_generate_and_export_refuse_stored_quantized_folders_in_one_line(tiny, tmp_path,
+                                                                            capsys):
+    from lorafit.cli import main
+
+    fp8 = _copy_with_config(tiny[1], tmp_path / "fp8", quantization_config={
+        "quant_method": "fp8", "weight_block_size": [128, 128]})
+    trained, _, _ = run(cfg_of(tiny, "q-src", max_steps=1))
+    for argv in (["generate", "--model", str(fp8), "--prompt", "hello", "--backend", "torch"],
+                 ["export", "--adapter", str(trained.run_dir / "adapter"), str(tmp_path / "merged"),
+                  "--merge", "--model", str(fp8)]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "weights stored fp8" in err and "\n" not in err
+        assert "Traceback" not in err
+    assert not (tmp_path / "merged").exists()
+
+
+def test_11_an_mlx_lm_quantized_config_is_not_mistaken_for_a_foreign_one(tmp_path):
+    from lorafit.models.loader import check_stored_quantization
+
+    q = {"group_size": 64, "bits": 4}  # mlx-lm writes both keys
+    check_stored_quantization({"quantization": q, "quantization_config": q}, tmp_path)
+    with pytest.raises(LorafitError, match="weights stored gptq"):
+        check_stored_quantization({"text_config": {"quantization_config": {
+            "quant_method": "gptq"}}}, tmp_path)
+
+
+def test_11_generate_refuses_prompt_ids_outside_the_vocabulary(tiny, tmp_path, capsys):
+    """A model whose embedding is smaller than its tokenizer (a mismatched tokenizer)."""
+    from safetensors.numpy import load_file, save_file
+
+    from lorafit.cli import main
+
+    small = _copy_with_config(tiny[1], tmp_path / "small", vocab_size=8)
+    weights = load_file(small / "model.safetensors")
+    weights = {k: (v[:8] if k in ("model.embed_tokens.weight", "lm_head.weight") else v)
+               for k, v in weights.items()}
+    save_file(weights, small / "model.safetensors", metadata={"format": "pt"})
+    for backend in ("torch", "mlx"):
+        capsys.readouterr()
+        rc = main(["generate", "--model", str(small), "--prompt", "the quick brown fox",
+                   "--backend", backend, "--max-new-tokens", "2"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and "is outside the model's vocabulary (0-7)" in err
+        assert "\n" not in err.split("error: ", 1)[1]
+
+
 # -- 13. config files ---------------------------------------------------------------------
 def test_13_config_file_mistakes_are_one_line_errors(tmp_path):
     from lorafit.core.config import read_toml
@@ -415,19 +473,20 @@ def test_13_config_file_mistakes_are_one_line_errors(tmp_path):
 def test_13_written_config_reads_back_exactly(tmp_path):
     from lorafit.core.config import read_toml, resolve, to_toml
 
-    cfg = TrainConfig(model='dir "with" quotes\\and backslash/ünï', data="d\u00e9.jsonl",
-                      output="runs/#not a comment", targets="all-linear", layers=[0, 1])
-    path = tmp_path / "c.toml"
-    path.write_text(to_toml(cfg), encoding="utf-8")
-    assert resolve(str(path), {}) == cfg
-    from lorafit.core.config import _toml_string
-    try:
-        import tomllib
-    except ModuleNotFoundError:
-        import tomli as tomllib
-    for s in ["a\nb", 'q"\\', "\x00\x1f\x7f", "ü→"]:
-        assert tomllib.loads(f"k = {_toml_string(s)}")["k"] == s
-    read_toml(path)
+    awkward = ['dir "with" quotes\\and backslash/ünï', "d\u00e9 \u2192 \U0001f600.jsonl",
+               "runs/#not a comment", "it's = [x]", "C:\\Users\\a b\\", '"""', "'''",
+               "[table]", "  leading and trailing  "]
+    for i, text in enumerate(awkward):
+        cfg = TrainConfig(model=text, data=awkward[(i + 1) % len(awkward)], output=text,
+                          targets="all-linear", layers=[0, 1], lr=3e-5, alpha=0.5,
+                          max_grad_norm=None, val_fraction=0.1)
+        path = tmp_path / f"c{i}.toml"
+        path.write_text(to_toml(cfg), encoding="utf-8")
+        assert resolve(str(path), {}) == cfg
+        assert read_toml(path)["model"] == text
+    for bad in ["a\nb", "tab\there", "nul\x00"]:  # refused before anything is written
+        with pytest.raises(LorafitError, match="control characters"):
+            TrainConfig(model="m", data=bad)
 
 
 # -- 18. metrics.jsonl --------------------------------------------------------------------

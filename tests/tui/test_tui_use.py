@@ -432,3 +432,146 @@ def test_run_screen_shows_the_run_settings(fixed_runs):
             text = panel_text(app.screen, "#settings")
             assert "tiny-model" in text and "torch/cpu" in text
     run(scenario())
+
+
+# -- resume from the runs list ------------------------------------------------------------
+def test_a_stopped_run_resumes_from_the_runs_list(tiny_run_inputs, tmp_path, monkeypatch):
+    """A run stopped at step 2 of 4; `u` on its row continues it in a child trainer, whose
+    screen opens; a running or completed run is not started twice."""
+    from lorafit.commands.train import run_training
+    from lorafit.core import events as ev
+    from lorafit.core.config import TrainConfig
+    from lorafit.core.control import Control
+
+    root, folder, data, _ = tiny_run_inputs
+    out = tmp_path / "runs" / "stopped"
+    cfg = TrainConfig(model=str(folder), data=str(data), output=str(out), backend="torch",
+                      device="cpu", rank=4, batch_size=4, max_steps=4, seq_len=32,
+                      save_every=1)
+    control = Control(out)
+
+    class StopAt2(ev.Sink):
+        def __call__(self, e):
+            if isinstance(e, ev.StepReport) and e.step == 2:
+                control.stop_requested = True
+
+    assert run_training(cfg, [StopAt2()], control, install_signals=False) == "stopped"
+    assert rundir.read_status(out)["state"] == "stopped"
+    monkeypatch.chdir(tmp_path)
+
+    async def scenario():
+        app = LorafitApp(runs_root=tmp_path / "runs")
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("escape", "ctrl+r")
+            await pilot.pause(0.3)
+            await pilot.press("u")
+            await pilot.pause(0.3)
+            assert isinstance(app.screen, RunScreen) and app.screen.run_dir == out
+            assert [d for _, d in app.started] == [out]
+            assert await wait_for(pilot, lambda: rundir.read_status(out).get("state")
+                                  == "completed", timeout=120)
+            assert rundir.read_status(out)["step"] == 4
+            app.started[0][0].wait(30)
+            await pilot.press("escape")
+            await pilot.pause(0.3)
+            assert isinstance(app.screen, BrowserScreen)
+            await pilot.press("u")  # completed: nothing more to resume
+            await pilot.pause(0.3)
+            assert isinstance(app.screen, BrowserScreen) and len(app.started) == 1
+    run(scenario())
+    log = rundir.train_log_path(out).read_text()
+    assert "resuming from" in log
+
+
+# -- the set-up form at 80x24 -------------------------------------------------------------
+def test_every_setup_field_is_reachable_at_80x24(tmp_path):
+    """Tab walks every field of the form, and each one scrolls into view when it has focus
+    (the form is taller than an 80x24 screen)."""
+    from textual.widgets import Button, Checkbox, Input, Select
+
+    async def scenario():
+        app = LorafitApp(runs_root=tmp_path / "runs")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause(0.3)
+            screen = app.screen
+            form = screen.query_one("#form")
+            fields = [w for w in form.query("*") if isinstance(w, (Input, Select, Checkbox,
+                                                                   Button))]
+            assert form.virtual_size.height > form.size.height  # it does not fit: it scrolls
+            seen = []
+            for _ in range(len(fields) + 5):
+                w = app.focused
+                while w is not None and w not in fields:
+                    w = w.parent
+                if w is not None and w not in seen:
+                    seen.append(w)
+                    visible = form.region.intersection(w.region)
+                    assert visible.height >= 1 and visible == w.region, w.id
+                await pilot.press("tab")
+                await pilot.pause(0.05)
+            assert set(seen) == set(fields)
+    run(scenario())
+
+
+# -- typing paths: completion and a file picker ---------------------------------------------
+def test_the_model_field_completes_presets_and_folders(tmp_path, monkeypatch):
+    from textual.widgets import Input
+
+    (tmp_path / "models" / "tiny-a").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+
+    async def scenario():
+        app = LorafitApp(runs_root=tmp_path / "runs")
+        async with app.run_test(size=SIZE) as pilot:
+            field = app.screen.query_one("#model", Input)
+            assert app.focused is field
+            await pilot.press(*"llama-3.1-8")
+            await pilot.pause(0.3)
+            await pilot.press("right")  # accepts the ghost-text completion
+            assert field.value == "llama-3.1-8b"
+            field.value = ""
+            await pilot.press(".", "/", "m")
+            await pilot.pause(0.3)
+            await pilot.press("right")
+            assert field.value == "./models/"
+            await pilot.press("t")
+            await pilot.pause(0.3)
+            await pilot.press("right")
+            assert field.value == "./models/tiny-a/"
+    run(scenario())
+
+
+def test_ctrl_o_picks_the_data_file_from_a_tree(tmp_path, monkeypatch):
+    from textual.widgets import Input
+
+    from lorafit.tui.pickers import DataFilePicker, DataTree
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"text": "hi"}\n')
+    (tmp_path / "data" / "notes.txt").write_text("not data")
+    monkeypatch.chdir(tmp_path)
+
+    async def scenario():
+        app = LorafitApp(runs_root=tmp_path / "runs")
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("tab")  # the data field
+            await pilot.press("ctrl+o")
+            await pilot.pause(0.5)
+            assert isinstance(app.screen, DataFilePicker)
+            tree = app.screen.query_one(DataTree)
+            await pilot.press("down", "enter")  # open data/
+            await pilot.pause(0.5)
+            shown = [str(n.label) for n in tree.root.children[0].children]
+            assert shown == ["train.jsonl"]  # notes.txt is not data
+            await pilot.press("down", "enter")
+            await pilot.pause(0.3)
+            assert isinstance(app.screen, SetupScreen)
+            field = app.screen.query_one("#data", Input)
+            assert field.value == str(Path("data") / "train.jsonl") or \
+                Path(field.value).resolve() == (tmp_path / "data" / "train.jsonl").resolve()
+            await pilot.press("ctrl+o")
+            await pilot.pause(0.3)
+            await pilot.press("escape")  # cancel keeps the value
+            await pilot.pause(0.2)
+            assert isinstance(app.screen, SetupScreen) and field.value.endswith("train.jsonl")
+    run(scenario())
