@@ -95,7 +95,8 @@ def load_checkpoint(path: str | Path) -> dict:
 # the checkpoint's tensors mean (LoRA shape and scale, the data, the batches): never allowed.
 FIXED = ("rank", "alpha", "dropout", "targets", "layers", "rslora", "dora", "quantize",
          "batch_size", "grad_accum", "seq_len", "pack", "seed", "train_on_prompt",
-         "val_fraction", "data_sha256", "val_data_sha256")
+         "val_fraction", "data_sha256", "val_data_sha256", "data_split", "data_config",
+         "data_revision", "columns", "chat_loss")
 # These only steer the rest of the run: allowed with --allow-changed NAME.
 SAFE = ("lr", "schedule", "warmup_steps", "min_lr_ratio", "max_steps", "epochs",
         "eval_every", "save_every", "early_stopping_patience", "weight_decay")
@@ -117,8 +118,10 @@ def fingerprint(cfg) -> dict:
     """The settings a checkpoint depends on (core/config.TrainConfig fields), and the data
     files' hashes."""
     out = {k: getattr(cfg, k) for k in FIXED + SAFE if hasattr(cfg, k)}
-    out["data_sha256"] = file_sha256(cfg.data)
-    out["val_data_sha256"] = file_sha256(cfg.val_data)
+    from lorafit.core.sources import content_hash
+
+    out["data_sha256"] = content_hash(cfg.data)  # a file, a folder's files or a Hub id
+    out["val_data_sha256"] = content_hash(cfg.val_data)
     return out
 
 
