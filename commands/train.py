@@ -106,15 +106,16 @@ def peek_data(cfg) -> None:
 
 def load_examples(cfg, tokenizer):
     train_src, val_src = open_training_data(cfg)
+    chat = dict(chat_loss=cfg.chat_loss, train_on_reasoning=cfg.train_on_reasoning)
     train, stats = load_dataset(train_src, tokenizer, cfg.seq_len, cfg.on_bad_record,
-                                cfg.train_on_prompt)
+                                cfg.train_on_prompt, **chat)
     notes = [f"data: {stats.examples} examples ({stats.format}), {stats.loss_tokens:,} loss "
              f"tokens, {stats.truncated} truncated to {cfg.seq_len}"]
     notes += [f"skipped {p}" for p in stats.problems[:5]]
     val = []
     if val_src is not None:
         val, vstats = load_dataset(val_src, tokenizer, cfg.seq_len, cfg.on_bad_record,
-                                   cfg.train_on_prompt)
+                                   cfg.train_on_prompt, **chat)
         notes += [f"validation: {vstats.examples} examples from {val_src}"]
         notes += [f"skipped {p}" for p in vstats.problems[:5]]
     elif cfg.val_fraction:

@@ -117,6 +117,8 @@ class TrainConfig:
     """Field names for a set whose columns are named otherwise, e.g. prompt=question,completion=answer."""
     chat_loss: str = "all"
     """Messages data: loss on every assistant turn (all) or on the last one only (last)."""
+    train_on_reasoning: bool = False
+    """Messages data: also put loss on assistant reasoning_content where the chat template renders it."""
     max_nonfinite: int = 5
     """Stop after this many non-finite steps in a row."""
     force: bool = False

@@ -136,18 +136,50 @@ def _check_string(value, what: str, allow_empty: bool = False) -> str | None:
     return None
 
 
+def _check_calls(calls, i: int, role: str) -> str | None:
+    """An assistant's tool calls: [{"type": "function", "function": {"name", "arguments"}}]
+    (the OpenAI shape chat templates read)."""
+    what = f"messages[{i}].tool_calls"
+    if role != "assistant":
+        return f"{what}: only assistant turns make tool calls"
+    if not isinstance(calls, list):
+        return f"{what} must be an array, got {_json_type(calls)}"
+    for k, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+                not fn["name"].strip():
+            return f"{what}[{k}] must be an object with function.name"
+        if not isinstance(fn.get("arguments", {}), (dict, str)):
+            return f"{what}[{k}].function.arguments must be an object or a JSON string"
+    return None
+
+
+def _check_tools(tools) -> str | None:
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        return 'field "tools" must be an array of objects (tool schemas)'
+    return None
+
+
 def _check_messages(msgs) -> str | None:
     if not isinstance(msgs, list):
         return f'field "messages" must be an array, got {_json_type(msgs)}'
     if not msgs:
         return 'field "messages" is empty'
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and not calls):
             return f"messages[{i}] must be an object with role and content"
         if not isinstance(m["role"], str) or m["role"] not in ROLES:
             return (f"messages[{i}] has unknown role {_one_line(repr(m['role']), 40)} "
                     f"(expected {', '.join(ROLES)})")
-        reason = _check_string(m["content"], f"messages[{i}].content")
+        reason = _check_calls(calls, i, m["role"]) if calls is not None else None
+        if not reason and not (calls and m.get("content") in (None, "")):
+            reason = _check_string(m["content"], f"messages[{i}].content")
+        if not reason and m.get("reasoning_content") is not None:
+            reason = _check_string(m["reasoning_content"], f"messages[{i}].reasoning_content",
+                                   allow_empty=True)
         if reason:
             return reason
     if not any(m["role"] == "assistant" for m in msgs):
@@ -166,7 +198,7 @@ def validate(record, fmt: str) -> str | None:
             return f"a {other} record in a {fmt} file"
         return f"missing field(s) {', '.join(missing)}"
     if fmt == "messages":
-        return _check_messages(record["messages"])
+        return _check_messages(record["messages"]) or _check_tools(record.get("tools"))
     for key in FORMATS[fmt]:
         reason = _check_string(record[key], f'field "{key}"')
         if reason:
@@ -300,63 +332,22 @@ def _prompt_completion_ids(tokenizer, prompt: str, completion: str):
     return p, _encode(tokenizer, completion)
 
 
-def _render(tokenizer, messages, generation_prompt: bool = False) -> list[int]:
-    """Token ids of a conversation through the tokenizer's chat template (the template
-    places its own specials, as in apply_chat_template(tokenize=True))."""
-    if not messages and not generation_prompt:
-        return []
+def _chat_ids(tokenizer, record, train_on_prompt: bool, chat: dict):
+    """(ids, loss mask) of a conversation (core/chat_mask.py)."""
+    from lorafit.core.chat_mask import ChatError, chat_ids
+
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=generation_prompt)
-    except Exception as e:  # templates raise on conversations they do not accept
-        raise _BadRecord(f"the chat template failed ({_one_line(e)})") from None
-    return _encode(tokenizer, text)
+        return chat_ids(tokenizer, record["messages"], record.get("tools"), train_on_prompt,
+                        last_only=chat.get("chat_loss") == "last",
+                        train_on_reasoning=bool(chat.get("train_on_reasoning")))
+    except ChatError as e:
+        raise _BadRecord(str(e)) from None
 
 
-def _is_prefix(short: list[int], long: list[int]) -> bool:
-    return len(short) <= len(long) and long[: len(short)] == short
-
-
-def _loss_start(tokenizer, history, before: list[int], after: list[int]) -> int:
-    """Where an assistant turn's loss starts: after the generation prompt (the role
-    header a model is given at inference) when the template renders it as a prefix,
-    else at the turn's first token."""
-    try:
-        header = _render(tokenizer, history, generation_prompt=True)
-    except _BadRecord:
-        return len(before)
-    if _is_prefix(before, header) and _is_prefix(header, after):
-        return len(header)
-    return len(before)
-
-
-def _chat_ids(tokenizer, messages, train_on_prompt: bool, source: str):
-    """(ids, loss mask) of a conversation. Turn boundaries come from rendering growing
-    prefixes of the conversation; that needs the template to render each prefix as a
-    token prefix of the next, else loss cannot be placed and we stop."""
-    if train_on_prompt:
-        ids = _render(tokenizer, messages)
-        return ids, [True] * len(ids)
-    before, mask = [], []
-    for i, m in enumerate(messages):
-        after = _render(tokenizer, messages[: i + 1])
-        if not _is_prefix(before, after):
-            raise LorafitError(
-                f"{source}: the tokenizer's chat template does not render a conversation "
-                f"as a continuation of its first {i} message(s), so assistant turns cannot "
-                "be found; use --train-on-prompt (loss on everything) or "
-                "prompt/completion data")
-        start = _loss_start(tokenizer, messages[:i], before, after) \
-            if m["role"] == "assistant" else len(after)
-        mask += [False] * (start - len(before)) + [True] * (len(after) - start)
-        before = after
-    return before, mask
-
-
-def _record_ids(fmt: str, record: dict, tokenizer, train_on_prompt: bool, source: str):
+def _record_ids(fmt: str, record: dict, tokenizer, train_on_prompt: bool, chat: dict):
     """(ids, loss mask) of one validated record, before truncation."""
     if fmt == "messages":
-        return _chat_ids(tokenizer, record["messages"], train_on_prompt, source)
+        return _chat_ids(tokenizer, record, train_on_prompt, chat)
     bos, eos = _special(tokenizer, "bos"), _special(tokenizer, "eos")
     if fmt == "text":
         body = _encode(tokenizer, record["text"]) + eos
@@ -381,10 +372,10 @@ def _check_tokenizing(fmt, tokenizer, max_seq_len) -> None:
                            "has none (use prompt/completion or text data)")
 
 
-def _tokenize_one(fmt, record, tokenizer, max_seq_len, train_on_prompt, source):
+def _tokenize_one(fmt, record, tokenizer, max_seq_len, train_on_prompt, chat):
     """(ids, mask, truncated) of one valid record, or raises _BadRecord. An example longer
     than max_seq_len keeps its start; one left with no loss token is a problem."""
-    ids, mask = _record_ids(fmt, record, tokenizer, train_on_prompt, str(source))
+    ids, mask = _record_ids(fmt, record, tokenizer, train_on_prompt, chat)
     mask = np.asarray(mask, dtype=bool)
     cut = len(ids) > max_seq_len
     if mask.size:
@@ -397,14 +388,16 @@ def _tokenize_one(fmt, record, tokenizer, max_seq_len, train_on_prompt, source):
     return np.asarray(ids[:max_seq_len], dtype=np.int32), mask[:max_seq_len], cut
 
 
-def tokenize_records(fmt, records, tokenizer, max_seq_len, train_on_prompt=False):
+def tokenize_records(fmt, records, tokenizer, max_seq_len, train_on_prompt=False,
+                     chat_loss="all", train_on_reasoning=False):
     """(examples, problems, truncated count) for [(source, record)] already validated."""
+    chat = {"chat_loss": chat_loss, "train_on_reasoning": train_on_reasoning}
     _check_tokenizing(fmt, tokenizer, max_seq_len)
     examples, problems, truncated = [], [], 0
     for source, record in records:
         try:
             ids, mask, cut = _tokenize_one(fmt, record, tokenizer, max_seq_len,
-                                           train_on_prompt, source)
+                                           train_on_prompt, chat)
         except _BadRecord as e:
             problems.append(f"{source}: {e}")
             continue
@@ -413,7 +406,8 @@ def tokenize_records(fmt, records, tokenizer, max_seq_len, train_on_prompt=False
     return examples, problems, truncated
 
 
-def load_dataset(path, tokenizer, max_seq_len, on_bad_record="fail", train_on_prompt=False):
+def load_dataset(path, tokenizer, max_seq_len, on_bad_record="fail", train_on_prompt=False,
+                 chat_loss="all", train_on_reasoning=False):
     """(examples as an ExampleSet, stats): the source read once, streamed, each record
     validated and tokenized into flat storage. Bad records fail (after counting them, still
     before any model loads) or are skipped."""
@@ -421,6 +415,7 @@ def load_dataset(path, tokenizer, max_seq_len, on_bad_record="fail", train_on_pr
     data = _as_records(path)
     fmt, entries = scan(data)
     _check_tokenizing(fmt, tokenizer, max_seq_len)
+    chat = {"chat_loss": chat_loss, "train_on_reasoning": train_on_reasoning}
     build = ExampleSetBuilder()
     bad_read, bad_tokens = [], []  # problems found by reading, then by tokenizing
     records = truncated = loss_tokens = 0
@@ -434,7 +429,7 @@ def load_dataset(path, tokenizer, max_seq_len, on_bad_record="fail", train_on_pr
             continue  # the run stops: only count what else is wrong
         try:
             ids, mask, cut = _tokenize_one(fmt, record, tokenizer, max_seq_len,
-                                           train_on_prompt, where)
+                                           train_on_prompt, chat)
         except _BadRecord as e:
             bad_tokens.append(f"{where}: {e}")
             continue

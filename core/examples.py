@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SPILL_TOKENS = 1 << 20  # tokens kept in memory (~5 MiB) before the store moves to disk
+SPILL_TOKENS = 1 << 18  # tokens kept in memory (~1.3 MiB) before the store moves to disk
 
 
 @dataclass

@@ -23,7 +23,7 @@ from lorafit.core.errors import LorafitError
 MAX_REASON = 200  # characters of a third-party error message kept in a problem line
 FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
               ".arrow": "arrow"}
-ROWS_PER_READ = 1024  # rows converted to Python at a time (Arrow sources)
+ROWS_PER_READ = 256  # rows converted to Python at a time (Arrow sources)
 VALID_SPLITS = ("valid", "validation")  # mlx-lm's name first, then the Hub's
 
 
@@ -196,7 +196,9 @@ def _arrow_batches(path: Path, kind: str):
     if kind == "parquet":
         import pyarrow.parquet as pq
 
-        yield from pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_READ)
+        # one row group at a time, mapped: threads would read ahead and hold many
+        yield from pq.ParquetFile(path, memory_map=True).iter_batches(
+            batch_size=ROWS_PER_READ, use_threads=False)
     elif kind == "csv":
         import csv
 
@@ -208,7 +210,9 @@ def _arrow_batches(path: Path, kind: str):
         convert = pcsv.ConvertOptions(column_types={h: pa.string() for h in header},
                                       strings_can_be_null=False)
         parse = pcsv.ParseOptions(newlines_in_values=True)
-        yield from pcsv.open_csv(path, parse_options=parse, convert_options=convert)
+        read = pcsv.ReadOptions(use_threads=False)
+        yield from pcsv.open_csv(path, read_options=read, parse_options=parse,
+                                 convert_options=convert)
     else:
         source = pa.memory_map(str(path))
         try:

@@ -202,3 +202,77 @@ def test_large_sets_spill_to_a_memory_mapped_file(tmp_path, chars, monkeypatch):
     in_memory, _ = load_dataset(path, chars, 64)
     assert isinstance(spilled.tokens, np.memmap) and not isinstance(in_memory.tokens, np.memmap)
     assert ids_and_masks(spilled) == ids_and_masks(in_memory)
+
+
+TRAIN_AND_MEASURE = r"""
+import json, sys, threading, time
+from lorafit.core.config import TrainConfig
+from lorafit.commands.train import build_trainer
+
+def rss_anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+
+peak, done = [0], []
+def sample():
+    while not done:
+        peak[0] = max(peak[0], rss_anon())
+        time.sleep(0.005)
+threading.Thread(target=sample, daemon=True).start()
+model, data, out = sys.argv[1:4]
+cfg = TrainConfig(model=model, data=data, output=out, backend="torch", rank=2,
+                  batch_size=2, max_steps=3, seq_len=1024, log_every=1, lr=1e-3)
+trainer = build_trainer(cfg, [], report=lambda t: None)
+status = trainer.run()
+done.append(1)
+print(json.dumps({"status": status, "peak": peak[0], "tokens": trainer.train_examples.n_tokens(),
+                  "spilled": type(trainer.train_examples.tokens).__name__}))
+"""
+
+
+def _write_word_parquet(path, n_tokens, tokenizer, seed=0):
+    """Text records of ~900 tokens of the tokenizer's corpus words, until n_tokens; returns
+    the text's size in bytes."""
+    from conftest import CORPUS
+
+    words = np.array(" ".join(CORPUS).split())
+    per_word = len(tokenizer(" ".join(words.tolist()), add_special_tokens=False)["input_ids"]) \
+        / len(words)
+    rng = np.random.default_rng(seed)
+    n_records = max(1, round(n_tokens / (900 * 1.0)))
+    texts = [" ".join(rng.choice(words, int(900 / per_word))) for _ in range(n_records)]
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=256)
+    return sum(len(t.encode()) for t in texts)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"),
+                    reason="reads /proc/self/status")
+def test_a_5m_token_parquet_set_trains_in_memory_that_does_not_grow_with_it(tmp_path, tokenizer):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import build_hf_model
+
+    folder, _ = build_hf_model(tmp_path / "m", "llama", tokenizer, max_position_embeddings=1024)
+    big_bytes = _write_word_parquet(tmp_path / "big.parquet", 5_000_000, tokenizer)
+    small_bytes = _write_word_parquet(tmp_path / "small.parquet", 1_000_000, tokenizer)
+    runs = {}
+    for name in ("small", "big"):
+        out = subprocess.run([sys.executable, "-c", TRAIN_AND_MEASURE, str(folder),
+                              str(tmp_path / f"{name}.parquet"), str(tmp_path / f"run-{name}")],
+                             capture_output=True, text=True, timeout=600,
+                             env=dict(os.environ, LORAFIT_NO_REEXEC="1"))
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    big, small = runs["big"], runs["small"]
+    assert big["status"] == small["status"] == "completed"
+    assert big["tokens"] > 4_500_000 and big["spilled"] == small["spilled"] == "memmap"
+    # 4M more tokens (as padded epochs ~112 MB, as int32 ids 16 MB, as text ~8 MB) cost
+    # next to nothing: the reader, tokenizer and store hold a bounded amount at a time
+    extra = big["peak"] - small["peak"]
+    print(f"text {small_bytes / 2**20:.1f} -> {big_bytes / 2**20:.1f} MiB, peak memory "
+          f"{small['peak'] / 2**20:.1f} -> {big['peak'] / 2**20:.1f} MiB")
+    assert extra < (big_bytes - small_bytes) / 4, (extra, big_bytes, small_bytes)
