@@ -276,3 +276,22 @@ def test_a_5m_token_parquet_set_trains_in_memory_that_does_not_grow_with_it(tmp_
     print(f"text {small_bytes / 2**20:.1f} -> {big_bytes / 2**20:.1f} MiB, peak memory "
           f"{small['peak'] / 2**20:.1f} -> {big['peak'] / 2**20:.1f} MiB")
     assert extra < (big_bytes - small_bytes) / 4, (extra, big_bytes, small_bytes)
+
+
+def test_a_runs_validation_set_comes_from_val_data_else_the_folder(tmp_path):
+    from lorafit.commands.train import open_training_data
+    from lorafit.core.config import TrainConfig
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (folder / "valid.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
+    other = write_parquet(tmp_path / "v.parquet", ROWS[:2])
+    train, val = open_training_data(TrainConfig(data=str(folder)))
+    assert str(val) == str(folder / "valid.jsonl") and check_dataset_file(val).records == 1
+    train, val = open_training_data(TrainConfig(data=str(folder), val_data=str(other)))
+    assert str(val) == str(other) and check_dataset_file(val).records == 2
+    train, val = open_training_data(TrainConfig(data=str(folder / "train.jsonl")))
+    assert val is None
+    with pytest.raises(LorafitError, match="--columns"):
+        TrainConfig(data=str(folder), columns="prompt")
