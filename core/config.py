@@ -36,9 +36,12 @@ class TrainConfig:
     model: str = ""
     """Model folder or Hugging Face hub id."""
     data: str = ""
-    """Training data: a JSONL/JSON, Parquet, CSV or Arrow file, a folder (train.*/valid.*/test.* or datasets.save_to_disk), or a Hub dataset id; text, prompt/completion, messages or alpaca records."""
+    """Training data: a JSONL/JSON, Parquet, CSV or Arrow file, a folder (train.*/valid.*/test.*
+    or datasets.save_to_disk), or a Hub dataset id; text, prompt/completion, messages or alpaca
+    records."""
     val_data: str | None = None
-    """Validation data (any kind --data takes); otherwise a data folder's valid split, else `val_fraction` of the training data is held out."""
+    """Validation data (any kind --data takes); otherwise a data folder's valid split, else
+    `val_fraction` of the training data is held out."""
     val_fraction: float = 0.0
     """Fraction of the training examples held out for validation when no val_data is given."""
     output: str = "runs/latest"
@@ -114,11 +117,13 @@ class TrainConfig:
     data_revision: str | None = None
     """Revision (branch, tag or commit) of a Hub dataset."""
     columns: str | None = None
-    """Field names for a set whose columns are named otherwise, e.g. prompt=question,completion=answer."""
+    """Field names for a set whose columns are named otherwise, e.g.
+    prompt=question,completion=answer."""
     chat_loss: str = "all"
     """Messages data: loss on every assistant turn (all) or on the last one only (last)."""
     train_on_reasoning: bool = False
-    """Messages data: also put loss on assistant reasoning_content where the chat template renders it."""
+    """Messages data: also put loss on assistant reasoning_content where the chat template
+    renders it."""
     max_nonfinite: int = 5
     """Stop after this many non-finite steps in a row."""
     force: bool = False
