@@ -481,3 +481,20 @@ def test_an_example_wider_than_a_row_is_refused():
     examples = _examples(3, np.random.default_rng(0), 40, 41)
     with pytest.raises(LorafitError, match="do not fit a row of 16"):
         make_batches(examples, 2, 16, True, 0, 0)
+
+
+def test_an_epoch_plan_is_a_separate_step_and_can_be_shared_out():
+    """make_batches = epoch_plan (the order) + batches built on demand; a share of the
+    plan (plan.take) builds exactly those batches."""
+    from lorafit.core.data import EpochBatches, epoch_plan
+    from lorafit.core.examples import ExampleSet
+
+    examples = ExampleSet.from_examples(_examples(90, np.random.default_rng(2), 2, 30))
+    for pack in (False, True):
+        plan = epoch_plan(examples, 4, 32, pack, seed=5, epoch=1)
+        whole = make_batches(examples, 4, 32, pack, seed=5, epoch=1)
+        assert len(plan) == len(whole)
+        share = EpochBatches(examples, plan.take(range(1, len(plan), 2)), 32, pack)
+        for k, b in enumerate(share):
+            ref = whole[1 + 2 * k]
+            assert all(np.array_equal(x, y) for x, y in zip(b, ref) if x is not None)
