@@ -14,7 +14,9 @@ from lorafit.core import launch
 from lorafit.core.checkpoint import check_fingerprint, fingerprint, fit_grad_accum, \
     load_latest
 from lorafit.core.control import Control
-from lorafit.core.data import check_dataset_file, check_enough, load_dataset, split_validation
+from lorafit.core.data import check_enough, load_dataset, scan, split_validation
+from lorafit.core.examples import ExampleSet
+from lorafit.core.sources import open_data, open_records
 from lorafit.core.errors import LorafitError
 from lorafit.core.lora import attach
 from lorafit.core.model_card import ModelCardSink
@@ -70,19 +72,43 @@ def check_token_ids(examples, vocab_size: int, what: str = "data") -> None:
     """Token ids the embedding has no row for (a tokenizer that does not match the model)."""
     from lorafit.models import check_token_ids as check
 
-    check((e.input_ids for e in examples), vocab_size, what)
+    low, top = ExampleSet.from_examples(examples).token_range()
+    check([[low, top]] if top >= 0 else [], vocab_size, what)
+
+
+def open_training_data(cfg):
+    """(training records, validation records or None) as streams (core/sources.py): a
+    --val-data set first, else the valid split of a data folder or saved dataset."""
+    train, folder_val = open_data(cfg.data, split=cfg.data_split, config=cfg.data_config,
+                                  revision=cfg.data_revision, columns=cfg.columns,
+                                  with_validation=not cfg.val_data)
+    val = open_records(cfg.val_data, columns=cfg.columns) if cfg.val_data else folder_val
+    return train, val
+
+
+def peek_data(cfg) -> None:
+    """The sources open and their first records are in a known format: the cheap data
+    problems, found before a model is resolved (and perhaps downloaded). Every record is
+    read once, later, by load_examples."""
+    for source in open_training_data(cfg):
+        if source is not None:
+            scan(source)
 
 
 def load_examples(cfg, tokenizer):
-    train, stats = load_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.on_bad_record,
-                                cfg.train_on_prompt)
+    train_src, val_src = open_training_data(cfg)
+    chat = dict(chat_loss=cfg.chat_loss, train_on_reasoning=cfg.train_on_reasoning)
+    train, stats = load_dataset(train_src, tokenizer, cfg.seq_len, cfg.on_bad_record,
+                                cfg.train_on_prompt, **chat)
     notes = [f"data: {stats.examples} examples ({stats.format}), {stats.loss_tokens:,} loss "
              f"tokens, {stats.truncated} truncated to {cfg.seq_len}"]
     notes += [f"skipped {p}" for p in stats.problems[:5]]
     val = []
-    if cfg.val_data:
-        val, vstats = load_dataset(cfg.val_data, tokenizer, cfg.seq_len, cfg.on_bad_record,
-                                   cfg.train_on_prompt)
+    if val_src is not None:
+        val, vstats = load_dataset(val_src, tokenizer, cfg.seq_len, cfg.on_bad_record,
+                                   cfg.train_on_prompt, **chat)
+        notes += [f"validation: {vstats.examples} examples from {val_src}"]
+        notes += [f"skipped {p}" for p in vstats.problems[:5]]
     elif cfg.val_fraction:
         train, val = split_validation(train, cfg.val_fraction, cfg.seed)
     check_enough(train, cfg.batch_size)
@@ -132,10 +158,8 @@ def _build(cfg, sinks, control, resume, report, allow_changed, lock):
         if control.stop_requested:
             raise Interrupted("interrupted before training started; nothing was written")
 
-    check_dataset_file(cfg.data, cfg.on_bad_record)
+    peek_data(cfg)  # a missing or unreadable data set stops here, before the model
     trackers.check_installed(trackers.parse(cfg.report_to))
-    if cfg.val_data:
-        check_dataset_file(cfg.val_data, cfg.on_bad_record)
     folder = resolve_model_path(cfg.model)
     check_model_folder(cfg, folder)  # config.json problems first: they are cheap to find
     run_dir = check_new_run(cfg, resume)
@@ -151,12 +175,13 @@ def _build(cfg, sinks, control, resume, report, allow_changed, lock):
                               fingerprint(cfg, place.world_size), allow_changed)
             report(f"resuming from {path}")
     print_ = fingerprint(cfg, place.world_size)
+    check_interrupt()
+    tokenizer = load_tokenizer(folder)
+    train, val, notes = load_examples(cfg, tokenizer)  # read once; errors before any weight
+    check_interrupt()
     from lorafit.commands.estimate import preflight
 
     estimate = preflight(cfg)  # stops here when the run cannot fit (unless --force)
-    check_interrupt()
-    tokenizer = load_tokenizer(folder)
-    train, val, notes = load_examples(cfg, tokenizer)  # data errors before any weight loads
     check_interrupt()
     ops = get_backend(cfg.backend, cfg.device, verbose=primary)
     ops.seed(cfg.seed)

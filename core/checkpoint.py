@@ -95,7 +95,8 @@ def load_checkpoint(path: str | Path) -> dict:
 # the checkpoint's tensors mean (LoRA shape and scale, the data, the batches): never allowed.
 FIXED = ("rank", "alpha", "dropout", "targets", "layers", "rslora", "dora", "quantize",
          "batch_size", "grad_accum", "seq_len", "pack", "seed", "train_on_prompt",
-         "val_fraction", "data_sha256", "val_data_sha256")
+         "val_fraction", "data_sha256", "val_data_sha256", "data_split", "data_config",
+         "data_revision", "columns", "chat_loss", "train_on_reasoning")
 # These only steer the rest of the run: allowed with --allow-changed NAME.
 SAFE = ("lr", "schedule", "warmup_steps", "min_lr_ratio", "max_steps", "epochs",
         "eval_every", "save_every", "early_stopping_patience", "weight_decay")
@@ -118,9 +119,11 @@ def fingerprint(cfg, world_size: int = 1) -> dict:
     files' hashes, and the number of processes (only grad_accum x world_size, the step's
     micro-batches, must stay: see fit_grad_accum)."""
     out = {k: getattr(cfg, k) for k in FIXED + SAFE if hasattr(cfg, k)}
+    from lorafit.core.sources import content_hash
+
     out["world_size"] = world_size
-    out["data_sha256"] = file_sha256(cfg.data)
-    out["val_data_sha256"] = file_sha256(cfg.val_data)
+    out["data_sha256"] = content_hash(cfg.data)  # a file, a folder's files or a Hub id
+    out["val_data_sha256"] = content_hash(cfg.val_data)
     return out
 
 

@@ -28,6 +28,7 @@ BACKENDS = ("auto", "torch", "mlx")
 QUANTIZE_BITS = {"4bit": 4, "8bit": 8}  # --quantize choices and the bits they mean
 QUANTIZE = tuple(QUANTIZE_BITS)
 ON_BAD_RECORD = ("fail", "skip")
+CHAT_LOSS = ("all", "last")
 
 
 @dataclass
@@ -35,9 +36,12 @@ class TrainConfig:
     model: str = ""
     """Model folder or Hugging Face hub id."""
     data: str = ""
-    """Training data: JSONL (or a JSON list) of text, prompt/completion, messages or alpaca records."""
+    """Training data: a JSONL/JSON, Parquet, CSV or Arrow file, a folder (train.*/valid.*/test.*
+    or datasets.save_to_disk), or a Hub dataset id; text, prompt/completion, messages or alpaca
+    records."""
     val_data: str | None = None
-    """Validation data file; otherwise `val_fraction` of the training data is held out."""
+    """Validation data (any kind --data takes); otherwise a data folder's valid split, else
+    `val_fraction` of the training data is held out."""
     val_fraction: float = 0.0
     """Fraction of the training examples held out for validation when no val_data is given."""
     output: str = "runs/latest"
@@ -108,6 +112,20 @@ class TrainConfig:
     """What a bad data record does: fail (stop before loading) or skip (report and drop)."""
     train_on_prompt: bool = False
     """Also put loss on prompt / user tokens."""
+    data_split: str | None = None
+    """Split to train on (Hub dataset, saved dataset or data folder); none: train."""
+    data_config: str | None = None
+    """Configuration (subset) name of a Hub dataset."""
+    data_revision: str | None = None
+    """Revision (branch, tag or commit) of a Hub dataset."""
+    columns: str | None = None
+    """Field names for a set whose columns are named otherwise, e.g.
+    prompt=question,completion=answer."""
+    chat_loss: str = "all"
+    """Messages data: loss on every assistant turn (all) or on the last one only (last)."""
+    train_on_reasoning: bool = False
+    """Messages data: also put loss on assistant reasoning_content where the chat template
+    renders it."""
     max_nonfinite: int = 5
     """Stop after this many non-finite steps in a row."""
     force: bool = False
@@ -134,6 +152,12 @@ class TrainConfig:
         self._check_numbers()
         if self.schedule not in SCHEDULES:
             raise LorafitError(f"schedule {self.schedule!r}: choose {', '.join(SCHEDULES)}")
+        if self.chat_loss not in CHAT_LOSS:
+            raise LorafitError(f"chat-loss {self.chat_loss!r}: choose {' or '.join(CHAT_LOSS)}")
+        if self.columns is not None:
+            from lorafit.core.sources import parse_columns
+
+            parse_columns(self.columns)
         if self.on_bad_record not in ON_BAD_RECORD:
             raise LorafitError(f"on-bad-record must be {' or '.join(ON_BAD_RECORD)}")
         if not 0 <= self.val_fraction < 1:
@@ -183,7 +207,8 @@ class TrainConfig:
                 raise LorafitError(f"layers must be a list of integers, got {self.layers!r}")
             if any(i < 0 for i in self.layers):
                 raise LorafitError(f"layers must be >= 0, got {self.layers}")
-        for name in ("model", "data", "val_data", "output"):
+        for name in ("model", "data", "val_data", "output", "data_split", "data_config",
+                     "data_revision", "columns"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
                 raise LorafitError(f"{name.replace('_', '-')} must be a string, got {v!r}")
@@ -205,7 +230,8 @@ class TrainConfig:
 
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
 FIELD_CHOICES = {"schedule": SCHEDULES, "dtype": tuple(DTYPE_ALIASES), "backend": BACKENDS,
-                 "quantize": QUANTIZE, "on_bad_record": ON_BAD_RECORD}
+                 "quantize": QUANTIZE, "on_bad_record": ON_BAD_RECORD,
+                 "chat_loss": CHAT_LOSS}
 """The allowed values of the fields that take one of a few words (the CLI's choices)."""
 
 

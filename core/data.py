@@ -16,17 +16,17 @@ column t holds input x_t and target x_{t+1}. Padding columns hold input 0, targe
 
 from __future__ import annotations
 
-import codecs
-import json
 import math
 from bisect import bisect_left, insort
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, NamedTuple
+from itertools import chain
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
 from lorafit.core.errors import LorafitError
+from lorafit.core.examples import Example, ExampleSet, ExampleSetBuilder
+from lorafit.core.sources import Records, open_records
 
 # Most specific first: a record with several formats' keys gets the most specific one
 # (e.g. Alpaca dumps that also carry a pre-rendered "text").
@@ -47,13 +47,6 @@ ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a respo
                    "### Response:\n")
 GROUP_BATCHES = 50  # length grouping sorts within chunks of this many batches
 MAX_REASON = 200  # characters of a third-party error message kept in a problem line
-
-
-@dataclass
-class Example:
-    input_ids: np.ndarray  # int32 (L,)
-    loss_mask: np.ndarray  # bool (L,): token i is a target (predicted from tokens < i)
-    source: str  # "file:line"
 
 
 @dataclass
@@ -109,8 +102,9 @@ class _BadRecord(Exception):
 
 def _one_line(text, limit: int = MAX_REASON) -> str:
     """Third-party messages may span lines; ours are printed on one."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    from lorafit.core.sources import one_line
+
+    return one_line(text, limit)
 
 
 # -- reading and validating ----------------------------------------------------------------
@@ -142,18 +136,50 @@ def _check_string(value, what: str, allow_empty: bool = False) -> str | None:
     return None
 
 
+def _check_calls(calls, i: int, role: str) -> str | None:
+    """An assistant's tool calls: [{"type": "function", "function": {"name", "arguments"}}]
+    (the OpenAI shape chat templates read)."""
+    what = f"messages[{i}].tool_calls"
+    if role != "assistant":
+        return f"{what}: only assistant turns make tool calls"
+    if not isinstance(calls, list):
+        return f"{what} must be an array, got {_json_type(calls)}"
+    for k, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+                not fn["name"].strip():
+            return f"{what}[{k}] must be an object with function.name"
+        if not isinstance(fn.get("arguments", {}), (dict, str)):
+            return f"{what}[{k}].function.arguments must be an object or a JSON string"
+    return None
+
+
+def _check_tools(tools) -> str | None:
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        return 'field "tools" must be an array of objects (tool schemas)'
+    return None
+
+
 def _check_messages(msgs) -> str | None:
     if not isinstance(msgs, list):
         return f'field "messages" must be an array, got {_json_type(msgs)}'
     if not msgs:
         return 'field "messages" is empty'
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and not calls):
             return f"messages[{i}] must be an object with role and content"
         if not isinstance(m["role"], str) or m["role"] not in ROLES:
             return (f"messages[{i}] has unknown role {_one_line(repr(m['role']), 40)} "
                     f"(expected {', '.join(ROLES)})")
-        reason = _check_string(m["content"], f"messages[{i}].content")
+        reason = _check_calls(calls, i, m["role"]) if calls is not None else None
+        if not reason and not (calls and m.get("content") in (None, "")):
+            reason = _check_string(m["content"], f"messages[{i}].content")
+        if not reason and m.get("reasoning_content") is not None:
+            reason = _check_string(m["reasoning_content"], f"messages[{i}].reasoning_content",
+                                   allow_empty=True)
         if reason:
             return reason
     if not any(m["role"] == "assistant" for m in msgs):
@@ -172,7 +198,7 @@ def validate(record, fmt: str) -> str | None:
             return f"a {other} record in a {fmt} file"
         return f"missing field(s) {', '.join(missing)}"
     if fmt == "messages":
-        return _check_messages(record["messages"])
+        return _check_messages(record["messages"]) or _check_tools(record.get("tools"))
     for key in FORMATS[fmt]:
         reason = _check_string(record[key], f'field "{key}"')
         if reason:
@@ -180,72 +206,6 @@ def validate(record, fmt: str) -> str | None:
     if fmt == "alpaca" and record.get("input") is not None:
         return _check_string(record["input"], 'field "input"', allow_empty=True)
     return None
-
-
-def _read_bytes(path: Path) -> bytes:
-    """The file's bytes without a UTF-8 BOM; unreadable files are user errors."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise LorafitError(f"{path}: no such data file") from None
-    except IsADirectoryError:
-        raise LorafitError(f"{path}: is a folder, not a data file") from None
-    except OSError as e:
-        raise LorafitError(f"{path}: cannot read ({e.strerror or e})") from None
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        raise LorafitError(f"{path}: UTF-16 text; save it as UTF-8")
-    return data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
-
-
-def _parse_json_list(name: str, data: bytes) -> list[tuple[str, object, str | None]]:
-    """A whole-file JSON list: one entry per element, sourced as `file:record N`."""
-    try:
-        items = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise LorafitError(f"{name}: not UTF-8 text (bad byte at offset {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise LorafitError(f"{name}:{e.lineno}: malformed JSON ({e.msg})") from None
-    except (ValueError, RecursionError) as e:
-        raise LorafitError(f"{name}: malformed JSON ({_one_line(e)})") from None
-    if not isinstance(items, list):
-        raise LorafitError(f"{name}: expected a list of records, got {_json_type(items)}")
-    return [(f"{name}:record {i}", r, None) for i, r in enumerate(items, 1)]
-
-
-def _parse_jsonl(name: str, data: bytes) -> tuple[list[tuple[str, object, str | None]], int]:
-    """One entry per non-blank line (record or reason it failed to parse), blank lines.
-    Splits on \\n only: U+2028 and friends may legally sit inside JSON strings."""
-    lines = data.split(b"\n")
-    if lines and not lines[-1].strip():
-        lines.pop()  # the final newline does not end a blank line
-    entries, blank = [], 0
-    for lineno, raw in enumerate(lines, 1):
-        if not raw.strip():
-            blank += 1
-            continue
-        source = f"{name}:{lineno}"
-        try:
-            entries.append((source, json.loads(raw.decode("utf-8")), None))
-        except UnicodeDecodeError as e:
-            entries.append((source, None, f"not UTF-8 text (bad byte {e.start + 1} of the line)"))
-        except json.JSONDecodeError as e:
-            entries.append((source, None, f"malformed JSON ({e.msg} at column {e.colno})"))
-        except (ValueError, RecursionError) as e:  # huge numbers, absurd nesting
-            entries.append((source, None, f"malformed JSON ({_one_line(e)})"))
-    return entries, blank
-
-
-def _entries(path: Path) -> tuple[list[tuple[str, object, str | None]], int]:
-    """(source, record, parse problem) per record in file order, and blank lines. A file
-    holding one JSON list is a list of records, whatever its extension."""
-    data = _read_bytes(path)
-    if data.lstrip()[:1] == b"[":
-        try:
-            return _parse_json_list(str(path), data), 0
-        except LorafitError:
-            if path.suffix.lower() == ".json":
-                raise
-    return _parse_jsonl(str(path), data)  # a JSONL file whose first record is an array
 
 
 def _pick_format(path, entries) -> str:
@@ -269,20 +229,44 @@ def _pick_format(path, entries) -> str:
                        f"{_one_line(seen, 80)}")
 
 
+def _as_records(data) -> Records:
+    """A Records stream for a path (any kind core/sources.py reads) or a Records itself."""
+    return data if isinstance(data, Records) else open_records(str(data))
+
+
+def scan(data) -> tuple[str, Iterator[tuple[object, object, str | None]]]:
+    """(format, entries): the format of the first valid record (read ahead until one is
+    found), then every entry as (where, record, problem or None) in order, streamed."""
+    it = iter(data)
+    ahead, fmt = [], None
+    for entry in it:
+        ahead.append(entry)
+        _, record, bad = entry
+        found = detect_format(record) if bad is None else None
+        if found and validate(record, found) is None:
+            fmt = found
+            break
+    if fmt is None:
+        fmt = _pick_format(data, ahead)
+
+    def entries():
+        for where, record, bad in chain(ahead, it):
+            yield where, record, bad or validate(record, fmt)
+    return fmt, entries()
+
+
 def read_records(path) -> tuple[str, list[tuple[str, dict]], list[str], int]:
     """(format, [(source, record)], problems, blank_lines): parsed and validated, in file
-    order, without a tokenizer."""
-    path = Path(path)
-    entries, blank = _entries(path)
-    fmt = _pick_format(path, entries)
+    order, without a tokenizer (all in memory: for small sets and tests)."""
+    data = _as_records(path)
+    fmt, entries = scan(data)
     good, problems = [], []
-    for source, record, reason in entries:
-        reason = reason or validate(record, fmt)
+    for where, record, reason in entries:
         if reason:
-            problems.append(f"{source}: {reason}")
+            problems.append(f"{where}: {reason}")
         else:
-            good.append((source, record))
-    return fmt, good, problems, blank
+            good.append((str(where), record))
+    return fmt, good, problems, data.blank
 
 
 def _check_policy(on_bad_record: str) -> None:
@@ -304,15 +288,22 @@ def _raise_nothing_usable(path, what: str, problems: list[str]) -> None:
 
 
 def check_dataset_file(path, on_bad_record: str = "fail") -> DatasetStats:
-    """Parse and validate without a tokenizer, so bad or empty data fails before any
-    model is loaded. `examples`, `tokens` and friends stay 0."""
+    """Parse and validate without a tokenizer (streamed), so bad or empty data fails before
+    any model is loaded. `examples`, `tokens` and friends stay 0."""
     _check_policy(on_bad_record)
-    fmt, good, problems, blank = read_records(path)
+    data = _as_records(path)
+    fmt, entries = scan(data)
+    count, problems = 0, []
+    for where, _, reason in entries:
+        if reason:
+            problems.append(f"{where}: {reason}")
+        else:
+            count += 1
     if problems and on_bad_record == "fail":
         _raise_problems(problems)
-    if not good:
-        _raise_nothing_usable(path, "records", problems)
-    return DatasetStats(format=fmt, records=len(good), blank_lines=blank, problems=problems)
+    if not count:
+        _raise_nothing_usable(data, "records", problems)
+    return DatasetStats(format=fmt, records=count, blank_lines=data.blank, problems=problems)
 
 
 # -- tokenising ------------------------------------------------------------------------------
@@ -341,63 +332,22 @@ def _prompt_completion_ids(tokenizer, prompt: str, completion: str):
     return p, _encode(tokenizer, completion)
 
 
-def _render(tokenizer, messages, generation_prompt: bool = False) -> list[int]:
-    """Token ids of a conversation through the tokenizer's chat template (the template
-    places its own specials, as in apply_chat_template(tokenize=True))."""
-    if not messages and not generation_prompt:
-        return []
+def _chat_ids(tokenizer, record, train_on_prompt: bool, chat: dict):
+    """(ids, loss mask) of a conversation (core/chat_mask.py)."""
+    from lorafit.core.chat_mask import ChatError, chat_ids
+
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=generation_prompt)
-    except Exception as e:  # templates raise on conversations they do not accept
-        raise _BadRecord(f"the chat template failed ({_one_line(e)})") from None
-    return _encode(tokenizer, text)
+        return chat_ids(tokenizer, record["messages"], record.get("tools"), train_on_prompt,
+                        last_only=chat.get("chat_loss") == "last",
+                        train_on_reasoning=bool(chat.get("train_on_reasoning")))
+    except ChatError as e:
+        raise _BadRecord(str(e)) from None
 
 
-def _is_prefix(short: list[int], long: list[int]) -> bool:
-    return len(short) <= len(long) and long[: len(short)] == short
-
-
-def _loss_start(tokenizer, history, before: list[int], after: list[int]) -> int:
-    """Where an assistant turn's loss starts: after the generation prompt (the role
-    header a model is given at inference) when the template renders it as a prefix,
-    else at the turn's first token."""
-    try:
-        header = _render(tokenizer, history, generation_prompt=True)
-    except _BadRecord:
-        return len(before)
-    if _is_prefix(before, header) and _is_prefix(header, after):
-        return len(header)
-    return len(before)
-
-
-def _chat_ids(tokenizer, messages, train_on_prompt: bool, source: str):
-    """(ids, loss mask) of a conversation. Turn boundaries come from rendering growing
-    prefixes of the conversation; that needs the template to render each prefix as a
-    token prefix of the next, else loss cannot be placed and we stop."""
-    if train_on_prompt:
-        ids = _render(tokenizer, messages)
-        return ids, [True] * len(ids)
-    before, mask = [], []
-    for i, m in enumerate(messages):
-        after = _render(tokenizer, messages[: i + 1])
-        if not _is_prefix(before, after):
-            raise LorafitError(
-                f"{source}: the tokenizer's chat template does not render a conversation "
-                f"as a continuation of its first {i} message(s), so assistant turns cannot "
-                "be found; use --train-on-prompt (loss on everything) or "
-                "prompt/completion data")
-        start = _loss_start(tokenizer, messages[:i], before, after) \
-            if m["role"] == "assistant" else len(after)
-        mask += [False] * (start - len(before)) + [True] * (len(after) - start)
-        before = after
-    return before, mask
-
-
-def _record_ids(fmt: str, record: dict, tokenizer, train_on_prompt: bool, source: str):
+def _record_ids(fmt: str, record: dict, tokenizer, train_on_prompt: bool, chat: dict):
     """(ids, loss mask) of one validated record, before truncation."""
     if fmt == "messages":
-        return _chat_ids(tokenizer, record["messages"], train_on_prompt, source)
+        return _chat_ids(tokenizer, record, train_on_prompt, chat)
     bos, eos = _special(tokenizer, "bos"), _special(tokenizer, "eos")
     if fmt == "text":
         body = _encode(tokenizer, record["text"]) + eos
@@ -414,54 +364,87 @@ def _record_ids(fmt: str, record: dict, tokenizer, train_on_prompt: bool, source
     return p + c, [train_on_prompt] * len(p) + [True] * len(c)
 
 
-def tokenize_records(fmt, records, tokenizer, max_seq_len, train_on_prompt=False):
-    """(examples, problems, truncated count). Examples longer than max_seq_len keep
-    their start; one left with no loss token is a problem, not an example."""
+def _check_tokenizing(fmt, tokenizer, max_seq_len) -> None:
     if max_seq_len < 2:
         raise LorafitError(f"the maximum sequence length must be at least 2, got {max_seq_len}")
     if fmt == "messages" and not getattr(tokenizer, "chat_template", None):
         raise LorafitError("messages data needs a tokenizer with a chat template; this one "
                            "has none (use prompt/completion or text data)")
+
+
+def _tokenize_one(fmt, record, tokenizer, max_seq_len, train_on_prompt, chat):
+    """(ids, mask, truncated) of one valid record, or raises _BadRecord. An example longer
+    than max_seq_len keeps its start; one left with no loss token is a problem."""
+    ids, mask = _record_ids(fmt, record, tokenizer, train_on_prompt, chat)
+    mask = np.asarray(mask, dtype=bool)
+    cut = len(ids) > max_seq_len
+    if mask.size:
+        mask[0] = False  # the first token is never predicted
+    if not mask[:max_seq_len].any():
+        raise _BadRecord(f"no loss tokens left after truncation to {max_seq_len} tokens (the "
+                         f"example has {len(ids)}, loss starts at token "
+                         f"{int(mask.argmax()) + 1})" if cut and mask.any()
+                         else "no tokens to learn from")
+    return np.asarray(ids[:max_seq_len], dtype=np.int32), mask[:max_seq_len], cut
+
+
+def tokenize_records(fmt, records, tokenizer, max_seq_len, train_on_prompt=False,
+                     chat_loss="all", train_on_reasoning=False):
+    """(examples, problems, truncated count) for [(source, record)] already validated."""
+    chat = {"chat_loss": chat_loss, "train_on_reasoning": train_on_reasoning}
+    _check_tokenizing(fmt, tokenizer, max_seq_len)
     examples, problems, truncated = [], [], 0
     for source, record in records:
         try:
-            ids, mask = _record_ids(fmt, record, tokenizer, train_on_prompt, source)
+            ids, mask, cut = _tokenize_one(fmt, record, tokenizer, max_seq_len,
+                                           train_on_prompt, chat)
         except _BadRecord as e:
             problems.append(f"{source}: {e}")
             continue
-        mask = np.asarray(mask, dtype=bool)
-        cut = len(ids) > max_seq_len
-        if mask.size:
-            mask[0] = False  # the first token is never predicted
-        if not mask[:max_seq_len].any():
-            reason = (f"no loss tokens left after truncation to {max_seq_len} tokens (the "
-                      f"example has {len(ids)}, loss starts at token {int(mask.argmax()) + 1})"
-                      if cut and mask.any() else "no tokens to learn from")
-            problems.append(f"{source}: {reason}")
-            continue
         truncated += cut
-        examples.append(Example(np.asarray(ids[:max_seq_len], dtype=np.int32),
-                                mask[:max_seq_len], source))
+        examples.append(Example(ids, mask, str(source)))
     return examples, problems, truncated
 
 
-def load_dataset(path, tokenizer, max_seq_len, on_bad_record="fail", train_on_prompt=False):
-    """(examples, stats) from a data file; bad records fail or are skipped."""
+def load_dataset(path, tokenizer, max_seq_len, on_bad_record="fail", train_on_prompt=False,
+                 chat_loss="all", train_on_reasoning=False):
+    """(examples as an ExampleSet, stats): the source read once, streamed, each record
+    validated and tokenized into flat storage. Bad records fail (after counting them, still
+    before any model loads) or are skipped."""
     _check_policy(on_bad_record)
-    fmt, records, problems, blank = read_records(path)
-    if problems and on_bad_record == "fail":
-        _raise_problems(problems)
-    examples, more, truncated = tokenize_records(fmt, records, tokenizer, max_seq_len,
-                                                 train_on_prompt)
-    if more and on_bad_record == "fail":
-        _raise_problems(more)
-    problems = problems + more
-    if not examples:
-        _raise_nothing_usable(path, "examples", problems)
-    stats = DatasetStats(format=fmt, records=len(records), examples=len(examples),
-                         blank_lines=blank, truncated=truncated,
-                         loss_tokens=int(sum(int(e.loss_mask.sum()) for e in examples)),
-                         tokens=int(sum(e.input_ids.size for e in examples)),
+    data = _as_records(path)
+    fmt, entries = scan(data)
+    _check_tokenizing(fmt, tokenizer, max_seq_len)
+    chat = {"chat_loss": chat_loss, "train_on_reasoning": train_on_reasoning}
+    build = ExampleSetBuilder()
+    bad_read, bad_tokens = [], []  # problems found by reading, then by tokenizing
+    records = truncated = loss_tokens = 0
+    failing = on_bad_record == "fail"
+    for where, record, reason in entries:
+        if reason:
+            bad_read.append(f"{where}: {reason}")
+            continue
+        records += 1
+        if failing and (bad_read or bad_tokens):
+            continue  # the run stops: only count what else is wrong
+        try:
+            ids, mask, cut = _tokenize_one(fmt, record, tokenizer, max_seq_len,
+                                           train_on_prompt, chat)
+        except _BadRecord as e:
+            bad_tokens.append(f"{where}: {e}")
+            continue
+        truncated += cut
+        loss_tokens += int(np.count_nonzero(mask))
+        build.add(ids, mask, where)
+    if failing and (bad_read or bad_tokens):
+        _raise_problems(bad_read or bad_tokens)
+    problems = bad_read + bad_tokens
+    examples = build.finish()
+    if not len(examples):
+        _raise_nothing_usable(data, "examples", problems)
+    stats = DatasetStats(format=fmt, records=records, examples=len(examples),
+                         blank_lines=data.blank, truncated=truncated,
+                         loss_tokens=loss_tokens, tokens=int(examples.tokens.size),
                          problems=problems)
     return examples, stats
 
@@ -484,27 +467,31 @@ def split_validation(examples, fraction: float, seed: int):
     """(train, val): a held-out fraction (at least one example each side) that depends
     only on the seed, so a resumed run holds out the same examples. Order is kept."""
     if not fraction or fraction <= 0:
-        return list(examples), []
+        return (examples if isinstance(examples, ExampleSet) else list(examples)), []
     if fraction >= 1:
         raise LorafitError(f"the validation fraction must be below 1, got {fraction}")
     n = len(examples)
     if n < 2:
         raise LorafitError(f"cannot hold out a validation fraction from {n} example(s)")
     n_val = min(max(1, round(n * fraction)), n - 1)
-    val_idx = set(_rng(seed, 1).permutation(n)[:n_val].tolist())
-    return ([e for i, e in enumerate(examples) if i not in val_idx],
-            [e for i, e in enumerate(examples) if i in val_idx])
+    held = np.zeros(n, dtype=bool)
+    held[_rng(seed, 1).permutation(n)[:n_val]] = True
+    if isinstance(examples, ExampleSet):
+        return examples.subset(np.flatnonzero(~held)), examples.subset(np.flatnonzero(held))
+    return ([e for i, e in enumerate(examples) if not held[i]],
+            [e for i, e in enumerate(examples) if held[i]])
 
 
 # -- batching --------------------------------------------------------------------------------
 
-def _columns(examples, seq_len: int) -> list[int]:
+def _columns(examples: ExampleSet, seq_len: int) -> np.ndarray:
     """Columns each example fills in a row (L-1); none may exceed seq_len."""
-    cols = [int(e.input_ids.size) - 1 for e in examples]
-    for e, c in zip(examples, cols):
-        if c > seq_len:
-            raise LorafitError(f"{e.source}: {c + 1} tokens do not fit a row of {seq_len}; "
-                               "truncate examples to the sequence length")
+    cols = examples.lengths() - 1
+    over = np.flatnonzero(cols > seq_len)
+    if over.size:
+        k = int(over[0])
+        raise LorafitError(f"{examples.source(k)}: {int(cols[k]) + 1} tokens do not fit a row "
+                           f"of {seq_len}; truncate examples to the sequence length")
     return cols
 
 
@@ -535,18 +522,7 @@ def _pack(cols: list[int], order, seq_len: int) -> list[list[int]]:
     return rows
 
 
-def _length_grouped(cols: list[int], order, batch_size: int, rng) -> list[list[int]]:
-    """Batches of similar lengths (sorted within chunks of GROUP_BATCHES batches, so the
-    shuffle still mixes the data), in shuffled order. Only the last batch may be short."""
-    chunk = GROUP_BATCHES * batch_size
-    groups = []
-    for start in range(0, len(order), chunk):
-        part = sorted(order[start:start + chunk], key=lambda i: cols[i])
-        groups += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
-    return [groups[k] for k in rng.permutation(len(groups))]
-
-
-def _assemble(examples, rows: list[list[int]], width: int, packed: bool) -> Batch:
+def _assemble(examples: ExampleSet, rows, width: int, packed: bool) -> Batch:
     """Lay examples into (B, width) arrays: inputs, next-token targets, masks, positions."""
     b = len(rows)
     ids = np.zeros((b, width), np.int64)
@@ -554,14 +530,15 @@ def _assemble(examples, rows: list[list[int]], width: int, packed: bool) -> Batc
     mask = np.zeros((b, width), np.float32)
     pos = np.zeros((b, width), np.int64)
     seg = np.zeros((b, width), np.int32) if packed else None
+    tokens, loss = examples.tokens, examples.mask
     for r, members in enumerate(rows):
         col = 0
         for s, i in enumerate(members):
-            e = examples[i]
-            n = e.input_ids.size - 1
-            ids[r, col:col + n] = e.input_ids[:-1]
-            tgt[r, col:col + n] = e.input_ids[1:]
-            mask[r, col:col + n] = e.loss_mask[1:]
+            start, end = examples.span(int(i))
+            n = end - start - 1
+            ids[r, col:col + n] = tokens[start:end - 1]
+            tgt[r, col:col + n] = tokens[start + 1:end]
+            mask[r, col:col + n] = loss[start + 1:end]
             pos[r, col:col + n] = np.arange(n)
             if packed:
                 seg[r, col:col + n] = s
@@ -571,32 +548,114 @@ def _assemble(examples, rows: list[list[int]], width: int, packed: bool) -> Batc
     return Batch(ids, tgt, mask, pos, seg)
 
 
-def _groups(rows: list, batch_size: int, drop_last: bool) -> list:
-    groups = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-    return [g for g in groups if len(g) == batch_size] if drop_last else groups
+@dataclass
+class Plan:
+    """One epoch's batch order as flat index arrays (a few bytes an example): batch k holds
+    rows batch_starts[k]..batch_starts[k+1]; row r holds examples
+    members[row_starts[r]:row_starts[r+1]]."""
+    members: np.ndarray  # int64 example indices, row after row
+    row_starts: np.ndarray  # int64 (rows + 1,)
+    batch_starts: np.ndarray  # int64 (batches + 1,)
+
+    def __len__(self) -> int:
+        return len(self.batch_starts) - 1
+
+    def batch_rows(self, k: int) -> list[np.ndarray]:
+        """The example indices of each row of batch k."""
+        r0, r1 = int(self.batch_starts[k]), int(self.batch_starts[k + 1])
+        return [self.members[self.row_starts[r]:self.row_starts[r + 1]] for r in range(r0, r1)]
+
+    def take(self, ks) -> "Plan":
+        """The plan of batches ks (in that order): a share of an epoch."""
+        rows = [self.batch_rows(int(k)) for k in ks]
+        flat = [r for g in rows for r in g]
+        return Plan(np.concatenate(flat) if flat else np.zeros(0, np.int64),
+                    np.cumsum([0] + [r.size for r in flat], dtype=np.int64),
+                    np.cumsum([0] + [len(g) for g in rows], dtype=np.int64))
+
+
+def _packed_plan(cols, order, seq_len, batch_size, drop_last, rng) -> Plan:
+    """Rows by best-fit packing, shuffled, then cut into batches."""
+    rows = _pack(cols, order, seq_len)
+    rows = [rows[k] for k in rng.permutation(len(rows))]
+    n_batches = len(rows) // batch_size if drop_last else -(-len(rows) // batch_size)
+    rows = rows[:n_batches * batch_size]
+    starts = np.minimum(np.arange(n_batches + 1, dtype=np.int64) * batch_size, len(rows))
+    return Plan(np.fromiter(chain.from_iterable(rows), dtype=np.int64),
+                np.cumsum([0] + [len(r) for r in rows], dtype=np.int64), starts)
+
+
+def _grouped_plan(cols, order, batch_size, drop_last, rng) -> Plan:
+    """Batches of similar lengths: sorted (stably) within chunks of GROUP_BATCHES batches, so
+    the shuffle still mixes the data, cut into batches, in shuffled order. Only the last
+    batch of the data may be short (and drop_last drops it). One example a row."""
+    n, chunk = len(order), GROUP_BATCHES * batch_size
+    cols, order = np.asarray(cols, dtype=np.int64), np.asarray(order, dtype=np.int64)
+    by_length = np.concatenate([part[np.argsort(cols[part], kind="stable")]
+                                for part in np.split(order, range(chunk, n, chunk))])
+    perm = rng.permutation(-(-n // batch_size))  # chunks hold whole batches: cut every bs
+    sizes = np.minimum(batch_size, n - perm * batch_size)
+    if drop_last:
+        perm, sizes = perm[sizes == batch_size], sizes[sizes == batch_size]
+    ends = np.cumsum(sizes)
+    within = np.arange(int(ends[-1]) if ends.size else 0) - np.repeat(ends - sizes, sizes)
+    members = by_length[np.repeat(perm * batch_size, sizes) + within]
+    return Plan(members, np.arange(members.size + 1, dtype=np.int64),
+                np.concatenate([[0], ends]).astype(np.int64))
+
+
+def epoch_plan(examples, batch_size, seq_len, pack, seed, epoch, drop_last=False) -> Plan:
+    """The batch order of one epoch, a pure function of (examples, seed, epoch).
+    Unpacked: length-grouped, one example a row. Packed: rows of up to seq_len columns,
+    examples whole (so the row count depends only on the lengths), rows shuffled into
+    batches."""
+    if batch_size < 1:
+        raise LorafitError(f"the batch size must be at least 1, got {batch_size}")
+    examples = ExampleSet.from_examples(examples)
+    if not len(examples):
+        return Plan(np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64))
+    cols = _columns(examples, seq_len)
+    rng = _rng(seed, 2, epoch)
+    order = rng.permutation(len(examples))
+    if pack:
+        return _packed_plan(cols.tolist(), order.tolist(), seq_len, batch_size, drop_last, rng)
+    return _grouped_plan(cols, order, batch_size, drop_last, rng)
+
+
+class EpochBatches:
+    """One epoch's batches, each built when indexed from its plan (memory: the plan and one
+    batch, not a padded copy of the data)."""
+
+    def __init__(self, examples: ExampleSet, plan: Plan, seq_len: int, packed: bool):
+        self.examples, self.plan, self.seq_len, self.packed = examples, plan, seq_len, packed
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, k: int) -> Batch:
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        rows = self.plan.batch_rows(k)
+        if self.packed:
+            width = self.seq_len
+        else:
+            lengths = self.examples.lengths_of(np.concatenate(rows))
+            width = int(lengths.max()) - 1
+        return _assemble(self.examples, rows, width, self.packed)
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
 
 
 def make_batches(examples, batch_size, seq_len, pack, seed, epoch, drop_last=False):
-    """All batches of one epoch, a pure function of (examples, seed, epoch).
-    Unpacked: length-grouped, each batch as wide as its longest example (L-1 columns).
-    Packed: rows of exactly seq_len columns, examples whole, rows shuffled into batches."""
-    if batch_size < 1:
-        raise LorafitError(f"the batch size must be at least 1, got {batch_size}")
-    if not examples:
+    """All batches of one epoch (see epoch_plan), each built when indexed."""
+    examples = ExampleSet.from_examples(examples)
+    plan = epoch_plan(examples, batch_size, seq_len, pack, seed, epoch, drop_last)
+    if not len(plan):
         return []
-    cols = _columns(examples, seq_len)
-    rng = _rng(seed, 2, epoch)
-    order = rng.permutation(len(examples)).tolist()
-    if pack:
-        rows = _pack(cols, order, seq_len)
-        rows = [rows[k] for k in rng.permutation(len(rows))]
-        return [_assemble(examples, g, seq_len, True)
-                for g in _groups(rows, batch_size, drop_last)]
-    groups = _length_grouped(cols, order, batch_size, rng)
-    if drop_last:
-        groups = [g for g in groups if len(g) == batch_size]
-    return [_assemble(examples, [[i] for i in g], max(cols[i] for i in g), False)
-            for g in groups]
+    return EpochBatches(examples, plan, seq_len, pack)
 
 
 def count_batches(examples, batch_size, seq_len, pack, drop_last=False) -> int:
@@ -604,7 +663,7 @@ def count_batches(examples, batch_size, seq_len, pack, drop_last=False) -> int:
     if batch_size < 1:
         raise LorafitError(f"the batch size must be at least 1, got {batch_size}")
     n = len(examples)
-    if pack and examples:
-        cols = _columns(examples, seq_len)
-        n = len(_pack(cols, range(len(cols)), seq_len))
+    if pack and n:
+        cols = _columns(ExampleSet.from_examples(examples), seq_len)
+        n = len(_pack(cols.tolist(), range(len(cols)), seq_len))
     return n // batch_size if drop_last else math.ceil(n / batch_size)

@@ -29,6 +29,7 @@ from lorafit.core import rundir
 from lorafit.core.checkpoint import save_checkpoint
 from lorafit.core.adapter_io import save_peft
 from lorafit.core.data import Batch, make_batches
+from lorafit.core.examples import ExampleSet
 from lorafit.core.errors import LorafitError
 from lorafit.core.launch import shard
 from lorafit.core.lora import adapter_leaves, summary
@@ -61,7 +62,9 @@ class Trainer:
 
         self.model, self.cfg = model, cfg
         self.ops = model.backend
-        self.train_examples, self.val_examples = list(train_examples), list(val_examples)
+        # flat storage; batches are cut from it step by step (core/examples.py)
+        self.train_examples = ExampleSet.from_examples(train_examples)
+        self.val_examples = ExampleSet.from_examples(val_examples)
         self.run_dir = Path(run_dir) if run_dir else None
         self.sinks = list(sinks)
         self.control = control or Control(run_dir)

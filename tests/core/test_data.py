@@ -133,21 +133,22 @@ def test_messages_need_a_chat_template(tmp_path, chars):
         load_dataset(path, chars, MAX, on_bad_record="skip")
 
 
-def test_template_without_the_prefix_property_is_a_clear_error(tmp_path, chars):
+def test_template_without_the_prefix_property_still_masks_each_turn(tmp_path, chars):
+    """The last message renders differently, so a conversation's prefixes are not prefixes
+    of it; the turns are still found (core/chat_mask.py)."""
     chars.chat_template = ("{% for m in messages %}{% if loop.last %}<|last|>{% endif %}"
                            "<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}")
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}])
-    with pytest.raises(LorafitError, match=rf"^{path}:1: .*chat template does not render"):
-        load_dataset(path, chars, MAX, on_bad_record="skip")
-    ex = only(path, chars, train_on_prompt=True)  # no spans needed: loss on everything
+    assert loss_text(chars, only(path, chars)) == "hifour"
+    ex = only(path, chars, train_on_prompt=True)  # loss on everything
     assert int(ex.loss_mask.sum()) == len(ex.input_ids) - 1
 
 
-def test_role_header_gets_loss_when_the_generation_prompt_is_no_prefix(tmp_path, chars):
+def test_role_header_never_gets_loss(tmp_path, chars):
     chars.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
                            "{% endfor %}{% if add_generation_prompt %}<|bot|>{% endif %}")
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT[1:3]}])
-    assert loss_text(chars, only(path, chars)) == "<|assistant|>hi"
+    assert loss_text(chars, only(path, chars)) == "hi"
 
 
 def test_chat_template_errors_are_record_problems(tmp_path, chars):
@@ -480,3 +481,20 @@ def test_an_example_wider_than_a_row_is_refused():
     examples = _examples(3, np.random.default_rng(0), 40, 41)
     with pytest.raises(LorafitError, match="do not fit a row of 16"):
         make_batches(examples, 2, 16, True, 0, 0)
+
+
+def test_an_epoch_plan_is_a_separate_step_and_can_be_shared_out():
+    """make_batches = epoch_plan (the order) + batches built on demand; a share of the
+    plan (plan.take) builds exactly those batches."""
+    from lorafit.core.data import EpochBatches, epoch_plan
+    from lorafit.core.examples import ExampleSet
+
+    examples = ExampleSet.from_examples(_examples(90, np.random.default_rng(2), 2, 30))
+    for pack in (False, True):
+        plan = epoch_plan(examples, 4, 32, pack, seed=5, epoch=1)
+        whole = make_batches(examples, 4, 32, pack, seed=5, epoch=1)
+        assert len(plan) == len(whole)
+        share = EpochBatches(examples, plan.take(range(1, len(plan), 2)), 32, pack)
+        for k, b in enumerate(share):
+            ref = whole[1 + 2 * k]
+            assert all(np.array_equal(x, y) for x, y in zip(b, ref) if x is not None)
