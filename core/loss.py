@@ -22,12 +22,15 @@ def batch_loss(ops, model, params: dict, batch, recompute: bool):
 
 
 def batch_loss_with_router(ops, model, params: dict, batch, recompute: bool):
-    """batch_loss plus the router load-balancing loss of that forward
-    (models/blocks/moe.py; None for a model without experts)."""
+    """batch_loss plus the router load-balancing loss of that forward over its loss
+    positions (models/blocks/moe.py; None for a model without experts)."""
     from lorafit.models.blocks import moe
 
     if not model.args.num_local_experts:
         return batch_loss(ops, model, params, batch, recompute), None
     with moe.recording_router_logits() as router:
         out = batch_loss(ops, model, params, batch, recompute)
-    return out, moe.load_balancing_loss_ops(ops, model.args, router) if router else None
+    if not router:
+        return out, None
+    mask = batch.loss_mask.reshape(-1)  # the positions that carry loss (never padding)
+    return out, moe.load_balancing_loss_ops(ops, model.args, router, mask)

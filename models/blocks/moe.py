@@ -214,15 +214,21 @@ def load_balancing_loss(ops, a, router_logits: list, attention_mask=None):
     return float((tokens_per_expert * prob_per_expert[None]).sum() * E)
 
 
-def load_balancing_loss_ops(ops, a, router_logits: list):
-    """The same loss as `load_balancing_loss` (no mask: every position counts), over
-    backend arrays, so that it can join the training loss and its gradient: it reaches
-    the router through P_e (f_e counts top-k choices and has none, as in transformers)."""
+def load_balancing_loss_ops(ops, a, router_logits: list, mask):
+    """The same loss as `load_balancing_loss` over backend arrays, so that it can join the
+    training loss and its gradient (which reaches the router through P_e; f_e counts top-k
+    choices and has none, as in transformers). mask (N,) float32 marks the positions that
+    count, as transformers' attention mask: training passes the loss mask, so padding
+    (and the backend's column padding) never counts, and neither do prompt tokens."""
     import numpy as np
 
     E, k = a.num_local_experts, a.num_experts_per_tok
     logits = ops.concat([ops.cast(z, "float32") for z in router_logits], axis=0)
+    m = ops.concat([mask] * len(router_logits), axis=0)[:, None]  # (L*N, 1)
     probs = ops.softmax(logits)
-    idx = ops.top_k_indices(probs, k)  # (N, k)
-    chosen = ops.cast(idx[..., None] == ops.from_numpy(np.arange(E)), "float32")  # (N, k, E)
-    return (chosen.mean(0) * probs.mean(0)[None]).sum() * E
+    idx = ops.top_k_indices(probs, k)  # (L*N, k)
+    chosen = ops.cast(idx[..., None] == ops.from_numpy(np.arange(E)), "float32")  # (.., k, E)
+    n = m.sum()
+    tokens_per_expert = (chosen * m[..., None]).sum(0) / n  # (k, E)
+    prob_per_expert = (probs * m).sum(0) / n  # (E,)
+    return (tokens_per_expert * prob_per_expert[None]).sum() * E

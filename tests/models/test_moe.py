@@ -112,8 +112,9 @@ def test_fused_expert_layout_loads_like_the_per_expert_one(tmp_path, tokenizer, 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
 def test_training_forward_router_loss_equals_transformers_aux_loss(tmp_path, tokenizer,
                                                                    backend, model_type):
-    """The load-balancing loss lorafit's training forward computes (core.loss) equals
-    transformers' aux_loss with output_router_logits, on the same tokens (no padding)."""
+    """The load-balancing loss lorafit's training forward computes (core.loss, over the
+    loss positions) equals transformers' aux_loss with output_router_logits over the same
+    positions (its attention mask)."""
     from lorafit.core.data import Batch
     from lorafit.core.loss import batch_loss_with_router
 
@@ -121,10 +122,12 @@ def test_training_forward_router_loss_equals_transformers_aux_loss(tmp_path, tok
     folder, ref = build_hf_model(tmp_path, model_type, tokenizer, num_experts_per_tok=2,
                                  intermediate_size=48, output_router_logits=True, **experts)
     ids = random_ids(ref.config.vocab_size, (2, 32), seed=3)
+    mask = np.ones(ids.shape, np.float32)
+    mask[1, 25:] = 0  # a shorter second row: its padding counts in neither
     with torch.no_grad():
-        want = float(ref(torch.tensor(ids)).aux_loss)
+        want = float(ref(torch.tensor(ids), attention_mask=torch.tensor(mask).long()).aux_loss)
     model = load_model(str(folder), backend)
-    batch = Batch(ids, ids, np.ones(ids.shape, np.float32),
+    batch = Batch(ids, ids, mask,
                   np.broadcast_to(np.arange(32), ids.shape).copy()).on(backend, 1)
     _, got = batch_loss_with_router(backend, model, dict(model.params), batch, False)
     assert backend.to_float(got) == pytest.approx(want, rel=1e-5)
