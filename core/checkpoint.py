@@ -102,18 +102,6 @@ SAFE = ("lr", "schedule", "warmup_steps", "min_lr_ratio", "max_steps", "epochs",
         "eval_every", "save_every", "early_stopping_patience", "weight_decay")
 
 
-def file_sha256(path: str | Path | None) -> str | None:
-    if not path:
-        return None
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fingerprint(cfg, world_size: int = 1) -> dict:
     """The settings a checkpoint depends on (core/config.TrainConfig fields), the data
     files' hashes, and the number of processes (only grad_accum x world_size, the step's

@@ -82,6 +82,8 @@ class TrainConfig:
     """AdamW decoupled weight decay."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this; 0 disables."""
+    router_aux_loss_coef: float = 0.0
+    """MoE models: add this times the router load-balancing loss to the loss (always reported)."""
     epochs: float = 1.0
     """Passes over the training data (ignored when max_steps is set)."""
     max_steps: int | None = None
@@ -196,6 +198,9 @@ class TrainConfig:
         if number("max_grad_norm") < 0:
             raise LorafitError(f"max-grad-norm must be >= 0 (0 disables clipping), got "
                                f"{self.max_grad_norm}")
+        if number("router_aux_loss_coef") < 0:
+            raise LorafitError(f"router-aux-loss-coef must be >= 0, got "
+                               f"{self.router_aux_loss_coef}")
         for name in ("seed", "warmup_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:

@@ -56,6 +56,9 @@ class StepReport(Event):
     memory_peak: int
     memory_current: int
     memory_rss: int = 0
+    # an MoE's router load-balancing loss over this rank's share of the step (None without
+    # experts); in the loss only with TrainConfig.router_aux_loss_coef
+    router_aux_loss: float | None = None
     kind: str = field(init=False, default="train")
 
 

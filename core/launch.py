@@ -78,8 +78,9 @@ def detect(env=None) -> Place:
 
 def shard(items: list, rank: int, world: int) -> list:
     """This rank's share of one step's micro-batches: every world-th, starting at rank.
-    Applied to the global batch order, so the union over ranks is the 1-process step."""
-    return items[rank::world]
+    Applied to the global batch order, so the union over ranks is the 1-process step. Any
+    sequence: batches built on demand (core.data.EpochBatches) are built only for this rank."""
+    return [items[k] for k in range(rank, len(items), world)]
 
 
 def strip_nproc(argv: list[str]) -> list[str]:

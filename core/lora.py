@@ -192,9 +192,14 @@ def target_modules(cfg: LoraConfig, linear_shapes: dict, module_names: tuple) ->
     # stacked expert parameters are (E, out, in) without a `.weight` suffix (a conv1d's
     # (C, 1, K) weight is not one)
     moe_model = any(len(s) == 3 and not k.endswith(".weight") for k, s in linear_shapes.items())
+    # a family whose stacked experts take no adapter (gate_up_proj not among its names:
+    # PEFT adapts only nn.Linear modules there) keeps its 2D down_proj as a target
+    expert_targets = moe_model and "gate_up_proj" in module_names
     for key, shape in linear_shapes.items():
-        if moe_model and len(shape) == 2 and key.endswith(".down_proj.weight"):
+        if expert_targets and len(shape) == 2 and key.endswith(".down_proj.weight"):
             continue  # PEFT (transformers v5) maps down_proj to the experts' parameter only
+        if moe_model and not expert_targets and len(shape) == 3 and not key.endswith(".weight"):
+            continue
         if key.endswith(".weight"):
             module = key[: -len(".weight")]
         elif len(shape) == 3:  # an MoE's stacked expert weights

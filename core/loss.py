@@ -19,3 +19,18 @@ def batch_loss(ops, model, params: dict, batch, recompute: bool):
     return ops.linear_cross_entropy(h.reshape(n, -1), weight, batch.targets.reshape(n),
                                     batch.loss_mask.reshape(n), chunk_rows(weight.shape[0]),
                                     softcap=model.args.final_logit_softcapping)
+
+
+def batch_loss_with_router(ops, model, params: dict, batch, recompute: bool):
+    """batch_loss plus the router load-balancing loss of that forward over its loss
+    positions (models/blocks/moe.py; None for a model without experts)."""
+    from lorafit.models.blocks import moe
+
+    if not model.args.num_local_experts:
+        return batch_loss(ops, model, params, batch, recompute), None
+    with moe.recording_router_logits() as router:
+        out = batch_loss(ops, model, params, batch, recompute)
+    if not router:
+        return out, None
+    mask = batch.loss_mask.reshape(-1)  # the positions that carry loss (never padding)
+    return out, moe.load_balancing_loss_ops(ops, model.args, router, mask)

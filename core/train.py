@@ -34,7 +34,7 @@ from lorafit.core.errors import LorafitError
 from lorafit.core.launch import shard
 from lorafit.core.lora import adapter_leaves, summary
 from lorafit.core.loss_scale import DynamicLossScale
-from lorafit.core.loss import batch_loss
+from lorafit.core.loss import batch_loss, batch_loss_with_router
 from lorafit.core.schedule import lr_at
 
 
@@ -79,6 +79,7 @@ class Trainer:
         self.micro_per_step = cfg.grad_accum * self.world_size
         self.frozen = {k: v for k, v in model.params.items() if k not in self.trainable}
         self.optimizer = self.ops.make_optimizer(self.trainable, weight_decay=cfg.weight_decay)
+        self._router_loss = None  # the last step's MoE load-balancing loss (StepReport)
         grad_fn = self.ops.value_and_grad(self._loss)
         self.grad_fn = grad_fn if cfg.dropout else self.ops.compile(grad_fn)
         self.batches_per_epoch = len(self._epoch_batches(0))
@@ -128,8 +129,15 @@ class Trainer:
     # -- one step -------------------------------------------------------------------------
     def _loss(self, trainable, batch: Batch, denom):
         params = {**self.frozen, **trainable}
-        loss_sum, _ = batch_loss(self.ops, self.model, params, batch, self.cfg.grad_checkpoint)
-        return loss_sum / denom, loss_sum
+        (loss_sum, _), router = batch_loss_with_router(self.ops, self.model, params, batch,
+                                                       self.cfg.grad_checkpoint)
+        if router is None:
+            return loss_sum / denom, loss_sum
+        # an MoE's load-balancing loss: this micro-batch's share of the step (by loss
+        # tokens), added to the objective only with router_aux_loss_coef
+        router = router * (batch.loss_mask.sum() / denom)
+        coef = self.cfg.router_aux_loss_coef
+        return loss_sum / denom + (coef * router if coef else 0.0), (loss_sum, router)
 
     def train_step(self, micro: list[Batch], lr: float) -> tuple[float, float, bool]:
         """Forward, backward and update over the step's micro-batches (of all ranks: this
@@ -143,9 +151,12 @@ class Trainer:
         ops.seed(self.cfg.seed * 1_000_003 + self.pos.step + 7_919 * self.rank)
         loss_scale = self.loss_scale.scale if self.loss_scale else 1.0
         denom_arr = ops.from_numpy(np.asarray(denom / loss_scale, dtype=np.float32))
-        acc, total = None, None
+        acc, total, self._router_loss = None, None, None
         for b in shard(micro, self.rank, self.world_size):
             (_, loss_sum), grads = self.grad_fn(self.trainable, self._on_backend(b), denom_arr)
+            if isinstance(loss_sum, tuple):  # an MoE: (loss_sum, its router loss share)
+                loss_sum, router = loss_sum
+                self._router_loss = (self._router_loss or 0.0) + self.ops.to_float(router)
             acc = grads if acc is None else {k: acc[k] + grads[k] for k in acc}
             total = loss_sum if total is None else total + loss_sum
             ops.materialize(acc, total)
@@ -436,7 +447,8 @@ class Trainer:
                                 tokens=tokens,
                                 tokens_per_s=window_tokens / max(window_time, 1e-9),
                                 step_time=dt, eta_s=eta, memory_peak=mem["peak"],
-                                memory_current=mem["current"], memory_rss=mem.get("rss", 0)))
+                                memory_current=mem["current"], memory_rss=mem.get("rss", 0),
+                                router_aux_loss=self._router_loss))
 
     def _record_measured_peak(self, peak: int, micro: list[Batch]) -> None:
         """The tensor-level peak of one full step, reported beside the estimate for the

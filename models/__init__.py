@@ -104,7 +104,8 @@ def memory_shape(config: dict):
         out_dim, in_dim = shapes[key]
         linears[name] = (in_dim, out_dim)
     layer_linears, model_linears = _linears_by_place(a, shapes)
-    varied = not moe and (model_linears or any(d != layer_linears[0] for d in layer_linears))
+    # an MoE whose adapters are all on 2D projections (qwen3_5_moe) may vary by layer too
+    varied = (not moe or a.moe_linear_only) and (model_linears or any(d != layer_linears[0] for d in layer_linears))
     layer0 = [k for k in shapes if k.startswith("model.layers.0.")]
     vectors = sum(int(np.prod(shapes[k])) for k in layer0
                   if k.rsplit(".", 2)[-2] not in linears or not k.endswith(".weight"))

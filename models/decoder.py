@@ -25,12 +25,12 @@ PER_LAYER_INPUT = ("per_layer_input_gate", "per_layer_projection", "per_layer_mo
 
 def linear_modules(a: ModelArgs) -> tuple:
     """The projection names of this model, the names LoRA targets choose from."""
+    mixer = gated_deltanet.names(a) if "linear_attention" in a.layer_types else ()
     if a.num_local_experts:
-        return moe.linear_modules(a, ATTENTION, MLP)
+        return moe.linear_modules(a, ATTENTION + mixer, MLP)
     attention = ("qkv_proj", "o_proj") if a.fused_qkv else ATTENTION
     mlp = ("gate_up_proj", "down_proj") if a.fused_gate_up else MLP
     mlp = ("c_fc", "c_proj") if a.plain_mlp else mlp
-    mixer = gated_deltanet.names(a) if "linear_attention" in a.layer_types else ()
     return attention + mlp + mixer + (PER_LAYER_INPUT if a.per_layer_input_size else ())
 
 

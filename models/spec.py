@@ -49,6 +49,12 @@ class ModelArgs:
     moe_layers: list | None = None  # indices of the sparse layers (None: all, with experts)
     router: str = "softmax_topk"  # "softmax_topk" (mixtral, qwen3_moe) or "topk_softmax"
     norm_topk_prob: bool = True  # renormalise the top-k probabilities (softmax_topk)
+    # a dense SwiGLU expert of this width beside the routed ones on every sparse layer, its
+    # output times sigmoid(mlp.shared_expert_gate(x)) (qwen3_next, qwen3_5_moe); 0: none
+    shared_expert_size: int = 0
+    # PEFT has no v4 expert names to map for this model type: all-linear adapts its
+    # nn.Linear modules only, never the router or the stacked experts (qwen3_5_moe)
+    moe_linear_only: bool = False
     # gpt-oss experts: router with a bias at mlp.router, (E, in, out) expert weights with
     # biases, gate/up interleaved, and the clamped SwiGLU (up+1) * g*sigmoid(alpha*g)
     gpt_oss_experts: bool = False

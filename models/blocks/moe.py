@@ -7,6 +7,10 @@ per-expert checkpoints into these):
   mlp.experts.gate_up_proj   (E, 2F, C)  each expert's gate and up projections, stacked
   mlp.experts.down_proj      (E, C, F)
 
+With a shared expert (a.shared_expert_size S: qwen3_next, qwen3_5_moe), besides:
+  mlp.shared_expert.{gate,up}_proj.weight (S, C), mlp.shared_expert.down_proj.weight (C, S)
+  mlp.shared_expert_gate.weight (1, C)   its output is scaled by sigmoid(this x)
+
 gpt-oss (a.gpt_oss_experts) keeps its own names and layout: mlp.router.{weight, bias};
 mlp.experts.gate_up_proj (E, C, 2F) with gate and up interleaved (even/odd columns),
 gate_up_proj_bias (E, 2F), down_proj (E, F, C), down_proj_bias (E, C); its activation is
@@ -30,11 +34,15 @@ parameter follows PEFT's ParamWrapper (core.lora.FUSED_RANK, expert_lora_factors
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from lorafit.core.lora import LORA_A, LORA_B, expert_lora_factors, project
 
 ROUTER = "mlp.gate"
 EXPERTS = "mlp.experts."
 EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
+SHARED = "mlp.shared_expert"
+SHARED_GATE = "mlp.shared_expert_gate"
 
 
 def expert_size(a) -> int:
@@ -49,17 +57,32 @@ def parameter_shapes(a, p: str) -> dict:
                 p + EXPERTS + "gate_up_proj": (E, C, 2 * F),
                 p + EXPERTS + "gate_up_proj_bias": (E, 2 * F),
                 p + EXPERTS + "down_proj": (E, F, C), p + EXPERTS + "down_proj_bias": (E, C)}
-    return {p + ROUTER + ".weight": (E, C),
-            p + EXPERTS + "gate_up_proj": (E, 2 * F, C),
-            p + EXPERTS + "down_proj": (E, C, F)}
+    out = {p + ROUTER + ".weight": (E, C),
+           p + EXPERTS + "gate_up_proj": (E, 2 * F, C),
+           p + EXPERTS + "down_proj": (E, C, F)}
+    if a.shared_expert_size:
+        S = a.shared_expert_size
+        out.update({p + SHARED + ".gate_proj.weight": (S, C), p + SHARED + ".up_proj.weight": (S, C),
+                    p + SHARED + ".down_proj.weight": (C, S), p + SHARED_GATE + ".weight": (1, C)})
+    return out
 
 
 def linear_modules(a, attention: tuple, mlp: tuple) -> tuple:
     """What all-linear adapts on an MoE model, as PEFT does on transformers v5: attention,
     the router (`gate`) and both expert parameters. gpt-oss: attention only (its router
-    and experts are not nn.Linear and PEFT has no v4 names to map for it)."""
+    and experts are not nn.Linear and PEFT has no v4 names to map for it).
+    With a shared expert: qwen3_next (PEFT maps its v4 gate/up/down_proj names onto the
+    stacked experts) adds the shared expert's gate and leaves the shared expert's and the
+    dense layers' projections alone, as PEFT does; a model PEFT has no expert names for
+    (a.moe_linear_only: qwen3_5_moe) takes its nn.Linear modules only: the shared expert,
+    its gate and dense MLPs, never the router or the stacked experts (core.lora.
+    target_modules skips 3D parameters when gate_up_proj is not a target name)."""
     if a.gpt_oss_experts:
         return attention
+    if a.moe_linear_only:
+        return attention + mlp + ("shared_expert_gate",)
+    if a.shared_expert_size:
+        return attention + ("gate",) + EXPERT_PROJECTIONS + ("shared_expert_gate",)
     return attention + ("gate",) + EXPERT_PROJECTIONS
 
 
@@ -72,11 +95,29 @@ def memory_shape(a) -> dict:
             "layer_extra": a.num_attention_heads + a.hidden_size if gpt else 0,
             "expert_size": expert_size(a), "dense_size": a.intermediate_size,
             "layers": [i for i in range(a.num_hidden_layers) if a.is_moe_layer(i)],
-            "all_linear": () if gpt else ("gate",) + EXPERT_PROJECTIONS}
+            "all_linear": () if gpt or a.moe_linear_only else ("gate",) + EXPERT_PROJECTIONS}
+
+
+_recording: list | None = None  # router logits of the forward being recorded, if any
+
+
+@contextmanager
+def recording_router_logits():
+    """Collect each sparse layer's router logits (N, E) computed inside the block, in
+    layer order, for the load-balancing loss of that forward (core.loss). A forward
+    recomputed by gradient checkpointing after the block exits is not recorded again."""
+    global _recording
+    previous, _recording = _recording, []
+    try:
+        yield _recording
+    finally:
+        _recording = previous
 
 
 def route(ops, a, logits):
     """(indices (N, k), weights (N, k) float32) from router logits (N, E)."""
+    if _recording is not None:
+        _recording.append(logits)
     k = a.num_experts_per_tok
     if a.router == "topk_softmax":
         idx = ops.top_k_indices(logits, k)
@@ -117,7 +158,19 @@ def moe_block(ops, a, lp: dict, x, lora):
     act = ops.silu(gate_up[..., :f]) * gate_up[..., f:]
     out = expert_projection(ops, lp, EXPERTS + "down_proj", act, idx, lora)  # (N, K, C)
     w = ops.cast(w, ops.dtype_name(out))
-    return (out * w[..., None]).sum(1).reshape(b, t, c)
+    out = (out * w[..., None]).sum(1)
+    if a.shared_expert_size:
+        out = out + shared_expert(ops, a, lp, h, lora)
+    return out.reshape(b, t, c)
+
+
+def shared_expert(ops, a, lp: dict, h, lora):
+    """The dense expert every token passes through, times its sigmoid gate: h (N, C)."""
+    q = a.quantization
+    gate = project(ops, lp, SHARED + ".gate_proj", h, lora, q)
+    up = project(ops, lp, SHARED + ".up_proj", h, lora, q)
+    y = project(ops, lp, SHARED + ".down_proj", ops.silu(gate) * up, lora, q)
+    return y * ops.sigmoid(project(ops, lp, SHARED_GATE, h, lora, q))
 
 
 def gpt_oss_experts(ops, a, lp: dict, h, lora):
@@ -159,3 +212,23 @@ def load_balancing_loss(ops, a, router_logits: list, attention_mask=None):
         tokens_per_expert = (chosen * m[:, None, None]).sum(0) / m.sum()
         prob_per_expert = (probs * m[:, None]).sum(0) / m.sum()
     return float((tokens_per_expert * prob_per_expert[None]).sum() * E)
+
+
+def load_balancing_loss_ops(ops, a, router_logits: list, mask):
+    """The same loss as `load_balancing_loss` over backend arrays, so that it can join the
+    training loss and its gradient (which reaches the router through P_e; f_e counts top-k
+    choices and has none, as in transformers). mask (N,) float32 marks the positions that
+    count, as transformers' attention mask: training passes the loss mask, so padding
+    (and the backend's column padding) never counts, and neither do prompt tokens."""
+    import numpy as np
+
+    E, k = a.num_local_experts, a.num_experts_per_tok
+    logits = ops.concat([ops.cast(z, "float32") for z in router_logits], axis=0)
+    m = ops.concat([mask] * len(router_logits), axis=0)[:, None]  # (L*N, 1)
+    probs = ops.softmax(logits)
+    idx = ops.top_k_indices(probs, k)  # (L*N, k)
+    chosen = ops.cast(idx[..., None] == ops.from_numpy(np.arange(E)), "float32")  # (.., k, E)
+    n = m.sum()
+    tokens_per_expert = (chosen * m[..., None]).sum(0) / n  # (k, E)
+    prob_per_expert = (probs * m).sum(0) / n  # (E,)
+    return (tokens_per_expert * prob_per_expert[None]).sum() * E

@@ -12,8 +12,8 @@ from typing import Callable
 
 from lorafit.core.errors import LorafitError
 from lorafit.models.families import (exaone4, gemma, glm4, gpt_oss, granite, llama,
-                                     ministral3, mixtral, olmo, phi3, qwen3_5, qwen3_moe,
-                                     qwen3_next, smollm3, starcoder2)
+                                     ministral3, mistral3, mixtral, olmo, phi3, qwen3_5,
+                                     qwen3_moe, qwen3_next, smollm3, starcoder2)
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,8 @@ class Family:
 
 
 # Each family module holds CONFIGURE {model_type: config.json -> switches} and sanitize.
-FAMILY_MODULES = (llama, phi3, olmo, ministral3, granite, smollm3, exaone4, starcoder2,
-                  glm4, gemma, qwen3_5, qwen3_next, mixtral, qwen3_moe, gpt_oss)
+FAMILY_MODULES = (llama, phi3, olmo, ministral3, mistral3, granite, smollm3, exaone4,
+                  starcoder2, glm4, gemma, qwen3_5, qwen3_next, mixtral, qwen3_moe, gpt_oss)
 FAMILIES = {mt: Family(mt, configure, module.sanitize, getattr(module, "CHECKPOINT_KEY", None),
                        getattr(module, "convert", None), getattr(module, "rename", str))
             for module in FAMILY_MODULES for mt, configure in module.CONFIGURE.items()}

@@ -7,9 +7,17 @@ The published checkpoints are the vision-language model (model_type qwen3_5, the
 model under text_config, weights under model.language_model.*); lorafit trains its text
 model, as transformers' Qwen3_5ForCausalLM does: the vision tower and the multi-token-
 prediction head are dropped. qwen3_5_text is the text model's own config.
+
+qwen3_5_moe(_text) is the same hybrid with a sparse MoE on every layer: many small routed
+experts plus a gated shared expert (models/blocks/moe.py). Its experts load from the
+per-expert layout (what transformers writes) or the fused 3D parameters.
 """
 
 from __future__ import annotations
+
+import re
+
+from lorafit.models.families import moe_checkpoint
 
 
 def _qwen3_5_text(cfg: dict) -> dict:
@@ -36,7 +44,32 @@ def _qwen3_5(cfg: dict) -> dict:
     return _qwen3_5_text(text)
 
 
-CONFIGURE = {"qwen3_5_text": _qwen3_5_text, "qwen3_5": _qwen3_5}
+def shared_expert_moe(cfg: dict, sparse: list) -> dict:
+    """The MoE switches of qwen3_next and qwen3_5_moe: `num_experts` routed experts of
+    `moe_intermediate_size` on the `sparse` layers (softmax, top k, renormalised when
+    `norm_topk_prob`) and a shared expert of `shared_expert_intermediate_size` with its
+    sigmoid gate (models/blocks/moe.py)."""
+    cfg["num_local_experts"] = cfg.get("num_experts") or 0
+    cfg["moe_layers"] = sparse
+    cfg["router"] = "softmax_topk"
+    cfg["shared_expert_size"] = cfg.get("shared_expert_intermediate_size") or 0
+    cfg.setdefault("intermediate_size", cfg.get("moe_intermediate_size"))  # no dense MLP
+    return cfg
+
+
+def _qwen3_5_moe_text(cfg: dict) -> dict:
+    """Every layer sparse; transformers' router always renormalises the top k."""
+    cfg["norm_topk_prob"] = True
+    cfg["moe_linear_only"] = True  # PEFT maps no expert names for qwen3_5_moe
+    return shared_expert_moe(_qwen3_5_text(cfg), list(range(cfg["num_hidden_layers"])))
+
+
+def _qwen3_5_moe(cfg: dict) -> dict:
+    return _qwen3_5_moe_text(_qwen3_5(cfg))
+
+
+CONFIGURE = {"qwen3_5_text": _qwen3_5_text, "qwen3_5": _qwen3_5,
+             "qwen3_5_moe_text": _qwen3_5_moe_text, "qwen3_5_moe": _qwen3_5_moe}
 
 
 # the vision-language checkpoints' text-model prefixes (transformers', mlx-lm's)
@@ -52,6 +85,17 @@ def rename(name: str) -> str:
         if name.startswith(old):
             return new + name[len(old):]
     return name
+
+
+CHECKPOINT_KEY = re.compile(r"model\.layers\.\d+\.mlp\.experts\.\d+\.")
+_EXPERT = re.compile(r"(model\.layers\.\d+\.)mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)"
+                     r"\.weight")
+
+
+def convert(ops, weights: dict, args) -> dict:
+    """Per-expert MoE tensors fused into the stacked experts (none on a dense model)."""
+    return moe_checkpoint.fuse_experts(ops, weights, args, _EXPERT,
+                                       gate="gate_proj", up="up_proj", down="down_proj")
 
 
 def sanitize(weights: dict, args) -> dict:

@@ -1,27 +1,24 @@
 """Qwen3-Next: the qwen3_5 hybrid (Gated DeltaNet and gated full-attention layers, partial
 rotary, (1 + w) norms) with the DeltaNet's input projections fused per key head
-(in_proj_qkvz, in_proj_ba) and mixture-of-experts MLPs.
-
-Only configs whose MLPs are all dense load here (num_experts 0, or every layer in
-mlp_only_layers): the experts need the MoE block, which is not in this family yet, so a
-config with expert layers is a one-line error, never a silently dense model.
+(in_proj_qkvz, in_proj_ba) and mixture-of-experts MLPs: routed experts plus a gated shared
+expert (models/blocks/moe.py) on the layers transformers makes sparse (not in
+`mlp_only_layers`, (i + 1) a multiple of `decoder_sparse_step`), dense MLPs of
+`intermediate_size` on the others.
 """
 
 from __future__ import annotations
 
-from lorafit.core.errors import LorafitError
-from lorafit.models.families.qwen3_5 import _qwen3_5_text, rename, sanitize  # noqa: F401
+from lorafit.models.families.qwen3_5 import (CHECKPOINT_KEY, _qwen3_5_text,  # noqa: F401
+                                             convert, rename, sanitize, shared_expert_moe)
 
 
 def _qwen3_next(cfg: dict) -> dict:
     n, dense = cfg["num_hidden_layers"], set(cfg.get("mlp_only_layers") or [])
     experts, step = cfg.get("num_experts", 0) or 0, cfg.get("decoder_sparse_step", 1) or 1
     sparse = [i for i in range(n) if i not in dense and experts > 0 and (i + 1) % step == 0]
-    if sparse:
-        raise LorafitError(f"qwen3_next with mixture-of-experts MLPs ({len(sparse)} of {n} "
-                           f"layers) is not supported yet; only its dense-MLP configs load")
     cfg["linear_fused_projections"] = True
-    return _qwen3_5_text(cfg)
+    cfg["norm_topk_prob"] = bool(cfg.get("norm_topk_prob", True))
+    return shared_expert_moe(_qwen3_5_text(cfg), sparse)
 
 
 CONFIGURE = {"qwen3_next": _qwen3_next}

@@ -29,6 +29,9 @@ class Case:
     targets: list | str = "all-linear"  # LoRA targets (PEFT names)
     mlx_lm: bool = True  # mlx-lm has this family and reads its config as transformers does
     seq: int = 24  # test sequence length: longer than the windows in `config`
+    # why core.estimate cannot count this row's adapters yet (the check then expects the
+    # gap, and fails once the estimator is exact, so this is removed)
+    estimator_gap: str = ""
     id: str = ""
 
     def __post_init__(self):
@@ -167,6 +170,27 @@ CASES = [
                             linear_key_head_dim=16, linear_value_head_dim=8), seq=70,
          targets=["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba",
                   "out_proj"], mlx_lm=False),
+    # The qwen3_5 hybrid with a sparse MoE on every layer: 4 routed experts (top 2) and a
+    # gated shared expert. all-linear is PEFT's: attention, DeltaNet, the shared expert and
+    # its gate (nn.Linear), not the router or the stacked experts. mlx-lm has only the VL
+    # wrapper (qwen3_5_moe).
+    Case("qwen3_5_moe_text", dict(num_hidden_layers=3, head_dim=32,
+                                  layer_types=["linear_attention", "full_attention",
+                                               "linear_attention"],
+                                  linear_num_key_heads=2, linear_num_value_heads=4,
+                                  linear_key_head_dim=16, linear_value_head_dim=8,
+                                  num_experts=4, num_experts_per_tok=2,
+                                  moe_intermediate_size=40, shared_expert_intermediate_size=24),
+         mlx_lm=False),
+    # qwen3_next's MoE: the same block, layer 1 dense (mlp_only_layers), no renormalisation
+    Case("qwen3_next", dict(num_hidden_layers=4, head_dim=32, num_experts=4,
+                            num_experts_per_tok=2, moe_intermediate_size=40,
+                            shared_expert_intermediate_size=24, mlp_only_layers=[1],
+                            norm_topk_prob=False, linear_num_key_heads=2,
+                            linear_num_value_heads=4, linear_key_head_dim=16,
+                            linear_value_head_dim=8), mlx_lm=False, id="qwen3_next-moe",
+         estimator_gap="core.estimate counts MoE adapters (router, experts) only on models "
+                       "whose layers all have the same projections, not on hybrid stacks"),
 ]
 IDS = [c.id for c in CASES]
 
@@ -328,4 +352,8 @@ def test_trainable_count_equals_peft_and_the_estimator(built, torch_backend, cas
     assert lora.count_params(model.params, model.parameter_shapes()) == (trainable, total)
     targets = case.targets if isinstance(case.targets, str) else ",".join(case.targets)
     shape = memory_shape(ref.config.to_dict())
-    assert adapter_params(shape, Settings(rank=4, targets=targets)) == trainable
+    estimated = adapter_params(shape, Settings(rank=4, targets=targets))
+    if case.estimator_gap:
+        assert estimated != trainable, "the estimator is exact now: drop estimator_gap"
+        pytest.xfail(case.estimator_gap)
+    assert estimated == trainable

@@ -1,6 +1,6 @@
 """qwen3_5 / qwen3_next specifics beyond the family table: the published vision-language
 checkpoint layout loads as its text model, packed examples stay apart through the
-linear-attention layers, and expert layers are refused in one line."""
+linear-attention layers, and a qwen3_5_moe vision-language checkpoint loads its experts."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from conftest import build_hf_model, random_ids
-from lorafit.core.errors import LorafitError
 from lorafit.models.loader import load_model
 
 TINY = dict(num_hidden_layers=3, head_dim=32,
@@ -57,12 +56,29 @@ def test_packed_examples_do_not_meet_in_the_linear_attention(text_model, backend
         np.testing.assert_allclose(packed[:, sl], alone, rtol=1e-5, atol=1e-5)
 
 
-def test_qwen3_next_with_experts_is_a_one_line_error():
-    from lorafit.models import memory_shape
+def test_qwen3_5_moe_vision_language_checkpoint_loads_as_its_text_model(tmp_path, tokenizer,
+                                                                       torch_backend):
+    """The published qwen3_5_moe layout: text_config, weights under model.language_model
+    with per-expert tensors (transformers' save), besides a vision tower."""
+    from safetensors.numpy import load_file, save_file
 
-    with pytest.raises(LorafitError, match="mixture-of-experts"):
-        memory_shape(dict(model_type="qwen3_next", hidden_size=2048, intermediate_size=5120,
-                          num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=2,
-                          vocab_size=1000, num_experts=8, head_dim=256,
-                          linear_num_key_heads=16, linear_num_value_heads=32,
-                          linear_key_head_dim=128, linear_value_head_dim=128))
+    text, ref = build_hf_model(tmp_path / "text", "qwen3_5_moe_text", tokenizer, **TINY,
+                               num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                               shared_expert_intermediate_size=16)
+    cfg = json.loads((text / "config.json").read_text())
+    weights = load_file(str(text / "model.safetensors"))
+    assert any(".mlp.experts.0.gate_proj." in k for k in weights)
+    vl = {k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k: v
+          for k, v in weights.items()}
+    vl["model.visual.patch_embed.proj.weight"] = np.zeros((4, 3), np.float32)
+    (tmp_path / "vl").mkdir()
+    save_file(vl, str(tmp_path / "vl" / "model.safetensors"))
+    (tmp_path / "vl" / "config.json").write_text(json.dumps(
+        {"model_type": "qwen3_5_moe", "tie_word_embeddings": False, "text_config": cfg,
+         "vision_config": {"depth": 1}}))
+    ops = torch_backend
+    ids = random_ids(cfg["vocab_size"], (1, 20), seed=3)
+    want = ops.to_numpy(load_model(str(text), ops).logits(ops.from_numpy(ids)))
+    m = load_model(str(tmp_path / "vl"), ops)
+    assert m.args.num_local_experts == 4 and m.args.shared_expert_size == 16
+    np.testing.assert_array_equal(ops.to_numpy(m.logits(ops.from_numpy(ids))), want)

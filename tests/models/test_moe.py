@@ -107,3 +107,56 @@ def test_fused_expert_layout_loads_like_the_per_expert_one(tmp_path, tokenizer, 
     ids = ops.from_numpy(random_ids(len(tokenizer), (1, 10), seed=1))
     np.testing.assert_allclose(ops.to_numpy(load_model(str(fused), ops).logits(ids)),
                                ops.to_numpy(model.logits(ids)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_training_forward_router_loss_equals_transformers_aux_loss(tmp_path, tokenizer,
+                                                                   backend, model_type):
+    """The load-balancing loss lorafit's training forward computes (core.loss, over the
+    loss positions) equals transformers' aux_loss with output_router_logits over the same
+    positions (its attention mask)."""
+    from lorafit.core.data import Batch
+    from lorafit.core.loss import batch_loss_with_router
+
+    experts = dict(num_local_experts=4) if model_type == "mixtral" else dict(num_experts=4)
+    folder, ref = build_hf_model(tmp_path, model_type, tokenizer, num_experts_per_tok=2,
+                                 intermediate_size=48, output_router_logits=True, **experts)
+    ids = random_ids(ref.config.vocab_size, (2, 32), seed=3)
+    mask = np.ones(ids.shape, np.float32)
+    mask[1, 25:] = 0  # a shorter second row: its padding counts in neither
+    with torch.no_grad():
+        want = float(ref(torch.tensor(ids), attention_mask=torch.tensor(mask).long()).aux_loss)
+    model = load_model(str(folder), backend)
+    batch = Batch(ids, ids, mask,
+                  np.broadcast_to(np.arange(32), ids.shape).copy()).on(backend, 1)
+    _, got = batch_loss_with_router(backend, model, dict(model.params), batch, False)
+    assert backend.to_float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_router_loss_is_reported_and_joins_the_loss_only_when_asked(tmp_path, tokenizer,
+                                                                     torch_backend):
+    from lorafit.core import events as ev
+    from lorafit.core import lora
+    from lorafit.core.config import TrainConfig
+    from lorafit.core.data import Example
+    from lorafit.core.train import Trainer
+
+    folder, ref = build_hf_model(tmp_path, "qwen3_moe", tokenizer, num_experts=4,
+                                 num_experts_per_tok=2, moe_intermediate_size=40)
+    rng = np.random.default_rng(7)
+    examples = [Example(rng.integers(3, ref.config.vocab_size, 20).astype(np.int32),
+                        np.ones(20, bool), f"x:{i}") for i in range(8)]
+    runs = {}
+    for coef in (0.0, 1.0):
+        model = load_model(str(folder), torch_backend)
+        cfg = TrainConfig(model=str(folder), data="-", rank=4, alpha=8, batch_size=4, lr=5e-2,
+                          max_steps=3, seq_len=20, seed=3, router_aux_loss_coef=coef)
+        lora.attach(model, cfg.lora_config(), seed=cfg.seed)
+        reports = []
+        Trainer(model, cfg, examples, sinks=[lambda e: reports.append(e)
+                                             if isinstance(e, ev.StepReport) else None]).run()
+        runs[coef] = [(r.loss, r.router_aux_loss) for r in reports]
+    plain, balanced = runs[0.0], runs[1.0]
+    assert all(aux is not None and aux > 0 for _, aux in plain + balanced)
+    assert plain[0] == pytest.approx(balanced[0], rel=1e-6)  # the same first forward
+    assert plain[-1][1] != pytest.approx(balanced[-1][1], rel=1e-4)  # the aux gradient acted
