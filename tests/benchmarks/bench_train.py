@@ -90,6 +90,7 @@ def run_lorafit(folder: Path, a, backend: str) -> dict:
                       batch_size=a.batch, seq_len=a.seq, lr=1e-4, max_grad_norm=None)
     trainer = Trainer.__new__(Trainer)  # the step only: no data pipeline, no sinks
     trainer.model, trainer.cfg, trainer.ops = model, cfg, B
+    trainer.rank, trainer.world_size, trainer.loss_scale = 0, 1, None  # one process, fp32
     names = lora.adapter_leaves(model.params)
     trainer.trainable = {k: model.params[k] for k in names}
     trainer.frozen = {k: v for k, v in model.params.items() if k not in trainer.trainable}
