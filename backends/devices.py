@@ -72,3 +72,18 @@ def device_memory(backend: str, device: str) -> tuple[int | None, str]:
             pass
         return psutil.virtual_memory().total, "Apple unified memory"
     return psutil.virtual_memory().available, "available host RAM"
+
+
+def process_limit(backend: str, device: str | None = None) -> tuple[int, str]:
+    """(most, what) data-parallel processes (`train --nproc`) this machine gives a run: one
+    per CUDA GPU, else one per CPU core (CPU processes, or processes sharing one Apple GPU)."""
+    import os
+
+    backend, device = resolve_backend(backend, device)
+    if device.split(":")[0] == "cuda" and cuda_available():
+        import torch
+
+        n = torch.cuda.device_count()
+        return n, f"{n} CUDA device{'s' if n != 1 else ''}"
+    n = os.cpu_count() or 1
+    return n, f"{n} CPU core{'s' if n != 1 else ''}"

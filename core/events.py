@@ -59,6 +59,12 @@ class StepReport(Event):
     # an MoE's router load-balancing loss over this rank's share of the step (None without
     # experts); in the loss only with TrainConfig.router_aux_loss_coef
     router_aux_loss: float | None = None
+    # preference tuning (--method dpo|orpo|kto): mean implicit rewards of the chosen and
+    # rejected completions, their mean margin and the share of pairs ranked right
+    reward_chosen: float | None = None
+    reward_rejected: float | None = None
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
     kind: str = field(init=False, default="train")
 
 

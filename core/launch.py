@@ -136,6 +136,11 @@ def _records(run_dir) -> tuple[dict, dict]:
     return pids, exits
 
 
+def rank_pids(run_dir) -> dict[int, int]:
+    """{rank: pid} of the newest launch's workers (what the TUI samples for CPU use)."""
+    return _records(run_dir)[0]
+
+
 def _alive(pid: int) -> bool:
     from lorafit.core.rundir import pid_alive
 

@@ -103,7 +103,8 @@ class BrowserScreen(Screen):
 
     def action_resume(self) -> None:
         """Continue a stopped, failed or died run from its newest checkpoint: `lorafit
-        train --resume RUN` as a child of this app (what the quit dialog can stop)."""
+        train --resume RUN` (with its number of processes) as a child of this app (what
+        the quit dialog can stop)."""
         from lorafit.tui.run_screen import RunScreen
         from lorafit.tui.setup_screen import start_training
 
@@ -123,7 +124,9 @@ class BrowserScreen(Screen):
             self.notify(f"{run.name} has no {rundir.config_path(run).name} to resume from",
                         severity="error")
             return
-        process = start_training(rundir.config_path(run), run, resume=True)
+        # as many processes as before (the global batch stays the same either way)
+        nproc = int(rundir.read_status(run).get("world_size") or 1)
+        process = start_training(rundir.config_path(run), run, resume=True, nproc=nproc)
         self.app.started.append((process, run))
         self.notify(f"resuming {run.name} from its newest checkpoint")
         self.app.push_screen(RunScreen(run, process))

@@ -18,6 +18,7 @@ from textual.widgets import Button, Footer, Header, Input, ProgressBar, RichLog,
 
 from lorafit.core import rundir
 from lorafit.core.control import send_command
+from lorafit.core.launch import rank_pids
 from lorafit.tui.runfiles import RunFollower, log_tail, newest_checkpoint, run_state
 from lorafit.tui.sysinfo import Usage, UsageSampler, usage_text
 from lorafit.tui.widgets import LossPlot, fmt_bytes, memory_bar
@@ -58,7 +59,8 @@ class RunScreen(Screen):
         yield Header(show_clock=True)
         with Horizontal(id="run-top"):
             yield LossPlot(id="plot")
-            yield Static(id="side")
+            with VerticalScroll(id="side-box"):  # scrolls where the screen is short
+                yield Static(id="side")
         yield Static("", id="settings")
         yield ProgressBar(id="progress", show_eta=False)
         with Horizontal(id="run-bottom"):
@@ -72,19 +74,25 @@ class RunScreen(Screen):
     def on_mount(self) -> None:
         self.title = f"lorafit — {self.run_dir}"
         self.query_one("#try-panel").display = False
-        self.usage = self.sampler.sample(self._trainer_pid())
+        self.usage = self.sampler.sample(self._trainer_pids())
         self.refresh_view()
         self.set_interval(REFRESH_S, self.refresh_view)
         self.set_interval(USAGE_S, self._sample_usage)
 
-    def _trainer_pid(self) -> int | None:
+    def _trainer_pids(self) -> list[int]:
+        """The trainer's process, or with several processes each rank's (RUN/ranks/)."""
+        if self.follower.state.world_size > 1 and self._run_active():
+            pids = list(rank_pids(self.run_dir).values())
+            if pids:
+                return pids
         if self.process is not None:
-            return self.process.pid
-        return self.follower.state.status.get("pid") if self._run_active() else None
+            return [self.process.pid]
+        pid = self.follower.state.status.get("pid") if self._run_active() else None
+        return [pid] if pid else []
 
     @work(thread=True, exclusive=True, group="usage")
     def _sample_usage(self) -> None:
-        usage = self.sampler.sample(self._trainer_pid())
+        usage = self.sampler.sample(self._trainer_pids())
         self.app.call_from_thread(self._show_usage, usage)
 
     def _show_usage(self, usage: Usage) -> None:
@@ -165,6 +173,16 @@ class RunScreen(Screen):
             t.append(f"{'lr ' + format(last['lr'], '.2e'):<13}eta {eta}\n")
             t.append(f"{format(last['tokens_per_s'], ',.0f') + ' tok/s':<13}"
                      f"{last['step_time']:.3f} s/step\n")
+            if last.get("reward_margin") is not None:  # preference tuning
+                t.append(f"{'margin ' + format(last['reward_margin'], '.3f'):<13}")
+                acc = last.get("reward_accuracy")
+                t.append(f"acc {acc:.2f}\n" if acc is not None else "\n")
+                if last.get("reward_chosen") is not None:
+                    t.append(f"chosen {last['reward_chosen']:+.3f} rejected "
+                             f"{last.get('reward_rejected') or 0:+.3f}\n", style="dim")
+        if st.world_size > 1:
+            t.append(f"{st.world_size} processes", style="bold")
+            t.append(" (data parallel)\n", style="dim")
         usage = usage_text(self.usage)
         if usage:
             t.append(usage + "\n", style="dim")
@@ -205,14 +223,18 @@ class RunScreen(Screen):
             if same:
                 t.append(f" ({100 * (same - measured) / measured:+.1f}% est)", style="dim")
             t.append("\n")
+        peaks = st.memory.get("rank_peaks")
+        if peaks:
+            t.append("per rank  " + ", ".join(fmt_bytes(p) for p in peaks) + "\n")
         if st.last.get("memory_peak"):
             t.append(f"peak now  {fmt_bytes(st.last['memory_peak'])}\n")
         if measured or st.last.get("memory_peak"):
             t.append("measured: tensor peak of one full step, beside the estimate for that "
-                     "batch; peak now: the newest step's peak\n", style="dim")
+                     "batch" + ("; per rank: each process's" if peaks else "") +
+                     "; peak now: the newest step's peak\n", style="dim")
         if est.get("breakdown"):
             parts = [(k, v) for k, v in est["breakdown"].items() if v]
-            t.append(memory_bar(parts, est.get("budget"), width=30))
+            t.append(memory_bar(parts, est.get("budget"), width=27))
         return t
 
     # -- controls ---------------------------------------------------------------------------

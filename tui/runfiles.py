@@ -88,6 +88,8 @@ class RunState:
     lr: Series = field(default_factory=Series)
     tokens_per_s: Series = field(default_factory=Series)
     grad_norm: Series = field(default_factory=Series)
+    margin: Series = field(default_factory=Series)  # preference tuning: reward margin
+    accuracy: Series = field(default_factory=Series)  # and the share of pairs ranked right
     _ema: float = 0.0
     last: dict = field(default_factory=dict)  # the newest train record
     start: dict = field(default_factory=dict)
@@ -108,6 +110,10 @@ class RunState:
             self.lr.add(e.step, e.lr)
             self.tokens_per_s.add(e.step, e.tokens_per_s)
             self.grad_norm.add(e.step, e.grad_norm)
+            if e.reward_margin is not None:  # absent for supervised runs
+                self.margin.add(e.step, e.reward_margin)
+            if e.reward_accuracy is not None:
+                self.accuracy.add(e.step, e.reward_accuracy)
             self.last = rec
         elif isinstance(e, ev.EvalReport):
             self.val.add(e.step, e.val_loss)
@@ -140,6 +146,11 @@ class RunState:
     losses = property(lambda self: self.train.ys)
     val_steps = property(lambda self: self.val.xs)
     val_losses = property(lambda self: self.val.ys)
+
+    @property
+    def world_size(self) -> int:
+        """Processes training together (the start record's, else status.json's)."""
+        return int(self.start.get("world_size") or self.status.get("world_size") or 1)
 
     @property
     def total_steps(self) -> int:

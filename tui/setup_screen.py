@@ -36,6 +36,7 @@ FIELDS = [  # (id, label, default, TrainConfig field, parser)
     ("targets", "targets", "q_proj,v_proj", "targets", str),
     ("batch_size", "batch size", "4", "batch_size", int),
     ("grad_accum", "grad accum", "1", "grad_accum", int),
+    ("nproc", "processes", "1", None, int),
     ("seq_len", "seq length", "512", "seq_len", int),
     ("lr", "learning rate", "1e-4", "lr", float),
     ("warmup_steps", "warmup steps", "0", "warmup_steps", int),
@@ -49,7 +50,8 @@ FIELDS = [  # (id, label, default, TrainConfig field, parser)
 PLACEHOLDERS = {"model": "folder, hub id (a preset only estimates)",
                 "data": ".jsonl / .json", "output": "empty: RUNS/run-DATE",
                 "max_steps": "empty: epochs", "eval_every": "empty: never",
-                "save_every": "empty: at the end", "budget": "empty: the device's memory"}
+                "save_every": "empty: at the end", "budget": "empty: the device's memory",
+                "nproc": "data parallel: one per GPU or core"}
 SELECTS = [  # (id, label, choices, default; None: a blank that must be chosen when needed)
     ("backend", "backend", BACKENDS, "auto"),
     ("dtype", "base dtype", ("auto", "fp32", "bf16", "fp16"), "auto"),
@@ -147,6 +149,24 @@ class SetupScreen(Screen):
         self.set_focus(None)
 
     # -- the form -------------------------------------------------------------------------
+    def nproc(self) -> int:
+        """The processes field: 1 .. the devices (CUDA GPUs) or CPU cores the run's backend
+        has here; more than 1 starts the trainer with `--nproc N`."""
+        text = self.query_one("#nproc", Input).value.strip() or "1"
+        try:
+            n = int(text)
+        except ValueError:
+            raise LorafitError(f"processes: {text!r} is not a whole number") from None
+        if n < 1:
+            raise LorafitError(f"processes: at least 1, got {n}")
+        if n > 1:
+            from lorafit.backends.devices import process_limit
+
+            limit, what = process_limit(self.query_one("#backend", Select).value)
+            if n > limit:
+                raise LorafitError(f"processes: at most {limit} here ({what}), got {n}")
+        return n
+
     def budget(self) -> int | None:
         text = self.query_one("#budget", Input).value.strip()
         if not text:
@@ -179,7 +199,8 @@ class SetupScreen(Screen):
         if not values.get("output"):
             values["output"] = str(Path(self.app.runs_root) /
                                    time.strftime("run-%Y%m%d-%H%M%S"))
-        self.budget()  # a budget that cannot be read is a form error too
+        self.budget()  # a budget or process count that cannot be used is a form error too
+        self.nproc()
         return resolve(None, values)
 
     @on(Input.Changed)
@@ -361,7 +382,7 @@ class SetupScreen(Screen):
         run_dir = Path(cfg.output)
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = rundir.write_config(run_dir, to_toml(cfg))
-        process = start_training(config_path, run_dir)
+        process = start_training(config_path, run_dir, nproc=self.nproc())
         from lorafit.tui.run_screen import RunScreen
 
         self.app.started.append((process, run_dir))
@@ -386,12 +407,16 @@ def absolute_paths(cfg):
     return dataclasses.replace(cfg, **changes)
 
 
-def start_training(config_path: Path, run_dir: Path, resume: bool = False) -> subprocess.Popen:
-    """`lorafit train CONFIG` (or `lorafit train --resume RUN`) as a child in its own
-    session: closing the UI never kills it, and its messages go to the run's train.log."""
+def start_training(config_path: Path, run_dir: Path, resume: bool = False,
+                   nproc: int = 1) -> subprocess.Popen:
+    """`lorafit train CONFIG` (or `lorafit train --resume RUN`, with `--nproc N` for N > 1
+    processes) as a child in its own session: closing the UI never kills it, and its
+    messages go to the run's train.log."""
     log = open(rundir.train_log_path(run_dir), "ab")
     env = dict(os.environ, LORAFIT_NO_REEXEC=os.environ.get("LORAFIT_NO_REEXEC", "0"))
     args = ["--resume", str(run_dir)] if resume else [str(config_path)]
+    if nproc > 1:
+        args += ["--nproc", str(nproc)]
     return subprocess.Popen([sys.executable, "-m", "lorafit.cli", "train", *args],
                             stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
                             start_new_session=True)

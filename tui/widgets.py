@@ -145,7 +145,8 @@ def lr_schedule(config: dict, total: int, width: int) -> list[float]:
 
 class LossPlot(Static):
     """Training loss (raw dots faint, the smoothed line bold), validation points, the x axis
-    to the run's total steps, and one row of sparklines: the lr schedule (the part done
+    to the run's total steps, the reward margin beside it when the run is preference tuning,
+    and one row of sparklines: the lr schedule (the part done
     highlighted), tokens/s and the gradient norm."""
 
     def __init__(self, **kw):
@@ -163,14 +164,43 @@ class LossPlot(Static):
         if st is None:
             return Text("waiting for the first steps...", style="dim")
         total = st.total_steps or None
-        lines = plot_lines([(st.steps, st.losses, "grey42"),
-                            (st.smoothed.xs, st.smoothed.ys, "bold cyan", "line"),
-                            (st.val_steps, st.val_losses, "bold magenta", "marks")],
-                           width, height, x_max=total)
+        loss = [(st.steps, st.losses, "grey42"),
+                (st.smoothed.xs, st.smoothed.ys, "bold cyan", "line"),
+                (st.val_steps, st.val_losses, "bold magenta", "marks")]
         legend = Text("loss ", style="grey50")
         legend.append("smoothed ", style="bold cyan")
         legend.append(f"{MARK} validation", style="bold magenta")
-        return Text("\n").join([legend] + lines + [self._sparks(width)])
+        if not st.margin.count:  # supervised: the loss alone
+            lines = [legend] + plot_lines(loss, width, height, x_max=total)
+        else:
+            lines = self._with_margin(loss, legend, width, height, total)
+        return Text("\n").join(lines + [self._sparks(width)])
+
+    def _with_margin(self, loss, legend, width, height, total) -> list[Text]:
+        """Preference tuning: the reward margin (chosen minus rejected) beside the loss, or
+        under it when the plot is narrower than two readable plots."""
+        st = self.state
+        margin = [(st.margin.xs, st.margin.ys, "bold green", "line")]
+        m_legend = Text("reward margin", style="bold green")
+        if st.accuracy.count:
+            m_legend.append(f"  acc {st.accuracy.ys[-1]:.2f}", style="green")
+        if width >= 60:
+            left_w = (width - 2) // 2
+            right_w = width - 2 - left_w
+            left = [legend] + plot_lines(loss, left_w, height, x_max=total)
+            right = [m_legend] + plot_lines(margin, right_w, height, x_max=total)
+            rows = []
+            for i in range(max(len(left), len(right))):
+                row = left[i].copy() if i < len(left) else Text()
+                row.truncate(left_w, pad=True)
+                row.append("  ")
+                if i < len(right):
+                    row.append(right[i])
+                rows.append(row)
+            return rows
+        top = max((height - 2) * 3 // 5, 2)
+        return ([legend] + plot_lines(loss, width, top, x_max=total) + [m_legend]
+                + plot_lines(margin, width, max(height - 2 - top, 2), x_max=total))
 
     def _sparks(self, width: int) -> Text:
         st = self.state

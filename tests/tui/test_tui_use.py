@@ -214,7 +214,7 @@ def test_start_refuses_a_preset_without_weights(tiny_run_inputs, tmp_path):
 def test_start_with_bad_records_needs_a_choice(tiny_run_inputs, tmp_path, monkeypatch):
     root, folder, data, bad = tiny_run_inputs
     import lorafit.tui.setup_screen as setup
-    monkeypatch.setattr(setup, "start_training", lambda c, r: FakeProcess())
+    monkeypatch.setattr(setup, "start_training", lambda c, r, **kw: FakeProcess())
 
     async def scenario():
         from textual.widgets import Select
@@ -241,7 +241,7 @@ def test_start_with_bad_records_needs_a_choice(tiny_run_inputs, tmp_path, monkey
 def test_start_asks_when_the_run_does_not_fit(tiny_run_inputs, tmp_path, monkeypatch):
     root, folder, data, _ = tiny_run_inputs
     import lorafit.tui.setup_screen as setup
-    monkeypatch.setattr(setup, "start_training", lambda c, r: FakeProcess())
+    monkeypatch.setattr(setup, "start_training", lambda c, r, **kw: FakeProcess())
 
     async def scenario():
         app = LorafitApp(runs_root=tmp_path / "runs")
@@ -378,7 +378,7 @@ def test_the_comparison_is_redrawn_on_resize(fixed_runs):
 def test_config_stores_absolute_paths(tiny_run_inputs, tmp_path, monkeypatch):
     root, folder, data, _ = tiny_run_inputs
     import lorafit.tui.setup_screen as setup
-    monkeypatch.setattr(setup, "start_training", lambda c, r: FakeProcess())
+    monkeypatch.setattr(setup, "start_training", lambda c, r, **kw: FakeProcess())
     monkeypatch.chdir(root)
 
     async def scenario():
@@ -575,3 +575,174 @@ def test_ctrl_o_picks_the_data_file_from_a_tree(tmp_path, monkeypatch):
             await pilot.pause(0.2)
             assert isinstance(app.screen, SetupScreen) and field.value.endswith("train.jsonl")
     run(scenario())
+
+
+# -- the side panel at 80x24 -----------------------------------------------------------------
+def test_the_side_panel_is_whole_and_scrolls_into_view_at_80x24(fixed_runs):
+    """Nothing of the stats and memory panel is cut: its text is laid out whole, and where
+    it is taller than the screen allows, Tab reaches it and End brings its last line in."""
+    from textual.widgets import Static
+
+    async def scenario():
+        app = LorafitApp(watch=fixed_runs / "lr-1e-3", runs_root=fixed_runs)
+        async with app.run_test(size=(80, 24)) as pilot:
+            screen = app.screen
+            assert await wait_for(pilot, lambda: "memory" in panel_text(screen, "#side"))
+            await pilot.pause(0.3)
+            box, side = screen.query_one("#side-box"), screen.query_one("#side", Static)
+            lines = panel_text(screen, "#side").splitlines()
+            assert side.size.height == len(side.render().wrap(side.size.width))
+            assert "capacity" in lines[-1] or lines[-1].startswith("■")  # the bar's legend
+            assert box.virtual_size.height > box.size.height  # it does not fit: it scrolls
+            for _ in range(6):
+                if app.focused is box:
+                    break
+                await pilot.press("tab")
+                await pilot.pause(0.05)
+            assert app.focused is box
+            await pilot.press("end")
+            await pilot.pause(0.3)
+            assert box.scroll_y == box.max_scroll_y > 0
+            last_row = side.region.y + side.region.height - 1
+            assert box.content_region.y <= last_row < box.content_region.bottom
+    run(scenario())
+
+
+# -- several processes (issue 11) and preference tuning (issue 18) --------------------------
+def write_preference_run(run_dir: Path, steps: int, world_size: int = 1) -> None:
+    """A run folder as a `--method dpo` trainer in `world_size` processes leaves it."""
+    from lorafit.core import events as ev
+
+    run_dir.mkdir(parents=True)
+    sinks = [ev.JsonlSink(run_dir), ev.StatusSink(run_dir)]
+
+    def emit(e):
+        for s in sinks:
+            s(e)
+    emit(ev.RunStarted(total_steps=steps, examples=64, val_examples=0, backend="torch",
+                       device="cpu", trainable="", config={"model": "tiny-model"},
+                       world_size=world_size))
+    for step in range(1, steps + 1):
+        margin = 0.05 * step
+        emit(ev.StepReport(step=step, epoch=step / 8, loss=0.6931 - 0.02 * step, lr=1e-4,
+                           grad_norm=1.0, tokens=256, tokens_per_s=1000.0, step_time=0.25,
+                           eta_s=0.25 * (steps - step), memory_peak=300 * 2**20,
+                           memory_current=200 * 2**20, reward_chosen=margin / 2,
+                           reward_rejected=-margin / 2, reward_margin=margin,
+                           reward_accuracy=min(0.5 + 0.05 * step, 1.0)))
+        if step == 2:
+            emit(ev.MemoryMeasured(step=2, measured=301 * 2**20, estimated=310 * 2**20,
+                                   rank_peaks=[301 * 2**20, 299 * 2**20][:world_size]
+                                   if world_size > 1 else None))
+    for s in sinks:
+        s.close()
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 36)])
+def test_a_preference_run_plots_its_reward_margin_beside_the_loss(tmp_path, size):
+    from lorafit.tui.widgets import LossPlot
+
+    write_preference_run(tmp_path / "dpo", 10)
+
+    async def scenario():
+        app = LorafitApp(watch=tmp_path / "dpo", runs_root=tmp_path)
+        async with app.run_test(size=size) as pilot:
+            screen = app.screen
+            assert await wait_for(pilot, lambda: screen.follower.state.margin.count == 10)
+            await pilot.pause(0.5)
+            plot = str(screen.query_one(LossPlot).render()).splitlines()
+            legend = [i for i, line in enumerate(plot) if "reward margin" in line]
+            assert len(legend) == 1 and "acc 1.00" in plot[legend[0]]
+            assert plot[0].startswith("loss smoothed")
+            if size[0] >= 120:  # beside the loss: both legends on the first row
+                assert legend == [0]
+            else:  # too narrow for two: under it
+                assert plot[legend[0]].startswith("reward margin") and legend[0] > 3
+            assert "0.5" in "".join(plot)  # the margin axis reaches the last margin, 0.5
+            side = panel_text(screen, "#side")
+            assert "margin 0.500" in side and "acc 1.00" in side
+            assert "chosen +0.250 rejected -0.250" in side
+    run(scenario())
+
+
+def test_a_supervised_run_shows_no_reward_margin(fixed_runs):
+    from lorafit.tui.widgets import LossPlot
+
+    async def scenario():
+        app = LorafitApp(watch=fixed_runs / "lr-3e-3", runs_root=fixed_runs)
+        async with app.run_test(size=(120, 36)) as pilot:
+            screen = app.screen
+            assert await wait_for(pilot, lambda: len(screen.follower.state.steps) == 40)
+            await pilot.pause(0.3)
+            assert "margin" not in str(screen.query_one(LossPlot).render())
+            assert "margin" not in panel_text(screen, "#side")
+            assert "processes" not in panel_text(screen, "#side")
+    run(scenario())
+
+
+def test_the_run_screen_shows_the_processes_and_each_ranks_peak(tmp_path, monkeypatch):
+    """World size from the start record, each rank's peak from the memory record, and the
+    CPU use of every rank whose pid is in RUN/ranks/."""
+    from lorafit.core import launch
+    from lorafit.tui import sysinfo
+
+    write_preference_run(tmp_path / "dp", 4, world_size=2)
+    for rank, pid in ((0, os.getpid()), (1, 4321)):
+        launch.record_start(tmp_path / "dp", launch.Place(rank, 2))
+        (launch.ranks_path(tmp_path / "dp") / f"rank-{rank}.pid").write_text(str(pid))
+    sampled = []
+    monkeypatch.setattr(sysinfo.UsageSampler, "sample",
+                        lambda self, pids: sampled.append(sorted(pids)) or sysinfo.Usage())
+
+    async def scenario():
+        app = LorafitApp(watch=tmp_path / "dp", runs_root=tmp_path)
+        async with app.run_test(size=(120, 36)) as pilot:
+            screen = app.screen
+            assert await wait_for(pilot, lambda: "2 processes" in panel_text(screen, "#side"))
+            assert "per rank  301 MiB, 299 MiB" in panel_text(screen, "#side")
+            assert await wait_for(pilot, lambda: [4321, os.getpid()] in sampled, timeout=5)
+    run(scenario())
+
+
+def test_the_processes_field_is_checked_and_passed_as_nproc(tiny_run_inputs, tmp_path,
+                                                            monkeypatch):
+    """1 by default; 0, a word or more than this machine's cores are form errors; N > 1
+    starts `lorafit train CONFIG --nproc N`."""
+    import os as _os
+
+    import lorafit.tui.setup_screen as setup
+    from lorafit.backends import devices
+    from textual.widgets import Select
+
+    root, folder, data, _ = tiny_run_inputs
+    launched = []
+
+    class Popen(FakeProcess):
+        def __init__(self, args, **kw):
+            super().__init__()
+            launched.append(args)
+    monkeypatch.setattr(setup.subprocess, "Popen", Popen)
+    monkeypatch.setattr(_os, "cpu_count", lambda: 3)
+    assert devices.process_limit("torch", "cpu") == (3, "3 CPU cores")
+
+    async def scenario():
+        app = LorafitApp(runs_root=tmp_path / "runs")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            assert screen.query_one("#nproc").value == "1"
+            screen.query_one("#backend", Select).value = "torch"
+            await fill(pilot, screen, model=folder, data=data, output=tmp_path / "n",
+                       batch_size=1, seq_len=32)
+            for bad, why in (("0", "at least 1"), ("two", "not a whole number"),
+                             ("4", "at most 3 here (3 CPU cores)")):
+                await fill(pilot, screen, nproc=bad)
+                assert why in panel_text(screen, "#memory-panel")
+                await pilot.press("ctrl+s")
+                await pilot.pause(0.2)
+                assert app.screen is screen and not launched
+            await fill(pilot, screen, nproc=3)
+            await pilot.press("ctrl+s")
+            await pilot.pause(0.3)
+            assert isinstance(app.screen, RunScreen)
+    run(scenario())
+    assert launched and launched[0][-3:] == [str(rundir.config_path(tmp_path / "n")), "--nproc", "3"]
