@@ -224,7 +224,7 @@ class SetupScreen(Screen):
             self.estimate = None
             memory.update(Text("memory: fill in a model", style="dim"))
         else:
-            self._update_memory(cfg, budget)
+            self._update_memory(cfg, budget, self.nproc())
         if not cfg.data:
             self.data_problems = []
             data.update(Text("data: choose a file", style="dim"))
@@ -236,7 +236,7 @@ class SetupScreen(Screen):
         return str(self.query_one(f"#{fid}", Input).value.strip()) == str(value)
 
     @work(thread=True, exclusive=True, group="memory")
-    def _update_memory(self, cfg, budget=None) -> None:
+    def _update_memory(self, cfg, budget=None, nproc: int = 1) -> None:
         from lorafit.commands.estimate import estimate_for_config
 
         panel = self.query_one("#memory-panel", Static)
@@ -264,6 +264,12 @@ class SetupScreen(Screen):
                      "ctrl+f applies:\n")
             for s in est["suggestions"]:
                 t.append(f"  {s}\n")
+        together = shared_need(est, nproc)
+        if together:  # N processes in one memory (CPU RAM, a Mac's unified memory)
+            over = est["budget"] is not None and together > est["budget"]
+            t.append(f"{nproc} processes share this memory: about {fmt_bytes(together)}"
+                     + (" — does NOT fit\n" if over else "\n"),
+                     style="bold red" if over else "dim")
         t.append("memory estimate ", style="bold")
         t.append(f"{est['backend']} on {est['device']}, {est['model_source']} "
                  f"({est['budget_source']})\n", style="dim")
@@ -363,7 +369,8 @@ class SetupScreen(Screen):
             self.notify(str(e), severity="error", timeout=15)
             return
         self.estimate = est
-        if est["fits"]:
+        need = shared_need(est, self.nproc()) or est["total"]
+        if est["fits"] and need <= est["budget"]:
             self._start(cfg)
             return
         from lorafit.tui.app import ConfirmScreen
@@ -373,7 +380,7 @@ class SetupScreen(Screen):
                 self._start(dataclasses.replace(cfg, force=True))
 
         self.app.push_screen(ConfirmScreen(
-            f"This run needs about {fmt_bytes(est['total'])} but {est['budget_source']} is "
+            f"This run needs about {fmt_bytes(need)} but {est['budget_source']} is "
             f"{fmt_bytes(est['budget'])}; it will likely run out of memory. Start anyway?",
             "Start anyway"), answer)
 
@@ -393,6 +400,14 @@ class SetupScreen(Screen):
         from lorafit.tui.browser import BrowserScreen
 
         self.app.push_screen(BrowserScreen(self.app.runs_root))
+
+
+def shared_need(est: dict, nproc: int) -> int | None:
+    """What nproc processes need together where they share one memory (every process holds
+    the whole base: data parallel shards nothing); None for one process or one GPU each."""
+    if nproc <= 1 or est.get("device", "").split(":")[0] == "cuda":
+        return None
+    return nproc * est["total"]
 
 
 def absolute_paths(cfg):

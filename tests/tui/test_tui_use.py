@@ -706,8 +706,8 @@ def test_the_run_screen_shows_the_processes_and_each_ranks_peak(tmp_path, monkey
 
 def test_the_processes_field_is_checked_and_passed_as_nproc(tiny_run_inputs, tmp_path,
                                                             monkeypatch):
-    """1 by default; 0, a word or more than this machine's cores are form errors; N > 1
-    starts `lorafit train CONFIG --nproc N`."""
+    """1 by default; 0, a word or more than this machine's cores are form errors; N CPU
+    processes need N times the memory; N > 1 starts `lorafit train CONFIG --nproc N`."""
     import os as _os
 
     import lorafit.tui.setup_screen as setup
@@ -741,7 +741,18 @@ def test_the_processes_field_is_checked_and_passed_as_nproc(tiny_run_inputs, tmp
                 await pilot.pause(0.2)
                 assert app.screen is screen and not launched
             await fill(pilot, screen, nproc=3)
+            # three CPU processes hold three copies: room for two is not enough
+            assert await wait_for(pilot, lambda: "3 processes share this memory" in
+                                  panel_text(screen, "#memory-panel"))
+            one = screen.estimate["total"]
+            await fill(pilot, screen, budget=f"{2 * one}B")
+            assert await wait_for(pilot, lambda: "does NOT fit" in
+                                  panel_text(screen, "#memory-panel"))
+            assert panel_text(screen, "#memory-panel").startswith("fits")  # one would
             await pilot.press("ctrl+s")
+            await pilot.pause(0.3)
+            assert isinstance(app.screen, ConfirmScreen) and not launched
+            await pilot.press("y")
             await pilot.pause(0.3)
             assert isinstance(app.screen, RunScreen)
     run(scenario())
