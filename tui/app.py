@@ -124,7 +124,7 @@ class LorafitApp(App):
     BINDINGS = [Binding("ctrl+q", "quit_app", "Quit", priority=True),
                 Binding("q", "quit_app", "Quit", show=False),
                 Binding("question_mark", "help", "Help", key_display="?"),
-                Binding("d", "toggle_dark", "Dark/light")]
+                Binding("d", "toggle_dark", "Theme", tooltip="switch dark / light")]
     HELP_APP = [("ctrl+q", "quit (asks first while a run started here trains)"),
                 ("q", "quit, outside text fields (esc leaves a text field)"),
                 ("?", "this help"), ("d", "dark / light theme"),

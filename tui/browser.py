@@ -34,7 +34,9 @@ class RunsTable(DataTable):
 
 class BrowserScreen(Screen):
     BINDINGS = [Binding("enter", "open", "Open"), Binding("space", "mark", "Mark"),
-                Binding("c", "compare", "Compare marked"), Binding("r", "reload", "Reload"),
+                Binding("c", "compare", "Compare", tooltip="plot the marked runs' smoothed "
+                        "losses together"),
+                Binding("r", "reload", "Reload", show=False),  # in the help, not the footer
                 Binding("u", "resume", "Resume"),
                 Binding("escape", "back", "Back")]
 
@@ -49,7 +51,7 @@ class BrowserScreen(Screen):
         yield Header()
         yield RunsTable(id="runs", cursor_type="row")
         yield Static(id="compare")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.title = f"lorafit — runs in {self.root}"

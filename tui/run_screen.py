@@ -35,9 +35,10 @@ def _fmt_time(s) -> str:
 
 class RunScreen(Screen):
     BINDINGS = [
-        Binding("p", "pause", "Pause/resume"),
-        Binding("s", "save", "Save now"),
-        Binding("x", "stop", "Stop (asks)"),
+        Binding("p", "pause", "Pause", tooltip="pause / resume the trainer after this step"),
+        Binding("s", "save", "Save", tooltip="save a checkpoint after this step"),
+        Binding("x", "stop", "Stop", tooltip="stop the run (asks first; the trainer saves "
+                "and exits)"),
         Binding("t", "try_it", "Try it"),
         Binding("escape", "back", "Back"),
     ]
@@ -69,7 +70,7 @@ class RunScreen(Screen):
                 yield Input(placeholder="a prompt; Enter generates, Esc closes", id="prompt")
                 with VerticalScroll(id="try-scroll"):
                     yield Static("", id="try-out")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.title = f"lorafit — {self.run_dir}"

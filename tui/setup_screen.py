@@ -95,7 +95,8 @@ class SetupScreen(Screen):
                 Binding("ctrl+f", "apply_fit", "Apply fit", tooltip="put the next suggestion "
                         "of the memory estimate into the form"),
                 Binding("ctrl+o", "pick_data", "Files", tooltip="pick the data file from a folder tree"),
-                Binding("escape", "leave_field", "Leave field")]
+                Binding("escape", "leave_field", "Leave", tooltip="leave the text field, "
+                        "so that one-letter keys (q, d, ?) work")]
 
     def __init__(self, defaults: dict | None = None):
         super().__init__()
@@ -126,7 +127,7 @@ class SetupScreen(Screen):
             with Vertical(id="panels"):
                 yield Static("memory: fill in a model", id="memory-panel")
                 yield Static("data: choose a file", id="data-panel")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.title = "lorafit — new run"

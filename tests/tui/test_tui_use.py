@@ -757,3 +757,26 @@ def test_the_processes_field_is_checked_and_passed_as_nproc(tiny_run_inputs, tmp
             assert isinstance(app.screen, RunScreen)
     run(scenario())
     assert launched and launched[0][-3:] == [str(rundir.config_path(tmp_path / "n")), "--nproc", "3"]
+
+
+def test_the_footer_shows_every_key_of_each_screen_at_80x24(fixed_runs):
+    """No key is cut off the footer at 80 columns (long explanations are in the help)."""
+    from test_tui import screen_text
+
+    async def scenario():
+        app = LorafitApp(runs_root=fixed_runs)
+        async with app.run_test(size=(80, 24)) as pilot:
+            seen = []
+            for keys in ((), ("escape", "ctrl+r"), ("enter",)):  # set-up, runs, a run
+                await pilot.press(*keys)
+                await pilot.pause(0.5)
+                footer = screen_text(app).splitlines()[-1]
+                shown = [b.description for b in (a.binding for a in
+                                                 app.screen.active_bindings.values())
+                         if b.show and b.description]
+                assert shown and "palette" in footer
+                missing = [d for d in shown if d not in footer]
+                assert not missing, (type(app.screen).__name__, missing, footer)
+                seen.append(type(app.screen))
+            assert seen == [SetupScreen, BrowserScreen, RunScreen]
+    run(scenario())
