@@ -5,7 +5,8 @@ Framework-free: Hugging Face tensor names and numpy arrays in, a .gguf file out.
 llama.cpp's converters do that the arrays do not say is done here the same way: tensor names
 through gguf's TensorNameMap, the Llama q/k row permutation (llama.cpp's `llama` architecture
 rotates interleaved pairs, Hugging Face checkpoints rotate halves), Llama 3's rope scaling as a
-`rope_freqs` tensor, and the byte-level BPE tokenizer as token list, types and merges.
+`rope_freqs` tensor, and the byte-level BPE tokenizer as token list, types and merges (a
+SentencePiece-style one, byte fallback and `▁`, as llama.cpp's `llama` vocabulary with scores).
 """
 
 from __future__ import annotations
@@ -401,9 +402,12 @@ def add_tokenizer(w, gguf, folder: str | Path, vocab_size: int) -> None:
     folder = Path(folder)
     tj = _read_tokenizer_json(folder)
     model = tj.get("model") or {}
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return _add_sentencepiece_tokenizer(w, gguf, tj, folder, vocab_size)
     if model.get("type") != "BPE" or model.get("byte_fallback") or \
             (tj.get("decoder") or {}).get("type") not in ("ByteLevel", None):
-        raise LorafitError(f"{folder}: GGUF export supports byte-level BPE tokenizers "
+        raise LorafitError(f"{folder}: GGUF export supports byte-level and SentencePiece-style "
+                           "(byte-fallback) BPE tokenizers "
                            f"(this one is {model.get('type')}"
                            f"{' with byte fallback' if model.get('byte_fallback') else ''})")
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
@@ -422,6 +426,56 @@ def add_tokenizer(w, gguf, folder: str | Path, vocab_size: int) -> None:
     w.add_token_types(types)
     w.add_add_bos_token(_adds_bos(tj, folder))
     gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(w, quiet=True)
+
+
+def _add_sentencepiece_tokenizer(w, gguf, tj: dict, folder: Path, vocab_size: int) -> None:
+    """A SentencePiece-style BPE tokenizer.json (byte fallback, `▁` for spaces: Llama 2,
+    Mistral v0.1-0.3, Gemma) as llama.cpp's `llama` vocabulary. llama.cpp merges the
+    adjacent pair whose joined piece scores highest, so each piece scores minus the rank
+    of the first merge that makes it: the same order as the BPE merges."""
+    model = tj["model"]
+    rank = {}
+    for i, m in enumerate(model.get("merges") or []):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        rank.setdefault(a + b, i)
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [-1e9] * vocab_size
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for text, i in model["vocab"].items():
+        if i >= vocab_size:
+            continue
+        # (a piece no merge makes is never formed by BPE: it must lose every comparison)
+        tokens[i], scores[i] = text, -float(rank[text]) if text in rank else -1e9
+        types[i] = gguf.TokenType.BYTE if len(text) == 6 and text.startswith("<0x") \
+            else gguf.TokenType.UNKNOWN if text == model.get("unk_token") \
+            else gguf.TokenType.NORMAL
+    for a in tj.get("added_tokens") or []:
+        if a["id"] < vocab_size and types[a["id"]] != gguf.TokenType.BYTE:
+            tokens[a["id"]] = a["content"]
+            types[a["id"]] = gguf.TokenType.UNKNOWN if a["content"] == model.get("unk_token") \
+                else gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_add_space_prefix(_prepends_space(tj))
+    w.add_add_bos_token(_adds_bos(tj, folder))
+    gguf.SpecialVocab(folder, load_merges=False, n_vocab=vocab_size).add_to_gguf(w, quiet=True)
+
+
+def _prepends_space(tj: dict) -> bool:
+    """Whether the tokenizer puts `▁` before the text (Llama 2's Prepend normalizer or a
+    Metaspace pre-tokenizer that prepends; Gemma does neither)."""
+    def parts(x):
+        x = x or {}
+        key = "normalizers" if "normalizers" in x else "pretokenizers"
+        return x.get(key, [x]) if x.get("type") == "Sequence" else [x]
+    if any(n.get("type") == "Prepend" and n.get("prepend") == "\u2581"
+           for n in parts(tj.get("normalizer"))):
+        return True
+    return any(p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never"
+               and p.get("add_prefix_space", True) for p in parts(tj.get("pre_tokenizer")))
 
 
 def _adds_bos(tj: dict, folder: Path) -> bool:

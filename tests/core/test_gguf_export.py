@@ -403,3 +403,74 @@ def test_llama_cpp_runs_the_merged_gguf_of_each_family(tmp_path, tokenizer, torc
     ours = ops.to_numpy(model.logits(ops.from_numpy(np.asarray([seq]))))[0]
     assert np.abs(logits - ours).max() < 2e-3 * np.abs(ours).max()
     assert got == want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prefix", [True, False], ids=["llama2-style", "gemma-style"])
+def test_sentencepiece_style_tokenizers_split_text_as_in_transformers(tmp_path, adapted,
+                                                                      prefix):
+    """A byte-fallback BPE tokenizer.json with `▁` for spaces (Llama 2 / Mistral: a `▁`
+    prepended; Gemma: none) becomes llama.cpp's `llama` vocabulary: llama.cpp tokenizes
+    text, unseen characters (byte fallback) included, exactly as transformers does."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lorafit.core import gguf_export
+    from lorafit.models.loader import read_config
+
+    llama_cpp = _llama_cpp()
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    folder, _, model = adapted["llama"]
+    weights = {k: model.backend.to_numpy(v) for k, v in model.params.items()
+               if ".lora_" not in k}
+
+    def sentencepiece_like(vocab=None, merges=None):
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>",
+                                  byte_fallback=True, fuse_unk=True))
+        tk.normalizer = normalizers.Sequence(
+            ([normalizers.Prepend("\u2581")] if prefix else [])
+            + [normalizers.Replace(" ", "\u2581")])
+        return tk
+
+    def gguf_and_hf(name, tk):
+        tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "),
+                                        decoders.ByteFallback(), decoders.Fuse()])
+        tj = json.loads(tk.to_str())  # byte pieces are vocabulary, not added (as Llama 2's)
+        tj["added_tokens"] = [a for a in tj["added_tokens"] if a["content"] not in byte_tokens]
+        hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(tj)),
+                                     eos_token="</s>", unk_token="<unk>")
+        hf.save_pretrained(str(tmp_path / name))
+        path = gguf_export.write_model(tmp_path / f"{name}.gguf", read_config(folder),
+                                       weights, tmp_path / name, "f32")
+        return hf, llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+
+    def same(hf, llm, samples):
+        try:
+            for sample in samples:
+                want = hf(sample, add_special_tokens=False)["input_ids"]
+                assert llm.tokenize(sample.encode(), add_bos=False, special=False) == want, \
+                    sample
+                assert len(want) < len(sample.encode())  # merges were applied
+        finally:
+            llm.close()
+
+    text = "the quick brown fox jumps over the lazy dog, the quick brown cat"
+    tk = sentencepiece_like()
+    tk.train_from_iterator([text, PROMPT] * 4, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=specials + byte_tokens))
+    hf, llm = gguf_and_hf("trained", tk)
+    assert any(hf.convert_ids_to_tokens(i) in byte_tokens
+               for i in hf("é€", add_special_tokens=False)["input_ids"])
+    same(hf, llm, (text, "the lazy fox  jumps", "é€ over 😀 dog", PROMPT))
+    # merge order decides: "b c" before "a b", so "dabc" is d a bc, where joining the
+    # leftmost known pair first would give d ab c
+    pieces = specials + byte_tokens + ["\u2581", "a", "b", "c", "d", "bc", "ab", "\u2581d"]
+    tk = sentencepiece_like({p: i for i, p in enumerate(pieces)},
+                            [("b", "c"), ("a", "b"), ("\u2581", "d")])
+    hf, llm = gguf_and_hf("ranked", tk)
+    assert hf.convert_ids_to_tokens(hf("dabc", add_special_tokens=False)["input_ids"])[-2:] \
+        == ["a", "bc"]
+    same(hf, llm, ("dabc", "d dabc ab"))
