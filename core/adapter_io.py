@@ -57,6 +57,36 @@ def _from_peft_name(name: str, expert_params: list) -> str:
     return name
 
 
+# Vision-language checkpoints whose text tower lorafit trains: PEFT on the wrapper
+# (Mistral3ForConditionalGeneration, Qwen3_5ForConditionalGeneration...) reaches the text
+# model's layers under `model.language_model.`, and all-linear names would also match the
+# vision tower's q_proj..., so the adapter's target_modules is a regex over the text layers.
+TEXT_TOWER_PREFIX = "model.language_model."
+VISION_LANGUAGE = ("mistral3", "qwen3_5", "qwen3_5_moe")
+# what a text tower's tensors may be called in an adapter -> lorafit's causal-LM names
+_TOWER_NAMES = ((TEXT_TOWER_PREFIX, "model."), ("language_model.model.", "model."),
+                ("language_model.lm_head.", "lm_head."))
+
+
+def _base_model_type(base_model: str | None) -> str | None:
+    """The base's model_type from a local folder's config.json (None if not at hand)."""
+    try:
+        return json.loads((Path(base_model) / "config.json").read_text()).get("model_type")
+    except (OSError, TypeError, ValueError):
+        return None
+
+
+def _to_tower_name(name: str) -> str:
+    return TEXT_TOWER_PREFIX + name[len("model."):] if name.startswith("model.") else name
+
+
+def _from_tower_name(name: str) -> str:
+    for old, new in _TOWER_NAMES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
 def _modules(adapter: dict) -> list[str]:
     return sorted({k.rsplit(".lora_", 1)[0] for k in adapter})
 
@@ -103,7 +133,14 @@ def save_peft(folder: str | Path, adapter: dict, cfg: LoraConfig, base_model: st
     if "gate_up_proj" in experts:  # PEFT's fused gate+up: twice the rank and alpha
         config["rank_pattern"] = {r".*\.gate_up_proj": 2 * cfg.r}
         config["alpha_pattern"] = {r".*\.gate_up_proj": 2 * cfg.alpha}
-    tensors = {PEFT_PREFIX + _to_peft_name(k, experts): np.asarray(v, dtype=np.float32)
+    tower = _base_model_type(base_model) in VISION_LANGUAGE
+    if tower:  # the text layers only, by a regex PEFT full-matches against module names
+        which = "|".join(map(str, layers)) if config["layers_to_transform"] else r"\d+"
+        config["target_modules"] = (re.escape(TEXT_TOWER_PREFIX) + rf"layers\.({which})\..*\."
+                                    f"({'|'.join(names)})")
+        config["layers_to_transform"] = None
+    rename = _to_tower_name if tower else (lambda n: n)
+    tensors = {PEFT_PREFIX + rename(_to_peft_name(k, experts)): np.asarray(v, dtype=np.float32)
                for k, v in adapter.items()}
     atomic_save_safetensors(folder / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
     atomic_write_json(folder / PEFT_CONFIG, config)
@@ -152,7 +189,7 @@ def load_peft(folder: str | Path) -> tuple[LoraConfig, dict]:
     raw = load_safetensors_numpy(weights_path)
     adapter = {}
     for k, v in raw.items():
-        name = k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k
+        name = _from_tower_name(k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k)
         if expert_params:
             name = _from_peft_name(name, expert_params)
         name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")

@@ -229,7 +229,8 @@ def adapter_params(sh: Shape, st: Settings) -> int:
                 if m in sh.layer_linears[ly])
         if st.layers is None:
             n += sum(cost(*sh.model_linears[m]) for m in names if m in sh.model_linears)
-        return n
+        # stacked experts and routers (none where only 2D projections take adapters)
+        return n + (moe_adapter_params(sh, st) if sh.moe and sh.moe["all_linear"] else 0)
     per = sum(st.rank * (dims[m][0] + dims[m][1]) + (dims[m][1] if st.dora else 0)
               for m in target_names(sh, st))
     return n_layers * per + moe_adapter_params(sh, st)

@@ -5,7 +5,8 @@ Framework-free: Hugging Face tensor names and numpy arrays in, a .gguf file out.
 llama.cpp's converters do that the arrays do not say is done here the same way: tensor names
 through gguf's TensorNameMap, the Llama q/k row permutation (llama.cpp's `llama` architecture
 rotates interleaved pairs, Hugging Face checkpoints rotate halves), Llama 3's rope scaling as a
-`rope_freqs` tensor, and the byte-level BPE tokenizer as token list, types and merges.
+`rope_freqs` tensor, and the byte-level BPE tokenizer as token list, types and merges (a
+SentencePiece-style one, byte fallback and `▁`, as llama.cpp's `llama` vocabulary with scores).
 """
 
 from __future__ import annotations
@@ -27,6 +28,70 @@ class Family:
     arch: str  # gguf.MODEL_ARCH member name
     permute_qk: bool = False  # llama.cpp rotates interleaved pairs: undo HF's permutation
     scales: tuple = ()  # (config key, GGUFWriter method) pairs of multipliers
+    norm_plus_one: bool = False  # Gemma's (1 + w) RMSNorm: llama.cpp stores 1 + w
+    keys: object = None  # config -> writer: the family's own hyperparameters
+
+
+def _layer_types(config: dict, pattern: int) -> list[str]:
+    """The config's layer_types, or transformers' default from a period (every n-th layer
+    full, as Gemma's older configs say with sliding_window_pattern)."""
+    if config.get("layer_types"):
+        return list(config["layer_types"])
+    n = config.get("sliding_window_pattern") or pattern
+    return ["sliding_attention" if (i + 1) % n else "full_attention"
+            for i in range(config["num_hidden_layers"])]
+
+
+def _swa_keys(w, config: dict, pattern: int) -> None:
+    """The window, and which layers use it, as llama.cpp reads them (a bool per layer)."""
+    if config.get("sliding_window"):
+        w.add_sliding_window(int(config["sliding_window"]))
+        w.add_sliding_window_pattern([t == "sliding_attention"
+                                      for t in _layer_types(config, pattern)])
+
+
+def _gemma2_keys(w, config: dict) -> None:
+    for key, method in (("attn_logit_softcapping", w.add_attn_logit_softcapping),
+                        ("final_logit_softcapping", w.add_final_logit_softcapping)):
+        if config.get(key) is not None:
+            method(float(config[key]))
+    _swa_keys(w, config, 2)
+
+
+def _gemma3_keys(w, config: dict) -> None:
+    if config.get("final_logit_softcapping") is not None:
+        w.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+    _swa_keys(w, config, 6)
+    local = _rope_by_type(config).get("sliding_attention") or \
+        {"rope_theta": config.get("rope_local_base_freq", 10000.0)}
+    w.add_rope_freq_base_swa(float(local.get("rope_theta", 10000.0)))
+
+
+def _moe_keys(w, config: dict) -> None:
+    w.add_expert_count(config.get("num_local_experts") or config["num_experts"])
+    w.add_expert_used_count(config["num_experts_per_tok"])
+    if config.get("moe_intermediate_size"):
+        w.add_expert_feed_forward_length(config["moe_intermediate_size"])
+
+
+def _phi3_keys(w, config: dict) -> None:
+    if config.get("sliding_window"):
+        w.add_sliding_window(int(config["sliding_window"]))
+    s = _longrope(config)
+    if s:
+        orig = config.get("original_max_position_embeddings",
+                          s.get("original_max_position_embeddings"))
+        w.add_rope_scaling_orig_ctx_len(int(orig))
+        scale = config.get("max_position_embeddings", orig) / orig
+        w.add_rope_scaling_attn_factors(s.get("attention_factor") or (
+            1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(orig))))
+
+
+def _exaone4_keys(w, config: dict) -> None:
+    """llama.cpp's exaone4 has windows only in the 64-layer (32B) layout, every 4th layer
+    full; a window key on other layouts would turn RoPE off everywhere."""
+    if config.get("sliding_window") and config["num_hidden_layers"] == 64:
+        w.add_sliding_window(int(config["sliding_window"]))
 
 
 # Hugging Face model_type -> how llama.cpp knows it (checked end to end in
@@ -34,8 +99,10 @@ class Family:
 FAMILIES = {
     "llama": Family("LLAMA", permute_qk=True),
     "mistral": Family("LLAMA", permute_qk=True),
+    "mixtral": Family("LLAMA", permute_qk=True, keys=_moe_keys),
     "qwen2": Family("QWEN2"),
     "qwen3": Family("QWEN3"),
+    "qwen3_moe": Family("QWEN3MOE", keys=_moe_keys),
     "olmo2": Family("OLMO2"),
     "granite": Family("GRANITE", permute_qk=True, scales=(
         ("embedding_multiplier", "add_embedding_scale"),
@@ -43,7 +110,26 @@ FAMILIES = {
         ("attention_multiplier", "add_attention_scale"),
         ("logits_scaling", "add_logit_scale"))),
     "starcoder2": Family("STARCODER2"),
+    "gemma2": Family("GEMMA2", norm_plus_one=True, keys=_gemma2_keys),
+    "gemma3_text": Family("GEMMA3", norm_plus_one=True, keys=_gemma3_keys),
+    "phi3": Family("PHI3", keys=_phi3_keys),
+    "smollm3": Family("SMOLLM3", permute_qk=True),
+    "exaone4": Family("EXAONE4", keys=_exaone4_keys),
+    "glm4": Family("GLM4"),
 }
+
+# Families lorafit trains that have no GGUF export, and why (said in the one-line error).
+NO_GGUF = {
+    "gemma4_text": "lorafit has no GGUF export for Gemma 4 yet",
+    "gpt_oss": "llama.cpp's gpt-oss reads MXFP4 experts, which lorafit does not write",
+    "qwen3_next": "lorafit has no GGUF export for its Gated DeltaNet layers yet",
+    "qwen3_5_text": "lorafit has no GGUF export for its Gated DeltaNet layers yet",
+    "qwen3_5_moe_text": "lorafit has no GGUF export for its Gated DeltaNet layers yet",
+    "olmo3": "lorafit has no GGUF export for OLMo 3's per-layer RoPE yet",
+    "ministral3": "lorafit has no GGUF export for its attention temperature yet",
+    "mistral3": "lorafit has no GGUF export for its attention temperature yet",
+}
+
 
 # The pre-tokenizer regexes of tokenizer.json that llama.cpp knows by name.
 LLAMA3_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?"
@@ -56,9 +142,25 @@ PRE_TOKENIZERS = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
 def family(config: dict) -> Family:
     mt = config.get("model_type")
     if mt not in FAMILIES:
+        why = f" ({NO_GGUF[mt]})" if mt in NO_GGUF else ""
         raise LorafitError(f"GGUF export supports {', '.join(sorted(FAMILIES))}; this model is "
-                           f"{mt!r}")
+                           f"{mt!r}{why}")
+    for problem in _unexportable(config):
+        raise LorafitError(f"GGUF export of {mt}: {problem}")
     return FAMILIES[mt]
+
+
+def _unexportable(config: dict) -> list[str]:
+    """What llama.cpp's implementation of the family cannot load at all."""
+    mt = config.get("model_type")
+    if mt == "qwen3_moe" and (config.get("mlp_only_layers")
+                              or (config.get("decoder_sparse_step") or 1) != 1):
+        return ["llama.cpp's qwen3moe has no dense layers (mlp_only_layers / "
+                "decoder_sparse_step)"]
+    if mt == "exaone4" and head_dim(config) * config["num_attention_heads"] != \
+            config["hidden_size"]:
+        return ["llama.cpp's exaone4 needs head_dim x heads = hidden_size"]
+    return []
 
 
 def _gguf():
@@ -69,18 +171,42 @@ def _gguf():
     return gguf
 
 
+def _rope_by_type(config: dict) -> dict:
+    """transformers 5's per-layer-type rope_parameters ({} for one rope for all layers)."""
+    params = config.get("rope_parameters") or {}
+    return params if "full_attention" in params or "sliding_attention" in params else {}
+
+
 def _rope(config: dict) -> tuple[float, dict]:
     """(rope_theta, scaling dict) from transformers v4 (rope_theta + rope_scaling) or v5
-    (rope_parameters) configs."""
-    params = config.get("rope_parameters") or {}
+    (rope_parameters) configs; the full-attention layers' where they differ by type."""
+    params = _rope_by_type(config).get("full_attention") or config.get("rope_parameters") or {}
+    if "rope_theta" not in config and config.get("rope_local_base_freq"):  # gemma3, v4
+        params = {"rope_theta": 1_000_000.0, **params}
     scaling = config.get("rope_scaling") or params
     theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     return float(theta), (scaling if kind != "default" else {})
 
 
+def _longrope(config: dict) -> dict:
+    """Phi-3's LongRoPE dict (transformers' phi3 reads su, yarn and longrope all as it)."""
+    _, s = _rope(config)
+    if config.get("model_type") == "phi3" and \
+            s.get("rope_type", s.get("type")) in ("longrope", "su", "yarn"):
+        return s
+    return {}
+
+
 def head_dim(config: dict) -> int:
     return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def rotary_dim(config: dict) -> int:
+    """How many dimensions of each head RoPE turns (partial rotary: phi3, glm4)."""
+    fraction = config.get("partial_rotary_factor") or \
+        (config.get("rope_parameters") or {}).get("partial_rotary_factor") or 1.0
+    return int(head_dim(config) * fraction)
 
 
 def llama3_rope_factors(config: dict) -> np.ndarray:
@@ -115,7 +241,25 @@ def _prepare(name: str, w: np.ndarray, config: dict, fam: Family) -> np.ndarray:
                                          "self_attn.k_proj.bias")):
         return permute_rows(w, config.get("num_key_value_heads")
                             or config["num_attention_heads"])
+    if fam.norm_plus_one and name.endswith("norm.weight"):
+        return w + 1.0
     return w
+
+
+def _model_tensors(gguf, names, hf: str, w: np.ndarray):
+    """(GGUF name, array) pairs for one Hugging Face tensor: the stacked experts of a MoE
+    layer (E, 2F, C gate | up; E, C, F down) become llama.cpp's ffn_{gate,up,down}_exps."""
+    if ".mlp.experts." not in hf:
+        return [(gguf_name(names, hf), w)]
+    layer = int(hf.split(".")[2])
+    t, n = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
+    if hf.endswith("experts.gate_up_proj"):
+        f = w.shape[1] // 2
+        return [(n[t.FFN_GATE_EXP].format(bid=layer) + ".weight", w[:, :f]),
+                (n[t.FFN_UP_EXP].format(bid=layer) + ".weight", w[:, f:])]
+    if hf.endswith("experts.down_proj"):
+        return [(n[t.FFN_DOWN_EXP].format(bid=layer) + ".weight", w)]
+    raise LorafitError(f"{hf}: llama.cpp has no tensor of that name for this architecture")
 
 
 def _encode(gguf, w: np.ndarray, outtype: str):
@@ -165,12 +309,14 @@ def _hyperparameters(w, gguf, config: dict, fam: Family, outtype: str) -> None:
         w.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
     w.add_key_length(head_dim(config))
     w.add_value_length(head_dim(config))
-    w.add_rope_dimension_count(head_dim(config))
+    w.add_rope_dimension_count(rotary_dim(config))
     w.add_vocab_size(config["vocab_size"])
     theta, scaling = _rope(config)
     w.add_rope_freq_base(theta)
     kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "linear":
+    if _longrope(config):
+        pass  # rope_factors_long / _short tensors and _phi3_keys
+    elif kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(scaling["factor"])
     elif kind == "yarn":
@@ -184,6 +330,8 @@ def _hyperparameters(w, gguf, config: dict, fam: Family, outtype: str) -> None:
             getattr(w, method)(float(config[key]))
     if config.get("norm_epsilon") is not None:  # LayerNorm families (starcoder2)
         w.add_layer_norm_eps(config["norm_epsilon"])
+    if fam.keys:
+        fam.keys(w, config)
     w.add_file_type(_file_type(gguf, outtype))
 
 
@@ -192,10 +340,34 @@ def unsupported_features(config: dict) -> list[str]:
     (the GGUF runs, but its outputs differ): said to the user at export."""
     notes = []
     mt, window = config.get("model_type"), config.get("sliding_window")
-    if mt == "qwen2" and config.get("use_sliding_window") or \
-            mt in ("mistral", "starcoder2") and window:
+    if mt in ("qwen2", "qwen3_moe", "smollm3") and config.get("use_sliding_window") or \
+            mt in ("mistral", "starcoder2", "mixtral", "phi3") and window or \
+            mt == "exaone4" and window and config["num_hidden_layers"] != 64:
         notes.append(f"llama.cpp's {mt} ignores sliding_window={window}")
+    if mt == "qwen3_moe" and not config.get("norm_topk_prob"):
+        notes.append("llama.cpp's qwen3moe always renormalises the top-k expert weights "
+                     "(this model has norm_topk_prob false)")
+    scalar = config.get("query_pre_attn_scalar")
+    if mt in ("gemma2", "gemma3_text") and scalar and scalar not in (
+            head_dim(config), config["hidden_size"] // config["num_attention_heads"]):
+        notes.append(f"llama.cpp's {mt} scales attention by head_dim, not "
+                     f"query_pre_attn_scalar={scalar}")
+    if mt == "smollm3" and _smollm3_nope(config) != [
+            int((i + 1) % 4 != 0) for i in range(config["num_hidden_layers"])]:
+        notes.append("llama.cpp's smollm3 leaves RoPE out of every 4th layer, not as "
+                     "no_rope_layers says")
+    if _longrope(config):
+        notes.append("llama.cpp picks Phi-3's long or short RoPE factors by the context "
+                     "size it is run with, transformers by the sequence length")
     return notes
+
+
+def _smollm3_nope(config: dict) -> list[int]:
+    """SmolLM3's per-layer use of RoPE (1: RoPE, 0: none), as transformers reads it."""
+    if config.get("no_rope_layers") is not None:
+        return list(config["no_rope_layers"])
+    n = config.get("no_rope_layer_interval") or 4
+    return [int((i + 1) % n != 0) for i in range(config["num_hidden_layers"])]
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -230,9 +402,12 @@ def add_tokenizer(w, gguf, folder: str | Path, vocab_size: int) -> None:
     folder = Path(folder)
     tj = _read_tokenizer_json(folder)
     model = tj.get("model") or {}
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return _add_sentencepiece_tokenizer(w, gguf, tj, folder, vocab_size)
     if model.get("type") != "BPE" or model.get("byte_fallback") or \
             (tj.get("decoder") or {}).get("type") not in ("ByteLevel", None):
-        raise LorafitError(f"{folder}: GGUF export supports byte-level BPE tokenizers "
+        raise LorafitError(f"{folder}: GGUF export supports byte-level and SentencePiece-style "
+                           "(byte-fallback) BPE tokenizers "
                            f"(this one is {model.get('type')}"
                            f"{' with byte fallback' if model.get('byte_fallback') else ''})")
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
@@ -251,6 +426,56 @@ def add_tokenizer(w, gguf, folder: str | Path, vocab_size: int) -> None:
     w.add_token_types(types)
     w.add_add_bos_token(_adds_bos(tj, folder))
     gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(w, quiet=True)
+
+
+def _add_sentencepiece_tokenizer(w, gguf, tj: dict, folder: Path, vocab_size: int) -> None:
+    """A SentencePiece-style BPE tokenizer.json (byte fallback, `▁` for spaces: Llama 2,
+    Mistral v0.1-0.3, Gemma) as llama.cpp's `llama` vocabulary. llama.cpp merges the
+    adjacent pair whose joined piece scores highest, so each piece scores minus the rank
+    of the first merge that makes it: the same order as the BPE merges."""
+    model = tj["model"]
+    rank = {}
+    for i, m in enumerate(model.get("merges") or []):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        rank.setdefault(a + b, i)
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [-1e9] * vocab_size
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for text, i in model["vocab"].items():
+        if i >= vocab_size:
+            continue
+        # (a piece no merge makes is never formed by BPE: it must lose every comparison)
+        tokens[i], scores[i] = text, -float(rank[text]) if text in rank else -1e9
+        types[i] = gguf.TokenType.BYTE if len(text) == 6 and text.startswith("<0x") \
+            else gguf.TokenType.UNKNOWN if text == model.get("unk_token") \
+            else gguf.TokenType.NORMAL
+    for a in tj.get("added_tokens") or []:
+        if a["id"] < vocab_size and types[a["id"]] != gguf.TokenType.BYTE:
+            tokens[a["id"]] = a["content"]
+            types[a["id"]] = gguf.TokenType.UNKNOWN if a["content"] == model.get("unk_token") \
+                else gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_add_space_prefix(_prepends_space(tj))
+    w.add_add_bos_token(_adds_bos(tj, folder))
+    gguf.SpecialVocab(folder, load_merges=False, n_vocab=vocab_size).add_to_gguf(w, quiet=True)
+
+
+def _prepends_space(tj: dict) -> bool:
+    """Whether the tokenizer puts `▁` before the text (Llama 2's Prepend normalizer or a
+    Metaspace pre-tokenizer that prepends; Gemma does neither)."""
+    def parts(x):
+        x = x or {}
+        key = "normalizers" if "normalizers" in x else "pretokenizers"
+        return x.get(key, [x]) if x.get("type") == "Sequence" else [x]
+    if any(n.get("type") == "Prepend" and n.get("prepend") == "\u2581"
+           for n in parts(tj.get("normalizer"))):
+        return True
+    return any(p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never"
+               and p.get("add_prefix_space", True) for p in parts(tj.get("pre_tokenizer")))
 
 
 def _adds_bos(tj: dict, folder: Path) -> bool:
@@ -292,11 +517,18 @@ def write_model(path: str | Path, config: dict, weights: dict, tokenizer_dir: st
     for hf in sorted(weights):
         if hf.endswith("rotary_emb.inv_freq"):
             continue
-        tensors[gguf_name(names, hf)] = _encode(
-            gguf, _prepare(hf, np.asarray(weights[hf]), config, fam), outtype)
-    if _rope(config)[1].get("rope_type") == "llama3":
+        for key, v in _model_tensors(gguf, names, hf,
+                                     _prepare(hf, np.asarray(weights[hf]), config, fam)):
+            tensors[key] = _encode(gguf, v, outtype)
+    scaling = _rope(config)[1]
+    if scaling.get("rope_type") == "llama3":
         tensors[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = \
             (llama3_rope_factors(config), None)
+    if _longrope(config):  # Phi-3's LongRoPE: both factor sets, as tensors
+        for kind, tensor in (("long", gguf.MODEL_TENSOR.ROPE_FACTORS_LONG),
+                             ("short", gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)):
+            tensors[gguf.TENSOR_NAMES[tensor] + ".weight"] = \
+                (np.asarray(scaling[f"{kind}_factor"], dtype=np.float32), None)
     w = _writer(gguf, path, fam)
     w.add_type(gguf.GGUFType.MODEL)
     if name:

@@ -104,8 +104,9 @@ def memory_shape(config: dict):
         out_dim, in_dim = shapes[key]
         linears[name] = (in_dim, out_dim)
     layer_linears, model_linears = _linears_by_place(a, shapes)
-    # an MoE whose adapters are all on 2D projections (qwen3_5_moe) may vary by layer too
-    varied = (not moe or a.moe_linear_only) and (model_linears or any(d != layer_linears[0] for d in layer_linears))
+    # layers may differ in MoE models too (dense layers, hybrid attention): their 2D
+    # projections are then counted per layer and the experts by the estimator's MoE terms
+    varied = bool(model_linears or any(d != layer_linears[0] for d in layer_linears))
     layer0 = [k for k in shapes if k.startswith("model.layers.0.")]
     vectors = sum(int(np.prod(shapes[k])) for k in layer0
                   if k.rsplit(".", 2)[-2] not in linears or not k.endswith(".weight"))

@@ -30,26 +30,29 @@ PROMPT = "the quick brown fox"
 NEW_TOKENS = 12
 
 
+def _adapted_model(root, mt, over, seed, tokenizer, torch_backend):
+    """(model folder, adapter folder, lorafit model with a random all-linear adapter)."""
+    folder, _ = build_hf_model(root / "model", mt, tokenizer, seed=seed, **over)
+    model = load_model(str(folder), torch_backend, "float32")
+    cfg = LoraConfig(r=4, alpha=8.0, targets="all-linear")
+    names = lora.attach(model, cfg, seed=1)
+    rng = np.random.default_rng(seed)
+    adapter = {k: rng.normal(0, 0.3, model.params[k].shape).astype(np.float32)
+               for k in names}
+    lora.detach(model)
+    lora.attach(model, cfg, adapter)
+    adapter_io.save_peft(root / "adapter", adapter, cfg, str(folder),
+                         model.args.num_hidden_layers)
+    model._tokenizer = tokenizer
+    return folder, root / "adapter", model
+
+
 @pytest.fixture(scope="module")
 def adapted(tmp_path_factory, tokenizer, torch_backend):
     """{family: (model folder, adapter folder, lorafit model with the adapter attached)}."""
-    out = {}
-    for i, (mt, over) in enumerate(GGUF_FAMILIES.items()):
-        root = tmp_path_factory.mktemp(f"gguf-{mt}")
-        folder, _ = build_hf_model(root / "model", mt, tokenizer, seed=i, **over)
-        model = load_model(str(folder), torch_backend, "float32")
-        cfg = LoraConfig(r=4, alpha=8.0, targets="all-linear")
-        names = lora.attach(model, cfg, seed=1)
-        rng = np.random.default_rng(i)
-        adapter = {k: rng.normal(0, 0.3, model.params[k].shape).astype(np.float32)
-                   for k in names}
-        lora.detach(model)
-        lora.attach(model, cfg, adapter)
-        adapter_io.save_peft(root / "adapter", adapter, cfg, str(folder),
-                             model.args.num_hidden_layers)
-        model._tokenizer = tokenizer
-        out[mt] = (folder, root / "adapter", model)
-    return out
+    return {mt: _adapted_model(tmp_path_factory.mktemp(f"gguf-{mt}"), mt, over, i, tokenizer,
+                               torch_backend)
+            for i, (mt, over) in enumerate(GGUF_FAMILIES.items())}
 
 
 def _export(tmp_path, adapter_dir, merge, outtype="f32"):
@@ -139,8 +142,13 @@ def test_modelfile_template_renders_like_the_chat_template(tmp_path, adapted, to
 def test_unsupported_family_and_dora_are_one_line_errors(tmp_path, adapted):
     from lorafit.core.gguf_export import family
 
-    with pytest.raises(LorafitError, match="GGUF export supports"):
+    with pytest.raises(LorafitError, match="GGUF export supports .*'gpt_oss' .*MXFP4"):
         family({"model_type": "gpt_oss"})
+    with pytest.raises(LorafitError, match="qwen3_moe: llama.cpp's qwen3moe has no dense"):
+        family({"model_type": "qwen3_moe", "mlp_only_layers": [1]})
+    with pytest.raises(LorafitError, match="head_dim x heads"):
+        family({"model_type": "exaone4", "head_dim": 32, "num_attention_heads": 4,
+                "hidden_size": 64})
     with pytest.raises(LorafitError, match="no DoRA"):
         from lorafit.core.gguf_export import write_lora
 
@@ -158,8 +166,9 @@ def _llama_cpp():
     return llama_cpp
 
 
-def _llama_greedy(path, ids, lora_path=None):
-    """llama.cpp's greedy continuation of ids, and its logits over the prompt."""
+def _llama_greedy(path, ids, lora_path=None, all_logits=False):
+    """llama.cpp's greedy continuation of ids, and its logits over the prompt (all_logits:
+    over the prompt and the generated tokens but the last)."""
     llama_cpp = _llama_cpp()
     llm = llama_cpp.Llama(model_path=str(path), lora_path=lora_path and str(lora_path),
                           n_ctx=64, n_threads=2, n_batch=64, logits_all=True, verbose=False,
@@ -172,6 +181,8 @@ def _llama_greedy(path, ids, lora_path=None):
         for _ in range(NEW_TOKENS):
             out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
             llm.eval([out[-1]])
+        if all_logits:
+            prompt_logits = np.array(llm.scores[:len(ids) + NEW_TOKENS - 1])
     finally:
         llm.close()
     return out, prompt_logits
@@ -253,6 +264,42 @@ def test_llama3_and_qwen2_pre_tokenizers_split_text_as_in_transformers(tmp_path,
         llm.close()
 
 
+def test_cli_names_a_family_llama_cpp_cannot_run(tmp_path, capsys):
+    """Before any weight loads: the config alone decides."""
+    import json
+
+    from lorafit.cli import main
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "qwen3_next"}))
+    (tmp_path / "ad").mkdir()
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": str(tmp_path / "base"), "peft_type": "LORA", "r": 4,
+         "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    assert main(["export", str(tmp_path / "out"), "--adapter", str(tmp_path / "ad"),
+                 "--format", "gguf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "'qwen3_next'" in err and "Gated DeltaNet" in err
+
+
+def test_export_warns_where_llama_cpp_computes_otherwise():
+    from lorafit.core.gguf_export import unsupported_features as notes
+
+    base = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=4)
+    assert notes({**base, "model_type": "gemma2", "head_dim": 16,
+                  "query_pre_attn_scalar": 16}) == []
+    assert "query_pre_attn_scalar=24" in notes({**base, "model_type": "gemma2",
+                                                "head_dim": 16, "query_pre_attn_scalar": 24})[0]
+    assert notes({**base, "model_type": "smollm3", "no_rope_layer_interval": 4}) == []
+    assert "every 4th" in notes({**base, "model_type": "smollm3",
+                                 "no_rope_layer_interval": 2})[0]
+    assert "renormalises" in notes({**base, "model_type": "qwen3_moe",
+                                    "norm_topk_prob": False})[0]
+    for mt in ("mixtral", "phi3", "exaone4"):
+        assert "ignores sliding_window=6" in notes({**base, "model_type": mt,
+                                                    "sliding_window": 6})[0]
+
+
 def test_cli_export_gguf_and_its_errors(tmp_path, adapted, capsys):
     from lorafit.cli import main
 
@@ -294,3 +341,136 @@ def test_llama_cpp_runs_the_smaller_types(tmp_path, adapted, tokenizer, outtype,
         lora.attach(model, cfg, adapter)
     err = np.abs(logits - ours).max() / np.abs(ours).max()
     assert err < tol, err
+
+
+# -- the families after the first seven: merged GGUF only, one llama.cpp load each ------------
+
+def _longrope(n):
+    rng = np.random.default_rng(n)
+    return dict(rope_type="longrope", rope_theta=10000.0,
+                short_factor=rng.uniform(1, 2, n).round(3).tolist(),
+                long_factor=rng.uniform(1, 8, n).round(3).tolist())
+
+
+# Each family's quirks switched on where llama.cpp implements them; windows (6) shorter than
+# the prompt + generated tokens (16) on the sliding layers.
+MERGED_FAMILIES = {
+    # (1 + w) norms, both soft-caps biting, a sliding then a full layer
+    "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
+                   attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    # q/k norms, the sliding layer with its own RoPE base, linear scaling on the full one
+    "gemma3_text": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
+                        layer_types=["sliding_attention", "full_attention"],
+                        rope_parameters={
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                            "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                               "rope_theta": 10000.0}}),
+    # fused qkv / gate_up, partial rotary, LongRoPE past its original context (long factors)
+    "phi3": dict(rope_parameters={**_longrope(4), "partial_rotary_factor": 0.5},
+                 original_max_position_embeddings=2),
+    # every 4th layer without RoPE
+    "smollm3": dict(num_hidden_layers=4, no_rope_layer_interval=4,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
+    # norms after the sublayers only, q/k norms (llama.cpp has windows only for 64 layers)
+    "exaone4": dict(sliding_window=None, sliding_window_pattern=0, head_dim=16,
+                    layer_types=["full_attention"] * 2),
+    # fused gate_up, post-sublayer norms, interleaved partial rotary, q/k/v biases
+    "glm4": dict(attention_bias=True, head_dim=32, partial_rotary_factor=0.5),
+    # 4 experts, top 2, renormalised; q/k norms
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
+                      norm_topk_prob=True, head_dim=32),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
+                    sliding_window=None),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(MERGED_FAMILIES))
+def test_llama_cpp_runs_the_merged_gguf_of_each_family(tmp_path, tokenizer, torch_backend,
+                                                       family):
+    """llama.cpp's greedy tokens on the merged GGUF equal lorafit's (with the adapter), and
+    its logits over prompt + generated tokens (past the windows) equal lorafit's."""
+    _llama_cpp()
+    seed = list(MERGED_FAMILIES).index(family)
+    folder, adapter_dir, model = _adapted_model(tmp_path, family, MERGED_FAMILIES[family],
+                                                seed, tokenizer, torch_backend)
+    ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    want = _lorafit_greedy(model, ids)
+    out = _export(tmp_path, adapter_dir, merge=True)
+    got, logits = _llama_greedy(out / "model-f32.gguf", ids, all_logits=True)
+    ops = model.backend
+    seq = ids + want[:-1]
+    ours = ops.to_numpy(model.logits(ops.from_numpy(np.asarray([seq]))))[0]
+    assert np.abs(logits - ours).max() < 2e-3 * np.abs(ours).max()
+    assert got == want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prefix", [True, False], ids=["llama2-style", "gemma-style"])
+def test_sentencepiece_style_tokenizers_split_text_as_in_transformers(tmp_path, adapted,
+                                                                      prefix):
+    """A byte-fallback BPE tokenizer.json with `▁` for spaces (Llama 2 / Mistral: a `▁`
+    prepended; Gemma: none) becomes llama.cpp's `llama` vocabulary: llama.cpp tokenizes
+    text, unseen characters (byte fallback) included, exactly as transformers does."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lorafit.core import gguf_export
+    from lorafit.models.loader import read_config
+
+    llama_cpp = _llama_cpp()
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    folder, _, model = adapted["llama"]
+    weights = {k: model.backend.to_numpy(v) for k, v in model.params.items()
+               if ".lora_" not in k}
+
+    def sentencepiece_like(vocab=None, merges=None):
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>",
+                                  byte_fallback=True, fuse_unk=True))
+        tk.normalizer = normalizers.Sequence(
+            ([normalizers.Prepend("\u2581")] if prefix else [])
+            + [normalizers.Replace(" ", "\u2581")])
+        return tk
+
+    def gguf_and_hf(name, tk):
+        tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "),
+                                        decoders.ByteFallback(), decoders.Fuse()])
+        tj = json.loads(tk.to_str())  # byte pieces are vocabulary, not added (as Llama 2's)
+        tj["added_tokens"] = [a for a in tj["added_tokens"] if a["content"] not in byte_tokens]
+        hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(tj)),
+                                     eos_token="</s>", unk_token="<unk>")
+        hf.save_pretrained(str(tmp_path / name))
+        path = gguf_export.write_model(tmp_path / f"{name}.gguf", read_config(folder),
+                                       weights, tmp_path / name, "f32")
+        return hf, llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+
+    def same(hf, llm, samples):
+        try:
+            for sample in samples:
+                want = hf(sample, add_special_tokens=False)["input_ids"]
+                assert llm.tokenize(sample.encode(), add_bos=False, special=False) == want, \
+                    sample
+                assert len(want) < len(sample.encode())  # merges were applied
+        finally:
+            llm.close()
+
+    text = "the quick brown fox jumps over the lazy dog, the quick brown cat"
+    tk = sentencepiece_like()
+    tk.train_from_iterator([text, PROMPT] * 4, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=specials + byte_tokens))
+    hf, llm = gguf_and_hf("trained", tk)
+    assert any(hf.convert_ids_to_tokens(i) in byte_tokens
+               for i in hf("é€", add_special_tokens=False)["input_ids"])
+    same(hf, llm, (text, "the lazy fox  jumps", "é€ over 😀 dog", PROMPT))
+    # merge order decides: "b c" before "a b", so "dabc" is d a bc, where joining the
+    # leftmost known pair first would give d ab c
+    pieces = specials + byte_tokens + ["\u2581", "a", "b", "c", "d", "bc", "ab", "\u2581d"]
+    tk = sentencepiece_like({p: i for i, p in enumerate(pieces)},
+                            [("b", "c"), ("a", "b"), ("\u2581", "d")])
+    hf, llm = gguf_and_hf("ranked", tk)
+    assert hf.convert_ids_to_tokens(hf("dabc", add_special_tokens=False)["input_ids"])[-2:] \
+        == ["a", "bc"]
+    same(hf, llm, ("dabc", "d dabc ab"))

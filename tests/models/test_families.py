@@ -188,9 +188,7 @@ CASES = [
                             shared_expert_intermediate_size=24, mlp_only_layers=[1],
                             norm_topk_prob=False, linear_num_key_heads=2,
                             linear_num_value_heads=4, linear_key_head_dim=16,
-                            linear_value_head_dim=8), mlx_lm=False, id="qwen3_next-moe",
-         estimator_gap="core.estimate counts MoE adapters (router, experts) only on models "
-                       "whose layers all have the same projections, not on hybrid stacks"),
+                            linear_value_head_dim=8), mlx_lm=False, id="qwen3_next-moe"),
 ]
 IDS = [c.id for c in CASES]
 

@@ -53,3 +53,39 @@ def test_mistral3_text_tower_logits_equal_transformers(tmp_path, backend, tie):
     scale = max(1.0, float(np.abs(want).max()))
     assert got.shape == want.shape and np.abs(got - want).max() <= 1e-4 * scale
     lora.attach(model, LoraConfig(r=4, alpha=8, targets="all-linear"))  # trains as a text LM
+
+
+def test_mistral3_adapters_are_peft_adapters_of_the_wrapper(tmp_path, torch_backend):
+    """lorafit's adapter loads in PEFT over Mistral3ForConditionalGeneration with exactly
+    PEFT's keys (text layers under model.language_model., nothing on the vision tower) and
+    gives lorafit's logits; PEFT's own adapter of the wrapper loads back in lorafit."""
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    from conftest import peft_logits_checking_keys, randomize_lora
+    from lorafit.core import adapter_io
+
+    ref = build_mistral3(tmp_path / "m", 320, tie=False)
+    ids = random_ids(320, (1, 12), seed=3)
+    model = load_model(str(tmp_path / "m"), torch_backend, "float32")
+    cfg = LoraConfig(r=4, alpha=8, targets="all-linear", layers=[1])
+    names = lora.attach(model, cfg, seed=1)
+    rng = np.random.default_rng(0)
+    adapter = {k: rng.normal(0, 0.2, model.params[k].shape).astype(np.float32) for k in names}
+    lora.detach(model)
+    lora.attach(model, cfg, adapter)
+    ours = torch_backend.to_numpy(model.logits(torch_backend.from_numpy(ids)))
+    adapter_io.save_peft(tmp_path / "ad", adapter, cfg, str(tmp_path / "m"), 2)
+    peft = peft_logits_checking_keys(ref, tmp_path / "ad", ids)
+    assert np.abs(peft - ours).max() <= 1e-4 * np.abs(ours).max()
+    assert np.abs(peft - ref(input_ids=torch.tensor(ids)).logits.detach().numpy()).max() > 1e-3
+
+    pm = randomize_lora(get_peft_model(ref, PeftConfig(
+        r=4, lora_alpha=8, target_modules=r"model\.language_model\..*\.(q_proj|down_proj)")))
+    pm.save_pretrained(str(tmp_path / "theirs"))
+    with torch.no_grad():
+        want = pm(input_ids=torch.tensor(ids)).logits.numpy()
+    lora.detach(model)
+    lora.attach(model, *adapter_io.load_peft(tmp_path / "theirs"))
+    got = torch_backend.to_numpy(model.logits(torch_backend.from_numpy(ids)))
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
