@@ -293,14 +293,15 @@ class TorchBackend:
         shapes, index, order, unpad = self._segment_layout(segment_ids)
         # one gather per tensor: (examples' tokens padded to their buckets, heads, D)
         q, k, v = (_Gather.apply(z.transpose(1, 2).reshape(B * T, z.shape[1], D), index,
-                                 order) for z in (q, k, v))
+                                 order, False) for z in (q, k, v))
         sizes = [n * L for n, L in shapes]  # split, not sliced: one backward for all
         outs = []
         for (n, L), qg, kg, vg in zip(shapes, *(z.split(sizes) for z in (q, k, v))):
             qg, kg, vg = (z.view(n, L, -1, D).transpose(1, 2) for z in (qg, kg, vg))
             o = self.attention(qg, kg, vg, scale, None, window, softcap, sinks)
             outs.append(o.transpose(1, 2).reshape(n * L, Hq, D))
-        out = _Gather.apply(torch.cat(outs), order, unpad)  # (B * T) order, padding dropped
+        # back in (B * T) order, padding dropped; the padding's gradient is zero
+        out = _Gather.apply(torch.cat(outs), order, unpad, True)
         return out.view(B, T, Hq, D).transpose(1, 2)
 
     def _segment_layout(self, segment_ids):
@@ -416,6 +417,13 @@ class TorchBackend:
         """Eager: torch.compile's start-up cost outweighs its gain on short CPU runs."""
         return fn
 
+    def compile_forward(self, fn):
+        """torch.compile(fn): the forward traced into fused kernels, its backward compiled
+        by AOTAutograd. The CPU needs a C++ compiler for inductor's kernels."""
+        from lorafit.backends.torch.compiled import compiled
+
+        return compiled(fn, self.device)
+
     def checkpoint(self, fn):
         def wrapped(*args):
             return torch_checkpoint(fn, *args, use_reentrant=False)
@@ -505,22 +513,23 @@ class TorchBackend:
 
 
 class _Gather(torch.autograd.Function):
-    """x[index] along dim 0 whose gradient is another gather, grad[back] (a position equal
-    to len(grad) reads zeros), instead of index_select's scatter-add: packed attention's
+    """x[index] along dim 0 whose gradient is another gather, grad[back] (with zero_row,
+    a position equal to len(grad) reads zeros), instead of index_select's scatter-add: packed attention's
     index and back are inverse permutations apart from the padding of each example, which
     receives no gradient (causality hides it from every real query)."""
 
     @staticmethod
-    def forward(ctx, x, index, back):
+    def forward(ctx, x, index, back, zero_row):
         ctx.save_for_backward(back)
+        ctx.zero_row = zero_row
         return x.index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad):
         (back,) = ctx.saved_tensors
-        if back.numel() and int(back.max()) >= grad.shape[0]:
+        if ctx.zero_row:
             grad = torch.cat([grad, grad.new_zeros(1, *grad.shape[1:])])
-        return grad.index_select(0, back), None, None
+        return grad.index_select(0, back), None, None, None
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
