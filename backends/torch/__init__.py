@@ -286,9 +286,9 @@ class TorchBackend:
         """Packed rows without a (B, T, T) mask: each packed example is gathered into a
         row of its own, examples of about the same length into one batch, and attention
         runs over those as plain causal attention (the fused kernels' is_causal path).
-        A batch is as long as its longest example rounded up to a bucket (segments.bucket_length);
-        the shorter ones are padded at their end, where causality hides the padding from
-        every real query, and the padded outputs are dropped."""
+        A batch is as long as its longest example rounded up to a bucket
+        (segments.bucket_length); the shorter ones are padded at their end, where causality
+        hides the padding from every real query, and the padded outputs are dropped."""
         B, Hq, T, D = q.shape
         shapes, index, order, unpad = self._segment_layout(segment_ids)
         # one gather per tensor: (examples' tokens padded to their buckets, heads, D)
