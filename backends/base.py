@@ -221,6 +221,11 @@ class Backend(Protocol):
     def compile(self, fn: Callable) -> Callable:
         """A compiled version of fn (mx.compile), or fn itself where compiling does not pay."""
 
+    def compile_forward(self, fn: Callable) -> Callable:
+        """fn (a loss of the trainable arrays, differentiated by value_and_grad) compiled
+        for speed when the user asks (--compile): torch.compile on torch; fn itself on MLX,
+        whose whole step goes through `compile` already."""
+
     def checkpoint(self, fn: Callable) -> Callable:
         """fn recomputed in the backward pass instead of storing its activations."""
 

@@ -96,6 +96,9 @@ class TrainConfig:
     """Frozen projection weights: 4bit (QLoRA; NF4 via bitsandbytes on torch) or 8bit (MLX only)."""
     grad_checkpoint: bool = False
     """Recompute each layer's activations in the backward pass to save memory."""
+    compile: bool = False
+    """torch: compile the forward (and its backward) with torch.compile; needs a C++ compiler
+    on the CPU, pays off on long runs. MLX compiles every step already."""
     seed: int = 0
     """Seed for adapter init, shuffling and dropout."""
     eval_every: int | None = None

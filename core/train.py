@@ -80,7 +80,8 @@ class Trainer:
         self.frozen = {k: v for k, v in model.params.items() if k not in self.trainable}
         self.optimizer = self.ops.make_optimizer(self.trainable, weight_decay=cfg.weight_decay)
         self._router_loss = None  # the last step's MoE load-balancing loss (StepReport)
-        grad_fn = self.ops.value_and_grad(self._loss)
+        loss_fn = self.ops.compile_forward(self._loss) if cfg.compile else self._loss
+        grad_fn = self.ops.value_and_grad(loss_fn)
         self.grad_fn = grad_fn if cfg.dropout else self.ops.compile(grad_fn)
         self.batches_per_epoch = len(self._epoch_batches(0))
         self.total_steps = cfg.max_steps or max(1, math.ceil(

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from lorafit.backends.segments import segment_layout
 from lorafit.backends.torch.memory import TensorTracker
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -265,6 +266,9 @@ class TorchBackend:
                   sinks=None, lengths=None):
         T, S = q.shape[2], k.shape[2]
         gqa = q.shape[1] != k.shape[1]
+        if segment_ids is not None and lengths is None and T == S:
+            return self._segment_attention(q, k, v, scale, segment_ids, window, softcap,
+                                           sinks)
         if softcap is not None or sinks is not None:
             return self._eager_attention(q, k, v, scale, segment_ids, window, softcap, sinks,
                                          lengths)
@@ -277,6 +281,46 @@ class TorchBackend:
         mask = self._mask(T, S, segment_ids, window, q.device, lengths)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                               enable_gqa=gqa)
+
+    def _segment_attention(self, q, k, v, scale, segment_ids, window, softcap, sinks):
+        """Packed rows without a (B, T, T) mask: each packed example is gathered into a
+        row of its own, examples of about the same length into one batch, and attention
+        runs over those as plain causal attention (the fused kernels' is_causal path).
+        A batch is as long as its longest example rounded up to a bucket
+        (segments.bucket_length); the shorter ones are padded at their end, where causality
+        hides the padding from every real query, and the padded outputs are dropped."""
+        B, Hq, T, D = q.shape
+        shapes, index, order, unpad = self._segment_layout(segment_ids)
+        # one gather per tensor: (examples' tokens padded to their buckets, heads, D)
+        q, k, v = (_Gather.apply(z.transpose(1, 2).reshape(B * T, z.shape[1], D), index,
+                                 order, False) for z in (q, k, v))
+        sizes = [n * L for n, L in shapes]  # split, not sliced: one backward for all
+        outs = []
+        for (n, L), qg, kg, vg in zip(shapes, *(z.split(sizes) for z in (q, k, v))):
+            qg, kg, vg = (z.view(n, L, -1, D).transpose(1, 2) for z in (qg, kg, vg))
+            o = self.attention(qg, kg, vg, scale, None, window, softcap, sinks)
+            outs.append(o.transpose(1, 2).reshape(n * L, Hq, D))
+        # back in (B * T) order, padding dropped; the padding's gradient is zero
+        out = _Gather.apply(torch.cat(outs), order, unpad, True)
+        return out.view(B, T, Hq, D).transpose(1, 2)
+
+    def _segment_layout(self, segment_ids):
+        """((n, L) per length bucket, their gather indices, the inverse order) of a batch's
+        segments (backends/segments.py);
+        computed once per segment_ids tensor (every layer of a step passes the same one)."""
+        cached = getattr(self, "_layout_cache", None)
+        if cached is not None and cached[0]() is segment_ids:
+            return cached[1]
+        import weakref
+
+        groups, order = segment_layout(segment_ids.cpu().numpy())
+        index = np.concatenate([g.reshape(-1) for g in groups])
+        unpad = np.full(len(index), len(order))  # padded slot -> the zero row past the end
+        unpad[order] = np.arange(len(order))
+        layout = ([g.shape for g in groups], *(torch.from_numpy(a).to(self._device)
+                                               for a in (index, order, unpad)))
+        self._layout_cache = (weakref.ref(segment_ids), layout)
+        return layout
 
     @staticmethod
     def _mask(T, S, segment_ids, window, device, lengths=None):
@@ -373,6 +417,13 @@ class TorchBackend:
         """Eager: torch.compile's start-up cost outweighs its gain on short CPU runs."""
         return fn
 
+    def compile_forward(self, fn):
+        """torch.compile(fn): the forward traced into fused kernels, its backward compiled
+        by AOTAutograd. The CPU needs a C++ compiler for inductor's kernels."""
+        from lorafit.backends.torch.compiled import compiled
+
+        return compiled(fn, self.device)
+
     def checkpoint(self, fn):
         def wrapped(*args):
             return torch_checkpoint(fn, *args, use_reentrant=False)
@@ -459,6 +510,26 @@ class TorchBackend:
 
     def seed(self, seed):
         torch.manual_seed(seed)
+
+
+class _Gather(torch.autograd.Function):
+    """x[index] along dim 0 whose gradient is another gather, grad[back] (with zero_row,
+    a position equal to len(grad) reads zeros), instead of index_select's scatter-add: packed attention's
+    index and back are inverse permutations apart from the padding of each example, which
+    receives no gradient (causality hides it from every real query)."""
+
+    @staticmethod
+    def forward(ctx, x, index, back, zero_row):
+        ctx.save_for_backward(back)
+        ctx.zero_row = zero_row
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (back,) = ctx.saved_tensors
+        if ctx.zero_row:
+            grad = torch.cat([grad, grad.new_zeros(1, *grad.shape[1:])])
+        return grad.index_select(0, back), None, None, None
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

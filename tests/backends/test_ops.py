@@ -365,3 +365,71 @@ def test_write_rows_and_attention_over_rows_of_different_lengths(backend):
             one = ops.attention(ops.from_numpy(q[b:b + 1]), ops.from_numpy(k[b:b + 1, :, :lens[b]]),
                                 ops.from_numpy(v[b:b + 1, :, :lens[b]]), 0.3, **kw)
             np.testing.assert_allclose(out[b:b + 1], ops.to_numpy(one), atol=1e-5)
+
+
+def _packed_rows(lengths_per_row, T):
+    """(B, T) segment ids: the given example lengths one after another, the rest padding."""
+    seg = np.zeros((len(lengths_per_row), T), np.int32)
+    for r, lengths in enumerate(lengths_per_row):
+        at = 0
+        for s, n in enumerate(lengths):
+            seg[r, at:at + n] = s
+            at += n
+        seg[r, at:] = len(lengths)
+    return seg
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(window=4), dict(window=6, sinks=True),
+                                     dict(softcap=2.0)])
+def test_packed_attention_without_a_mask_matches_the_definition_and_its_gradients(
+        torch_backend, variant):
+    """torch's packed path gathers examples into rows of their own (no (B, T, T) mask):
+    outputs meet the definition, and gradients those of dense masked attention."""
+    rng = np.random.default_rng(3)
+    B, Hq, Hk, T, D = 2, 4, 2, 40, 8
+    seg = _packed_rows([[3, 17, 9, 1], [40]], T)  # mixed lengths, padding, a full row
+    q = rng.normal(size=(B, Hq, T, D)).astype(np.float32)
+    k, v = (rng.normal(size=(B, Hk, T, D)).astype(np.float32) for _ in range(2))
+    sinks = rng.normal(size=(Hq,)).astype(np.float32) if variant.get("sinks") else None
+    kw = dict(window=variant.get("window"), softcap=variant.get("softcap"))
+    want = _reference_attention(q, k, v, 0.3, seg, sinks=sinks, **kw)
+    ops = torch_backend
+    leaves = {n: torch.tensor(a, requires_grad=True) for n, a in dict(q=q, k=k, v=v).items()}
+    sink_t = None if sinks is None else torch.tensor(sinks)
+    got = ops.attention(leaves["q"], leaves["k"], leaves["v"], 0.3, torch.tensor(seg),
+                        sinks=sink_t, **kw)
+    np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-4, atol=1e-5)
+    up = torch.tensor(rng.normal(size=got.shape).astype(np.float32))
+    grads = torch.autograd.grad((got * up).sum(), list(leaves.values()))
+    # the dense reference: every score formed, the (B, 1, T, T) mask applied
+    ref = {n: t.detach().clone().requires_grad_(True) for n, t in leaves.items()}
+    dense = ops._eager_attention(ref["q"], ref["k"], ref["v"], 0.3, torch.tensor(seg),
+                                 kw["window"], kw["softcap"], sink_t)
+    ref_grads = torch.autograd.grad((dense * up).sum(), list(ref.values()))
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g.numpy(), r.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_packed_attention_allocates_no_dense_mask(torch_backend):
+    """Forward and backward over packed rows cost about what one causal attention over the
+    same shapes costs; the masked path adds at least one (B, T, T) boolean mask."""
+    ops = torch_backend
+    rng = np.random.default_rng(0)
+    B, H, T, D = 2, 2, 1024, 8
+    seg = torch.tensor(_packed_rows([[150, 350, 250, 200], [512, 500]], T))
+    q, k, v = (torch.tensor(rng.normal(size=(B, H, T, D)).astype(np.float32),
+                            requires_grad=True) for _ in range(3))
+    mask_bytes = B * T * T
+
+    def peak(attend):
+        def run():
+            o = attend()
+            return torch.autograd.grad(o.square().sum(), (q, k, v))
+        return ops.measure_peak(run)[1]
+
+    plain = peak(lambda: ops.attention(q, k, v, 0.3))
+    packed = peak(lambda: ops.attention(q, k, v, 0.3, seg))
+    masked = peak(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=ops._mask(T, T, seg, None, q.device), scale=0.3))
+    assert masked - plain > mask_bytes  # the measure sees a dense mask where there is one
+    assert packed - plain < mask_bytes / 8, (packed, plain, mask_bytes)

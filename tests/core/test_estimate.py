@@ -277,3 +277,21 @@ def test_gqa_384_on_mlx_is_never_low(grid_root, case):
     assert predicted >= 0.95 * measured
     if predicted > 1.10 * measured:  # safe but loose: the open part of issue 16
         pytest.xfail(f"over by {100 * (predicted - measured) / measured:.0f}% (bound +10%)")
+
+
+# Long packed rows on torch: a dense (B, 1, T, T) mask per layer, and the scores the masked
+# kernel formed beside it, would be as large as all of this model's activations.
+LONG_PACKED = Case("long-packed", hidden=64, intermediate=128, heads=2, kv_heads=2,
+                   vocab=512, batch=2, seq=1024, pack=True)
+
+
+def test_long_packed_rows_on_torch_cost_what_unpacked_rows_cost(grid_root):
+    """Packed attention forms no (B, T, T) mask: the estimate counts none (packed equals
+    unpacked), and the measured peak of a packed step stays within the usual tolerance."""
+    shape, case = memory_shape(LONG_PACKED.config()), LONG_PACKED
+    packed = estimate(shape, settings_for(case, "torch"))
+    unpacked = estimate(shape, settings_for(Case(**{**case.__dict__, "pack": False}), "torch"))
+    assert packed["breakdown"] == unpacked["breakdown"]
+    mask_per_layer = case.batch * case.seq * case.seq
+    assert packed["total"] < 12 * mask_per_layer * case.layers  # a mask would be visible
+    check_within_tolerance(grid_root, "torch", case)
