@@ -59,6 +59,12 @@ class StepReport(Event):
     # an MoE's router load-balancing loss over this rank's share of the step (None without
     # experts); in the loss only with TrainConfig.router_aux_loss_coef
     router_aux_loss: float | None = None
+    # preference tuning (--method dpo|orpo|kto): mean implicit rewards of the chosen and
+    # rejected completions, their mean margin and the share of pairs ranked right
+    reward_chosen: float | None = None
+    reward_rejected: float | None = None
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
     kind: str = field(init=False, default="train")
 
 
@@ -260,6 +266,8 @@ class ConsoleSink(Sink):
             text = (f"[{bar}] {e.step}/{self.total} loss {e.loss:.4f} lr {e.lr:.2e} "
                     f"{e.tokens_per_s:,.0f} tok/s mem {_fmt_bytes(e.memory_peak)} "
                     f"eta {_fmt_time(e.eta_s)}")
+            if e.reward_margin is not None:  # preference tuning (core/preference_train.py)
+                text += (f" margin {e.reward_margin:+.3f} acc {e.reward_accuracy:.2f}")
             if self.tty:
                 self.stream.write("\r" + text)
                 self._open_line = True
