@@ -106,14 +106,16 @@ def load_preference_examples(cfg, tokenizer):
     """(train, val, notes) for --method dpo|orpo|kto (core/preference_data.py)."""
     from lorafit.core.preference_data import load_preferences
 
-    if cfg.method == "kto":
-        raise LorafitError("--method kto is not supported yet; use dpo or orpo")
+    if cfg.method == "kto" and cfg.batch_size < 2:
+        raise LorafitError("--method kto needs --batch-size 2 or more: its KL estimate "
+                           "pairs each prompt with another completion of the batch")
     if cfg.pack:
         raise LorafitError(f"--pack: preference pairs are not packed; drop --pack for "
                            f"--method {cfg.method}")
     train, problems = load_preferences(cfg.data, tokenizer, cfg.seq_len, cfg.method,
                                        cfg.on_bad_record)
-    notes = [f"data: {len(train)} {cfg.method} pairs, {train.truncated} sequences truncated "
+    what = "labelled completions" if cfg.method == "kto" else "pairs"
+    notes = [f"data: {len(train)} {cfg.method} {what}, {train.truncated} sequences truncated "
              f"to {cfg.seq_len}"] + [f"skipped {p}" for p in problems[:5]]
     val = None
     if cfg.val_data:

@@ -267,7 +267,9 @@ class ConsoleSink(Sink):
                     f"{e.tokens_per_s:,.0f} tok/s mem {_fmt_bytes(e.memory_peak)} "
                     f"eta {_fmt_time(e.eta_s)}")
             if e.reward_margin is not None:  # preference tuning (core/preference_train.py)
-                text += (f" margin {e.reward_margin:+.3f} acc {e.reward_accuracy:.2f}")
+                text += f" margin {e.reward_margin:+.3f}"
+            if e.reward_accuracy is not None:
+                text += f" acc {e.reward_accuracy:.2f}"
             if self.tty:
                 self.stream.write("\r" + text)
                 self._open_line = True

@@ -16,13 +16,14 @@ layout), padded together to the longest. Pairs are never packed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from lorafit.core import data as sft_data
 from lorafit.core.data import Batch, _assemble, _BadRecord, _json_type, _rng
 from lorafit.core.errors import LorafitError
-from lorafit.core.examples import ExampleSet, ExampleSetBuilder
+from lorafit.core.examples import Example, ExampleSet, ExampleSetBuilder
 
 KINDS = {"pairs": ("prompt", "chosen", "rejected"), "labelled": ("prompt", "completion", "label")}
 METHOD_KIND = {"dpo": "pairs", "orpo": "pairs", "kto": "labelled"}
@@ -195,6 +196,32 @@ def load_preferences(path, tokenizer, max_seq_len: int, method: str,
 
 # -- batching --------------------------------------------------------------------------------
 
+class LabelledBatch(NamedTuple):
+    """KTO: B completions, their labels, and the B mismatched rows (prompt i with completion
+    i - 1 of the batch, cycled as TRL does) whose log-ratio estimates the KL term."""
+    batch: Batch
+    kl: Batch
+    labels: np.ndarray  # bool (B,)
+
+    @property
+    def input_ids(self):
+        return self.batch.input_ids
+
+
+def _mismatched(examples: ExampleSet, ks) -> ExampleSet:
+    """Prompt of example ks[i] followed by the completion of ks[i - 1]."""
+    parts = [examples[int(k)] for k in ks]
+    starts = [int(np.argmax(e.loss_mask)) for e in parts]
+    out = []
+    for i, e in enumerate(parts):
+        j = (i - 1) % len(parts)
+        c = parts[j]
+        out.append(Example(np.concatenate([e.input_ids[:starts[i]], c.input_ids[starts[j]:]]),
+                           np.concatenate([np.zeros(starts[i], bool), c.loss_mask[starts[j]:]]),
+                           e.source))
+    return ExampleSet.from_examples(out)
+
+
 def preference_batches(pset: PreferenceSet, batch_size: int, seed: int, epoch: int) -> list:
     """One epoch's batches, a pure function of (data, seed, epoch): B pairs shuffled
     together -> 2B rows (chosen block, then rejected block). Labelled data: B completions a
@@ -212,11 +239,13 @@ def _batch(pset: PreferenceSet, ks) -> Batch:
         rows = [[2 * int(k)] for k in ks] + [[2 * int(k) + 1] for k in ks]
     else:
         rows = [[int(k)] for k in ks]
-    width = int(pset.examples.lengths_of([r[0] for r in rows]).max()) - 1
-    return _assemble(pset.examples, rows, width, False)
+    batch = _padded(pset.examples, rows)
+    if pset.kind == "pairs":
+        return batch
+    kl = _mismatched(pset.examples, ks)
+    return LabelledBatch(batch, _padded(kl, [[i] for i in range(len(kl))]), pset.labels[ks])
 
 
-def batch_labels(pset: PreferenceSet, batch_size: int, seed: int, epoch: int) -> list:
-    """KTO: the labels of each batch of preference_batches (same order)."""
-    order = _rng(seed, 2, epoch).permutation(len(pset))
-    return [pset.labels[order[i:i + batch_size]] for i in range(0, len(pset), batch_size)]
+def _padded(examples: ExampleSet, rows) -> Batch:
+    width = int(examples.lengths_of([r[0] for r in rows]).max()) - 1
+    return _assemble(examples, rows, width, False)

@@ -71,3 +71,15 @@ def orpo(ops, logps, counts, lam: float):
     log_odds = (c - r) - (ops.log1m_exp(c) - ops.log1m_exp(r))
     return -lam * ops.log_sigmoid(log_odds), ops.stop_gradient(lam * c), \
         ops.stop_gradient(lam * r)
+
+
+def kto(ops, logps, ref_logps, desirable, kl, beta: float, desirable_weight: float,
+        undesirable_weight: float):
+    """(per-completion weighted losses, rewards) of TRL's KTO (loss_type "kto"): a desirable
+    completion's loss is 1 - sigmoid(beta (log-ratio - kl)), an undesirable one's
+    1 - sigmoid(beta (kl - log-ratio)). desirable: 1.0 / 0.0 per row; kl: the batch's
+    clamped, constant estimate from mismatched completions."""
+    ratio = logps - ref_logps
+    good = desirable_weight * (1 - ops.sigmoid(beta * (ratio - kl)))
+    bad = undesirable_weight * (1 - ops.sigmoid(beta * (kl - ratio)))
+    return desirable * good + (1 - desirable) * bad, ops.stop_gradient(beta * ratio)

@@ -36,6 +36,16 @@ def write_pairs(path, n, seed=0):
     return path
 
 
+def write_labelled(path, n, seed=0):
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            prompt = " ".join(rng.choice(WORDS, rng.integers(2, 5))) + " ->"
+            f.write(json.dumps({"prompt": prompt, "completion": f" {(GOOD, BAD)[i % 3 == 1]}"
+                                f" {rng.choice(WORDS)}", "label": i % 3 != 1}) + "\n")
+    return path
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("pref")
@@ -43,6 +53,7 @@ def setup(tmp_path_factory, tokenizer):
                                   hidden_size=32, intermediate_size=64, rope_scaling=None)
     return SimpleNamespace(root=root, folder=folder, base=base, tokenizer=tokenizer,
                            train=write_pairs(root / "train.jsonl", 24),
+                           labelled=write_labelled(root / "labelled.jsonl", 8),
                            held=write_pairs(root / "held.jsonl", 8, seed=1))
 
 
@@ -61,19 +72,20 @@ def random_adapter(trainer, seed=0):
             for k, v in trainer.adapter_numpy().items()}
 
 
-def lorafit_step(s, backend, method, adapter=None, **kw):
+def lorafit_step(s, backend, method, adapter=None, data=None, **kw):
     """(loss, chosen rewards, rejected rewards, {adapter key: grad}) for pairs 0 and 1."""
-    cfg = make_cfg(s, f"unused-{backend}", backend=backend, method=method, **kw)
+    data = str(data or s.train)
+    cfg = make_cfg(s, f"unused-{backend}", backend=backend, method=method, data=data, **kw)
     from lorafit.backends import get_backend
 
     ops = get_backend(backend, "cpu")
     model = load_model(str(s.folder), ops, "float32")
     attach(model, cfg.lora_config(), seed=0)
-    pset, _ = load_preferences(s.train, s.tokenizer, cfg.seq_len, method)
+    pset, _ = load_preferences(data, s.tokenizer, cfg.seq_len, method)
     trainer = PreferenceTrainer(model, cfg, pset)
     if adapter is not None:
         trainer.trainable = {k: ops.from_numpy(adapter[k]) for k in trainer.trainable}
-    b = _batch(pset, [0, 1])
+    b = _batch(pset, [0, 1, 2] if method == "kto" else [0, 1])
     pairs, tokens = trainer._counts(b)
     bb, ref, counts = trainer._prepare(b)
     denoms = ops.from_numpy(np.asarray([pairs, tokens], np.float32))
@@ -187,6 +199,84 @@ def test_orpo_matches_trls_odds_ratio(setup, tmp_path, backend):
         np.testing.assert_allclose(g, tg[k], atol=1e-5, rtol=1e-4, err_msg=k)
 
 
+@pytest.fixture(scope="module")
+def trl_kto(setup, tmp_path_factory):
+    """TRL's KTOTrainer._compute_loss on a new PEFT adapter given our random values, for
+    completions 0, 1 and 2 (one undesirable) and their mismatched KL rows."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import KTOConfig, KTOTrainer
+
+    s = setup
+    *_, trainer, pset = lorafit_step(s, "torch", "kto", data=s.labelled, batch_size=3)
+    adapter = random_adapter(trainer, seed=2)
+    ds = Dataset.from_list([{"prompt": "a", "completion": " b", "label": True},
+                            {"prompt": "a", "completion": " c", "label": False}] * 2)
+    args = KTOConfig(output_dir=str(s.root / "trl-kto"), report_to=[], use_cpu=True,
+                     beta=0.2, per_device_train_batch_size=2, gradient_checkpointing=False,
+                     desirable_weight=1.5, undesirable_weight=0.7)
+    peft = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    trl = KTOTrainer(model=copy.deepcopy(s.base), args=args, train_dataset=ds,
+                     processing_class=s.tokenizer, peft_config=peft)
+    with torch.no_grad():
+        for n, p in trl.model.named_parameters():
+            key = n.replace("base_model.model.", "").replace(".default", "")
+            if key in adapter:
+                p.copy_(torch.from_numpy(adapter[key]))
+    trl.model.train()
+    b = _batch(pset, [0, 1, 2])
+    inputs = labelled_inputs(pset, b)
+    loss = trl._compute_loss(trl.model, inputs, False)
+    loss.backward()
+    m = trl._metrics["train"]
+    return SimpleNamespace(adapter=adapter, loss=loss.item(), grads=peft_grads(trl.model),
+                           chosen=m["rewards/chosen"][-1], rejected=m["rewards/rejected"][-1],
+                           kl=m["kl"][-1])
+
+
+def labelled_inputs(pset, b):
+    """TRL's KTO batch from one of our LabelledBatch (rows rebuilt with their lengths)."""
+    from lorafit.core.preference_data import _mismatched
+
+    ks = [0, 1, 2]
+    main = trl_rows([pset.examples[k] for k in ks])
+    kl = trl_rows(list(_mismatched(pset.examples, ks)))
+    return {**main, **{f"KL_{k}": v for k, v in kl.items()},
+            "label": torch.tensor(np.asarray(b.labels, bool))}
+
+
+def trl_rows(rows):
+    width = max(len(e.input_ids) for e in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    att, comp = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, e in enumerate(rows):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids.astype(np.int64))
+        att[i, :n] = 1
+        comp[i, :n] = torch.tensor(e.loss_mask.astype(np.int64))
+    return {"input_ids": ids, "attention_mask": att, "completion_mask": comp}
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_kto_matches_trl(setup, trl_kto, backend):
+    from lorafit.core.preference_data import _batch as batch_of
+
+    kw = dict(data=setup.labelled, batch_size=3, beta=0.2, kto_desirable_weight=1.5,
+              kto_undesirable_weight=0.7)
+    loss, rc, _, grads, trainer, pset = lorafit_step(setup, backend, "kto", trl_kto.adapter,
+                                                     **kw)
+    b = batch_of(pset, [0, 1, 2])
+    assert list(b.labels) == [True, False, True]
+    stats = trainer._reward_fields(trainer._stats(b, rc, rc))
+    assert abs(loss - trl_kto.loss) < 1e-5
+    assert abs(stats["reward_chosen"] - trl_kto.chosen) < 1e-5
+    assert abs(stats["reward_rejected"] - trl_kto.rejected) < 1e-5
+    assert trl_kto.kl > 0  # the clamp did not hide the term
+    assert set(grads) == set(trl_kto.grads)
+    for k, g in grads.items():
+        np.testing.assert_allclose(g, trl_kto.grads[k], atol=1e-5, rtol=1e-4, err_msg=k)
+
+
 class Recorder(ev.Sink):
     def __init__(self):
         self.events = []
@@ -245,9 +335,10 @@ def held_out_margin(s, model, tmp_adapter=None):
 @pytest.mark.slow
 def test_dpo_training_raises_the_held_out_margin(setup):
     s = setup
-    trainer, rec = train(make_cfg(s, "margin", max_steps=12, lr=1e-2, targets="all-linear"))
+    trainer, rec = train(make_cfg(s, "margin", max_steps=6, lr=1e-2, targets="all-linear"))
     before = held_out_margin(s, s.base)
     after = held_out_margin(s, s.base, s.root / "margin" / "adapter")
+    print("margin", before, after)
     assert after > before + 1.0, (before, after)
     reps = rec.reports()
     assert reps[-1].reward_margin > reps[0].reward_margin
