@@ -94,6 +94,7 @@ class PreferenceTrainer(Trainer):
         if isinstance(b, LabelledBatch):
             bb = self._on_backend(b.batch)
             ref = pl.reference_logps(ops, self.model, self.frozen, bb)
+            ops.materialize(ref)
             kl_batch = self._on_backend(b.kl)
             with ops.inference():  # TRL's kl: detached, clamped at 0
                 policy = pl.row_logps(ops, self.model, {**self.frozen, **self.trainable},
@@ -108,6 +109,7 @@ class PreferenceTrainer(Trainer):
             ref = pl.reference_logps(ops, self.model, self.frozen, bb)
         else:  # ORPO has no reference model
             ref = ops.zeros((b.input_ids.shape[0],))
+        ops.materialize(ref)  # the reference pass ends before the policy's begins
         return bb, ref, (counts,)
 
     def train_step(self, micro: list[Batch], lr: float) -> tuple[float, float, bool]:

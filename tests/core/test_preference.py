@@ -360,3 +360,12 @@ def test_bad_preference_record_is_one_line_before_loading(setup, tmp_path, capsy
     code = main(["train", "--model", str(setup.folder), "--data", str(good), "--method", "dpo",
                  "--pack", "--batch-size", "1", "--output", str(tmp_path / "run2")])
     assert code == 2 and "not packed" in capsys.readouterr().err
+
+
+def test_estimate_counts_both_rows_of_a_pair(setup):
+    from lorafit.core.estimate import settings_from_config
+
+    assert settings_from_config(make_cfg(setup, "x", batch_size=3)).batch_size == 6
+    assert settings_from_config(make_cfg(setup, "x", method="orpo")).batch_size == 4
+    assert settings_from_config(make_cfg(setup, "x", method="kto")).batch_size == 2
+    assert settings_from_config(make_cfg(setup, "x", method="sft")).batch_size == 2
