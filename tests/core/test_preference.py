@@ -278,21 +278,24 @@ def test_kto_matches_trl(setup, trl_kto, backend):
 
 
 class Recorder(ev.Sink):
-    def __init__(self):
-        self.events = []
+    def __init__(self, stop_at=None):
+        self.events, self.stop_at = [], stop_at
 
     def __call__(self, e):
         self.events.append(e)
+        if self.stop_at and isinstance(e, ev.StepReport) and e.step == self.stop_at:
+            self.trainer.control.stop()
 
     def reports(self):
         return [e for e in self.events if isinstance(e, ev.StepReport)]
 
 
-def train(cfg):
+def train(cfg, stop_at=None, resume=False):
     from lorafit.commands.train import build_trainer
 
-    rec = Recorder()
-    trainer = build_trainer(cfg, [rec], report=lambda t: None)
+    rec = Recorder(stop_at)
+    trainer = build_trainer(cfg, [rec], resume=resume, report=lambda t: None)
+    rec.trainer = trainer
     trainer.run()
     for sink in trainer.sinks:
         sink.close()
@@ -300,7 +303,7 @@ def train(cfg):
 
 
 def test_torch_and_mlx_follow_the_same_dpo_curve(setup):
-    _, rt = train(make_cfg(setup, "curve-torch", backend="torch"))
+    rt = train(make_cfg(setup, "curve-torch", backend="torch"))[1]
     _, rm = train(make_cfg(setup, "curve-mlx", backend="mlx"))
     lt, lm = ([r.loss for r in rec.reports()] for rec in (rt, rm))
     assert len(lt) == len(lm) == 4 and abs(lt[0] - math.log(2)) < 1e-6
@@ -369,3 +372,15 @@ def test_estimate_counts_both_rows_of_a_pair(setup):
     assert settings_from_config(make_cfg(setup, "x", method="orpo")).batch_size == 4
     assert settings_from_config(make_cfg(setup, "x", method="kto")).batch_size == 2
     assert settings_from_config(make_cfg(setup, "x", method="sft")).batch_size == 2
+
+
+@pytest.mark.slow
+def test_dpo_resume_is_exact(setup):
+    """Stopped after step 2 and resumed: steps 3 and 4 repeat the straight run's."""
+    straight = [r.loss for r in train(make_cfg(setup, "straight", backend="mlx"))[1].reports()]
+    cfg = make_cfg(setup, "resumed", backend="mlx")
+    first = train(cfg, stop_at=2)[1].reports()
+    assert [r.step for r in first] == [1, 2]
+    rest = train(cfg, resume=True)[1].reports()
+    assert [r.step for r in rest] == [3, 4]
+    np.testing.assert_allclose([r.loss for r in first + rest], straight, rtol=1e-6)
