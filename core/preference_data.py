@@ -66,8 +66,8 @@ def _check_turns(value, what: str, roles: tuple | None) -> str | None:
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
                 m.get("role") not in (roles or sft_data.ROLES):
-            want = " assistant" if roles else ""
-            return f'{what}[{i}] must be an{want} message with role and content'
+            want = "an assistant" if roles else "a"
+            return f"{what}[{i}] must be {want} message with role and content"
     return None
 
 
