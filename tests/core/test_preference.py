@@ -338,10 +338,10 @@ def held_out_margin(s, model, tmp_adapter=None):
 @pytest.mark.slow
 def test_dpo_training_raises_the_held_out_margin(setup):
     s = setup
-    trainer, rec = train(make_cfg(s, "margin", max_steps=6, lr=1e-2, targets="all-linear"))
+    trainer, rec = train(make_cfg(s, "margin", backend="mlx", max_steps=6, lr=1e-2,
+                                      targets="all-linear"))
     before = held_out_margin(s, s.base)
     after = held_out_margin(s, s.base, s.root / "margin" / "adapter")
-    print("margin", before, after)
     assert after > before + 1.0, (before, after)
     reps = rec.reports()
     assert reps[-1].reward_margin > reps[0].reward_margin
@@ -384,3 +384,30 @@ def test_dpo_resume_is_exact(setup):
     rest = train(cfg, resume=True)[1].reports()
     assert [r.step for r in rest] == [3, 4]
     np.testing.assert_allclose([r.loss for r in first + rest], straight, rtol=1e-6)
+
+
+def test_message_lists_render_with_the_template_and_mask_only_the_completion(tmp_path):
+    import string
+
+    from tokenizers import AddedToken
+
+    from lorafit.models.tiny import char_tokenizer
+
+    tok = char_tokenizer(string.printable)
+    tok.add_tokens([AddedToken(s, special=True, normalized=False)
+                    for s in ("<|im_start|>", "<|im_end|>")])
+    tok.chat_template = ("{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+                         "<|im_end|>\n{%- endfor %}")
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({
+        "prompt": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"}],
+        "chosen": [{"role": "assistant", "content": "hello there"}],
+        "rejected": "go away"}) + "\n")
+    pset, problems = load_preferences(path, tok, 128, "dpo")
+    assert not problems and len(pset) == 1
+    chosen, rejected = pset.examples[0], pset.examples[1]
+    for e, text in ((chosen, "hello there"), (rejected, "go away")):
+        rendered = tok.decode(e.input_ids.tolist())
+        assert "be kind" in rendered and "hi" in rendered
+        learned = tok.decode(e.input_ids[e.loss_mask].tolist())
+        assert learned.startswith(text) and "hi" not in learned
