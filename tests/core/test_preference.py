@@ -411,3 +411,13 @@ def test_message_lists_render_with_the_template_and_mask_only_the_completion(tmp
         assert "be kind" in rendered and "hi" in rendered
         learned = tok.decode(e.input_ids[e.loss_mask].tolist())
         assert learned.startswith(text) and "hi" not in learned
+
+
+def test_dpo_accumulation_equals_one_big_batch(setup):
+    """A step's loss is a mean over all its pairs: 2 micro-batches of 2 = 1 batch of 4."""
+    big = train(make_cfg(setup, "acc-big", backend="mlx", batch_size=4, max_steps=2))[1]
+    acc = train(make_cfg(setup, "acc-small", backend="mlx", batch_size=2, grad_accum=2,
+                         max_steps=2))[1]
+    for a, b in zip(big.reports(), acc.reports(), strict=True):
+        assert a.loss == pytest.approx(b.loss, rel=1e-5)
+        assert a.reward_margin == pytest.approx(b.reward_margin, rel=1e-4, abs=1e-7)
