@@ -118,6 +118,14 @@ class Backend(Protocol):
         """cap * tanh(x / cap) in x's dtype (Gemma's final-logit soft-capping)."""
     def sigmoid(self, x: Array) -> Array: ...
 
+    def log_sigmoid(self, x: Array) -> Array:
+        """log(sigmoid(x)), stable for large |x| (preference losses: DPO, ORPO, KTO)."""
+
+    def log1m_exp(self, x: Array) -> Array:
+        """log(1 - exp(x)) for x < 0, stable near 0 (ORPO's log-odds of a sequence)."""
+
+    def relu(self, x: Array) -> Array: ...
+
     def causal_conv1d(self, x: Array, weight: Array, state: Array | None = None,
                       segment_ids: Array | None = None) -> tuple:
         """Depthwise causal convolution over time, no bias, no activation.

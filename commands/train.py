@@ -90,9 +90,45 @@ def peek_data(cfg) -> None:
     """The sources open and their first records are in a known format: the cheap data
     problems, found before a model is resolved (and perhaps downloaded). Every record is
     read once, later, by load_examples."""
+    if cfg.method != "sft":  # preference pairs: every record checked, before the model
+        from lorafit.core.preference_data import check_preference_file
+
+        for path in (cfg.data, cfg.val_data):
+            if path:
+                check_preference_file(path, cfg.method, cfg.on_bad_record)
+        return
     for source in open_training_data(cfg):
         if source is not None:
             scan(source)
+
+
+def load_preference_examples(cfg, tokenizer):
+    """(train, val, notes) for --method dpo|orpo|kto (core/preference_data.py)."""
+    from lorafit.core.preference_data import load_preferences
+
+    if cfg.method == "kto" and cfg.batch_size < 2:
+        raise LorafitError("--method kto needs --batch-size 2 or more: its KL estimate "
+                           "pairs each prompt with another completion of the batch")
+    if cfg.pack:
+        raise LorafitError(f"--pack: preference pairs are not packed; drop --pack for "
+                           f"--method {cfg.method}")
+    train, problems = load_preferences(cfg.data, tokenizer, cfg.seq_len, cfg.method,
+                                       cfg.on_bad_record)
+    what = "labelled completions" if cfg.method == "kto" else "pairs"
+    notes = [f"data: {len(train)} {cfg.method} {what}, {train.truncated} sequences truncated "
+             f"to {cfg.seq_len}"] + [f"skipped {p}" for p in problems[:5]]
+    val = None
+    if cfg.val_data:
+        val, vproblems = load_preferences(cfg.val_data, tokenizer, cfg.seq_len, cfg.method,
+                                          cfg.on_bad_record)
+        notes += [f"validation: {len(val)} pairs from {cfg.val_data}"]
+        notes += [f"skipped {p}" for p in vproblems[:5]]
+    elif cfg.val_fraction:
+        train_ks, val_ks = split_validation(list(range(len(train))), cfg.val_fraction,
+                                            cfg.seed)
+        train, val = train.subset(train_ks), train.subset(val_ks)
+    check_enough(range(len(train)), cfg.batch_size)
+    return train, val, notes
 
 
 def load_examples(cfg, tokenizer):
@@ -177,7 +213,9 @@ def _build(cfg, sinks, control, resume, report, allow_changed, lock):
     print_ = fingerprint(cfg, place.world_size)
     check_interrupt()
     tokenizer = load_tokenizer(folder)
-    train, val, notes = load_examples(cfg, tokenizer)  # read once; errors before any weight
+    preference = cfg.method != "sft"
+    train, val, notes = (load_preference_examples if preference else load_examples)(
+        cfg, tokenizer)  # read once; errors before any weight
     check_interrupt()
     from lorafit.commands.estimate import preflight
 
@@ -187,8 +225,9 @@ def _build(cfg, sinks, control, resume, report, allow_changed, lock):
     ops.seed(cfg.seed)
     model = load_model(str(folder), ops, cfg.dtype or training_dtype(ops, load_args(folder)[0]),
                        cfg.quantize)
-    check_token_ids(train, model.args.vocab_size, cfg.data)
-    check_token_ids(val, model.args.vocab_size, cfg.val_data or cfg.data)
+    check_token_ids(train.examples if preference else train, model.args.vocab_size, cfg.data)
+    check_token_ids((val.examples if val else []) if preference else val,
+                    model.args.vocab_size, cfg.val_data or cfg.data)
     model._tokenizer = tokenizer
     check_interrupt()
     if primary:
@@ -198,8 +237,14 @@ def _build(cfg, sinks, control, resume, report, allow_changed, lock):
         sinks = list(sinks) + [ev.JsonlSink(run_dir), ev.StatusSink(run_dir),
                                ModelCardSink(run_dir, cfg.model)] + \
             trackers.make_sinks(cfg.report_to, run_dir)
-    trainer = Trainer(model, cfg, train, val, run_dir if primary else None, sinks, control,
-                      estimate=estimate)
+    if preference:
+        from lorafit.core.preference_train import PreferenceTrainer
+
+        trainer = PreferenceTrainer(model, cfg, train, val, run_dir if primary else None,
+                                    sinks, control, estimate=estimate)
+    else:
+        trainer = Trainer(model, cfg, train, val, run_dir if primary else None, sinks,
+                          control, estimate=estimate)
     trainer.lock = lock
     trainer.fingerprint = print_
     if ckpt is not None:

@@ -96,7 +96,9 @@ def load_checkpoint(path: str | Path) -> dict:
 FIXED = ("rank", "alpha", "dropout", "targets", "layers", "rslora", "dora", "quantize",
          "batch_size", "grad_accum", "seq_len", "pack", "seed", "train_on_prompt",
          "val_fraction", "data_sha256", "val_data_sha256", "data_split", "data_config",
-         "data_revision", "columns", "chat_loss", "train_on_reasoning")
+         "data_revision", "columns", "chat_loss", "train_on_reasoning",
+         "method", "beta", "dpo_loss", "orpo_lambda", "kto_desirable_weight",
+         "kto_undesirable_weight")
 # These only steer the rest of the run: allowed with --allow-changed NAME.
 SAFE = ("lr", "schedule", "warmup_steps", "min_lr_ratio", "max_steps", "epochs",
         "eval_every", "save_every", "early_stopping_patience", "weight_decay")

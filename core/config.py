@@ -29,6 +29,8 @@ QUANTIZE_BITS = {"4bit": 4, "8bit": 8}  # --quantize choices and the bits they m
 QUANTIZE = tuple(QUANTIZE_BITS)
 ON_BAD_RECORD = ("fail", "skip")
 CHAT_LOSS = ("all", "last")
+METHODS = ("sft", "dpo", "orpo", "kto")  # --method: core/preference_train.py for all but sft
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 
 
 @dataclass
@@ -135,6 +137,19 @@ class TrainConfig:
     """Stop after this many non-finite steps in a row."""
     force: bool = False
     """Train even when the memory estimate says it will not fit."""
+    method: str = "sft"
+    """sft, or preference tuning on chosen/rejected pairs: dpo, orpo, or kto on labelled
+    completions (README: Preference tuning)."""
+    beta: float = 0.1
+    """DPO and KTO: how far the adapter may move from the base (the reference)."""
+    dpo_loss: str = "sigmoid"
+    """DPO's loss: sigmoid (the paper's), ipo or hinge (as TRL's loss_type)."""
+    orpo_lambda: float = 0.1
+    """ORPO: weight of the odds-ratio term beside the NLL of the chosen completion."""
+    kto_desirable_weight: float = 1.0
+    """KTO: weight of the losses of desirable (label true) completions."""
+    kto_undesirable_weight: float = 1.0
+    """KTO: weight of the losses of undesirable (label false) completions."""
 
     def __post_init__(self):
         if self.dtype is not None:
@@ -176,6 +191,16 @@ class TrainConfig:
         self.report_to = ",".join(parse_trackers(self.report_to))
         if self.backend not in BACKENDS:
             raise LorafitError(f"backend {self.backend!r}: choose {', '.join(BACKENDS)}")
+        if self.method not in METHODS:
+            raise LorafitError(f"method {self.method!r}: choose {', '.join(METHODS)}")
+        if self.dpo_loss not in DPO_LOSSES:
+            raise LorafitError(f"dpo-loss {self.dpo_loss!r}: choose {', '.join(DPO_LOSSES)}")
+        for name in ("beta", "orpo_lambda", "kto_desirable_weight", "kto_undesirable_weight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 \
+                    or not math.isfinite(v):
+                raise LorafitError(f"{name.replace('_', '-')} must be a positive number, "
+                                   f"got {v!r}")
 
     def _check_numbers(self) -> None:
         """Hyper-parameters that would train wrongly or not at all, refused up front."""
@@ -239,7 +264,7 @@ class TrainConfig:
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
 FIELD_CHOICES = {"schedule": SCHEDULES, "dtype": tuple(DTYPE_ALIASES), "backend": BACKENDS,
                  "quantize": QUANTIZE, "on_bad_record": ON_BAD_RECORD,
-                 "chat_loss": CHAT_LOSS}
+                 "chat_loss": CHAT_LOSS, "method": METHODS, "dpo_loss": DPO_LOSSES}
 """The allowed values of the fields that take one of a few words (the CLI's choices)."""
 
 

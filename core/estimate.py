@@ -647,7 +647,15 @@ def settings_from_config(cfg, backend: str | None = None, device: str | None = N
     return Settings(backend=backend or ("mlx" if cfg.backend == "mlx" else "torch"),
                     device=device or cfg.device or "cpu", dtype=cfg.dtype or "float32",
                     rank=cfg.rank, targets=cfg.targets, layers=cfg.layers,
-                    batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                    batch_size=cfg.batch_size * rows_per_example(cfg), seq_len=cfg.seq_len,
                     grad_checkpoint=cfg.grad_checkpoint, pack=cfg.pack,
                     grad_accum=cfg.grad_accum, dora=cfg.dora,
                     quantize_bits=QUANTIZE_BITS.get(cfg.quantize))
+
+
+def rows_per_example(cfg) -> int:
+    """Rows one batch element puts through the trained forward and backward: a DPO or ORPO
+    pair is two (chosen and rejected, core/preference_train.py). The reference forwards
+    (DPO, KTO) and KTO's mismatched KL rows run without a graph before the policy's pass,
+    so they add time, not peak memory."""
+    return 2 if getattr(cfg, "method", "sft") in ("dpo", "orpo") else 1

@@ -266,6 +266,10 @@ class ConsoleSink(Sink):
             text = (f"[{bar}] {e.step}/{self.total} loss {e.loss:.4f} lr {e.lr:.2e} "
                     f"{e.tokens_per_s:,.0f} tok/s mem {_fmt_bytes(e.memory_peak)} "
                     f"eta {_fmt_time(e.eta_s)}")
+            if e.reward_margin is not None:  # preference tuning (core/preference_train.py)
+                text += f" margin {e.reward_margin:+.3f}"
+            if e.reward_accuracy is not None:
+                text += f" acc {e.reward_accuracy:.2f}"
             if self.tty:
                 self.stream.write("\r" + text)
                 self._open_line = True

@@ -449,7 +449,11 @@ class Trainer:
                                 tokens_per_s=window_tokens / max(window_time, 1e-9),
                                 step_time=dt, eta_s=eta, memory_peak=mem["peak"],
                                 memory_current=mem["current"], memory_rss=mem.get("rss", 0),
-                                router_aux_loss=self._router_loss))
+                                router_aux_loss=self._router_loss, **self._extra_report()))
+
+    def _extra_report(self) -> dict:
+        """More StepReport fields of a trainer built on this one (preference rewards)."""
+        return {}
 
     def _record_measured_peak(self, peak: int, micro: list[Batch]) -> None:
         """The tensor-level peak of one full step, reported beside the estimate for the

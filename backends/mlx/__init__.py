@@ -147,6 +147,15 @@ class MLXBackend:
     def sigmoid(self, x):
         return mx.sigmoid(x)
 
+    def log_sigmoid(self, x):
+        return -mx.logaddexp(mx.zeros_like(x), -x)
+
+    def log1m_exp(self, x):
+        return mx.where(x < -0.6931471805599453, mx.log1p(-mx.exp(x)), mx.log(-mx.expm1(x)))
+
+    def relu(self, x):
+        return mx.maximum(x, 0)
+
     def causal_conv1d(self, x, weight, state=None, segment_ids=None):
         B, T, Ch = x.shape
         K = weight.shape[-1]

@@ -167,6 +167,16 @@ class TorchBackend:
     def sigmoid(self, x):
         return torch.sigmoid(x)
 
+    def log_sigmoid(self, x):
+        return torch.nn.functional.logsigmoid(x)
+
+    def log1m_exp(self, x):
+        return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)),
+                           torch.log(-torch.expm1(x)))
+
+    def relu(self, x):
+        return torch.relu(x)
+
     def causal_conv1d(self, x, weight, state=None, segment_ids=None):
         B, T, Ch = x.shape
         K = weight.shape[-1]
