@@ -23,14 +23,8 @@ from lorafit.core.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tokenizer):
-    from conftest import build_hf_model, write_prompt_completion_data
-
-    root = tmp_path_factory.mktemp("dist")
-    folder, _ = build_hf_model(root / "model", "llama", tokenizer, num_hidden_layers=2,
-                               hidden_size=32, intermediate_size=64, rope_scaling=None)
-    data = write_prompt_completion_data(root / "train.jsonl", 32)
-    return root, folder, data
+def tiny(tmp_path_factory, small_llama):
+    return (tmp_path_factory.mktemp("dist"), *small_llama)
 
 
 SETTINGS = dict(rank=4, alpha=8, targets="q_proj,v_proj", batch_size=2, lr=3e-3,
@@ -53,13 +47,14 @@ def cli(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout, **kw)
 
 
-def one_process(folder, data, out, backend, resume=False, **kw) -> str:
+def one_process(folder, data, out, backend, resume=False, allow_changed=(), **kw) -> str:
     """A run in this process (world size 1)."""
     from lorafit.commands.train import build_trainer
 
     cfg = TrainConfig(model=str(folder), data=str(data), output=str(out), backend=backend,
                       device="cpu", **dict(SETTINGS, **kw))
-    trainer = build_trainer(cfg, [], resume=resume, report=lambda t: None)
+    trainer = build_trainer(cfg, [], resume=resume, report=lambda t: None,
+                            allow_changed=allow_changed)
     try:
         return trainer.run()
     finally:
@@ -247,14 +242,12 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint_and_resume_f
     proc.send_signal(signal.SIGTERM)
     try:
         _, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        # An intermittent hang after the stop (seen about one run in three, also on an idle
-        # machine; issue 11 stays open for it): end every process, say so, never pass.
+    except subprocess.TimeoutExpired:  # a hang: end every process, and fail
         for pid in _pids(out).values():
             os.kill(pid, signal.SIGKILL) if rundir.pid_alive(pid) else None
         proc.kill()
         proc.communicate()
-        pytest.xfail("known intermittent hang after SIGTERM to train --nproc 2")
+        pytest.fail("the launch did not end within 120 s of SIGTERM")
     assert proc.returncode == 0, err[-3000:]
     status = rundir.read_status(out)
     assert status["state"] == "stopped", status
@@ -263,9 +256,10 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint_and_resume_f
     assert stopped == status["step"] > saved
     pids = _pids(out)
     assert len(pids) == 2 and not any(rundir.pid_alive(p) for p in pids.values())
-    proc = cli("--resume", str(out), "--nproc", "2", "--allow-changed", "max-steps",
-               "--max-steps", str(stopped + 3))  # the rest of the run, shortened
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the rest of the run, shortened, in this process (checkpoints do not depend on the
+    # world size; resuming with --nproc 2 is the test above)
+    assert one_process(folder, data, out, "torch", resume=True, allow_changed=("max_steps",),
+                       max_steps=stopped + 3, save_every=1000, log_every=1) == "completed"
     assert rundir.read_status(out)["state"] == "completed"
     assert rundir.read_status(out)["step"] == stopped + 3
 
