@@ -149,6 +149,54 @@ def test_resuming_with_another_world_size_keeps_the_global_batch():
         check_fingerprint(saved, fp(changed, 2))
 
 
+class _Exchange:
+    """Rank 1 of 2's side of the boundary exchange: the other rank adds `theirs`; a SIGTERM
+    reaches this rank while the exchange numbered `signal_at` is in flight (its handler
+    sets the local stop request, as core/control.py's does)."""
+
+    def __init__(self, theirs, signal_at):
+        self.theirs, self.signal_at, self.calls, self.trainer = theirs, signal_at, 0, None
+
+    def from_numpy(self, a):
+        return a
+
+    def to_numpy(self, a):
+        return a
+
+    def all_reduce(self, arrays):
+        self.calls += 1
+        assert self.calls < 10, "the stop was lost: the run went on"
+        if self.calls == self.signal_at:
+            ctl = self.trainer.control
+            ctl.stop_requested, ctl.paused = True, False
+        return {"flags": arrays["flags"] + np.asarray(self.theirs, np.float32)}
+
+
+def _rank_1_of_2(exchange):
+    from lorafit.core.control import Control
+    from lorafit.core.train import Position, Trainer
+
+    trainer = Trainer.__new__(Trainer)  # the boundary logic alone: no model needed
+    trainer.control, trainer.ops, trainer.rank, trainer.world_size = Control(None), exchange, 1, 2
+    trainer.run_dir, trainer.sinks, trainer.pos = None, [], Position()
+    exchange.trainer = trainer
+    return trainer
+
+
+def test_a_sigterm_during_the_boundary_exchange_stops_every_rank_at_the_next_one():
+    """The cause of the hang after SIGTERM to `train --nproc 2`: a signal handled while the
+    boundary's flags were being exchanged was overwritten by the agreed (older) flags, so
+    when it landed so on every rank the run went on; landing just after, one rank stopped
+    alone while the others waited in the next collective."""
+    trainer = _rank_1_of_2(_Exchange(theirs=[0, 0, 0], signal_at=1))
+    assert trainer._between_steps() is None  # the other rank has not heard of it yet
+    assert trainer._between_steps() == "stopped"  # so both stop at the next boundary
+    # paused by rank 0: the signal lands during the third exchange of the pause loop; the
+    # loop ends on the agreed stop, not on the local flags the handler changed
+    trainer = _rank_1_of_2(_Exchange(theirs=[0, 0, 1], signal_at=3))
+    assert trainer._between_steps() == "stopped" and trainer.ops.calls == 4
+
+
 @pytest.mark.slow
 def test_torch_two_processes_equal_one_and_checkpoints_move_between_world_sizes(tiny):
     """2 processes x batch 2 == 1 process x batch 2 x grad-accum 2 (fp32, 1e-5); a step-2
