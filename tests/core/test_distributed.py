@@ -197,19 +197,28 @@ def test_a_sigterm_during_the_boundary_exchange_stops_every_rank_at_the_next_one
     assert trainer._between_steps() == "stopped" and trainer.ops.calls == 4
 
 
+def two_equal_one(tiny, backend, prefix=""):
+    """A 1-process run with grad-accum 2 and a `--nproc 2` run, whose adapters must be the
+    same; returns their run folders."""
+    root, folder, data = tiny
+    ref = root / f"{prefix}ref"
+    assert one_process(folder, data, ref, backend, grad_accum=2) == "completed"
+    two = root / f"{prefix}two"
+    proc = cli(*flags(folder, data, two, backend), "--nproc", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_adapter(rundir.adapter_path(ref), rundir.adapter_path(two))
+    assert rundir.read_status(two)["world_size"] == 2
+    return ref, two
+
+
 @pytest.mark.slow
 def test_torch_two_processes_equal_one_and_checkpoints_move_between_world_sizes(tiny):
     """2 processes x batch 2 == 1 process x batch 2 x grad-accum 2 (fp32, 1e-5); a step-2
     checkpoint of either continues in the other to the same final adapter."""
     root, folder, data = tiny
-    ref = root / "ref"
-    assert one_process(folder, data, ref, "torch", grad_accum=2) == "completed"
-    two = root / "two"
-    proc = cli(*flags(folder, data, two, "torch"), "--nproc", "2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_adapter(rundir.adapter_path(ref), rundir.adapter_path(two))
+    ref, two = two_equal_one(tiny, "torch")
     start = next(r for r in rundir.read_metrics(two) if r.get("kind") == "start")
-    assert start["world_size"] == 2 and rundir.read_status(two)["world_size"] == 2
+    assert start["world_size"] == 2
     memory = next(r for r in rundir.read_metrics(two) if r.get("kind") == "memory")
     assert len(memory["rank_peaks"]) == 2 and all(p > 0 for p in memory["rank_peaks"])
     assert rundir.read_trainer_state(rundir.checkpoint_path(two, 2))["world_size"] == 2
@@ -231,14 +240,7 @@ def test_torch_two_processes_equal_one_and_checkpoints_move_between_world_sizes(
 
 @pytest.mark.slow
 def test_mlx_two_processes_on_the_ring_equal_one(tiny):
-    root, folder, data = tiny
-    ref = root / "mlx-ref"
-    assert one_process(folder, data, ref, "mlx", grad_accum=2) == "completed"
-    two = root / "mlx-two"
-    proc = cli(*flags(folder, data, two, "mlx"), "--nproc", "2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_adapter(rundir.adapter_path(ref), rundir.adapter_path(two))
-    assert rundir.read_status(two)["world_size"] == 2
+    two_equal_one(tiny, "mlx", prefix="mlx-")
 
 
 def _wait_for_step(out: Path, proc, step: int, timeout=240):
