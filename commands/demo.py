@@ -83,7 +83,10 @@ def exact_match(preds: list[str], words: list[str]) -> float:
     return sum(p == shift(w) for p, w in zip(preds, words)) / len(words)
 
 
-def main(backend: str = "auto", output: str | None = None, steps: int | None = None) -> int:
+def main(backend: str = "auto", output: str | None = None, steps: int | None = None,
+         held_out: int = 100) -> int:
+    """Returns 0 when the adapter scores higher than the base model on the held-out words.
+    `held_out` (words scored before and after) is there for the test, which keeps it short."""
     from lorafit.backends import get_backend
     from lorafit.commands.common import load_model_with_adapter
     from lorafit.commands.train import run_training
@@ -95,7 +98,7 @@ def main(backend: str = "auto", output: str | None = None, steps: int | None = N
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     say(f"lorafit demo: teaching a tiny Llama to shift letters (hello -> ifmmp) in {root}")
     model_dir = build_model(root / "base-model")
-    data, test_words = make_data(root, n_train=3000, n_test=100)
+    data, test_words = make_data(root, n_train=3000, n_test=held_out)
     cfg = TrainConfig(model=str(model_dir), data=str(data), output=str(root / "run"),
                       backend=backend, rank=16, alpha=32, targets="all-linear",
                       batch_size=32, lr=3e-3, schedule="cosine", warmup_steps=20,

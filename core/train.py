@@ -382,39 +382,45 @@ class Trainer:
 
     def _between_steps(self) -> str | None:
         """Apply control requests; returns a status when the run must end now."""
+        stop, paused = self._requests()
+        if paused:
+            self.emit(ev.Paused(step=self.pos.step))
+            while paused and not stop:
+                time.sleep(0.1)
+                stop, paused = self._requests()
+            self.emit(ev.Resumed(step=self.pos.step))
+        return "stopped" if stop else None
+
+    def _requests(self) -> tuple[bool, bool]:
+        """This boundary's requests, the same on every rank: a save is taken here; returns
+        whether to stop and whether to stay paused."""
         ctl = self.control
         self._acknowledge(ctl.poll())
-        self._agree()
-        if ctl.save_requested:
+        stop, save, paused = self._agree()
+        if save:
             ctl.save_requested = False
             if self.run_dir:
                 self.save()
-        if ctl.paused:
-            self.emit(ev.Paused(step=self.pos.step))
-            while ctl.paused and not ctl.stop_requested:
-                time.sleep(0.1)
-                self._acknowledge(ctl.poll())
-                self._agree()
-                if ctl.save_requested:
-                    ctl.save_requested = False
-                    if self.run_dir:
-                        self.save()
-            self.emit(ev.Resumed(step=self.pos.step))
-        if ctl.stop_requested:
-            return "stopped"
-        return None
+        return stop, paused
 
-    def _agree(self) -> None:
-        """Every rank acts on the same requests at the same boundary: stop and save when any
-        rank was asked (a signal reaches each rank), pause as rank 0 says (only rank 0
-        reads the control file)."""
+    def _agree(self) -> tuple[bool, bool, bool]:
+        """(stop, save, pause) as every rank acts on them at this boundary: stop and save
+        when any rank was asked (a signal reaches each rank), pause as rank 0 says (only rank
+        0 reads the control file). Decisions come from the exchange alone, never from the
+        local flags read after it: a signal that lands during the exchange stays in the
+        local flag for the next boundary instead of being overwritten (lost on every rank:
+        the run went on) or acted on by this rank alone (it left while the others waited)."""
+        ctl = self.control
+        mine = (ctl.stop_requested, ctl.save_requested, ctl.paused)
         if self.world_size == 1:
-            return
-        ctl, ops = self.control, self.ops
-        flags = np.asarray([ctl.stop_requested, ctl.save_requested,
-                            ctl.paused and self.rank == 0], dtype=np.float32)
+            return mine
+        ops = self.ops
+        flags = np.asarray([mine[0], mine[1], mine[2] and self.rank == 0], dtype=np.float32)
         agreed = ops.to_numpy(ops.all_reduce({"flags": ops.from_numpy(flags)})["flags"])
-        ctl.stop_requested, ctl.save_requested, ctl.paused = (bool(x > 0) for x in agreed)
+        stop, save, paused = (bool(x > 0) for x in agreed)
+        if stop:
+            ctl.stop_requested = True
+        return stop, save, paused
 
     def _record_loss(self, loss: float) -> None:
         """Keep the newest losses and a running summary: a checkpoint's trainer state stays

@@ -20,7 +20,6 @@ CHAT_TEMPLATE = (
 def char_tokenizer(alphabet: str):
     """A character-level tokenizer over `alphabet` plus the special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(SPECIALS)}
     for ch in dict.fromkeys(alphabet):

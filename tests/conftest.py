@@ -86,6 +86,16 @@ def tiny_models(tmp_path_factory, tokenizer):
     return out
 
 
+@pytest.fixture(scope="session")
+def small_llama(tmp_path_factory, tokenizer):
+    """(model folder, training JSONL): a 2-layer, hidden-32 Llama and 32 prompt/completion
+    records, shared by the tests that train it end to end (runs go in their own folders)."""
+    root = tmp_path_factory.mktemp("small-llama")
+    folder, _ = build_hf_model(root / "model", "llama", tokenizer, num_hidden_layers=2,
+                               hidden_size=32, intermediate_size=64, rope_scaling=None)
+    return folder, write_prompt_completion_data(root / "train.jsonl", 32)
+
+
 @pytest.fixture(scope="session", params=["torch", "mlx"])
 def backend(request):
     from lorafit.backends import get_backend
@@ -181,6 +191,38 @@ def _has_accelerator() -> bool:
         return mx.metal.is_available()
     except ImportError:
         return False
+
+
+def _started_as_pytest() -> bool:
+    import sys
+
+    first = Path(sys.argv[0])
+    return first.name in ("pytest", "py.test") or first.parts[-2:] == ("pytest", "__main__.py")
+
+
+def pytest_configure(config):
+    """MLX tests run on OpenBLAS, as `lorafit` runs for a user (core/blas.py: the CLI
+    re-executes itself with it preloaded; a running process cannot load it). The reference
+    BLAS that mlx[cpu] links on Linux made the MLX tests ~7x slower. So the test run starts
+    again, once, with OpenBLAS preloaded, when it is installed; LORAFIT_NO_REEXEC=1 keeps
+    this process as it is."""
+    import sys
+
+    from lorafit.core.blas import REEXEC_FLAG, optimised_blas
+
+    lib = optimised_blas()
+    if (not sys.platform.startswith("linux") or lib is None or not _started_as_pytest()
+            or os.environ.get("LORAFIT_NO_REEXEC") == "1" or os.environ.get(REEXEC_FLAG)
+            or "openblas" in os.environ.get("LD_PRELOAD", "")):
+        return
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:  # the real stdout/stderr back before the new process takes them
+        capture.stop_global_capturing()
+    env = dict(os.environ, LD_PRELOAD=f"{lib} {os.environ.get('LD_PRELOAD', '')}".strip())
+    env[REEXEC_FLAG] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def pytest_collection_modifyitems(config, items):

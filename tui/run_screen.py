@@ -5,7 +5,6 @@ UI started, one started headless elsewhere, or a finished one."""
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 from rich.text import Text
@@ -14,7 +13,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Header, Input, ProgressBar, RichLog, Static
+from textual.widgets import Footer, Header, Input, ProgressBar, RichLog, Static
 
 from lorafit.core import rundir
 from lorafit.core.control import send_command

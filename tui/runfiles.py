@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lorafit.core import events as ev
 from lorafit.core import rundir
-from lorafit.core.rundir import find_runs, read_status  # noqa: F401  (the TUI's imports)
+from lorafit.core.rundir import find_runs
 
 
 MAX_POINTS = 1024  # a plotted series never holds more (a plot is a few hundred cells wide)

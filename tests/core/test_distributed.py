@@ -23,14 +23,8 @@ from lorafit.core.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tokenizer):
-    from conftest import build_hf_model, write_prompt_completion_data
-
-    root = tmp_path_factory.mktemp("dist")
-    folder, _ = build_hf_model(root / "model", "llama", tokenizer, num_hidden_layers=2,
-                               hidden_size=32, intermediate_size=64, rope_scaling=None)
-    data = write_prompt_completion_data(root / "train.jsonl", 32)
-    return root, folder, data
+def tiny(tmp_path_factory, small_llama):
+    return (tmp_path_factory.mktemp("dist"), *small_llama)
 
 
 SETTINGS = dict(rank=4, alpha=8, targets="q_proj,v_proj", batch_size=2, lr=3e-3,
@@ -53,13 +47,14 @@ def cli(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout, **kw)
 
 
-def one_process(folder, data, out, backend, resume=False, **kw) -> str:
+def one_process(folder, data, out, backend, resume=False, allow_changed=(), **kw) -> str:
     """A run in this process (world size 1)."""
     from lorafit.commands.train import build_trainer
 
     cfg = TrainConfig(model=str(folder), data=str(data), output=str(out), backend=backend,
                       device="cpu", **dict(SETTINGS, **kw))
-    trainer = build_trainer(cfg, [], resume=resume, report=lambda t: None)
+    trainer = build_trainer(cfg, [], resume=resume, report=lambda t: None,
+                            allow_changed=allow_changed)
     try:
         return trainer.run()
     finally:
@@ -154,19 +149,76 @@ def test_resuming_with_another_world_size_keeps_the_global_batch():
         check_fingerprint(saved, fp(changed, 2))
 
 
+class _Exchange:
+    """Rank 1 of 2's side of the boundary exchange: the other rank adds `theirs`; a SIGTERM
+    reaches this rank while the exchange numbered `signal_at` is in flight (its handler
+    sets the local stop request, as core/control.py's does)."""
+
+    def __init__(self, theirs, signal_at):
+        self.theirs, self.signal_at, self.calls, self.trainer = theirs, signal_at, 0, None
+
+    def from_numpy(self, a):
+        return a
+
+    def to_numpy(self, a):
+        return a
+
+    def all_reduce(self, arrays):
+        self.calls += 1
+        assert self.calls < 10, "the stop was lost: the run went on"
+        if self.calls == self.signal_at:
+            ctl = self.trainer.control
+            ctl.stop_requested, ctl.paused = True, False
+        return {"flags": arrays["flags"] + np.asarray(self.theirs, np.float32)}
+
+
+def _rank_1_of_2(exchange):
+    from lorafit.core.control import Control
+    from lorafit.core.train import Position, Trainer
+
+    trainer = Trainer.__new__(Trainer)  # the boundary logic alone: no model needed
+    trainer.control, trainer.ops, trainer.rank, trainer.world_size = Control(None), exchange, 1, 2
+    trainer.run_dir, trainer.sinks, trainer.pos = None, [], Position()
+    exchange.trainer = trainer
+    return trainer
+
+
+def test_a_sigterm_during_the_boundary_exchange_stops_every_rank_at_the_next_one():
+    """The cause of the hang after SIGTERM to `train --nproc 2`: a signal handled while the
+    boundary's flags were being exchanged was overwritten by the agreed (older) flags, so
+    when it landed so on every rank the run went on; landing just after, one rank stopped
+    alone while the others waited in the next collective."""
+    trainer = _rank_1_of_2(_Exchange(theirs=[0, 0, 0], signal_at=1))
+    assert trainer._between_steps() is None  # the other rank has not heard of it yet
+    assert trainer._between_steps() == "stopped"  # so both stop at the next boundary
+    # paused by rank 0: the signal lands during the third exchange of the pause loop; the
+    # loop ends on the agreed stop, not on the local flags the handler changed
+    trainer = _rank_1_of_2(_Exchange(theirs=[0, 0, 1], signal_at=3))
+    assert trainer._between_steps() == "stopped" and trainer.ops.calls == 4
+
+
+def two_equal_one(tiny, backend, prefix=""):
+    """A 1-process run with grad-accum 2 and a `--nproc 2` run, whose adapters must be the
+    same; returns their run folders."""
+    root, folder, data = tiny
+    ref = root / f"{prefix}ref"
+    assert one_process(folder, data, ref, backend, grad_accum=2) == "completed"
+    two = root / f"{prefix}two"
+    proc = cli(*flags(folder, data, two, backend), "--nproc", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_adapter(rundir.adapter_path(ref), rundir.adapter_path(two))
+    assert rundir.read_status(two)["world_size"] == 2
+    return ref, two
+
+
 @pytest.mark.slow
 def test_torch_two_processes_equal_one_and_checkpoints_move_between_world_sizes(tiny):
     """2 processes x batch 2 == 1 process x batch 2 x grad-accum 2 (fp32, 1e-5); a step-2
     checkpoint of either continues in the other to the same final adapter."""
     root, folder, data = tiny
-    ref = root / "ref"
-    assert one_process(folder, data, ref, "torch", grad_accum=2) == "completed"
-    two = root / "two"
-    proc = cli(*flags(folder, data, two, "torch"), "--nproc", "2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_adapter(rundir.adapter_path(ref), rundir.adapter_path(two))
+    ref, two = two_equal_one(tiny, "torch")
     start = next(r for r in rundir.read_metrics(two) if r.get("kind") == "start")
-    assert start["world_size"] == 2 and rundir.read_status(two)["world_size"] == 2
+    assert start["world_size"] == 2
     memory = next(r for r in rundir.read_metrics(two) if r.get("kind") == "memory")
     assert len(memory["rank_peaks"]) == 2 and all(p > 0 for p in memory["rank_peaks"])
     assert rundir.read_trainer_state(rundir.checkpoint_path(two, 2))["world_size"] == 2
@@ -188,14 +240,7 @@ def test_torch_two_processes_equal_one_and_checkpoints_move_between_world_sizes(
 
 @pytest.mark.slow
 def test_mlx_two_processes_on_the_ring_equal_one(tiny):
-    root, folder, data = tiny
-    ref = root / "mlx-ref"
-    assert one_process(folder, data, ref, "mlx", grad_accum=2) == "completed"
-    two = root / "mlx-two"
-    proc = cli(*flags(folder, data, two, "mlx"), "--nproc", "2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_adapter(rundir.adapter_path(ref), rundir.adapter_path(two))
-    assert rundir.read_status(two)["world_size"] == 2
+    two_equal_one(tiny, "mlx", prefix="mlx-")
 
 
 def _wait_for_step(out: Path, proc, step: int, timeout=240):
@@ -247,14 +292,12 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint_and_resume_f
     proc.send_signal(signal.SIGTERM)
     try:
         _, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        # An intermittent hang after the stop (seen about one run in three, also on an idle
-        # machine; issue 11 stays open for it): end every process, say so, never pass.
+    except subprocess.TimeoutExpired:  # a hang: end every process, and fail
         for pid in _pids(out).values():
             os.kill(pid, signal.SIGKILL) if rundir.pid_alive(pid) else None
         proc.kill()
         proc.communicate()
-        pytest.xfail("known intermittent hang after SIGTERM to train --nproc 2")
+        pytest.fail("the launch did not end within 120 s of SIGTERM")
     assert proc.returncode == 0, err[-3000:]
     status = rundir.read_status(out)
     assert status["state"] == "stopped", status
@@ -263,9 +306,10 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint_and_resume_f
     assert stopped == status["step"] > saved
     pids = _pids(out)
     assert len(pids) == 2 and not any(rundir.pid_alive(p) for p in pids.values())
-    proc = cli("--resume", str(out), "--nproc", "2", "--allow-changed", "max-steps",
-               "--max-steps", str(stopped + 3))  # the rest of the run, shortened
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the rest of the run, shortened, in this process (checkpoints do not depend on the
+    # world size; resuming with --nproc 2 is the test above)
+    assert one_process(folder, data, out, "torch", resume=True, allow_changed=("max_steps",),
+                       max_steps=stopped + 3, save_every=1000, log_every=1) == "completed"
     assert rundir.read_status(out)["state"] == "completed"
     assert rundir.read_status(out)["step"] == stopped + 3
 

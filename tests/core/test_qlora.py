@@ -11,7 +11,6 @@ from conftest import build_hf_model, random_ids
 from lorafit.cli import main
 from lorafit.core import adapter_io, lora
 from lorafit.core.config import TrainConfig
-from lorafit.core.errors import LorafitError
 from lorafit.models.loader import load_model
 
 

@@ -84,14 +84,8 @@ def test_1_restore_goes_through_optimizer_load_state_dict_and_resumes_exactly():
 
 # -- a tiny run ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tokenizer):
-    from conftest import build_hf_model, write_prompt_completion_data
-
-    root = tmp_path_factory.mktemp("rel")
-    folder, _ = build_hf_model(root / "model", "llama", tokenizer, num_hidden_layers=2,
-                               hidden_size=32, intermediate_size=64, rope_scaling=None)
-    data = write_prompt_completion_data(root / "train.jsonl", 32)
-    return root, folder, data
+def tiny(tmp_path_factory, small_llama):
+    return (tmp_path_factory.mktemp("rel"), *small_llama)
 
 
 def cfg_of(tiny, out, **kw):
@@ -576,10 +570,14 @@ def test_fault_injection_20_random_sigkills_each_resumed(tiny, tmp_path):
         if proc.returncode == 0:
             break
     assert kills == 20
-    proc = subprocess.run(base + ["--resume", str(out)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    # the last resume runs to the end; a few steps past the last checkpoint are enough
+    # (--max-steps 400 only keeps the killed runs from finishing first)
+    proc = subprocess.run(base + ["--resume", str(out), "--allow-changed", "max-steps",
+                                  "--max-steps", str(last_step + 3)],
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert rundir.read_status(out)["state"] == "completed"
+    assert rundir.read_status(out)["step"] == last_step + 3
     pm = PeftModel.from_pretrained(ref, str(rundir.adapter_path(out))).eval()
     with torch.no_grad():
         assert torch.isfinite(pm(torch.tensor([[1, 5, 9]])).logits).all()

@@ -4,13 +4,10 @@ Textual's Pilot through one action that used to be broken."""
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
-
-import pytest
 
 from lorafit.core import rundir
 from lorafit.tui.app import ConfirmScreen, HelpScreen, LorafitApp, QuitScreen
