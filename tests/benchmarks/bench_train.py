@@ -473,7 +473,8 @@ def main():
                 continue
             print(f"round {rnd + 1}/{a.rounds} {n}: {runs[n][-1]['tokens_per_s']:.0f} tok/s, "
                   f"peak {runs[n][-1]['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
-        Path(a.json).write_text(json.dumps({"partial": True, "runs": runs, "gemm": gemm}))
+            # what has run so far, should the run be cut short (the table is written last)
+            Path(a.json).write_text(json.dumps({"partial": True, "runs": runs, "gemm": gemm}))
     fpt = flops_per_token(a)
     rows = []
     names = [n for n in names if n not in skipped]

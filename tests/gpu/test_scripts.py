@@ -59,3 +59,22 @@ def test_report_tables_tests_and_benchmark(tmp_path):
     assert "| lorafit (torch-cuda) | 9000 | 10000 | 60% | 50% | 1.00 | 1.00 |" in md
     assert "| transformers + PEFT | 6000 | 20000 | 40% | 33% | 0.67 | 2.00 |" in md
     assert "unsloth: not run" in md and "failed: tests.gpu.test_cuda::test_b boom" in md
+
+
+def test_flops_per_token_counts_the_documented_terms():
+    """bench_train's FLOPs per token for a small GQA shape, term by term: frozen matmuls
+    4 x params (forward + input gradient), LoRA pairs 6 x r (in + out), causal attention
+    6 T Hq D per layer, head 4 V C."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_train", ROOT / "tests/benchmarks/bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    a = SimpleNamespace(hidden=128, intermediate=256, heads=2, kv_heads=1, vocab=1000,
+                        seq=64, layers=2)
+    frozen = 128 * 128 * 2 + 128 * 64 * 2 + 128 * 256 * 3  # q o, k v, gate up down
+    lora = 16 * (256 * 2 + 192 * 2 + 384 * 3)
+    attention = 6 * 64 * 2 * 64
+    assert bench.flops_per_token(a) == 2 * (4 * frozen + 6 * lora + attention) + 4 * 1000 * 128
