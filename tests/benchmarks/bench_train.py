@@ -336,11 +336,11 @@ def flops_per_token(a) -> float:
     frozen base (see the module docstring for each term)."""
     C, F, V, T, L, r = a.hidden, intermediate(a), a.vocab, a.seq, a.layers, 16
     H, KV, D = heads(a), a.kv_heads or heads(a), a.hidden // heads(a)
+    # q k v o gate up down
     modules = [(C, H * D), (C, KV * D), (C, KV * D), (H * D, C), (C, F), (C, F), (F, C)]
-    heads_ = H  # q k v o gate up down above
     frozen = sum(i * o for i, o in modules)
     lora_pairs = sum(r * (i + o) for i, o in modules)
-    per_layer = 4 * frozen + 6 * lora_pairs + 6 * T * heads_ * D
+    per_layer = 4 * frozen + 6 * lora_pairs + 6 * T * H * D
     return L * per_layer + 4 * V * C
 
 
@@ -404,7 +404,8 @@ def spawn(which: str, folder: Path, argv: list[str]) -> dict:
 
 def summarise(r: dict, tokens_per_step: int) -> dict:
     med = float(np.median(r["step_times"]))
-    return {"nominal_peak": r.get("nominal_peak"),"tokens_per_s": tokens_per_step / med, "step_time_median_s": med,
+    return {"nominal_peak": r.get("nominal_peak"), "tokens_per_s": tokens_per_step / med,
+            "step_time_median_s": med,
             "peak_mib": r["peak"] / 2**20, "first_loss": r["losses"][0],
             "last_loss": r["losses"][-1]}
 
@@ -452,7 +453,8 @@ def main():
     wanted = [n.strip() for n in a.contenders.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in CONTENDERS]
     if unknown:
-        p.error(f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(CONTENDERS)}")
+        p.error(f"unknown contender(s) {', '.join(unknown)}; "
+                f"choose from {', '.join(CONTENDERS)}")
     names = [n for n in wanted if not a.only or CONTENDERS[n][0].startswith(a.only)]
     skipped = {}
     frameworks = sorted({CONTENDERS[n][3] for n in names})
@@ -489,8 +491,10 @@ def main():
             theirs = {k: median_of(runs[ref], k) for k in runs[ref][0]}
 
             def ratio(key):  # per round: ours and the reference ran seconds apart
-                return float(np.median([o[key] / f[key] for o, f in zip(runs[ours], runs[ref])]))
-            rows.append({"backend": group.replace("cpu", a.device), "reference": CONTENDERS[ref][1], "lorafit": mine,
+                return float(np.median([o[key] / f[key]
+                                        for o, f in zip(runs[ours], runs[ref])]))
+            rows.append({"backend": group.replace("cpu", a.device),
+                         "reference": CONTENDERS[ref][1], "lorafit": mine,
                          "ref": theirs, "speed_ratio": ratio("tokens_per_s"),
                          "memory_ratio": ratio("peak_mib"), "gemm_gflops": rate / 1e9,
                          "gemm_share": share,

@@ -81,5 +81,6 @@ part correctness "$T_CHECKS" "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprov
   --junitxml=gpu-tests.xml
 part benchmark "$T_BENCH" "$PY" tests/benchmarks/bench_train.py "${BENCH_ARGS[@]}"
 
-STATUS_JSON="$STATUS_LINES" python3 tests/gpu/report.py gpu-tests.xml gpu-bench.json gpu-results.json gpu-results.md
+STATUS_JSON="$STATUS_LINES" python3 tests/gpu/report.py gpu-tests.xml gpu-bench.json \
+  gpu-results.json gpu-results.md
 cat gpu-results.md
