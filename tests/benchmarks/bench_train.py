@@ -1,6 +1,6 @@
 """Training throughput and peak memory: lorafit vs the reference on each backend.
 
-    python tests/benchmarks/bench_train.py [--steps 6] [--layers 6] [--hidden 512] [--json out.json]
+    python tests/benchmarks/bench_train.py [--rounds 3] [--steps 4] [--layers 6] [--json out.json]
 
 One Llama-shaped model (random weights, built here), one set of batches, the same LoRA
 (rank 16 on all-linear) and AdamW settings for every contender:
@@ -9,8 +9,25 @@ One Llama-shaped model (random weights, built here), one set of batches, the sam
   lorafit mlx-cpu    vs  mlx-lm's LoRA trainer (its own `train` step, compiled)
 Each contender runs in its own process, so each peak memory is that process's own: the
 resident-set high-water mark above the baseline taken once libraries are imported (torch),
-or MLX's peak-memory counter (mlx). Prints a table with lorafit / reference ratios and
-writes it as JSON.
+or MLX's peak-memory counter (mlx).
+
+The machine may be shared, so the contenders alternate over --rounds rounds (each round
+runs every contender once, in turn) and the table reports medians over rounds; the speed
+ratio is the median of the per-round ratios, each taken between runs seconds apart. Each
+round also measures the machine's fp32 GEMM rate (a child process per framework, the
+model's largest per-layer matmul: tokens x hidden @ hidden x intermediate), so lorafit's
+share of it is taken under the same load. FLOPs per token come from the shape
+(`flops_per_token`): a frozen base needs no weight gradients, so each frozen matmul costs
+its forward and its input gradient, 4 * params; a LoRA pair 6 * r * (in + out) (forward,
+input gradient, weight gradients); causal attention 6 * T * Hq * D per layer (scores and
+values, forward 2, backward 4, over T / 2 keys on average); the head 4 * V * C (logits and
+dL/dh; no weight gradient). Adding a contender is one entry in CONTENDERS.
+
+On a GPU (tests/gpu/run.sh, run_metal.sh): --device cuda|metal --dtype bfloat16, the
+model's widths (--hidden --intermediate --heads --kv-heads --vocab), --contenders to pick
+(TRL's SFTTrainer and Unsloth there; one that is not installed is reported as skipped).
+Peaks are then the allocator's (torch.cuda.max_memory_allocated, MLX's counter), and MFU
+is also given against the device's nominal dense bf16 peak where it is known.
 """
 
 from __future__ import annotations
@@ -36,12 +53,15 @@ def build(folder: Path, a) -> None:
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden,
-                                   intermediate_size=int(a.hidden * 2.6875) // 32 * 32,
-                                   num_hidden_layers=a.layers, num_attention_heads=a.hidden // 64,
-                                   num_key_value_heads=a.hidden // 64,
+                                   intermediate_size=intermediate(a),
+                                   num_hidden_layers=a.layers, num_attention_heads=heads(a),
+                                   num_key_value_heads=a.kv_heads or heads(a),
                                    max_position_embeddings=a.seq * 2, tie_word_embeddings=False)
     model = transformers.LlamaForCausalLM(cfg)
     model.save_pretrained(str(folder / "model"))
+    from lorafit.models.tiny import bpe_tokenizer  # TRL loads one; the batches are token ids
+    bpe_tokenizer(["a tokenizer only for the trainers that insist on one"],
+                  vocab_size=300).save_pretrained(str(folder / "model"))
     rng = np.random.default_rng(0)
     ids = rng.integers(3, a.vocab, (a.steps + a.warmup, a.batch, a.seq + 1))
     np.save(folder / "batches.npy", ids)
@@ -82,9 +102,9 @@ def run_lorafit(folder: Path, a, backend: str) -> dict:
     from lorafit.core.train import Trainer
     from lorafit.models.loader import load_model
 
-    B = get_backend(backend, "cpu")
+    B = get_backend(backend, a.device if a.device != "metal" or backend == "mlx" else "mps")
     base_rss = rss_bytes()
-    model = load_model(str(folder / "model"), B, "float32", "4bit" if a.qlora else None)
+    model = load_model(str(folder / "model"), B, a.dtype, "4bit" if a.qlora else None)
     lora.attach(model, lora.LoraConfig(r=16, alpha=32, targets="all-linear"), seed=0)
     cfg = TrainConfig(model="x", data="x", rank=16, alpha=32, targets="all-linear",
                       batch_size=a.batch, seq_len=a.seq, lr=1e-4, max_grad_norm=None)
@@ -116,7 +136,8 @@ def run_lorafit(folder: Path, a, backend: str) -> dict:
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
         losses.append(loss)
-    peak = B.memory_stats()["peak"] if backend == "mlx" else peak_rss_bytes() - base_rss
+    peak = (B.memory_stats()["peak"] if backend == "mlx" or a.device == "cuda"
+            else peak_rss_bytes() - base_rss)
     return {"step_times": times, "losses": losses, "peak": peak}
 
 
@@ -129,27 +150,118 @@ def run_peft(folder: Path, a) -> dict:
     quant = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32) if a.qlora else None
+    dtype = getattr(torch, a.dtype)
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(folder / "model"), torch_dtype=torch.float32, quantization_config=quant,
-        device_map="cpu" if a.qlora else None)
+        str(folder / "model"), torch_dtype=dtype, quantization_config=quant,
+        device_map=a.device if a.qlora or a.device == "cuda" else None)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=lora_targets(),
                                              lora_dropout=0.0, task_type="CAUSAL_LM"))
     model.train()
+    if a.device == "cuda" and not a.qlora:
+        model.to("cuda")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                            foreach=True)
+                            **({"fused": True} if a.device == "cuda" else {"foreach": True}))
+    return torch_loop(model, opt, folder, a, base_rss)
+
+
+def torch_loop(model, opt, folder: Path, a, base_rss: int) -> dict:
+    """The plain training loop of the torch references: forward with labels, backward,
+    step; timed per step, synchronised on a GPU."""
+    import torch
+
+    cuda = a.device == "cuda"
     ids = torch.tensor(np.load(folder / "batches.npy"))
     times, losses = [], []
     reset_peak_rss()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     for i, x in enumerate(ids):
+        x = x.to(a.device)
         t0 = time.perf_counter()
         out = model(input_ids=x[:, :-1].contiguous(), labels=x[:, :-1].contiguous())
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        loss = float(out.loss)  # synchronises
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
-        losses.append(float(out.loss))
-    return {"step_times": times, "losses": losses, "peak": peak_rss_bytes() - base_rss}
+        losses.append(loss)
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes() - base_rss
+    return {"step_times": times, "losses": losses, "peak": peak}
+
+
+def run_trl(folder: Path, a) -> dict:
+    """TRL's SFTTrainer with its fast options: bf16 on a GPU, Liger kernels when installed,
+    no gradient checkpointing, the batches already tokenized (no packing: the same rows)."""
+    import importlib.util
+
+    import datasets
+    import torch
+    import transformers
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    base_rss = rss_bytes()
+    ids = np.load(folder / "batches.npy")
+    rows = [list(map(int, r[:-1])) for x in ids for r in x]
+    times, losses = [], []
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if a.device == "cuda":
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if a.device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t0)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    cfg = SFTConfig(output_dir=str(folder / "trl"), max_steps=a.steps + a.warmup,
+                    per_device_train_batch_size=a.batch, learning_rate=1e-4, logging_steps=1,
+                    save_strategy="no", report_to=[], max_length=a.seq, packing=False,
+                    bf16=a.dtype == "bfloat16", use_cpu=a.device == "cpu",
+                    gradient_checkpointing=False, dataloader_num_workers=0,
+                    use_liger_kernel=importlib.util.find_spec("liger_kernel") is not None,
+                    model_init_kwargs={"torch_dtype": a.dtype}, max_grad_norm=0.0,
+                    weight_decay=0.0, lr_scheduler_type="constant", optim="adamw_torch_fused"
+                    if a.device == "cuda" else "adamw_torch")
+    trainer = SFTTrainer(model=str(folder / "model"), args=cfg,
+                         train_dataset=datasets.Dataset.from_dict({"input_ids": rows}),
+                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                target_modules=lora_targets(),
+                                                task_type="CAUSAL_LM"),
+                         callbacks=[Clock()])
+    reset_peak_rss()
+    if a.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    peak = (torch.cuda.max_memory_allocated() if a.device == "cuda"
+            else peak_rss_bytes() - base_rss)
+    return {"step_times": times[a.warmup:], "losses": losses or [float("nan")], "peak": peak}
+
+
+def run_unsloth(folder: Path, a) -> dict:
+    """Unsloth's LoRA (its fused kernels; no gradient checkpointing), the plain loop."""
+    import unsloth  # noqa: F401  (patches transformers first)
+    import torch
+    from unsloth import FastLanguageModel
+
+    base_rss = rss_bytes()
+    model, _ = FastLanguageModel.from_pretrained(str(folder / "model"), max_seq_length=a.seq,
+                                                 dtype=getattr(torch, a.dtype),
+                                                 load_in_4bit=a.qlora)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0,
+                                             target_modules=lora_targets(),
+                                             use_gradient_checkpointing=False)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            fused=a.device == "cuda")
+    return torch_loop(model, opt, folder, a, base_rss)
 
 
 def run_mlx_lm(folder: Path, a) -> dict:
@@ -187,14 +299,95 @@ def run_mlx_lm(folder: Path, a) -> dict:
     return {"step_times": times[a.warmup:], "losses": losses, "peak": mx.get_peak_memory()}
 
 
+# -- the machine's GEMM rate (each in a child process, alternating with the contenders) -----
+
+def gemm_shape(a) -> tuple[int, int, int]:
+    """(rows, inner, cols) of the model's largest per-layer matmul, at the benchmark's batch."""
+    return a.batch * a.seq, a.hidden, intermediate(a)
+
+
+def run_gemm(a, framework: str) -> dict:
+    """FLOP/s of one (m, k) @ (k, n) matmul in the benchmark's dtype, median over repeats."""
+    m, k, n = gemm_shape(a)
+    rng = np.random.default_rng(0)
+    x, w = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n)))
+    if framework == "torch":
+        import torch
+        dev = a.device if a.device != "metal" else "mps"
+        x, w = (torch.from_numpy(z).to(dev, getattr(torch, a.dtype)) for z in (x, w))
+        cuda = dev == "cuda"
+        mm, sync = (lambda: x @ w), (lambda y: torch.cuda.synchronize() if cuda else None)
+    else:
+        import mlx.core as mx
+        x, w = (mx.array(z).astype(getattr(mx, a.dtype)) for z in (x, w))
+        mx.set_default_device(mx.gpu if a.device == "metal" else mx.cpu)
+        mm, sync = (lambda: x @ w), mx.eval
+    times = []
+    for i in range(12 if a.device == "cpu" else 50):
+        t0 = time.perf_counter()
+        sync(mm())
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return {"flops_per_s": 2.0 * m * k * n / float(np.median(times))}
+
+
+def flops_per_token(a) -> float:
+    """Training FLOPs per token of the benchmark's model with LoRA r16 on all-linear and a
+    frozen base (see the module docstring for each term)."""
+    C, F, V, T, L, r = a.hidden, intermediate(a), a.vocab, a.seq, a.layers, 16
+    H, KV, D = heads(a), a.kv_heads or heads(a), a.hidden // heads(a)
+    # q k v o gate up down
+    modules = [(C, H * D), (C, KV * D), (C, KV * D), (H * D, C), (C, F), (C, F), (F, C)]
+    frozen = sum(i * o for i, o in modules)
+    lora_pairs = sum(r * (i + o) for i, o in modules)
+    per_layer = 4 * frozen + 6 * lora_pairs + 6 * T * H * D
+    return L * per_layer + 4 * V * C
+
+
+def intermediate(a) -> int:
+    return a.intermediate or int(a.hidden * 2.6875) // 32 * 32
+
+
+def heads(a) -> int:
+    return a.heads or a.hidden // 64
+
+
+# dense bf16 peak FLOP/s by device name, for MFU (the GEMM share above needs no table)
+NOMINAL_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+                "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12}
+
+
+def nominal_peak(a) -> float | None:
+    if a.device != "cuda" or a.dtype == "float32":
+        return None
+    import torch
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in NOMINAL_PEAK.items() if k in name), None)
+
+
 # -- driver ----------------------------------------------------------------------------------
 
+# name: (row group, label, lorafit's own?, framework of the GEMM it is compared with, run)
+CONTENDERS = {
+    "lorafit-torch": ("torch-cpu", "lorafit", True, "torch",
+                      lambda f, a: run_lorafit(f, a, "torch")),
+    "peft": ("torch-cpu", "transformers + PEFT, plain loop", False, "torch", run_peft),
+    "lorafit-mlx": ("mlx-cpu", "lorafit", True, "mlx", lambda f, a: run_lorafit(f, a, "mlx")),
+    "mlx-lm": ("mlx-cpu", "mlx-lm LoRA trainer", False, "mlx", run_mlx_lm),
+    "trl": ("torch-cpu", "TRL SFTTrainer (PEFT LoRA)", False, "torch", run_trl),
+    "unsloth": ("torch-cpu", "Unsloth", False, "torch", run_unsloth),
+}
+DEFAULT_CONTENDERS = "lorafit-torch,peft,lorafit-mlx,mlx-lm"
+
+
 def child(which: str, folder: Path, a) -> None:
-    fn = {"lorafit-torch": lambda: run_lorafit(folder, a, "torch"),
-          "peft": lambda: run_peft(folder, a),
-          "lorafit-mlx": lambda: run_lorafit(folder, a, "mlx"),
-          "mlx-lm": lambda: run_mlx_lm(folder, a)}[which]
-    print("RESULT " + json.dumps(fn()))
+    if which.startswith("gemm-"):
+        out = run_gemm(a, which[5:])
+    else:
+        out = CONTENDERS[which][4](folder, a)
+    if which == "gemm-torch" or CONTENDERS.get(which, ("",) * 4)[3] == "torch":
+        out["nominal_peak"] = nominal_peak(a)
+    print("RESULT " + json.dumps(out))
 
 
 def spawn(which: str, folder: Path, argv: list[str]) -> dict:
@@ -211,9 +404,16 @@ def spawn(which: str, folder: Path, argv: list[str]) -> dict:
 
 def summarise(r: dict, tokens_per_step: int) -> dict:
     med = float(np.median(r["step_times"]))
-    return {"tokens_per_s": tokens_per_step / med, "step_time_median_s": med,
+    return {"nominal_peak": r.get("nominal_peak"), "tokens_per_s": tokens_per_step / med,
+            "step_time_median_s": med,
             "peak_mib": r["peak"] / 2**20, "first_loss": r["losses"][0],
             "last_loss": r["losses"][-1]}
+
+
+def median_of(runs: list[dict], key: str):
+    if not isinstance(runs[0][key], (int, float)):
+        return runs[0][key]
+    return float(np.median([r[key] for r in runs]))
 
 
 def main():
@@ -221,10 +421,19 @@ def main():
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--intermediate", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None, help="default hidden / 64")
+    p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "metal"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--contenders", default=DEFAULT_CONTENDERS,
+                   help="comma-separated names from: " + ", ".join(CONTENDERS))
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="every contender runs once per round, in turn; medians over rounds")
     p.add_argument("--only", choices=["torch", "mlx"], default=None)
     p.add_argument("--qlora", action="store_true",
                    help="4-bit frozen weights everywhere: lorafit --quantize 4bit vs "
@@ -235,39 +444,89 @@ def main():
     a = p.parse_args()
     if a.child:
         return child(a.child, Path(a.folder), a)
-    argv = [f"--{k}={getattr(a, k)}" for k in ("layers", "hidden", "vocab", "seq", "batch",
-                                                "steps", "warmup")] + (["--qlora"] if a.qlora
-                                                                        else [])
+    argv = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in (
+        "layers", "hidden", "vocab", "seq", "batch", "steps", "warmup", "device", "dtype")]
+    argv += [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in (
+        "intermediate", "heads", "kv_heads") if getattr(a, k)] + (["--qlora"] if a.qlora else [])
     folder = Path(tempfile.mkdtemp(prefix="lorafit-bench-"))
     build(folder, a)
-    pairs = [("torch-cpu", "lorafit-torch", "peft", "transformers+PEFT"),
-             ("mlx-cpu", "lorafit-mlx", "mlx-lm", "mlx-lm")]
-    if a.only:
-        pairs = [x for x in pairs if x[0].startswith(a.only)]
+    wanted = [n.strip() for n in a.contenders.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in CONTENDERS]
+    if unknown:
+        p.error(f"unknown contender(s) {', '.join(unknown)}; "
+                f"choose from {', '.join(CONTENDERS)}")
+    names = [n for n in wanted if not a.only or CONTENDERS[n][0].startswith(a.only)]
+    skipped = {}
+    frameworks = sorted({CONTENDERS[n][3] for n in names})
     tokens = a.batch * a.seq
+    runs = {n: [] for n in names}
+    gemm = {fw: [] for fw in frameworks}
+    for rnd in range(a.rounds):
+        for fw in frameworks:
+            gemm[fw].append(spawn(f"gemm-{fw}", folder, argv)["flops_per_s"])
+        for n in [n for n in names if n not in skipped]:
+            try:
+                runs[n].append(summarise(spawn(n, folder, argv), tokens))
+            except RuntimeError as e:
+                if CONTENDERS[n][2]:
+                    raise  # lorafit itself must run
+                skipped[n] = str(e).strip().splitlines()[-1][:200]  # e.g. not installed
+                print(f"{n} skipped: {skipped[n]}", file=sys.stderr, flush=True)
+                continue
+            print(f"round {rnd + 1}/{a.rounds} {n}: {runs[n][-1]['tokens_per_s']:.0f} tok/s, "
+                  f"peak {runs[n][-1]['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
+            # what has run so far, should the run be cut short (the table is written last)
+            Path(a.json).write_text(json.dumps({"partial": True, "runs": runs, "gemm": gemm}))
+    fpt = flops_per_token(a)
     rows = []
-    for backend, ours, ref, ref_name in pairs:
-        r_ours = summarise(spawn(ours, folder, argv), tokens)
-        r_ref = summarise(spawn(ref, folder, argv), tokens)
-        rows.append({"backend": backend, "reference": ref_name, "lorafit": r_ours,
-                     "ref": r_ref,
-                     "speed_ratio": r_ours["tokens_per_s"] / r_ref["tokens_per_s"],
-                     "memory_ratio": r_ours["peak_mib"] / r_ref["peak_mib"]})
+    names = [n for n in names if n not in skipped]
+    for ours in [n for n in names if CONTENDERS[n][2]]:
+        group, fw = CONTENDERS[ours][0], CONTENDERS[ours][3]
+        rate = float(np.median(gemm[fw]))
+        mine = {k: median_of(runs[ours], k) for k in runs[ours][0]}
+        peak = runs[ours][0].get("nominal_peak")
+        share = float(np.median([r["tokens_per_s"] * fpt / g
+                                 for r, g in zip(runs[ours], gemm[fw])]))
+        for ref in [n for n in names if CONTENDERS[n][0] == group and not CONTENDERS[n][2]]:
+            theirs = {k: median_of(runs[ref], k) for k in runs[ref][0]}
+
+            def ratio(key):  # per round: ours and the reference ran seconds apart
+                return float(np.median([o[key] / f[key]
+                                        for o, f in zip(runs[ours], runs[ref])]))
+            rows.append({"backend": group.replace("cpu", a.device),
+                         "reference": CONTENDERS[ref][1], "lorafit": mine,
+                         "ref": theirs, "speed_ratio": ratio("tokens_per_s"),
+                         "memory_ratio": ratio("peak_mib"), "gemm_gflops": rate / 1e9,
+                         "gemm_share": share,
+                         "mfu": peak and mine["tokens_per_s"] * fpt / peak,
+                         "ref_mfu": peak and theirs["tokens_per_s"] * fpt / peak,
+                         "ref_gemm_share": float(np.median(
+                             [r["tokens_per_s"] * fpt / g
+                              for r, g in zip(runs[ref], gemm[fw])])),
+                         "rounds": {"lorafit": runs[ours], "ref": runs[ref]}})
+    m, k, n = gemm_shape(a)
     print(f"model: Llama {a.layers} layers, hidden {a.hidden}, vocab {a.vocab}; batch {a.batch} x "
-          f"seq {a.seq}; LoRA r16 all-linear; fp32 compute"
+          f"seq {a.seq}; LoRA r16 all-linear; {a.dtype} on {a.device}"
           f"{'; 4-bit frozen weights (QLoRA)' if a.qlora else ''}; {a.steps} timed steps after "
-          f"{a.warmup}")
+          f"{a.warmup}, {a.rounds} alternating rounds (medians)")
+    print(f"training FLOPs per token {fpt / 1e6:.1f} M; {a.dtype} GEMM rate measured on "
+          f"({m}x{k})@({k}x{n}): " + ", ".join(f"{fw} {np.median(g) / 1e9:.1f} GFLOP/s"
+                                              for fw, g in gemm.items()))
     print()
-    print("| backend | reference | lorafit tok/s | ref tok/s | speed ratio | lorafit step (s) "
-          "| ref step (s) | lorafit peak MiB | ref peak MiB | memory ratio |")
+    print("| backend | reference | lorafit tok/s | ref tok/s | speed ratio | lorafit peak MiB "
+          "| ref peak MiB | memory ratio | lorafit % of GEMM rate | ref % of GEMM rate |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         o, f = r["lorafit"], r["ref"]
         print(f"| {r['backend']} | {r['reference']} | {o['tokens_per_s']:.0f} | "
-              f"{f['tokens_per_s']:.0f} | {r['speed_ratio']:.2f} | {o['step_time_median_s']:.3f} | "
-              f"{f['step_time_median_s']:.3f} | {o['peak_mib']:.0f} | {f['peak_mib']:.0f} | "
-              f"{r['memory_ratio']:.2f} |")
-    Path(a.json).write_text(json.dumps({"settings": vars(a), "rows": rows}, indent=2))
+              f"{f['tokens_per_s']:.0f} | {r['speed_ratio']:.2f} | {o['peak_mib']:.0f} | "
+              f"{f['peak_mib']:.0f} | {r['memory_ratio']:.2f} | {100 * r['gemm_share']:.0f}% | "
+              f"{100 * r['ref_gemm_share']:.0f}% |")
+    for n, why in skipped.items():
+        print(f"{n}: not run ({why})")
+    Path(a.json).write_text(json.dumps({"settings": vars(a), "flops_per_token": fpt,
+                                        "gemm_flops_per_s": gemm, "rows": rows,
+                                        "skipped": skipped}, indent=2))
 
 
 if __name__ == "__main__":

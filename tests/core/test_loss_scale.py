@@ -148,3 +148,29 @@ def test_training_prefers_bf16_to_fp16_where_the_device_has_it():
     assert training_dtype(old_gpu, fp16_ckpt) == "float16"  # then the loss is scaled
     assert training_dtype(cpu, fp16_ckpt) == "float32"
     assert training_dtype(gpu, SimpleNamespace(torch_dtype="float32")) == "bfloat16"
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_bf16_base_trains_fp32_adapters_and_fp32_optimizer_state(tiny_run, backend):
+    """Mixed precision as documented (docs/architecture.md, Precision): the frozen base in
+    bfloat16, the adapter's master weights, its gradients and AdamW's moments in float32,
+    no loss scale; one step moves the adapter."""
+    trainer = _trainer(tiny_run, f"{backend}-bf16", backend=backend, dtype="bfloat16",
+                       max_steps=1)
+    try:
+        ops = trainer.ops
+        assert trainer.loss_scale is None
+        assert {ops.dtype_name(v) for v in trainer.frozen.values()
+                if ops.dtype_name(v) not in ("int32", "int64", "bool")} == {"bfloat16"}
+        assert {ops.dtype_name(v) for v in trainer.trainable.values()} == {"float32"}
+        before = {k: ops.to_numpy(v).copy() for k, v in trainer.trainable.items()}
+        loss, gnorm, applied = trainer.train_step(trainer._next_micro_batches(), 1e-3)
+        assert applied and math.isfinite(loss) and gnorm > 0
+        state = trainer.optimizer.state_to_numpy()
+        moments = [v for k, v in state.items() if k.startswith("exp_avg")]
+        assert moments and {v.dtype for v in moments} == {np.dtype(np.float32)}
+        assert {ops.dtype_name(v) for v in trainer.trainable.values()} == {"float32"}
+        assert any(np.abs(ops.to_numpy(trainer.trainable[k]) - before[k]).max() > 0
+                   for k in before)
+    finally:
+        trainer.lock.release()
