@@ -58,6 +58,9 @@ class Shape:
     per_layer_inputs: int = 0  # width of Gemma 4's per-layer inputs, all layers (L * P)
     linear_attention: dict | None = None  # Gated DeltaNet: layers, key/value heads and dims
     attention_output_gate: bool = False  # q_proj also makes a gate (o * sigmoid(gate))
+    # projections the family has but this config has in no layer (Gemma 4's v_proj when
+    # every layer is a k_eq_v full layer): a target naming one adapts nothing, as in training
+    absent_linears: tuple = ()
 
 
 # What all-linear adapts on an MoE model besides `linears` (PEFT on transformers v5):
@@ -109,7 +112,8 @@ def target_names(sh: Shape, st: Settings) -> list[str]:
     names = [t.strip() for t in st.targets.split(",") if t.strip()]
     # a model with fused projections (phi3's qkv_proj, gate_up_proj) has no q_proj, v_proj:
     # asking for a part is counted as the fused projection that computes it, once
-    names = list(dict.fromkeys(_fused_name(sh, t) for t in names))
+    names = list(dict.fromkeys(_fused_name(sh, t) for t in names
+                               if t not in sh.absent_linears))
     moe_names = MOE_TARGETS if sh.moe else ()
     unknown = [t for t in names if t not in sh.linears and t not in moe_names]
     names = [t for t in names if t in sh.linears]

@@ -97,10 +97,14 @@ def memory_shape(config: dict):
     if a.num_local_experts:  # sparse MoE: experts counted by the estimator's MoE terms
         from lorafit.models.blocks import moe as moe_block
         moe = moe_block.memory_shape(a)
+    absent = []
     for name in decoder.linear_modules(a):
         if moe and name in moe["all_linear"]:
             continue
-        key = next(k for k in shapes if k.endswith(f".{name}.weight"))
+        key = next((k for k in shapes if k.endswith(f".{name}.weight")), None)
+        if key is None:  # in no layer of this config (Gemma 4: k_eq_v, only full layers)
+            absent.append(name)
+            continue
         out_dim, in_dim = shapes[key]
         linears[name] = (in_dim, out_dim)
     layer_linears, model_linears = _linears_by_place(a, shapes)
@@ -115,7 +119,7 @@ def memory_shape(config: dict):
                intermediate=moe["top_k"] * moe["expert_size"] if moe else a.intermediate_size,
                layers=a.num_hidden_layers, heads=a.num_attention_heads,
                kv_heads=a.num_key_value_heads, head_dim=a.head_dim, vocab=a.vocab_size,
-               tied=a.tie_word_embeddings, linears=linears,
+               tied=a.tie_word_embeddings, linears=linears, absent_linears=tuple(absent),
                attention_bias=a.attention_bias, qk_norm=a.qk_norm or a.qk_norm_whole,
                moe=moe,
                # MoE layers are counted by the MoE terms (experts, router, dense layers);

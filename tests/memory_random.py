@@ -8,14 +8,17 @@ the backend quantizes on the CPU). The config.json is what transformers writes f
 family, so the estimator sees what a user's model folder holds. Models stay tiny (a large
 vocabulary comes with a small hidden size) so a CI run measures dozens in minutes.
 
-`python tests/memory_random.py BACKEND SEED N` measures each case in this process and
-prints one JSON line per case; tests/core/test_estimate_random.py runs it in a subprocess
-per backend, so earlier tests leave nothing in the measured process.
+`python tests/memory_random.py BACKEND SEED N [SEED N ...]` measures each case in this
+process and prints one JSON line per case (with its seed); tests/core/test_estimate_random.py
+runs it once per backend for the seeded grid and the fresh configuration together, so the
+imports and the first compile are paid once, and earlier tests leave nothing in the measured
+process. The frozen weights are drawn in float32 (their values do not change the peak).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -31,6 +34,11 @@ from memory_harness import Case  # noqa: E402
 DENSE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "olmo3", "ministral3",
          "granite", "smollm3", "exaone4", "starcoder2", "glm4", "gemma2", "gemma3_text",
          "gemma4_text", "qwen3_5_text", "qwen3_next", "mixtral", "qwen3_moe", "gpt_oss")
+# families that joined after the seeded grid was measured: each draws one case per call
+# from its own stream (seed, i + 1), so adding one leaves every earlier seeded case as it was
+LATER = ("qwen3_5_moe_text",)
+HYBRID = ("qwen3_5_text", "qwen3_next", "qwen3_5_moe_text")
+SPARSE_MOE = ("mixtral", "qwen3_moe", "gpt_oss", "qwen3_5_moe_text")
 
 
 def _types(rng, L, a="sliding_attention", b="full_attention"):
@@ -87,7 +95,7 @@ def _family_overrides(mt: str, rng, L: int, D: int, T: int) -> dict:
                     hidden_size_per_layer_input=per_layer,
                     vocab_size_per_layer_input=512,
                     attention_k_eq_v=bool(rng.integers(2)), num_global_key_value_heads=1)
-    if mt in ("qwen3_5_text", "qwen3_next"):
+    if mt in HYBRID:
         kh = r(1, 2)
         extra = dict(layer_types=[("full_attention" if i % 3 == 2 else "linear_attention")
                                   for i in range(L)],
@@ -95,6 +103,10 @@ def _family_overrides(mt: str, rng, L: int, D: int, T: int) -> dict:
                      linear_key_head_dim=r(8, 16), linear_value_head_dim=r(8, 16))
         if mt == "qwen3_next":
             extra["num_experts"] = 0
+        if mt == "qwen3_5_moe_text":  # routed experts and a gated shared expert
+            extra.update(num_experts=r(2, 4), num_experts_per_tok=r(1, 2),
+                         moe_intermediate_size=int(rng.integers(2, 9)) * 8,
+                         shared_expert_intermediate_size=int(rng.integers(2, 9)) * 8)
         return extra
     if mt == "mixtral":
         return dict(num_local_experts=r(2, 4), num_experts_per_tok=r(1, 2),
@@ -130,7 +142,7 @@ def random_case(rng, family: str, backend: str, name: str) -> Case:
     heads = kv * r(1, 2, 4)
     hidden = r(32, 48) if big_vocab else r(32, 64, 96, 128)
     L = int(rng.integers(1, 4))
-    hybrid = family in ("qwen3_5_text", "qwen3_next")
+    hybrid = family in HYBRID
     if hybrid:  # DeltaNet layers with an attention layer every third, as the real models
         L = 3
     inter = int(hidden * rng.uniform(1.5, 4.0)) // 8 * 8 or 8
@@ -154,7 +166,7 @@ def random_case(rng, family: str, backend: str, name: str) -> Case:
         targets = "qkv_proj,o_proj"
     if family == "starcoder2":  # its MLP is c_fc, c_proj
         targets = targets.replace("down_proj", "c_proj")
-    if family in ("gpt_oss", "mixtral", "qwen3_moe") and "down_proj" in targets:
+    if family in SPARSE_MOE and "down_proj" in targets:
         targets = "q_proj,v_proj"
     quant = "4bit" if rng.random() < 0.15 else None
     if quant and backend == "torch" and hidden < 64:
@@ -170,7 +182,8 @@ def random_case(rng, family: str, backend: str, name: str) -> Case:
 
 
 def random_cases(seed: int | None, n: int, backend: str) -> list[Case]:
-    """n cases; the families are drawn in turn (shuffled), so n >= 21 draws each."""
+    """n cases of DENSE, drawn in turn (shuffled), so n >= len(DENSE) draws each; then one
+    case of each LATER family from its own stream."""
     rng = np.random.default_rng(seed)
     order = list(DENSE)
     out = []
@@ -178,6 +191,9 @@ def random_cases(seed: int | None, n: int, backend: str) -> list[Case]:
         rng.shuffle(order)
         for fam in order[: n - len(out)]:
             out.append(random_case(rng, fam, backend, f"{fam}-{len(out)}"))
+    for i, fam in enumerate(LATER):
+        own = np.random.default_rng(None if seed is None else [seed, i + 1])
+        out.append(random_case(own, fam, backend, f"{fam}-{len(out)}"))
     return out
 
 
@@ -190,8 +206,9 @@ def describe(case: Case) -> str:
             f"{' ' + c.quantize if c.quantize else ''}")
 
 
-def run(backend: str, seed: int | None, n: int) -> None:
-    """Estimate and measure each case; one JSON line each (errors are lines too)."""
+def run(backend: str, draws: list[tuple[int | None, int]]) -> None:
+    """Estimate and measure each case of each (seed, n) draw; one JSON line each (errors
+    are lines too)."""
     import gc
 
     from lorafit.core.estimate import estimate
@@ -199,20 +216,25 @@ def run(backend: str, seed: int | None, n: int) -> None:
     from memory_harness import measure, settings_for
 
     root = Path(tempfile.mkdtemp())
-    for case in random_cases(seed, n, backend):
+    cases = [(seed, case) for seed, n in draws for case in random_cases(seed, n, backend)]
+    for seed, case in cases:
         t = time.time()
         try:
             est = estimate(memory_shape(case.config()), settings_for(case, backend))
             got = measure(case, backend, root, steps=2)
-            line = dict(name=case.name, case=describe(case), estimate=est["total"],
+            line = dict(seed=seed, name=case.name, case=describe(case),
+                        estimate=est["total"],
                         measured=got, error=(est["total"] - got) / got, phase=est["phase"],
                         seconds=round(time.time() - t, 1))
         except Exception as e:  # noqa: BLE001 (reported; the test fails on it)
-            line = dict(name=case.name, case=describe(case), failed=f"{type(e).__name__}: {e}")
+            line = dict(seed=seed, name=case.name, case=describe(case),
+                        failed=f"{type(e).__name__}: {e}")
         print(json.dumps(line), flush=True)
+        shutil.rmtree(root / case.name, ignore_errors=True)
         gc.collect()
 
 
 if __name__ == "__main__":
-    seed = None if sys.argv[2] == "none" else int(sys.argv[2])
-    run(sys.argv[1], seed, int(sys.argv[3]))
+    args = sys.argv[2:]
+    run(sys.argv[1], [(None if s == "none" else int(s), int(n))
+                      for s, n in zip(args[::2], args[1::2])])

@@ -52,18 +52,31 @@ def profiled_peak(fn) -> tuple[object, int]:
     The profiler's timeline records every tensor allocation and free (inputs the step
     touches included: weights, adapter, optimizer state), so its peak is the tensor-level
     high-water mark of the step, independent of the C allocator and the interpreter. It
-    slows the step down several times, so the trainer measures one step with it.
+    slows the step down several times, so the trainer measures one step with it. Only the
+    timeline's total is read: the categories (gradient, activation, ...) that
+    `prof._memory_profile()` also works out, from Python stacks, are skipped (they cost
+    more than the rest together and do not change the total).
     """
     import warnings
 
     from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import MemoryProfileTimeline
+    from torch.profiler import _memory_profiler as mp
+
+    class TensorTimeline(mp.MemoryProfile):
+        """MemoryProfile's data flow (which tensors exist when), without categories."""
+
+        def __init__(self, result):
+            self._op_tree = mp.OpTree(result)
+            self._data_flow_graph = mp.DataFlowGraph(self._op_tree)
+            self._size_map = mp.SizeMap(self._op_tree)
+            self._categories = mp.CategoryDict()
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True,
-                     record_shapes=True, with_stack=True) as prof:
+                     record_shapes=True) as prof:
             result = fn()
-        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+        timeline = mp.MemoryProfileTimeline(TensorTimeline(prof.profiler.kineto_results))
+        _, sizes = timeline._coalesce_timeline("cpu")
     peak = max((sum(s) for s in sizes), default=0)
     return result, int(peak)

@@ -295,3 +295,23 @@ def test_long_packed_rows_on_torch_cost_what_unpacked_rows_cost(grid_root):
     mask_per_layer = case.batch * case.seq * case.seq
     assert packed["total"] < 12 * mask_per_layer * case.layers  # a mask would be visible
     check_within_tolerance(grid_root, "torch", case)
+
+
+def test_a_target_the_config_has_in_no_layer_adapts_nothing():
+    """Gemma 4 with k_eq_v on every (full-attention) layer has no v_proj at all: naming it
+    adapts nothing, as in training, instead of failing the estimate."""
+    import transformers
+
+    from lorafit.core.estimate import Settings, estimate
+    from lorafit.models import memory_shape
+
+    cfg = transformers.AutoConfig.for_model(
+        "gemma4_text", vocab_size=256, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+        global_head_dim=32, layer_types=["full_attention"], attention_k_eq_v=True,
+        num_global_key_value_heads=1, num_kv_shared_layers=0,
+        hidden_size_per_layer_input=0).to_dict()
+    sh = memory_shape(cfg)
+    assert "v_proj" not in sh.linears and "v_proj" in sh.absent_linears
+    with_v = estimate(sh, Settings(targets="q_proj,k_proj,v_proj,o_proj"))["total"]
+    assert with_v == estimate(sh, Settings(targets="q_proj,k_proj,o_proj"))["total"]

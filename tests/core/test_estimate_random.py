@@ -32,8 +32,9 @@ KNOWN_GAPS = {
     "DoRA: the norm temporaries and the un-normalised outputs are counted, what else the "
     "magnitude's gradient keeps is not (to -15 %)": lambda backend, case: " dora" in case,
     "sparse MoE: routing buffers (top-k weights, gathered expert inputs) are not counted "
-    "(to -22 %)":
-        lambda backend, case: _family(case) in ("mixtral", "qwen3_moe", "gpt_oss"),
+    "(to -22 %; qwen3_5_moe_text on torch to +13.5 %)":
+        lambda backend, case: _family(case) in ("mixtral", "qwen3_moe", "gpt_oss",
+                                                "qwen3_5_moe_text"),
     "Gemma 2 and 4: soft-capping on MLX (+14 %), kv-sharing and per-layer inputs under "
     "recompute on torch (to -14 %)":
         lambda backend, case: _family(case) in ("gemma2", "gemma4_text"),
@@ -43,16 +44,32 @@ KNOWN_GAPS = {
 }
 
 
-def measured(backend: str, seed, count: int) -> list[dict]:
-    """Run tests/memory_random.py in a subprocess; its JSON lines."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+def measured(backend: str, draws) -> list[dict]:
+    """Run tests/memory_random.py for (seed, count) draws in one subprocess; its JSON lines.
+    One thread: the models are tiny, and a second OpenMP thread only spins (on a busy CI
+    machine it made each torch op wait for a descheduled thread, 40x slower)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         p for p in (str(HERE.parents[1]), os.environ.get("PYTHONPATH")) if p)}
-    out = subprocess.run([sys.executable, str(HERE / "memory_random.py"), backend,
-                          str(seed), str(count)], capture_output=True, text=True, env=env,
-                         timeout=1800)
+    args = [str(x) for seed_count in draws for x in seed_count]
+    out = subprocess.run([sys.executable, str(HERE / "memory_random.py"), backend, *args],
+                         capture_output=True, text=True, env=env, timeout=1800)
     lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
     assert lines, out.stderr[-2000:]
     return lines
+
+
+FRESH_SEED = int.from_bytes(os.urandom(4), "little") or 1  # never the grid's seed
+_RESULTS: dict = {}
+
+
+def results(backend: str) -> tuple[list[dict], list[dict]]:
+    """(the seeded grid's lines, the fresh configuration's lines) of one backend, measured
+    together in one subprocess the first time either test asks."""
+    if backend not in _RESULTS:
+        lines = measured(backend, [(SEED, COUNT), (FRESH_SEED, 1)])
+        _RESULTS[backend] = ([d for d in lines if d["seed"] == SEED],
+                             [d for d in lines if d["seed"] == FRESH_SEED])
+    return _RESULTS[backend]
 
 
 def gap(backend: str, case: str) -> str | None:
@@ -77,14 +94,14 @@ def check(backend: str, lines: list[dict]) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_random_configurations_within_the_asymmetric_bound(backend):
-    lines = measured(backend, SEED, COUNT)
-    assert len(lines) == COUNT
+    lines = results(backend)[0]
+    from memory_random import LATER
+    assert len(lines) == COUNT + len(LATER)
     families = {d["case"].split()[0] for d in lines}
     from lorafit.models.families import FAMILIES
     # every family is drawn, but for wrappers whose text tower is drawn under its own type
-    # (qwen3_5, qwen3_5_moe, mistral3) and qwen3_5_moe_text, which joined the families after
-    # this grid was measured (adding it reshuffles every seeded case; docs/memory.md, Open)
-    not_drawn = {"qwen3_5", "qwen3_5_moe", "mistral3", "qwen3_5_moe_text"}
+    # (qwen3_5, qwen3_5_moe, mistral3)
+    not_drawn = {"qwen3_5", "qwen3_5_moe", "mistral3"}
     assert families >= set(FAMILIES) - not_drawn, set(FAMILIES) - not_drawn - families
     bad = check(backend, lines)
     errors = sorted(d["error"] for d in lines)
@@ -101,10 +118,10 @@ def test_one_fresh_random_configuration(backend):
     both succeed; a result outside the bound is a warning in the summary, not a failure,
     so that CI does not fail at random: the seeded grid above is the asserted bound, and a
     warned seed becomes a case to model (docs/memory.md)."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    seed = FRESH_SEED
     print(f"fresh configuration on {backend}: seed {seed}")
-    lines = measured(backend, seed, 1)
-    assert len(lines) == 1 and lines[0]["measured"] > 0
+    lines = results(backend)[1]
+    assert lines and all(d.get("measured", 0) > 0 or "failed" in d for d in lines)
     bad = check(backend, lines)  # asserts the run itself did not fail
     if bad:
         warnings.warn(f"fresh configuration outside the bound on {backend} (seed {seed}): "
