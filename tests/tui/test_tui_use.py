@@ -9,6 +9,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from lorafit.core import rundir
 from lorafit.tui.app import ConfirmScreen, HelpScreen, LorafitApp, QuitScreen
 from lorafit.tui.browser import BrowserScreen
