@@ -5,6 +5,7 @@ the held-out margin as transformers + PEFT measure it; both backends follow one 
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 from types import SimpleNamespace
@@ -313,6 +314,11 @@ def test_torch_and_mlx_follow_the_same_dpo_curve(setup):
         assert 0 <= r.reward_accuracy <= 1
     lines = [json.loads(x) for x in (setup.root / "curve-torch" / "metrics.jsonl").open()]
     assert any("reward_margin" in x and x["reward_margin"] is not None for x in lines)
+    start = next(e for e in rt.events if isinstance(e, ev.RunStarted))
+    assert (start.examples, start.unit) == (24, "pairs")  # 24 pairs, 48 rows
+    out = io.StringIO()
+    ev.ConsoleSink(out)(start)
+    assert ": 24 pairs, 0 validation" in out.getvalue()
 
 
 def held_out_margin(s, model, tmp_adapter=None):
