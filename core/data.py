@@ -287,9 +287,15 @@ def _raise_nothing_usable(path, what: str, problems: list[str]) -> None:
     raise LorafitError(f"{path}: no usable {what}{hint}")
 
 
-def check_dataset_file(path, on_bad_record: str = "fail") -> DatasetStats:
+def check_dataset_file(path, on_bad_record: str = "fail", method: str = "sft") -> DatasetStats:
     """Parse and validate without a tokenizer (streamed), so bad or empty data fails before
-    any model is loaded. `examples`, `tokens` and friends stay 0."""
+    any model is loaded. `examples`, `tokens` and friends stay 0. A preference method
+    checks its own records (core/preference_data.py); the format is then their kind."""
+    if method != "sft":
+        from lorafit.core.preference_data import check_records
+
+        kind, good, problems = check_records(path, method, on_bad_record)
+        return DatasetStats(format=kind, records=good, problems=problems)
     _check_policy(on_bad_record)
     data = _as_records(path)
     fmt, entries = scan(data)

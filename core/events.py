@@ -39,6 +39,7 @@ class RunStarted(Event):
     config: dict
     estimate: dict | None = None
     world_size: int = 1  # processes training together (data parallel)
+    unit: str = "examples"  # what `examples` counts: "pairs" for DPO/ORPO, each two rows
     kind: str = field(init=False, default="start")
 
 
@@ -257,7 +258,7 @@ class ConsoleSink(Sink):
         if isinstance(e, RunStarted):
             self.total = e.total_steps
             self._line(f"{e.trainable}")
-            self._line(f"training on {e.backend}/{e.device}: {e.examples} examples, "
+            self._line(f"training on {e.backend}/{e.device}: {e.examples} {e.unit}, "
                        f"{e.val_examples} validation, {e.total_steps} steps")
         elif isinstance(e, StepReport):
             frac = e.step / max(self.total, 1)

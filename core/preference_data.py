@@ -109,18 +109,29 @@ def scan(path, method: str):
     return kind, entries
 
 
-def check_preference_file(path, method: str, on_bad_record: str = "fail") -> int:
-    """Parse and validate without a tokenizer: bad data stops before the model loads.
-    Returns the count of good records."""
+def check_records(path, method: str, on_bad_record: str = "fail") -> tuple[str, int, list]:
+    """(kind, good records, problems) without a tokenizer. A file none of whose records
+    has a preference kind's keys (SFT data under --method dpo) is one line, not a problem
+    for every record."""
     sft_data._check_policy(on_bad_record)
-    _, entries = scan(path, method)
+    kind, entries = scan(path, method)
+    if not any(_kind_of(record) for _, record, _ in entries):
+        raise LorafitError(f"{path}: no {kind} records: --method {method} needs "
+                           f"{', '.join(KINDS[kind])} fields (SFT data trains with "
+                           "--method sft)")
     problems = [f"{w}: {why}" for w, _, why in entries if why]
     if problems and on_bad_record == "fail":
         sft_data._raise_problems(problems)
     good = len(entries) - len(problems)
     if not good:
         sft_data._raise_nothing_usable(path, "records", problems)
-    return good
+    return kind, good, problems
+
+
+def check_preference_file(path, method: str, on_bad_record: str = "fail") -> int:
+    """Parse and validate without a tokenizer: bad data stops before the model loads.
+    Returns the count of good records."""
+    return check_records(path, method, on_bad_record)[1]
 
 
 # -- tokenizing ------------------------------------------------------------------------------

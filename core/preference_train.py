@@ -41,6 +41,11 @@ class PreferenceTrainer(Trainer):
                          *args, **kwargs)
 
     # -- data -----------------------------------------------------------------------------
+    def _data_counts(self) -> tuple[int, int, str]:
+        """Pairs, not their two rows each (KTO: labelled completions, one row each)."""
+        val = len(self.pref_val) if self.pref_val is not None else 0
+        return len(self.pref), val, "pairs" if self.pref.kind == "pairs" else "completions"
+
     def _epoch_batches(self, epoch: int) -> list[Batch]:
         return preference_batches(self.pref, self.cfg.batch_size, self.cfg.seed, epoch)
 

@@ -2,7 +2,8 @@
 
 Each is one more listener beside metrics.jsonl (`--report-to tensorboard,wandb,mlflow,trackio`) and
 logs the same numbers at the same steps: training loss, learning rate, gradient norm and
-tokens/s per reported step, validation loss per evaluation, the run's config as parameters.
+tokens/s per reported step (and a preference run's rewards), validation loss per
+evaluation, the run's config as parameters.
 Every package is optional; a missing one stops the run before any weight loads with the
 extra to install.
 """
@@ -21,6 +22,9 @@ TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "w
 TRAIN_KEYS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
               "tokens_per_s": "train/tokens_per_s"}
 EVAL_KEYS = {"val_loss": "eval/loss"}
+# preference tuning's step fields (core/preference_train.py); None, and not logged, for SFT
+REWARD_KEYS = {f: f"train/{f}" for f in ("reward_chosen", "reward_rejected", "reward_margin",
+                                           "reward_accuracy")}
 
 
 def parse(text: str | None) -> list[str]:
@@ -46,7 +50,9 @@ def check_installed(names: list[str]) -> None:
 def metrics_of(event) -> dict[str, float]:
     """{tracker key: value} of a step or evaluation report; {} for other events."""
     if isinstance(event, ev.StepReport):
-        return {key: float(getattr(event, f)) for f, key in TRAIN_KEYS.items()}
+        values = {key: float(getattr(event, f)) for f, key in TRAIN_KEYS.items()}
+        return values | {key: float(getattr(event, f)) for f, key in REWARD_KEYS.items()
+                         if getattr(event, f) is not None}
     if isinstance(event, ev.EvalReport):
         return {key: float(getattr(event, f)) for f, key in EVAL_KEYS.items()}
     return {}

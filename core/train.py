@@ -295,11 +295,15 @@ class Trainer:
             if self.lock is not None:
                 self.lock.release()
 
+    def _data_counts(self) -> tuple[int, int, str]:
+        """(training, validation, what they count) for the start-of-run report."""
+        return len(self.train_examples), len(self.val_examples), "examples"
+
     def _run(self) -> str:
         c, ops = self.cfg, self.ops
-        self.emit(ev.RunStarted(total_steps=self.total_steps,
-                                examples=len(self.train_examples),
-                                val_examples=len(self.val_examples), backend=ops.name,
+        examples, val_examples, unit = self._data_counts()
+        self.emit(ev.RunStarted(total_steps=self.total_steps, examples=examples,
+                                val_examples=val_examples, unit=unit, backend=ops.name,
                                 device=ops.device,
                                 trainable=summary(self.model.params,
                                                   self.model.parameter_shapes()),

@@ -120,7 +120,7 @@ class RunState:
             self.log.append(f"step {e.step}: validation loss {e.val_loss:.4f}")
         elif isinstance(e, ev.RunStarted):
             self.start = rec
-            self.log.append(f"started: {e.examples} examples, {e.total_steps} steps "
+            self.log.append(f"started: {e.examples} {e.unit}, {e.total_steps} steps "
                             f"on {e.backend}/{e.device}")
         elif isinstance(e, ev.CheckpointSaved):
             self.log.append(f"step {e.step}: saved {e.path}")

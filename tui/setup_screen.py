@@ -21,8 +21,8 @@ from textual.screen import Screen
 from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, Select, Static
 
 from lorafit.core import rundir
-from lorafit.core.config import (BACKENDS, ON_BAD_RECORD, QUANTIZE, SCHEDULES, resolve,
-                                 to_toml)
+from lorafit.core.config import (BACKENDS, METHODS, ON_BAD_RECORD, QUANTIZE, SCHEDULES,
+                                 resolve, to_toml)
 from lorafit.core.errors import LorafitError
 from lorafit.tui.pickers import DataFilePicker, ModelSuggester
 from lorafit.tui.widgets import fmt_bytes, histogram, memory_bar
@@ -46,7 +46,10 @@ FIELDS = [  # (id, label, default, TrainConfig field, parser)
     ("eval_every", "eval every", "", "eval_every", int),
     ("save_every", "save every", "", "save_every", int),
     ("budget", "budget", "", None, str),
+    ("beta", "beta", "0.1", "beta", float),  # shown for dpo and kto (METHOD_FIELDS)
+    ("orpo_lambda", "orpo lambda", "0.1", "orpo_lambda", float),  # shown for orpo
 ]
+METHOD_FIELDS = {"beta": ("dpo", "kto"), "orpo_lambda": ("orpo",)}  # field -> methods using it
 PLACEHOLDERS = {"model": "folder, hub id (a preset only estimates)",
                 "data": ".jsonl / .json", "output": "empty: RUNS/run-DATE",
                 "max_steps": "empty: epochs", "eval_every": "empty: never",
@@ -58,6 +61,7 @@ SELECTS = [  # (id, label, choices, default; None: a blank that must be chosen w
     ("quantize", "quantize", ("none",) + QUANTIZE, "none"),
     ("schedule", "schedule", SCHEDULES, "cosine"),
     ("on_bad_record", "bad records", ON_BAD_RECORD, None),
+    ("method", "method", METHODS, "sft"),  # preference tuning: README "Preference tuning"
 ]
 FLAG_FIELDS = {"--batch-size": "batch_size", "--grad-accum": "grad_accum",
                "--seq-len": "seq_len", "--rank": "rank", "--dtype": "dtype",
@@ -110,11 +114,8 @@ class SetupScreen(Screen):
         with Horizontal(id="setup"):
             with VerticalScroll(id="form"):
                 for fid, label, default, _, _ in FIELDS:
-                    with Horizontal(classes="row"):
-                        yield Label(label)
-                        yield Input(value=str(self.defaults.get(fid, default)), id=fid,
-                                    placeholder=PLACEHOLDERS.get(fid, ""), compact=True,
-                                    suggester=ModelSuggester() if fid == "model" else None)
+                    if fid not in METHOD_FIELDS:
+                        yield from self._input_row(fid, label, default)
                 for sid, label, choices, default in SELECTS:
                     with Horizontal(classes="row"):
                         yield Label(label)
@@ -122,6 +123,9 @@ class SetupScreen(Screen):
                                      allow_blank=default is None, id=sid,
                                      prompt="choose" if default is None else "Select",
                                      compact=True)
+                for fid, label, default, _, _ in FIELDS:  # under the method select
+                    if fid in METHOD_FIELDS:
+                        yield from self._input_row(fid, label, default)
                 yield Checkbox("gradient checkpointing", id="grad_checkpoint", compact=True)
                 yield Button("Start (ctrl+s)", id="start", variant="primary", compact=True)
             with Vertical(id="panels"):
@@ -129,9 +133,17 @@ class SetupScreen(Screen):
                 yield Static("data: choose a file", id="data-panel")
         yield Footer(compact=True)
 
+    def _input_row(self, fid: str, label: str, default: str) -> ComposeResult:
+        with Horizontal(classes="row", id=f"row-{fid}"):
+            yield Label(label)
+            yield Input(value=str(self.defaults.get(fid, default)), id=fid,
+                        placeholder=PLACEHOLDERS.get(fid, ""), compact=True,
+                        suggester=ModelSuggester() if fid == "model" else None)
+
     def on_mount(self) -> None:
         self.title = "lorafit — new run"
         self.query_one("#model", Input).focus()
+        self.show_method_fields()
         self.schedule_update()
 
     def action_pick_data(self) -> None:
@@ -177,9 +189,10 @@ class SetupScreen(Screen):
 
     def config(self):
         values = {}
+        method = self.query_one("#method", Select).value
         for fid, label, _, field_name, parse in FIELDS:
             text = self.query_one(f"#{fid}", Input).value.strip()
-            if not text or field_name is None:
+            if not text or field_name is None or method not in METHOD_FIELDS.get(fid, (method,)):
                 continue
             try:
                 values[field_name] = parse(text)
@@ -193,6 +206,7 @@ class SetupScreen(Screen):
         if quantize != "none":
             values["quantize"] = quantize
         values["schedule"] = self.query_one("#schedule", Select).value
+        values["method"] = method
         bad = self.query_one("#on_bad_record", Select).value
         if bad in ON_BAD_RECORD:
             values["on_bad_record"] = bad
@@ -211,6 +225,13 @@ class SetupScreen(Screen):
         if getattr(self, "_timer", None):
             self._timer.stop()
         self._timer = self.set_timer(0.3, self.update_panels)
+
+    @on(Select.Changed, "#method")
+    def show_method_fields(self, event=None) -> None:
+        """beta for dpo and kto, orpo lambda for orpo; hidden (and not passed) otherwise."""
+        method = self.query_one("#method", Select).value
+        for fid, methods in METHOD_FIELDS.items():
+            self.query_one(f"#row-{fid}").display = method in methods
 
     def update_panels(self) -> None:
         memory = self.query_one("#memory-panel", Static)
@@ -284,7 +305,7 @@ class SetupScreen(Screen):
 
         panel = self.query_one("#data-panel", Static)
         try:
-            stats = check_dataset_file(cfg.data, "skip")
+            stats = check_dataset_file(cfg.data, "skip", cfg.method)
         except LorafitError as e:
             if self._still("data", cfg.data):
                 self.data_problems = []
@@ -297,12 +318,21 @@ class SetupScreen(Screen):
             try:
                 from lorafit.models.loader import load_tokenizer
 
-                examples, tstats = load_dataset(cfg.data, load_tokenizer(cfg.model),
-                                                cfg.seq_len, "skip")
+                if cfg.method == "sft":
+                    examples, tstats = load_dataset(cfg.data, load_tokenizer(cfg.model),
+                                                    cfg.seq_len, "skip")
+                    count = f"{tstats.examples} examples"
+                    truncated, problems = tstats.truncated, tstats.problems
+                else:  # preference records: pairs (two sequences each) or labelled ones
+                    from lorafit.core.preference_data import load_preferences
+
+                    pset, problems = load_preferences(cfg.data, load_tokenizer(cfg.model),
+                                                      cfg.seq_len, cfg.method, "skip")
+                    examples, truncated = pset.examples, pset.truncated
+                    count = f"{len(pset)} {'pairs' if pset.kind == 'pairs' else 'completions'}"
                 lengths = [e.input_ids.size for e in examples]
-                body.append(f"{tstats.examples} examples, {tstats.truncated} truncated to "
-                            f"{cfg.seq_len} tokens\n")
-                stats.problems = tstats.problems
+                body.append(f"{count}, {truncated} truncated to {cfg.seq_len} tokens\n")
+                stats.problems = problems
             except LorafitError as e:
                 body.append(f"{e}\n", style="red")
         if lengths:
@@ -359,7 +389,8 @@ class SetupScreen(Screen):
             if rundir.holds_checkpoints(run_dir):
                 raise LorafitError(f"{run_dir} already holds a run; choose another directory")
             from lorafit.core.data import check_dataset_file
-            problems = check_dataset_file(cfg.data, "skip").problems or self.data_problems
+            problems = check_dataset_file(cfg.data, "skip", cfg.method).problems \
+                or self.data_problems
             if problems and self.query_one("#on_bad_record", Select).value not in ON_BAD_RECORD:
                 raise LorafitError(f"the data has {len(problems)} bad record(s) "
                                    f"({problems[0]}): choose 'bad records' skip (drop them) "

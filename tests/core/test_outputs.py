@@ -218,3 +218,34 @@ def test_a_failing_tracker_is_switched_off_with_one_warning(capsys):
     assert len(calls) == 1
     err = capsys.readouterr().err
     assert err.count("warning: --report-to mlflow failed") == 1 and "server gone" in err
+
+
+def _step(step, **rewards):
+    from lorafit.core import events as ev
+
+    return ev.StepReport(step=step, epoch=0.0, loss=0.5, lr=1e-3, grad_norm=1.0, tokens=8,
+                         tokens_per_s=1.0, step_time=0.1, eta_s=0.0, memory_peak=0,
+                         memory_current=0, **rewards)
+
+
+def test_preference_rewards_reach_the_trackers(tmp_path):
+    """A DPO step's reward fields are logged beside the loss (read back with TensorBoard's
+    reader); an SFT step, whose reward fields are None, logs none."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lorafit.core.trackers import TensorBoardSink, metrics_of
+
+    rewards = dict(reward_chosen=0.25, reward_rejected=-0.5, reward_margin=0.75,
+                   reward_accuracy=1.0)
+    assert not any("reward" in k for k in metrics_of(_step(1)))
+    sink = TensorBoardSink(tmp_path)
+    sink(_step(1, **rewards))
+    sink(_step(2, reward_chosen=0.5, reward_rejected=0.0, reward_margin=0.5,
+               reward_accuracy=None))  # KTO: no accuracy
+    sink.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    for field, value in rewards.items():
+        logged = {e.step: e.value for e in acc.Scalars(f"train/{field}")}
+        assert logged[1] == pytest.approx(value)
+        assert (2 in logged) == (field != "reward_accuracy")

@@ -5,6 +5,7 @@ the held-out margin as transformers + PEFT measure it; both backends follow one 
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 from types import SimpleNamespace
@@ -313,6 +314,11 @@ def test_torch_and_mlx_follow_the_same_dpo_curve(setup):
         assert 0 <= r.reward_accuracy <= 1
     lines = [json.loads(x) for x in (setup.root / "curve-torch" / "metrics.jsonl").open()]
     assert any("reward_margin" in x and x["reward_margin"] is not None for x in lines)
+    start = next(e for e in rt.events if isinstance(e, ev.RunStarted))
+    assert (start.examples, start.unit) == (24, "pairs")  # 24 pairs, 48 rows
+    out = io.StringIO()
+    ev.ConsoleSink(out)(start)
+    assert ": 24 pairs, 0 validation" in out.getvalue()
 
 
 def held_out_margin(s, model, tmp_adapter=None):
@@ -421,3 +427,23 @@ def test_dpo_accumulation_equals_one_big_batch(setup):
     for a, b in zip(big.reports(), acc.reports(), strict=True):
         assert a.loss == pytest.approx(b.loss, rel=1e-5)
         assert a.reward_margin == pytest.approx(b.reward_margin, rel=1e-4, abs=1e-7)
+
+
+def test_dataset_check_knows_the_method(setup, tmp_path):
+    """The form's data check (core/data.py) validates preference records for a preference
+    method; SFT data under dpo is one line, not a problem per record."""
+    from lorafit.core.data import check_dataset_file
+    from lorafit.core.errors import LorafitError
+
+    stats = check_dataset_file(setup.train, "fail", "dpo")
+    assert (stats.format, stats.records, stats.problems) == ("pairs", 24, [])
+    assert check_dataset_file(setup.labelled, "fail", "kto").records == 8
+    with pytest.raises(LorafitError, match="needs prompt, completion, label"):
+        check_dataset_file(setup.train, "skip", "kto")  # pairs under kto: every record bad
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"prompt": "a", "completion": " b"}) + "\n")
+    with pytest.raises(LorafitError) as e:
+        check_dataset_file(sft, "skip", "dpo")
+    assert str(e.value) == (f"{sft}: no pairs records: --method dpo needs prompt, chosen, "
+                            "rejected fields (SFT data trains with --method sft)")
+    assert check_dataset_file(sft, "fail").records == 1  # sft, as before

@@ -332,6 +332,41 @@ def test_setup_screen_updates_memory_and_shows_bad_records(tiny_run_inputs):
     asyncio.run(scenario())
 
 
+def test_setup_screen_method_selector_checks_preference_data(tiny_run_inputs):
+    """--method from the form: dpo shows beta (orpo its lambda), checks pair records, and
+    says in one line that SFT data is not preference data."""
+    from textual.widgets import Select
+
+    root, folder, data, _ = tiny_run_inputs
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"prompt": f"say {w}", "chosen": f" {w}",
+                                           "rejected": " no"}) for w in "a b c".split()))
+
+    async def scenario():
+        app = LorafitApp(runs_root=root / "runs")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            assert not screen.query_one("#row-beta").display
+            screen.query_one("#method", Select).value = "dpo"
+            await fill(pilot, screen, model=folder, data=data, seq_len=64, beta=0.3)
+            assert screen.query_one("#row-beta").display
+            assert not screen.query_one("#row-orpo_lambda").display
+            assert await wait_for(pilot, lambda: "--method dpo needs prompt, chosen, "
+                                  "rejected" in panel_text(screen, "#data-panel"))
+            await fill(pilot, screen, data=pairs)
+            assert await wait_for(pilot, lambda: "3 pairs" in panel_text(screen, "#data-panel"))
+            assert "bad record" not in panel_text(screen, "#data-panel")
+            cfg = screen.config()
+            assert (cfg.method, cfg.beta) == ("dpo", 0.3)
+            screen.query_one("#method", Select).value = "orpo"
+            await fill(pilot, screen, orpo_lambda=0.5)
+            assert screen.query_one("#row-orpo_lambda").display
+            assert not screen.query_one("#row-beta").display
+            cfg = screen.config()
+            assert (cfg.method, cfg.orpo_lambda, cfg.beta) == ("orpo", 0.5, 0.1)
+    asyncio.run(scenario())
+
+
 @pytest.fixture
 def children():
     """Child trainers a test started; killed if the test fails before stopping them."""
