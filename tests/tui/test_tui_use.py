@@ -4,6 +4,7 @@ Textual's Pilot through one action that used to be broken."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import tomllib
