@@ -13,20 +13,20 @@ One process only for now; no validation pass (a reward is not a held-out loss).
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from lorafit.core import grpo_loss as gl
-from lorafit.core.data import Batch
+from lorafit.core.data import Batch, _rng
 from lorafit.core.engine import Engine, Request
 from lorafit.core.errors import LorafitError
 from lorafit.core.examples import Example, ExampleSet
 from lorafit.core.generate import eos_token_ids
 from lorafit.core.grpo_data import PromptSet
 from lorafit.core.preference_data import _padded
-from lorafit.core.data import _rng
 from lorafit.core.rewards import load_reward, score
 from lorafit.core.train import Trainer
 
@@ -72,7 +72,11 @@ class GRPOTrainer(Trainer):
         """The engine over the model with the adapter attached, the current weights in."""
         if self._engine is None:
             rows = self.cfg.batch_size * self.cfg.num_generations
-            self._engine = Engine(self.model, max_batch=min(rows, 64), max_len=self.cfg.seq_len)
+            model = self.model
+            if model.lora.dropout:  # sampling is inference: the adapter without dropout
+                model = copy.copy(model)
+                model.lora = replace(model.lora, dropout=0.0)
+            self._engine = Engine(model, max_batch=min(rows, 64), max_len=self.cfg.seq_len)
         self._engine.params.update(self.trainable)
         return self._engine
 

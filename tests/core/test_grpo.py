@@ -188,21 +188,24 @@ def test_first_step_kl_is_zero_and_the_gradient_is_the_advantage_term(setup, bac
 
 
 class Recorder(ev.Sink):
-    def __init__(self):
-        self.events = []
+    def __init__(self, stop_at=None):
+        self.events, self.stop_at = [], stop_at
 
     def __call__(self, e):
         self.events.append(e)
+        if self.stop_at and isinstance(e, ev.StepReport) and e.step == self.stop_at:
+            self.trainer.control.stop()
 
     def reports(self):
         return [e for e in self.events if isinstance(e, ev.StepReport)]
 
 
-def train(cfg):
+def train(cfg, stop_at=None, resume=False):
     from lorafit.commands.train import build_trainer
 
-    rec = Recorder()
-    trainer = build_trainer(cfg, [rec], report=lambda t: None)
+    rec = Recorder(stop_at)
+    trainer = build_trainer(cfg, [rec], resume=resume, report=lambda t: None)
+    rec.trainer = trainer
     trainer.run()
     for sink in trainer.sinks:
         sink.close()
@@ -223,6 +226,23 @@ def test_a_reward_for_letters_is_learned(setup):
     assert [x["reward_mean"] for x in rows] == pytest.approx(means)
     assert all(0 < x["completion_length"] <= 2 and x["kl"] >= 0 and x["reward_std"] >= 0
                for x in rows)
+
+
+def test_resume_samples_and_trains_as_the_straight_run(setup):
+    """Completions come from seeds of (run seed, step, prompt, index): stopped after step 1
+    and resumed, steps 2 and 3 repeat the straight run's rewards and losses. LoRA dropout
+    trains but stays out of the sampling."""
+    kw = dict(backend="mlx", max_new_tokens=2, dropout=0.1, lr=0.05)
+    trainer, rec = train(make_cfg(setup, "straight", **kw))
+    straight = rec.reports()
+    assert trainer.model.lora.dropout == 0.1 and trainer._engine.model.lora.dropout == 0
+    cfg = make_cfg(setup, "resumed", **kw)
+    first = train(cfg, stop_at=1)[1].reports()
+    rest = train(cfg, resume=True)[1].reports()
+    assert [r.step for r in first + rest] == [1, 2, 3]
+    for a, b in zip(first + rest, straight, strict=True):
+        assert a.reward_mean == b.reward_mean and a.completion_length == b.completion_length
+        assert a.loss == pytest.approx(b.loss, abs=1e-6)
 
 
 def test_cli_mistakes_are_one_line(setup, tmp_path, capsys):
