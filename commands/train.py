@@ -94,8 +94,9 @@ def peek_data(cfg) -> None:
         from lorafit.core.grpo_data import check_prompt_file
         from lorafit.core.rewards import load_reward
 
-        if cfg.val_data:
-            raise LorafitError("--method grpo has no validation pass: drop --val-data")
+        if cfg.val_data or cfg.val_fraction:
+            raise LorafitError("--method grpo has no validation pass: drop --val-data and "
+                               "--val-fraction")
         check_prompt_file(cfg.data, cfg.on_bad_record)
         load_reward(cfg.reward)
         return

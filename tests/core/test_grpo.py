@@ -265,3 +265,4 @@ def test_cli_mistakes_are_one_line(setup, tmp_path, capsys):
     bad.write_text(json.dumps({"prompt": "a b"}) + "\n" + json.dumps({"question": "a"}) + "\n")
     assert f"{bad}:2: missing field prompt" in run(data=bad)
     assert "num-generations" in run("--num-generations", "1")
+    assert "no validation pass" in run("--val-fraction", "0.2")
