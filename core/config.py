@@ -29,7 +29,7 @@ QUANTIZE_BITS = {"4bit": 4, "8bit": 8}  # --quantize choices and the bits they m
 QUANTIZE = tuple(QUANTIZE_BITS)
 ON_BAD_RECORD = ("fail", "skip")
 CHAT_LOSS = ("all", "last")
-METHODS = ("sft", "dpo", "orpo", "kto", "grpo")  # --method: core/preference_train.py (grpo: core/grpo_train.py)
+METHODS = ("sft", "dpo", "orpo", "kto", "grpo")  # --method: core/preference_train.py, grpo_train.py
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 
 

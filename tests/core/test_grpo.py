@@ -117,8 +117,9 @@ def trl_grpo(setup):
 
     s = setup
     adapter = random_adapter(make_trainer(s, "torch"))
-    args = GRPOConfig(output_dir=str(s.root / "trl"), report_to=[], use_cpu=True, bf16=False, beta=0.04,
-                      num_generations=G, per_device_train_batch_size=G,
+    # bf16=False: GRPOConfig's default autocasts the log-probs to bfloat16, even on the CPU
+    args = GRPOConfig(output_dir=str(s.root / "trl"), report_to=[], use_cpu=True, bf16=False,
+                      beta=0.04, num_generations=G, per_device_train_batch_size=G,
                       max_completion_length=6)
     peft = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     trl = TRLGRPO(model=copy.deepcopy(s.base), reward_funcs=count_o, args=args,
@@ -266,3 +267,30 @@ def test_cli_mistakes_are_one_line(setup, tmp_path, capsys):
     assert f"{bad}:2: missing field prompt" in run(data=bad)
     assert "num-generations" in run("--num-generations", "1")
     assert "no validation pass" in run("--val-fraction", "0.2")
+
+
+def test_prompts_render_with_the_generation_prompt_and_must_leave_room(tmp_path):
+    import string
+
+    from tokenizers import AddedToken
+
+    from lorafit.models.tiny import char_tokenizer
+
+    tok = char_tokenizer(string.printable)
+    tok.add_tokens([AddedToken(s, special=True, normalized=False)
+                    for s in ("<|im_start|>", "<|im_end|>")])
+    tok.chat_template = ("{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+                         "<|im_end|>\n{%- endfor %}{%- if add_generation_prompt %}"
+                         "<|im_start|>assistant\n{%- endif %}")
+    path = tmp_path / "p.jsonl"
+    msgs = [{"role": "user", "content": "hi"}]
+    path.write_text(json.dumps({"prompt": msgs}) + "\n" + json.dumps({"prompt": "ab"}) + "\n" +
+                    json.dumps({"prompt": "x" * 40}) + "\n")
+    pset, problems = load_prompts(path, tok, 32, 8, on_bad_record="skip")
+    assert len(pset) == 2 and pset.prompts == [msgs, "ab"]
+    rendered = tok.decode(pset.examples[0].input_ids.tolist())
+    assert rendered.endswith("hi<|im_end|><|im_start|>assistant")
+    assert pset.examples[1].input_ids.tolist()[-2:] == tok("ab", add_special_tokens=False)[
+        "input_ids"]
+    assert problems == [f"{path}:3: the prompt has 41 tokens: with --max-new-tokens 8 it "
+                        f"does not fit --seq-len 32"]
