@@ -97,6 +97,13 @@ class Backend(Protocol):
     def softmax(self, x: Array) -> Array:
         """Softmax over the last axis, computed and returned in float32 (MoE routers)."""
 
+    def log_softmax(self, x: Array) -> Array:
+        """Log-softmax over the last axis, computed and returned in float32 (GRPO's
+        per-token log-probabilities)."""
+
+    def exp(self, x: Array) -> Array:
+        """e**x element-wise (GRPO's ratios and KL estimate)."""
+
     def clip(self, x: Array, low: float | None, high: float | None) -> Array:
         """x limited to [low, high] (None: unbounded on that side); zero gradient where
         clipped (gpt-oss's clamped SwiGLU)."""

@@ -90,6 +90,16 @@ def peek_data(cfg) -> None:
     """The sources open and their first records are in a known format: the cheap data
     problems, found before a model is resolved (and perhaps downloaded). Every record is
     read once, later, by load_examples."""
+    if cfg.method == "grpo":  # prompts and the reward function, before the model
+        from lorafit.core.grpo_data import check_prompt_file
+        from lorafit.core.rewards import load_reward
+
+        if cfg.val_data or cfg.val_fraction:
+            raise LorafitError("--method grpo has no validation pass: drop --val-data and "
+                               "--val-fraction")
+        check_prompt_file(cfg.data, cfg.on_bad_record)
+        load_reward(cfg.reward)
+        return
     if cfg.method != "sft":  # preference pairs: every record checked, before the model
         from lorafit.core.preference_data import check_preference_file
 
@@ -100,6 +110,20 @@ def peek_data(cfg) -> None:
     for source in open_training_data(cfg):
         if source is not None:
             scan(source)
+
+
+def load_grpo_prompts(cfg, tokenizer):
+    """(prompts, None, notes) for --method grpo (core/grpo_data.py)."""
+    from lorafit.core.grpo_data import load_prompts
+
+    if cfg.pack:
+        raise LorafitError("--pack: GRPO completions are not packed; drop --pack")
+    train, problems = load_prompts(cfg.data, tokenizer, cfg.seq_len, cfg.max_new_tokens,
+                                   cfg.on_bad_record)
+    notes = [f"data: {len(train)} grpo prompts, {cfg.num_generations} completions each"] + \
+        [f"skipped {p}" for p in problems[:5]]
+    check_enough(range(len(train)), cfg.batch_size)
+    return train, None, notes
 
 
 def load_preference_examples(cfg, tokenizer):
@@ -214,8 +238,9 @@ def _build(cfg, sinks, control, resume, report, allow_changed, lock):
     check_interrupt()
     tokenizer = load_tokenizer(folder)
     preference = cfg.method != "sft"
-    train, val, notes = (load_preference_examples if preference else load_examples)(
-        cfg, tokenizer)  # read once; errors before any weight
+    load = load_grpo_prompts if cfg.method == "grpo" else \
+        load_preference_examples if preference else load_examples
+    train, val, notes = load(cfg, tokenizer)  # read once; errors before any weight
     check_interrupt()
     from lorafit.commands.estimate import preflight
 
@@ -237,7 +262,12 @@ def _build(cfg, sinks, control, resume, report, allow_changed, lock):
         sinks = list(sinks) + [ev.JsonlSink(run_dir), ev.StatusSink(run_dir),
                                ModelCardSink(run_dir, cfg.model)] + \
             trackers.make_sinks(cfg.report_to, run_dir)
-    if preference:
+    if cfg.method == "grpo":
+        from lorafit.core.grpo_train import GRPOTrainer
+
+        trainer = GRPOTrainer(model, cfg, train, run_dir if primary else None, sinks, control,
+                              estimate=estimate, tokenizer=tokenizer)
+    elif preference:
         from lorafit.core.preference_train import PreferenceTrainer
 
         trainer = PreferenceTrainer(model, cfg, train, val, run_dir if primary else None,

@@ -98,7 +98,8 @@ FIXED = ("rank", "alpha", "dropout", "targets", "layers", "rslora", "dora", "qua
          "val_fraction", "data_sha256", "val_data_sha256", "data_split", "data_config",
          "data_revision", "columns", "chat_loss", "train_on_reasoning",
          "method", "beta", "dpo_loss", "orpo_lambda", "kto_desirable_weight",
-         "kto_undesirable_weight")
+         "kto_undesirable_weight", "reward", "num_generations", "max_new_tokens",
+         "temperature")
 # These only steer the rest of the run: allowed with --allow-changed NAME.
 SAFE = ("lr", "schedule", "warmup_steps", "min_lr_ratio", "max_steps", "epochs",
         "eval_every", "save_every", "early_stopping_patience", "weight_decay")

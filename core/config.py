@@ -29,7 +29,7 @@ QUANTIZE_BITS = {"4bit": 4, "8bit": 8}  # --quantize choices and the bits they m
 QUANTIZE = tuple(QUANTIZE_BITS)
 ON_BAD_RECORD = ("fail", "skip")
 CHAT_LOSS = ("all", "last")
-METHODS = ("sft", "dpo", "orpo", "kto")  # --method: core/preference_train.py for all but sft
+METHODS = ("sft", "dpo", "orpo", "kto", "grpo")  # --method: core/preference_train.py, grpo_train.py
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 
 
@@ -140,8 +140,9 @@ class TrainConfig:
     method: str = "sft"
     """sft, or preference tuning on chosen/rejected pairs: dpo, orpo, or kto on labelled
     completions (README: Preference tuning)."""
-    beta: float = 0.1
-    """DPO and KTO: how far the adapter may move from the base (the reference)."""
+    beta: float | None = None
+    """DPO and KTO: how far the adapter may move from the base (the reference), default
+    0.1; GRPO: the weight of the KL to the base, default 0 (TRL's: no reference pass)."""
     dpo_loss: str = "sigmoid"
     """DPO's loss: sigmoid (the paper's), ipo or hinge (as TRL's loss_type)."""
     orpo_lambda: float = 0.1
@@ -150,6 +151,15 @@ class TrainConfig:
     """KTO: weight of the losses of desirable (label true) completions."""
     kto_undesirable_weight: float = 1.0
     """KTO: weight of the losses of undesirable (label false) completions."""
+    reward: str | None = None
+    """GRPO: the reward function, file.py:function (fn(prompts, completions, **kw) ->
+    list of floats)."""
+    num_generations: int = 4
+    """GRPO: completions sampled per prompt (the group)."""
+    max_new_tokens: int = 64
+    """GRPO: the longest completion sampled."""
+    temperature: float = 1.0
+    """GRPO: the sampling temperature of the completions."""
 
     def __post_init__(self):
         if self.dtype is not None:
@@ -195,12 +205,36 @@ class TrainConfig:
             raise LorafitError(f"method {self.method!r}: choose {', '.join(METHODS)}")
         if self.dpo_loss not in DPO_LOSSES:
             raise LorafitError(f"dpo-loss {self.dpo_loss!r}: choose {', '.join(DPO_LOSSES)}")
-        for name in ("beta", "orpo_lambda", "kto_desirable_weight", "kto_undesirable_weight"):
+        if self.beta is None:
+            self.beta = 0.0 if self.method == "grpo" else 0.1
+        self._check_grpo()
+        for name in (("orpo_lambda",) if self.method == "grpo" else ("beta", "orpo_lambda")) + \
+                ("kto_desirable_weight", "kto_undesirable_weight"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 \
                     or not math.isfinite(v):
                 raise LorafitError(f"{name.replace('_', '-')} must be a positive number, "
                                    f"got {v!r}")
+
+    def _check_grpo(self) -> None:
+        """GRPO's settings (core/grpo_train.py): the reward named, sizes that sample."""
+        if self.method != "grpo":
+            return
+        if not self.reward:
+            raise LorafitError("--method grpo needs --reward file.py:function")
+        for name in ("num_generations", "max_new_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (2 if name[0] == "n" else 1):
+                raise LorafitError(f"{name.replace('_', '-')} must be an integer of at least "
+                                   f"{2 if name[0] == 'n' else 1}, got {v!r}")
+        for name, floor in (("beta", "non-negative"), ("temperature", "positive")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < 0 or (floor == "positive" and v == 0):
+                raise LorafitError(f"{name} must be a {floor} number, got {v!r}")
+        if self.max_new_tokens >= self.seq_len:
+            raise LorafitError(f"max-new-tokens {self.max_new_tokens} leaves no room for a "
+                               f"prompt in seq-len {self.seq_len}")
 
     def _check_numbers(self) -> None:
         """Hyper-parameters that would train wrongly or not at all, refused up front."""

@@ -662,4 +662,7 @@ def rows_per_example(cfg) -> int:
     pair is two (chosen and rejected, core/preference_train.py). The reference forwards
     (DPO, KTO) and KTO's mismatched KL rows run without a graph before the policy's pass,
     so they add time, not peak memory."""
-    return 2 if getattr(cfg, "method", "sft") in ("dpo", "orpo") else 1
+    method = getattr(cfg, "method", "sft")
+    if method == "grpo":  # a prompt's group of completions (core/grpo_train.py)
+        return cfg.num_generations
+    return 2 if method in ("dpo", "orpo") else 1

@@ -66,6 +66,13 @@ class StepReport(Event):
     reward_rejected: float | None = None
     reward_margin: float | None = None
     reward_accuracy: float | None = None
+    # GRPO (--method grpo): the sampled completions' mean reward, the mean of the groups'
+    # reward standard deviations, the token-mean KL to the base (beta > 0) and the mean
+    # completion length in tokens
+    reward_mean: float | None = None
+    reward_std: float | None = None
+    kl: float | None = None
+    completion_length: float | None = None
     kind: str = field(init=False, default="train")
 
 
@@ -271,6 +278,11 @@ class ConsoleSink(Sink):
                 text += f" margin {e.reward_margin:+.3f}"
             if e.reward_accuracy is not None:
                 text += f" acc {e.reward_accuracy:.2f}"
+            if e.reward_mean is not None:  # GRPO (core/grpo_train.py)
+                text += f" reward {e.reward_mean:.3f}±{e.reward_std:.3f}" \
+                        f" len {e.completion_length:.1f}"
+            if e.kl is not None:
+                text += f" kl {e.kl:.4f}"
             if self.tty:
                 self.stream.write("\r" + text)
                 self._open_line = True

@@ -122,6 +122,13 @@ class MLXBackend:
     def softmax(self, x):
         return mx.softmax(x.astype(mx.float32), axis=-1)
 
+    def log_softmax(self, x):
+        x = x.astype(mx.float32)
+        return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+    def exp(self, x):
+        return mx.exp(x)
+
     def clip(self, x, low, high):
         return mx.clip(x, low, high)
 

@@ -133,6 +133,12 @@ class TorchBackend:
     def softmax(self, x):
         return torch.softmax(x.float(), dim=-1)
 
+    def log_softmax(self, x):
+        return torch.log_softmax(x.float(), dim=-1)
+
+    def exp(self, x):
+        return torch.exp(x)
+
     def clip(self, x, low, high):
         return torch.clamp(x, low, high)
 

@@ -187,6 +187,19 @@ def test_softmax_top_k_and_take_along_axis(backend):
     np.testing.assert_allclose(vals, np.take_along_axis(x, backend.to_numpy(idx), -1))
 
 
+def test_log_softmax_and_exp(backend):
+    """float32 log-softmax, stable for large logits (GRPO's per-token log-probs)."""
+    x = np.random.default_rng(1).normal(size=(3, 9)).astype(np.float32) * 30
+    z = x - x.max(-1, keepdims=True)
+    ref = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    assert backend.dtype_name(backend.log_softmax(backend.from_numpy(x, "bfloat16"))) == \
+        "float32"
+    got = backend.to_numpy(backend.log_softmax(backend.from_numpy(x)))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(backend.to_numpy(backend.exp(backend.from_numpy(x / 30))),
+                               np.exp(x / 30), rtol=1e-6)
+
+
 def test_gather_linear_and_its_gradients(backend):
     rng = np.random.default_rng(1)
     n, k, e, i, o = 6, 2, 4, 5, 3
