@@ -336,15 +336,20 @@ class MLXBackend:
 
         @mx.custom_function
         def fused(h_):
-            total, grads = mx.zeros((), dtype=mx.float32), []
+            # Each chunk yields one (rows, C + 1) block: dL/dh and the rows' losses. The next
+            # chunk's rows wait on that block (mx.depends), so the lazy graph runs the chunks
+            # one after another and frees each chunk's logits before the next forms its own;
+            # without the chain they sit at the same tape depth and are all alive at once.
+            blocks = []
             for start in range(0, h_.shape[0], chunk_rows):
                 hs, t, m = (z[start:start + chunk_rows] for z in (h_, targets, mask))
+                if blocks:
+                    hs = mx.depends(hs, blocks[-1])
                 logits = (hs @ weight.T).astype(mx.float32)
                 if softcap is not None:
                     logits = mx.tanh(logits / softcap) * softcap
                 lse = mx.logsumexp(logits, axis=-1)
                 picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-                total = total + ((lse - picked) * m).sum()
                 # (softmax - onehot) @ W  ==  softmax @ W - W[targets]: no (rows, V) one-hot
                 probs = mx.exp(logits - lse[:, None]) * m[:, None]
                 row = m[:, None]
@@ -353,9 +358,10 @@ class MLXBackend:
                     probs = probs * slope
                     row = row * mx.take_along_axis(slope, t[:, None], axis=-1)
                 probs = probs.astype(weight.dtype)
-                grads.append((probs @ weight - weight[t] * row.astype(weight.dtype))
-                             .astype(h_.dtype))
-            return total, mx.concatenate(grads, axis=0)
+                grad = (probs @ weight - weight[t] * row.astype(weight.dtype)).astype(mx.float32)
+                blocks.append(mx.concatenate([grad, ((lse - picked) * m)[:, None]], axis=1))
+            every = mx.concatenate(blocks, axis=0)
+            return every[:, -1].sum(), every[:, :-1].astype(h_.dtype)
 
         @fused.vjp
         def fused_vjp(primals, cotangents, outputs):

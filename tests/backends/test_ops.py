@@ -446,3 +446,20 @@ def test_packed_attention_allocates_no_dense_mask(torch_backend):
         q, k, v, attn_mask=ops._mask(T, T, seg, None, q.device), scale=0.3))
     assert masked - plain > mask_bytes  # the measure sees a dense mask where there is one
     assert packed - plain < mask_bytes / 8, (packed, plain, mask_bytes)
+
+
+def test_fused_linear_cross_entropy_holds_a_few_chunks_not_all_logits(backend):
+    """The step's peak is a few chunks' logits, not the whole (N, V): on MLX the lazy graph
+    would otherwise hold every chunk at once (backends/mlx linear_cross_entropy)."""
+    rng = np.random.default_rng(0)
+    N, C, V, rows = 512, 32, 4096, 32  # all logits 8 MiB, one chunk 0.5 MiB
+    B = backend
+    h = B.from_numpy(rng.normal(size=(N, C)).astype(np.float32))
+    wb = B.from_numpy((rng.normal(size=(V, C)) * 0.1).astype(np.float32))
+    tb, mb = B.from_numpy(rng.integers(0, V, N)), B.from_numpy(np.ones(N, np.float32))
+    step = B.compile(B.value_and_grad(
+        lambda tr, _: B.linear_cross_entropy(tr["h"], wb, tb, mb, chunk_rows=rows)))
+    B.materialize(step({"h": h}, None))  # compile outside the measure
+    out, peak = B.measure_peak(lambda: B.materialize(step({"h": h}, None)))
+    inputs = (N * C + V * C) * 4
+    assert peak - inputs < N * V * 4  # all rows: logits and their exp, 2 * N * V * 4
