@@ -246,7 +246,29 @@ def adapter_weights(sh, st) -> int:
 
 
 def adapter_gradients(sh, st) -> int:
-    """One gradient per adapter element, float32, alive while the step accumulates."""
+    """One gradient per adapter element, float32, alive while the step accumulates. torch
+    sets them to None after each optimizer step, so none exist in its forward (the loss
+    phase): there they are counted in the backward's phases (all_adapter_gradients)."""
+    return 0 if st.backend == "torch" else all_adapter_gradients(sh, st)
+
+
+def all_adapter_gradients(sh, st) -> int:
+    return adapter_params(sh, st) * 4
+
+
+def recompute_gradients(sh, st) -> int:
+    """The gradients alive while the backward re-runs a layer (all, to be safe)."""
+    return all_adapter_gradients(sh, st) if st.grad_checkpoint else 0
+
+
+def nothing(sh, st) -> int:
+    """A static term a phase does not hold (the optimizer step: the backward freed it)."""
+    return 0
+
+
+def optimizer_temporaries(sh, st) -> int:
+    """torch's foreach AdamW forms sqrt(exp_avg_sq) (one float32 per adapter element) for
+    the update, beside the gradients."""
     return adapter_params(sh, st) * 4
 
 
@@ -514,10 +536,16 @@ PHASES = {
              ("backward transients", backward_transients),
              ("dequantization temporaries", dequantization_temporaries)),
     "recompute": (("recomputed layer", recompute_layer),
-                  ("attention scores", attention_scores)),
+                  ("attention scores", attention_scores),
+                  ("adapter gradients", recompute_gradients)),
     # DoRA's norm temporaries in the top layer's forward, every saved activation alive
     "dora norm": (("dora norm temporaries", dora_norm_temporaries),),
 }
+# torch's optimizer step: the backward has freed the activations, the gradients exist
+# (a phase's term replaces the static term of the same name)
+TORCH_OPTIMIZER_STEP = (("activations", nothing), ("embeddings and rope", nothing),
+                        ("adapter gradients", all_adapter_gradients),
+                        ("optimizer temporaries", optimizer_temporaries))
 # MLX evaluates forward, loss and backward as one graph: with recompute, the re-run layer
 # sits beside the loss buffers and the backward transients, not after them.
 MLX_RECOMPUTE = (("logits and loss", loss_buffers), ("recomputed layer", recompute_layer),
@@ -548,9 +576,11 @@ def estimate(sh: Shape, settings: Settings) -> dict:
     phase_terms = dict(PHASES)
     if settings.backend == "mlx":
         phase_terms["recompute"] = MLX_RECOMPUTE
+    if settings.backend == "torch":
+        phase_terms["optimizer step"] = TORCH_OPTIMIZER_STEP
     phases = {ph: {name: int(fn(sh, settings)) for name, fn in terms}
               for ph, terms in phase_terms.items()}
-    phase = max(phases, key=lambda ph: sum(phases[ph].values()))
+    phase = max(phases, key=lambda ph: sum({**breakdown, **phases[ph]}.values()))
     breakdown.update(phases[phase])
     subtotal = sum(breakdown.values())
     breakdown["framework overhead"] = framework_overhead(sh, settings, subtotal)
