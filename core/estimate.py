@@ -246,8 +246,48 @@ def adapter_weights(sh, st) -> int:
 
 
 def adapter_gradients(sh, st) -> int:
-    """One gradient per adapter element, float32, alive while the step accumulates."""
+    """One gradient per adapter element, float32, alive while the step accumulates. torch
+    sets them to None after each optimizer step, so none exist in its forward (the loss
+    phase): there they are counted in the backward's phases (all_adapter_gradients)."""
+    return 0 if st.backend == "torch" else all_adapter_gradients(sh, st)
+
+
+def all_adapter_gradients(sh, st) -> int:
     return adapter_params(sh, st) * 4
+
+
+def recompute_gradients(sh, st) -> int:
+    """The gradients alive while the backward re-runs a layer (all, to be safe)."""
+    return all_adapter_gradients(sh, st) if st.grad_checkpoint else 0
+
+
+def nothing(sh, st) -> int:
+    """A static term a phase does not hold (the optimizer step: the backward freed it)."""
+    return 0
+
+
+def optimizer_temporaries(sh, st) -> int:
+    """torch's foreach AdamW forms sqrt(exp_avg_sq) (one float32 per adapter element) for
+    the update, beside the gradients. MLX's update (backends/mlx/optim.py) is one lazy
+    graph over every parameter: measured (llama C64, 2 layers) one more adapter copy alive
+    when it starts (5 in all, weights, gradients and moments counted) and, while the new
+    values, moments and their temporaries form, 2.5 more with 8 or 16 adapter arrays but
+    1.24 with 42: the schedule evaluates about 20 arrays' updates at a time (MLX's BFS
+    width), so 1 + 2.6 * min(1, 20 / arrays) copies."""
+    if st.backend == "torch":
+        return adapter_params(sh, st) * 4
+    in_flight = min(1.0, MLX_UPDATE_WIDTH / max(adapter_arrays(sh, st), 1))
+    return int(adapter_params(sh, st) * 4 * (1 + 2.6 * in_flight))
+
+
+MLX_UPDATE_WIDTH = 20
+
+
+def adapter_arrays(sh, st) -> int:
+    """Trainable arrays: A and B per adapted module (and DoRA's magnitude)."""
+    per = 3 if st.dora else 2
+    layers = st.layers if st.layers is not None else range(sh.layers)
+    return per * sum(len(_layer_targets(sh, st, i)) for i in layers)
 
 
 def optimizer_state(sh, st) -> int:
@@ -319,7 +359,8 @@ def gated_deltanet_saved_per_token(sh: Shape, st: Settings, adapted: bool,
     Hk, Hv, Dk, Dv = la["key_heads"], la["value_heads"], la["key_dim"], la["value_dim"]
     X, c = 2 * Hk * Dk + Hv * Dv, min(64, st.seq_len)
     n = 3 * C + 2 + 3 * F + 3 * X + 5 * Hv * Dv + 2 * Hv
-    n += (Hv * (7 * Dk + 4 * Dv + 3 * c + 3) + Hv * Dk * Dv / c) * 4 / s
+    n += (Hv * (7 * Dk + 4 * Dv + (3 + mlx_delta_inverse_matrices(st, c)) * c + 3)
+          + Hv * Dk * Dv / c) * 4 / s
     if adapted:
         names = _layer_targets(sh, st, layer)
         n += st.rank * len(names)
@@ -328,6 +369,18 @@ def gated_deltanet_saved_per_token(sh: Shape, st: Settings, adapted: bool,
         if "down_proj" in names:
             n += F
     return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
+
+
+def mlx_delta_inverse_matrices(st: Settings, c: int) -> int:
+    """MLX only: (c, c) matrices per head per chunk its delta rule keeps beyond the three
+    above. MLX has no vjp for a triangular solve, so (I + L)^-1 is the product of
+    (I + (-L)^(2^k)): each of the I = ceil(log2 c) - 1 squarings keeps the power and the
+    running inverse for its matmul vjps (2 per step, plus the first and last: 2I + 2), and
+    k*beta @ k^T and q @ k^T are kept as inputs of their products with the decay (2): 2I + 4
+    in all, less the one (the UT matrix) counted above."""
+    if st.backend != "mlx" or c < 2:
+        return 0
+    return 2 * (max(c - 1, 1).bit_length() - 1) + 3
 
 
 # Kept for backward per layer beyond the count above, by backend (elements per token).
@@ -363,10 +416,10 @@ def activations(sh: Shape, st: Settings) -> int:
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     if st.grad_checkpoint:
         return N * s * sh.hidden * sh.layers * CHECKPOINT_COPIES.get(st.backend, 1)
-    adapted = _adapted_layers(sh, st)
+    adapted, kept = _adapted_layers(sh, st), _backward_layers(sh, st)
     return int(N * s * sum(saved_per_token_per_layer(sh, st, i in adapted, i)
-                           for i in range(sh.layers))) + sh.layers * eager_scores(sh, st) \
-        + sum(mlx_attention_kept(sh, st, i) for i in range(sh.layers))
+                           for i in kept)) + len(kept) * eager_scores(sh, st) \
+        + sum(mlx_attention_kept(sh, st, i) for i in kept)
 
 
 # MLX keeps two (N, C) arrays per checkpointed layer: its input and the output that
@@ -387,6 +440,18 @@ def eager_scores(sh: Shape, st: Settings) -> int:
 
 def _adapted_layers(sh, st) -> set:
     return set(st.layers) if st.layers is not None else set(range(sh.layers))
+
+
+def _backward_layers(sh, st) -> range:
+    """The layers the backward runs through: from the lowest one holding an adapted module
+    up. Below it nothing needs a gradient (the embeddings are frozen), so torch's autograd
+    and MLX's vjp keep nothing there; e.g. q_proj,v_proj,o_proj on a hybrid model whose
+    first attention layer is the third (measured +30 % over on both backends before)."""
+    if sh.moe:  # expert targets are not in the per-layer names: every layer, as before
+        return range(sh.layers)
+    lowest = min((i for i in _adapted_layers(sh, st) if _layer_targets(sh, st, i)),
+                 default=sh.layers)
+    return range(lowest, sh.layers)
 
 
 def recompute_layer(sh: Shape, st: Settings) -> int:
@@ -492,10 +557,16 @@ PHASES = {
              ("backward transients", backward_transients),
              ("dequantization temporaries", dequantization_temporaries)),
     "recompute": (("recomputed layer", recompute_layer),
-                  ("attention scores", attention_scores)),
+                  ("attention scores", attention_scores),
+                  ("adapter gradients", recompute_gradients)),
     # DoRA's norm temporaries in the top layer's forward, every saved activation alive
     "dora norm": (("dora norm temporaries", dora_norm_temporaries),),
 }
+# The optimizer step: the backward has freed the activations, the gradients exist
+# (a phase's term replaces the static term of the same name)
+OPTIMIZER_STEP = (("activations", nothing), ("embeddings and rope", nothing),
+                        ("adapter gradients", all_adapter_gradients),
+                        ("optimizer temporaries", optimizer_temporaries))
 # MLX evaluates forward, loss and backward as one graph: with recompute, the re-run layer
 # sits beside the loss buffers and the backward transients, not after them.
 MLX_RECOMPUTE = (("logits and loss", loss_buffers), ("recomputed layer", recompute_layer),
@@ -526,9 +597,10 @@ def estimate(sh: Shape, settings: Settings) -> dict:
     phase_terms = dict(PHASES)
     if settings.backend == "mlx":
         phase_terms["recompute"] = MLX_RECOMPUTE
+    phase_terms["optimizer step"] = OPTIMIZER_STEP
     phases = {ph: {name: int(fn(sh, settings)) for name, fn in terms}
               for ph, terms in phase_terms.items()}
-    phase = max(phases, key=lambda ph: sum(phases[ph].values()))
+    phase = max(phases, key=lambda ph: sum({**breakdown, **phases[ph]}.values()))
     breakdown.update(phases[phase])
     subtotal = sum(breakdown.values())
     breakdown["framework overhead"] = framework_overhead(sh, settings, subtotal)

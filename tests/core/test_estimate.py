@@ -114,8 +114,24 @@ def test_activations_are_linear_in_batch_and_sequence_length():
 
 def test_adapter_terms_are_linear_in_rank():
     for term in ("adapter weights", "adapter gradients", "optimizer state"):
-        r8 = total(rank=8)["breakdown"][term]
-        assert total(rank=32)["breakdown"][term] == 4 * r8 > 0
+        # torch's gradients exist only in its backward and optimizer step, MLX's in its graph
+        r8 = total(rank=8, backend="mlx")["breakdown"][term]
+        assert total(rank=32, backend="mlx")["breakdown"][term] == 4 * r8 > 0
+
+
+def test_torch_counts_adapter_gradients_after_its_forward_only():
+    """torch sets the gradients to None after each step: its forward (loss) peak holds
+    none, its optimizer step holds them with the activations freed."""
+    from lorafit.core.estimate import all_adapter_gradients, estimate
+
+    big = Settings(backend="torch", device="cpu", rank=256, targets="all-linear",
+                   batch_size=1, seq_len=8)
+    est = estimate(SHAPE, big)
+    assert est["phase"] == "optimizer step"
+    assert est["breakdown"]["adapter gradients"] == all_adapter_gradients(SHAPE, big) > 0
+    assert est["breakdown"]["activations"] == 0
+    small = estimate(SHAPE, big.replace(rank=8, seq_len=512))
+    assert small["phase"] == "loss" and small["breakdown"]["adapter gradients"] == 0
 
 
 def test_recompute_keeps_one_layer_plus_the_checkpoints():
