@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-LOGIT_CHUNK_ELEMENTS = 2**22  # logits formed at once by the fused head + loss (~16 MiB fp32)
+LOGIT_CHUNK_ELEMENTS = 2**24  # logits formed at once by the fused head + loss (64 MiB fp32):
+# 524 rows at a 32k vocabulary; 2**22 (131 rows) left the head GEMMs short and its
+# per-chunk elementwise passes many (bench_train.py: the head took ~1.4x as long)
 
 
 def chunk_rows(vocab_size: int) -> int:
