@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 LOGIT_CHUNK_ELEMENTS = 2**24  # logits formed at once by the fused head + loss (64 MiB fp32):
-# 524 rows at a 32k vocabulary; 2**22 (131 rows) left the head GEMMs short and its
-# per-chunk elementwise passes many (bench_train.py: the head took ~1.4x as long)
+# 524 rows at a 32k vocabulary; with 2**22 (131 rows) the head's GEMMs were short and its
+# per-chunk passes many: the head + loss of 2048 rows took ~1.4x as long on 2 CPU threads
 
 
 def chunk_rows(vocab_size: int) -> int:
