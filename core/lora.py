@@ -144,7 +144,9 @@ def project(ops, lp: dict, name: str, x, lora, quant_cfg=None):
     if ops.dtype_name(xa) != adtype:
         xa = ops.cast(xa, adtype)
     lora_b = lp[f"{name}.{LORA_B}"]
-    delta = ops.linear(ops.linear(xa, lora_a), lora_b) * lora.scale
+    # s scales the (N, r) intermediate rather than the (N, out) update: the same product,
+    # r / out of the multiplies, forward and backward
+    delta = ops.linear(ops.linear(xa, lora_a) * lora.scale, lora_b)
     if magnitude is not None:
         lora_weight = ops.linear(lora_b, ops.swapaxes(lora_a, 0, 1))  # B @ A: (out, in)
         dense = ops.cast(dense_weight(ops, lp, name, quant), adtype)

@@ -558,27 +558,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_grad else None
         for start in range(0, h.shape[0], chunk_rows):
             sl = slice(start, start + chunk_rows)
+            row = mask[sl, None]
             logits = F.linear(h[sl], weight).float()
             if softcap is not None:
                 logits = logits.div_(softcap).tanh_().mul_(softcap)
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, targets[sl, None])[:, 0]
-            total += ((lse - picked) * mask[sl]).sum()
+            logp = torch.log_softmax(logits, dim=-1)  # one fused kernel, not logsumexp's five
+            total -= (logp.gather(1, targets[sl, None]) * row).sum()
+            if softcap is None or not need_grad:
+                del logits  # the capped logits are needed only for the slope below
             if need_grad:
-                # (softmax - onehot) @ W  ==  softmax @ W - W[targets]: no (rows, V) one-hot
-                if softcap is None:
-                    probs = logits.sub_(lse[:, None]).exp_().mul_(mask[sl, None])
-                    row = mask[sl, None]
-                else:  # times dc/dz = 1 - (c / cap)^2, for the picked column too
-                    slope = 1 - (logits / softcap) ** 2
-                    row = mask[sl, None] * slope.gather(1, targets[sl, None])
-                    probs = logits.sub_(lse[:, None]).exp_().mul_(slope).mul_(mask[sl, None])
-                    del slope
+                # (softmax - onehot) @ W  ==  softmax @ W - W[targets]: no (rows, V) one-hot;
+                # the mask scales the (rows, C) result, not the (rows, V) probabilities
+                probs = logp.exp_()
+                picked = weight[targets[sl]]
+                if softcap is not None:  # times dc/dz = 1 - (c / cap)^2, picked column too
+                    slope = logits.div_(softcap).square_().neg_().add_(1)
+                    picked = picked * slope.gather(1, targets[sl, None]).to(weight.dtype)
+                    probs.mul_(slope)
+                    del slope, logits
                 g = probs.to(weight.dtype) @ weight
-                g -= weight[targets[sl]] * row.to(weight.dtype)
+                g -= picked
+                g *= row.to(weight.dtype)
                 grad_h[sl] = g.to(h.dtype)
-                del probs, g
-            del logits, lse  # free this chunk before the next one is formed
+                del probs, g, picked
+            del logp  # free this chunk before the next one is formed
         ctx.save_for_backward(grad_h)
         return total
 
