@@ -41,6 +41,9 @@ KNOWN_GAPS = {
     "MLX: olmo2's whole-projection q/k norms and phi3's split of the fused qkv keep "
     "arrays not yet identified (-22 %, -6 %)":
         lambda backend, case: backend == "mlx" and _family(case) in ("olmo2", "phi3"),
+    "torch, granite: about half a query-sized tensor per token per layer is kept that the "
+    "estimate does not count (-7 % at 16 heads, -1 % at 4; docs/memory.md, Open)":
+        lambda backend, case: backend == "torch" and _family(case) == "granite",
 }
 
 

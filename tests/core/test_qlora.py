@@ -40,7 +40,8 @@ def test_quantized_linear_equals_dequantize_then_matmul(mlx_backend, bits):
     q, s, b = B.quantize(w, bits, 64)
     ours = B.to_numpy(B.quantized_linear(x, q, s, b, bits, 64))
     ref = np.array(x @ mx.dequantize(q, s, b, group_size=64, bits=bits).T)
-    np.testing.assert_array_equal(ours, ref)
+    # the quantized kernel and BLAS sum in different orders (float32 rounding only)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-4)
     err = np.abs(B.to_numpy(B.dequantize(q, s, b, bits, 64)) - B.to_numpy(w)).max()
     assert err < (0.5 if bits == 4 else 0.05)  # a real quantization, not a copy
 
