@@ -14,7 +14,6 @@ One process only for now; no validation pass (a reward is not a held-out loss).
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -149,19 +148,7 @@ class GRPOTrainer(Trainer):
             ops.materialize(acc, total)
             kl += ops.to_float(kl_part)
         self._metrics = self._step_metrics(sampled, kl / max(tokens, 1))
-        gnorm_arr = ops.global_norm(acc)
-        loss = ops.to_float(total) / tokens
-        gnorm = ops.to_float(gnorm_arr) / loss_scale
-        if self.loss_scale and math.isfinite(loss) and not self.loss_scale.update(
-                math.isfinite(gnorm)):
-            return loss, gnorm, False
-        if not (math.isfinite(loss) and math.isfinite(gnorm)):
-            return loss, gnorm, False
-        scale = 1.0
-        if c.max_grad_norm and gnorm > c.max_grad_norm:
-            scale = c.max_grad_norm / (gnorm + 1e-6)
-        self.optimizer.step(self.trainable, acc, lr, grad_scale=scale / loss_scale)
-        return loss, gnorm, True
+        return self._apply(acc, ops.to_float(total) / tokens, lr, loss_scale)
 
     def _step_metrics(self, sampled: list, kl: float) -> dict:
         """StepReport's GRPO fields: the rewards' mean, the mean of the groups' standard

@@ -142,19 +142,7 @@ class PreferenceTrainer(Trainer):
             stats = ops.to_numpy(summed.pop(_STATS)).astype(np.float64)
             acc = summed
         self._rewards = self._reward_fields(stats)
-        gnorm_arr = ops.global_norm(acc)
-        loss = ops.to_float(total) / loss_scale
-        gnorm = ops.to_float(gnorm_arr) / loss_scale
-        if self.loss_scale and math.isfinite(loss) and not self.loss_scale.update(
-                math.isfinite(gnorm)):
-            return loss, gnorm, False
-        if not (math.isfinite(loss) and math.isfinite(gnorm)):
-            return loss, gnorm, False
-        scale = 1.0
-        if self.cfg.max_grad_norm and gnorm > self.cfg.max_grad_norm:
-            scale = self.cfg.max_grad_norm / (gnorm + 1e-6)
-        self.optimizer.step(self.trainable, acc, lr, grad_scale=scale / loss_scale)
-        return loss, gnorm, True
+        return self._apply(acc, ops.to_float(total) / loss_scale, lr, loss_scale)
 
     @staticmethod
     def _reward_fields(stats) -> dict:

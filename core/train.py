@@ -165,9 +165,13 @@ class Trainer:
             summed = ops.all_reduce({**acc, _LOSS: total})
             total = summed.pop(_LOSS)
             acc = summed
-        gnorm_arr = ops.global_norm(acc)
-        loss = ops.to_float(total) / denom
-        gnorm = ops.to_float(gnorm_arr) / loss_scale
+        return self._apply(acc, ops.to_float(total) / denom, lr, loss_scale)
+
+    def _apply(self, acc: dict, loss: float, lr: float, loss_scale: float):
+        """One optimizer update from the step's summed gradients `acc` (still multiplied by
+        the loss scale), clipped to max_grad_norm; a non-finite loss or gradient skips it
+        (with float16 loss scaling an overflow halves the scale). (loss, norm, applied)."""
+        gnorm = self.ops.to_float(self.ops.global_norm(acc)) / loss_scale
         if self.loss_scale and math.isfinite(loss) and not self.loss_scale.update(
                 math.isfinite(gnorm)):
             return loss, gnorm, False  # overflow: skipped, the scale halved
