@@ -49,19 +49,7 @@ if (( DRY )); then
   exit 0
 fi
 
-STATUS_LINES=""  # name<TAB>status per part (no associative arrays: macOS bash 3.2)
-part() {  # part NAME TIMEOUT CMD...: run under a timeout, record ok / failed / timed out
-  local name=$1 limit=$2; shift 2
-  echo "== $name (timeout ${limit}s)"
-  local t0=$(date +%s) rc=0
-  timeout "$limit" "$@" || rc=$?
-  local took=$(( $(date +%s) - t0 ))
-  local status
-  case $rc in 0) status="ok ${took}s";; 124) status="timed out ${took}s";;
-              *) status="failed rc=$rc ${took}s";; esac
-  STATUS_LINES+="$name"$'\t'"$status"$'\n'
-  echo "== $name: $status"
-}
+source tests/gpu/parts.sh
 
 install() {
   python3 -m venv "$VENV"
@@ -81,6 +69,4 @@ part correctness "$T_CHECKS" "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprov
   --junitxml=gpu-tests.xml
 part benchmark "$T_BENCH" "$PY" tests/benchmarks/bench_train.py "${BENCH_ARGS[@]}"
 
-STATUS_JSON="$STATUS_LINES" python3 tests/gpu/report.py gpu-tests.xml gpu-bench.json \
-  gpu-results.json gpu-results.md
-cat gpu-results.md
+report

@@ -41,28 +41,7 @@ if (( DRY )); then
   exit 0
 fi
 
-limit_to() {  # limit_to SECONDS CMD...: coreutils timeout, or perl's alarm (macOS has neither
-  local limit=$1 rc=0; shift  # timeout nor gtimeout unless coreutils is installed)
-  if command -v timeout >/dev/null; then timeout "$limit" "$@" || rc=$?
-  elif command -v gtimeout >/dev/null; then gtimeout "$limit" "$@" || rc=$?
-  else perl -e 'alarm shift; exec @ARGV' "$limit" "$@" || rc=$?; (( rc == 142 )) && rc=124
-  fi
-  return $rc
-}
-
-STATUS_LINES=""  # name<TAB>status per part (no associative arrays: macOS bash 3.2)
-part() {  # part NAME TIMEOUT CMD...: run under a timeout, record ok / failed / timed out
-  local name=$1 limit=$2; shift 2
-  echo "== $name (timeout ${limit}s)"
-  local t0=$(date +%s) rc=0
-  limit_to "$limit" "$@" || rc=$?
-  local took=$(( $(date +%s) - t0 ))
-  local status
-  case $rc in 0) status="ok ${took}s";; 124) status="timed out ${took}s";;
-              *) status="failed rc=$rc ${took}s";; esac
-  STATUS_LINES+="$name"$'\t'"$status"$'\n'
-  echo "== $name: $status"
-}
+source tests/gpu/parts.sh
 
 install() {
   python3 -m venv "$VENV"
@@ -78,6 +57,4 @@ part correctness "$T_CHECKS" "$PY" -m pytest -q -m gpu tests/gpu/test_metal.py \
   -p no:cacheprovider -rs --junitxml=gpu-tests.xml
 part benchmark "$T_BENCH" "$PY" tests/benchmarks/bench_train.py "${BENCH_ARGS[@]}"
 
-STATUS_JSON="$STATUS_LINES" python3 tests/gpu/report.py gpu-tests.xml gpu-bench.json \
-  gpu-results.json gpu-results.md
-cat gpu-results.md
+report

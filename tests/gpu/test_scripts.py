@@ -34,6 +34,18 @@ def test_dry_run_prints_the_plan_and_does_nothing(script, venv):
     assert not (ROOT / "gpu-results.json").exists() or before
 
 
+def test_parts_record_ok_failed_and_timed_out():
+    """parts.sh (shared by both scripts): each part's outcome is recorded for the report,
+    a failing or overrunning part does not stop the suite."""
+    script = ("source tests/gpu/parts.sh; part a 5 true; part b 5 false; part c 1 sleep 3; "
+              'printf "%s" "$STATUS_LINES"')
+    out = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    status = dict(line.split("\t") for line in out.splitlines() if "\t" in line)
+    assert status["a"].startswith("ok ") and status["b"].startswith("failed rc=1")
+    assert status["c"].startswith("timed out"), out
+
+
 def test_report_tables_tests_and_benchmark(tmp_path):
     """report.py turns the junit file, the benchmark JSON and the parts' status into
     gpu-results.json and a markdown table."""
