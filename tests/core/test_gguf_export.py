@@ -406,6 +406,16 @@ def test_llama_cpp_runs_the_merged_and_adapter_gguf_of_each_family(tmp_path, tok
     ours = ops.to_numpy(model.logits(ops.from_numpy(np.asarray([seq]))))[0]
     merged = _export(tmp_path, adapter_dir, merge=True)
     split = _export(tmp_path, adapter_dir, merge=False)
+    if family in ("qwen3_moe", "mixtral"):  # the router and every expert adapted
+        from gguf import GGUFReader
+
+        shapes = {t.name: tuple(t.shape) for t in
+                  GGUFReader(str(split / "adapter-f32.gguf")).tensors if "blk.1." in t.name}
+        n, r = 4, 4  # (gguf lists shapes innermost first: in, rank, experts)
+        assert shapes["blk.1.ffn_gate_exps.weight.lora_a"][1:] == (2 * r, n)  # PEFT's 2r
+        assert shapes["blk.1.ffn_down_exps.weight.lora_b"][::2] == (r, n)
+        assert "blk.1.ffn_up_exps.weight.lora_b" in shapes
+        assert "blk.1.ffn_gate_inp.weight.lora_a" in shapes
     for path, lora_path in ((merged / "model-f32.gguf", None),
                             (split / "base-f32.gguf", split / "adapter-f32.gguf")):
         got, logits = _llama_greedy(path, ids, lora_path, all_logits=True)
