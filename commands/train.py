@@ -97,7 +97,7 @@ def peek_data(cfg) -> None:
         if cfg.val_data or cfg.val_fraction:
             raise LorafitError("--method grpo has no validation pass: drop --val-data and "
                                "--val-fraction")
-        check_prompt_file(cfg.data, cfg.on_bad_record)
+        check_prompt_file(open_training_data(cfg)[0], cfg.on_bad_record)  # --columns
         load_reward(cfg.reward)
         return
     if cfg.method != "sft":  # preference pairs: every record checked, before the model
@@ -118,8 +118,8 @@ def load_grpo_prompts(cfg, tokenizer):
 
     if cfg.pack:
         raise LorafitError("--pack: GRPO completions are not packed; drop --pack")
-    train, problems = load_prompts(cfg.data, tokenizer, cfg.seq_len, cfg.max_new_tokens,
-                                   cfg.on_bad_record)
+    train, problems = load_prompts(open_training_data(cfg)[0], tokenizer, cfg.seq_len,
+                                   cfg.max_new_tokens, cfg.on_bad_record)
     notes = [f"data: {len(train)} grpo prompts, {cfg.num_generations} completions each"] + \
         [f"skipped {p}" for p in problems[:5]]
     check_enough(range(len(train)), cfg.batch_size)
