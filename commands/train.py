@@ -97,15 +97,15 @@ def peek_data(cfg) -> None:
         if cfg.val_data or cfg.val_fraction:
             raise LorafitError("--method grpo has no validation pass: drop --val-data and "
                                "--val-fraction")
-        check_prompt_file(cfg.data, cfg.on_bad_record)
+        check_prompt_file(open_training_data(cfg)[0], cfg.on_bad_record)  # --columns
         load_reward(cfg.reward)
         return
     if cfg.method != "sft":  # preference pairs: every record checked, before the model
         from lorafit.core.preference_data import check_preference_file
 
-        for path in (cfg.data, cfg.val_data):
-            if path:
-                check_preference_file(path, cfg.method, cfg.on_bad_record)
+        for source in open_training_data(cfg):  # --columns, a folder's valid split
+            if source is not None:
+                check_preference_file(source, cfg.method, cfg.on_bad_record)
         return
     for source in open_training_data(cfg):
         if source is not None:
@@ -118,8 +118,8 @@ def load_grpo_prompts(cfg, tokenizer):
 
     if cfg.pack:
         raise LorafitError("--pack: GRPO completions are not packed; drop --pack")
-    train, problems = load_prompts(cfg.data, tokenizer, cfg.seq_len, cfg.max_new_tokens,
-                                   cfg.on_bad_record)
+    train, problems = load_prompts(open_training_data(cfg)[0], tokenizer, cfg.seq_len,
+                                   cfg.max_new_tokens, cfg.on_bad_record)
     notes = [f"data: {len(train)} grpo prompts, {cfg.num_generations} completions each"] + \
         [f"skipped {p}" for p in problems[:5]]
     check_enough(range(len(train)), cfg.batch_size)
@@ -136,16 +136,17 @@ def load_preference_examples(cfg, tokenizer):
     if cfg.pack:
         raise LorafitError(f"--pack: preference pairs are not packed; drop --pack for "
                            f"--method {cfg.method}")
-    train, problems = load_preferences(cfg.data, tokenizer, cfg.seq_len, cfg.method,
+    train_src, val_src = open_training_data(cfg)
+    train, problems = load_preferences(train_src, tokenizer, cfg.seq_len, cfg.method,
                                        cfg.on_bad_record)
     what = "labelled completions" if cfg.method == "kto" else "pairs"
     notes = [f"data: {len(train)} {cfg.method} {what}, {train.truncated} sequences truncated "
              f"to {cfg.seq_len}"] + [f"skipped {p}" for p in problems[:5]]
     val = None
-    if cfg.val_data:
-        val, vproblems = load_preferences(cfg.val_data, tokenizer, cfg.seq_len, cfg.method,
+    if val_src is not None:  # --val-data, else a data folder's valid split
+        val, vproblems = load_preferences(val_src, tokenizer, cfg.seq_len, cfg.method,
                                           cfg.on_bad_record)
-        notes += [f"validation: {len(val)} pairs from {cfg.val_data}"]
+        notes += [f"validation: {len(val)} {what} from {val_src}"]
         notes += [f"skipped {p}" for p in vproblems[:5]]
     elif cfg.val_fraction:
         train_ks, val_ks = split_validation(list(range(len(train))), cfg.val_fraction,

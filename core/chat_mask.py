@@ -94,17 +94,27 @@ def _diff(full: str, other: str) -> tuple[int, int]:
     return start, len(full) - tail
 
 
+def _kept_reasoning(content, reasoning: bool) -> str:
+    """The inline `<think>...</think>` block that opens a turn's text (Qwen3-style data
+    keeps reasoning in the content), kept in front of the sentinel unless reasoning is
+    trained: the template then renders or drops it alike in both renderings, so it stays
+    out of the difference, as `reasoning_content` does."""
+    if reasoning or not isinstance(content, str) or "</think>" not in content:
+        return ""
+    return content[:content.rfind("</think>") + len("</think>")]
+
+
 def _turn_span(tokenizer, messages, tools, i: int, full: str, reasoning: bool):
     """(start, end) characters of assistant message i's generated text in `full`."""
     m = messages[i]
-    marker = SENTINEL.format(i)
+    marker = _kept_reasoning(m.get("content"), reasoning) + SENTINEL.format(i)
     variant = dict(m, content=marker)
     if reasoning and isinstance(m.get("reasoning_content"), str):
         variant["reasoning_content"] = SENTINEL.format(f"{i}r")
     if m.get("tool_calls"):
         variant["tool_calls"] = [_sentinel_call(c, k, i) for k, c in enumerate(m["tool_calls"])]
     other = render(tokenizer, messages[:i] + [variant] + messages[i + 1:], tools)
-    seen = other.count(marker)
+    seen = other.count(SENTINEL.format(i))
     if seen == 0 and m.get("tool_calls"):  # a template may skip a calling turn's content
         seen = int(SENTINEL.format(f"{i}n0") in other)
     if seen != 1:
@@ -118,14 +128,15 @@ def _turn_span(tokenizer, messages, tools, i: int, full: str, reasoning: bool):
 
 def _calls_start(tokenizer, messages, tools, i, full, marker, start) -> int:
     """Where a turn with tool calls starts: where it differs from the same turn holding
-    text only, else right after the role header."""
+    text only (`marker`: the kept reasoning, then the sentinel), else right after the role
+    header."""
     plain = {k: v for k, v in messages[i].items() if k != "tool_calls"}
     plain["content"] = marker
     try:
         other = render(tokenizer, messages[:i] + [plain] + messages[i + 1:], tools)
     except ChatError:
         other = None
-    if other is not None and other.count(marker) == 1:
+    if other is not None and other.count(SENTINEL.format(i)) == 1:
         return _diff(full, other)[0]
     header = _generation_header(tokenizer, messages[:i], tools)
     at = full.rfind(header, 0, start + 1) if header else -1

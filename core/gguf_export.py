@@ -541,6 +541,32 @@ def write_model(path: str | Path, config: dict, weights: dict, tokenizer_dir: st
     return path
 
 
+def _lora_pairs(gguf, names, module: str, a: np.ndarray, b: np.ndarray, config: dict,
+                r: int):
+    """(GGUF base tensor name, lora_a, lora_b) for one adapted module. An MoE's stacked
+    experts (PEFT's ParamWrapper: A (E*r', in), B (out, r'*E)) become per-expert stacks
+    A (E, r', in), B (E, out, r') on llama.cpp's ffn_{gate,up,down}_exps, which it applies
+    per routed expert; the fused gate_up splits by B's rows with A shared. llama.cpp scales
+    each tensor by alpha over its own rank r', so B carries r' / r to keep lorafit's alpha / r
+    (PEFT's fused gate_up: r' = 2r with twice alpha)."""
+    if ".mlp.experts." not in module:
+        return [(gguf_name(names, module + ".weight"), a, b)]
+    leaf = module.rsplit(".", 1)[-1]
+    n = config.get("num_local_experts") or config.get("num_experts")
+    if leaf not in ("gate_up_proj", "down_proj") or not n or a.shape[0] % n:
+        raise LorafitError(f"{module}: this expert adapter has no llama.cpp layout; merge "
+                           "the adapter (--merge) and export the merged model instead")
+    a3 = a.reshape(n, -1, a.shape[-1])
+    b3 = b.reshape(b.shape[0], -1, n).transpose(2, 0, 1) * (a3.shape[1] / r)
+    layer = int(module.split(".")[2])
+    t, tn = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
+    name = lambda kind: tn[kind].format(bid=layer) + ".weight"  # noqa: E731
+    if leaf == "down_proj":
+        return [(name(t.FFN_DOWN_EXP), a3, b3)]
+    f = b3.shape[1] // 2
+    return [(name(t.FFN_GATE_EXP), a3, b3[:, :f]), (name(t.FFN_UP_EXP), a3, b3[:, f:])]
+
+
 def write_lora(path: str | Path, config: dict, adapter: dict, r: int, alpha: float,
                rslora: bool = False, outtype: str = "f32") -> Path:
     """A LoRA adapter as llama.cpp loads it with `--lora`: `<tensor>.lora_a` (r x in) and
@@ -557,15 +583,20 @@ def write_lora(path: str | Path, config: dict, adapter: dict, r: int, alpha: flo
                                "export the merged model instead")
         if ".lora_A." not in key and ".lora_B." not in key:
             raise LorafitError(f"{key}: only LoRA A/B tensors go into a GGUF adapter")
-        module, part = key.split(".lora_", 1)
-        if module.rsplit(".", 1)[-1] in ("experts", "gate_up_proj") or ".experts." in module:
-            raise LorafitError(f"{module}: adapters on MoE experts have no GGUF export")
-        a_or_b = part[0]
-        base = gguf_name(names, module + ".weight")
-        v = np.asarray(adapter[key])
-        if a_or_b == "B":
-            v = _prepare(module + ".lora_B", v, config, fam)
-        tensors[f"{base}.lora_{a_or_b.lower()}"] = _encode(gguf, v, outtype)
+        if key.replace(".lora_B.", ".lora_A.") not in adapter:
+            raise LorafitError(f"{key.split('.lora_', 1)[0]}: the adapter has lora_B but "
+                               "no lora_A")
+    for key in sorted(k for k in adapter if ".lora_A." in k):
+        module = key.split(".lora_", 1)[0]
+        b_key = key.replace(".lora_A.", ".lora_B.")
+        if b_key not in adapter:
+            raise LorafitError(f"{module}: the adapter has lora_A but no lora_B")
+        a = np.asarray(adapter[key], dtype=np.float32)
+        b = _prepare(module + ".lora_B", np.asarray(adapter[b_key], dtype=np.float32),
+                     config, fam)
+        for base, pa, pb in _lora_pairs(gguf, names, module, a, b, config, r):
+            tensors[f"{base}.lora_a"] = _encode(gguf, pa, outtype)
+            tensors[f"{base}.lora_b"] = _encode(gguf, pb, outtype)
     if not tensors:
         raise LorafitError("the adapter holds no tensors")
     w = _writer(gguf, path, fam)

@@ -39,10 +39,12 @@ def validate(record) -> str | None:
 
 
 def scan(path) -> list:
-    """Every entry (where, record, problem or None) of the file."""
-    from lorafit.core.sources import open_records
+    """Every entry (where, record, problem or None) of the file. `path`: a --data value,
+    or records already opened (core/sources.py: --columns renamed)."""
+    from lorafit.core.sources import Records, open_records
 
-    entries = [(w, r, bad or validate(r)) for w, r, bad in open_records(str(path))]
+    data = path if isinstance(path, Records) else open_records(str(path))
+    entries = [(w, r, bad or validate(r)) for w, r, bad in data]
     if not entries:
         raise LorafitError(f"{path}: no records (the file is empty)")
     return entries

@@ -92,10 +92,11 @@ def validate(record, kind: str) -> str | None:
 
 def scan(path, method: str):
     """(kind, entries): every entry (where, record, problem or None) of the file, checked
-    against the kind `method` needs."""
-    from lorafit.core.sources import open_records
+    against the kind `method` needs. `path`: a --data value, or records already opened
+    (core/sources.py: --columns renamed, a folder's train or valid split)."""
+    from lorafit.core.sources import Records, open_records
 
-    data = open_records(str(path))
+    data = path if isinstance(path, Records) else open_records(str(path))
     kind = METHOD_KIND[method]
     entries = []
     for where, record, bad in data:

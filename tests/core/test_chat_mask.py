@@ -208,6 +208,34 @@ def test_tool_calls_are_learned_with_their_wrappers():
         ("It rains.</s>", True)], tools=TOOLS)
 
 
+@pytest.mark.parametrize("inline", [True, False], ids=["think-in-content", "reasoning_content"])
+def test_qwen3_last_turn_thinking_then_calling_keeps_the_think_block_out(inline):
+    """The last turn (whose <think> block Qwen3 keeps) reasons, then calls a tool: the
+    reasoning, inline in the content as Qwen3 data often has it or as reasoning_content,
+    carries loss only with train_on_reasoning."""
+    tok = make_tokenizer(QWEN3)
+    turn = {"role": "assistant", "tool_calls": CALL}
+    turn.update({"content": "<think>\nneed weather\n</think>\n\nChecking."} if inline else
+                {"content": "Checking.", "reasoning_content": "need weather"})
+    msgs = [TOOL_CHAT[0], turn]
+    head = ("<|im_start|>user\nweather in Oslo?<|im_end|>\n<|im_start|>assistant\n"
+            "<think>\n")
+    answer = ('Checking.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n'
+              "</tool_call><|im_end|>")
+    check(tok, msgs, [(head + "need weather\n</think>\n\n", False), (answer, True),
+                      ("\n", False)])
+    check(tok, msgs, [(head, False), ("need weather\n</think>\n\n" + answer, True),
+                      ("\n", False)], train_on_reasoning=True)
+    # an earlier turn's inline thinking is dropped by the template, the answer learned
+    msgs = [CHAT[0], {"role": "assistant", "content": "<think>\ngreet back\n</think>\n\nhello"},
+            *CHAT[2:]]
+    check(tok, msgs, [("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", False),
+                      ("hello<|im_end|>", True),
+                      ("\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+                       "<think>\nadd them\n</think>\n\n", False),
+                      ("4<|im_end|>", True), ("\n", False)])
+
+
 def test_a_tool_calling_set_loads_and_trains(tmp_path, tokenizer):
     """Records with tools, calls with null content and tool turns go through load_dataset
     (validation included) and a short training run."""

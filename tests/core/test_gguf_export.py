@@ -154,6 +154,9 @@ def test_unsupported_family_and_dora_are_one_line_errors(tmp_path, adapted):
 
         write_lora(tmp_path / "x.gguf", {"model_type": "llama", "num_hidden_layers": 2},
                    {"model.layers.0.self_attn.q_proj.lora_magnitude_vector": np.ones(4)}, 4, 8)
+    with pytest.raises(LorafitError, match="q_proj: the adapter has lora_B but no lora_A"):
+        write_lora(tmp_path / "x.gguf", {"model_type": "llama", "num_hidden_layers": 2},
+                   {"model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((4, 4))}, 4, 8)
 
 
 # -- llama.cpp itself -----------------------------------------------------------------------
@@ -386,23 +389,38 @@ MERGED_FAMILIES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(MERGED_FAMILIES))
-def test_llama_cpp_runs_the_merged_gguf_of_each_family(tmp_path, tokenizer, torch_backend,
-                                                       family):
-    """llama.cpp's greedy tokens on the merged GGUF equal lorafit's (with the adapter), and
-    its logits over prompt + generated tokens (past the windows) equal lorafit's."""
+def test_llama_cpp_runs_the_merged_and_adapter_gguf_of_each_family(tmp_path, tokenizer,
+                                                                   torch_backend, family):
+    """llama.cpp's greedy tokens on the merged GGUF, and on the base GGUF with the GGUF
+    adapter (`--lora`: fused qkv / gate_up as one pair, MoE experts and routers per expert),
+    equal lorafit's with the adapter, and their logits over prompt + generated tokens (past
+    the windows) equal lorafit's."""
     _llama_cpp()
     seed = list(MERGED_FAMILIES).index(family)
     folder, adapter_dir, model = _adapted_model(tmp_path, family, MERGED_FAMILIES[family],
                                                 seed, tokenizer, torch_backend)
     ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     want = _lorafit_greedy(model, ids)
-    out = _export(tmp_path, adapter_dir, merge=True)
-    got, logits = _llama_greedy(out / "model-f32.gguf", ids, all_logits=True)
     ops = model.backend
     seq = ids + want[:-1]
     ours = ops.to_numpy(model.logits(ops.from_numpy(np.asarray([seq]))))[0]
-    assert np.abs(logits - ours).max() < 2e-3 * np.abs(ours).max()
-    assert got == want
+    merged = _export(tmp_path, adapter_dir, merge=True)
+    split = _export(tmp_path, adapter_dir, merge=False)
+    if family in ("qwen3_moe", "mixtral"):  # the router and every expert adapted
+        from gguf import GGUFReader
+
+        shapes = {t.name: tuple(t.shape) for t in
+                  GGUFReader(str(split / "adapter-f32.gguf")).tensors if "blk.1." in t.name}
+        n, r = 4, 4  # (gguf lists shapes innermost first: in, rank, experts)
+        assert shapes["blk.1.ffn_gate_exps.weight.lora_a"][1:] == (2 * r, n)  # PEFT's 2r
+        assert shapes["blk.1.ffn_down_exps.weight.lora_b"][::2] == (r, n)
+        assert "blk.1.ffn_up_exps.weight.lora_b" in shapes
+        assert "blk.1.ffn_gate_inp.weight.lora_a" in shapes
+    for path, lora_path in ((merged / "model-f32.gguf", None),
+                            (split / "base-f32.gguf", split / "adapter-f32.gguf")):
+        got, logits = _llama_greedy(path, ids, lora_path, all_logits=True)
+        assert np.abs(logits - ours).max() < 2e-3 * np.abs(ours).max(), path.name
+        assert got == want, path.name
 
 
 @pytest.mark.slow

@@ -267,6 +267,16 @@ def test_cli_mistakes_are_one_line(setup, tmp_path, capsys):
     assert f"{bad}:2: missing field prompt" in run(data=bad)
     assert "num-generations" in run("--num-generations", "1")
     assert "no validation pass" in run("--val-fraction", "0.2")
+    # --columns renames the prompt field, as for the other methods
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text("".join(json.dumps({"question": json.loads(x)["prompt"]}) + "\n"
+                               for x in setup.data.read_text().splitlines()))
+    assert "missing field prompt" in run(data=renamed)
+    from lorafit.commands.train import load_grpo_prompts, peek_data
+
+    cfg = make_cfg(setup, "cols", data=str(renamed), columns="prompt=question")
+    peek_data(cfg)
+    assert len(load_grpo_prompts(cfg, setup.tokenizer)[0]) == 8
 
 
 def test_prompts_render_with_the_generation_prompt_and_must_leave_room(tmp_path):

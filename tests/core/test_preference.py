@@ -447,3 +447,49 @@ def test_dataset_check_knows_the_method(setup, tmp_path):
     assert str(e.value) == (f"{sft}: no pairs records: --method dpo needs prompt, chosen, "
                             "rejected fields (SFT data trains with --method sft)")
     assert check_dataset_file(sft, "fail").records == 1  # sft, as before
+
+
+def test_columns_rename_preference_fields(setup, tmp_path):
+    """--columns renames a set's columns for dpo/orpo/kto as for sft: the check before the
+    model and the tokenized pairs see the renamed fields."""
+    from lorafit.commands.train import load_preference_examples, peek_data
+    from lorafit.core.errors import LorafitError
+
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text("".join(
+        json.dumps({"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]}) + "\n"
+        for r in map(json.loads, setup.train.read_text().splitlines())))
+    cfg = make_cfg(setup, "cols", data=str(renamed),
+                   columns="prompt=question,chosen=good,rejected=bad")
+    peek_data(cfg)
+    got, val, _ = load_preference_examples(cfg, setup.tokenizer)
+    want, _ = load_preferences(setup.train, setup.tokenizer, cfg.seq_len, "dpo")
+    assert val is None and len(got) == len(want) == 24
+    for i in range(len(want.examples)):
+        np.testing.assert_array_equal(got.examples[i].input_ids, want.examples[i].input_ids)
+        np.testing.assert_array_equal(got.examples[i].loss_mask, want.examples[i].loss_mask)
+    with pytest.raises(LorafitError, match="no pairs records"):  # without the mapping
+        peek_data(make_cfg(setup, "cols", data=str(renamed), columns="prompt=question"))
+
+
+def test_folder_valid_split_is_the_preference_validation_set(setup, tmp_path):
+    """A data folder's valid.jsonl is the validation set of a preference run (as for sft),
+    its records checked before the model loads, `valid.jsonl:N: reason`."""
+    from lorafit.commands.train import load_preference_examples, peek_data
+    from lorafit.core.errors import LorafitError
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(setup.train.read_text())
+    (folder / "valid.jsonl").write_text(setup.held.read_text())
+    cfg = make_cfg(setup, "folder", data=str(folder))
+    peek_data(cfg)
+    train_set, val, notes = load_preference_examples(cfg, setup.tokenizer)
+    held, _ = load_preferences(setup.held, setup.tokenizer, cfg.seq_len, "dpo")
+    assert (len(train_set), len(val)) == (24, 8)
+    np.testing.assert_array_equal(val.examples[1].input_ids, held.examples[1].input_ids)
+    assert f"validation: 8 pairs from {folder / 'valid.jsonl'}" in notes
+    (folder / "valid.jsonl").write_text(setup.held.read_text().splitlines()[0] + "\n" +
+                                        json.dumps({"prompt": "a", "chosen": " b"}) + "\n")
+    with pytest.raises(LorafitError, match=r"valid\.jsonl:2: missing field\(s\) rejected"):
+        peek_data(cfg)
