@@ -225,12 +225,20 @@ def test_torch_two_processes_equal_one_and_checkpoints_move_between_world_sizes(
     assert rundir.read_status(two)["pid"] == int(
         (launch.ranks_path(two) / "rank-0.pid").read_text())  # rank 0 is the writer
 
-    two_to_one = root / "two_to_one"  # 2 -> 1: grad-accum becomes 2 by itself
+    resume_across_world_sizes(tiny, ref, two, "torch")
+
+
+def resume_across_world_sizes(tiny, ref, two, backend, prefix=""):
+    """A step-2 checkpoint of the 2-process run finishes in 1 process (grad-accum becomes 2
+    by itself), and one of the 1-process run finishes in 2 (grad-accum 2 becomes 1), both to
+    the uninterrupted run's adapter."""
+    root, folder, data = tiny
+    two_to_one = root / f"{prefix}two_to_one"
     back_to_step(two, two_to_one, 2)
-    assert one_process(folder, data, two_to_one, "torch", resume=True) == "completed"
+    assert one_process(folder, data, two_to_one, backend, resume=True) == "completed"
     assert_same_adapter(rundir.adapter_path(ref), rundir.adapter_path(two_to_one))
 
-    one_to_two = root / "one_to_two"  # 1 -> 2: grad-accum 2 becomes 1
+    one_to_two = root / f"{prefix}one_to_two"
     back_to_step(ref, one_to_two, 2)
     proc = cli("--resume", str(one_to_two), "--nproc", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -239,8 +247,11 @@ def test_torch_two_processes_equal_one_and_checkpoints_move_between_world_sizes(
 
 
 @pytest.mark.slow
-def test_mlx_two_processes_on_the_ring_equal_one(tiny):
-    two_equal_one(tiny, "mlx", prefix="mlx-")
+def test_mlx_two_processes_on_the_ring_equal_one_and_checkpoints_move_between_world_sizes(
+        tiny):
+    ref, two = two_equal_one(tiny, "mlx", prefix="mlx-")
+    assert rundir.read_trainer_state(rundir.checkpoint_path(two, 2))["world_size"] == 2
+    resume_across_world_sizes(tiny, ref, two, "mlx", prefix="mlx-")
 
 
 def _wait_for_step(out: Path, proc, step: int, timeout=240):
