@@ -228,6 +228,41 @@ def test_torch_two_processes_equal_one_and_checkpoints_move_between_world_sizes(
     resume_across_world_sizes(tiny, ref, two, "torch")
 
 
+@pytest.mark.slow
+def test_torch_shard_equals_one_process_and_saves_a_whole_peft_adapter(tiny):
+    """--shard (FSDP2 keeps 1/N of the adapter's master weights and AdamW state per rank):
+    the 2-process run equals 1 process with the same global batch; the adapter and the
+    checkpoint's optimizer state are whole (gathered), so PEFT loads the adapter and the
+    step-2 checkpoint finishes in 1 process to the same adapter."""
+    from conftest import peft_logits_checking_keys, random_ids
+    from transformers import AutoModelForCausalLM
+
+    root, folder, data = tiny
+    ref = root / "ref"  # the 1-process run of the test above, when it ran
+    if not rundir.adapter_path(ref).exists():
+        assert one_process(folder, data, ref, "torch", grad_accum=2) == "completed"
+    sharded = root / "sharded"
+    proc = cli(*flags(folder, data, sharded, "torch"), "--nproc", "2", "--shard")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_adapter(rundir.adapter_path(ref), rundir.adapter_path(sharded))
+    start = next(r for r in rundir.read_metrics(sharded) if r.get("kind") == "start")
+    assert start["optimizer_shards"] == 2  # FSDP2 held the state, not a replicated AdamW
+    from lorafit.core.checkpoint import load_latest
+
+    whole = load_latest(ref, report=lambda t: None)[1]["optimizer"]
+    got = load_latest(sharded, report=lambda t: None)[1]["optimizer"]
+    assert whole.keys() == got.keys()
+    assert all(np.shape(whole[k]) == np.shape(got[k]) for k in whole)
+    base = AutoModelForCausalLM.from_pretrained(folder, torch_dtype="float32")
+    logits = peft_logits_checking_keys(base, rundir.adapter_path(sharded),
+                                       random_ids(base.config.vocab_size))
+    assert np.isfinite(logits).all()
+    resumed = root / "sharded_to_one"
+    back_to_step(sharded, resumed, 2)
+    assert one_process(folder, data, resumed, "torch", resume=True) == "completed"
+    assert_same_adapter(rundir.adapter_path(ref), rundir.adapter_path(resumed))
+
+
 def resume_across_world_sizes(tiny, ref, two, backend, prefix=""):
     """A step-2 checkpoint of the 2-process run finishes in 1 process (grad-accum becomes 2
     by itself), and one of the 1-process run finishes in 2 (grad-accum 2 becomes 1), both to
