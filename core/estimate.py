@@ -596,19 +596,28 @@ def padded(st: Settings) -> Settings:
 
 # Several processes (docs/distributed.md). Data parallel replicates every term on each
 # device; the all-reduce adds one flat float32 copy of the adapter gradients in the step's
-# update. `--shard` (torch, FSDP2) divides the terms below by the process count: each device
-# keeps 1/N of AdamW's moments, and the update works on its 1/N of the reduce-scattered
-# gradients. Gathered for the forward (so not divided): the adapter weights; not sharded by
-# lorafit: the frozen base; per device by nature: activations, logits, attention scores.
-SHARDED = ("optimizer state", "adapter gradients", "optimizer temporaries")
+# update. `--shard` (torch, backends/torch/sharded.py) divides the terms below by the process
+# count: each device keeps 1/N of AdamW's moments and updates 1/N; it adds FSDP2's 1/N of
+# the adapter (its master shard) and, in the update, the all-gathered whole adapter. Not
+# divided: the adapter the forward reads, the all-reduced gradients, the frozen base (not
+# sharded by lorafit), and activations, logits and attention scores (per device by nature).
+SHARDED = ("optimizer state", "optimizer temporaries")
 
 
 def allreduce_buffer(sh: Shape, st: Settings) -> int:
     """Data parallel: the flat float32 gradient buffer the all-reduce sums (n_adapter * 4),
-    beside the step's gradients; with --shard the reduce-scatter writes 1/N of it."""
-    if st.nproc <= 1:
-        return 0
-    return all_adapter_gradients(sh, st) // (st.nproc if st.shard else 1)
+    beside the step's gradients (with --shard too: the sum is whole on every device)."""
+    return all_adapter_gradients(sh, st) if st.nproc > 1 else 0
+
+
+def adapter_shard(sh: Shape, st: Settings) -> int:
+    """--shard: FSDP2's master shard of the adapter, n_adapter * 4 / N."""
+    return adapter_weights(sh, st) // st.nproc if st.shard and st.nproc > 1 else 0
+
+
+def gathered_adapter(sh: Shape, st: Settings) -> int:
+    """--shard, the update: FSDP2's all-gather of the new adapter, whole (n_adapter * 4)."""
+    return adapter_weights(sh, st) if st.shard and st.nproc > 1 else 0
 
 
 def split(settings: Settings) -> dict | None:
@@ -622,9 +631,11 @@ def split(settings: Settings) -> dict | None:
                         "(base, adapter, gradients, optimizer state, its own activations) "
                         "plus one gradient buffer for the all-reduce"}
     return {"nproc": n, "shard": True, "divided": list(SHARDED),
-            "note": f"--shard: {', '.join(SHARDED)} divided by {n}; the adapter weights "
-                    "are gathered whole for each step, the frozen base is replicated (not "
-                    "sharded), and activations, logits and attention scores are per device"}
+            "note": f"--shard: {' and '.join(SHARDED)} divided by {n} (plus 1/{n} of the "
+                    "adapter as FSDP2's shard); not divided: the adapter weights (gathered "
+                    "whole for each step), the all-reduced gradients, the frozen base "
+                    "(replicated, not sharded), and activations, logits and attention "
+                    "scores (per device)"}
 
 
 def estimate(sh: Shape, settings: Settings) -> dict:
@@ -643,6 +654,8 @@ def estimate(sh: Shape, settings: Settings) -> dict:
     if settings.nproc > 1:  # the gradients are reduced between the backward and the update
         phases["optimizer step"]["all-reduce buffer"] = allreduce_buffer(sh, settings)
         if settings.shard:
+            breakdown["adapter shard (FSDP2)"] = adapter_shard(sh, settings)
+            phases["optimizer step"]["gathered adapter"] = gathered_adapter(sh, settings)
             n = settings.nproc
             breakdown = {k: v // n if k in SHARDED else v for k, v in breakdown.items()}
             phases = {ph: {k: v // n if k in SHARDED else v for k, v in terms.items()}

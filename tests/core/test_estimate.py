@@ -210,21 +210,22 @@ def test_estimate_per_device_of_several_processes_and_sharded(capsys):
         runs[name] = json.loads(out)
     one, dp, shard = (runs[k] for k in ("one", "dp", "shard"))
     assert one["split"] is None and dp["split"]["divided"] == [] and dp["split"]["nproc"] == 4
-    opt = one["breakdown"]["optimizer state"]
+    opt, ad = one["breakdown"]["optimizer state"], one["breakdown"]["adapter weights"]
     assert shard["breakdown"]["optimizer state"] == opt // 4
-    assert shard["total"] <= dp["total"] - 3 * opt // 4 < dp["total"]
+    assert shard["breakdown"]["adapter shard (FSDP2)"] == ad // 4
+    assert shard["total"] <= dp["total"] - 3 * opt // 4 + ad // 4 < dp["total"]
     for same in ("base weights", "adapter weights", "activations"):
         assert shard["breakdown"][same] == one["breakdown"][same]
-    assert set(shard["split"]["divided"]) == {"optimizer state", "adapter gradients",
-                                              "optimizer temporaries"}
+    assert set(shard["split"]["divided"]) == {"optimizer state", "optimizer temporaries"}
     from lorafit.core.estimate import adapter_params, allreduce_buffer
 
     sh, st = memory_shape(load_preset("llama-3.2-1b")), Settings()
     grads = adapter_params(sh, st) * 4  # the update phase's all-reduce buffer
     assert [allreduce_buffer(sh, st.replace(nproc=n, shard=s))
-            for n, s in ((1, False), (2, False), (2, True))] == [0, grads, grads // 2]
+            for n, s in ((1, False), (2, False), (2, True))] == [0, grads, grads]
     code, out, _ = run_cli(capsys, *flags[:-1], "--nproc", "4", "--shard")
-    assert "divided by 4" in out and "base is replicated" in out and "activations" in out
+    assert "divided by 4" in out and "base (replicated, not sharded)" in out
+    assert "activations" in out and "all-reduced gradients" in out
     code, _, err = run_cli(capsys, "estimate", "--model", "qwen3-0.6b", "--backend", "mlx",
                            "--shard")
     assert code == 2 and "--shard is not supported on the MLX backend" in err
