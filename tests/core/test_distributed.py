@@ -119,6 +119,18 @@ def test_nproc_mistakes_are_one_line_errors(monkeypatch):
         train.main(cfg, nproc=2)
 
 
+def test_shard_on_mlx_is_a_one_line_error_before_any_weight_loads(tiny):
+    from lorafit.backends import get_backend
+    from lorafit.core.errors import LorafitError
+
+    root, folder, data = tiny
+    with pytest.raises(LorafitError, match="--shard is not supported on the MLX backend"):
+        one_process(folder, data, root / "mlx-shard", "mlx", shard=True)
+    ops = get_backend("mlx", "cpu")
+    with pytest.raises(LorafitError, match="--shard is not supported"):
+        ops.make_optimizer({"w": ops.zeros((2, 2))}, shard=True)
+
+
 def test_a_rank_without_an_exit_record_is_named(tmp_path):
     launch.record_start(tmp_path, launch.Place(0, 2))
     launch.record_start(tmp_path, launch.Place(1, 2))
