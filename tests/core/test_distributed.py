@@ -244,8 +244,8 @@ def test_torch_two_processes_equal_one_and_checkpoints_move_between_world_sizes(
 def test_torch_shard_equals_one_process_and_saves_a_whole_peft_adapter(tiny):
     """--shard (FSDP2 keeps 1/N of the adapter's master weights and AdamW state per rank):
     the 2-process run equals 1 process with the same global batch; the adapter and the
-    checkpoint's optimizer state are whole (gathered), so PEFT loads the adapter and the
-    step-2 checkpoint finishes in 1 process to the same adapter."""
+    checkpoint's optimizer state are whole (gathered) and equal the 1-process run's, so PEFT
+    loads the adapter and the checkpoint resumes in any world size (as above)."""
     from conftest import peft_logits_checking_keys, random_ids
     from transformers import AutoModelForCausalLM
 
@@ -261,18 +261,17 @@ def test_torch_shard_equals_one_process_and_saves_a_whole_peft_adapter(tiny):
     assert start["optimizer_shards"] == 2  # FSDP2 held the state, not a replicated AdamW
     from lorafit.core.checkpoint import load_latest
 
-    whole = load_latest(ref, report=lambda t: None)[1]["optimizer"]
+    whole = load_latest(ref, report=lambda t: None)[1]["optimizer"]  # both at step 4
     got = load_latest(sharded, report=lambda t: None)[1]["optimizer"]
-    assert whole.keys() == got.keys()
-    assert all(np.shape(whole[k]) == np.shape(got[k]) for k in whole)
+    assert whole.keys() == got.keys() and np.asarray(got["step"]).reshape(-1)[0] == 4
+    for k in whole:  # the gathered moments are the whole run's: any world size resumes
+        scale = max(float(np.abs(whole[k]).max()), 1e-30)
+        assert np.shape(whole[k]) == np.shape(got[k])
+        assert float(np.abs(whole[k] - got[k]).max()) / scale <= 1e-5, k
     base = AutoModelForCausalLM.from_pretrained(folder, torch_dtype="float32")
     logits = peft_logits_checking_keys(base, rundir.adapter_path(sharded),
                                        random_ids(base.config.vocab_size))
     assert np.isfinite(logits).all()
-    resumed = root / "sharded_to_one"
-    back_to_step(sharded, resumed, 2)
-    assert one_process(folder, data, resumed, "torch", resume=True) == "completed"
-    assert_same_adapter(rundir.adapter_path(ref), rundir.adapter_path(resumed))
 
 
 def resume_across_world_sizes(tiny, ref, two, backend, prefix=""):
