@@ -118,7 +118,7 @@ def cmd_estimate(args) -> int:
     from lorafit.core.config import resolve
 
     cfg = resolve(args.config, config_overrides(args))
-    return estimate.main(cfg, args.budget, args.fit, args.json)
+    return estimate.main(cfg, args.budget, args.fit, args.json, nproc=args.nproc)
 
 
 def cmd_export(args) -> int:
@@ -260,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p.add_argument("--fit", choices=tuple(FIT_VARIABLES),
                    help="the largest value of this setting that fits")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="per device of N training processes (with --shard: sharded)")
     p.set_defaults(func=cmd_estimate)
 
     from lorafit.tui.cli import add_parsers as add_tui

@@ -244,8 +244,10 @@ class Backend(Protocol):
     def checkpoint(self, fn: Callable) -> Callable:
         """fn recomputed in the backward pass instead of storing its activations."""
 
-    def make_optimizer(self, params: dict, **hyper) -> "Optimizer":
-        """AdamW over the given dict of trainable arrays (see Optimizer)."""
+    def make_optimizer(self, params: dict, shard: bool = False, **hyper) -> "Optimizer":
+        """AdamW over the given dict of trainable arrays (see Optimizer). shard (--shard,
+        several processes): torch keeps 1/N of the state per process under FSDP2, its
+        state_to_numpy then a collective every rank calls; MLX raises LorafitError."""
 
     def global_norm(self, grads: dict) -> Array:
         """sqrt(sum of squares) over all gradient arrays, as a scalar array."""
@@ -288,6 +290,8 @@ class Backend(Protocol):
 class Optimizer(Protocol):
     """AdamW with PyTorch's update rule (decoupled weight decay, bias correction), so that
     both backends follow the same trajectory. Its state round-trips through numpy."""
+
+    shards: int  # processes its state is spread over: 1 (whole), world_size with --shard
 
     def step(self, params: dict, grads: dict, lr: float, grad_scale: float = 1.0) -> None:
         """Update params in place (torch) or replace its entries (mlx); grads are

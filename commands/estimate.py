@@ -49,12 +49,16 @@ def model_config(model: str) -> tuple[dict, str]:
     raise AssertionError
 
 
-def estimate_for_config(cfg, budget_bytes: int | None = None) -> dict:
+def estimate_for_config(cfg, budget_bytes: int | None = None, nproc: int | None = None) -> dict:
     """The estimate of a TrainConfig with budget, verdict and suggestions (for the runner,
-    the CLI and the TUI)."""
+    the CLI and the TUI), per device of `nproc` processes (default: this launch's world
+    size, so each worker's pre-flight check is its own device's)."""
+    from lorafit.core.launch import detect
+
     config, source = model_config(cfg.model)
     backend, device = resolve_backend(cfg.backend, cfg.device)
-    settings = settings_from_config(cfg, backend, device)
+    settings = settings_from_config(cfg, backend, device).replace(
+        nproc=nproc or detect().world_size)
     if cfg.dtype is None:
         settings = settings.replace(dtype=load_dtype(config, device))
     shape = memory_shape(config)
@@ -104,6 +108,9 @@ def render(est: dict) -> str:
     if est["budget"] is not None:
         lines.append(f"  {est['budget_source']:<{width}} {fmt_bytes(est['budget']):>12}")
     lines.append("")
+    if est.get("split"):
+        lines.append(f"per device, {est['split']['nproc']} processes: {est['split']['note']}")
+        lines.append("")
     lines.append(f"trainable parameters: {est['trainable_params']:,}")
     if est["fits"] is None:
         lines.append(f"verdict: no budget known ({est['budget_source']}); pass --budget "
@@ -120,10 +127,13 @@ def render(est: dict) -> str:
 
 
 def main(cfg, budget: str | None = None, fit: str | None = None,
-         as_json: bool = False) -> int:
+         as_json: bool = False, nproc: int | None = None) -> int:
     """Print the estimate of `cfg` (a table, or JSON); with `fit` ("batch", "seq-len" or
-    "rank") also the largest value of that setting that fits."""
-    est = estimate_for_config(cfg, parse_bytes(budget) if budget else None)
+    "rank") also the largest value of that setting that fits; with nproc, per device of
+    that many processes."""
+    if nproc is not None and nproc < 1:
+        raise LorafitError(f"--nproc must be at least 1, got {nproc}")
+    est = estimate_for_config(cfg, parse_bytes(budget) if budget else None, nproc)
     if fit:
         settings = Settings(**est["settings"])
         if est["budget"] is None:

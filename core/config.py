@@ -101,6 +101,9 @@ class TrainConfig:
     compile: bool = False
     """torch: compile the forward (and its backward) with torch.compile; needs a C++ compiler
     on the CPU, pays off on long runs. MLX compiles every step already."""
+    shard: bool = False
+    """torch, several processes: shard the adapter's gradients and optimizer state over the
+    processes with FSDP2 (docs/distributed.md); MLX: not supported."""
     seed: int = 0
     """Seed for adapter init, shuffling and dropout."""
     eval_every: int | None = None

@@ -22,6 +22,9 @@ from lorafit.core.loss import LOGIT_CHUNK_ELEMENTS
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
+SHARD_ON_MLX = ("--shard is not supported on the MLX backend (mx.distributed has no "
+                "sharded training); drop --shard for data parallel, or use --backend torch")
+
 # Framework overhead beyond tensors: CUDA context + allocator rounding, Metal's residency.
 FRAMEWORK_OVERHEAD = {"torch-cuda": 600 * 2**20, "torch-mps": 300 * 2**20,
                       "torch-cpu": 0, "mlx-metal": 200 * 2**20, "mlx-cpu": 0}
@@ -86,13 +89,17 @@ class Settings:
     adapter_dtype: str = "float32"
     dora: bool = TrainConfig.dora
     quantize_bits: int | None = None  # frozen projections stored in this many bits
+    nproc: int = 1  # processes training together, one device each (per-device estimate)
+    shard: bool = TrainConfig.shard  # --shard: see SHARDED
 
     def __post_init__(self):
-        for name in ("rank", "batch_size", "seq_len", "grad_accum"):
+        for name in ("rank", "batch_size", "seq_len", "grad_accum", "nproc"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise LorafitError(f"{name.replace('_', '-')} must be a positive integer, "
                                    f"got {v!r}")
+        if self.shard and self.backend == "mlx":
+            raise LorafitError(SHARD_ON_MLX)
         if self.dtype not in DTYPE_BYTES:
             raise LorafitError(f"dtype {self.dtype!r}: choose float32, bfloat16 or float16")
 
@@ -587,6 +594,50 @@ def padded(st: Settings) -> Settings:
     return st.replace(seq_len=-(-st.seq_len // m) * m) if st.seq_len % m else st
 
 
+# Several processes (docs/distributed.md). Data parallel replicates every term on each
+# device; the all-reduce adds one flat float32 copy of the adapter gradients in the step's
+# update. `--shard` (torch, backends/torch/sharded.py) divides the terms below by the process
+# count: each device keeps 1/N of AdamW's moments and updates 1/N; it adds FSDP2's 1/N of
+# the adapter (its master shard) and, in the update, the all-gathered whole adapter. Not
+# divided: the adapter the forward reads, the all-reduced gradients, the frozen base (not
+# sharded by lorafit), and activations, logits and attention scores (per device by nature).
+SHARDED = ("optimizer state", "optimizer temporaries")
+
+
+def allreduce_buffer(sh: Shape, st: Settings) -> int:
+    """Data parallel: the flat float32 gradient buffer the all-reduce sums (n_adapter * 4),
+    beside the step's gradients (with --shard too: the sum is whole on every device)."""
+    return all_adapter_gradients(sh, st) if st.nproc > 1 else 0
+
+
+def adapter_shard(sh: Shape, st: Settings) -> int:
+    """--shard: FSDP2's master shard of the adapter, n_adapter * 4 / N."""
+    return adapter_weights(sh, st) // st.nproc if st.shard and st.nproc > 1 else 0
+
+
+def gathered_adapter(sh: Shape, st: Settings) -> int:
+    """--shard, the update: FSDP2's all-gather of the new adapter, whole (n_adapter * 4)."""
+    return adapter_weights(sh, st) if st.shard and st.nproc > 1 else 0
+
+
+def split(settings: Settings) -> dict | None:
+    """What a multi-process estimate divides by the process count and what it does not."""
+    if settings.nproc <= 1:
+        return None
+    n = settings.nproc
+    if not settings.shard:
+        return {"nproc": n, "shard": False, "divided": [],
+                "note": f"data parallel: every one of the {n} devices holds all of it "
+                        "(base, adapter, gradients, optimizer state, its own activations) "
+                        "plus one gradient buffer for the all-reduce"}
+    return {"nproc": n, "shard": True, "divided": list(SHARDED),
+            "note": f"--shard: {' and '.join(SHARDED)} divided by {n} (plus 1/{n} of the "
+                    "adapter as FSDP2's shard); not divided: the adapter weights (gathered "
+                    "whole for each step), the all-reduced gradients, the frozen base "
+                    "(replicated, not sharded), and activations, logits and attention "
+                    "scores (per device)"}
+
+
 def estimate(sh: Shape, settings: Settings) -> dict:
     """{'total', 'breakdown': {term: bytes}, 'phase', 'backend', 'device', 'settings'}.
     The breakdown holds the static terms and those of the phase where the step peaks."""
@@ -600,13 +651,22 @@ def estimate(sh: Shape, settings: Settings) -> dict:
     phase_terms["optimizer step"] = OPTIMIZER_STEP
     phases = {ph: {name: int(fn(sh, settings)) for name, fn in terms}
               for ph, terms in phase_terms.items()}
+    if settings.nproc > 1:  # the gradients are reduced between the backward and the update
+        phases["optimizer step"]["all-reduce buffer"] = allreduce_buffer(sh, settings)
+        if settings.shard:
+            breakdown["adapter shard (FSDP2)"] = adapter_shard(sh, settings)
+            phases["optimizer step"]["gathered adapter"] = gathered_adapter(sh, settings)
+            n = settings.nproc
+            breakdown = {k: v // n if k in SHARDED else v for k, v in breakdown.items()}
+            phases = {ph: {k: v // n if k in SHARDED else v for k, v in terms.items()}
+                      for ph, terms in phases.items()}
     phase = max(phases, key=lambda ph: sum({**breakdown, **phases[ph]}.values()))
     breakdown.update(phases[phase])
     subtotal = sum(breakdown.values())
     breakdown["framework overhead"] = framework_overhead(sh, settings, subtotal)
     return {"total": sum(breakdown.values()), "breakdown": breakdown, "phase": phase,
             "backend": settings.backend, "device": settings.device,
-            "settings": dict(asked.__dict__)}
+            "settings": dict(asked.__dict__), "split": split(settings)}
 
 
 # -- budgets and the inverse question ------------------------------------------------------
@@ -729,7 +789,7 @@ def settings_from_config(cfg, backend: str | None = None, device: str | None = N
                     batch_size=cfg.batch_size * rows_per_example(cfg), seq_len=cfg.seq_len,
                     grad_checkpoint=cfg.grad_checkpoint, pack=cfg.pack,
                     grad_accum=cfg.grad_accum, dora=cfg.dora,
-                    quantize_bits=QUANTIZE_BITS.get(cfg.quantize))
+                    quantize_bits=QUANTIZE_BITS.get(cfg.quantize), shard=cfg.shard)
 
 
 def rows_per_example(cfg) -> int:

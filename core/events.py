@@ -39,6 +39,7 @@ class RunStarted(Event):
     config: dict
     estimate: dict | None = None
     world_size: int = 1  # processes training together (data parallel)
+    optimizer_shards: int = 1  # processes AdamW's state is spread over (--shard: world_size)
     unit: str = "examples"  # what `examples` counts: "pairs" for DPO/ORPO, each two rows
     kind: str = field(init=False, default="start")
 

@@ -78,7 +78,8 @@ class Trainer:
             self.trainable = self.ops.broadcast(self.trainable)
         self.micro_per_step = cfg.grad_accum * self.world_size
         self.frozen = {k: v for k, v in model.params.items() if k not in self.trainable}
-        self.optimizer = self.ops.make_optimizer(self.trainable, weight_decay=cfg.weight_decay)
+        self.optimizer = self.ops.make_optimizer(self.trainable, weight_decay=cfg.weight_decay,
+                                                 shard=cfg.shard)
         self._router_loss = None  # the last step's MoE load-balancing loss (StepReport)
         loss_fn = self.ops.compile_forward(self._loss) if cfg.compile else self._loss
         grad_fn = self.ops.value_and_grad(loss_fn)
@@ -221,7 +222,8 @@ class Trainer:
                 raise LorafitError(f"checkpoint adapter key {k} does not match this run")
             self.trainable[k] = self.ops.from_numpy(v, self.ops.dtype_name(self.trainable[k]))
         self.optimizer = self.ops.make_optimizer(self.trainable,
-                                               weight_decay=self.cfg.weight_decay)
+                                               weight_decay=self.cfg.weight_decay,
+                                               shard=self.cfg.shard)
         self.optimizer.load_state_numpy(ckpt["optimizer"])
         self.pos = Position(st["step"], st["epoch"], st["index"])
         self.best_val = st["best_val"] if st.get("best_val") is not None else math.inf
@@ -235,11 +237,16 @@ class Trainer:
             self.loss_scale.load(st.get("loss_scale"))
         self._last_saved = self.pos.step  # this checkpoint is on disk already
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """A checkpoint in the run folder. Every rank calls it at the same boundary (a
+        sharded optimizer gathers its state from all of them); rank 0 alone writes."""
         self._last_saved = self.pos.step
+        optimizer = self.optimizer.state_to_numpy()
+        if not self.run_dir:
+            return None
         path = save_checkpoint(self.run_dir, self.pos.step, self.adapter_numpy(),
                                self.model.lora, self.model.path,
-                               self.optimizer.state_to_numpy(), self.trainer_state(),
+                               optimizer, self.trainer_state(),
                                self.cfg.keep_checkpoints)
         self.emit(ev.CheckpointSaved(step=self.pos.step, path=str(path)))
         return path
@@ -312,7 +319,8 @@ class Trainer:
                                 trainable=summary(self.model.params,
                                                   self.model.parameter_shapes()),
                                 config=c.to_dict(), estimate=self.estimate,
-                                world_size=self.world_size))
+                                world_size=self.world_size,
+                                optimizer_shards=self.optimizer.shards))
         ops.reset_peak_memory()
         status, bad_in_a_row, t_start, steps_timed = "completed", 0, time.time(), 0
         error, start_step = None, self.pos.step
@@ -357,7 +365,7 @@ class Trainer:
                     if self._evaluate_and_check():
                         status = "early_stopped"
                         break
-                if c.save_every and self.pos.step % c.save_every == 0 and self.run_dir:
+                if c.save_every and self.pos.step % c.save_every == 0:
                     self.save()
         except TrainingStopped as e:
             status, error = "failed", str(e)
@@ -365,9 +373,10 @@ class Trainer:
                 and self.pos.step % c.eval_every:
             self._evaluate_and_check()
         adapter, adapter_step = None, None
+        if self.pos.step > 0 and self._last_saved != self.pos.step \
+                and self.pos.step != start_step:  # every rank: see save()
+            self.save()
         if self.run_dir and self.pos.step > 0:  # stopped before step 1: nothing written
-            if self._last_saved != self.pos.step and self.pos.step != start_step:
-                self.save()
             best = self._best_adapter_weights() if status == "early_stopped" else None
             if best is not None and self.best_step is not None:
                 adapter, adapter_step = str(self.save_adapter(best)), self.best_step
@@ -407,8 +416,7 @@ class Trainer:
         stop, save, paused = self._agree()
         if save:
             ctl.save_requested = False
-            if self.run_dir:
-                self.save()
+            self.save()
         return stop, paused
 
     def _agree(self) -> tuple[bool, bool, bool]:

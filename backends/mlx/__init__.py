@@ -406,7 +406,11 @@ class MLXBackend:
     def checkpoint(self, fn):
         return mx.checkpoint(fn)
 
-    def make_optimizer(self, params, **hyper):
+    def make_optimizer(self, params, shard=False, **hyper):
+        if shard:
+            from lorafit.core.errors import LorafitError
+            from lorafit.core.estimate import SHARD_ON_MLX
+            raise LorafitError(SHARD_ON_MLX)
         from lorafit.backends.mlx.optim import MLXAdamW
         return MLXAdamW(params, **hyper)
 

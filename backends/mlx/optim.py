@@ -13,6 +13,7 @@ import numpy as np
 
 
 class MLXAdamW:
+    shards = 1  # the whole state in this process
     def __init__(self, params: dict, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         self.params = params
         self.b1, self.b2 = betas

@@ -445,7 +445,10 @@ class TorchBackend:
             return torch_checkpoint(fn, *args, use_reentrant=False)
         return wrapped
 
-    def make_optimizer(self, params, **hyper):
+    def make_optimizer(self, params, shard=False, **hyper):
+        if shard and self.world_size > 1:  # FSDP2 shards the state (backends/torch/sharded)
+            from lorafit.backends.torch.sharded import ShardedAdamW
+            return ShardedAdamW(params, **hyper)
         from lorafit.backends.torch.optim import TorchAdamW
         return TorchAdamW(params, **hyper)
 

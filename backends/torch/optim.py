@@ -13,6 +13,7 @@ import torch
 
 
 class TorchAdamW:
+    shards = 1  # the whole state in this process
     def __init__(self, params: dict, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  fused: bool | None = None):
         self.names = list(params)

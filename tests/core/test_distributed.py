@@ -119,6 +119,18 @@ def test_nproc_mistakes_are_one_line_errors(monkeypatch):
         train.main(cfg, nproc=2)
 
 
+def test_shard_on_mlx_is_a_one_line_error_before_any_weight_loads(tiny):
+    from lorafit.backends import get_backend
+    from lorafit.core.errors import LorafitError
+
+    root, folder, data = tiny
+    with pytest.raises(LorafitError, match="--shard is not supported on the MLX backend"):
+        one_process(folder, data, root / "mlx-shard", "mlx", shard=True)
+    ops = get_backend("mlx", "cpu")
+    with pytest.raises(LorafitError, match="--shard is not supported"):
+        ops.make_optimizer({"w": ops.zeros((2, 2))}, shard=True)
+
+
 def test_a_rank_without_an_exit_record_is_named(tmp_path):
     launch.record_start(tmp_path, launch.Place(0, 2))
     launch.record_start(tmp_path, launch.Place(1, 2))
@@ -225,12 +237,54 @@ def test_torch_two_processes_equal_one_and_checkpoints_move_between_world_sizes(
     assert rundir.read_status(two)["pid"] == int(
         (launch.ranks_path(two) / "rank-0.pid").read_text())  # rank 0 is the writer
 
-    two_to_one = root / "two_to_one"  # 2 -> 1: grad-accum becomes 2 by itself
+    resume_across_world_sizes(tiny, ref, two, "torch")
+
+
+@pytest.mark.slow
+def test_torch_shard_equals_one_process_and_saves_a_whole_peft_adapter(tiny):
+    """--shard (FSDP2 keeps 1/N of the adapter's master weights and AdamW state per rank):
+    the 2-process run equals 1 process with the same global batch; the adapter and the
+    checkpoint's optimizer state are whole (gathered) and equal the 1-process run's, so PEFT
+    loads the adapter and the checkpoint resumes in any world size (as above)."""
+    from conftest import peft_logits_checking_keys, random_ids
+    from transformers import AutoModelForCausalLM
+
+    root, folder, data = tiny
+    ref = root / "ref"  # the 1-process run of the test above, when it ran
+    if not rundir.adapter_path(ref).exists():
+        assert one_process(folder, data, ref, "torch", grad_accum=2) == "completed"
+    sharded = root / "sharded"
+    proc = cli(*flags(folder, data, sharded, "torch"), "--nproc", "2", "--shard")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_adapter(rundir.adapter_path(ref), rundir.adapter_path(sharded))
+    start = next(r for r in rundir.read_metrics(sharded) if r.get("kind") == "start")
+    assert start["optimizer_shards"] == 2  # FSDP2 held the state, not a replicated AdamW
+    from lorafit.core.checkpoint import load_latest
+
+    whole = load_latest(ref, report=lambda t: None)[1]["optimizer"]  # both at step 4
+    got = load_latest(sharded, report=lambda t: None)[1]["optimizer"]
+    assert whole.keys() == got.keys() and np.asarray(got["step"]).reshape(-1)[0] == 4
+    for k in whole:  # the gathered moments are the whole run's: any world size resumes
+        scale = max(float(np.abs(whole[k]).max()), 1e-30)
+        assert np.shape(whole[k]) == np.shape(got[k])
+        assert float(np.abs(whole[k] - got[k]).max()) / scale <= 1e-5, k
+    base = AutoModelForCausalLM.from_pretrained(folder, torch_dtype="float32")
+    logits = peft_logits_checking_keys(base, rundir.adapter_path(sharded),
+                                       random_ids(base.config.vocab_size))
+    assert np.isfinite(logits).all()
+
+
+def resume_across_world_sizes(tiny, ref, two, backend, prefix=""):
+    """A step-2 checkpoint of the 2-process run finishes in 1 process (grad-accum becomes 2
+    by itself), and one of the 1-process run finishes in 2 (grad-accum 2 becomes 1), both to
+    the uninterrupted run's adapter."""
+    root, folder, data = tiny
+    two_to_one = root / f"{prefix}two_to_one"
     back_to_step(two, two_to_one, 2)
-    assert one_process(folder, data, two_to_one, "torch", resume=True) == "completed"
+    assert one_process(folder, data, two_to_one, backend, resume=True) == "completed"
     assert_same_adapter(rundir.adapter_path(ref), rundir.adapter_path(two_to_one))
 
-    one_to_two = root / "one_to_two"  # 1 -> 2: grad-accum 2 becomes 1
+    one_to_two = root / f"{prefix}one_to_two"
     back_to_step(ref, one_to_two, 2)
     proc = cli("--resume", str(one_to_two), "--nproc", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -239,8 +293,11 @@ def test_torch_two_processes_equal_one_and_checkpoints_move_between_world_sizes(
 
 
 @pytest.mark.slow
-def test_mlx_two_processes_on_the_ring_equal_one(tiny):
-    two_equal_one(tiny, "mlx", prefix="mlx-")
+def test_mlx_two_processes_on_the_ring_equal_one_and_checkpoints_move_between_world_sizes(
+        tiny):
+    ref, two = two_equal_one(tiny, "mlx", prefix="mlx-")
+    assert rundir.read_trainer_state(rundir.checkpoint_path(two, 2))["world_size"] == 2
+    resume_across_world_sizes(tiny, ref, two, "mlx", prefix="mlx-")
 
 
 def _wait_for_step(out: Path, proc, step: int, timeout=240):

@@ -196,6 +196,41 @@ def test_estimate_cli_table_json_and_verdict(capsys):
     assert code == 0 and "largest seq-len that fits:" in out
 
 
+def test_estimate_per_device_of_several_processes_and_sharded(capsys):
+    """Issue 11: `--nproc 4 --shard` on llama-3.1-70b is below the replicated per-device
+    total by what FSDP2 divides (optimizer state, the update's gradients), and says which
+    terms are divided and which are not; replicated adds the all-reduce buffer."""
+    flags = ("estimate", "--model", "llama-3.1-70b", "--backend", "torch", "--device", "cuda",
+             "--dtype", "bf16", "--budget", "80GiB", "--json")
+    runs = {}
+    for name, extra in (("one", ()), ("dp", ("--nproc", "4")),
+                        ("shard", ("--nproc", "4", "--shard"))):
+        code, out, _ = run_cli(capsys, *flags, *extra)
+        assert code == 0
+        runs[name] = json.loads(out)
+    one, dp, shard = (runs[k] for k in ("one", "dp", "shard"))
+    assert one["split"] is None and dp["split"]["divided"] == [] and dp["split"]["nproc"] == 4
+    opt, ad = one["breakdown"]["optimizer state"], one["breakdown"]["adapter weights"]
+    assert shard["breakdown"]["optimizer state"] == opt // 4
+    assert shard["breakdown"]["adapter shard (FSDP2)"] == ad // 4
+    assert shard["total"] <= dp["total"] - 3 * opt // 4 + ad // 4 < dp["total"]
+    for same in ("base weights", "adapter weights", "activations"):
+        assert shard["breakdown"][same] == one["breakdown"][same]
+    assert set(shard["split"]["divided"]) == {"optimizer state", "optimizer temporaries"}
+    from lorafit.core.estimate import adapter_params, allreduce_buffer
+
+    sh, st = memory_shape(load_preset("llama-3.2-1b")), Settings()
+    grads = adapter_params(sh, st) * 4  # the update phase's all-reduce buffer
+    assert [allreduce_buffer(sh, st.replace(nproc=n, shard=s))
+            for n, s in ((1, False), (2, False), (2, True))] == [0, grads, grads]
+    code, out, _ = run_cli(capsys, *flags[:-1], "--nproc", "4", "--shard")
+    assert "divided by 4" in out and "base (replicated, not sharded)" in out
+    assert "activations" in out and "all-reduced gradients" in out
+    code, _, err = run_cli(capsys, "estimate", "--model", "qwen3-0.6b", "--backend", "mlx",
+                           "--shard")
+    assert code == 2 and "--shard is not supported on the MLX backend" in err
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--model", "llama-3.1-8bx"], "close matches: llama-3.1-8b"),
     (["--model", "qwen3-8b", "--batch-size", "0"], "batch-size must be a positive integer"),
