@@ -216,6 +216,9 @@ def test_bad_requests_get_openai_errors(server, setup):
         (post(server, "/v1/completions", {**ok, "temperature": -1}), 400, "temperature"),
         (post(server, "/v1/completions", {**ok, "n": 2}), 400, "n"),
         (post(server, "/v1/completions", {**ok, "stop": [1]}), 400, "stop"),
+        (post(server, "/v1/completions", {**ok, "logprobs": 0}), 400, "logprobs"),
+        (post(server, "/v1/completions", {**ok, "echo": True}), 400, "echo"),
+        (post(server, "/v1/completions", {**ok, "best_of": 2}), 400, "best_of"),
         (post(server, "/v1/completions", {**ok, "prompt": 5}), 400, "prompt"),
         (post(server, "/v1/completions", {**ok, "prompt": "hello " * 200}), 400, "prompt"),
         (post(server, "/v1/chat/completions", {"model": "a", "messages": "hi"}), 400,
@@ -238,6 +241,16 @@ def test_bad_requests_get_openai_errors(server, setup):
         server.client().completions.create(model="nobody", prompt="x", max_tokens=2)
     with pytest.raises(openai.BadRequestError):
         server.client().chat.completions.create(model="a", messages=[], max_tokens=2)
+    hi = [{"role": "user", "content": "hi"}]
+    for extra in ({"logprobs": True}, {"logprobs": True, "top_logprobs": 2}, {"n": 2},
+                  {"tools": [{"type": "function", "function": {"name": "f"}}]}):
+        with pytest.raises(openai.BadRequestError) as e:  # as the openai client sends them
+            server.client().chat.completions.create(model="a", messages=hi, max_tokens=2,
+                                                    **extra)
+        assert e.value.body["param"] == list(extra)[0], (extra, e.value.body)
+    plain = server.client().chat.completions.create(model="a", messages=hi, max_tokens=2,
+                                                    logprobs=False, n=1)
+    assert plain.choices[0].logprobs is None
     assert post(server, "/v1/completions", ok).status_code == 200  # still serving
     time.sleep(1.5)  # a periodic log line
     log = server.log.read_text()
