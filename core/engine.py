@@ -178,8 +178,9 @@ class Engine:
     def memory_bytes(self) -> dict:
         """Bytes held: the model's weights, the adapters' stacks, the KV cache."""
         ops = self.ops
-        stacks = sum(ops.nbytes(v) for k, v in self.params.items()
-                     if k.endswith((STACK_A, STACK_B, STACK_DORA)))
+        with self._lock:  # another thread may be restacking (adapters load in workers)
+            stacks = sum(ops.nbytes(v) for k, v in self.params.items()
+                         if k.endswith((STACK_A, STACK_B, STACK_DORA)))
         weights = sum(ops.nbytes(v) for k, v in self.model.params.items())
         return {"weights": weights, "adapters": stacks,
                 "kv_cache": self.cache.nbytes() if self.cache else 0}

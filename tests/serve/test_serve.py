@@ -363,3 +363,7 @@ def test_adapter_lru_bounds_what_is_resident(setup):
     from lorafit.core import adapter_io
     alone = sum(v.nbytes for v in adapter_io.load_any(adapters["b"])[1].values())
     assert store.resident_bytes() == 2 * alone != two  # the base's zero slot and b's, no gap
+    from lorafit.commands.serve import build
+    from lorafit.core.errors import LorafitError
+    with pytest.raises(LorafitError, match="--max-adapter-mb must be positive"):
+        build(str(folder), max_adapter_mb=0)
