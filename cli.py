@@ -99,7 +99,8 @@ def cmd_serve(args) -> int:
                       api_key=args.api_key, max_adapters=args.max_adapters,
                       backend=args.backend, device=args.device, dtype=args.dtype,
                       quantize=args.quantize, max_batch=args.max_batch, max_len=args.max_len,
-                      max_tokens=args.max_tokens, log_every=args.log_every)
+                      max_tokens=args.max_tokens, log_every=args.log_every,
+                      max_adapter_mb=args.max_adapter_mb)
 
 
 def cmd_train(args) -> int:
@@ -185,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--max-adapters", type=int, default=8,
                    help="adapters held in memory at once (least recently used goes first)")
+    p.add_argument("--max-adapter-mb", type=float, default=None, metavar="MB",
+                   help="also bound the memory the held adapters take (default: no bound)")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     p.add_argument("--max-len", type=int, default=2048,
                    help="tokens per sequence, prompt included (the KV cache's length)")

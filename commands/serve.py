@@ -38,7 +38,8 @@ def build(model: str, adapters: list | None = None, adapter_dir: str | None = No
           api_key: str | None = None, max_adapters: int = 8, backend: str = "auto",
           device: str | None = None, dtype: str | None = None, quantize: str | None = None,
           max_batch: int = 16, max_len: int = 2048, max_tokens: int = 1024,
-          max_body_bytes: int = 1 << 20, log_every: float = 30.0, verbose: bool = False):
+          max_body_bytes: int = 1 << 20, log_every: float = 30.0, verbose: bool = False,
+          max_adapter_mb: float | None = None):
     """(Server, Starlette app, startup description) for these options."""
     from lorafit.backends import get_backend
     from lorafit.core.engine import Engine
@@ -53,12 +54,16 @@ def build(model: str, adapters: list | None = None, adapter_dir: str | None = No
     if max_batch < 1 or max_len < 2 or max_tokens < 1 or max_adapters < 1:
         raise LorafitError("--max-batch, --max-len, --max-tokens and --max-adapters must be "
                            "positive")
+    if max_adapter_mb is not None and max_adapter_mb <= 0:
+        raise LorafitError("--max-adapter-mb must be positive")
     ops = get_backend(backend, device, verbose=verbose)
     m = load_model(model, ops, dtype, quantize)
     base_name = Path(model.rstrip("/")).name or "base"
     engine = Engine(m, max_batch=max_batch,
                     max_len=min(max_len, m.args.max_position_embeddings))
-    store = AdapterStore(engine, named, adapter_dir, max_adapters, reserved=(base_name,))
+    store = AdapterStore(engine, named, adapter_dir, max_adapters, reserved=(base_name,),
+                         max_bytes=None if max_adapter_mb is None
+                         else int(max_adapter_mb * 2**20))
     for name in named:  # given by name: loaded now, so a bad one stops the start
         store.load_now(name)
     tok = m.tokenizer

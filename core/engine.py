@@ -101,8 +101,7 @@ class Engine:
                                "row yet; use lorafit generate")
         with self._lock:
             old = self._adapters.get(name)
-            used = {s for s, _, _ in self._adapters.values()}
-            slot = old[0] if old else next(i for i in range(1, len(used) + 2) if i not in used)
+            slot = old[0] if old else len(self._adapters) + 1
             self._adapters[name] = (slot, cfg, adapter)
             self._restack()
 
@@ -119,9 +118,20 @@ class Engine:
     def in_use(self, name: str) -> int:
         return self._users.get(name, 0)
 
+    def _renumber(self) -> None:
+        """Slots 1..k for the k adapters held, in their order so far, so the stacks hold no
+        empty slot once one is removed; waiting and running rows follow their adapter."""
+        order = sorted(self._adapters.items(), key=lambda kv: kv[1][0])
+        for new, (name, (_, cfg, adapter)) in enumerate(order, 1):
+            self._adapters[name] = (new, cfg, adapter)
+        for seq in list(self._waiting) + self._running:
+            if seq.request.adapter in self._adapters:
+                seq.slot = self._adapters[seq.request.adapter][0]
+
     def _restack(self) -> None:
-        """Rebuild every projection's stacked A, B from the adapters held (slots keep their
-        numbers, so running rows are unaffected)."""
+        """Rebuild every projection's stacked A, B from the adapters held (with the lock
+        held, between steps)."""
+        self._renumber()
         ops, shapes = self.ops, self.model.parameter_shapes()
         for k in [k for k in self.params if k.endswith((STACK_A, STACK_B, STACK_DORA))]:
             del self.params[k]
@@ -168,8 +178,9 @@ class Engine:
     def memory_bytes(self) -> dict:
         """Bytes held: the model's weights, the adapters' stacks, the KV cache."""
         ops = self.ops
-        stacks = sum(ops.nbytes(v) for k, v in self.params.items()
-                     if k.endswith((STACK_A, STACK_B, STACK_DORA)))
+        with self._lock:  # another thread may be restacking (adapters load in workers)
+            stacks = sum(ops.nbytes(v) for k, v in self.params.items()
+                         if k.endswith((STACK_A, STACK_B, STACK_DORA)))
         weights = sum(ops.nbytes(v) for k, v in self.model.params.items())
         return {"weights": weights, "adapters": stacks,
                 "kv_cache": self.cache.nbytes() if self.cache else 0}

@@ -1,6 +1,8 @@
 """The adapters a server offers, by name: given on the command line (NAME=PATH) or found as
 folders of --adapter-dir, read from disk on first use, at most `max_loaded` held by the
-engine (least recently used first out, never one a request is using).
+engine and, with `max_bytes`, at most that many bytes of stacked adapter factors (least
+recently used first out, never one a request is using; an evicted one is read again when a
+request names it).
 
 A request only ever names an adapter; the path comes from this table, never from the
 request, so no request can make the server read a file it was not given. Names are plain
@@ -44,8 +46,9 @@ def is_adapter_folder(path: Path) -> bool:
 
 class AdapterStore:
     def __init__(self, engine, named: dict | None = None, folder: str | Path | None = None,
-                 max_loaded: int = 8, reserved: tuple = ()):
+                 max_loaded: int = 8, reserved: tuple = (), max_bytes: int | None = None):
         self.engine, self.max_loaded = engine, max(1, max_loaded)
+        self.max_bytes = max_bytes
         self.folder = Path(folder) if folder else None
         self.reserved = set(reserved)  # names that are not adapters (the base model's)
         self.named: dict = {}
@@ -101,14 +104,24 @@ class AdapterStore:
             self._loaded[name] = None
             self._loaded.move_to_end(name)
             self.loads += 1
-            self._evict()
+            self._evict(keep=name)
 
-    def _evict(self) -> None:
-        """Drop least recently used adapters beyond max_loaded that no request is using."""
+    def resident_bytes(self) -> int:
+        """Bytes the engine holds for the loaded adapters (their stacked factors)."""
+        return self.engine.memory_bytes()["adapters"]
+
+    def _over(self) -> bool:
+        return len(self._loaded) > self.max_loaded or (
+            self.max_bytes is not None and self.resident_bytes() > self.max_bytes)
+
+    def _evict(self, keep: str) -> None:
+        """Drop least recently used adapters while over max_loaded or max_bytes, never
+        `keep` (just asked for) nor one a request is using: the bound is met once they are
+        done, at the next load."""
         for old in list(self._loaded):
-            if len(self._loaded) <= self.max_loaded:
+            if not self._over():
                 return
-            if self.engine.in_use(old) or self._pins.get(old):
+            if old == keep or self.engine.in_use(old) or self._pins.get(old):
                 continue
             try:
                 self.engine.remove_adapter(old)

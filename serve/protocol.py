@@ -56,6 +56,20 @@ def _integer(body: dict, key: str, default, low: int, high: int):
     return v
 
 
+def _refuse_unsupported(body: dict, chat: bool) -> None:
+    """A 400 naming the field for what this server cannot do, rather than an answer that
+    silently lacks it (a client asking for logprobs would read None)."""
+    asked = {"logprobs": body.get("logprobs") not in (None, False) if chat
+             else body.get("logprobs") is not None,
+             "top_logprobs": chat and body.get("top_logprobs") not in (None, 0),
+             "echo": not chat and bool(body.get("echo")),
+             "best_of": not chat and body.get("best_of") not in (None, 1),
+             "tools": chat and bool(body.get("tools"))}
+    for key, wanted in asked.items():
+        if wanted:
+            raise ApiError(400, f"{key} is not supported by this server", key)
+
+
 def _content(message: dict, i: int) -> str:
     c = message.get("content")
     if isinstance(c, str):
@@ -107,6 +121,7 @@ def parse(body, chat: bool, max_tokens_limit: int) -> Params:
     max_tokens = _integer(body, key, default_max, 1, max_tokens_limit)
     if _integer(body, "n", 1, 1, 1) != 1:
         raise ApiError(400, "n must be 1", "n")
+    _refuse_unsupported(body, chat)
     stop = body.get("stop")
     if stop is None:
         stop = []

@@ -13,13 +13,19 @@ turn, every request generating exactly --new tokens greedily (no end-of-sequence
 Contenders alternate within each round; the table gives medians of tokens/s over rounds and
 the ratios. This is the engine's throughput, without HTTP (the server adds tokenisation and
 one queue hop per token).
+
+MLX runs on OpenBLAS, as `lorafit serve` does (the CLI preloads it, core/blas.py): the script
+starts itself again once with it preloaded. On the reference BLAS that mlx[cpu] links on
+Linux a 16-row matmul costs 16 single-row ones, so batching gained nothing there.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -119,6 +125,20 @@ class Peft:
         return int((out.shape[1] - width) * len(reqs))
 
 
+def preload_openblas() -> None:
+    """Start again with OpenBLAS preloaded (once), where it is installed."""
+    from lorafit.core.blas import REEXEC_FLAG, optimised_blas
+
+    lib = optimised_blas()
+    if (not sys.platform.startswith("linux") or lib is None or os.environ.get(REEXEC_FLAG)
+            or "openblas" in os.environ.get("LD_PRELOAD", "")):
+        return
+    env = dict(os.environ, LD_PRELOAD=f"{lib} {os.environ.get('LD_PRELOAD', '')}".strip())
+    env[REEXEC_FLAG] = "1"
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -129,6 +149,10 @@ def main() -> int:
     ap.add_argument("--backends", default="torch,mlx")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
+    if "mlx" in a.backends:
+        preload_openblas()
+    from lorafit.core.blas import current_blas
+    print(f"BLAS for MLX: {current_blas()}; load average {os.getloadavg()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder, adapters = build(Path(tmp), a)
         reqs = requests(a)
@@ -157,6 +181,7 @@ def main() -> int:
     for k, v in med.items():
         seq = med.get(k.replace("batched", "one-by-one"), v) if k.startswith("lorafit") else v
         print(f"{k:34} {v:9.1f} {v / seq:13.2f}x {v / peft_rate:7.2f}x")
+    print(f"load average at the end {os.getloadavg()}")
     if a.json:
         a.json.write_text(json.dumps({"medians": med, "rounds": rates}, indent=1))
     return 0

@@ -216,6 +216,9 @@ def test_bad_requests_get_openai_errors(server, setup):
         (post(server, "/v1/completions", {**ok, "temperature": -1}), 400, "temperature"),
         (post(server, "/v1/completions", {**ok, "n": 2}), 400, "n"),
         (post(server, "/v1/completions", {**ok, "stop": [1]}), 400, "stop"),
+        (post(server, "/v1/completions", {**ok, "logprobs": 0}), 400, "logprobs"),
+        (post(server, "/v1/completions", {**ok, "echo": True}), 400, "echo"),
+        (post(server, "/v1/completions", {**ok, "best_of": 2}), 400, "best_of"),
         (post(server, "/v1/completions", {**ok, "prompt": 5}), 400, "prompt"),
         (post(server, "/v1/completions", {**ok, "prompt": "hello " * 200}), 400, "prompt"),
         (post(server, "/v1/chat/completions", {"model": "a", "messages": "hi"}), 400,
@@ -238,6 +241,16 @@ def test_bad_requests_get_openai_errors(server, setup):
         server.client().completions.create(model="nobody", prompt="x", max_tokens=2)
     with pytest.raises(openai.BadRequestError):
         server.client().chat.completions.create(model="a", messages=[], max_tokens=2)
+    hi = [{"role": "user", "content": "hi"}]
+    for extra in ({"logprobs": True}, {"logprobs": True, "top_logprobs": 2}, {"n": 2},
+                  {"tools": [{"type": "function", "function": {"name": "f"}}]}):
+        with pytest.raises(openai.BadRequestError) as e:  # as the openai client sends them
+            server.client().chat.completions.create(model="a", messages=hi, max_tokens=2,
+                                                    **extra)
+        assert e.value.body["param"] == list(extra)[0], (extra, e.value.body)
+    plain = server.client().chat.completions.create(model="a", messages=hi, max_tokens=2,
+                                                    logprobs=False, n=1)
+    assert plain.choices[0].logprobs is None
     assert post(server, "/v1/completions", ok).status_code == 200  # still serving
     time.sleep(1.5)  # a periodic log line
     log = server.log.read_text()
@@ -293,3 +306,64 @@ def test_load_lru_and_a_client_that_hangs_up(setup, tmp_path):
         stop_server(served)
     log = served.log.read_text()
     assert "Traceback" not in log and "failed" not in log, log
+
+
+def test_adapter_lru_bounds_what_is_resident(setup):
+    """More adapters than the bound, in process: at most max_loaded (then max_bytes) held,
+    an evicted one read again on demand, a running row kept right while the adapters around
+    it are evicted and renumbered, and every answer equal to `lorafit generate`."""
+    import asyncio
+
+    from lorafit.backends import get_backend
+    from lorafit.core.engine import Engine, Request
+    from lorafit.core.generate import encode_prompt, eos_token_ids
+    from lorafit.models.loader import load_model
+    from lorafit.serve.adapters import AdapterStore
+
+    folder, adapters, pool = setup
+    model = load_model(str(folder), get_backend("torch", "cpu"))
+    engine = Engine(model, max_batch=4, max_len=64)
+    store = AdapterStore(engine, {k: adapters[k] for k in "ab"}, pool, max_loaded=2)
+    tok, eos = model.tokenizer, frozenset(eos_token_ids(model.tokenizer, model.args))
+
+    def submit(name, prompt):
+        out = []
+        engine.submit(Request(encode_prompt(tok, prompt), 6, adapter=name, eos_ids=eos,
+                              on_token=lambda t, _: out.append(t)))
+        return lambda: tok.decode([t for t in out if t not in eos], skip_special_tokens=True)
+
+    def check(name, text, prompt):
+        assert text == reference(setup, "torch", name, prompt, False, 6), name
+
+    for name in "ab":
+        asyncio.run(store.ensure(name))
+    running = submit("b", PROMPTS[0])  # b decodes while a is evicted and b renumbered
+    engine.step()
+    asyncio.run(store.ensure("c"))
+    assert store.loaded() == ["b", "c"] and engine.adapters() == ["b", "c"]
+    other = submit("c", PROMPTS[1])
+    engine.run_until_done()
+    check("b", running(), PROMPTS[0])
+    check("c", other(), PROMPTS[1])
+    for i, name in enumerate("dabdc"):
+        asyncio.run(store.ensure(name))
+        assert len(store.loaded()) <= 2 and sorted(store.loaded()) == engine.adapters()
+        got = submit(name, PROMPTS[i])
+        engine.run_until_done()
+        check(name, got(), PROMPTS[i])
+    assert store.loads == 8  # a and b read again after their eviction
+    two = store.resident_bytes()
+    store.max_bytes = 1  # a byte budget no two adapters fit: one held at a time
+    for i, name in enumerate("ab"):
+        asyncio.run(store.ensure(name))
+        assert store.loaded() == [name] and engine.adapters() == [name]
+        got = submit(name, PROMPTS[i + 2])
+        engine.run_until_done()
+        check(name, got(), PROMPTS[i + 2])
+    from lorafit.core import adapter_io
+    alone = sum(v.nbytes for v in adapter_io.load_any(adapters["b"])[1].values())
+    assert store.resident_bytes() == 2 * alone != two  # the base's zero slot and b's, no gap
+    from lorafit.commands.serve import build
+    from lorafit.core.errors import LorafitError
+    with pytest.raises(LorafitError, match="--max-adapter-mb must be positive"):
+        build(str(folder), max_adapter_mb=0)
