@@ -318,6 +318,8 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
         n += 2 * sh.heads * D
     if sh.qk_norm:  # the q/k norms' vjps read their inputs: q and k before the norm
         n += (sh.heads + sh.kv_heads) * D
+    if sh.moe and layer in sh.moe["layers"]:
+        n += torch_moe_saved_per_token(sh, st, adapted)
     if adapted:
         names = _layer_targets(sh, st, layer)
         n += st.rank * len(names)
@@ -369,19 +371,45 @@ def gated_deltanet_saved_per_token(sh: Shape, st: Settings, adapted: bool,
     return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
 
 
+def torch_moe_saved_per_token(sh: Shape, st: Settings, adapted: bool) -> int:
+    """torch only: what a sparse MoE layer keeps beyond gate, act and up of the k chosen
+    experts (models/blocks/moe.py, backends/torch gather_linear). The k expert outputs
+    (k*C), read by the vjp of their weighting (the routing weights need a gradient
+    whenever the layer's input does). An adapter on the stacked experts runs each row's
+    A and B through gather_linear, whose per-expert matmuls keep their inputs, the rows
+    gathered in expert order: gate_up k*(C + 2r) (its rank is 2r, FUSED_RANK), down
+    k*(F' + r). The router's adapter keeps r and its probabilities E."""
+    if st.backend != "torch":
+        return 0
+    m = sh.moe
+    k, C, F, r = m["top_k"], sh.hidden, m["expert_size"], st.rank
+    n = k * C
+    if adapted:
+        names = set(m["all_linear"]) if st.targets == "all-linear" else \
+            {t.strip() for t in st.targets.split(",")}
+        if "gate_up_proj" in names:
+            n += k * (C + 2 * r)
+        if "down_proj" in names:
+            n += k * (F + r)
+        if "gate" in names:
+            n += r + m["experts"]
+    return n
+
+
 def dora_kept_per_token(sh: Shape, st: Settings, names) -> int:
     """DoRA's output is x W^T * m/||.|| + s x A^T B^T * m/||.|| (core/lora.project): the
     magnitude m is trained, so the vjp of each product keeps its other factor, the frozen
     output x W^T and the adapter's s x A^T B^T, out each per adapted module on torch
     (measured with the profiler's timeline: both alive at the backward's start, 2 * out
-    per module; counting one left torch's DoRA cases 5-11 % under). MLX: one out
-    (measured on the test grid; not yet re-derived)."""
+    per module; counting one left torch's DoRA cases 5-11 % under). MLX keeps the same
+    two (DoRA on minus off, measured: 1.50 MiB for 1.52 counted on mistral q,v_proj;
+    all-linear and the test grid's case keep ~0.3 MiB more, not yet identified)."""
     if not st.dora:
         return 0
     return DORA_OUTPUTS_KEPT.get(st.backend, 2) * sum(sh.linears[m][1] for m in names)
 
 
-DORA_OUTPUTS_KEPT = {"torch": 2, "mlx": 1}
+DORA_OUTPUTS_KEPT = {"torch": 2, "mlx": 2}
 
 
 def mlx_delta_inverse_matrices(st: Settings, c: int) -> int:
@@ -564,6 +592,18 @@ def backward_transients(sh: Shape, st: Settings) -> int:
     return N * s * (8 * sh.intermediate + 6 * sh.hidden)
 
 
+def recompute_dora_norm(sh: Shape, st: Settings) -> int:
+    """torch with recompute and DoRA: the re-run of a layer in the backward recomputes its
+    detached row norms too, one module at a time, while every adapter gradient and dL/dh
+    exist; of the layer only its input and normed input (and dL/dh: 3C per token) are
+    alive at its first projection. The profiler's timeline put the peak of a hybrid
+    16-head model there (-8 % before this phase)."""
+    if st.backend != "torch" or not (st.grad_checkpoint and st.dora):
+        return 0
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    return N * s * 3 * sh.hidden + dora_norm_temporaries(sh, st)
+
+
 def torch_backward_start(sh: Shape, st: Settings) -> int:
     """torch without recompute: the backward's first layer (the top one) runs while every
     saved activation is alive. Its MLP's backward forms dL/d(down_proj's input) (F) and,
@@ -584,6 +624,8 @@ def dora_norm_temporaries(sh: Shape, st: Settings) -> int:
     if not st.dora:
         return 0
     copies = 2 if st.dtype == "float32" and not st.quantize_bits else 3
+    if st.backend == "torch":  # eager: B @ A stays referenced while s * (B @ A) and the
+        copies += 1            # sum form (core/lora.project), one more alive at the add
     dims = [sh.linears[m] for m in target_names(sh, st)]
     return copies * 4 * max((i * o for i, o in dims), default=0)
 
@@ -634,6 +676,8 @@ PHASES = {
                   ("adapter gradients", recompute_gradients)),
     # DoRA's norm temporaries in the top layer's forward, every saved activation alive
     "dora norm": (("dora norm temporaries", dora_norm_temporaries),),
+    "recompute, dora norm": (("recomputed dora norm", recompute_dora_norm),
+                             ("adapter gradients", recompute_gradients)),
     # torch: the top layer's backward, every saved activation alive
     "backward start": (("backward transients", torch_backward_start),),
     # torch: a layer's attention forward, the layers below it saved (many query heads)
