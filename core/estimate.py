@@ -609,11 +609,18 @@ def torch_backward_start(sh: Shape, st: Settings) -> int:
     saved activation is alive. Its MLP's backward forms dL/d(down_proj's input) (F) and,
     from it, the gradients of the two factors act(gate) and up (2F), beside the gradient
     of the residual stream (C): N * (C + 3F) * s (the profiler's timeline put the peak of a
-    DoRA step there, where the loss's float32 chunks, which come first, are small)."""
+    DoRA step there, where the loss's float32 chunks, which come first, are small). A
+    plain MLP (c_fc, c_proj) has one factor: 2F. An adapter on the down projection kept
+    its input (F, counted in the saved set), freed by then: F less."""
     if st.backend != "torch" or st.grad_checkpoint:
         return 0
-    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
-    return N * s * (sh.hidden + 3 * sh.intermediate)
+    N, s, F = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype], sh.intermediate
+    top = _layer_targets(sh, st, sh.layers - 1) if sh.layers - 1 in _adapted_layers(sh, st) \
+        else []
+    grads = 2 * F if "c_fc" in sh.linears else 3 * F
+    if "down_proj" in top or "c_proj" in top:
+        grads -= F
+    return N * s * (sh.hidden + grads)
 
 
 def dora_norm_temporaries(sh: Shape, st: Settings) -> int:
