@@ -325,11 +325,12 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
         n += 2 * sh.heads * D
     if sh.qk_norm:  # the q/k norms' vjps read their inputs: q and k before the norm
         n += (sh.heads + sh.kv_heads) * D
+    if sh.moe and layer in sh.moe["layers"]:
+        n += torch_moe_saved_per_token(sh, st, adapted)
     if adapted:
         names = _layer_targets(sh, st, layer)
         n += st.rank * len(names)
-        if st.dora:  # DoRA keeps the un-normalised output (x W^T + s x A^T B^T): out each
-            n += sum(sh.linears[m][1] for m in names)
+        n += dora_kept_per_token(sh, st, names)
         if "o_proj" in names:
             n += sh.heads * D
         if "down_proj" in names:
@@ -371,11 +372,51 @@ def gated_deltanet_saved_per_token(sh: Shape, st: Settings, adapted: bool,
     if adapted:
         names = _layer_targets(sh, st, layer)
         n += st.rank * len(names)
-        if st.dora:
-            n += sum(sh.linears[m][1] for m in names)
+        n += dora_kept_per_token(sh, st, names)
         if "down_proj" in names:
             n += F
     return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
+
+
+def torch_moe_saved_per_token(sh: Shape, st: Settings, adapted: bool) -> int:
+    """torch only: what a sparse MoE layer keeps beyond gate, act and up of the k chosen
+    experts (models/blocks/moe.py, backends/torch gather_linear). The k expert outputs
+    (k*C), read by the vjp of their weighting (the routing weights need a gradient
+    whenever the layer's input does). An adapter on the stacked experts runs each row's
+    A and B through gather_linear, whose per-expert matmuls keep their inputs, the rows
+    gathered in expert order: gate_up k*(C + 2r) (its rank is 2r, FUSED_RANK), down
+    k*(F' + r). The router's adapter keeps r and its probabilities E."""
+    if st.backend != "torch":
+        return 0
+    m = sh.moe
+    k, C, F, r = m["top_k"], sh.hidden, m["expert_size"], st.rank
+    n = k * C
+    if adapted:
+        names = set(m["all_linear"]) if st.targets == "all-linear" else \
+            {t.strip() for t in st.targets.split(",")}
+        if "gate_up_proj" in names:
+            n += k * (C + 2 * r)
+        if "down_proj" in names:
+            n += k * (F + r)
+        if "gate" in names:
+            n += r + m["experts"]
+    return n
+
+
+def dora_kept_per_token(sh: Shape, st: Settings, names) -> int:
+    """DoRA's output is x W^T * m/||.|| + s x A^T B^T * m/||.|| (core/lora.project): the
+    magnitude m is trained, so the vjp of each product keeps its other factor, the frozen
+    output x W^T and the adapter's s x A^T B^T, out each per adapted module on torch
+    (measured with the profiler's timeline: both alive at the backward's start, 2 * out
+    per module; counting one left torch's DoRA cases 5-11 % under). MLX keeps the same
+    two (DoRA on minus off, measured: 1.50 MiB for 1.52 counted on mistral q,v_proj;
+    all-linear and the test grid's case keep ~0.3 MiB more, not yet identified)."""
+    if not st.dora:
+        return 0
+    return DORA_OUTPUTS_KEPT.get(st.backend, 2) * sum(sh.linears[m][1] for m in names)
+
+
+DORA_OUTPUTS_KEPT = {"torch": 2, "mlx": 2}
 
 
 def mlx_delta_inverse_matrices(st: Settings, c: int) -> int:
@@ -461,6 +502,53 @@ def _backward_layers(sh, st) -> range:
     return range(lowest, sh.layers)
 
 
+def torch_attention_peak_per_token(sh: Shape, st: Settings, layer: int | None) -> float:
+    """torch only: elements per token a layer holds at the widest point of its attention's
+    forward, which is not the end of the layer when the queries outweigh the MLP (many
+    query heads on a narrow model: Hq*D = 8C on a 64-wide granite measured -7 % before).
+    The residual input and the normed input (2C), the attention's adapters (r each), k
+    and v (2*Hk*D), and, at RoPE's final add for q (backends/torch apply_rope), q as
+    projected, its rotated copy, the two products and q after RoPE: 5*Hq*D (measured with
+    the profiler's timeline: the step peaks there, in the forward or in the re-run).
+    Packed rows hold the same at the gather that puts the outputs back in row order (q
+    after RoPE, the gathered q, the outputs, their concatenation and the gathered
+    result) and the gathered k and v besides: + 2*Hk*D. An output gate adds the gate.
+    Layers whose own saved set is larger (all the usual shapes) peak at their end."""
+    if st.backend != "torch" or (sh.linear_attention
+                                 and layer in sh.linear_attention["layers"]):
+        return 0
+    D = sh.head_dim
+    names = [m for m in _layer_targets(sh, st, layer)
+             if m not in ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "c_fc",
+                          "c_proj")]
+    n = 2 * sh.hidden + st.rank * len(names) + 5 * sh.heads * D \
+        + 2 * sh.kv_heads * D * (2 if st.pack else 1)
+    if sh.attention_output_gate:
+        n += sh.heads * D
+    return n + dora_kept_per_token(sh, st, names)
+
+
+def activations_at_attention(sh: Shape, st: Settings) -> int:
+    """torch, without recompute: the saved sets of the kept layers below a layer plus that
+    layer's attention peak (torch_attention_peak_per_token), the highest over the layers.
+    With recompute the same point recurs in the re-run (recompute_layer)."""
+    if st.backend != "torch" or st.grad_checkpoint:
+        return activations(sh, st)
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    adapted, below, best = _adapted_layers(sh, st), 0.0, 0.0
+    for i in _backward_layers(sh, st):
+        best = max(best, below + torch_attention_peak_per_token(sh, st, i))
+        below += saved_per_token_per_layer(sh, st, i in adapted, i) \
+            + eager_scores(sh, st) / (N * s)
+    return int(N * s * best)
+
+
+def embeddings_before_head(sh: Shape, st: Settings) -> int:
+    """Inside the layers: the embedding output and the RoPE tables, not the final norm."""
+    return embeddings_and_rope(sh, st) - st.batch_size * st.seq_len * \
+        DTYPE_BYTES[st.dtype] * sh.hidden
+
+
 def recompute_layer(sh: Shape, st: Settings) -> int:
     """With recompute, the backward re-runs one layer at a time and holds its full saved
     set plus dL/dh (N * C * s) while the loss buffers are already freed."""
@@ -468,7 +556,8 @@ def recompute_layer(sh: Shape, st: Settings) -> int:
         return 0
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     adapted = bool(_adapted_layers(sh, st))
-    per = max(N * s * saved_per_token_per_layer(sh, st, adapted, i)
+    per = max(N * s * max(saved_per_token_per_layer(sh, st, adapted, i),
+                          torch_attention_peak_per_token(sh, st, i))
               + mlx_attention_kept(sh, st, i) for i in range(sh.layers))
     return int(per + N * s * sh.hidden) + eager_scores(sh, st)
 
@@ -510,6 +599,37 @@ def backward_transients(sh: Shape, st: Settings) -> int:
     return N * s * (8 * sh.intermediate + 6 * sh.hidden)
 
 
+def recompute_dora_norm(sh: Shape, st: Settings) -> int:
+    """torch with recompute and DoRA: the re-run of a layer in the backward recomputes its
+    detached row norms too, one module at a time, while every adapter gradient and dL/dh
+    exist; of the layer only its input and normed input (and dL/dh: 3C per token) are
+    alive at its first projection. The profiler's timeline put the peak of a hybrid
+    16-head model there (-8 % before this phase)."""
+    if st.backend != "torch" or not (st.grad_checkpoint and st.dora):
+        return 0
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    return N * s * 3 * sh.hidden + dora_norm_temporaries(sh, st)
+
+
+def torch_backward_start(sh: Shape, st: Settings) -> int:
+    """torch without recompute: the backward's first layer (the top one) runs while every
+    saved activation is alive. Its MLP's backward forms dL/d(down_proj's input) (F) and,
+    from it, the gradients of the two factors act(gate) and up (2F), beside the gradient
+    of the residual stream (C): N * (C + 3F) * s (the profiler's timeline put the peak of a
+    DoRA step there, where the loss's float32 chunks, which come first, are small). A
+    plain MLP (c_fc, c_proj) has one factor: 2F. An adapter on the down projection kept
+    its input (F, counted in the saved set), freed by then: F less."""
+    if st.backend != "torch" or st.grad_checkpoint:
+        return 0
+    N, s, F = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype], sh.intermediate
+    top = _layer_targets(sh, st, sh.layers - 1) if sh.layers - 1 in _adapted_layers(sh, st) \
+        else []
+    grads = 2 * F if "c_fc" in sh.linears else 3 * F
+    if "down_proj" in top or "c_proj" in top:
+        grads -= F
+    return N * s * (sh.hidden + grads)
+
+
 def dora_norm_temporaries(sh: Shape, st: Settings) -> int:
     """DoRA's detached row norm ||W + s B A|| forms B @ A and the sum as (out, in) float32
     matrices (plus W cast or dequantized to float32 when it is not float32 already), one
@@ -518,6 +638,8 @@ def dora_norm_temporaries(sh: Shape, st: Settings) -> int:
     if not st.dora:
         return 0
     copies = 2 if st.dtype == "float32" and not st.quantize_bits else 3
+    if st.backend == "torch":  # eager: B @ A stays referenced while s * (B @ A) and the
+        copies += 1            # sum form (core/lora.project), one more alive at the add
     dims = [sh.linears[m] for m in target_names(sh, st)]
     return copies * 4 * max((i * o for i, o in dims), default=0)
 
@@ -568,6 +690,13 @@ PHASES = {
                   ("adapter gradients", recompute_gradients)),
     # DoRA's norm temporaries in the top layer's forward, every saved activation alive
     "dora norm": (("dora norm temporaries", dora_norm_temporaries),),
+    "recompute, dora norm": (("recomputed dora norm", recompute_dora_norm),
+                             ("adapter gradients", recompute_gradients)),
+    # torch: the top layer's backward, every saved activation alive
+    "backward start": (("backward transients", torch_backward_start),),
+    # torch: a layer's attention forward, the layers below it saved (many query heads)
+    "attention forward": (("activations", activations_at_attention),
+                          ("embeddings and rope", embeddings_before_head)),
 }
 # The optimizer step: the backward has freed the activations, the gradients exist
 # (a phase's term replaces the static term of the same name)

@@ -131,7 +131,9 @@ def test_torch_counts_adapter_gradients_after_its_forward_only():
     assert est["breakdown"]["adapter gradients"] == all_adapter_gradients(SHAPE, big) > 0
     assert est["breakdown"]["activations"] == 0
     small = estimate(SHAPE, big.replace(rank=8, seq_len=512))
-    assert small["phase"] == "loss" and small["breakdown"]["adapter gradients"] == 0
+    # before the backward's gradients exist: the loss, or the top layer's MLP backward
+    assert small["phase"] in ("loss", "backward start")
+    assert small["breakdown"]["adapter gradients"] == 0
 
 
 def test_recompute_keeps_one_layer_plus_the_checkpoints():
