@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import WORDS, build_hf_model
+from conftest import WORDS, build_hf_model, train_recording as train
 from lorafit.core import events as ev
 from lorafit.core.adapter_io import save_peft
 from lorafit.core.config import TrainConfig
@@ -278,31 +278,6 @@ def test_kto_matches_trl(setup, trl_kto, backend):
         np.testing.assert_allclose(g, trl_kto.grads[k], atol=1e-5, rtol=1e-4, err_msg=k)
 
 
-class Recorder(ev.Sink):
-    def __init__(self, stop_at=None):
-        self.events, self.stop_at = [], stop_at
-
-    def __call__(self, e):
-        self.events.append(e)
-        if self.stop_at and isinstance(e, ev.StepReport) and e.step == self.stop_at:
-            self.trainer.control.stop()
-
-    def reports(self):
-        return [e for e in self.events if isinstance(e, ev.StepReport)]
-
-
-def train(cfg, stop_at=None, resume=False):
-    from lorafit.commands.train import build_trainer
-
-    rec = Recorder(stop_at)
-    trainer = build_trainer(cfg, [rec], resume=resume, report=lambda t: None)
-    rec.trainer = trainer
-    trainer.run()
-    for sink in trainer.sinks:
-        sink.close()
-    return trainer, rec
-
-
 def test_torch_and_mlx_follow_the_same_dpo_curve(setup):
     rt = train(make_cfg(setup, "curve-torch", backend="torch"))[1]
     _, rm = train(make_cfg(setup, "curve-mlx", backend="mlx"))
@@ -447,3 +422,40 @@ def test_dataset_check_knows_the_method(setup, tmp_path):
     assert str(e.value) == (f"{sft}: no pairs records: --method dpo needs prompt, chosen, "
                             "rejected fields (SFT data trains with --method sft)")
     assert check_dataset_file(sft, "fail").records == 1  # sft, as before
+
+
+@pytest.mark.slow
+def test_dpo_in_two_processes_equals_one_with_the_same_global_batch(setup):
+    """`train --method dpo --nproc 2` (torch, gloo): each rank takes every other micro-batch,
+    its loss sums are divided by the pairs of the whole step and all-reduced with the
+    gradients and reward sums, so the adapter, the losses, the rewards and the validation
+    loss equal one process with grad-accum 2."""
+    from lorafit.core import rundir
+    from test_distributed import assert_same_adapter, cli, flags, one_process
+
+    kw = dict(method="dpo", beta=0.1, schedule="constant", val_data=str(setup.held),
+              eval_every=2)
+    ref, two = setup.root / "dpo-one", setup.root / "dpo-two"
+    assert one_process(setup.folder, setup.train, ref, "torch", grad_accum=2,
+                       **kw) == "completed"
+    proc = cli(*flags(setup.folder, setup.train, two, "torch", **kw), "--nproc", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert rundir.read_status(two)["world_size"] == 2
+    assert_same_adapter(rundir.adapter_path(ref), rundir.adapter_path(two))
+
+    def rows(run, kind):
+        return [r for r in rundir.read_metrics(run) if r.get("kind") == kind]
+
+    one, both = rows(ref, "train"), rows(two, "train")
+    assert len(one) == len(both) == 4 and one[0]["loss"] == pytest.approx(math.log(2))
+    for a, b in zip(one, both):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["reward_accuracy"] == a["reward_accuracy"]
+        # a reward is beta x the difference of two float32 log-prob sums of size ~50: its
+        # float32 floor is about beta x 1e-5, whatever the order of the sums
+        for f in ("reward_chosen", "reward_rejected", "reward_margin"):
+            assert b[f] == pytest.approx(a[f], abs=1e-6), (a["step"], f)
+    evals = [(rows(run, "eval")) for run in (ref, two)]
+    assert len(evals[0]) == len(evals[1]) == 2
+    for a, b in zip(*evals):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
