@@ -355,6 +355,24 @@ def test_estimate_counts_both_rows_of_a_pair(setup):
     assert settings_from_config(make_cfg(setup, "x", method="sft")).batch_size == 2
 
 
+def test_estimated_dpo_peak_is_within_the_bound_of_the_measured_one(tmp_path):
+    """The estimator's DPO step (two trained rows a pair; the reference pass, without a
+    graph, ends before the policy's) against the measured peak of a real DPO step on torch,
+    with the estimator's usual 10 % bound (tests/core/test_estimate.py)."""
+    from lorafit.core.estimate import estimate, settings_from_config
+    from lorafit.models import memory_shape
+    from memory_harness import Case, measure
+    from test_estimate import TOLERANCE
+
+    case = Case("dpo", seq=64)
+    cfg = TrainConfig(model="m", data="d", backend="torch", method="dpo", rank=case.rank,
+                      targets=case.targets, batch_size=case.batch, seq_len=case.seq)
+    predicted = estimate(memory_shape(case.config()), settings_from_config(cfg))["total"]
+    measured = measure(case, "torch", tmp_path, method="dpo")
+    assert abs(predicted - measured) <= TOLERANCE * measured, \
+        f"estimated {predicted / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB"
+
+
 @pytest.mark.slow
 def test_dpo_resume_is_exact(setup):
     """Stopped after step 2 and resumed: steps 3 and 4 repeat the straight run's."""
