@@ -299,10 +299,12 @@ def _settle(path, problems: list[str], good: int, on_bad_record: str) -> None:
 def _read_checked(path, check) -> list:
     """Every entry (where, record, problem or None) of a file of JSON records (the other
     training formats' reader: GRPO prompts, preference pairs), each record that was read
-    checked by check(record) -> reason or None. An empty file is an error."""
-    from lorafit.core.sources import open_records
+    checked by check(record) -> reason or None. An empty file is an error. `path`: a --data
+    value, or records already opened (core/sources.Records)."""
+    from lorafit.core.sources import Records, open_records
 
-    entries = [(w, r, bad or check(r)) for w, r, bad in open_records(str(path))]
+    data = path if isinstance(path, Records) else open_records(str(path))
+    entries = [(w, r, bad or check(r)) for w, r, bad in data]
     if not entries:
         raise LorafitError(f"{path}: no records (the file is empty)")
     return entries
