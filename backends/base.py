@@ -202,13 +202,17 @@ class Backend(Protocol):
         logits (N, V) in any dtype, computed in float32; targets (N,) int; mask (N,)."""
 
     def linear_cross_entropy(self, h: Array, weight: Array, targets: Array, mask: Array,
-                             chunk_rows: int, softcap: float | None = None) -> tuple:
+                             chunk_rows: int, softcap: float | None = None,
+                             per_token: bool = False) -> tuple:
         """cross_entropy(linear(h, weight), targets, mask) without ever holding the full
         logits: rows are processed `chunk_rows` at a time, and the gradient with respect to
         h is formed in the same pass (softmax - onehot) @ weight, so nothing of size V is
         kept for the backward. h (N, C); weight (V, C) frozen. Returns (sum, count).
         softcap: the logits z become c = softcap * tanh(z / softcap) (in float32) before the
-        loss, and the gradient gains the factor dc/dz = 1 - (c / softcap)^2."""
+        loss, and the gradient gains the factor dc/dz = 1 - (c / softcap)^2.
+        per_token: the first result is the (N,) masked token losses instead of their sum
+        (one pass over many sequences whose sums enter the loss differently: DPO's rows),
+        differentiable with a cotangent per token."""
 
     quantization: tuple  # supported bit widths for frozen weights, () if none
     quantized_format: str  # "affine" (mlx-lm's group-wise scale+bias) or "nf4" (bitsandbytes)

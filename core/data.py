@@ -287,6 +287,33 @@ def _raise_nothing_usable(path, what: str, problems: list[str]) -> None:
     raise LorafitError(f"{path}: no usable {what}{hint}")
 
 
+def _settle(path, problems: list[str], good: int, on_bad_record: str) -> None:
+    """The bad-record policy once a file's records are checked (or tokenized): any problem
+    stops the run under "fail", and a file with no good record always does."""
+    if problems and on_bad_record == "fail":
+        _raise_problems(problems)
+    if not good:
+        _raise_nothing_usable(path, "records", problems)
+
+
+def _read_checked(path, check) -> list:
+    """Every entry (where, record, problem or None) of a file of JSON records (the other
+    training formats' reader: GRPO prompts, preference pairs), each record that was read
+    checked by check(record) -> reason or None. An empty file is an error. `path`: a --data
+    value, or records already opened (core/sources.Records)."""
+    from lorafit.core.sources import Records, open_records
+
+    data = path if isinstance(path, Records) else open_records(str(path))
+    entries = [(w, r, bad or check(r)) for w, r, bad in data]
+    if not entries:
+        raise LorafitError(f"{path}: no records (the file is empty)")
+    return entries
+
+
+def _problems_of(entries) -> list[str]:
+    return [f"{w}: {why}" for w, _, why in entries if why]
+
+
 def check_dataset_file(path, on_bad_record: str = "fail", method: str = "sft") -> DatasetStats:
     """Parse and validate without a tokenizer (streamed), so bad or empty data fails before
     any model is loaded. `examples`, `tokens` and friends stay 0. A preference method
@@ -305,10 +332,7 @@ def check_dataset_file(path, on_bad_record: str = "fail", method: str = "sft") -
             problems.append(f"{where}: {reason}")
         else:
             count += 1
-    if problems and on_bad_record == "fail":
-        _raise_problems(problems)
-    if not count:
-        _raise_nothing_usable(data, "records", problems)
+    _settle(data, problems, count, on_bad_record)
     return DatasetStats(format=fmt, records=count, blank_lines=data.blank, problems=problems)
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from lorafit.core import data as sft_data
-from lorafit.core.errors import LorafitError
 from lorafit.core.examples import ExampleSet, ExampleSetBuilder
 from lorafit.core.preference_data import _check_turns
 
@@ -41,13 +40,7 @@ def validate(record) -> str | None:
 def scan(path) -> list:
     """Every entry (where, record, problem or None) of the file. `path`: a --data value,
     or records already opened (core/sources.py: --columns renamed)."""
-    from lorafit.core.sources import Records, open_records
-
-    data = path if isinstance(path, Records) else open_records(str(path))
-    entries = [(w, r, bad or validate(r)) for w, r, bad in data]
-    if not entries:
-        raise LorafitError(f"{path}: no records (the file is empty)")
-    return entries
+    return sft_data._read_checked(path, validate)
 
 
 def check_prompt_file(path, on_bad_record: str = "fail") -> int:
@@ -55,12 +48,9 @@ def check_prompt_file(path, on_bad_record: str = "fail") -> int:
     Returns the count of good records."""
     sft_data._check_policy(on_bad_record)
     entries = scan(path)
-    problems = [f"{w}: {why}" for w, _, why in entries if why]
-    if problems and on_bad_record == "fail":
-        sft_data._raise_problems(problems)
+    problems = sft_data._problems_of(entries)
     good = len(entries) - len(problems)
-    if not good:
-        sft_data._raise_nothing_usable(path, "records", problems)
+    sft_data._settle(path, problems, good, on_bad_record)
     return good
 
 
@@ -97,9 +87,6 @@ def load_prompts(path, tokenizer, seq_len: int, max_new_tokens: int,
             continue
         build.add(np.asarray(ids, np.int32), np.zeros(len(ids), bool), where)
         prompts.append(record["prompt"])
-    if problems and on_bad_record == "fail":
-        sft_data._raise_problems(problems)
     examples = build.finish()
-    if not len(examples):
-        sft_data._raise_nothing_usable(path, "records", problems)
+    sft_data._settle(path, problems, len(examples), on_bad_record)
     return PromptSet(examples, prompts), problems

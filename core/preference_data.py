@@ -94,20 +94,16 @@ def scan(path, method: str):
     """(kind, entries): every entry (where, record, problem or None) of the file, checked
     against the kind `method` needs. `path`: a --data value, or records already opened
     (core/sources.py: --columns renamed, a folder's train or valid split)."""
-    from lorafit.core.sources import Records, open_records
-
-    data = path if isinstance(path, Records) else open_records(str(path))
     kind = METHOD_KIND[method]
-    entries = []
-    for where, record, bad in data:
-        found = _kind_of(record) if bad is None else None
-        if bad is None and found and found != kind:
-            bad = f"a {found} record ({', '.join(KINDS[found])}) but --method {method} " \
-                  f"needs {', '.join(KINDS[kind])}"
-        entries.append((where, record, bad or validate(record, kind)))
-    if not entries:
-        raise LorafitError(f"{path}: no records (the file is empty)")
-    return kind, entries
+
+    def check(record) -> str | None:
+        found = _kind_of(record)
+        if found and found != kind:
+            return f"a {found} record ({', '.join(KINDS[found])}) but --method {method} " \
+                   f"needs {', '.join(KINDS[kind])}"
+        return validate(record, kind)
+
+    return kind, sft_data._read_checked(path, check)
 
 
 def check_records(path, method: str, on_bad_record: str = "fail") -> tuple[str, int, list]:
@@ -120,12 +116,9 @@ def check_records(path, method: str, on_bad_record: str = "fail") -> tuple[str, 
         raise LorafitError(f"{path}: no {kind} records: --method {method} needs "
                            f"{', '.join(KINDS[kind])} fields (SFT data trains with "
                            "--method sft)")
-    problems = [f"{w}: {why}" for w, _, why in entries if why]
-    if problems and on_bad_record == "fail":
-        sft_data._raise_problems(problems)
+    problems = sft_data._problems_of(entries)
     good = len(entries) - len(problems)
-    if not good:
-        sft_data._raise_nothing_usable(path, "records", problems)
+    sft_data._settle(path, problems, good, on_bad_record)
     return kind, good, problems
 
 
@@ -196,11 +189,8 @@ def load_preferences(path, tokenizer, max_seq_len: int, method: str,
             truncated += cut
         if kind == "labelled":
             labels.append(bool(record["label"]))
-    if problems and on_bad_record == "fail":
-        sft_data._raise_problems(problems)
     examples = build.finish()
-    if not len(examples):
-        sft_data._raise_nothing_usable(path, "records", problems)
+    sft_data._settle(path, problems, len(examples), on_bad_record)
     pset = PreferenceSet(kind, examples, np.asarray(labels, bool) if labels else None,
                          records, truncated)
     return pset, problems

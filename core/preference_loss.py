@@ -14,19 +14,21 @@ from lorafit.core.loss import chunk_rows
 
 
 def row_logps(ops, model, params: dict, batch, recompute: bool):
-    """Sum of log p(target) over each row's loss positions: (rows,) array. Each row goes
-    through the fused head + cross-entropy on its own, so no logits are kept."""
+    """Sum of log p(target) over each row's loss positions: (rows,) array. Every row of the
+    batch (chosen and rejected) goes through one fused head + cross-entropy pass, chunked as
+    the SFT loss is, which keeps each token's loss: no logits are kept, and the head runs
+    as a few long products instead of one short one per row."""
     h = model.hidden(batch.input_ids, batch.positions, params=params,
                      segment_ids=batch.segment_ids, recompute=recompute)
     weight = model.output_weight(params)
-    rows = batch.input_ids.shape[0]
-    out = []
-    for i in range(rows):
-        s, _ = ops.linear_cross_entropy(h[i], weight, batch.targets[i], batch.loss_mask[i],
-                                        chunk_rows(weight.shape[0]),
-                                        softcap=model.args.final_logit_softcapping)
-        out.append(-s.reshape(1))
-    return ops.concat(out, 0)
+    rows, width = batch.input_ids.shape
+    n = rows * width
+    tokens, _ = ops.linear_cross_entropy(h.reshape(n, -1), weight, batch.targets.reshape(n),
+                                         batch.loss_mask.reshape(n),
+                                         chunk_rows(weight.shape[0]),
+                                         softcap=model.args.final_logit_softcapping,
+                                         per_token=True)
+    return -tokens.reshape(rows, width).sum(1)
 
 
 def reference_logps(ops, model, frozen: dict, batch):

@@ -248,6 +248,36 @@ def write_peft_adapter(folder, base, seed=0, r=4, targets=("q_proj", "v_proj"), 
     return folder
 
 
+def train_recording(cfg, stop_at=None, resume=False):
+    """Run `cfg` in this process as `lorafit train` would (build_trainer), recording its
+    events; stop_at=N stops it after step N's report, as a stop request would (the resume
+    tests of SFT-like trainers: DPO, GRPO). Returns (trainer, recorder); recorder.reports()
+    are the StepReports."""
+    from lorafit.commands.train import build_trainer
+    from lorafit.core import events as ev
+
+    class Recorder(ev.Sink):
+        def __init__(self):
+            self.events = []
+
+        def __call__(self, e):
+            self.events.append(e)
+            if stop_at and isinstance(e, ev.StepReport) and e.step == stop_at:
+                trainer.control.stop()
+
+        def reports(self):
+            return [e for e in self.events if isinstance(e, ev.StepReport)]
+
+    rec = Recorder()
+    trainer = build_trainer(cfg, [rec], resume=resume, report=lambda t: None)
+    try:
+        trainer.run()
+    finally:
+        for sink in trainer.sinks:
+            sink.close()
+    return trainer, rec
+
+
 @pytest.fixture(autouse=True)
 def fixed_tui_usage(request):
     """TUI tests see fixed CPU/GPU utilisation, so screens (and snapshots) repeat; a test

@@ -94,8 +94,11 @@ def settings_for(case: Case, backend: str, device: str = "cpu"):
 
 
 def measure(case: Case, backend_name: str, root: Path, steps: int = 2,
-            device: str = "cpu") -> int:
-    """Peak bytes of a real training step (the second: optimizer state exists by then)."""
+            device: str = "cpu", method: str = "sft") -> int:
+    """Peak bytes of a real training step (the second: optimizer state exists by then).
+    method "dpo": case.batch pairs, i.e. 2 x case.batch rows (chosen, then rejected; the
+    completion is each row's second half) through the preference trainer, whose step adds
+    the reference pass (the adapter off) before the policy's."""
     from lorafit.backends import get_backend
     from lorafit.core import lora
     from lorafit.core.config import TrainConfig
@@ -118,18 +121,31 @@ def measure(case: Case, backend_name: str, root: Path, steps: int = 2,
                       targets=case.targets, batch_size=case.batch, seq_len=case.seq,
                       grad_checkpoint=case.grad_checkpoint, pack=case.pack, dora=case.dora)
     lora.attach(model, cfg.lora_config(), seed=0)
-    trainer = Trainer(model, cfg, [], run_dir=None)
+    rows = case.batch * (2 if method == "dpo" else 1)
+    if method == "dpo":
+        from lorafit.core.examples import ExampleSet
+        from lorafit.core.preference_data import PreferenceSet
+        from lorafit.core.preference_train import PreferenceTrainer
+
+        cfg.method, cfg.beta = "dpo", 0.1
+        trainer = PreferenceTrainer(model, cfg, PreferenceSet("pairs", ExampleSet.from_examples(
+            [])), run_dir=None)
+    else:
+        trainer = Trainer(model, cfg, [], run_dir=None)
     rng = np.random.default_rng(0)
-    ids = rng.integers(3, case.vocab, (case.batch, case.seq + 1))
+    ids = rng.integers(3, case.vocab, (rows, case.seq + 1))
     seg = None
-    pos = np.broadcast_to(np.arange(case.seq), (case.batch, case.seq)).copy()
+    pos = np.broadcast_to(np.arange(case.seq), (rows, case.seq)).copy()
+    mask = np.ones((rows, case.seq), np.float32)
+    if method == "dpo":  # a shared prompt half, the loss on the completion half
+        ids[case.batch:, :case.seq // 2] = ids[:case.batch, :case.seq // 2]
+        mask[:, :case.seq // 2] = 0
     if case.pack:  # two examples per row
         half = case.seq // 2
-        seg = np.zeros((case.batch, case.seq), np.int32)
+        seg = np.zeros((rows, case.seq), np.int32)
         seg[:, half:] = 1
         pos[:, half:] -= half
-    batch = Batch(ids[:, :-1], ids[:, 1:], np.ones((case.batch, case.seq), np.float32), pos,
-                  seg)
+    batch = Batch(ids[:, :-1], ids[:, 1:], mask, pos, seg)
     for _ in range(steps - 1):  # unmeasured: the profiler slows a torch step several times
         trainer.train_step([batch], 1e-3)
     _, peak = B.measure_peak(lambda: trainer.train_step([batch], 1e-3))

@@ -330,7 +330,8 @@ class MLXBackend:
         mask = mask.astype(mx.float32)
         return ((lse - picked) * mask).sum(), mask.sum()
 
-    def linear_cross_entropy(self, h, weight, targets, mask, chunk_rows, softcap=None):
+    def linear_cross_entropy(self, h, weight, targets, mask, chunk_rows, softcap=None,
+                             per_token=False):
         mask = mask.astype(mx.float32)
         targets = targets.astype(mx.int32)
 
@@ -361,11 +362,13 @@ class MLXBackend:
                 grad = (probs @ weight - weight[t] * row.astype(weight.dtype)).astype(mx.float32)
                 blocks.append(mx.concatenate([grad, ((lse - picked) * m)[:, None]], axis=1))
             every = mx.concatenate(blocks, axis=0)
-            return every[:, -1].sum(), every[:, :-1].astype(h_.dtype)
+            losses = every[:, -1]
+            return losses if per_token else losses.sum(), every[:, :-1].astype(h_.dtype)
 
         @fused.vjp
         def fused_vjp(primals, cotangents, outputs):
-            return outputs[1] * cotangents[0].astype(outputs[1].dtype)
+            cot = cotangents[0].astype(outputs[1].dtype)
+            return outputs[1] * (cot[:, None] if per_token else cot)
 
         return fused(h)[0], mask.sum()
 

@@ -381,10 +381,11 @@ class TorchBackend:
         mask = mask.to(losses.dtype)
         return (losses * mask).sum(), mask.sum()
 
-    def linear_cross_entropy(self, h, weight, targets, mask, chunk_rows, softcap=None):
+    def linear_cross_entropy(self, h, weight, targets, mask, chunk_rows, softcap=None,
+                             per_token=False):
         mask = mask.to(torch.float32)
-        return (_LinearCrossEntropy.apply(h, weight, targets.long(), mask, chunk_rows, softcap),
-                mask.sum())
+        return (_LinearCrossEntropy.apply(h, weight, targets.long(), mask, chunk_rows, softcap,
+                                          per_token), mask.sum())
 
     @property
     def quantization(self):
@@ -555,9 +556,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Chunked lm-head + cross-entropy whose backward is computed in the forward pass."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, mask, chunk_rows, softcap=None):
+    def forward(ctx, h, weight, targets, mask, chunk_rows, softcap=None, per_token=False):
         need_grad = h.requires_grad and torch.is_grad_enabled() or ctx.needs_input_grad[0]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        tokens = torch.empty(h.shape[0], dtype=torch.float32, device=h.device) \
+            if per_token else None
         grad_h = torch.empty_like(h) if need_grad else None
         for start in range(0, h.shape[0], chunk_rows):
             sl = slice(start, start + chunk_rows)
@@ -566,7 +569,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if softcap is not None:
                 logits = logits.div_(softcap).tanh_().mul_(softcap)
             logp = torch.log_softmax(logits, dim=-1)  # one fused kernel, not logsumexp's five
-            total -= (logp.gather(1, targets[sl, None]) * row).sum()
+            picked_logp = logp.gather(1, targets[sl, None])[:, 0] * row[:, 0]
+            if per_token:
+                tokens[sl] = -picked_logp
+            else:
+                total -= picked_logp.sum()
             if softcap is None or not need_grad:
                 del logits  # the capped logits are needed only for the slope below
             if need_grad:
@@ -586,12 +593,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 del probs, g, picked
             del logp  # free this chunk before the next one is formed
         ctx.save_for_backward(grad_h)
-        return total
+        ctx.per_token = per_token
+        return tokens if per_token else total
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), None, None, None, None, None
+        if ctx.per_token:  # one cotangent per token: scales that token's row of dL/dh
+            grad_out = grad_out[:, None]
+        return grad_h * grad_out.to(grad_h.dtype), None, None, None, None, None, None
 
 
 def _join_process_group(device: str) -> None:

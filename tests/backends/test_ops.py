@@ -23,7 +23,7 @@ def test_fused_linear_cross_entropy_matches_plain(backend):
     losses = torch.nn.functional.cross_entropy(ht @ torch.tensor(w).T, torch.tensor(t),
                                                reduction="none")
     ref = (losses * torch.tensor(m)).sum()
-    ref.backward()
+    ref.backward(retain_graph=True)
 
     B = backend
     wb, tb, mb = B.from_numpy(w), B.from_numpy(t), B.from_numpy(m)
@@ -38,6 +38,18 @@ def test_fused_linear_cross_entropy_matches_plain(backend):
     # and the plain op agrees too
     s2, _ = B.cross_entropy(B.linear(B.from_numpy(h), wb), tb, mb)
     assert B.to_float(s2) == pytest.approx(float(ref), rel=1e-5)
+    # per_token: the masked token losses, each with its own cotangent (DPO's rows)
+    c = rng.normal(size=N).astype(np.float32)
+    ht.grad = None
+    (losses * torch.tensor(m) * torch.tensor(c)).sum().backward()
+
+    def weighted(tr, _):
+        tok, _ = B.linear_cross_entropy(tr["h"], wb, tb, mb, chunk_rows=8, per_token=True)
+        return (tok * B.from_numpy(c)).sum(), tok
+    (_, tok), g = B.value_and_grad(weighted)({"h": B.from_numpy(h)}, None)
+    np.testing.assert_allclose(B.to_numpy(tok), (losses * torch.tensor(m)).detach().numpy(),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(B.to_numpy(g["h"]), ht.grad.numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_packed_attention_stays_inside_each_segment(backend):

@@ -205,6 +205,8 @@ def main():
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--vocab", type=int, default=8000)
+    # bench_train.build's other widths: its defaults (intermediate ~2.69 x hidden, heads of 64)
+    p.set_defaults(intermediate=None, heads=None, kv_heads=None)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=2, help="pairs per step")
     p.add_argument("--steps", type=int, default=4)

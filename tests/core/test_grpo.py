@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import WORDS, build_hf_model
-from lorafit.core import events as ev
+from conftest import WORDS, build_hf_model, train_recording as train
 from lorafit.core import grpo_loss as gl
 from lorafit.core.config import TrainConfig
 from lorafit.core.grpo_data import load_prompts
@@ -186,31 +185,6 @@ def test_first_step_kl_is_zero_and_the_gradient_is_the_advantage_term(setup, bac
     assert any(np.abs(g).max() > 1e-6 for g in grads0.values())
     for k in grads:
         np.testing.assert_allclose(grads[k], grads0[k], atol=1e-7, rtol=1e-5, err_msg=k)
-
-
-class Recorder(ev.Sink):
-    def __init__(self, stop_at=None):
-        self.events, self.stop_at = [], stop_at
-
-    def __call__(self, e):
-        self.events.append(e)
-        if self.stop_at and isinstance(e, ev.StepReport) and e.step == self.stop_at:
-            self.trainer.control.stop()
-
-    def reports(self):
-        return [e for e in self.events if isinstance(e, ev.StepReport)]
-
-
-def train(cfg, stop_at=None, resume=False):
-    from lorafit.commands.train import build_trainer
-
-    rec = Recorder(stop_at)
-    trainer = build_trainer(cfg, [rec], resume=resume, report=lambda t: None)
-    rec.trainer = trainer
-    trainer.run()
-    for sink in trainer.sinks:
-        sink.close()
-    return trainer, rec
 
 
 def test_a_reward_for_letters_is_learned(setup):
