@@ -40,6 +40,9 @@ class RunStarted(Event):
     estimate: dict | None = None
     world_size: int = 1  # processes training together (data parallel)
     unit: str = "examples"  # what `examples` counts: "pairs" for DPO/ORPO, each two rows
+    # what StepReport.memory_peak counts (the backend's memory_stats()["source"]): the
+    # allocator's high-water mark, or on a CPU the whole process's resident memory
+    memory_source: str = ""
     kind: str = field(init=False, default="start")
 
 

@@ -32,6 +32,19 @@ def _fmt_time(s) -> str:
         f"{s // 60:02d}:{s % 60:02d}"
 
 
+def peak_words(source: str) -> tuple[str, str]:
+    """(label, meaning) of a step report's memory_peak, from the backend's memory source
+    (RunStarted.memory_source): on a CPU it is the whole process's resident memory, far more
+    than the tensors of a small model, so it must not read as the tensors' peak."""
+    if source.startswith("process RSS"):
+        return "process", "whole trainer at its peak (RSS): Python, framework, weights"
+    if "current only" in source:
+        return "now", "tensors allocated at the newest step"
+    if source:
+        return "peak", f"{source}'s high-water mark"
+    return "peak", "the highest the trainer reported"
+
+
 class RunScreen(Screen):
     BINDINGS = [
         Binding("p", "pause", "Pause", tooltip="pause / resume the trainer after this step"),
@@ -62,7 +75,9 @@ class RunScreen(Screen):
             with VerticalScroll(id="side-box"):  # scrolls where the screen is short
                 yield Static(id="side")
         yield Static("", id="settings")
-        yield ProgressBar(id="progress", show_eta=False)
+        with Horizontal(id="progress-row"):  # the bar, with the trainer's own ETA
+            yield ProgressBar(id="progress", show_eta=False)
+            yield Static("", id="eta")
         with Horizontal(id="run-bottom"):
             yield RichLog(id="events", max_lines=500, wrap=True)
             with Vertical(id="try-panel"):
@@ -114,6 +129,7 @@ class RunScreen(Screen):
         self.query_one("#side", Static).update(self._stats_text() + self._memory_text())
         bar = self.query_one(ProgressBar)
         bar.update(total=max(st.total_steps, 1), progress=st.last.get("step", 0))
+        self.query_one("#eta", Static).update(self._eta_text())
         log = self.query_one(RichLog)
         for line in st.log[self.logged:]:
             log.write(line)
@@ -136,6 +152,7 @@ class RunScreen(Screen):
             for line in log_tail(self.run_dir, 5):
                 log.write(Text(line, style="red"))
             self.query_one("#side", Static).update(self._stats_text() + self._memory_text())
+            self.query_one("#eta", Static).update(self._eta_text())
             self.notify("the trainer died; see the event log", title="run died",
                         severity="error", timeout=30)
         return True
@@ -188,6 +205,13 @@ class RunScreen(Screen):
             t.append(usage + "\n", style="dim")
         return t
 
+    def _eta_text(self) -> Text:
+        """Beside the progress bar: the trainer's ETA while it runs, else the run's state."""
+        state, last = self.state(), self.follower.state.last
+        if state in ("running", "paused") and last:
+            return Text(f"eta {_fmt_time(last.get('eta_s'))}")
+        return Text(state, style="bold red" if state in ("failed", "died") else "dim")
+
     def _settings_text(self) -> Text:
         """The run's settings in one line: model, data, rank, lr, batch, dtype, backend."""
         cfg = self.follower.state.start.get("config") or {}
@@ -222,16 +246,15 @@ class RunScreen(Screen):
             same = st.memory.get("estimated_this_batch")
             if same:
                 t.append(f" ({100 * (same - measured) / measured:+.1f}% est)", style="dim")
-            t.append("\n")
+            t.append(f"\n tensors' peak of full step {st.memory.get('step', '?')}\n",
+                     style="dim")
         peaks = st.memory.get("rank_peaks")
         if peaks:
             t.append("per rank  " + ", ".join(fmt_bytes(p) for p in peaks) + "\n")
         if st.last.get("memory_peak"):
-            t.append(f"peak now  {fmt_bytes(st.last['memory_peak'])}\n")
-        if measured or st.last.get("memory_peak"):
-            t.append("measured: tensor peak of one full step, beside the estimate for that "
-                     "batch" + ("; per rank: each process's" if peaks else "") +
-                     "; peak now: the newest step's peak\n", style="dim")
+            label, meaning = peak_words(st.start.get("memory_source", ""))
+            t.append(f"{label:<9} {fmt_bytes(st.last['memory_peak'])}\n")
+            t.append(f" {meaning}\n", style="dim")
         if est.get("breakdown"):
             parts = [(k, v) for k, v in est["breakdown"].items() if v]
             t.append(memory_bar(parts, est.get("budget"), width=27))

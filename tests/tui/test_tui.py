@@ -147,7 +147,8 @@ def write_run(run_dir: Path, steps: int, total: int, lr: float, finished: bool) 
     emit(ev.RunStarted(total_steps=total, examples=96, val_examples=24, backend="torch",
                        device="cpu", trainable="trainable params: 36,864 || all params: "
                        "1,234,496 || trainable%: 2.9862",
-                       config={"model": "tiny-model", "backend": "torch"}, estimate=ESTIMATE))
+                       config={"model": "tiny-model", "backend": "torch"}, estimate=ESTIMATE,
+                       memory_source="process RSS high-water mark"))
     for step in range(1, steps + 1):
         loss = 0.6 + 2.4 * math.exp(-step * lr * 25) + 0.15 * math.sin(step * 1.7)
         emit(ev.StepReport(step=step, epoch=step / 24, loss=loss, lr=lr, grad_norm=1.5,
@@ -459,6 +460,10 @@ def test_watch_shows_the_full_history_of_a_headless_run(tiny_run_inputs, headles
             await pilot.pause(0.5)
             assert "12/12" in panel_text(run, "#side")
             assert "measured" in panel_text(run, "#side")
+            # torch on the CPU: the step reports' peak is the process's resident memory
+            assert st.start["memory_source"].startswith("process RSS")
+            assert "whole trainer at its peak (RSS)" in " ".join(
+                panel_text(run, "#side").split())
             assert "saved" in log_text(run) and "run completed at step 12" in log_text(run)
             await pilot.press("escape")  # back to set-up; the browser lists the run
             await pilot.press("ctrl+r")
