@@ -425,7 +425,23 @@ def test_help_lists_every_key_of_the_screen(fixed_runs):
             await pilot.press("escape")
             await pilot.pause(0.1)
             assert isinstance(app.screen, RunScreen)
+
+    async def other_screens():  # the set-up screen's keys, then the runs list's
+        app = LorafitApp(runs_root=fixed_runs)
+        async with app.run_test(size=(120, 36)) as pilot:
+            for keys, screen_keys in ((("escape",), ("ctrl+s", "ctrl+r", "ctrl+f", "ctrl+o",
+                                                     "esc")),
+                                      (("ctrl+r",), ("enter", "space", "c", "r", "u", "esc"))):
+                await pilot.press(*keys, "question_mark")
+                await pilot.pause(0.2)
+                assert isinstance(app.screen, HelpScreen)
+                text = panel_text(app.screen, "#help-text")
+                for key in screen_keys + ("ctrl+q", "?", "d"):
+                    assert f"  {key} " in text, key
+                await pilot.press("escape")
+                await pilot.pause(0.1)
     run(scenario())
+    run(other_screens())
 
 
 def test_the_memory_bar_marks_the_capacity_and_shows_the_overflow_in_red():
