@@ -45,6 +45,43 @@ def peak_words(source: str) -> tuple[str, str]:
     return "peak", "the highest the trainer reported"
 
 
+class SettingsRow(Static):
+    """The run's settings in one row, whole at any width: labelled where there is room,
+    else the values that speak for themselves (model, data, dtype, backend) without their
+    labels and long names shortened, so the backend/device at the end is never cut."""
+
+    UNLABELLED = ("model", "data", "dtype", "on")
+
+    def __init__(self, **kw):
+        super().__init__("", **kw)
+        self.parts: list[tuple[str, str]] = []
+
+    def show(self, parts: list[tuple[str, str]]) -> None:
+        self.parts = parts
+        self.refresh()
+
+    def render(self) -> Text:
+        width = self.size.width or 10**6
+        text = self._line(labels=True, longest=10**6)
+        for longest in (10**6, 24, 16, 10):
+            if text.cell_len <= width:
+                break
+            text = self._line(labels=False, longest=longest)
+        return text
+
+    def _line(self, labels: bool, longest: int) -> Text:
+        t = Text()
+        for i, (k, v) in enumerate(self.parts):
+            v = str(v)
+            t.append("  " if i else " ")
+            if labels or k not in self.UNLABELLED:
+                t.append(f"{k} ", style="dim")
+            elif k in ("model", "data") and len(v) > longest:
+                v = v[:longest - 1] + "…"
+            t.append(v, style="bold")
+        return t
+
+
 class RunScreen(Screen):
     BINDINGS = [
         Binding("p", "pause", "Pause", tooltip="pause / resume the trainer after this step"),
@@ -74,7 +111,7 @@ class RunScreen(Screen):
             yield LossPlot(id="plot")
             with VerticalScroll(id="side-box"):  # scrolls where the screen is short
                 yield Static(id="side")
-        yield Static("", id="settings")
+        yield SettingsRow(id="settings")
         with Horizontal(id="progress-row"):  # the bar, with the trainer's own ETA
             yield ProgressBar(id="progress", show_eta=False)
             yield Static("", id="eta")
@@ -124,7 +161,7 @@ class RunScreen(Screen):
         if not changed:
             return
         st = self.follower.state
-        self.query_one("#settings", Static).update(self._settings_text())
+        self.query_one(SettingsRow).show(self._settings())
         self.query_one(LossPlot).update_state(st)
         self.query_one("#side", Static).update(self._stats_text() + self._memory_text())
         bar = self.query_one(ProgressBar)
@@ -212,23 +249,18 @@ class RunScreen(Screen):
             return Text(f"eta {_fmt_time(last.get('eta_s'))}")
         return Text(state, style="bold red" if state in ("failed", "died") else "dim")
 
-    def _settings_text(self) -> Text:
-        """The run's settings in one line: model, data, rank, lr, batch, dtype, backend."""
+    def _settings(self) -> list[tuple[str, str]]:
+        """The run's settings: model, data, rank, lr, batch, dtype, backend/device."""
         cfg = self.follower.state.start.get("config") or {}
         st = self.follower.state.start
         if not cfg:
-            return Text("")
-        parts = [("model", Path(str(cfg.get("model", "?"))).name or cfg.get("model")),
-                 ("data", Path(str(cfg.get("data", ""))).name or "-"),
-                 ("rank", cfg.get("rank", "-")), ("lr", cfg.get("lr", "-")),
-                 ("batch", cfg.get("batch_size", "-")), ("dtype", cfg.get("dtype") or "auto"),
-                 ("on", f"{st.get('backend', cfg.get('backend', '?'))}/"
-                        f"{st.get('device', '?')}")]
-        t = Text()
-        for i, (k, v) in enumerate(parts):
-            t.append(("  " if i else " ") + f"{k} ", style="dim")
-            t.append(str(v), style="bold")
-        return t
+            return []
+        return [("model", Path(str(cfg.get("model", "?"))).name or cfg.get("model")),
+                ("data", Path(str(cfg.get("data", ""))).name or "-"),
+                ("rank", cfg.get("rank", "-")), ("lr", cfg.get("lr", "-")),
+                ("batch", cfg.get("batch_size", "-")), ("dtype", cfg.get("dtype") or "auto"),
+                ("on", f"{st.get('backend', cfg.get('backend', '?'))}/"
+                       f"{st.get('device', '?')}")]
 
     def _memory_text(self) -> Text:
         st = self.follower.state

@@ -494,10 +494,15 @@ def test_run_screen_shows_the_run_settings(fixed_runs):
             assert await wait_for(pilot, lambda: "model" in panel_text(app.screen,
                                                                        "#settings"))
             text = panel_text(app.screen, "#settings")
-            assert "tiny-model" in text and "torch/cpu" in text
+            row = app.screen.query_one("#settings")
+            assert text.startswith(" tiny-model  train.jsonl  rank 8  lr 0.001  batch 4")
+            assert text.endswith("torch/cpu") and len(text) <= row.size.width  # whole
+            await pilot.resize_terminal(120, 36)
+            await pilot.pause(0.3)
+            assert panel_text(app.screen, "#settings").startswith(" model tiny-model  data ")
             assert panel_text(app.screen, "#eta") == "eta 00:00"  # beside the progress bar
             bar, eta = app.screen.query_one("#progress"), app.screen.query_one("#eta")
-            assert bar.region.width + eta.region.width == SIZE[0]  # the bar: the full width
+            assert bar.region.width + eta.region.width == app.size[0]  # the full width
     run(scenario())
 
 
