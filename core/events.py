@@ -41,6 +41,9 @@ class RunStarted(Event):
     world_size: int = 1  # processes training together (data parallel)
     optimizer_shards: int = 1  # processes AdamW's state is spread over (--shard: world_size)
     unit: str = "examples"  # what `examples` counts: "pairs" for DPO/ORPO, each two rows
+    # what StepReport.memory_peak counts (the backend's memory_stats()["source"]): the
+    # allocator's high-water mark, or on a CPU the whole process's resident memory
+    memory_source: str = ""
     kind: str = field(init=False, default="start")
 
 

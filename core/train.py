@@ -320,7 +320,8 @@ class Trainer:
                                                   self.model.parameter_shapes()),
                                 config=c.to_dict(), estimate=self.estimate,
                                 world_size=self.world_size,
-                                optimizer_shards=self.optimizer.shards))
+                                optimizer_shards=self.optimizer.shards,
+                                memory_source=ops.memory_stats().get("source", "")))
         ops.reset_peak_memory()
         status, bad_in_a_row, t_start, steps_timed = "completed", 0, time.time(), 0
         error, start_step = None, self.pos.step

@@ -32,6 +32,56 @@ def _fmt_time(s) -> str:
         f"{s // 60:02d}:{s % 60:02d}"
 
 
+def peak_words(source: str) -> tuple[str, str]:
+    """(label, meaning) of a step report's memory_peak, from the backend's memory source
+    (RunStarted.memory_source): on a CPU it is the whole process's resident memory, far more
+    than the tensors of a small model, so it must not read as the tensors' peak."""
+    if source.startswith("process RSS"):
+        return "process", "whole trainer at its peak (RSS): Python, framework, weights"
+    if "current only" in source:
+        return "now", "tensors allocated at the newest step"
+    if source:
+        return "peak", f"{source}'s high-water mark"
+    return "peak", "the highest the trainer reported"
+
+
+class SettingsRow(Static):
+    """The run's settings in one row, whole at any width: labelled where there is room,
+    else the values that speak for themselves (model, data, dtype, backend) without their
+    labels and long names shortened, so the backend/device at the end is never cut."""
+
+    UNLABELLED = ("model", "data", "dtype", "on")
+
+    def __init__(self, **kw):
+        super().__init__("", **kw)
+        self.parts: list[tuple[str, str]] = []
+
+    def show(self, parts: list[tuple[str, str]]) -> None:
+        self.parts = parts
+        self.refresh()
+
+    def render(self) -> Text:
+        width = self.size.width or 10**6
+        text = self._line(labels=True, longest=10**6)
+        for longest in (10**6, 24, 16, 10):
+            if text.cell_len <= width:
+                break
+            text = self._line(labels=False, longest=longest)
+        return text
+
+    def _line(self, labels: bool, longest: int) -> Text:
+        t = Text()
+        for i, (k, v) in enumerate(self.parts):
+            v = str(v)
+            t.append("  " if i else " ")
+            if labels or k not in self.UNLABELLED:
+                t.append(f"{k} ", style="dim")
+            elif k in ("model", "data") and len(v) > longest:
+                v = v[:longest - 1] + "…"
+            t.append(v, style="bold")
+        return t
+
+
 class RunScreen(Screen):
     BINDINGS = [
         Binding("p", "pause", "Pause", tooltip="pause / resume the trainer after this step"),
@@ -61,8 +111,10 @@ class RunScreen(Screen):
             yield LossPlot(id="plot")
             with VerticalScroll(id="side-box"):  # scrolls where the screen is short
                 yield Static(id="side")
-        yield Static("", id="settings")
-        yield ProgressBar(id="progress", show_eta=False)
+        yield SettingsRow(id="settings")
+        with Horizontal(id="progress-row"):  # the bar, with the trainer's own ETA
+            yield ProgressBar(id="progress", show_eta=False)
+            yield Static("", id="eta")
         with Horizontal(id="run-bottom"):
             yield RichLog(id="events", max_lines=500, wrap=True)
             with Vertical(id="try-panel"):
@@ -109,11 +161,12 @@ class RunScreen(Screen):
         if not changed:
             return
         st = self.follower.state
-        self.query_one("#settings", Static).update(self._settings_text())
+        self.query_one(SettingsRow).show(self._settings())
         self.query_one(LossPlot).update_state(st)
         self.query_one("#side", Static).update(self._stats_text() + self._memory_text())
         bar = self.query_one(ProgressBar)
         bar.update(total=max(st.total_steps, 1), progress=st.last.get("step", 0))
+        self.query_one("#eta", Static).update(self._eta_text())
         log = self.query_one(RichLog)
         for line in st.log[self.logged:]:
             log.write(line)
@@ -136,6 +189,7 @@ class RunScreen(Screen):
             for line in log_tail(self.run_dir, 5):
                 log.write(Text(line, style="red"))
             self.query_one("#side", Static).update(self._stats_text() + self._memory_text())
+            self.query_one("#eta", Static).update(self._eta_text())
             self.notify("the trainer died; see the event log", title="run died",
                         severity="error", timeout=30)
         return True
@@ -188,23 +242,25 @@ class RunScreen(Screen):
             t.append(usage + "\n", style="dim")
         return t
 
-    def _settings_text(self) -> Text:
-        """The run's settings in one line: model, data, rank, lr, batch, dtype, backend."""
+    def _eta_text(self) -> Text:
+        """Beside the progress bar: the trainer's ETA while it runs, else the run's state."""
+        state, last = self.state(), self.follower.state.last
+        if state in ("running", "paused") and last:
+            return Text(f"eta {_fmt_time(last.get('eta_s'))}")
+        return Text(state, style="bold red" if state in ("failed", "died") else "dim")
+
+    def _settings(self) -> list[tuple[str, str]]:
+        """The run's settings: model, data, rank, lr, batch, dtype, backend/device."""
         cfg = self.follower.state.start.get("config") or {}
         st = self.follower.state.start
         if not cfg:
-            return Text("")
-        parts = [("model", Path(str(cfg.get("model", "?"))).name or cfg.get("model")),
-                 ("data", Path(str(cfg.get("data", ""))).name or "-"),
-                 ("rank", cfg.get("rank", "-")), ("lr", cfg.get("lr", "-")),
-                 ("batch", cfg.get("batch_size", "-")), ("dtype", cfg.get("dtype") or "auto"),
-                 ("on", f"{st.get('backend', cfg.get('backend', '?'))}/"
-                        f"{st.get('device', '?')}")]
-        t = Text()
-        for i, (k, v) in enumerate(parts):
-            t.append(("  " if i else " ") + f"{k} ", style="dim")
-            t.append(str(v), style="bold")
-        return t
+            return []
+        return [("model", Path(str(cfg.get("model", "?"))).name or cfg.get("model")),
+                ("data", Path(str(cfg.get("data", ""))).name or "-"),
+                ("rank", cfg.get("rank", "-")), ("lr", cfg.get("lr", "-")),
+                ("batch", cfg.get("batch_size", "-")), ("dtype", cfg.get("dtype") or "auto"),
+                ("on", f"{st.get('backend', cfg.get('backend', '?'))}/"
+                       f"{st.get('device', '?')}")]
 
     def _memory_text(self) -> Text:
         st = self.follower.state
@@ -222,16 +278,15 @@ class RunScreen(Screen):
             same = st.memory.get("estimated_this_batch")
             if same:
                 t.append(f" ({100 * (same - measured) / measured:+.1f}% est)", style="dim")
-            t.append("\n")
+            t.append(f"\n tensors' peak of full step {st.memory.get('step', '?')}\n",
+                     style="dim")
         peaks = st.memory.get("rank_peaks")
         if peaks:
             t.append("per rank  " + ", ".join(fmt_bytes(p) for p in peaks) + "\n")
         if st.last.get("memory_peak"):
-            t.append(f"peak now  {fmt_bytes(st.last['memory_peak'])}\n")
-        if measured or st.last.get("memory_peak"):
-            t.append("measured: tensor peak of one full step, beside the estimate for that "
-                     "batch" + ("; per rank: each process's" if peaks else "") +
-                     "; peak now: the newest step's peak\n", style="dim")
+            label, meaning = peak_words(st.start.get("memory_source", ""))
+            t.append(f"{label:<9} {fmt_bytes(st.last['memory_peak'])}\n")
+            t.append(f" {meaning}\n", style="dim")
         if est.get("breakdown"):
             parts = [(k, v) for k, v in est["breakdown"].items() if v]
             t.append(memory_bar(parts, est.get("budget"), width=27))

@@ -21,8 +21,8 @@ from textual.screen import Screen
 from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, Select, Static
 
 from lorafit.core import rundir
-from lorafit.core.config import (BACKENDS, METHODS, ON_BAD_RECORD, QUANTIZE, SCHEDULES,
-                                 resolve, to_toml)
+from lorafit.core.config import (BACKENDS, DPO_LOSSES, METHODS, ON_BAD_RECORD, QUANTIZE,
+                                 SCHEDULES, resolve, to_toml)
 from lorafit.core.errors import LorafitError
 from lorafit.tui.pickers import DataFilePicker, ModelSuggester
 from lorafit.tui.widgets import fmt_bytes, histogram, memory_bar
@@ -48,21 +48,34 @@ FIELDS = [  # (id, label, default, TrainConfig field, parser)
     ("budget", "budget", "", None, str),
     ("beta", "beta", "0.1", "beta", float),  # shown for dpo and kto (METHOD_FIELDS)
     ("orpo_lambda", "orpo lambda", "0.1", "orpo_lambda", float),  # shown for orpo
+    ("kto_desirable_weight", "desirable wt", "1.0", "kto_desirable_weight", float),  # kto
+    ("kto_undesirable_weight", "undesirable wt", "1.0", "kto_undesirable_weight", float),
+    ("reward", "reward", "", "reward", str),  # grpo: file.py:function
+    ("num_generations", "generations", "4", "num_generations", int),  # grpo
+    ("max_new_tokens", "new tokens", "64", "max_new_tokens", int),  # grpo
 ]
-METHOD_FIELDS = {"beta": ("dpo", "kto"), "orpo_lambda": ("orpo",)}  # field -> methods using it
+METHOD_FIELDS = {  # field -> the methods using it: shown (and passed) only for those
+    "beta": ("dpo", "kto"), "dpo_loss": ("dpo",), "orpo_lambda": ("orpo",),
+    "kto_desirable_weight": ("kto",), "kto_undesirable_weight": ("kto",),
+    "reward": ("grpo",), "num_generations": ("grpo",), "max_new_tokens": ("grpo",)}
 PLACEHOLDERS = {"model": "folder, hub id (a preset only estimates)",
                 "data": ".jsonl / .json", "output": "empty: RUNS/run-DATE",
                 "max_steps": "empty: epochs", "eval_every": "empty: never",
                 "save_every": "empty: at the end", "budget": "empty: the device's memory",
-                "nproc": "data parallel: one per GPU or core"}
+                "nproc": "data parallel: one per GPU or core",
+                "reward": "file.py:function", "num_generations": "completions per prompt",
+                "max_new_tokens": "longest completion sampled"}
 SELECTS = [  # (id, label, choices, default; None: a blank that must be chosen when needed)
     ("backend", "backend", BACKENDS, "auto"),
+    ("device", "device", ("auto", "cpu", "cuda", "mps", "metal"), "auto"),
     ("dtype", "base dtype", ("auto", "fp32", "bf16", "fp16"), "auto"),
     ("quantize", "quantize", ("none",) + QUANTIZE, "none"),
     ("schedule", "schedule", SCHEDULES, "cosine"),
     ("on_bad_record", "bad records", ON_BAD_RECORD, None),
     ("method", "method", METHODS, "sft"),  # preference tuning: README "Preference tuning"
+    ("dpo_loss", "dpo loss", DPO_LOSSES, "sigmoid"),  # shown for dpo (METHOD_FIELDS)
 ]
+BACKEND_DEVICES = {"torch": ("cpu", "cuda", "mps"), "mlx": ("cpu", "metal")}
 FLAG_FIELDS = {"--batch-size": "batch_size", "--grad-accum": "grad_accum",
                "--seq-len": "seq_len", "--rank": "rank", "--dtype": "dtype",
                "--quantize": "quantize", "--grad-checkpoint": "grad_checkpoint"}
@@ -117,7 +130,7 @@ class SetupScreen(Screen):
                     if fid not in METHOD_FIELDS:
                         yield from self._input_row(fid, label, default)
                 for sid, label, choices, default in SELECTS:
-                    with Horizontal(classes="row"):
+                    with Horizontal(classes="row", id=f"row-{sid}"):
                         yield Label(label)
                         yield Select([(c, c) for c in choices], value=default or Select.NULL,
                                      allow_blank=default is None, id=sid,
@@ -175,7 +188,9 @@ class SetupScreen(Screen):
         if n > 1:
             from lorafit.backends.devices import process_limit
 
-            limit, what = process_limit(self.query_one("#backend", Select).value)
+            device = self.query_one("#device", Select).value
+            limit, what = process_limit(self.query_one("#backend", Select).value,
+                                        None if device == "auto" else device)
             if n > limit:
                 raise LorafitError(f"processes: at most {limit} here ({what}), got {n}")
         return n
@@ -199,6 +214,13 @@ class SetupScreen(Screen):
             except ValueError:
                 raise LorafitError(f"{label}: {text!r} is not a valid value") from None
         values["backend"] = self.query_one("#backend", Select).value
+        device = self.query_one("#device", Select).value
+        if device != "auto":
+            if device not in BACKEND_DEVICES.get(values["backend"], (device,)):
+                raise LorafitError(f"device: {values['backend']} runs on "
+                                   f"{' or '.join(BACKEND_DEVICES[values['backend']])}, "
+                                   f"not {device}")
+            values["device"] = device
         dtype = self.query_one("#dtype", Select).value
         if dtype != "auto":
             values["dtype"] = dtype
@@ -207,6 +229,12 @@ class SetupScreen(Screen):
             values["quantize"] = quantize
         values["schedule"] = self.query_one("#schedule", Select).value
         values["method"] = method
+        if method in METHOD_FIELDS["dpo_loss"]:
+            values["dpo_loss"] = self.query_one("#dpo_loss", Select).value
+        if method == "grpo":
+            problem = reward_problem(values.get("reward", ""))
+            if problem:
+                raise LorafitError(problem)
         bad = self.query_one("#on_bad_record", Select).value
         if bad in ON_BAD_RECORD:
             values["on_bad_record"] = bad
@@ -228,7 +256,8 @@ class SetupScreen(Screen):
 
     @on(Select.Changed, "#method")
     def show_method_fields(self, event=None) -> None:
-        """beta for dpo and kto, orpo lambda for orpo; hidden (and not passed) otherwise."""
+        """Each method's own settings (METHOD_FIELDS): beta and the loss for dpo, the weights
+        for kto, the reward and group for grpo...; hidden (and not passed) otherwise."""
         method = self.query_one("#method", Select).value
         for fid, methods in METHOD_FIELDS.items():
             self.query_one(f"#row-{fid}").display = method in methods
@@ -301,11 +330,11 @@ class SetupScreen(Screen):
 
     @work(thread=True, exclusive=True, group="data")
     def _update_data(self, cfg) -> None:
-        from lorafit.core.data import check_dataset_file, load_dataset
+        from lorafit.core.data import load_dataset
 
         panel = self.query_one("#data-panel", Static)
         try:
-            stats = check_dataset_file(cfg.data, "skip", cfg.method)
+            stats = check_data(cfg.data, cfg.method)
         except LorafitError as e:
             if self._still("data", cfg.data):
                 self.data_problems = []
@@ -323,6 +352,14 @@ class SetupScreen(Screen):
                                                     cfg.seq_len, "skip")
                     count = f"{tstats.examples} examples"
                     truncated, problems = tstats.truncated, tstats.problems
+                elif cfg.method == "grpo":  # prompts; completions are sampled
+                    from lorafit.core.grpo_data import load_prompts
+
+                    pset, problems = load_prompts(cfg.data, load_tokenizer(cfg.model),
+                                                  cfg.seq_len, cfg.max_new_tokens, "skip")
+                    examples, truncated = pset.examples, None  # too long: a problem
+                    count = (f"{len(pset)} prompts x {cfg.num_generations} completions of "
+                             f"up to {cfg.max_new_tokens} tokens")
                 else:  # preference records: pairs (two sequences each) or labelled ones
                     from lorafit.core.preference_data import load_preferences
 
@@ -331,7 +368,8 @@ class SetupScreen(Screen):
                     examples, truncated = pset.examples, pset.truncated
                     count = f"{len(pset)} {'pairs' if pset.kind == 'pairs' else 'completions'}"
                 lengths = [e.input_ids.size for e in examples]
-                body.append(f"{count}, {truncated} truncated to {cfg.seq_len} tokens\n")
+                body.append(f"{count}\n" if truncated is None else
+                            f"{count}, {truncated} truncated to {cfg.seq_len} tokens\n")
                 stats.problems = problems
             except LorafitError as e:
                 body.append(f"{e}\n", style="red")
@@ -388,9 +426,10 @@ class SetupScreen(Screen):
                                    f"{f' (pid {pid})' if pid else ''}; choose another directory")
             if rundir.holds_checkpoints(run_dir):
                 raise LorafitError(f"{run_dir} already holds a run; choose another directory")
-            from lorafit.core.data import check_dataset_file
-            problems = check_dataset_file(cfg.data, "skip", cfg.method).problems \
-                or self.data_problems
+            problems = check_data(cfg.data, cfg.method).problems or self.data_problems
+            if cfg.method == "grpo":  # the user's file, as the trainer will import it
+                from lorafit.core.rewards import load_reward
+                load_reward(cfg.reward)
             if problems and self.query_one("#on_bad_record", Select).value not in ON_BAD_RECORD:
                 raise LorafitError(f"the data has {len(problems)} bad record(s) "
                                    f"({problems[0]}): choose 'bad records' skip (drop them) "
@@ -434,6 +473,37 @@ class SetupScreen(Screen):
         self.app.push_screen(BrowserScreen(self.app.runs_root))
 
 
+def reward_problem(spec: str) -> str | None:
+    """Why the reward field cannot name a GRPO reward function (None when it may): the
+    shape file.py:function and an existing file. The file is imported by the trainer only,
+    not on every key press."""
+    path, sep, name = spec.rpartition(":")
+    if not spec:
+        return "reward: grpo needs a reward function, file.py:function"
+    if not sep or not path or not name.isidentifier():
+        return f"reward: {spec!r} is not file.py:function"
+    if not Path(path).expanduser().is_file():
+        return f"reward: no file {path}"
+    return None
+
+
+def check_data(path: str, method: str):
+    """The data check without a tokenizer (core/data.py's, or GRPO's prompts): good records
+    and the problems, as a DatasetStats."""
+    from lorafit.core.data import DatasetStats, check_dataset_file
+
+    if method != "grpo":
+        return check_dataset_file(path, "skip", method)
+    from lorafit.core.grpo_data import scan
+
+    entries = scan(path)
+    problems = [f"{w}: {why}" for w, _, why in entries if why]
+    if len(problems) == len(entries):
+        raise LorafitError(f"{path}: no usable prompts; first problem: {problems[0]}")
+    return DatasetStats(format="grpo prompts", records=len(entries) - len(problems),
+                        problems=problems)
+
+
 def shared_need(est: dict, nproc: int) -> int | None:
     """What nproc processes need together where they share one memory (every process holds
     the whole base: data parallel shards nothing); None for one process or one GPU each."""
@@ -451,6 +521,9 @@ def absolute_paths(cfg):
         changes["val_data"] = str(Path(cfg.val_data).expanduser().resolve())
     if Path(cfg.model).expanduser().exists():
         changes["model"] = str(Path(cfg.model).expanduser().resolve())
+    if cfg.reward:  # file.py:function, the file resolved
+        path, _, name = cfg.reward.rpartition(":")
+        changes["reward"] = f"{Path(path).expanduser().resolve()}:{name}"
     return dataclasses.replace(cfg, **changes)
 
 

@@ -229,21 +229,39 @@ def fmt_bytes(n) -> str:
 
 
 def memory_bar(parts: list[tuple[str, int]], capacity: int | None, width: int = 40) -> Text:
-    """A stacked bar of named byte counts against a capacity, with a legend."""
+    """A stacked bar of named byte counts against a capacity, with a legend. The capacity is
+    a marker (┃): at the bar's end when the parts fit, inside it when they do not, and the
+    cells past it are red (the overflow)."""
     palette = ["cyan", "green", "yellow", "magenta", "blue", "red", "bright_cyan",
                "bright_green", "bright_magenta", "white"]
     total = sum(v for _, v in parts)
+    cells = width - 1 if capacity else width  # one cell for the capacity marker
     scale = max(capacity or 0, total, 1)
-    bar = Text()
-    used = 0
+    cap_at = int(round(capacity / scale * cells)) if capacity else None
+    styles = []
     for i, (_, v) in enumerate(parts):
-        n = int(round(v / scale * width))
-        bar.append("█" * n, style=palette[i % len(palette)])
-        used += n
-    bar.append("░" * max(width - used, 0), style="grey35")
+        styles += [palette[i % len(palette)]] * int(round(v / scale * cells))
+    styles = styles[:cells]
+    bar = Text()
+    for col in range(cells):
+        if col == cap_at:
+            bar.append("┃", style="bold")
+        if col < len(styles):
+            over = cap_at is not None and col >= cap_at
+            bar.append("█", style="bold red" if over else styles[col])
+        else:
+            bar.append("░", style="grey35")
+    if cap_at is not None and cap_at >= cells:
+        bar.append("┃", style="bold")
     out = Text()
     out.append(bar)
     out.append("\n")
+    if capacity:
+        out.append("┃ ", style="bold")
+        out.append(f"capacity {fmt_bytes(capacity)}")
+        if total > capacity:
+            out.append(f", over by {fmt_bytes(total - capacity)}", style="bold red")
+        out.append("\n")
     for i, (name, v) in enumerate(parts):
         if v:
             out.append("■ ", style=palette[i % len(palette)])

@@ -147,7 +147,10 @@ def write_run(run_dir: Path, steps: int, total: int, lr: float, finished: bool) 
     emit(ev.RunStarted(total_steps=total, examples=96, val_examples=24, backend="torch",
                        device="cpu", trainable="trainable params: 36,864 || all params: "
                        "1,234,496 || trainable%: 2.9862",
-                       config={"model": "tiny-model", "backend": "torch"}, estimate=ESTIMATE))
+                       config={"model": "tiny-model", "backend": "torch",
+                               "data": "train.jsonl", "rank": 8, "lr": lr, "batch_size": 4,
+                               "warmup_steps": 4, "schedule": "cosine"}, estimate=ESTIMATE,
+                       memory_source="process RSS high-water mark"))
     for step in range(1, steps + 1):
         loss = 0.6 + 2.4 * math.exp(-step * lr * 25) + 0.15 * math.sin(step * 1.7)
         emit(ev.StepReport(step=step, epoch=step / 24, loss=loss, lr=lr, grad_norm=1.5,
@@ -207,6 +210,8 @@ def test_run_screen_snapshot(fixed_runs, tmp_path, size, theme, run):
             await pilot.pause(0.5)
             assert f"{total}/40" in panel_text(screen, "#side")
             assert "step 12: paused" in log_text(screen)  # typed events reach the log
+            sparks = str(screen.query_one("#plot").render()).splitlines()[-1]
+            assert sparks.startswith("lr ") and "tok/s" in sparks and "gnorm" in sparks
             assert screen.query_one("#plot").size.height >= (size[1] - 13 if size[1] > 30
                                                              else 8)
             check_snapshot(app, snap_name("run", size, theme), tmp_path / "out")
@@ -459,6 +464,10 @@ def test_watch_shows_the_full_history_of_a_headless_run(tiny_run_inputs, headles
             await pilot.pause(0.5)
             assert "12/12" in panel_text(run, "#side")
             assert "measured" in panel_text(run, "#side")
+            # torch on the CPU: the step reports' peak is the process's resident memory
+            assert st.start["memory_source"].startswith("process RSS")
+            assert "whole trainer at its peak (RSS)" in " ".join(
+                panel_text(run, "#side").split())
             assert "saved" in log_text(run) and "run completed at step 12" in log_text(run)
             await pilot.press("escape")  # back to set-up; the browser lists the run
             await pilot.press("ctrl+r")

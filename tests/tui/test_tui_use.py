@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lorafit.core import rundir
+from lorafit.core.errors import LorafitError
 from lorafit.tui.app import ConfirmScreen, HelpScreen, LorafitApp, QuitScreen
 from lorafit.tui.browser import BrowserScreen
 from lorafit.tui.run_screen import RunScreen
@@ -249,6 +250,9 @@ def test_start_asks_when_the_run_does_not_fit(tiny_run_inputs, tmp_path, monkeyp
             screen = app.screen
             await fill(pilot, screen, model=folder, data=data, output=tmp_path / "f",
                        batch_size=2, seq_len=32, budget="1MiB")
+            assert await wait_for(pilot, lambda: panel_text(screen, "#memory-panel")
+                                  .startswith("does NOT fit"))  # the problem first
+            assert "capacity 1 MiB, over by" in panel_text(screen, "#memory-panel")
             await pilot.press("ctrl+s")
             await pilot.pause(0.3)
             assert isinstance(app.screen, ConfirmScreen) and not app.started
@@ -356,6 +360,7 @@ def test_eta_is_cleared_once_the_run_is_over(fixed_runs):
             screen = app.screen
             assert await wait_for(pilot, lambda: "completed" in panel_text(screen, "#side"))
             assert "eta -" in panel_text(screen, "#side")
+            assert panel_text(screen, "#eta") == "completed"  # beside the bar, no ETA
     run(scenario())
 
 
@@ -420,7 +425,66 @@ def test_help_lists_every_key_of_the_screen(fixed_runs):
             await pilot.press("escape")
             await pilot.pause(0.1)
             assert isinstance(app.screen, RunScreen)
+
+    async def other_screens():  # the set-up screen's keys, then the runs list's
+        app = LorafitApp(runs_root=fixed_runs)
+        async with app.run_test(size=(120, 36)) as pilot:
+            for keys, screen_keys in ((("escape",), ("ctrl+s", "ctrl+r", "ctrl+f", "ctrl+o",
+                                                     "esc")),
+                                      (("ctrl+r",), ("enter", "space", "c", "r", "u", "esc"))):
+                await pilot.press(*keys, "question_mark")
+                await pilot.pause(0.2)
+                assert isinstance(app.screen, HelpScreen)
+                text = panel_text(app.screen, "#help-text")
+                for key in screen_keys + ("ctrl+q", "?", "d"):
+                    assert f"  {key} " in text, key
+                await pilot.press("escape")
+                await pilot.pause(0.1)
     run(scenario())
+    run(other_screens())
+
+
+def test_the_memory_bar_marks_the_capacity_and_shows_the_overflow_in_red():
+    from lorafit.tui.widgets import memory_bar
+
+    mib = 2**20
+    fits = memory_bar([("weights", 300 * mib), ("activations", 200 * mib)], 1000 * mib, 20)
+    bar = fits.plain.splitlines()[0]
+    assert len(bar) == 20 and bar.endswith("┃") and bar.count("┃") == 1
+    assert bar[:19] == "█" * 10 + "░" * 9  # half of the capacity used
+    assert "capacity 1000 MiB" in fits.plain and "over by" not in fits.plain
+    over = memory_bar([("weights", 300 * mib), ("activations", 900 * mib)], 1000 * mib, 20)
+    bar = over.plain.splitlines()[0]
+    cap = bar.index("┃")
+    assert len(bar) == 20 and 0 < cap < 19 and "░" not in bar
+    reds = {i for i in range(20) if "red" in str(over.get_style_at_offset(_console(), i))}
+    assert reds == set(range(cap + 1, 20))  # the cells past the capacity, and only those
+    assert "over by 200 MiB" in over.plain
+
+
+def _console():
+    from rich.console import Console
+    return Console()
+
+
+def test_the_loss_plot_joins_the_smoothed_line_and_turns_log_y_for_a_wide_range():
+    from lorafit.tui.widgets import plot_lines
+
+    xs = list(range(1, 31))
+    narrow = [2.0 - 0.03 * x for x in xs]
+    lines = [line.plain for line in plot_lines([(xs, narrow, "grey42", "line")], 40, 8,
+                                               x_max=40)]
+    assert "log y" not in lines[-1] and lines[-1].split()[-1] == "30/40"  # step/total
+    assert lines[-1].split()[:2] == ["step", "1"] and "20" in lines[-1]  # ticks
+    body = [l[7:] for l in lines[:-1]]
+    cols = {c for l in body for c, ch in enumerate(l) if ch != " "}
+    assert cols == set(range(min(cols), max(cols) + 1))  # joined: no gap between points
+    assert max(cols) < 40 - 7 - 5  # 30 of 40 steps: the x axis runs to the total
+    wide = [100.0 * 0.7 ** x for x in xs]  # 100 .. 0.002: a factor of 45,000
+    lines = [line.plain for line in plot_lines([(xs, wide, "grey42")], 40, 8, x_max=40)]
+    assert lines[-1].endswith("log y")
+    assert float(lines[0][:7]) == pytest.approx(70, rel=0.01)  # labels in loss units
+    assert float(lines[-2][:7]) == pytest.approx(100 * 0.7 ** 30, rel=0.05)
 
 
 def test_run_screen_shows_the_run_settings(fixed_runs):
@@ -430,7 +494,15 @@ def test_run_screen_shows_the_run_settings(fixed_runs):
             assert await wait_for(pilot, lambda: "model" in panel_text(app.screen,
                                                                        "#settings"))
             text = panel_text(app.screen, "#settings")
-            assert "tiny-model" in text and "torch/cpu" in text
+            row = app.screen.query_one("#settings")
+            assert text.startswith(" tiny-model  train.jsonl  rank 8  lr 0.001  batch 4")
+            assert text.endswith("torch/cpu") and len(text) <= row.size.width  # whole
+            await pilot.resize_terminal(120, 36)
+            await pilot.pause(0.3)
+            assert panel_text(app.screen, "#settings").startswith(" model tiny-model  data ")
+            assert panel_text(app.screen, "#eta") == "eta 00:00"  # beside the progress bar
+            bar, eta = app.screen.query_one("#progress"), app.screen.query_one("#eta")
+            assert bar.region.width + eta.region.width == app.size[0]  # the full width
     run(scenario())
 
 
@@ -511,6 +583,18 @@ def test_every_setup_field_is_reachable_at_80x24(tmp_path):
                 await pilot.press("tab")
                 await pilot.pause(0.05)
             assert set(seen) == set(fields)
+            needed = {"quantize", "dtype", "device", "backend", "budget", "grad_accum",
+                      "warmup_steps", "schedule", "save_every", "eval_every", "val_fraction",
+                      "on_bad_record", "nproc"}  # the fields issue 17 asks for
+            assert needed <= {w.id for w in fields}
+            screen.query_one("#backend", Select).value = "mlx"
+            screen.query_one("#device", Select).value = "cuda"
+            with pytest.raises(LorafitError, match="^device: mlx runs on cpu or metal, "
+                               "not cuda$"):
+                screen.config()
+            screen.query_one("#backend", Select).value = "torch"
+            await pilot.pause(0.05)
+            assert screen.config().device == "cuda"
     run(scenario())
 
 
@@ -518,8 +602,17 @@ def test_every_setup_field_is_reachable_at_80x24(tmp_path):
 def test_the_model_field_completes_presets_and_folders(tmp_path, monkeypatch):
     from textual.widgets import Input
 
+    from huggingface_hub.utils import _cache_manager
+
     (tmp_path / "models" / "tiny-a").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
+    hub = tmp_path / "hub"  # a Hugging Face cache holding one model, as a download leaves it
+    snap = hub / "models--someorg--tiny-cached" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (hub / "models--someorg--tiny-cached" / "refs").mkdir()
+    (hub / "models--someorg--tiny-cached" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(_cache_manager, "HF_HUB_CACHE", str(hub))
 
     async def scenario():
         app = LorafitApp(runs_root=tmp_path / "runs")
@@ -530,6 +623,11 @@ def test_the_model_field_completes_presets_and_folders(tmp_path, monkeypatch):
             await pilot.pause(0.3)
             await pilot.press("right")  # accepts the ghost-text completion
             assert field.value == "llama-3.1-8b"
+            field.value = ""
+            await pilot.press(*"someorg/t")
+            await pilot.pause(0.3)
+            await pilot.press("right")
+            assert field.value == "someorg/tiny-cached"
             field.value = ""
             await pilot.press(".", "/", "m")
             await pilot.pause(0.3)
@@ -607,6 +705,111 @@ def test_the_side_panel_is_whole_and_scrolls_into_view_at_80x24(fixed_runs):
             last_row = side.region.y + side.region.height - 1
             assert box.content_region.y <= last_row < box.content_region.bottom
     run(scenario())
+
+
+# -- each method's settings in the form (the CLI's --dpo-loss, --kto-*, --reward...) ---------
+def test_each_methods_settings_are_in_the_form_and_reach_config_toml(tiny_run_inputs, tmp_path,
+                                                                    monkeypatch):
+    """dpo: the loss; kto: the two weights; grpo: the reward function and the group size.
+    Each is shown only under its method, checked with a one-line problem, and written into
+    RUN/config.toml (the reward's file made absolute)."""
+    import json
+
+    import tomli_w
+    from textual.widgets import Select
+
+    import lorafit.tui.setup_screen as setup
+    from lorafit.core.config import to_toml
+
+    root, folder, data, _ = tiny_run_inputs
+    monkeypatch.setattr(setup, "start_training", lambda c, r, **kw: FakeProcess())
+    monkeypatch.chdir(tmp_path)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"prompt": f"say {w}", "chosen": f" {w}",
+                                           "rejected": " no"}) for w in "abcd"))
+    (tmp_path / "rewards.py").write_text("def short(prompts, completions, **kw):\n"
+                                         "    return [-len(c) for c in completions]\n")
+    own = ("dpo_loss", "kto_desirable_weight", "kto_undesirable_weight", "reward",
+           "num_generations", "max_new_tokens")
+
+    def shown(screen):
+        return {f for f in own if screen.query_one(f"#row-{f}").display}
+
+    def toml_of(cfg) -> dict:
+        return tomllib.loads(to_toml(setup.absolute_paths(cfg)))
+
+    async def scenario():
+        app = LorafitApp(runs_root=tmp_path / "runs")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            method = screen.query_one("#method", Select)
+            assert shown(screen) == set()  # sft
+            method.value = "dpo"
+            await fill(pilot, screen, model=folder, data=pairs, output=tmp_path / "d",
+                       batch_size=2, seq_len=32)
+            assert shown(screen) == {"dpo_loss"}
+            screen.query_one("#dpo_loss", Select).value = "ipo"
+            await pilot.press("ctrl+s")
+            assert await wait_for(pilot, lambda: isinstance(app.screen, RunScreen), 20)
+            assert tomllib.loads(rundir.config_path(tmp_path / "d").read_text())[
+                "dpo_loss"] == "ipo"
+            await pilot.press("escape")
+            await pilot.pause(0.2)
+            method.value = "kto"
+            await fill(pilot, screen, kto_desirable_weight=1.5, kto_undesirable_weight=0)
+            assert shown(screen) == {"kto_desirable_weight", "kto_undesirable_weight"}
+            assert await wait_for(pilot, lambda: panel_text(screen, "#memory-panel") ==
+                                  "kto-undesirable-weight must be a positive number, got 0.0")
+            await fill(pilot, screen, kto_undesirable_weight=0.5)
+            cfg = toml_of(screen.config())
+            assert (cfg["kto_desirable_weight"], cfg["kto_undesirable_weight"]) == (1.5, 0.5)
+            assert cfg["dpo_loss"] == "sigmoid"  # dpo's choice is not passed to kto
+            method.value = "grpo"
+            await fill(pilot, screen, data=data)
+            assert shown(screen) == {"reward", "num_generations", "max_new_tokens"}
+            for reward, why in (("", "grpo needs a reward function, file.py:function"),
+                                ("rewards.py", "'rewards.py' is not file.py:function"),
+                                ("nope.py:short", "no file nope.py")):
+                await fill(pilot, screen, reward=reward)
+                assert panel_text(screen, "#memory-panel") == f"reward: {why}"
+            await fill(pilot, screen, reward="rewards.py:short", num_generations="two")
+            assert panel_text(screen, "#memory-panel") == \
+                "generations: 'two' is not a valid value"
+            await fill(pilot, screen, num_generations=6, max_new_tokens=64)
+            assert panel_text(screen, "#memory-panel") == \
+                "max-new-tokens 64 leaves no room for a prompt in seq-len 32"
+            await fill(pilot, screen, max_new_tokens=16)
+            assert await wait_for(pilot, lambda: "32 prompts x 6 completions of up "
+                                  "to 16 tokens" in panel_text(screen, "#data-panel"), 30)
+            cfg = toml_of(screen.config())
+            assert cfg["reward"] == f"{(tmp_path / 'rewards.py').resolve()}:short"
+            assert (cfg["method"], cfg["num_generations"]) == ("grpo", 6)
+    run(scenario())
+
+
+# -- measured vs peak, in words ----------------------------------------------------------------
+def test_the_run_screen_says_what_measured_and_the_process_peak_are(fixed_runs):
+    """On a CPU the step report's peak is the whole process's resident memory (hundreds of
+    MiB of Python and torch for a tiny model whose step peaks at 1 MiB): it is labelled
+    "process" and explained, not shown as a second tensor peak; an allocator's peak says
+    whose it is."""
+    from lorafit.tui.run_screen import peak_words
+
+    async def scenario():
+        app = LorafitApp(watch=fixed_runs / "lr-1e-3", runs_root=fixed_runs)
+        async with app.run_test(size=(120, 36)) as pilot:
+            screen = app.screen
+            assert await wait_for(pilot, lambda: "process" in panel_text(screen, "#side"))
+            text = " ".join(panel_text(screen, "#side").split())
+            assert "measured 401 MiB" in text and "process 380 MiB" in text
+            assert "peak now" not in text and "newest step's peak" not in text
+            assert "measured 401 MiB (+1.0% est) tensors' peak of full step 2" in text
+            assert "process 380 MiB whole trainer at its peak (RSS): Python, framework, " \
+                "weights" in text
+    run(scenario())
+    assert peak_words("torch.cuda allocator") == (
+        "peak", "torch.cuda allocator's high-water mark")
+    assert peak_words("torch.mps (current only)")[0] == "now"
 
 
 # -- several processes (issue 11) and preference tuning (issue 18) --------------------------
