@@ -317,7 +317,12 @@ def _problems_of(entries) -> list[str]:
 def check_dataset_file(path, on_bad_record: str = "fail", method: str = "sft") -> DatasetStats:
     """Parse and validate without a tokenizer (streamed), so bad or empty data fails before
     any model is loaded. `examples`, `tokens` and friends stay 0. A preference method
-    checks its own records (core/preference_data.py); the format is then their kind."""
+    checks its own records (core/preference_data.py); the format is then their kind; GRPO
+    checks prompts (core/grpo_data.py)."""
+    if method == "grpo":
+        from lorafit.core.grpo_data import check_prompt_file
+
+        return DatasetStats(format="prompts", records=check_prompt_file(path, on_bad_record))
     if method != "sft":
         from lorafit.core.preference_data import check_records
 

@@ -253,6 +253,22 @@ def test_cli_mistakes_are_one_line(setup, tmp_path, capsys):
     assert len(load_grpo_prompts(cfg, setup.tokenizer)[0]) == 8
 
 
+def test_dataset_check_knows_grpo_prompts(setup, tmp_path):
+    """check_dataset_file (the TUI's and the CLI's data check) checks GRPO prompts as the
+    trainer reads them (it raised a KeyError for grpo)."""
+    from lorafit.core.data import check_dataset_file
+    from lorafit.core.errors import LorafitError
+
+    stats = check_dataset_file(setup.data, "fail", method="grpo")
+    assert stats.format == "prompts" and stats.records == len(
+        setup.data.read_text().splitlines())
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(setup.data.read_text() + '{"completion": "x"}\n')
+    with pytest.raises(LorafitError, match=r"bad\.jsonl:"):
+        check_dataset_file(bad, "fail", method="grpo")
+    assert check_dataset_file(bad, "skip", method="grpo").records == stats.records
+
+
 def test_prompts_render_with_the_generation_prompt_and_must_leave_room(tmp_path):
     import string
 
