@@ -148,9 +148,11 @@ def _gemma4_layer(a: ModelArgs, i: int, p: str, shapes: dict) -> None:
 
 
 def projection_weights(a: ModelArgs) -> set:
-    """Names of the `.weight` tensors of projections (what quantization applies to)."""
+    """Names of the `.weight` tensors of projections (what quantization applies to; their
+    biases stay dense, added after the quantized matmul)."""
     names = linear_modules(a)
-    return {k for k in parameter_shapes(a) if k.rsplit(".", 2)[-2] in names}
+    return {k for k in parameter_shapes(a)
+            if k.endswith(".weight") and k.rsplit(".", 2)[-2] in names}
 
 
 # -- forward ------------------------------------------------------------------------------

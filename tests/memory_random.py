@@ -93,7 +93,6 @@ def _family_overrides(mt: str, rng, L: int, D: int, T: int) -> dict:
         return dict(global_head_dim=2 * D, sliding_window=window, layer_types=_types(rng, L),
                     num_kv_shared_layers=shared, use_double_wide_mlp=bool(rng.integers(2)),
                     hidden_size_per_layer_input=per_layer,
-                    vocab_size_per_layer_input=512,
                     attention_k_eq_v=bool(rng.integers(2)), num_global_key_value_heads=1)
     if mt in HYBRID:
         kh = r(1, 2)
@@ -151,6 +150,9 @@ def random_case(rng, family: str, backend: str, name: str) -> Case:
     if big_vocab:  # keep the step short: a 150k head on few tokens
         batch, seq = 1, min(seq, 32)
     over = _family_overrides(family, rng, L, D, seq)
+    if family == "gemma4_text":  # as the real checkpoints: a per-layer row for every token
+        # id (a smaller table fails on ids past it in transformers and lorafit alike)
+        over["vocab_size_per_layer_input"] = vocab
     cls = transformers.AutoConfig.for_model(family).__class__
     base = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
                 num_hidden_layers=L, num_attention_heads=heads, num_key_value_heads=kv,
@@ -168,11 +170,9 @@ def random_case(rng, family: str, backend: str, name: str) -> Case:
         targets = targets.replace("down_proj", "c_proj")
     if family in SPARSE_MOE and "down_proj" in targets:
         targets = "q_proj,v_proj"
+    # 4-bit also on narrow models: their projections stay dense (input size not a multiple
+    # of 64) while output-sized biases are multiples of 64, which must stay dense too
     quant = "4bit" if rng.random() < 0.15 else None
-    if quant and backend == "torch" and hidden < 64:
-        # bitsandbytes' CPU 4-bit matmul fails on 32-wide projections (olmo2, hidden 32:
-        # "matmul_4bit: quant_state.shape must be 2D"), a lorafit/bitsandbytes bug to fix
-        quant = None
     return Case(name, layers=L, hidden=hidden, intermediate=inter, heads=heads,
                 kv_heads=kv, vocab=vocab, tied=cfg.get("tie_word_embeddings", False),
                 batch=batch, seq=seq, rank=r(4, 8, 16, 32, 64), targets=targets,

@@ -186,3 +186,47 @@ def test_dora_on_a_quantized_base_merges_to_the_same_logits(q_setup, backend_nam
     unmerged = B.to_numpy(model.logits(ids))
     lora.merge(model)
     assert np.abs(B.to_numpy(model.logits(ids)) - unmerged).max() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def biased_model(tmp_path_factory, tokenizer):
+    """qwen2 with random q/k/v biases of 128 and 64 elements (multiples of the group size)."""
+    import torch
+
+    folder, ref = build_hf_model(tmp_path_factory.mktemp("biased") / "model", "qwen2",
+                                 tokenizer, hidden_size=128, intermediate_size=256,
+                                 num_attention_heads=4, num_key_value_heads=2)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.5)
+    ref.save_pretrained(str(folder))
+    return folder, ref
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "mlx"])
+def test_quantized_base_keeps_projection_biases_dense(biased_model, backend_name):
+    """A bias is added after the quantized matmul, never quantized itself (it was when its
+    size was a multiple of 64: torch added its packed bytes, a shape error; MLX refused to
+    load). Logits equal transformers' on the dequantized weights, biases included."""
+    import torch
+
+    from lorafit.backends import get_backend
+
+    if backend_name == "torch":
+        pytest.importorskip("bitsandbytes")
+    folder, ref = biased_model
+    B = get_backend(backend_name, "cpu")
+    model = load_model(str(folder), B, quantize="4bit")
+    p = model.params
+    dequantized = {k: torch.from_numpy(B.to_numpy(B.dequantize(
+        p[k], p[k[:-len("weight")] + "scales"], p.get(k[:-len("weight")] + "biases"), 4, 64)))
+        for k in p if k.endswith(".weight") and k[:-len("weight")] + "scales" in p}
+    assert "model.layers.0.self_attn.q_proj.weight" in dequantized
+    assert tuple(B.to_numpy(p["model.layers.0.self_attn.k_proj.bias"]).shape) == (64,)
+    ref.load_state_dict(dequantized, strict=False)
+    ids = random_ids(320)
+    ours = B.to_numpy(model.logits(B.from_numpy(ids)))
+    with torch.no_grad():
+        theirs = ref(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
