@@ -210,6 +210,7 @@ class Backend(Protocol):
         softcap: the logits z become c = softcap * tanh(z / softcap) (in float32) before the
         loss, and the gradient gains the factor dc/dz = 1 - (c / softcap)^2."""
 
+    logit_chunk_elements: int  # logits one chunk of linear_cross_entropy holds (core/loss.py)
     quantization: tuple  # supported bit widths for frozen weights, () if none
     quantized_format: str  # "affine" (mlx-lm's group-wise scale+bias) or "nf4" (bitsandbytes)
 

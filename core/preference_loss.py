@@ -22,8 +22,9 @@ def row_logps(ops, model, params: dict, batch, recompute: bool):
     rows = batch.input_ids.shape[0]
     out = []
     for i in range(rows):
+        rows_at_once = chunk_rows(weight.shape[0], ops.logit_chunk_elements)
         s, _ = ops.linear_cross_entropy(h[i], weight, batch.targets[i], batch.loss_mask[i],
-                                        chunk_rows(weight.shape[0]),
+                                        rows_at_once,
                                         softcap=model.args.final_logit_softcapping)
         out.append(-s.reshape(1))
     return ops.concat(out, 0)

@@ -13,6 +13,8 @@ import math
 import numpy as np
 import mlx.core as mx
 
+from lorafit.core.loss import logit_chunk_elements as chunk_elements
+
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16,
            "int32": mx.int32, "int64": mx.int64, "bool": mx.bool_}
 _NAMES = {v: k for k, v in _DTYPES.items()}
@@ -348,17 +350,25 @@ class MLXBackend:
                 logits = (hs @ weight.T).astype(mx.float32)
                 if softcap is not None:
                     logits = mx.tanh(logits / softcap) * softcap
-                lse = mx.logsumexp(logits, axis=-1)
                 picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-                # (softmax - onehot) @ W  ==  softmax @ W - W[targets]: no (rows, V) one-hot
-                probs = mx.exp(logits - lse[:, None]) * m[:, None]
+                # one exp over the chunk for both the loss and the softmax: logsumexp and
+                # then exp(logits - lse) took two, and MLX's CPU exp is the head's main
+                # cost after its two matmuls
+                top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+                e = mx.exp(logits - top)
+                total = e.sum(axis=-1, keepdims=True)
+                lse = (top + mx.log(total))[:, 0]
                 row = m[:, None]
                 if softcap is not None:  # times dc/dz = 1 - (c / cap)^2, picked column too
                     slope = 1 - (logits / softcap) ** 2
-                    probs = probs * slope
+                    e = e * slope
                     row = row * mx.take_along_axis(slope, t[:, None], axis=-1)
-                probs = probs.astype(weight.dtype)
-                grad = (probs @ weight - weight[t] * row.astype(weight.dtype)).astype(mx.float32)
+                # (softmax - onehot) @ W  ==  (e @ W) / total - W[targets]: no (rows, V)
+                # one-hot, and the normalisation and the mask scale the (rows, C) product
+                # rather than the (rows, V) exponentials (no second (rows, V) buffer)
+                scale = (m[:, None] / total).astype(weight.dtype)
+                grad = ((e.astype(weight.dtype) @ weight) * scale
+                        - weight[t] * row.astype(weight.dtype)).astype(mx.float32)
                 blocks.append(mx.concatenate([grad, ((lse - picked) * m)[:, None]], axis=1))
             every = mx.concatenate(blocks, axis=0)
             return every[:, -1].sum(), every[:, :-1].astype(h_.dtype)
@@ -368,6 +378,8 @@ class MLXBackend:
             return outputs[1] * cotangents[0].astype(outputs[1].dtype)
 
         return fused(h)[0], mask.sum()
+
+    logit_chunk_elements = chunk_elements("mlx")  # core/loss.py
 
     quantization = (4, 8)
     quantized_format = "affine"
