@@ -351,24 +351,31 @@ class MLXBackend:
                 if softcap is not None:
                     logits = mx.tanh(logits / softcap) * softcap
                 picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-                # one exp over the chunk for both the loss and the softmax: logsumexp and
-                # then exp(logits - lse) took two, and MLX's CPU exp is the head's main
-                # cost after its two matmuls
-                top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
-                e = mx.exp(logits - top)
-                total = e.sum(axis=-1, keepdims=True)
-                lse = (top + mx.log(total))[:, 0]
                 row = m[:, None]
+                slope = None
                 if softcap is not None:  # times dc/dz = 1 - (c / cap)^2, picked column too
                     slope = 1 - (logits / softcap) ** 2
-                    e = e * slope
                     row = row * mx.take_along_axis(slope, t[:, None], axis=-1)
-                # (softmax - onehot) @ W  ==  (e @ W) / total - W[targets]: no (rows, V)
-                # one-hot, and the normalisation and the mask scale the (rows, C) product
-                # rather than the (rows, V) exponentials (no second (rows, V) buffer)
-                scale = (m[:, None] / total).astype(weight.dtype)
-                grad = ((e.astype(weight.dtype) @ weight) * scale
-                        - weight[t] * row.astype(weight.dtype)).astype(mx.float32)
+                if weight.dtype == mx.float32:
+                    # one exp over the chunk for both the loss and the softmax (MLX's CPU
+                    # exp is the head's largest cost after its two matmuls), and the
+                    # normalisation and mask scale the (rows, C) product, not (rows, V):
+                    # (softmax - onehot) @ W  ==  (e @ W) / total - W[targets]
+                    top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+                    e = mx.exp(logits - top)
+                    total = e.sum(axis=-1, keepdims=True)
+                    lse = (top + mx.log(total))[:, 0]
+                    if slope is not None:
+                        e = e * slope
+                    spread = (e @ weight) * (m[:, None] / total)
+                else:  # exp, mask and the cast to the weights' dtype fuse into one kernel
+                    lse = mx.logsumexp(logits, axis=-1)
+                    probs = mx.exp(logits - lse[:, None]) * m[:, None]
+                    if slope is not None:
+                        probs = probs * slope
+                    spread = probs.astype(weight.dtype) @ weight
+                # no (rows, V) one-hot: softmax @ W - W[targets]
+                grad = (spread - weight[t] * row.astype(weight.dtype)).astype(mx.float32)
                 blocks.append(mx.concatenate([grad, ((lse - picked) * m)[:, None]], axis=1))
             every = mx.concatenate(blocks, axis=0)
             return every[:, -1].sum(), every[:, :-1].astype(h_.dtype)
