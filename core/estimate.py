@@ -528,7 +528,8 @@ def embeddings_and_rope(sh: Shape, st: Settings) -> int:
 
 def loss_buffers(sh: Shape, st: Settings) -> int:
     """Fused head + loss: float32 logits and their exp for one chunk of rows
-    (2 * rows * V * 4, rows = min(N, E // V), E per backend: core/loss.py) and dL/dh for all tokens (N * C * s),
+    (2 * rows * V * 4, rows = min(N, E // V), E per backend: core/loss.py) and dL/dh
+    for all tokens (N * C * s),
     formed in the same pass. MLX evaluates all chunks in one graph, chained one after
     another (backends/mlx linear_cross_entropy); about two chunks' buffers overlap there
     (measured: bench_train's 4 x 512 tokens, vocab 32000), so rows = two chunks.
