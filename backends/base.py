@@ -214,6 +214,7 @@ class Backend(Protocol):
         (one pass over many sequences whose sums enter the loss differently: DPO's rows),
         differentiable with a cotangent per token."""
 
+    logit_chunk_elements: int  # logits one chunk of linear_cross_entropy holds (core/loss.py)
     quantization: tuple  # supported bit widths for frozen weights, () if none
     quantized_format: str  # "affine" (mlx-lm's group-wise scale+bias) or "nf4" (bitsandbytes)
 

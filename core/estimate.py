@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from lorafit.core.config import QUANTIZE_BITS, TrainConfig
 from lorafit.core.errors import LorafitError
-from lorafit.core.loss import LOGIT_CHUNK_ELEMENTS
+from lorafit.core.loss import logit_chunk_elements
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -657,14 +657,15 @@ def embeddings_and_rope(sh: Shape, st: Settings) -> int:
 
 def loss_buffers(sh: Shape, st: Settings) -> int:
     """Fused head + loss: float32 logits and their exp for one chunk of rows
-    (2 * rows * V * 4, rows = min(N, 2^22 // V)) and dL/dh for all tokens (N * C * s),
+    (2 * rows * V * 4, rows = min(N, E // V), E per backend: core/loss.py) and dL/dh
+    for all tokens (N * C * s),
     formed in the same pass. MLX evaluates all chunks in one graph, chained one after
     another (backends/mlx linear_cross_entropy); about two chunks' buffers overlap there
     (measured: bench_train's 4 x 512 tokens, vocab 32000), so rows = two chunks.
     Soft-capped logits keep the slope 1 - (c / cap)^2 too: one more chunk buffer on torch,
     two on MLX (tanh and slope live in the same graph)."""
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
-    chunk = max(16, LOGIT_CHUNK_ELEMENTS // sh.vocab)
+    chunk = max(16, logit_chunk_elements(st.backend) // sh.vocab)
     rows = min(N, 2 * chunk if st.backend == "mlx" else chunk)
     buffers = 2 + (sh.final_softcap and (2 if st.backend == "mlx" else 1))  # + tanh' slope
     return buffers * rows * sh.vocab * 4 + N * sh.hidden * s

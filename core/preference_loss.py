@@ -25,7 +25,7 @@ def row_logps(ops, model, params: dict, batch, recompute: bool):
     n = rows * width
     tokens, _ = ops.linear_cross_entropy(h.reshape(n, -1), weight, batch.targets.reshape(n),
                                          batch.loss_mask.reshape(n),
-                                         chunk_rows(weight.shape[0]),
+                                         chunk_rows(weight.shape[0], ops.logit_chunk_elements),
                                          softcap=model.args.final_logit_softcapping,
                                          per_token=True)
     return -tokens.reshape(rows, width).sum(1)

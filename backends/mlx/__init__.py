@@ -13,6 +13,8 @@ import math
 import numpy as np
 import mlx.core as mx
 
+from lorafit.core.loss import logit_chunk_elements as chunk_elements
+
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16,
            "int32": mx.int32, "int64": mx.int64, "bool": mx.bool_}
 _NAMES = {v: k for k, v in _DTYPES.items()}
@@ -349,17 +351,32 @@ class MLXBackend:
                 logits = (hs @ weight.T).astype(mx.float32)
                 if softcap is not None:
                     logits = mx.tanh(logits / softcap) * softcap
-                lse = mx.logsumexp(logits, axis=-1)
                 picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-                # (softmax - onehot) @ W  ==  softmax @ W - W[targets]: no (rows, V) one-hot
-                probs = mx.exp(logits - lse[:, None]) * m[:, None]
                 row = m[:, None]
+                slope = None
                 if softcap is not None:  # times dc/dz = 1 - (c / cap)^2, picked column too
                     slope = 1 - (logits / softcap) ** 2
-                    probs = probs * slope
                     row = row * mx.take_along_axis(slope, t[:, None], axis=-1)
-                probs = probs.astype(weight.dtype)
-                grad = (probs @ weight - weight[t] * row.astype(weight.dtype)).astype(mx.float32)
+                if weight.dtype == mx.float32:
+                    # one exp over the chunk for both the loss and the softmax (MLX's CPU
+                    # exp is the head's largest cost after its two matmuls), and the
+                    # normalisation and mask scale the (rows, C) product, not (rows, V):
+                    # (softmax - onehot) @ W  ==  (e @ W) / total - W[targets]
+                    top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+                    e = mx.exp(logits - top)
+                    total = e.sum(axis=-1, keepdims=True)
+                    lse = (top + mx.log(total))[:, 0]
+                    if slope is not None:
+                        e = e * slope
+                    spread = (e @ weight) * (m[:, None] / total)
+                else:  # exp, mask and the cast to the weights' dtype fuse into one kernel
+                    lse = mx.logsumexp(logits, axis=-1)
+                    probs = mx.exp(logits - lse[:, None]) * m[:, None]
+                    if slope is not None:
+                        probs = probs * slope
+                    spread = probs.astype(weight.dtype) @ weight
+                # no (rows, V) one-hot: softmax @ W - W[targets]
+                grad = (spread - weight[t] * row.astype(weight.dtype)).astype(mx.float32)
                 blocks.append(mx.concatenate([grad, ((lse - picked) * m)[:, None]], axis=1))
             every = mx.concatenate(blocks, axis=0)
             losses = every[:, -1]
@@ -371,6 +388,8 @@ class MLXBackend:
             return outputs[1] * (cot[:, None] if per_token else cot)
 
         return fused(h)[0], mask.sum()
+
+    logit_chunk_elements = chunk_elements("mlx")  # core/loss.py
 
     quantization = (4, 8)
     quantized_format = "affine"

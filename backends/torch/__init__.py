@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from lorafit.backends.segments import segment_layout
 from lorafit.backends.torch.memory import TensorTracker
+from lorafit.core.loss import logit_chunk_elements as chunk_elements
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}
@@ -117,6 +118,9 @@ class TorchBackend:
 
     def rms_norm(self, x, weight, eps):
         dtype = x.dtype
+        if dtype == torch.float32 and weight.dtype == torch.float32:
+            # one kernel with the weight folded in: the same products, one pass fewer
+            return F.rms_norm(x, (x.shape[-1],), weight, eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), None, eps)
         return weight * y.to(dtype)
 
@@ -386,6 +390,8 @@ class TorchBackend:
         mask = mask.to(torch.float32)
         return (_LinearCrossEntropy.apply(h, weight, targets.long(), mask, chunk_rows, softcap,
                                           per_token), mask.sum())
+
+    logit_chunk_elements = chunk_elements("torch")  # core/loss.py
 
     @property
     def quantization(self):
