@@ -111,6 +111,8 @@ def memory_shape(config: dict):
     # layers may differ in MoE models too (dense layers, hybrid attention): their 2D
     # projections are then counted per layer and the experts by the estimator's MoE terms
     varied = bool(model_linears or any(d != layer_linears[0] for d in layer_linears))
+    # Gemma 4's MoE layers: norms, scales and scalar counted from the shapes (extra_params)
+    varied = varied or a.experts_beside_mlp
     layer0 = [k for k in shapes if k.startswith("model.layers.0.")]
     vectors = sum(int(np.prod(shapes[k])) for k in layer0
                   if k.rsplit(".", 2)[-2] not in linears or not k.endswith(".weight"))
