@@ -118,7 +118,10 @@ def memory_shape(config: dict):
                   if k.rsplit(".", 2)[-2] not in linears or not k.endswith(".weight"))
     sh = Shape(hidden=a.hidden_size,
                # an MoE token passes through k experts: its activations are k * F' wide
-               intermediate=moe["top_k"] * moe["expert_size"] if moe else a.intermediate_size,
+               # (Gemma 4: plus its dense MLP's F beside the experts)
+               intermediate=moe["top_k"] * moe["expert_size"]
+               + (a.intermediate_size if a.experts_beside_mlp else 0) if moe
+               else a.intermediate_size,
                layers=a.num_hidden_layers, heads=a.num_attention_heads,
                kv_heads=a.num_key_value_heads, head_dim=a.head_dim, vocab=a.vocab_size,
                tied=a.tie_word_embeddings, linears=linears, absent_linears=tuple(absent),

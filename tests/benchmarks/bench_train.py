@@ -54,7 +54,7 @@ def build(folder: Path, a) -> None:
 
     torch.manual_seed(0)
     cfg = family_config(a)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.save_pretrained(str(folder / "model"))
     from lorafit.models.tiny import bpe_tokenizer  # TRL loads one; the batches are token ids
     bpe_tokenizer(["a tokenizer only for the trainers that insist on one"],
