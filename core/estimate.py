@@ -178,7 +178,8 @@ def moe_weights(sh: Shape, st: Settings) -> int:
     if not sh.moe:
         return 0
     m, C, s = sh.moe, sh.hidden, DTYPE_BYTES[st.dtype]
-    sparse = m["experts"] * (C + 3 * C * m["expert_size"] + m["expert_bias"])
+    sparse = m["experts"] * (m.get("router_size", C) + 3 * C * m["expert_size"]
+                             + m["expert_bias"])
     dense = 3 * C * m["dense_size"]
     n_sparse = len(m["layers"])
     return s * (n_sparse * sparse + (sh.layers - n_sparse) * dense

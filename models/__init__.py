@@ -111,12 +111,17 @@ def memory_shape(config: dict):
     # layers may differ in MoE models too (dense layers, hybrid attention): their 2D
     # projections are then counted per layer and the experts by the estimator's MoE terms
     varied = bool(model_linears or any(d != layer_linears[0] for d in layer_linears))
+    # Gemma 4's MoE layers: norms, scales and scalar counted from the shapes (extra_params)
+    varied = varied or a.experts_beside_mlp
     layer0 = [k for k in shapes if k.startswith("model.layers.0.")]
     vectors = sum(int(np.prod(shapes[k])) for k in layer0
                   if k.rsplit(".", 2)[-2] not in linears or not k.endswith(".weight"))
     sh = Shape(hidden=a.hidden_size,
                # an MoE token passes through k experts: its activations are k * F' wide
-               intermediate=moe["top_k"] * moe["expert_size"] if moe else a.intermediate_size,
+               # (Gemma 4: plus its dense MLP's F beside the experts)
+               intermediate=moe["top_k"] * moe["expert_size"]
+               + (a.intermediate_size if a.experts_beside_mlp else 0) if moe
+               else a.intermediate_size,
                layers=a.num_hidden_layers, heads=a.num_attention_heads,
                kv_heads=a.num_key_value_heads, head_dim=a.head_dim, vocab=a.vocab_size,
                tied=a.tie_word_embeddings, linears=linears, absent_linears=tuple(absent),

@@ -27,7 +27,8 @@ def linear_modules(a: ModelArgs) -> tuple:
     """The projection names of this model, the names LoRA targets choose from."""
     mixer = gated_deltanet.names(a) if "linear_attention" in a.layer_types else ()
     if a.num_local_experts:
-        return moe.linear_modules(a, ATTENTION + mixer, MLP)
+        return moe.linear_modules(a, ATTENTION + mixer, MLP) + \
+            (PER_LAYER_INPUT if a.per_layer_input_size else ())
     attention = ("qkv_proj", "o_proj") if a.fused_qkv else ATTENTION
     mlp = ("gate_up_proj", "down_proj") if a.fused_gate_up else MLP
     mlp = ("c_fc", "c_proj") if a.plain_mlp else mlp
@@ -66,7 +67,7 @@ def parameter_shapes(a: ModelArgs) -> dict:
         })
         if a.is_moe_layer(i):
             shapes.update(moe.parameter_shapes(a, p))
-        else:
+        if not a.is_moe_layer(i) or a.experts_beside_mlp:
             shapes.update({p + "mlp.gate_proj.weight": (F, C), p + "mlp.up_proj.weight": (F, C),
                            p + "mlp.down_proj.weight": (C, F)})
         if a.attention_bias:
@@ -300,8 +301,12 @@ def _act(ops, a: ModelArgs, x):
     return ops.gelu_tanh(x) if a.hidden_act in GELU_TANH else ops.silu(x)
 
 
-def feed_forward(ops, a: ModelArgs, i: int, lp: dict, x, lora):
-    """Layer i's MLP: the sparse mixture of experts where the model has one, else dense."""
+def feed_forward(ops, a: ModelArgs, i: int, lp: dict, x, lora, residual=None):
+    """Layer i's MLP: the sparse mixture of experts where the model has one, else dense;
+    Gemma 4's dense MLP with experts beside it, which read the residual stream."""
+    if a.experts_beside_mlp and a.is_moe_layer(i):
+        return moe.experts_beside_mlp(ops, a, lp, mlp_block(ops, a, lp, x, lora), residual,
+                                      lora, lambda name, z: norm(ops, a, lp, name, z))
     if a.is_moe_layer(i):
         return moe.moe_block(ops, a, lp, x, lora)
     return mlp_block(ops, a, lp, x, lora)
@@ -316,7 +321,7 @@ def decoder_layer(ops, a: ModelArgs, i: int, lp: dict, x, cos, sin, segment_ids=
     h = token_mixer(ops, a, i, lp, h, cos, sin, segment_ids, cache, lora, q_scale, shared)
     x = _residual(a, x, h if post_attn is None else norm(ops, a, lp, post_attn, h))
     h = x if pre_mlp is None else norm(ops, a, lp, pre_mlp, x)
-    h = feed_forward(ops, a, i, lp, h, lora)
+    h = feed_forward(ops, a, i, lp, h, lora, x)
     x = _residual(a, x, h if post_mlp is None else norm(ops, a, lp, post_mlp, h))
     if per_layer_input is not None:
         x = per_layer_input_block(ops, a, lp, x, per_layer_input, lora)

@@ -55,6 +55,10 @@ class ModelArgs:
     # PEFT has no v4 expert names to map for this model type: all-linear adapts its
     # nn.Linear modules only, never the router or the stacked experts (qwen3_5_moe)
     moe_linear_only: bool = False
+    # Gemma 4's MoE block: the dense MLP stays, and experts run beside it on the pre-MLP
+    # residual (router at `router.proj` with its norm and scales, experts at `experts.`,
+    # GeGLU, three more norms); their outputs are summed (models/blocks/moe.py)
+    experts_beside_mlp: bool = False
     # gpt-oss experts: router with a bias at mlp.router, (E, in, out) expert weights with
     # biases, gate/up interleaved, and the clamped SwiGLU (up+1) * g*sigmoid(alpha*g)
     gpt_oss_experts: bool = False

@@ -70,6 +70,8 @@ def build_hf_model(folder, model_type, tokenizer, seed=0, **overrides):
                 p.add_(torch.randn_like(p) * 0.1)
             elif name.endswith(("sinks", "_bias", "router.bias")):  # gpt-oss: tiny or zero
                 p.add_(torch.randn_like(p) * 0.5)
+            elif name.endswith(("router.scale", "per_expert_scale")):  # Gemma 4: ones
+                p.add_(torch.randn_like(p) * 0.3)
     model.eval()
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))

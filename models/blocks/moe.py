@@ -16,6 +16,13 @@ mlp.experts.gate_up_proj (E, C, 2F) with gate and up interleaved (even/odd colum
 gate_up_proj_bias (E, 2F), down_proj (E, F, C), down_proj_bias (E, C); its activation is
 (clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit).
 
+Gemma 4 (a.experts_beside_mlp) keeps its dense MLP and adds, on every layer:
+  router.proj.weight (E, C), router.scale (C,), router.per_expert_scale (E,)
+  experts.gate_up_proj (E, 2F, C), experts.down_proj (E, C, F)   (GeGLU experts)
+  pre_feedforward_layernorm_2, post_feedforward_layernorm_{1,2}.weight (C,)
+The router and the experts read the residual stream before the MLP's norm:
+norm_1(mlp(pre_norm(x))) + norm_2(experts(pre_norm_2(x))), both then post-normed as usual.
+
 Routing: router logits -> probabilities -> the top k experts of each token and their
 weights; the output is sum_j w_j * expert_{i_j}(x). "softmax_topk" (mixtral, qwen3_moe)
 takes the softmax over all experts, then the top k, renormalised to sum to 1 when
@@ -43,6 +50,8 @@ EXPERTS = "mlp.experts."
 EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
 SHARED = "mlp.shared_expert"
 SHARED_GATE = "mlp.shared_expert_gate"
+GEMMA4_NORMS = ("pre_feedforward_layernorm_2", "post_feedforward_layernorm_1",
+                "post_feedforward_layernorm_2")
 
 
 def expert_size(a) -> int:
@@ -52,6 +61,11 @@ def expert_size(a) -> int:
 def parameter_shapes(a, p: str) -> dict:
     """The MLP parameters of a sparse layer with prefix p (`model.layers.3.`)."""
     E, C, F = a.num_local_experts, a.hidden_size, expert_size(a)
+    if a.experts_beside_mlp:
+        return {p + "router.proj.weight": (E, C), p + "router.scale": (C,),
+                p + "router.per_expert_scale": (E,),
+                p + "experts.gate_up_proj": (E, 2 * F, C), p + "experts.down_proj": (E, C, F),
+                **{p + n + ".weight": (C,) for n in GEMMA4_NORMS}}
     if a.gpt_oss_experts:
         return {p + "mlp.router.weight": (E, C), p + "mlp.router.bias": (E,),
                 p + EXPERTS + "gate_up_proj": (E, C, 2 * F),
@@ -79,6 +93,8 @@ def linear_modules(a, attention: tuple, mlp: tuple) -> tuple:
     target_modules skips 3D parameters when gate_up_proj is not a target name)."""
     if a.gpt_oss_experts:
         return attention
+    if a.experts_beside_mlp:  # Gemma 4: nn.Linear modules, its router's `proj` among them
+        return attention + mlp + ("proj",)
     if a.moe_linear_only:
         return attention + mlp + ("shared_expert_gate",)
     if a.shared_expert_size:
@@ -94,6 +110,8 @@ def memory_shape(a) -> dict:
             "expert_bias": 1 + 2 * expert_size(a) + a.hidden_size if gpt else 0,
             "layer_extra": a.num_attention_heads + a.hidden_size if gpt else 0,
             "expert_size": expert_size(a), "dense_size": a.intermediate_size,
+            # Gemma 4's router.proj is a 2D linear counted with the others (no E*C here)
+            "router_size": 0 if a.experts_beside_mlp else a.hidden_size,
             "layers": [i for i in range(a.num_hidden_layers) if a.is_moe_layer(i)],
             "all_linear": () if gpt or a.moe_linear_only else ("gate",) + EXPERT_PROJECTIONS}
 
@@ -162,6 +180,28 @@ def moe_block(ops, a, lp: dict, x, lora):
     if a.shared_expert_size:
         out = out + shared_expert(ops, a, lp, h, lora)
     return out.reshape(b, t, c)
+
+
+def experts_beside_mlp(ops, a, lp: dict, dense, residual, lora, norm):
+    """Gemma 4's layer output before its post-feedforward norm: the dense MLP's output
+    `dense` normed, plus the routed GeGLU experts of the residual stream (B, T, C) normed.
+    norm(name, x) is the family's RMSNorm with the layer's weight `name`."""
+    b, t, c = residual.shape
+    h = residual.reshape(b * t, c)
+    # router: weightless RMSNorm times scale * C^-1/2, proj, softmax, top k renormalised,
+    # each weight times its expert's per_expert_scale
+    scale = ops.cast(lp["router.scale"], "float32") * c ** -0.5
+    r = ops.cast(ops.rms_norm(ops.cast(h, "float32"), scale, a.rms_norm_eps), ops.dtype_name(h))
+    idx, w = route(ops, a, project(ops, lp, "router.proj", r, lora, a.quantization))
+    per_expert = ops.embedding(idx, ops.cast(lp["router.per_expert_scale"], "float32")[:, None])
+    w = w * per_expert[..., 0]
+    rows = norm("pre_feedforward_layernorm_2", h).reshape(b * t, 1, c)
+    gate_up = expert_projection(ops, lp, "experts.gate_up_proj", rows, idx, lora)
+    f = gate_up.shape[-1] // 2
+    act = ops.gelu_tanh(gate_up[..., :f]) * gate_up[..., f:]
+    out = expert_projection(ops, lp, "experts.down_proj", act, idx, lora)  # (N, K, C)
+    out = (out * ops.cast(w, ops.dtype_name(out))[..., None]).sum(1).reshape(b, t, c)
+    return norm("post_feedforward_layernorm_1", dense) + norm("post_feedforward_layernorm_2", out)
 
 
 def shared_expert(ops, a, lp: dict, h, lora):

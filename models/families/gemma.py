@@ -97,10 +97,8 @@ def _gemma4_text(cfg: dict) -> dict:
     attention scale 1, sliding layers with their RoPE and full layers with a wider head
     (global_head_dim) and proportional partial RoPE, optionally k = v on full layers, the
     last num_kv_shared_layers layers reusing earlier k, v (with a double-wide MLP if
-    use_double_wide_mlp), per-layer input embeddings, and a stored scalar per layer."""
-    if cfg.get("enable_moe_block"):
-        raise LorafitError("Gemma 4 with enable_moe_block (the MoE checkpoints) is not "
-                           "supported yet; the dense Gemma 4 models are")
+    use_double_wide_mlp), per-layer input embeddings, a stored scalar per layer, and with
+    enable_moe_block routed experts beside every layer's MLP (models/blocks/moe.py)."""
     if cfg.get("use_bidirectional_attention") == "all":
         raise LorafitError("use_bidirectional_attention='all' models are not causal language "
                            "models; lorafit trains causal ones only")
@@ -146,6 +144,16 @@ def _gemma4_text(cfg: dict) -> dict:
     cfg["double_wide_mlp"] = bool(cfg.get("use_double_wide_mlp"))
     cfg["per_layer_input_size"] = cfg.get("hidden_size_per_layer_input", 256) or 0
     cfg["per_layer_vocab"] = cfg.get("vocab_size_per_layer_input") or cfg["vocab_size"]
+    if cfg.get("enable_moe_block"):  # every layer: the MLP plus experts beside it
+        if not (cfg.get("num_experts") and cfg.get("top_k_experts")
+                and cfg.get("moe_intermediate_size")):
+            raise LorafitError("enable_moe_block needs num_experts, top_k_experts and "
+                               "moe_intermediate_size in config.json")
+        # softmax, top k, renormalised (then times per_expert_scale); PEFT has no expert
+        # names for gemma4, so all-linear adapts nn.Linear modules only (router.proj too)
+        cfg.update(num_local_experts=cfg["num_experts"], num_experts_per_tok=cfg["top_k_experts"],
+                   experts_beside_mlp=True, moe_linear_only=True, router="softmax_topk",
+                   norm_topk_prob=True)
     return cfg
 
 

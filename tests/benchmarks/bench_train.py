@@ -2,7 +2,8 @@
 
     python tests/benchmarks/bench_train.py [--rounds 3] [--steps 4] [--layers 6] [--json out.json]
 
-One Llama-shaped model (random weights, built here), one set of batches, the same LoRA
+One Llama-shaped model (random weights, built here; --family F builds that model_type
+instead, at the same widths with the family's quirks on: see FAMILY_QUIRKS), one set of batches, the same LoRA
 (rank 16 on all-linear) and AdamW settings for every contender:
   lorafit torch-cpu  vs  transformers + PEFT with a plain training loop (same weights,
                          same batches, same optimizer)
@@ -52,12 +53,8 @@ def build(folder: Path, a) -> None:
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden,
-                                   intermediate_size=intermediate(a),
-                                   num_hidden_layers=a.layers, num_attention_heads=heads(a),
-                                   num_key_value_heads=a.kv_heads or heads(a),
-                                   max_position_embeddings=a.seq * 2, tie_word_embeddings=False)
-    model = transformers.LlamaForCausalLM(cfg)
+    cfg = family_config(a)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.save_pretrained(str(folder / "model"))
     from lorafit.models.tiny import bpe_tokenizer  # TRL loads one; the batches are token ids
     bpe_tokenizer(["a tokenizer only for the trainers that insist on one"],
@@ -65,6 +62,106 @@ def build(folder: Path, a) -> None:
     rng = np.random.default_rng(0)
     ids = rng.integers(3, a.vocab, (a.steps + a.warmup, a.batch, a.seq + 1))
     np.save(folder / "batches.npy", ids)
+
+
+# -- families (--family): the bench-sized shape of each, its quirks switched on ------------
+
+def _gemma4_text(a) -> dict:
+    """Gemma 4 (E2B/E4B layout): sliding layers (window seq/4) and wider full layers with
+    proportional partial RoPE, per-layer input embeddings, GeGLU, (1 + w) norms."""
+    return dict(head_dim=64, global_head_dim=128, sliding_window=max(a.seq // 4, 1),
+                layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                             for i in range(a.layers)],
+                hidden_size_per_layer_input=64, num_kv_shared_layers=0,
+                tie_word_embeddings=True)
+
+
+def _qwen3_5_text(a) -> dict:
+    """Qwen3.5 dense: Gated DeltaNet layers alternating with gated full attention."""
+    return dict(head_dim=64, layer_types=["linear_attention" if i % 2 == 0 else
+                                          "full_attention" for i in range(a.layers)],
+                linear_num_key_heads=heads(a), linear_num_value_heads=2 * heads(a),
+                linear_key_head_dim=64, linear_value_head_dim=64)
+
+
+def _qwen3_moe(a) -> dict:
+    """Qwen3-MoE: 8 experts (top 2) of a quarter of the dense width on every layer."""
+    return dict(head_dim=64, num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1,
+                moe_intermediate_size=max(intermediate(a) // 4, 8), norm_topk_prob=True)
+
+
+FAMILY_QUIRKS = {"gemma4_text": _gemma4_text, "qwen3_5_text": _qwen3_5_text,
+                 "qwen3_moe": _qwen3_moe}
+FAMILY_ALIASES = {"qwen3_5": "qwen3_5_text"}  # the text tower of the Qwen3.5 checkpoints
+# mlx-lm has Qwen3.5 only as the VL wrapper (qwen3_5, qwen3_5_moe), no text-only model
+NO_MLX_LM = ("qwen3_5_text", "qwen3_5_moe_text")
+
+
+def family_of(a) -> str:
+    f = getattr(a, "family", None) or "llama"  # bench_dpo's settings have none
+    return FAMILY_ALIASES.get(f, f)
+
+
+def family_config(a):
+    """The transformers config of the benchmark's model: Llama's widths (--hidden ...) in
+    the family's shape; a model_type lorafit does not support is its one-line error."""
+    import transformers
+
+    from lorafit.models import model_args
+
+    family = family_of(a)
+    kw = dict(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=intermediate(a),
+              num_hidden_layers=a.layers, num_attention_heads=heads(a),
+              num_key_value_heads=a.kv_heads or heads(a), max_position_embeddings=a.seq * 2,
+              tie_word_embeddings=False)
+    kw.update(FAMILY_QUIRKS.get(family, lambda a: {})(a))
+    if family == "llama":
+        return transformers.LlamaConfig(**kw)
+    cfg = transformers.AutoConfig.for_model(family, **kw)
+    model_args(cfg.to_dict())  # raises lorafit's error for what it cannot train
+    return cfg
+
+
+def mlx_lm_folder(folder: Path, a) -> Path | None:
+    """The model as mlx-lm reads it, or None where mlx-lm has no such family. Same weights;
+    where mlx-lm reads the Hub's older config keys (top-level rope_theta, num_experts,
+    global_head_dim) or per-expert weights, a copy gets those too."""
+    import safetensors.numpy
+
+    family = family_of(a)
+    if family in NO_MLX_LM:
+        return None
+    if family not in ("gemma4_text", "qwen3_moe"):  # read as saved (or the contender fails)
+        return folder / "model"
+    out = folder / "mlx_lm_model"
+    if out.exists():
+        return out
+    out.mkdir()
+    cfg = json.loads((folder / "model" / "config.json").read_text())
+    rope = cfg.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        cfg.setdefault("rope_theta", rope["rope_theta"])
+    if family == "qwen3_moe":
+        cfg.setdefault("num_experts", cfg.get("num_local_experts"))
+    if family == "gemma4_text":
+        overrides = [o for o in (cfg.get("per_layer_config") or {}).values() if "head_dim" in o]
+        cfg.setdefault("global_head_dim", overrides[0]["head_dim"] if overrides
+                       else cfg["head_dim"])
+    (out / "config.json").write_text(json.dumps(cfg))
+    weights = {}
+    for f in sorted((folder / "model").glob("*.safetensors")):
+        weights.update(safetensors.numpy.load_file(str(f)))
+    if family == "qwen3_moe":  # transformers' stacked gate_up -> mlx-lm's switch_mlp
+        for k in [k for k in weights if k.endswith(".mlp.experts.gate_up_proj")]:
+            gu = weights.pop(k)
+            base = k[: -len("experts.gate_up_proj")] + "switch_mlp."
+            f = gu.shape[1] // 2
+            weights[base + "gate_proj.weight"] = np.ascontiguousarray(gu[:, :f])
+            weights[base + "up_proj.weight"] = np.ascontiguousarray(gu[:, f:])
+            weights[base + "down_proj.weight"] = weights.pop(
+                k[: -len("gate_up_proj")] + "down_proj")
+    safetensors.numpy.save_file(weights, str(out / "model.safetensors"))
+    return out
 
 
 def peak_rss_bytes() -> int:
@@ -154,7 +251,8 @@ def run_peft(folder: Path, a) -> dict:
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(folder / "model"), torch_dtype=dtype, quantization_config=quant,
         device_map=a.device if a.qlora or a.device == "cuda" else None)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=lora_targets(),
+    targets = lora_targets() if family_of(a) == "llama" else "all-linear"
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets,
                                              lora_dropout=0.0, task_type="CAUSAL_LM"))
     model.train()
     if a.device == "cuda" and not a.qlora:
@@ -271,14 +369,18 @@ def run_mlx_lm(folder: Path, a) -> dict:
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load_model
 
-    model, config = load_model(folder / "model")
+    path = mlx_lm_folder(folder, a)
+    if path is None:
+        raise RuntimeError(f"mlx-lm has no {family_of(a)} model")
+    model, config = load_model(path)
     if a.qlora:
         from mlx_lm.utils import quantize_model
         model, config = quantize_model(model, config, group_size=64, bits=4)
     model.freeze()
+    keys = [f"self_attn.{m}" for m in lora_targets()[:4]] + \
+        [f"mlp.{m}" for m in lora_targets()[4:]] if family_of(a) == "llama" else None
     linear_to_lora_layers(model, a.layers, {"rank": 16, "scale": 2.0, "dropout": 0.0,
-                                            "keys": [f"self_attn.{m}" for m in lora_targets()[:4]]
-                                            + [f"mlp.{m}" for m in lora_targets()[4:]]})
+                                            "keys": keys})  # None: every linear (mlx-lm's)
     ids = np.load(folder / "batches.npy")
     # mlx-lm's dataset items are (tokens, prompt offset); its batcher shifts inputs/targets
     dataset = [(list(map(int, row)), 0) for x in ids for row in x]
@@ -331,9 +433,12 @@ def run_gemm(a, framework: str) -> dict:
     return {"flops_per_s": 2.0 * m * k * n / float(np.median(times))}
 
 
-def flops_per_token(a) -> float:
+def flops_per_token(a) -> float | None:
     """Training FLOPs per token of the benchmark's model with LoRA r16 on all-linear and a
-    frozen base (see the module docstring for each term)."""
+    frozen base (see the module docstring for each term); None for other families than
+    Llama (their GEMM-share columns then read n/a)."""
+    if family_of(a) != "llama":
+        return None
     C, F, V, T, L, r = a.hidden, intermediate(a), a.vocab, a.seq, a.layers, 16
     H, KV, D = heads(a), a.kv_heads or heads(a), a.hidden // heads(a)
     # q k v o gate up down
@@ -410,6 +515,10 @@ def summarise(r: dict, tokens_per_step: int) -> dict:
             "last_loss": r["losses"][-1]}
 
 
+def percent(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
 def median_of(runs: list[dict], key: str):
     if not isinstance(runs[0][key], (int, float)):
         return runs[0][key]
@@ -418,6 +527,9 @@ def median_of(runs: list[dict], key: str):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--family", default="llama",
+                   help="the model's family (a model_type lorafit trains: gemma4_text, "
+                        "qwen3_5_text (or qwen3_5), qwen3_moe, ...), built at these widths")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--vocab", type=int, default=32000)
@@ -445,11 +557,16 @@ def main():
     if a.child:
         return child(a.child, Path(a.folder), a)
     argv = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in (
-        "layers", "hidden", "vocab", "seq", "batch", "steps", "warmup", "device", "dtype")]
+        "family", "layers", "hidden", "vocab", "seq", "batch", "steps", "warmup", "device",
+        "dtype")]
     argv += [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in (
         "intermediate", "heads", "kv_heads") if getattr(a, k)] + (["--qlora"] if a.qlora else [])
     folder = Path(tempfile.mkdtemp(prefix="lorafit-bench-"))
-    build(folder, a)
+    from lorafit.core.errors import LorafitError
+    try:
+        build(folder, a)
+    except (LorafitError, ValueError, KeyError) as e:  # unknown to transformers or lorafit
+        p.error(f"--family {a.family}: {str(e).splitlines()[0]}")
     wanted = [n.strip() for n in a.contenders.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in CONTENDERS]
     if unknown:
@@ -485,8 +602,8 @@ def main():
         rate = float(np.median(gemm[fw]))
         mine = {k: median_of(runs[ours], k) for k in runs[ours][0]}
         peak = runs[ours][0].get("nominal_peak")
-        share = float(np.median([r["tokens_per_s"] * fpt / g
-                                 for r, g in zip(runs[ours], gemm[fw])]))
+        share = fpt and float(np.median([r["tokens_per_s"] * fpt / g
+                                         for r, g in zip(runs[ours], gemm[fw])]))
         for ref in [n for n in names if CONTENDERS[n][0] == group and not CONTENDERS[n][2]]:
             theirs = {k: median_of(runs[ref], k) for k in runs[ref][0]}
 
@@ -498,18 +615,19 @@ def main():
                          "ref": theirs, "speed_ratio": ratio("tokens_per_s"),
                          "memory_ratio": ratio("peak_mib"), "gemm_gflops": rate / 1e9,
                          "gemm_share": share,
-                         "mfu": peak and mine["tokens_per_s"] * fpt / peak,
-                         "ref_mfu": peak and theirs["tokens_per_s"] * fpt / peak,
-                         "ref_gemm_share": float(np.median(
+                         "mfu": peak and fpt and mine["tokens_per_s"] * fpt / peak,
+                         "ref_mfu": peak and fpt and theirs["tokens_per_s"] * fpt / peak,
+                         "ref_gemm_share": fpt and float(np.median(
                              [r["tokens_per_s"] * fpt / g
                               for r, g in zip(runs[ref], gemm[fw])])),
                          "rounds": {"lorafit": runs[ours], "ref": runs[ref]}})
     m, k, n = gemm_shape(a)
-    print(f"model: Llama {a.layers} layers, hidden {a.hidden}, vocab {a.vocab}; batch {a.batch} x "
+    print(f"model: {family_of(a)} {a.layers} layers, hidden {a.hidden}, vocab {a.vocab}; batch {a.batch} x "
           f"seq {a.seq}; LoRA r16 all-linear; {a.dtype} on {a.device}"
           f"{'; 4-bit frozen weights (QLoRA)' if a.qlora else ''}; {a.steps} timed steps after "
           f"{a.warmup}, {a.rounds} alternating rounds (medians)")
-    print(f"training FLOPs per token {fpt / 1e6:.1f} M; {a.dtype} GEMM rate measured on "
+    print((f"training FLOPs per token {fpt / 1e6:.1f} M; " if fpt else "") +
+          f"{a.dtype} GEMM rate measured on "
           f"({m}x{k})@({k}x{n}): " + ", ".join(f"{fw} {np.median(g) / 1e9:.1f} GFLOP/s"
                                               for fw, g in gemm.items()))
     print()
@@ -520,8 +638,8 @@ def main():
         o, f = r["lorafit"], r["ref"]
         print(f"| {r['backend']} | {r['reference']} | {o['tokens_per_s']:.0f} | "
               f"{f['tokens_per_s']:.0f} | {r['speed_ratio']:.2f} | {o['peak_mib']:.0f} | "
-              f"{f['peak_mib']:.0f} | {r['memory_ratio']:.2f} | {100 * r['gemm_share']:.0f}% | "
-              f"{100 * r['ref_gemm_share']:.0f}% |")
+              f"{f['peak_mib']:.0f} | {r['memory_ratio']:.2f} | {percent(r['gemm_share'])} | "
+              f"{percent(r['ref_gemm_share'])} |")
     for n, why in skipped.items():
         print(f"{n}: not run ({why})")
     Path(a.json).write_text(json.dumps({"settings": vars(a), "flops_per_token": fpt,

@@ -149,6 +149,15 @@ CASES = [
                              layer_types=["sliding_attention", "full_attention"],
                              hidden_size_per_layer_input=0, num_kv_shared_layers=0),
          mlx_lm=False, id="gemma4_text-plain"),
+    # Gemma 4's MoE block on both layers: the dense MLP beside 4 GeGLU experts (top 2) routed on the residual, router norm and scales
+    # (randomised by conftest), three more norms. PEFT has no gemma4 expert names:
+    # all-linear adapts the nn.Linear modules, router.proj among them, not the experts.
+    Case("gemma4_text", dict(head_dim=16, global_head_dim=32, sliding_window=6,
+                             layer_types=["sliding_attention", "full_attention"],
+                             hidden_size_per_layer_input=8, num_kv_shared_layers=0,
+                             enable_moe_block=True, num_experts=4,
+                             top_k_experts=2, moe_intermediate_size=40),
+         mlx_lm=False, id="gemma4_text-moe"),
     # Gated DeltaNet and gated full-attention layers, partial rotary, (1 + w) norms; 70
     # tokens cross the delta rule's 64-step chunks. mlx-lm has no qwen3_5_text model (only
     # the VL wrapper qwen3_5, which nests it under language_model and takes the layer

@@ -108,11 +108,12 @@ def test_gemma4_recompute_gives_the_same_gradients(tmp_path, tokenizer, backend)
         assert np.abs(out[0][1][k]).max() > 0, k
 
 
-def test_gemma4_moe_is_a_one_line_error():
+def test_gemma4_moe_without_its_sizes_is_a_one_line_error():
     from lorafit.core.errors import LorafitError
 
     cfg = {"model_type": "gemma4_text", "vocab_size": 320, "hidden_size": 64,
            "intermediate_size": 112, "num_hidden_layers": 2, "num_attention_heads": 4,
            "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2}
-    with pytest.raises(LorafitError, match="enable_moe_block"):
+    with pytest.raises(LorafitError, match="enable_moe_block needs .*moe_intermediate_size"):
         model_args(cfg)
+    assert model_args({**cfg, "moe_intermediate_size": 40}).experts_beside_mlp
