@@ -277,9 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if from_console and argv and argv[0] != "env" and os.environ.get("LORAFIT_NO_REEXEC") != "1":
-        from lorafit.core.blas import reexec_with_openblas
+        from lorafit.core.blas import reexec_with_openblas, runs_mlx
 
-        reexec_with_openblas(argv)  # a process that is already running cannot preload
+        if runs_mlx(argv):  # a process that is already running cannot preload
+            reexec_with_openblas(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv  # `train --nproc` hands the same command line to its workers

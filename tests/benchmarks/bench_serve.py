@@ -14,9 +14,12 @@ Contenders alternate within each round; the table gives medians of tokens/s over
 the ratios. This is the engine's throughput, without HTTP (the server adds tokenisation and
 one queue hop per token).
 
-MLX runs on OpenBLAS, as `lorafit serve` does (the CLI preloads it, core/blas.py): the script
-starts itself again once with it preloaded. On the reference BLAS that mlx[cpu] links on
-Linux a 16-row matmul costs 16 single-row ones, so batching gained nothing there.
+MLX runs on OpenBLAS, as `lorafit serve --backend mlx` does (the CLI preloads it for MLX,
+core/blas.py): with --backends mlx the script starts itself again once with it preloaded.
+On the reference BLAS that mlx[cpu] links on Linux a 16-row matmul costs 16 single-row ones,
+so batching gained nothing there. Torch must not share that process (the preloaded BLAS
+takes over torch's and halved its batched rate), so each backend is its own run:
+--backends torch (with PEFT, the torch reference) and --backends mlx (PEFT left out).
 """
 
 from __future__ import annotations
@@ -146,7 +149,8 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--backends", default="torch,mlx")
+    ap.add_argument("--backends", default="torch", choices=["torch", "mlx"],
+                    help="one per run: MLX wants OpenBLAS preloaded, which slows torch")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     if "mlx" in a.backends:
@@ -161,8 +165,9 @@ def main() -> int:
             eng = Lorafit(folder, adapters, b)
             contenders[f"lorafit {b} batched"] = lambda e=eng: e.run(reqs, a.new, True)
             contenders[f"lorafit {b} one-by-one"] = lambda e=eng: e.run(reqs, a.new, False)
-        peft = Peft(folder, adapters)
-        contenders["PEFT batched (adapter_names)"] = lambda: peft.run(reqs, a.new)
+        if a.backends == "torch":
+            peft = Peft(folder, adapters)
+            contenders["PEFT batched (adapter_names)"] = lambda: peft.run(reqs, a.new)
         for fn in contenders.values():  # warm-up
             fn()
         rates = {k: [] for k in contenders}
@@ -174,13 +179,14 @@ def main() -> int:
                 rates[name].append(n / (time.perf_counter() - t))
                 print(f"round {r + 1}: {name}: {rates[name][-1]:.1f} tokens/s", flush=True)
     med = {k: statistics.median(v) for k, v in rates.items()}
-    peft_rate = med["PEFT batched (adapter_names)"]
+    peft_rate = med.get("PEFT batched (adapter_names)", float("nan"))
     print(f"16 requests x {a.new} new tokens, 4 adapters, Llama {a.layers} layers hidden "
           f"{a.hidden}, median of {a.rounds} rounds (tokens/s)")
     print(f"{'contender':34} {'tokens/s':>9} {'vs one-by-one':>14} {'vs PEFT':>8}")
     for k, v in med.items():
         seq = med.get(k.replace("batched", "one-by-one"), v) if k.startswith("lorafit") else v
-        print(f"{k:34} {v:9.1f} {v / seq:13.2f}x {v / peft_rate:7.2f}x")
+        vs_peft = f"{v / peft_rate:7.2f}x" if peft_rate == peft_rate else "    n/a"
+        print(f"{k:34} {v:9.1f} {v / seq:13.2f}x {vs_peft}")
     print(f"load average at the end {os.getloadavg()}")
     if a.json:
         a.json.write_text(json.dumps({"medians": med, "rounds": rates}, indent=1))
