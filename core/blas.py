@@ -51,12 +51,10 @@ def runs_mlx(argv: list[str]) -> bool:
     helps. Torch must not get it: the preloaded libblas.so.3 takes over torch's own BLAS
     symbols and its threads fight torch's (a CPU training step measured 2.8x slower). MLX
     runs are those that ask for it (`--backend mlx`, or a config file or `--resume` run
-    whose backend is mlx), a machine where only MLX is installed, and the TUI (its try-it
-    box generates in-process; the trainers it starts decide for themselves)."""
+    whose backend is mlx) and a machine where only MLX is installed. Not the TUI: the
+    trainers it starts inherit its environment, and each decides for itself."""
     import importlib.util
 
-    if argv[:1] == ["tui"]:
-        return True
     configs = []
     for i, arg in enumerate(argv):
         value = argv[i + 1] if i + 1 < len(argv) else ""

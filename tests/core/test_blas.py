@@ -16,7 +16,7 @@ from lorafit.core.blas import runs_mlx
     (["train", "--model", "m", "--data", "d.jsonl"], False),  # auto: torch where installed
     (["generate", "--backend", "auto", "--model", "m"], False),
     (["demo"], False),
-    (["tui"], True),  # its try-it box generates in-process
+    (["tui"], False),  # its trainers inherit its environment: each decides for itself
 ])
 def test_only_mlx_command_lines_get_openblas(argv, mlx):
     assert runs_mlx(argv) is mlx
