@@ -55,6 +55,8 @@ def runs_mlx(argv: list[str]) -> bool:
     trainers it starts inherit its environment, and each decides for itself."""
     import importlib.util
 
+    from lorafit.core.rundir import config_path
+
     configs = []
     for i, arg in enumerate(argv):
         value = argv[i + 1] if i + 1 < len(argv) else ""
@@ -63,7 +65,7 @@ def runs_mlx(argv: list[str]) -> bool:
         if arg.endswith(".toml"):
             configs.append(Path(arg))
         if arg == "--resume" and value:
-            configs.append(Path(value) / "config.toml")
+            configs.append(config_path(value))
     for path in configs:
         try:
             import tomllib
