@@ -274,7 +274,7 @@ def test_torch_shard_equals_one_process_and_saves_a_whole_peft_adapter(tiny):
     assert np.isfinite(logits).all()
 
 
-def resume_across_world_sizes(tiny, ref, two, backend, prefix=""):
+def resume_across_world_sizes(tiny, ref, two, backend, prefix="", both_ways=True):
     """A step-2 checkpoint of the 2-process run finishes in 1 process (grad-accum becomes 2
     by itself), and one of the 1-process run finishes in 2 (grad-accum 2 becomes 1), both to
     the uninterrupted run's adapter."""
@@ -283,7 +283,8 @@ def resume_across_world_sizes(tiny, ref, two, backend, prefix=""):
     back_to_step(two, two_to_one, 2)
     assert one_process(folder, data, two_to_one, backend, resume=True) == "completed"
     assert_same_adapter(rundir.adapter_path(ref), rundir.adapter_path(two_to_one))
-
+    if not both_ways:
+        return
     one_to_two = root / f"{prefix}one_to_two"
     back_to_step(ref, one_to_two, 2)
     proc = cli("--resume", str(one_to_two), "--nproc", "2")
@@ -295,9 +296,12 @@ def resume_across_world_sizes(tiny, ref, two, backend, prefix=""):
 @pytest.mark.slow
 def test_mlx_two_processes_on_the_ring_equal_one_and_checkpoints_move_between_world_sizes(
         tiny):
+    """As on torch; the 1 -> 2 direction is the launcher's and the trainer's, shared by both
+    backends and proven on torch above: here the 2 -> 1 resume (a third launch on MLX's
+    ring cost ~30 s of CI)."""
     ref, two = two_equal_one(tiny, "mlx", prefix="mlx-")
     assert rundir.read_trainer_state(rundir.checkpoint_path(two, 2))["world_size"] == 2
-    resume_across_world_sizes(tiny, ref, two, "mlx", prefix="mlx-")
+    resume_across_world_sizes(tiny, ref, two, "mlx", prefix="mlx-", both_ways=False)
 
 
 def _wait_for_step(out: Path, proc, step: int, timeout=240):
