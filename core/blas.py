@@ -55,6 +55,7 @@ def runs_mlx(argv: list[str]) -> bool:
     trainers it starts inherit its environment, and each decides for itself."""
     import importlib.util
 
+    from lorafit.core.config import tomllib
     from lorafit.core.rundir import config_path
 
     configs = []
@@ -67,10 +68,6 @@ def runs_mlx(argv: list[str]) -> bool:
         if arg == "--resume" and value:
             configs.append(config_path(value))
     for path in configs:
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            import tomli as tomllib
         try:
             raw = tomllib.loads(path.read_text())
         except (OSError, ValueError):

@@ -86,10 +86,8 @@ def run_summary(run_dir: str | Path) -> dict:
 
 
 def _config_values(config_text: str) -> dict:
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
+    from lorafit.core.config import tomllib
+
     try:
         return tomllib.loads(config_text) if config_text else {}
     except ValueError:
