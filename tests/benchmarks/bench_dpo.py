@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_train import (OPENBLAS, build, lora_targets, peak_rss_bytes,  # noqa: E402
-                         reset_peak_rss, rss_bytes)
+from bench_train import (build, lora_targets, peak_rss_bytes, reset_peak_rss,  # noqa: E402
+                         rss_bytes, spawn)
 
 
 def pairs(folder: Path):
@@ -188,18 +186,6 @@ def child(which: str, folder: Path, a) -> None:
     print("RESULT " + json.dumps(fn()))
 
 
-def spawn(which: str, folder: Path, argv: list[str]) -> dict:
-    env = dict(os.environ)
-    if "mlx" in which and os.path.exists(OPENBLAS):
-        env["LD_PRELOAD"] = OPENBLAS
-    out = subprocess.run([sys.executable, __file__, "--child", which, "--folder", str(folder),
-                          *argv], env=env, capture_output=True, text=True)
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"{which} failed:\n{out.stderr[-3000:]}")
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4)
@@ -236,7 +222,7 @@ def main():
         peaks = {ours: [], ref: []}
         for k in range(a.rounds):  # alternate which goes first
             for which in ((ours, ref) if k % 2 == 0 else (ref, ours)):
-                r = spawn(which, folder, argv)
+                r = spawn(which, folder, argv, __file__)
                 got[which] += r["step_times"]
                 peaks[which].append(r["peak"])
         med = {w: float(np.median(t)) for w, t in got.items()}

@@ -495,11 +495,13 @@ def child(which: str, folder: Path, a) -> None:
     print("RESULT " + json.dumps(out))
 
 
-def spawn(which: str, folder: Path, argv: list[str]) -> dict:
+def spawn(which: str, folder: Path, argv: list[str], script: str = __file__) -> dict:
+    """Run one contender in a child process of `script` (`--child which`), MLX ones with
+    OpenBLAS preloaded (torch ones without: it would take over torch's BLAS); its RESULT."""
     env = dict(os.environ)
     if "mlx" in which and os.path.exists(OPENBLAS):
         env["LD_PRELOAD"] = OPENBLAS
-    out = subprocess.run([sys.executable, __file__, "--child", which, "--folder", str(folder),
+    out = subprocess.run([sys.executable, script, "--child", which, "--folder", str(folder),
                           *argv], env=env, capture_output=True, text=True)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):

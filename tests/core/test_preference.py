@@ -98,16 +98,7 @@ def lorafit_step(s, backend, method, adapter=None, data=None, **kw):
 
 def trl_inputs(pset, ks):
     """TRL's padded batch for pairs ks: chosen rows, then rejected rows."""
-    rows = [pset.examples[2 * k] for k in ks] + [pset.examples[2 * k + 1] for k in ks]
-    width = max(len(e.input_ids) for e in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    att, comp = torch.zeros_like(ids), torch.zeros_like(ids)
-    for i, e in enumerate(rows):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids.astype(np.int64))
-        att[i, :n] = 1
-        comp[i, :n] = torch.tensor(e.loss_mask.astype(np.int64))
-    return {"input_ids": ids, "attention_mask": att, "completion_mask": comp}
+    return trl_rows([pset.examples[2 * k] for k in ks] + [pset.examples[2 * k + 1] for k in ks])
 
 
 def peft_model(s, trainer, adapter, tmp):
@@ -247,6 +238,7 @@ def labelled_inputs(pset, b):
 
 
 def trl_rows(rows):
+    """TRL's padded batch of these rows: ids, attention and completion masks."""
     width = max(len(e.input_ids) for e in rows)
     ids = torch.zeros((len(rows), width), dtype=torch.long)
     att, comp = torch.zeros_like(ids), torch.zeros_like(ids)
