@@ -242,8 +242,9 @@ def test_torch_two_processes_equal_one_and_checkpoints_move_between_world_sizes(
 
 @pytest.mark.slow
 def test_torch_shard_equals_one_process_and_saves_a_whole_peft_adapter(tiny):
-    """--shard (FSDP2 keeps 1/N of the adapter's master weights and AdamW state per rank):
-    the 2-process run equals 1 process with the same global batch; the adapter and the
+    """--shard (each rank keeps 1/N of every layer's frozen weights, gathered per layer and
+    again in the recomputing backward, and FSDP2 1/N of the adapter's master weights and
+    AdamW state): the 2-process run equals 1 process with the same global batch; the adapter and the
     checkpoint's optimizer state are whole (gathered) and equal the 1-process run's, so PEFT
     loads the adapter and the checkpoint resumes in any world size (as above)."""
     from conftest import peft_logits_checking_keys, random_ids
@@ -259,6 +260,19 @@ def test_torch_shard_equals_one_process_and_saves_a_whole_peft_adapter(tiny):
     assert_same_adapter(rundir.adapter_path(ref), rundir.adapter_path(sharded))
     start = next(r for r in rundir.read_metrics(sharded) if r.get("kind") == "start")
     assert start["optimizer_shards"] == 2  # FSDP2 held the state, not a replicated AdamW
+    # each rank held half of every layer's frozen weights (summed from the arrays it kept):
+    # the embeddings, the head and the final norm whole, the layers in halves (plus at most
+    # one element of padding per layer)
+    from safetensors.numpy import load_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    in_layers = sum(v.size * 4 for k, v in weights.items() if k.startswith("model.layers."))
+    outside = sum(v.size * 4 for k, v in weights.items() if not k.startswith("model.layers."))
+    one = next(r for r in rundir.read_metrics(ref) if r.get("kind") == "start")
+    assert one["base_bytes"] == [in_layers + outside]
+    assert len(start["base_bytes"]) == 2
+    for held in start["base_bytes"]:
+        assert 0 <= held - (outside + in_layers / 2) <= 4 * 2, (held, in_layers, outside)
     from lorafit.core.checkpoint import load_latest
 
     whole = load_latest(ref, report=lambda t: None)[1]["optimizer"]  # both at step 4
