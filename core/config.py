@@ -201,8 +201,8 @@ class TrainConfig:
         if self.quantize is not None and self.quantize not in QUANTIZE:
             raise LorafitError(f"--quantize {self.quantize}: choose {' or '.join(QUANTIZE)}")
         if self.shard and self.quantize:  # the sharded base is cut as plain float arrays
-            raise LorafitError(f"--shard with --quantize {self.quantize} is not supported (the "
-                               "sharded base is not quantized); drop one of them")
+            from lorafit.core.estimate import SHARD_QUANTIZED
+            raise LorafitError(SHARD_QUANTIZED)
         from lorafit.core.trackers import parse as parse_trackers
 
         self.report_to = ",".join(parse_trackers(self.report_to))

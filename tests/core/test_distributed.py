@@ -119,6 +119,27 @@ def test_nproc_mistakes_are_one_line_errors(monkeypatch):
         train.main(cfg, nproc=2)
 
 
+def test_grpo_and_a_quantized_shard_are_refused_before_launching(monkeypatch, tmp_path):
+    """GRPO runs in one process: `--nproc 2` (or a launcher's environment) is refused before
+    any worker starts or anything loads (the model path does not even exist here); so is
+    --shard with --quantize (the sharded base is plain float arrays)."""
+    from lorafit.commands import train
+    from lorafit.core.errors import LorafitError
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(model=str(tmp_path / "absent"), data=str(tmp_path / "absent.jsonl"),
+                      output=str(out), method="grpo", reward="r.py:f")
+    with pytest.raises(LorafitError, match="--method grpo runs in one process .*drop --nproc"):
+        train.main(cfg, nproc=2)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(LorafitError, match="--method grpo runs in one process"):
+        train.main(cfg)
+    assert not out.exists()
+    with pytest.raises(LorafitError, match="--shard with --quantize is not supported"):
+        TrainConfig(model="m", data="d", shard=True, quantize="4bit")
+
+
 def test_shard_on_mlx_is_a_one_line_error_before_any_weight_loads(tiny):
     from lorafit.backends import get_backend
     from lorafit.core.errors import LorafitError
