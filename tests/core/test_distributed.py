@@ -268,7 +268,7 @@ def test_torch_shard_equals_one_process_and_saves_a_whole_peft_adapter(tiny):
     AdamW state): the 2-process run equals 1 process with the same global batch; the adapter and the
     checkpoint's optimizer state are whole (gathered) and equal the 1-process run's, so PEFT
     loads the adapter and the checkpoint resumes in any world size (as above)."""
-    from conftest import peft_logits_checking_keys, random_ids
+    from conftest import peft_logits_checking_keys, random_ids, write_prompt_completion_data
     from transformers import AutoModelForCausalLM
 
     root, folder, data = tiny
@@ -276,7 +276,11 @@ def test_torch_shard_equals_one_process_and_saves_a_whole_peft_adapter(tiny):
     if not rundir.adapter_path(ref).exists():
         assert one_process(folder, data, ref, "torch", grad_accum=2) == "completed"
     sharded = root / "sharded"
-    proc = cli(*flags(folder, data, sharded, "torch"), "--nproc", "2", "--shard")
+    # 3 validation batches: rank 1 has one, and runs a second, dropped forward so that both
+    # gather the same layers (a forward of the sharded base is a collective)
+    val = write_prompt_completion_data(root / "val.jsonl", 6, seed=1)
+    proc = cli(*flags(folder, data, sharded, "torch"), "--nproc", "2", "--shard",
+               "--val-data", str(val), "--eval-every", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_adapter(rundir.adapter_path(ref), rundir.adapter_path(sharded))
     start = next(r for r in rundir.read_metrics(sharded) if r.get("kind") == "start")
@@ -303,6 +307,19 @@ def test_torch_shard_equals_one_process_and_saves_a_whole_peft_adapter(tiny):
         scale = max(float(np.abs(whole[k]).max()), 1e-30)
         assert np.shape(whole[k]) == np.shape(got[k])
         assert float(np.abs(whole[k] - got[k]).max()) / scale <= 1e-5, k
+    # the sharded evaluation equals one process evaluating the final checkpoint
+    from lorafit.commands.train import build_trainer
+
+    evals = [r for r in rundir.read_metrics(sharded) if r.get("kind") == "eval"]
+    cfg = TrainConfig(model=str(folder), data=str(data), val_data=str(val),
+                      output=str(root / "sharded-eval"), backend="torch", device="cpu",
+                      **SETTINGS)
+    alone = build_trainer(cfg, [], report=lambda t: None)
+    try:
+        alone.load_state(load_latest(sharded, report=lambda t: None)[1])
+        assert len(evals) == 1 and abs(evals[0]["val_loss"] / alone.evaluate() - 1) <= 1e-5
+    finally:
+        alone.lock.release()
     base = AutoModelForCausalLM.from_pretrained(folder, torch_dtype="float32")
     logits = peft_logits_checking_keys(base, rundir.adapter_path(sharded),
                                        random_ids(base.config.vocab_size))
