@@ -23,6 +23,9 @@ import numpy as np
 
 Array = Any  # a backend array: torch.Tensor or mlx.core.array
 DTYPES = ("float32", "bfloat16", "float16")
+# the key, within a layer (`model.layers.<i>.` + it), of that layer's frozen arrays cut
+# across processes (Backend.shard_frozen); no checkpoint or adapter name looks like it
+SHARDED_LAYER = "\0sharded frozen"
 
 
 @runtime_checkable
@@ -286,6 +289,17 @@ class Backend(Protocol):
 
     def barrier(self) -> None:
         """Wait until every process reaches this point."""
+
+    def shard_frozen(self, params: dict) -> dict:
+        """--shard with several processes: params with each decoder layer's frozen arrays
+        replaced by one object holding this process's 1/N of them, under the layer's
+        SHARDED_LAYER key (arrays outside the layers stay whole); params itself when
+        alone. torch only (MLX raises LorafitError); a quantized base raises too."""
+
+    def gather_frozen(self, layer: dict) -> dict:
+        """A layer's dict (models.decoder.split_layers) with its sharded frozen arrays
+        gathered whole from every process (a collective: all call it for the same layers
+        in the same order); the dict itself when it holds none."""
 
     def launch_command(self, nproc: int, args: list) -> list:
         """The command line that runs `python -m lorafit.cli <args>` as nproc processes on

@@ -311,6 +311,9 @@ def main(cfg, resume: bool = False, allow_changed=(), nproc: int | None = None,
     place = launch.detect()
     if nproc is not None and nproc < 1:
         raise LorafitError(f"--nproc must be at least 1, got {nproc}")
+    if cfg.method == "grpo" and (nproc or 1) * place.world_size > 1:
+        raise LorafitError("--method grpo runs in one process for now: drop --nproc (and "
+                           "start it without torchrun / mlx.launch)")
     if nproc and nproc > 1:
         if place.world_size > 1:
             raise LorafitError("--nproc inside a launcher (torchrun, mlx.launch): the "

@@ -102,8 +102,9 @@ class TrainConfig:
     """torch: compile the forward (and its backward) with torch.compile; needs a C++ compiler
     on the CPU, pays off on long runs. MLX compiles every step already."""
     shard: bool = False
-    """torch, several processes: shard the adapter's gradients and optimizer state over the
-    processes with FSDP2 (docs/distributed.md); MLX: not supported."""
+    """torch, several processes: shard the frozen base (each layer gathered when it runs,
+    which implies recomputing layers) and the adapter's optimizer state (FSDP2) over the
+    processes (docs/distributed.md); MLX: not supported."""
     seed: int = 0
     """Seed for adapter init, shuffling and dropout."""
     eval_every: int | None = None
@@ -199,6 +200,9 @@ class TrainConfig:
             raise LorafitError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.quantize is not None and self.quantize not in QUANTIZE:
             raise LorafitError(f"--quantize {self.quantize}: choose {' or '.join(QUANTIZE)}")
+        if self.shard and self.quantize:  # the sharded base is cut as plain float arrays
+            from lorafit.core.estimate import SHARD_QUANTIZED
+            raise LorafitError(SHARD_QUANTIZED)
         from lorafit.core.trackers import parse as parse_trackers
 
         self.report_to = ",".join(parse_trackers(self.report_to))

@@ -22,6 +22,8 @@ from lorafit.core.loss import logit_chunk_elements
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
+SHARD_QUANTIZED = ("--shard with --quantize is not supported (the sharded base is not "
+                   "quantized); drop one of them")
 SHARD_ON_MLX = ("--shard is not supported on the MLX backend (mx.distributed has no "
                 "sharded training); drop --shard for data parallel, or use --backend torch")
 
@@ -64,6 +66,10 @@ class Shape:
     # projections the family has but this config has in no layer (Gemma 4's v_proj when
     # every layer is a k_eq_v full layer): a target naming one adapts nothing, as in training
     absent_linears: tuple = ()
+    # --shard cuts the decoder layers' frozen weights across the devices, not the rest:
+    outside_layers: int | None = None  # frozen elements outside the layers (embeddings,
+    #                                    head, final norm...); None: from vocab and hidden
+    largest_layer: int | None = None  # frozen elements of the largest layer; None: the mean
 
 
 # What all-linear adapts on an MoE model besides `linears` (PEFT on transformers v5):
@@ -100,6 +106,8 @@ class Settings:
                                    f"got {v!r}")
         if self.shard and self.backend == "mlx":
             raise LorafitError(SHARD_ON_MLX)
+        if self.shard and self.quantize_bits:
+            raise LorafitError(SHARD_QUANTIZED)
         if self.dtype not in DTYPE_BYTES:
             raise LorafitError(f"dtype {self.dtype!r}: choose float32, bfloat16 or float16")
 
@@ -729,10 +737,38 @@ def padded(st: Settings) -> Settings:
 # device; the all-reduce adds one flat float32 copy of the adapter gradients in the step's
 # update. `--shard` (torch, backends/torch/sharded.py) divides the terms below by the process
 # count: each device keeps 1/N of AdamW's moments and updates 1/N; it adds FSDP2's 1/N of
-# the adapter (its master shard) and, in the update, the all-gathered whole adapter. Not
-# divided: the adapter the forward reads, the all-reduced gradients, the frozen base (not
-# sharded by lorafit), and activations, logits and attention scores (per device by nature).
+# the adapter (its master shard) and, in the update, the all-gathered whole adapter. The
+# frozen base's layers are cut too (backends/torch/sharded_base.py): 1/N of them per device,
+# plus the one layer gathered whole while it runs (forward and backward, not the update);
+# the layers then run recomputed, as with --grad-checkpoint. Not divided: the base outside
+# the layers (embeddings, head, final norm), the adapter the forward reads, the all-reduced
+# gradients, and activations, logits and attention scores (per device by nature).
 SHARDED = ("optimizer state", "optimizer temporaries")
+
+
+def base_outside_layers(sh: Shape, st: Settings) -> int:
+    """The frozen bytes outside the decoder layers (whole on every device with --shard):
+    embeddings, head unless tied, final norm, what else the model keeps there."""
+    n = sh.outside_layers if sh.outside_layers is not None else \
+        sh.vocab * sh.hidden * (1 if sh.tied else 2) + \
+        (sh.hidden if sh.final_norm is None else sh.final_norm)
+    return n * DTYPE_BYTES[st.dtype]
+
+
+def sharded_base(sh: Shape, st: Settings) -> int:
+    """--shard: this device's base, the part outside the layers whole and 1/N of the
+    layers (rounded up: each layer's slices are padded to N equal parts)."""
+    outside = base_outside_layers(sh, st)
+    return outside + -(-(base_weights(sh, st) - outside) // st.nproc)
+
+
+def gathered_layer(sh: Shape, st: Settings) -> int:
+    """--shard: the one layer's frozen weights all-gathered whole while it runs."""
+    if not (st.shard and st.nproc > 1):
+        return 0
+    if sh.largest_layer is not None:
+        return sh.largest_layer * DTYPE_BYTES[st.dtype]
+    return (base_weights(sh, st) - base_outside_layers(sh, st)) // sh.layers
 
 
 def allreduce_buffer(sh: Shape, st: Settings) -> int:
@@ -751,7 +787,7 @@ def gathered_adapter(sh: Shape, st: Settings) -> int:
     return adapter_weights(sh, st) if st.shard and st.nproc > 1 else 0
 
 
-def split(settings: Settings) -> dict | None:
+def split(sh: Shape, settings: Settings) -> dict | None:
     """What a multi-process estimate divides by the process count and what it does not."""
     if settings.nproc <= 1:
         return None
@@ -761,12 +797,20 @@ def split(settings: Settings) -> dict | None:
                 "note": f"data parallel: every one of the {n} devices holds all of it "
                         "(base, adapter, gradients, optimizer state, its own activations) "
                         "plus one gradient buffer for the all-reduce"}
-    return {"nproc": n, "shard": True, "divided": list(SHARDED),
-            "note": f"--shard: {' and '.join(SHARDED)} divided by {n} (plus 1/{n} of the "
-                    "adapter as FSDP2's shard); not divided: the adapter weights (gathered "
-                    "whole for each step), the all-reduced gradients, the frozen base "
-                    "(replicated, not sharded), and activations, logits and attention "
-                    "scores (per device)"}
+    whole, outside = base_weights(sh, settings), base_outside_layers(sh, settings)
+    return {"nproc": n, "shard": True,
+            "divided": ["base weights (layers)", *SHARDED],
+            "base": {"whole": whole, "outside layers": outside,
+                     "per device": sharded_base(sh, settings),
+                     "gathered layer": gathered_layer(sh, settings)},
+            "note": f"--shard: the base's layers ({fmt_bytes(whole - outside)}), "
+                    f"{' and '.join(SHARDED)} divided by {n}, plus one layer gathered whole "
+                    f"while it runs ({fmt_bytes(gathered_layer(sh, settings))}) and 1/{n} of "
+                    "the adapter as FSDP2's shard; the layers run recomputed (as with "
+                    "--grad-checkpoint); not divided: the base outside the layers "
+                    f"({fmt_bytes(outside)}: embeddings, head, final norm), the adapter "
+                    "weights (gathered whole for each step), the all-reduced gradients, and "
+                    "activations, logits and attention scores (per device)"}
 
 
 def estimate(sh: Shape, settings: Settings) -> dict:
@@ -775,6 +819,8 @@ def estimate(sh: Shape, settings: Settings) -> dict:
     if settings.layers is not None and any(not 0 <= i < sh.layers for i in settings.layers):
         raise LorafitError(f"layer selection {settings.layers} is outside 0..{sh.layers - 1}")
     asked, settings = settings, padded(settings)
+    if settings.shard and settings.nproc > 1:  # a sharded base runs its layers recomputed
+        settings = settings.replace(grad_checkpoint=True)
     breakdown = {name: int(fn(sh, settings)) for name, fn in STATIC_TERMS}
     phase_terms = dict(PHASES)
     if settings.backend == "mlx":
@@ -789,15 +835,19 @@ def estimate(sh: Shape, settings: Settings) -> dict:
             phases["optimizer step"]["gathered adapter"] = gathered_adapter(sh, settings)
             n = settings.nproc
             breakdown = {k: v // n if k in SHARDED else v for k, v in breakdown.items()}
+            breakdown["base weights"] = sharded_base(sh, settings)
             phases = {ph: {k: v // n if k in SHARDED else v for k, v in terms.items()}
                       for ph, terms in phases.items()}
+            for ph, terms in phases.items():  # not in the update: the backward is over
+                if ph != "optimizer step":
+                    terms["gathered layer"] = gathered_layer(sh, settings)
     phase = max(phases, key=lambda ph: sum({**breakdown, **phases[ph]}.values()))
     breakdown.update(phases[phase])
     subtotal = sum(breakdown.values())
     breakdown["framework overhead"] = framework_overhead(sh, settings, subtotal)
     return {"total": sum(breakdown.values()), "breakdown": breakdown, "phase": phase,
             "backend": settings.backend, "device": settings.device,
-            "settings": dict(asked.__dict__), "split": split(settings)}
+            "settings": dict(asked.__dict__), "split": split(sh, settings)}
 
 
 # -- budgets and the inverse question ------------------------------------------------------

@@ -40,6 +40,7 @@ class RunStarted(Event):
     estimate: dict | None = None
     world_size: int = 1  # processes training together (data parallel)
     optimizer_shards: int = 1  # processes AdamW's state is spread over (--shard: world_size)
+    base_bytes: list | None = None  # each rank's resident frozen base (--shard: 1/N of it)
     unit: str = "examples"  # what `examples` counts: "pairs" for DPO/ORPO, each two rows
     # what StepReport.memory_peak counts (the backend's memory_stats()["source"]): the
     # allocator's high-water mark, or on a CPU the whole process's resident memory

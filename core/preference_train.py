@@ -26,6 +26,8 @@ _STATS = "\0rewards"  # reward sums travel with the gradients (no adapter key lo
 
 
 class PreferenceTrainer(Trainer):
+    shards_base = False  # --shard: the adapter's state only; the base stays replicated
+
     def __init__(self, model, cfg, train: PreferenceSet, val: PreferenceSet | None = None,
                  *args, **kwargs):
         kind = "labelled" if cfg.method == "kto" else "pairs"

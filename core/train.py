@@ -56,6 +56,8 @@ class Position:
 
 
 class Trainer:
+    shards_base = True  # --shard cuts the frozen base across processes (not DPO/ORPO yet)
+
     def __init__(self, model, cfg, train_examples, val_examples=(), run_dir=None,
                  sinks=(), control=None, estimate: dict | None = None):
         from lorafit.core.control import Control
@@ -78,6 +80,11 @@ class Trainer:
             self.trainable = self.ops.broadcast(self.trainable)
         self.micro_per_step = cfg.grad_accum * self.world_size
         self.frozen = {k: v for k, v in model.params.items() if k not in self.trainable}
+        self.trainable_line = summary(model.params, model.parameter_shapes())
+        self.base_sharded = bool(cfg.shard and self.world_size > 1 and self.shards_base)
+        if self.base_sharded:  # each rank keeps 1/N of every layer's frozen weights
+            self.frozen = self.ops.shard_frozen(self.frozen)
+            model.params = {**self.frozen, **self.trainable}
         self.optimizer = self.ops.make_optimizer(self.trainable, weight_decay=cfg.weight_decay,
                                                  shard=cfg.shard)
         self._router_loss = None  # the last step's MoE load-balancing loss (StepReport)
@@ -190,10 +197,15 @@ class Trainer:
         batches = make_batches(self.val_examples, c.batch_size, c.seq_len, c.pack, c.seed, 0)
         params = {**self.frozen, **self.trainable}
         total, count = 0.0, sum(b.n_tokens for b in batches)
+        mine = shard(batches, self.rank, self.world_size)
+        # a sharded base gathers each layer from every rank: all run as many forwards
+        # (a rank short of a batch runs its first one again and drops the result)
+        spare = -(-len(batches) // self.world_size) - len(mine) if self.base_sharded else 0
         with ops.inference():
-            for b in shard(batches, self.rank, self.world_size):
+            for j, b in enumerate(mine + [batches[0]] * spare):
                 s, _ = batch_loss(ops, self.model, params, self._on_backend(b), False)
-                total += ops.to_float(s)
+                if j < len(mine):
+                    total += ops.to_float(s)
         if self.world_size > 1:
             arr = ops.from_numpy(np.asarray([total], dtype=np.float32))
             total = float(ops.to_numpy(ops.all_reduce({"loss": arr})["loss"])[0])
@@ -316,11 +328,11 @@ class Trainer:
         self.emit(ev.RunStarted(total_steps=self.total_steps, examples=examples,
                                 val_examples=val_examples, unit=unit, backend=ops.name,
                                 device=ops.device,
-                                trainable=summary(self.model.params,
-                                                  self.model.parameter_shapes()),
+                                trainable=self.trainable_line,
                                 config=c.to_dict(), estimate=self.estimate,
                                 world_size=self.world_size,
                                 optimizer_shards=self.optimizer.shards,
+                                base_bytes=self._base_bytes(),
                                 memory_source=ops.memory_stats().get("source", "")))
         ops.reset_peak_memory()
         status, bad_in_a_row, t_start, steps_timed = "completed", 0, time.time(), 0
@@ -477,6 +489,17 @@ class Trainer:
     def _extra_report(self) -> dict:
         """More StepReport fields of a trainer built on this one (preference rewards)."""
         return {}
+
+    def _base_bytes(self) -> list[int]:
+        """Each rank's resident frozen base (--shard: its slices), summed from the arrays
+        it holds; a collective with several processes."""
+        mine = sum(self.ops.nbytes(v) for v in self.frozen.values())
+        if self.world_size == 1:
+            return [int(mine)]
+        per = np.zeros(self.world_size, dtype=np.float64)
+        per[self.rank] = mine
+        arr = self.ops.from_numpy(per.astype(np.float32))
+        return [int(v) for v in self.ops.to_numpy(self.ops.all_reduce({"b": arr})["b"])]
 
     def _record_measured_peak(self, peak: int, micro: list[Batch]) -> None:
         """The tensor-level peak of one full step, reported beside the estimate for the

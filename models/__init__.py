@@ -137,6 +137,12 @@ def memory_shape(config: dict):
                per_layer_inputs=a.num_hidden_layers * a.per_layer_input_size,
                attention_output_gate=a.attention_output_gate,
                linear_attention=_linear_attention(a))
+    per_layer = [0] * a.num_hidden_layers  # frozen elements in each layer (--shard)
+    for k, v in shapes.items():
+        if k.startswith("model.layers."):
+            per_layer[int(k.split(".")[2])] += int(np.prod(v))
+    sh.outside_layers = sum(int(np.prod(v)) for v in shapes.values()) - sum(per_layer)
+    sh.largest_layer = max(per_layer)
     if varied:  # each layer's projections, those outside the layers, the rest as a count
         from lorafit.core.estimate import Settings, base_weights
         sh.layer_linears, sh.model_linears = layer_linears, model_linears

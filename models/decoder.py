@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from lorafit.backends.base import SHARDED_LAYER
 from lorafit.core.lora import project
 from lorafit.models.blocks import gated_deltanet, moe
 from lorafit.models.spec import GELU_TANH, ModelArgs
@@ -368,16 +369,21 @@ def hidden_states(ops, a: ModelArgs, params: dict, input_ids, positions, segment
     per_layer = per_layer_inputs(ops, a, params, input_ids, x, lora) \
         if a.per_layer_input_size else None
     shared = {} if a.kv_shared_layers else None
-    for i, lp in enumerate(split_layers(params, a.num_hidden_layers)):
+    layers = split_layers(params, a.num_hidden_layers)
+    # a base sharded across processes (--shard): each layer gathers its weights and runs
+    # recomputed, so the gathered weights live for one layer only (backends/torch/
+    # sharded_base.py); with a cache (generation) they are gathered for the forward alone
+    sharded = cache is None and any(SHARDED_LAYER in lp for lp in layers)
+    for i, lp in enumerate(layers):
         cos, sin = tables[a.layer_types[i]]
         if a.nope_layers is not None and a.nope_layers[i]:
             cos = sin = None
         pli = None if per_layer is None else per_layer[:, :, i, :]
-        if recompute:
+        if recompute or sharded:
             x = _recomputed_layer(ops, a, i, lp, x, cos, sin, segment_ids, lora, q_scale,
                                   shared, pli)
         else:
-            x = decoder_layer(ops, a, i, lp, x, cos, sin, segment_ids,
+            x = decoder_layer(ops, a, i, ops.gather_frozen(lp), x, cos, sin, segment_ids,
                               None if cache is None else cache[i], lora, q_scale, shared, pli)
     h = norm(ops, a, params, "model.norm", x)
     # logits / s = (h / s) W^T: the head and the fused loss both see the scaled states
@@ -451,7 +457,8 @@ def _recomputed_layer(ops, a, i, lp, x, cos, sin, segment_ids, lora, q_scale=Non
     def run(train, x_, *rest):
         p_ = rest[0] if pli is not None else None
         local = {source: tuple(rest[-2:])} if source is not None else {}
-        out = decoder_layer(ops, a, i, {**frozen, **train}, x_, cos, sin, segment_ids, None,
+        out = decoder_layer(ops, a, i, {**ops.gather_frozen(frozen), **train}, x_, cos, sin,
+                            segment_ids, None,
                             lora, q_scale, local if shared is not None else None, p_)
         return (out, *local[i]) if produces else out
     out = ops.checkpoint(run)(trainable, x, *extra)

@@ -480,6 +480,17 @@ class MLXBackend:
             _collective(lambda: mx.distributed.all_sum(mx.array(0.0), group=self._group,
                                                        stream=mx.cpu))
 
+    def shard_frozen(self, params):
+        if self.world_size == 1:
+            return params
+        from lorafit.core.errors import LorafitError
+        from lorafit.core.estimate import SHARD_ON_MLX
+        raise LorafitError(SHARD_ON_MLX)
+
+    def gather_frozen(self, layer):
+        """Nothing is sharded on MLX."""
+        return layer
+
     def launch_command(self, nproc, args):
         import sys
         # mlx.launch's entry point, run by this interpreter (the script may not be on PATH)

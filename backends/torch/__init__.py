@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from lorafit.backends.segments import segment_layout
 from lorafit.backends.torch.memory import TensorTracker
+from lorafit.backends.torch.sharded_base import ShardedLayer, gather_layer
 from lorafit.core.loss import logit_chunk_elements as chunk_elements
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -87,6 +88,8 @@ class TorchBackend:
                 yield name, t.to(self._device)
 
     def nbytes(self, x):
+        if isinstance(x, ShardedLayer):  # --shard: this process's slices of a layer
+            return x.nbytes
         if not hasattr(x, "numel"):  # a bitsandbytes QuantState: absmax and its own scales
             return sum(self.nbytes(t) for t in (x.absmax, getattr(x.state2, "absmax", None))
                        if t is not None)
@@ -519,6 +522,15 @@ class TorchBackend:
     def barrier(self):
         if self.world_size > 1:
             _collective(dist.barrier)
+
+    def shard_frozen(self, params):
+        if self.world_size == 1:
+            return params
+        from lorafit.backends.torch.sharded_base import shard_layers
+        return shard_layers(params, self.rank, self.world_size)
+
+    def gather_frozen(self, layer):
+        return gather_layer(layer)
 
     def launch_command(self, nproc, args):
         import sys

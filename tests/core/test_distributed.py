@@ -119,6 +119,27 @@ def test_nproc_mistakes_are_one_line_errors(monkeypatch):
         train.main(cfg, nproc=2)
 
 
+def test_grpo_and_a_quantized_shard_are_refused_before_launching(monkeypatch, tmp_path):
+    """GRPO runs in one process: `--nproc 2` (or a launcher's environment) is refused before
+    any worker starts or anything loads (the model path does not even exist here); so is
+    --shard with --quantize (the sharded base is plain float arrays)."""
+    from lorafit.commands import train
+    from lorafit.core.errors import LorafitError
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(model=str(tmp_path / "absent"), data=str(tmp_path / "absent.jsonl"),
+                      output=str(out), method="grpo", reward="r.py:f")
+    with pytest.raises(LorafitError, match="--method grpo runs in one process .*drop --nproc"):
+        train.main(cfg, nproc=2)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(LorafitError, match="--method grpo runs in one process"):
+        train.main(cfg)
+    assert not out.exists()
+    with pytest.raises(LorafitError, match="--shard with --quantize is not supported"):
+        TrainConfig(model="m", data="d", shard=True, quantize="4bit")
+
+
 def test_shard_on_mlx_is_a_one_line_error_before_any_weight_loads(tiny):
     from lorafit.backends import get_backend
     from lorafit.core.errors import LorafitError
@@ -242,11 +263,12 @@ def test_torch_two_processes_equal_one_and_checkpoints_move_between_world_sizes(
 
 @pytest.mark.slow
 def test_torch_shard_equals_one_process_and_saves_a_whole_peft_adapter(tiny):
-    """--shard (FSDP2 keeps 1/N of the adapter's master weights and AdamW state per rank):
-    the 2-process run equals 1 process with the same global batch; the adapter and the
+    """--shard (each rank keeps 1/N of every layer's frozen weights, gathered per layer and
+    again in the recomputing backward, and FSDP2 1/N of the adapter's master weights and
+    AdamW state): the 2-process run equals 1 process with the same global batch; the adapter and the
     checkpoint's optimizer state are whole (gathered) and equal the 1-process run's, so PEFT
     loads the adapter and the checkpoint resumes in any world size (as above)."""
-    from conftest import peft_logits_checking_keys, random_ids
+    from conftest import peft_logits_checking_keys, random_ids, write_prompt_completion_data
     from transformers import AutoModelForCausalLM
 
     root, folder, data = tiny
@@ -254,11 +276,28 @@ def test_torch_shard_equals_one_process_and_saves_a_whole_peft_adapter(tiny):
     if not rundir.adapter_path(ref).exists():
         assert one_process(folder, data, ref, "torch", grad_accum=2) == "completed"
     sharded = root / "sharded"
-    proc = cli(*flags(folder, data, sharded, "torch"), "--nproc", "2", "--shard")
+    # 3 validation batches: rank 1 has one, and runs a second, dropped forward so that both
+    # gather the same layers (a forward of the sharded base is a collective)
+    val = write_prompt_completion_data(root / "val.jsonl", 6, seed=1)
+    proc = cli(*flags(folder, data, sharded, "torch"), "--nproc", "2", "--shard",
+               "--val-data", str(val), "--eval-every", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_adapter(rundir.adapter_path(ref), rundir.adapter_path(sharded))
     start = next(r for r in rundir.read_metrics(sharded) if r.get("kind") == "start")
     assert start["optimizer_shards"] == 2  # FSDP2 held the state, not a replicated AdamW
+    # each rank held half of every layer's frozen weights (summed from the arrays it kept):
+    # the embeddings, the head and the final norm whole, the layers in halves (plus at most
+    # one element of padding per layer)
+    from safetensors.numpy import load_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    in_layers = sum(v.size * 4 for k, v in weights.items() if k.startswith("model.layers."))
+    outside = sum(v.size * 4 for k, v in weights.items() if not k.startswith("model.layers."))
+    one = next(r for r in rundir.read_metrics(ref) if r.get("kind") == "start")
+    assert one["base_bytes"] == [in_layers + outside]
+    assert len(start["base_bytes"]) == 2
+    for held in start["base_bytes"]:
+        assert 0 <= held - (outside + in_layers / 2) <= 4 * 2, (held, in_layers, outside)
     from lorafit.core.checkpoint import load_latest
 
     whole = load_latest(ref, report=lambda t: None)[1]["optimizer"]  # both at step 4
@@ -268,6 +307,19 @@ def test_torch_shard_equals_one_process_and_saves_a_whole_peft_adapter(tiny):
         scale = max(float(np.abs(whole[k]).max()), 1e-30)
         assert np.shape(whole[k]) == np.shape(got[k])
         assert float(np.abs(whole[k] - got[k]).max()) / scale <= 1e-5, k
+    # the sharded evaluation equals one process evaluating the final checkpoint
+    from lorafit.commands.train import build_trainer
+
+    evals = [r for r in rundir.read_metrics(sharded) if r.get("kind") == "eval"]
+    cfg = TrainConfig(model=str(folder), data=str(data), val_data=str(val),
+                      output=str(root / "sharded-eval"), backend="torch", device="cpu",
+                      **SETTINGS)
+    alone = build_trainer(cfg, [], report=lambda t: None)
+    try:
+        alone.load_state(load_latest(sharded, report=lambda t: None)[1])
+        assert len(evals) == 1 and abs(evals[0]["val_loss"] / alone.evaluate() - 1) <= 1e-5
+    finally:
+        alone.lock.release()
     base = AutoModelForCausalLM.from_pretrained(folder, torch_dtype="float32")
     logits = peft_logits_checking_keys(base, rundir.adapter_path(sharded),
                                        random_ids(base.config.vocab_size))

@@ -199,26 +199,41 @@ def test_estimate_cli_table_json_and_verdict(capsys):
 
 
 def test_estimate_per_device_of_several_processes_and_sharded(capsys):
-    """Issue 11: `--nproc 4 --shard` on llama-3.1-70b is below the replicated per-device
-    total by what FSDP2 divides (optimizer state, the update's gradients), and says which
-    terms are divided and which are not; replicated adds the all-reduce buffer."""
+    """Issue 11: `--nproc 4 --shard` on llama-3.1-70b holds the base outside the layers
+    whole and 1/4 of the layers plus one gathered layer, runs the layers recomputed, and
+    divides what FSDP2 divides (optimizer state, the update's temporaries): far below the
+    replicated per-device total, even with --grad-checkpoint; the output says which terms
+    are divided and which are not; replicated adds the all-reduce buffer."""
     flags = ("estimate", "--model", "llama-3.1-70b", "--backend", "torch", "--device", "cuda",
              "--dtype", "bf16", "--budget", "80GiB", "--json")
     runs = {}
     for name, extra in (("one", ()), ("dp", ("--nproc", "4")),
+                        ("dp_gc", ("--nproc", "4", "--grad-checkpoint")),
                         ("shard", ("--nproc", "4", "--shard"))):
         code, out, _ = run_cli(capsys, *flags, *extra)
         assert code == 0
         runs[name] = json.loads(out)
-    one, dp, shard = (runs[k] for k in ("one", "dp", "shard"))
+    one, dp, dp_gc, shard = (runs[k] for k in ("one", "dp", "dp_gc", "shard"))
     assert one["split"] is None and dp["split"]["divided"] == [] and dp["split"]["nproc"] == 4
     opt, ad = one["breakdown"]["optimizer state"], one["breakdown"]["adapter weights"]
     assert shard["breakdown"]["optimizer state"] == opt // 4
     assert shard["breakdown"]["adapter shard (FSDP2)"] == ad // 4
-    assert shard["total"] <= dp["total"] - 3 * opt // 4 + ad // 4 < dp["total"]
-    for same in ("base weights", "adapter weights", "activations"):
-        assert shard["breakdown"][same] == one["breakdown"][same]
-    assert set(shard["split"]["divided"]) == {"optimizer state", "optimizer temporaries"}
+    # the base: embeddings and head (2 x 128256 x 8192) and the final norm whole, the 80
+    # layers in quarters, one layer gathered whole
+    whole, outside = one["breakdown"]["base weights"], (2 * 128256 * 8192 + 8192) * 2
+    base = shard["split"]["base"]
+    assert base["whole"] == whole and base["outside layers"] == outside
+    assert shard["breakdown"]["base weights"] == base["per device"] == \
+        outside + (whole - outside) // 4
+    assert shard["breakdown"]["gathered layer"] == base["gathered layer"] == \
+        (whole - outside) // 80
+    # the layers run recomputed: the activations of --grad-checkpoint
+    assert shard["breakdown"]["activations"] == dp_gc["breakdown"]["activations"]
+    assert shard["breakdown"]["adapter weights"] == one["breakdown"]["adapter weights"]
+    assert shard["total"] < dp_gc["total"] - (whole - outside) // 2 < dp["total"]
+    assert shard["total"] < 80 * 2**30 < dp_gc["total"]  # fits on 4 80 GiB devices
+    assert set(shard["split"]["divided"]) == {"base weights (layers)", "optimizer state",
+                                              "optimizer temporaries"}
     from lorafit.core.estimate import adapter_params, allreduce_buffer
 
     sh, st = memory_shape(load_preset("llama-3.2-1b")), Settings()
@@ -226,7 +241,8 @@ def test_estimate_per_device_of_several_processes_and_sharded(capsys):
     assert [allreduce_buffer(sh, st.replace(nproc=n, shard=s))
             for n, s in ((1, False), (2, False), (2, True))] == [0, grads, grads]
     code, out, _ = run_cli(capsys, *flags[:-1], "--nproc", "4", "--shard")
-    assert "divided by 4" in out and "base (replicated, not sharded)" in out
+    assert "divided by 4" in out and "the base outside the layers" in out
+    assert "one layer gathered whole" in out and "recomputed" in out
     assert "activations" in out and "all-reduced gradients" in out
     code, _, err = run_cli(capsys, "estimate", "--model", "qwen3-0.6b", "--backend", "mlx",
                            "--shard")

@@ -1,0 +1,97 @@
+"""The frozen base cut across processes (`--shard`): ZeRO-3 for a functional decoder.
+
+Each decoder layer's frozen arrays become one `ShardedLayer`: per dtype, the layer's
+arrays laid end to end as one flat buffer, of which this process keeps its 1/N slice
+(padded to a multiple of N). `gather` all-gathers the slices into the whole buffer and
+hands back views of it under the arrays' names; nothing else refers to that buffer, so it
+is freed once the layer's computation drops its views. The decoder runs a sharded layer
+under activation checkpointing (models/decoder.py), so the gathered weights are not kept
+for the backward: the recomputation gathers them again, one layer at a time.
+
+FSDP2's `fully_shard` does the same for `nn.Module`s by hooking their calls; lorafit's
+decoder is a function over a dict of arrays, so the gather is explicit here. Every process
+must gather the same layers in the same order (they run the same forward and backward).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from lorafit.backends.base import SHARDED_LAYER
+from lorafit.core.errors import LorafitError
+
+LAYERS = "model.layers."
+
+
+class ShardedLayer:
+    """One layer's frozen arrays, 1/N of them held by this process."""
+
+    def __init__(self, arrays: dict, rank: int, world: int):
+        self.world = world
+        self.groups = []  # (flat length per process, [(name, shape, offset, numel)], slice)
+        by_dtype: dict = {}
+        for name, t in arrays.items():
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise LorafitError(f"--shard: {name} is not a plain floating-point weight "
+                                   "(a quantized base is not sharded); drop --shard or "
+                                   "--quantize")
+            by_dtype.setdefault(t.dtype, []).append((name, t))
+        for dtype, items in by_dtype.items():
+            entries, at = [], 0
+            for name, t in items:
+                entries.append((name, tuple(t.shape), at, t.numel()))
+                at += t.numel()
+            per = -(-at // world)
+            start, end = rank * per, (rank + 1) * per
+            local = torch.zeros(per, dtype=dtype, device=items[0][1].device)
+            for (name, t), (_, _, off, n) in zip(items, entries):
+                lo, hi = max(off, start), min(off + n, end)
+                if lo < hi:  # this array's part of this process's slice
+                    local[lo - start:hi - start] = t.reshape(-1)[lo - off:hi - off]
+            self.groups.append((entries, local))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this process holds: its slices."""
+        return sum(local.numel() * local.element_size() for _, local in self.groups)
+
+    def gather(self) -> dict:
+        """The layer's whole arrays (views of freshly all-gathered buffers): a collective."""
+        from lorafit.backends.torch import _collective
+
+        out = {}
+        for entries, local in self.groups:
+            flat = torch.empty(local.numel() * self.world, dtype=local.dtype,
+                               device=local.device)
+            _collective(dist.all_gather_single, flat, local)
+            for name, shape, off, n in entries:
+                out[name] = flat[off:off + n].view(shape)
+        return out
+
+
+def shard_layers(params: dict, rank: int, world: int) -> dict:
+    """params with each layer's frozen arrays replaced by one ShardedLayer under
+    `model.layers.<i>.<SHARDED_LAYER>`; arrays outside the layers and adapter leaves stay
+    whole. The whole arrays are released as each layer is cut (the caller drops its own
+    references), so the peak is the base plus one layer's slice."""
+    out, layers = {}, {}
+    for k, v in params.items():
+        if k.startswith(LAYERS) and ".lora_" not in k:
+            i, rest = k[len(LAYERS):].split(".", 1)
+            layers.setdefault(int(i), {})[rest] = v
+        else:
+            out[k] = v
+    for i in sorted(layers):
+        out[f"{LAYERS}{i}.{SHARDED_LAYER}"] = ShardedLayer(layers.pop(i), rank, world)
+    return out
+
+
+def gather_layer(layer: dict) -> dict:
+    """A layer's dict with its ShardedLayer replaced by the whole arrays (see Backend)."""
+    handle = layer.get(SHARDED_LAYER)
+    if handle is None:
+        return layer
+    whole = handle.gather()
+    whole.update((k, v) for k, v in layer.items() if k != SHARDED_LAYER)
+    return whole

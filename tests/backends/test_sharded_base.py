@@ -1,0 +1,106 @@
+"""--shard's frozen base (backends/torch/sharded_base.py): how a layer is cut. The gather
+and the training run that uses it are tested across 2 processes in
+tests/core/test_distributed.py; here, without processes, that the N slices hold the layer's
+arrays exactly, end to end per dtype, and padded to N equal parts."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def test_the_slices_of_a_layer_are_its_arrays_end_to_end_padded_to_equal_parts():
+    from lorafit.backends.base import SHARDED_LAYER
+    from lorafit.backends.torch.sharded_base import ShardedLayer, shard_layers
+    from lorafit.core.errors import LorafitError
+
+    g = torch.Generator().manual_seed(0)
+    arrays = {"self_attn.q_proj.weight": torch.randn(5, 3, generator=g),
+              "input_layernorm.weight": torch.randn(7, generator=g),
+              "mlp.down_proj.weight": torch.randn(3, 4, generator=g).to(torch.bfloat16)}
+    world = 3
+    pieces = [ShardedLayer(arrays, r, world) for r in range(world)]
+    for dtype, names in ((torch.float32, ["self_attn.q_proj.weight", "input_layernorm.weight"]),
+                         (torch.bfloat16, ["mlp.down_proj.weight"])):
+        flat = torch.cat([arrays[n].reshape(-1) for n in names])
+        locals_ = [next(loc for _, loc in p.groups if loc.dtype == dtype) for p in pieces]
+        per = -(-flat.numel() // world)
+        assert all(loc.numel() == per for loc in locals_)
+        joined = torch.cat(locals_)
+        assert torch.equal(joined[:flat.numel()], flat) and not joined[flat.numel():].any()
+        entries = next(e for e, loc in pieces[0].groups if loc.dtype == dtype)
+        for name, shape, off, n in entries:  # where gather's views will read each array
+            assert torch.equal(joined[off:off + n].view(shape), arrays[name])
+    assert pieces[0].nbytes == -(-22 // 3) * 4 + -(-12 // 3) * 2
+    params = {f"model.layers.{i}.{k}": v for i in range(2) for k, v in arrays.items()}
+    params.update({"model.embed_tokens.weight": torch.zeros(4, 3),
+                   "model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 3)})
+    cut = shard_layers(params, 1, world)
+    assert sorted(cut) == sorted(["model.embed_tokens.weight",
+                                  "model.layers.0.self_attn.q_proj.lora_A.weight",
+                                  f"model.layers.0.{SHARDED_LAYER}",
+                                  f"model.layers.1.{SHARDED_LAYER}"])
+    with pytest.raises(LorafitError, match="quantized base is not sharded"):
+        ShardedLayer({"w": torch.zeros(4, dtype=torch.uint8)}, 0, 2)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of one: the gathers run for real (of one slice each)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group exists already")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("model_type,kw,lora_kw", [
+    # k, v reused from earlier layers, per-layer inputs, soft-capping
+    ("gemma4_text", dict(head_dim=16, global_head_dim=32, sliding_window=6,
+                         num_hidden_layers=4, num_kv_shared_layers=2,
+                         layer_types=["sliding_attention", "full_attention"] * 2,
+                         hidden_size_per_layer_input=8, vocab_size_per_layer_input=512,
+                         final_logit_softcapping=3.0), dict(targets="all-linear")),
+    # experts (3D arrays in the layer), DoRA's norms of the gathered weights
+    ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40),
+     dict(targets="q_proj,v_proj", dora=True)),
+])
+def test_a_sharded_base_gives_the_plain_forwards_loss_and_gradients(
+        tmp_path, tokenizer, torch_backend, one_rank_group, model_type, kw, lora_kw):
+    """The decoder over gathered layers (recomputed, each gathered again in the backward)
+    equals the plain forward: the families whose layers read more than their own weights."""
+    import numpy as np
+    from conftest import build_hf_model, random_ids
+    from lorafit.backends.torch.sharded_base import shard_layers
+    from lorafit.core import lora
+    from lorafit.core.lora import LoraConfig
+    from lorafit.models import default_positions
+    from lorafit.models.loader import load_model
+
+    folder, ref = build_hf_model(tmp_path, model_type, tokenizer, **kw)
+    ops = torch_backend
+    model = load_model(str(folder), ops)
+    names = lora.attach(model, LoraConfig(r=2, alpha=4, **lora_kw), seed=0)
+    rng = np.random.default_rng(0)
+    for k in [k for k in names if "lora_B" in k]:  # B non-zero: every gradient is
+        model.params[k] = ops.from_numpy(rng.normal(0, 0.1, tuple(model.params[k].shape))
+                                         .astype(np.float32))
+    ids = ops.from_numpy(random_ids(ref.config.vocab_size, (2, 12), seed=1))
+    pos = default_positions(ops, (2, 12))
+    frozen = {k: v for k, v in model.params.items() if k not in names}
+    probe = ops.from_numpy(rng.normal(size=(2, 12, ref.config.hidden_size)).astype(np.float32))
+    out = []
+    for params in (frozen, shard_layers(frozen, 0, 1)):
+        def f(tr, _):
+            h = model.hidden(ids, pos, params={**params, **tr})
+            return (h * probe).sum(), None
+        (loss, _), g = ops.value_and_grad(f)({k: model.params[k] for k in names}, None)
+        out.append((ops.to_float(loss), {k: ops.to_numpy(v) for k, v in g.items()}))
+    assert out[1][0] == pytest.approx(out[0][0], rel=1e-6)
+    for k in names:
+        np.testing.assert_allclose(out[1][1][k], out[0][1][k], rtol=1e-4, atol=1e-6)
+        assert np.abs(out[0][1][k]).max() > 0, k
