@@ -70,6 +70,9 @@ class Shape:
     outside_layers: int | None = None  # frozen elements outside the layers (embeddings,
     #                                    head, final norm...); None: from vocab and hidden
     largest_layer: int | None = None  # frozen elements of the largest layer; None: the mean
+    # norms on a sublayer's output (GLM-4's sandwich, OLMo 2's and Gemma's post-norms): each
+    # norm's vjp reads its input, the attention or MLP output, kept nowhere else
+    output_norms: int = 0
 
 
 # What all-linear adapts on an MoE model besides `linears` (PEFT on transformers v5):
@@ -336,6 +339,7 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
         n += (sh.heads + sh.kv_heads) * D
     if sh.moe and layer in sh.moe["layers"]:
         n += torch_moe_saved_per_token(sh, st, adapted)
+    n += mlx_output_norm_inputs(sh, st)
     if adapted:
         names = _layer_targets(sh, st, layer)
         n += st.rank * len(names)
@@ -345,6 +349,15 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
         if "down_proj" in names:
             n += F
     return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
+
+
+def mlx_output_norm_inputs(sh: Shape, st: Settings) -> int:
+    """MLX only, elements per token per layer: a norm on a sublayer's output keeps its
+    input (the attention's or the MLP's output, C each) for its vjp. Measured on glm4 C96
+    (two such norms): the per-layer slope was ~2C above the count. torch keeps them too
+    by the same rule, but its figures are checked against the profiler's timeline and
+    were left as they are (docs/memory.md)."""
+    return sh.output_norms * sh.hidden if st.backend == "mlx" else 0
 
 
 def _layer_targets(sh: Shape, st: Settings, layer: int | None) -> list:
@@ -608,6 +621,74 @@ def backward_transients(sh: Shape, st: Settings) -> int:
     return N * s * (8 * sh.intermediate + 6 * sh.hidden)
 
 
+def loss_phase_transients(sh: Shape, st: Settings) -> int:
+    """MLX, at the loss: backward_transients plus what the top layer's backward holds
+    beyond its C-based count (measured where Hq*D = C, no fused projection), at the
+    widest of three moments that follow one another: the MLP's fused gate_up split
+    (mlx_fused_split_cotangents), the attention's query-wide gradients
+    (mlx_query_gradients), then the fused qkv split, which starts when dq, dk, dv are
+    formed and their intermediates freed. The first two were measured one at a time on
+    top of the same count (glm4's split, llama's heads). The recompute phase keeps
+    backward_transients as it is."""
+    if st.backend != "mlx":
+        return 0
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    return backward_transients(sh, st) + N * s * max(
+        mlx_fused_split_cotangents(sh, st, ("gate_up_proj",)), mlx_query_gradients(sh, st),
+        mlx_fused_split_cotangents(sh, st, ("qkv_proj",)))
+
+
+def _top_layer_differentiates(sh: Shape, st: Settings, names) -> bool:
+    """Whether the top layer's backward forms the gradient of the outputs of `names`
+    (projection names): one of them is adapted there, or a layer below holds an adapter
+    (the gradient then runs through the whole layer to its input)."""
+    top = sh.layers - 1
+    if _backward_layers(sh, st).start < top:
+        return True
+    adapted = _layer_targets(sh, st, top) if top in _adapted_layers(sh, st) else []
+    return any(m in adapted for m in names)
+
+
+# MLX's attention vjp (its unfused fallback while tracing) forms each of dq, dk and dv at the
+# query width: with grouped kv heads, k and v are broadcast over the group and their
+# gradients are formed per query head, then summed. Each such gradient passes through
+# (N, Hq*D) arrays at once: dS @ k (or dS^T @ q, P^T @ dO), its scale, its copy back to
+# (B, T, H*D), RoPE's vjp. The 6C of backward_transients was measured where Hq*D = C; beyond
+# that, about 5 (N, Hq*D) arrays per gradient formed (llama C128 F256, 2 x 64 tokens, Hq*D
+# 256-512, MHA and GQA, 1-2 layers: 3.8 to 5.9 per gradient per element of Hq*D - C).
+MLX_ATTENTION_GRADIENT_COPIES = 5
+
+
+def mlx_query_gradients(sh: Shape, st: Settings) -> int:
+    """Elements per token: many query heads on a narrow model (Hq*D > C) make the top
+    layer's attention backward, not its MLP's, the widest point of MLX's backward:
+    5 * (Hq*D - C) per gradient it forms of q, k and v (0 where Hq*D <= C). All three
+    when a layer below holds an adapter (the gradient runs on to the layer's input); else
+    those of the adapted ones (o_proj,down_proj on one layer forms none: measured +50 %
+    with them counted)."""
+    top = sh.layers - 1
+    if sh.linear_attention and top in sh.linear_attention["layers"]:
+        return 0
+    if _backward_layers(sh, st).start < top:
+        formed = 3
+    else:
+        adapted = _layer_targets(sh, st, top) if top in _adapted_layers(sh, st) else []
+        formed = 3 if "qkv_proj" in adapted else \
+            sum(m in adapted for m in ("q_proj", "k_proj", "v_proj"))
+    return MLX_ATTENTION_GRADIENT_COPIES * formed * max(0, sh.heads * sh.head_dim - sh.hidden)
+
+
+def mlx_fused_split_cotangents(sh: Shape, st: Settings, names=tuple(FUSED_PARTS)) -> int:
+    """Elements per token: a fused projection's output is split (phi3's qkv_proj into q, k,
+    v; gate_up_proj into gate, up), and MLX's vjp of each slice is the whole fused width
+    with the part's cotangent written in (slice_update of zeros); the parts' full-width
+    cotangents are alive together before they are summed: parts * width, in the top
+    layer's backward (measured: glm4 C96, gate_up fused minus unfused, 1-2 layers,
+    F 224 and 448: 4.3-5.0 F per token; counted 2 * 2F)."""
+    return sum(len(FUSED_PARTS[name]) * sh.linears[name][1] for name in names
+               if name in sh.linears and _top_layer_differentiates(sh, st, (name,)))
+
+
 def recompute_dora_norm(sh: Shape, st: Settings) -> int:
     """torch with recompute and DoRA: the re-run of a layer in the backward recomputes its
     detached row norms too, one module at a time, while every adapter gradient and dL/dh
@@ -693,7 +774,7 @@ STATIC_TERMS = (("base weights", base_weights), ("adapter weights", adapter_weig
 # top layer is re-run in the backward; each phase adds its own transient terms.
 PHASES = {
     "loss": (("logits and loss", loss_buffers), ("attention scores", attention_scores),
-             ("backward transients", backward_transients),
+             ("backward transients", loss_phase_transients),
              ("dequantization temporaries", dequantization_temporaries)),
     "recompute": (("recomputed layer", recompute_layer),
                   ("attention scores", attention_scores),

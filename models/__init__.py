@@ -136,7 +136,8 @@ def memory_shape(config: dict):
                final_softcap=bool(a.final_logit_softcapping),
                per_layer_inputs=a.num_hidden_layers * a.per_layer_input_size,
                attention_output_gate=a.attention_output_gate,
-               linear_attention=_linear_attention(a))
+               linear_attention=_linear_attention(a),
+               output_norms=sum(n is not None for n in decoder.sublayer_norms(a)[1::2]))
     per_layer = [0] * a.num_hidden_layers  # frozen elements in each layer (--shard)
     for k, v in shapes.items():
         if k.startswith("model.layers."):

@@ -384,3 +384,28 @@ def test_a_target_the_config_has_in_no_layer_adapts_nothing():
     assert "v_proj" not in sh.linears and "v_proj" in sh.absent_linears
     with_v = estimate(sh, Settings(targets="q_proj,k_proj,v_proj,o_proj"))["total"]
     assert with_v == estimate(sh, Settings(targets="q_proj,k_proj,o_proj"))["total"]
+
+
+
+def test_mlx_top_layer_backward_counts_its_widest_moment():
+    """docs/memory.md, "MLX's top-layer backward": query-wide attention gradients when
+    Hq*D > C and a gradient reaches q, k or v; a fused projection's full-width slice
+    cotangents; none of it on torch, whose figures come from its profiler's timeline."""
+    from lorafit.core.estimate import loss_phase_transients
+
+    def transients(backend="mlx", targets="q_proj,v_proj", layers=2, model_type="llama",
+                   head_dim=8):
+        case = Case("x", layers=layers, hidden=128, intermediate=256, heads=16, kv_heads=4,
+                    vocab=200, targets=targets, model_type=model_type,
+                    extra=dict(head_dim=head_dim))
+        return loss_phase_transients(memory_shape(case.config()), settings_for(case, backend))
+    N, s = 2 * 128, 4  # the Case's batch x seq, float32
+    # Hq*D = 512 against C = 128: dq, dk, dv (a layer below is adapted) 5 arrays each
+    assert transients(head_dim=32) - transients() == N * s * 15 * 384
+    # one layer: only the adapted q and v form gradients; o_proj,down_proj form none
+    assert transients(layers=1, head_dim=32) - transients(layers=1) == N * s * 10 * 384
+    od = dict(layers=1, targets="o_proj,down_proj")
+    assert transients(head_dim=32, **od) == transients(**od)
+    # glm4's fused gate_up: 2 x 2F per token at the MLP's moment (Hq*D = C here)
+    assert transients(model_type="glm4") - transients() == N * s * 2 * 2 * 256
+    assert transients("torch", head_dim=32, model_type="glm4") == 0

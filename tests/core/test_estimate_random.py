@@ -29,10 +29,6 @@ KNOWN_GAPS = {
     "exist, so how many re-run sets the tape holds at once depends on the graph "
     "(-53 % to +30 % on the seed-0 grid)":
         lambda backend, case: backend == "mlx" and " rc" in case,
-    "DoRA on MLX: both un-scaled outputs are counted (as on torch), but mistral C128 q,v "
-    "dora is -7.8 % (the same shape without DoRA -7.6 %: not DoRA's) and all-linear keeps "
-    "~0.3 MiB more than counted in some runs": lambda backend, case: backend == "mlx"
-    and " dora" in case,
     "sparse MoE: routing buffers are not counted on MLX (to -22 %); torch counts the "
     "expert outputs and the rows gathered for expert adapters (seed 0 mixtral -14.5 -> "
     "-4.6 %) but not all: qwen3_moe rc pack -6.1 % (four (N, Hq*D) gradients at the "
@@ -43,9 +39,6 @@ KNOWN_GAPS = {
     "Gemma 2 and 4: soft-capping on MLX (+14 %), kv-sharing and per-layer inputs under "
     "recompute on torch (to -14 %)":
         lambda backend, case: _family(case) in ("gemma2", "gemma4_text"),
-    "MLX: olmo2's whole-projection q/k norms and phi3's split of the fused qkv keep "
-    "arrays not yet identified (-22 %, -6 %)":
-        lambda backend, case: backend == "mlx" and _family(case) in ("olmo2", "phi3"),
 }
 
 
