@@ -192,15 +192,29 @@ def text_model_config(config: dict) -> dict:
     return text
 
 
+def yarn_attn_factor(s: dict) -> float:
+    """transformers' YaRN attention factor over the 1 + 0.1 ln(factor) that ggml's YaRN
+    RoPE multiplies in itself: llama.cpp's rope.scaling.attn_factor (its own YaRN factor,
+    from yarn_log_multiplier, assumes mscale 1 and comes out 1 without that key)."""
+    def mscale(m=1.0):
+        return 1.0 if s["factor"] <= 1 else 0.1 * m * math.log(s["factor"]) + 1.0
+    factor = s.get("attention_factor")
+    if factor is None:
+        factor = mscale(s["mscale"]) / mscale(s["mscale_all_dim"]) \
+            if s.get("mscale") and s.get("mscale_all_dim") else mscale()
+    return float(factor) / mscale()
+
+
 def _ministral3_keys(w, config: dict) -> None:
-    """YaRN's betas and mscale_all_dim (llama.cpp's yarn_log_multiplier), and Llama 4's
-    query temperature, stepping every original_max_position_embeddings positions."""
+    """YaRN's betas and attention factor, and Llama 4's query temperature, stepping every
+    original_max_position_embeddings positions."""
     _, s = _rope(config)
     for key, method in (("beta_fast", w.add_rope_scaling_yarn_beta_fast),
-                        ("beta_slow", w.add_rope_scaling_yarn_beta_slow),
-                        ("mscale_all_dim", w.add_rope_scaling_yarn_log_mul)):
+                        ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
         if s.get(key) is not None:
             method(float(s[key]))
+    if s.get("rope_type", s.get("type")) == "yarn":
+        w.add_rope_scaling_attn_factors(yarn_attn_factor(s))
     if s.get("llama_4_scaling_beta") is not None:
         w.add_attn_temperature_scale(float(s["llama_4_scaling_beta"]))
 
@@ -491,6 +505,9 @@ def unsupported_features(config: dict) -> list[str]:
             int((i + 1) % 4 != 0) for i in range(config["num_hidden_layers"])]:
         notes.append("llama.cpp's smollm3 leaves RoPE out of every 4th layer, not as "
                      "no_rope_layers says")
+    if mt == "ministral3" and _rope(config)[1].get("truncate") is False:
+        notes.append("llama.cpp's YaRN always truncates its correction range (this model "
+                     "has truncate false)")
     if _longrope(config):
         notes.append("llama.cpp picks Phi-3's long or short RoPE factors by the context "
                      "size it is run with, transformers by the sequence length")

@@ -411,12 +411,13 @@ MERGED_FAMILIES = {
                         num_global_key_value_heads=1, final_logit_softcapping=3.0,
                         enable_moe_block=True, num_experts=4, top_k_experts=2,
                         moe_intermediate_size=40),
-    # YaRN with an mscale ratio, Llama 4's query temperature stepping every 8 positions
+    # YaRN with an mscale ratio (rope.scaling.attn_factor), Llama 4's query temperature
+    # stepping every 8 positions
     "ministral3": dict(head_dim=32, tie_word_embeddings=False, sliding_window=None,
                        rope_parameters=dict(
                            rope_type="yarn", rope_theta=1e4, factor=4.0,
                            original_max_position_embeddings=8, beta_fast=32.0, beta_slow=1.0,
-                           mscale=1.0, mscale_all_dim=0.5, llama_4_scaling_beta=0.1)),
+                           mscale=2.0, mscale_all_dim=0.5, llama_4_scaling_beta=0.1)),
 }
 
 
