@@ -168,11 +168,11 @@ def _gemma4_tensors(gguf, names, hf: str, w: np.ndarray, config: dict):
                                "vocab_size")
         return [(gguf_name(names, hf), w[:config["vocab_size"]])]
     if hf.endswith((".layer_scalar", ".experts.gate_up_proj", ".experts.down_proj")):
-        return [(gguf_name(names, hf) + ".weight", w.reshape(-1) if w.ndim == 1 else w)]
-    if hf.endswith((".router.scale", ".router.per_expert_scale")):
-        kind = t.FFN_GATE_INP if hf.endswith(".scale") and "per_expert" not in hf \
-            else t.FFN_DOWN_EXP
-        return [(tn[kind].format(bid=int(hf.split(".")[2])) + ".scale", w)]
+        return [(gguf_name(names, hf) + ".weight", w)]
+    for leaf, kind in ((".router.scale", t.FFN_GATE_INP),
+                       (".router.per_expert_scale", t.FFN_DOWN_EXP)):
+        if hf.endswith(leaf):
+            return [(tn[kind].format(bid=int(hf.split(".")[2])) + ".scale", w)]
     return [(gguf_name(names, hf), w)]
 
 
