@@ -300,6 +300,29 @@ def test_cli_names_a_family_llama_cpp_cannot_run(tmp_path, capsys):
     assert "\n" not in err and "'qwen3_next'" in err and "Gated DeltaNet" in err
 
 
+def test_cli_refuses_a_gemma4_adapter_llama_cpp_would_not_apply(tmp_path, capsys):
+    """LoRA on per_layer_model_projection (all-linear adapts it): a one-line error before
+    any weight loads (the base folder here has none), unless merged."""
+    import json
+
+    from lorafit.cli import main
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text(json.dumps(
+        {"model_type": "gemma4_text", "vocab_size": 320, "hidden_size": 64,
+         "intermediate_size": 112, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "hidden_size_per_layer_input": 8}))
+    adapter = {f"model.per_layer_model_projection.lora_{x}.weight": np.ones((4, 4), np.float32)
+               for x in "AB"}
+    adapter_io.save_peft(tmp_path / "ad", adapter, LoraConfig(r=4, alpha=8.0),
+                         str(tmp_path / "base"))
+    assert main(["export", str(tmp_path / "out"), "--adapter", str(tmp_path / "ad"),
+                 "--format", "gguf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "per_layer_model_projection: llama.cpp's gemma4 applies no " \
+        "LoRA there; export with --merge" in err
+
+
 def test_export_warns_where_llama_cpp_computes_otherwise():
     from lorafit.core.gguf_export import unsupported_features as notes
 
@@ -313,7 +336,9 @@ def test_export_warns_where_llama_cpp_computes_otherwise():
                                  "no_rope_layer_interval": 2})[0]
     assert "renormalises" in notes({**base, "model_type": "qwen3_moe",
                                     "norm_topk_prob": False})[0]
-    for mt in ("mixtral", "phi3", "exaone4"):
+    assert "truncates" in notes({**base, "model_type": "ministral3", "rope_parameters": {
+        "rope_type": "yarn", "factor": 2.0, "truncate": False}})[0]
+    for mt in ("mixtral", "phi3", "exaone4", "ministral3"):
         assert "ignores sliding_window=6" in notes({**base, "model_type": mt,
                                                     "sliding_window": 6})[0]
 
