@@ -150,7 +150,7 @@ def gemma4_rope_freqs(config: dict) -> np.ndarray:
     a = config["_args"]
     full = a.rope_by_layer_type["full_attention"]
     half = a.head_dim_of_type("full_attention") // 2
-    turned = int(full.get("partial_rotary_factor", 1.0) * half) \
+    turned = int(full.get("partial_rotary_factor", 1.0) * 2 * half // 2) \
         if full.get("rope_type") == "proportional" else half
     return np.array([float(full.get("factor", 1.0))] * turned + [1e30] * (half - turned),
                     dtype=np.float32)
@@ -215,8 +215,11 @@ def _ministral3_keys(w, config: dict) -> None:
             method(float(s[key]))
     if s.get("rope_type", s.get("type")) == "yarn":
         w.add_rope_scaling_attn_factors(yarn_attn_factor(s))
-    if s.get("llama_4_scaling_beta") is not None:
-        w.add_attn_temperature_scale(float(s["llama_4_scaling_beta"]))
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("llama_4_scaling_beta") is not None:  # its period: llama.cpp's YaRN context
+        w.add_attn_temperature_scale(float(rope["llama_4_scaling_beta"]))
+        if not s:
+            w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
 
 
 # Hugging Face model_type -> how llama.cpp knows it (checked end to end in
