@@ -219,11 +219,11 @@ def export_gguf(adapter_dir: str | Path, out: str | Path, merge: bool, model: st
         m = load_model_with_adapter(base, adapter_dir, backend, dev, "float32", quantize)
         lora.merge(m)
         model_file, adapter_file = f"model-{outtype}.gguf", None
-    else:
-        m = load_model_with_adapter(base, None, backend, dev, "float32", quantize)
+    else:  # the adapter first: what llama.cpp cannot apply stops before weights load
         model_file, adapter_file = f"base-{outtype}.gguf", f"adapter-{outtype}.gguf"
         gguf_export.write_lora(tmp / adapter_file, config, adapter, cfg.r, cfg.alpha,
                                cfg.rslora, outtype)
+        m = load_model_with_adapter(base, None, backend, dev, "float32", quantize)
     gguf_export.write_model(tmp / model_file, config, _numpy_weights(m), folder, outtype,
                             name=Path(str(base)).name)
     if not write_modelfile(tmp, model_file, adapter_file, m.tokenizer, folder):

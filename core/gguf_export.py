@@ -30,6 +30,10 @@ class Family:
     scales: tuple = ()  # (config key, GGUFWriter method) pairs of multipliers
     norm_plus_one: bool = False  # Gemma's (1 + w) RMSNorm: llama.cpp stores 1 + w
     keys: object = None  # config -> writer: the family's own hyperparameters
+    view: object = None  # config -> the config as the generic keys read it (Gemma 4)
+    tensors: object = None  # (gguf, names, hf name, array, config) -> [(GGUF name, array)]
+    extra: object = None  # config -> {GGUF name: array}: tensors the checkpoint has not
+    no_lora: tuple = ()  # modules whose LoRA llama.cpp does not apply (matmul without it)
 
 
 def _layer_types(config: dict, pattern: int) -> list[str]:
@@ -94,6 +98,130 @@ def _exaone4_keys(w, config: dict) -> None:
         w.add_sliding_window(int(config["sliding_window"]))
 
 
+# -- Gemma 4 (llama.cpp's gemma4) and Ministral 3 / Mistral 3's text tower (mistral3) ------
+
+def _gemma4_args(config: dict):
+    """lorafit's own reading of a Gemma 4 config (per-type head sizes and kv heads, kv
+    sharing, double-wide MLPs, per-type RoPE): the GGUF says what lorafit computes."""
+    from lorafit.models.families import model_args
+
+    return model_args(dict(config))
+
+
+def _gemma4_view(config: dict) -> dict:
+    """Gemma 4's config as the generic keys read it: the full layers' head size (llama.cpp's
+    key_length; the sliding layers' is key_length_swa), a width and a kv head count per
+    layer, and one plain RoPE base (the full layers' proportional RoPE is `rope_freqs`)."""
+    a = _gemma4_args(config)
+    n, full = a.num_hidden_layers, "full_attention"
+    view = {k: v for k, v in config.items()
+            if k not in ("rope_theta", "rope_scaling", "partial_rotary_factor")}
+    view.update(head_dim=a.head_dim_of_type(full),
+                intermediate_size=[a.intermediate_of(i) for i in range(n)],
+                num_key_value_heads=[a.kv_heads_of(i) for i in range(n)],
+                rope_parameters={"rope_type": "default",
+                                 "rope_theta": a.rope_by_layer_type[full]["rope_theta"]},
+                _args=a)
+    return view
+
+
+def _gemma4_keys(w, config: dict) -> None:
+    a, sliding = config["_args"], "sliding_attention"
+    w.add_sliding_window(int(a.sliding_window or 512))
+    w.add_sliding_window_pattern([t == sliding for t in a.layer_types])
+    w.add_key_length_swa(a.head_dim_of_type(sliding))
+    w.add_value_length_swa(a.head_dim_of_type(sliding))
+    w.add_rope_dimension_count_swa(a.head_dim_of_type(sliding))
+    w.add_rope_freq_base_swa(float((a.rope_by_layer_type.get(sliding) or {})
+                                   .get("rope_theta", 10000.0)))
+    w.add_shared_kv_layers(a.kv_shared_layers)
+    w.add_embedding_length_per_layer_input(a.per_layer_input_size or 0)
+    if a.final_logit_softcapping:
+        w.add_final_logit_softcapping(float(a.final_logit_softcapping))
+    if a.num_local_experts:
+        _moe_keys(w, {**config, "num_experts_per_tok": a.num_experts_per_tok})
+
+
+def gemma4_rope_freqs(config: dict) -> np.ndarray:
+    """llama.cpp's `rope_freqs` for Gemma 4's full layers (what each frequency of a
+    head_dim-wide RoPE is divided by): transformers' proportional RoPE turns the first
+    partial_rotary_factor * head_dim / 2 frequencies of theta^(-2i / head_dim), divided by
+    `factor`, and leaves the rest still (frequency 0: divided by 1e30 here)."""
+    a = config["_args"]
+    full = a.rope_by_layer_type["full_attention"]
+    half = a.head_dim_of_type("full_attention") // 2
+    turned = int(full.get("partial_rotary_factor", 1.0) * 2 * half // 2) \
+        if full.get("rope_type") == "proportional" else half
+    return np.array([float(full.get("factor", 1.0))] * turned + [1e30] * (half - turned),
+                    dtype=np.float32)
+
+
+def _gemma4_tensors(gguf, names, hf: str, w: np.ndarray, config: dict):
+    """Gemma 4's tensors that the name map alone does not place: the per-layer embedding
+    rows of the vocabulary (llama.cpp sizes it by n_vocab), the stored layer scalar and
+    stacked experts (llama.cpp adds `.weight`), the router's input scale and per-expert
+    output scale (`.scale` beside ffn_gate_inp / ffn_down_exps)."""
+    t, tn = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
+    if hf == "model.embed_tokens_per_layer.weight":
+        if w.shape[0] < config["vocab_size"]:
+            raise LorafitError("llama.cpp's gemma4 needs vocab_size_per_layer_input >= "
+                               "vocab_size")
+        return [(gguf_name(names, hf), w[:config["vocab_size"]])]
+    if hf.endswith((".layer_scalar", ".experts.gate_up_proj", ".experts.down_proj")):
+        return [(gguf_name(names, hf) + ".weight", w)]
+    for leaf, kind in ((".router.scale", t.FFN_GATE_INP),
+                       (".router.per_expert_scale", t.FFN_DOWN_EXP)):
+        if hf.endswith(leaf):
+            return [(tn[kind].format(bid=int(hf.split(".")[2])) + ".scale", w)]
+    return [(gguf_name(names, hf), w)]
+
+
+def _gemma4_extra(config: dict) -> dict:
+    return {"rope_freqs.weight": gemma4_rope_freqs(config)}
+
+
+def text_model_config(config: dict) -> dict:
+    """A Mistral 3 vision-language config's text tower (text_config, the head tied by the
+    top-level flag, as transformers reads it); other configs as they are."""
+    if config.get("model_type") != "mistral3":
+        return config
+    text = dict(config.get("text_config") or {})
+    text.setdefault("model_type", "mistral")
+    text["tie_word_embeddings"] = config.get("tie_word_embeddings",
+                                             text.get("tie_word_embeddings", False))
+    return text
+
+
+def yarn_attn_factor(s: dict) -> float:
+    """transformers' YaRN attention factor over the 1 + 0.1 ln(factor) that ggml's YaRN
+    RoPE multiplies in itself: llama.cpp's rope.scaling.attn_factor (its own YaRN factor,
+    from yarn_log_multiplier, assumes mscale 1 and comes out 1 without that key)."""
+    def mscale(m=1.0):
+        return 1.0 if s["factor"] <= 1 else 0.1 * m * math.log(s["factor"]) + 1.0
+    factor = s.get("attention_factor")
+    if factor is None:
+        factor = mscale(s["mscale"]) / mscale(s["mscale_all_dim"]) \
+            if s.get("mscale") and s.get("mscale_all_dim") else mscale()
+    return float(factor) / mscale()
+
+
+def _ministral3_keys(w, config: dict) -> None:
+    """YaRN's betas and attention factor, and Llama 4's query temperature, stepping every
+    original_max_position_embeddings positions."""
+    _, s = _rope(config)
+    for key, method in (("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                        ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+        if s.get(key) is not None:
+            method(float(s[key]))
+    if s.get("rope_type", s.get("type")) == "yarn":
+        w.add_rope_scaling_attn_factors(yarn_attn_factor(s))
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("llama_4_scaling_beta") is not None:  # its period: llama.cpp's YaRN context
+        w.add_attn_temperature_scale(float(rope["llama_4_scaling_beta"]))
+        if not s:
+            w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+
+
 # Hugging Face model_type -> how llama.cpp knows it (checked end to end in
 # tests/core/test_gguf_export.py through llama-cpp-python).
 FAMILIES = {
@@ -116,18 +244,19 @@ FAMILIES = {
     "smollm3": Family("SMOLLM3", permute_qk=True),
     "exaone4": Family("EXAONE4", keys=_exaone4_keys),
     "glm4": Family("GLM4"),
+    "gemma4_text": Family("GEMMA4", keys=_gemma4_keys, view=_gemma4_view,
+                          tensors=_gemma4_tensors, extra=_gemma4_extra,
+                          no_lora=("per_layer_model_projection",)),
+    "ministral3": Family("MISTRAL3", permute_qk=True, keys=_ministral3_keys),
 }
 
 # Families lorafit trains that have no GGUF export, and why (said in the one-line error).
 NO_GGUF = {
-    "gemma4_text": "lorafit has no GGUF export for Gemma 4 yet",
     "gpt_oss": "llama.cpp's gpt-oss reads MXFP4 experts, which lorafit does not write",
     "qwen3_next": "lorafit has no GGUF export for its Gated DeltaNet layers yet",
     "qwen3_5_text": "lorafit has no GGUF export for its Gated DeltaNet layers yet",
     "qwen3_5_moe_text": "lorafit has no GGUF export for its Gated DeltaNet layers yet",
     "olmo3": "lorafit has no GGUF export for OLMo 3's per-layer RoPE yet",
-    "ministral3": "lorafit has no GGUF export for its attention temperature yet",
-    "mistral3": "lorafit has no GGUF export for its attention temperature yet",
 }
 
 
@@ -140,11 +269,12 @@ PRE_TOKENIZERS = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
 
 
 def family(config: dict) -> Family:
+    config = text_model_config(config)
     mt = config.get("model_type")
     if mt not in FAMILIES:
         why = f" ({NO_GGUF[mt]})" if mt in NO_GGUF else ""
-        raise LorafitError(f"GGUF export supports {', '.join(sorted(FAMILIES))}; this model is "
-                           f"{mt!r}{why}")
+        raise LorafitError(f"GGUF export supports {', '.join(sorted([*FAMILIES, 'mistral3']))}; "
+                           f"this model is {mt!r}{why}")
     for problem in _unexportable(config):
         raise LorafitError(f"GGUF export of {mt}: {problem}")
     return FAMILIES[mt]
@@ -160,6 +290,27 @@ def _unexportable(config: dict) -> list[str]:
     if mt == "exaone4" and head_dim(config) * config["num_attention_heads"] != \
             config["hidden_size"]:
         return ["llama.cpp's exaone4 needs head_dim x heads = hidden_size"]
+    if mt == "gemma4_text":
+        return _gemma4_unexportable(config)
+    return []
+
+
+def _gemma4_unexportable(config: dict) -> list[str]:
+    """The RoPE layouts llama.cpp's gemma4 has: plain RoPE on the sliding layers, plain or
+    proportional RoPE (as `rope_freqs`) on the full ones."""
+    a = _gemma4_args(config)
+    local = a.rope_by_layer_type.get("sliding_attention") or {}
+    full = a.rope_by_layer_type.get("full_attention") or {}
+    if local.get("rope_type", "default") != "default" or \
+            local.get("partial_rotary_factor", 1.0) != 1.0:
+        return ["llama.cpp's gemma4 has plain RoPE only on sliding layers (this model: "
+                f"{local.get('rope_type')!r}, partial_rotary_factor "
+                f"{local.get('partial_rotary_factor', 1.0)})"]
+    if full.get("rope_type", "default") not in ("default", "proportional") or \
+            full.get("rope_type", "default") == "default" and \
+            full.get("partial_rotary_factor", 1.0) != 1.0:
+        return ["llama.cpp's gemma4 has plain or proportional RoPE on full layers (this "
+                f"model: {full.get('rope_type')!r})"]
     return []
 
 
@@ -339,9 +490,10 @@ def unsupported_features(config: dict) -> list[str]:
     """What the model computes that llama.cpp's implementation of the family does not
     (the GGUF runs, but its outputs differ): said to the user at export."""
     notes = []
+    config = text_model_config(config)
     mt, window = config.get("model_type"), config.get("sliding_window")
     if mt in ("qwen2", "qwen3_moe", "smollm3") and config.get("use_sliding_window") or \
-            mt in ("mistral", "starcoder2", "mixtral", "phi3") and window or \
+            mt in ("mistral", "starcoder2", "mixtral", "phi3", "ministral3") and window or \
             mt == "exaone4" and window and config["num_hidden_layers"] != 64:
         notes.append(f"llama.cpp's {mt} ignores sliding_window={window}")
     if mt == "qwen3_moe" and not config.get("norm_topk_prob"):
@@ -356,6 +508,9 @@ def unsupported_features(config: dict) -> list[str]:
             int((i + 1) % 4 != 0) for i in range(config["num_hidden_layers"])]:
         notes.append("llama.cpp's smollm3 leaves RoPE out of every 4th layer, not as "
                      "no_rope_layers says")
+    if mt == "ministral3" and _rope(config)[1].get("truncate") is False:
+        notes.append("llama.cpp's YaRN always truncates its correction range (this model "
+                     "has truncate false)")
     if _longrope(config):
         notes.append("llama.cpp picks Phi-3's long or short RoPE factors by the context "
                      "size it is run with, transformers by the sequence length")
@@ -494,6 +649,12 @@ def _adds_bos(tj: dict, folder: Path) -> bool:
 
 # ----------------------------------------------------------------------------- writers
 
+def _as_written(config: dict, fam: Family) -> dict:
+    """The config the writers read: the text tower's, as the family views it."""
+    config = text_model_config(config)
+    return fam.view(config) if fam.view else config
+
+
 def _writer(gguf, path: Path, fam: Family):
     path.parent.mkdir(parents=True, exist_ok=True)
     return gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[fam.arch]])
@@ -511,15 +672,19 @@ def write_model(path: str | Path, config: dict, weights: dict, tokenizer_dir: st
     """A whole model as one GGUF file. `weights`: Hugging Face names -> float arrays."""
     gguf = _gguf()
     fam = family(config)
+    config = _as_written(config, fam)
     path = Path(path)
     names = _name_map(gguf, fam, config)
     tensors = {}
     for hf in sorted(weights):
         if hf.endswith("rotary_emb.inv_freq"):
             continue
-        for key, v in _model_tensors(gguf, names, hf,
-                                     _prepare(hf, np.asarray(weights[hf]), config, fam)):
+        w = _prepare(hf, np.asarray(weights[hf]), config, fam)
+        for key, v in (fam.tensors(gguf, names, hf, w, config) if fam.tensors
+                       else _model_tensors(gguf, names, hf, w)):
             tensors[key] = _encode(gguf, v, outtype)
+    for key, v in (fam.extra(config) if fam.extra else {}).items():
+        tensors[key] = (v, None)
     scaling = _rope(config)[1]
     if scaling.get("rope_type") == "llama3":
         tensors[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = \
@@ -574,6 +739,7 @@ def write_lora(path: str | Path, config: dict, adapter: dict, r: int, alpha: flo
     adapter.lora.alpha / r. `adapter`: PEFT module names (`...q_proj.lora_A.weight`)."""
     gguf = _gguf()
     fam = family(config)
+    config = _as_written(config, fam)
     path = Path(path)
     names = _name_map(gguf, fam, config)
     tensors = {}
@@ -586,6 +752,10 @@ def write_lora(path: str | Path, config: dict, adapter: dict, r: int, alpha: flo
         if key.replace(".lora_B.", ".lora_A.") not in adapter:
             raise LorafitError(f"{key.split('.lora_', 1)[0]}: the adapter has lora_B but "
                                "no lora_A")
+        if fam.no_lora and key.split(".lora_", 1)[0].endswith(fam.no_lora):
+            raise LorafitError(f"{key.split('.lora_', 1)[0]}: llama.cpp's {fam.arch.lower()} "
+                               "applies no LoRA there; export with --merge, or train "
+                               "without it (--targets)")
     for key in sorted(k for k in adapter if ".lora_A." in k):
         module = key.split(".lora_", 1)[0]
         b_key = key.replace(".lora_A.", ".lora_B.")

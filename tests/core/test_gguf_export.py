@@ -30,11 +30,11 @@ PROMPT = "the quick brown fox"
 NEW_TOKENS = 12
 
 
-def _adapted_model(root, mt, over, seed, tokenizer, torch_backend):
+def _adapted_model(root, mt, over, seed, tokenizer, torch_backend, targets="all-linear"):
     """(model folder, adapter folder, lorafit model with a random all-linear adapter)."""
     folder, _ = build_hf_model(root / "model", mt, tokenizer, seed=seed, **over)
     model = load_model(str(folder), torch_backend, "float32")
-    cfg = LoraConfig(r=4, alpha=8.0, targets="all-linear")
+    cfg = LoraConfig(r=4, alpha=8.0, targets=targets)
     names = lora.attach(model, cfg, seed=1)
     rng = np.random.default_rng(seed)
     adapter = {k: rng.normal(0, 0.3, model.params[k].shape).astype(np.float32)
@@ -140,7 +140,7 @@ def test_modelfile_template_renders_like_the_chat_template(tmp_path, adapted, to
 
 
 def test_unsupported_family_and_dora_are_one_line_errors(tmp_path, adapted):
-    from lorafit.core.gguf_export import family
+    from lorafit.core.gguf_export import family, write_lora
 
     with pytest.raises(LorafitError, match="GGUF export supports .*'gpt_oss' .*MXFP4"):
         family({"model_type": "gpt_oss"})
@@ -149,9 +149,24 @@ def test_unsupported_family_and_dora_are_one_line_errors(tmp_path, adapted):
     with pytest.raises(LorafitError, match="head_dim x heads"):
         family({"model_type": "exaone4", "head_dim": 32, "num_attention_heads": 4,
                 "hidden_size": 64})
+    g4 = {"model_type": "gemma4_text", "vocab_size": 320, "hidden_size": 64,
+          "intermediate_size": 112, "num_hidden_layers": 2, "num_attention_heads": 4}
+    with pytest.raises(LorafitError, match="gemma4 has plain RoPE only on sliding layers"):
+        family({**g4, "rope_parameters": {
+            "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6}}})
+    with pytest.raises(LorafitError, match="plain or proportional RoPE on full layers"):
+        family({**g4, "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            "full_attention": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e6}}})
+    with pytest.raises(LorafitError, match="per_layer_model_projection: llama.cpp's gemma4 "
+                                           "applies no LoRA there; export with --merge"):
+        write_lora(tmp_path / "x.gguf", g4, {
+            f"model.per_layer_model_projection.lora_{x}.weight": np.ones((4, 4))
+            for x in "AB"}, 4, 8)
+    with pytest.raises(LorafitError, match="GGUF export supports .*mistral3.*'olmo3'"):
+        family({"model_type": "olmo3"})
     with pytest.raises(LorafitError, match="no DoRA"):
-        from lorafit.core.gguf_export import write_lora
-
         write_lora(tmp_path / "x.gguf", {"model_type": "llama", "num_hidden_layers": 2},
                    {"model.layers.0.self_attn.q_proj.lora_magnitude_vector": np.ones(4)}, 4, 8)
     with pytest.raises(LorafitError, match="q_proj: the adapter has lora_B but no lora_A"):
@@ -169,7 +184,7 @@ def _llama_cpp():
     return llama_cpp
 
 
-def _llama_greedy(path, ids, lora_path=None, all_logits=False):
+def _llama_greedy(path, ids, lora_path=None, all_logits=False, new_tokens=NEW_TOKENS):
     """llama.cpp's greedy continuation of ids, and its logits over the prompt (all_logits:
     over the prompt and the generated tokens but the last)."""
     llama_cpp = _llama_cpp()
@@ -181,7 +196,7 @@ def _llama_greedy(path, ids, lora_path=None, all_logits=False):
         llm.eval(ids)
         prompt_logits = np.array(llm.scores[:len(ids)])
         out = []
-        for _ in range(NEW_TOKENS):
+        for _ in range(new_tokens):
             out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
             llm.eval([out[-1]])
         if all_logits:
@@ -285,6 +300,29 @@ def test_cli_names_a_family_llama_cpp_cannot_run(tmp_path, capsys):
     assert "\n" not in err and "'qwen3_next'" in err and "Gated DeltaNet" in err
 
 
+def test_cli_refuses_a_gemma4_adapter_llama_cpp_would_not_apply(tmp_path, capsys):
+    """LoRA on per_layer_model_projection (all-linear adapts it): a one-line error before
+    any weight loads (the base folder here has none), unless merged."""
+    import json
+
+    from lorafit.cli import main
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text(json.dumps(
+        {"model_type": "gemma4_text", "vocab_size": 320, "hidden_size": 64,
+         "intermediate_size": 112, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "hidden_size_per_layer_input": 8}))
+    adapter = {f"model.per_layer_model_projection.lora_{x}.weight": np.ones((4, 4), np.float32)
+               for x in "AB"}
+    adapter_io.save_peft(tmp_path / "ad", adapter, LoraConfig(r=4, alpha=8.0),
+                         str(tmp_path / "base"))
+    assert main(["export", str(tmp_path / "out"), "--adapter", str(tmp_path / "ad"),
+                 "--format", "gguf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "per_layer_model_projection: llama.cpp's gemma4 applies no " \
+        "LoRA there; export with --merge" in err
+
+
 def test_export_warns_where_llama_cpp_computes_otherwise():
     from lorafit.core.gguf_export import unsupported_features as notes
 
@@ -298,7 +336,9 @@ def test_export_warns_where_llama_cpp_computes_otherwise():
                                  "no_rope_layer_interval": 2})[0]
     assert "renormalises" in notes({**base, "model_type": "qwen3_moe",
                                     "norm_topk_prob": False})[0]
-    for mt in ("mixtral", "phi3", "exaone4"):
+    assert "truncates" in notes({**base, "model_type": "ministral3", "rope_parameters": {
+        "rope_type": "yarn", "factor": 2.0, "truncate": False}})[0]
+    for mt in ("mixtral", "phi3", "exaone4", "ministral3"):
         assert "ignores sliding_window=6" in notes({**base, "model_type": mt,
                                                     "sliding_window": 6})[0]
 
@@ -384,13 +424,51 @@ MERGED_FAMILIES = {
                       norm_topk_prob=True, head_dim=32),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
                     sliding_window=None),
+    # a sliding layer (window 6) and full ones with wider heads, proportional partial RoPE
+    # and k = v (one kv head); the last layer reuses layer 1's k, v with a double-wide MLP;
+    # per-layer input embeddings (a larger per-layer vocabulary); the MoE block (4 experts,
+    # top 2, router scales) beside each MLP; plain-w norms, layer scalars, final soft-cap
+    "gemma4_text": dict(head_dim=16, global_head_dim=32, sliding_window=6, num_hidden_layers=3,
+                        num_kv_shared_layers=1,
+                        layer_types=["sliding_attention", "full_attention", "full_attention"],
+                        use_double_wide_mlp=True, hidden_size_per_layer_input=8,
+                        vocab_size_per_layer_input=512, attention_k_eq_v=True,
+                        num_global_key_value_heads=1, final_logit_softcapping=3.0,
+                        enable_moe_block=True, num_experts=4, top_k_experts=2,
+                        moe_intermediate_size=40),
+    # YaRN with an mscale ratio (rope.scaling.attn_factor), Llama 4's query temperature
+    # stepping every 8 positions
+    "ministral3": dict(head_dim=32, tie_word_embeddings=False, sliding_window=None,
+                       rope_parameters=dict(
+                           rope_type="yarn", rope_theta=1e4, factor=4.0,
+                           original_max_position_embeddings=8, beta_fast=32.0, beta_slow=1.0,
+                           mscale=2.0, mscale_all_dim=0.5, llama_4_scaling_beta=0.1)),
 }
+
+
+# llama.cpp's gemma4 applies no LoRA to per_layer_model_projection (export refuses it
+# without --merge): every other linear module, the router's among them
+FAMILY_ADAPTERS = {"gemma4_text": dict(targets=[
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "proj",
+    "per_layer_input_gate", "per_layer_projection"])}
+# Families whose logits are compared with lorafit's computing GELU as llama.cpp's CPU
+# backend does: input and output rounded to f16 (ggml's GELU table). Gemma 4's many GeGLUs
+# (MLP, experts, per-layer inputs) under the fixture's large random adapter amplify that
+# rounding past the tolerance; with it, llama.cpp's logits equal lorafit's to ~1e-4.
+GGML_GELU = ("gemma4_text",)
+
+
+def _ggml_gelu(monkeypatch, ops):
+    exact = ops.gelu_tanh
+    half = lambda x: ops.cast(ops.cast(x, "float16"), "float32")  # noqa: E731
+    monkeypatch.setattr(ops, "gelu_tanh", lambda x: half(exact(half(x))))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(MERGED_FAMILIES))
 def test_llama_cpp_runs_the_merged_and_adapter_gguf_of_each_family(tmp_path, tokenizer,
-                                                                   torch_backend, family):
+                                                                   torch_backend, family,
+                                                                   monkeypatch):
     """llama.cpp's greedy tokens on the merged GGUF, and on the base GGUF with the GGUF
     adapter (`--lora`: fused qkv / gate_up as one pair, MoE experts and routers per expert),
     equal lorafit's with the adapter, and their logits over prompt + generated tokens (past
@@ -398,11 +476,14 @@ def test_llama_cpp_runs_the_merged_and_adapter_gguf_of_each_family(tmp_path, tok
     _llama_cpp()
     seed = list(MERGED_FAMILIES).index(family)
     folder, adapter_dir, model = _adapted_model(tmp_path, family, MERGED_FAMILIES[family],
-                                                seed, tokenizer, torch_backend)
+                                                seed, tokenizer, torch_backend,
+                                                **FAMILY_ADAPTERS.get(family, {}))
     ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     want = _lorafit_greedy(model, ids)
     ops = model.backend
     seq = ids + want[:-1]
+    if family in GGML_GELU:
+        _ggml_gelu(monkeypatch, ops)
     ours = ops.to_numpy(model.logits(ops.from_numpy(np.asarray([seq]))))[0]
     merged = _export(tmp_path, adapter_dir, merge=True)
     split = _export(tmp_path, adapter_dir, merge=False)
@@ -492,3 +573,49 @@ def test_sentencepiece_style_tokenizers_split_text_as_in_transformers(tmp_path, 
     assert hf.convert_ids_to_tokens(hf("dabc", add_special_tokens=False)["input_ids"])[-2:] \
         == ["a", "bc"]
     same(hf, llm, ("dabc", "d dabc ab"))
+
+
+@pytest.mark.slow
+def test_mistral3_vision_language_folder_exports_its_text_tower(tmp_path, tokenizer,
+                                                                torch_backend):
+    """A Mistral 3 (Mistral3ForConditionalGeneration) folder: the GGUF files hold its
+    ministral3 text tower as llama.cpp's mistral3, without the vision tower, and llama.cpp
+    gives lorafit's logits with the adapter (PEFT names under model.language_model.)."""
+    import torch
+    import transformers
+    from gguf import GGUFReader
+
+    _llama_cpp()
+    torch.manual_seed(0)
+    text = dict(model_type="ministral3", vocab_size=len(tokenizer), hidden_size=64,
+                intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0, rope_parameters=dict(
+                    rope_type="yarn", rope_theta=1e4, factor=2.0,
+                    original_max_position_embeddings=8, llama_4_scaling_beta=0.2))
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=48,
+                  num_hidden_layers=1, num_attention_heads=2, head_dim=16, image_size=32,
+                  patch_size=8)
+    ref = transformers.Mistral3ForConditionalGeneration(transformers.Mistral3Config(
+        text_config=text, vision_config=vision, tie_word_embeddings=False))
+    ref.save_pretrained(str(tmp_path / "model"))
+    tokenizer.save_pretrained(str(tmp_path / "model"))
+    model = load_model(str(tmp_path / "model"), torch_backend, "float32")
+    cfg = LoraConfig(r=4, alpha=8.0, targets="all-linear")
+    names = lora.attach(model, cfg, seed=1)
+    rng = np.random.default_rng(5)
+    adapter = {k: rng.normal(0, 0.3, model.params[k].shape).astype(np.float32) for k in names}
+    lora.detach(model)
+    lora.attach(model, cfg, adapter)
+    adapter_io.save_peft(tmp_path / "adapter", adapter, cfg, str(tmp_path / "model"), 2)
+    ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    split = _export(tmp_path, tmp_path / "adapter", merge=False)
+    base = GGUFReader(str(split / "base-f32.gguf"))
+    assert base.fields["general.architecture"].contents() == "mistral3"
+    assert base.fields["mistral3.attention.temperature_scale"].contents() == pytest.approx(0.2)
+    assert len(base.tensors) == 2 * 9 + 3  # the text tower only
+    _, logits = _llama_greedy(split / "base-f32.gguf", ids, split / "adapter-f32.gguf",
+                              new_tokens=0)  # (ministral3's test generates)
+    ops = model.backend
+    ours = ops.to_numpy(model.logits(ops.from_numpy(np.asarray([ids]))))[0]
+    assert np.abs(logits - ours).max() < 2e-3 * np.abs(ours).max()
