@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lorafit.core import gguf_families
 from lorafit.core.errors import LorafitError
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -30,6 +31,8 @@ class Family:
     scales: tuple = ()  # (config key, GGUFWriter method) pairs of multipliers
     norm_plus_one: bool = False  # Gemma's (1 + w) RMSNorm: llama.cpp stores 1 + w
     keys: object = None  # config -> writer: the family's own hyperparameters
+    tensor: object = None  # (HF name, array, config) -> [(HF name, array)]: llama.cpp's layout
+    lora: object = None  # (module, A, B, config) -> (A, B): the same for an adapter's factors
 
 
 def _layer_types(config: dict, pattern: int) -> list[str]:
@@ -116,15 +119,21 @@ FAMILIES = {
     "smollm3": Family("SMOLLM3", permute_qk=True),
     "exaone4": Family("EXAONE4", keys=_exaone4_keys),
     "glm4": Family("GLM4"),
+    # Gated DeltaNet hybrids and gpt-oss (core/gguf_families.py)
+    "qwen3_next": Family("QWEN3NEXT", keys=gguf_families.qwen3_next_keys,
+                         tensor=gguf_families.qwen3_next_tensor),
+    "qwen3_5_text": Family("QWEN35", keys=gguf_families.qwen3_5_keys,
+                           tensor=gguf_families.qwen3_5_tensor, lora=gguf_families.qwen3_5_lora),
+    "qwen3_5_moe_text": Family("QWEN35MOE", keys=gguf_families.qwen3_5_moe_keys,
+                               tensor=gguf_families.qwen3_5_tensor,
+                               lora=gguf_families.qwen3_5_lora),
+    "gpt_oss": Family("GPT_OSS", keys=gguf_families.gpt_oss_keys,
+                      tensor=gguf_families.gpt_oss_tensor, lora=gguf_families.gpt_oss_lora),
 }
 
 # Families lorafit trains that have no GGUF export, and why (said in the one-line error).
 NO_GGUF = {
     "gemma4_text": "lorafit has no GGUF export for Gemma 4 yet",
-    "gpt_oss": "llama.cpp's gpt-oss reads MXFP4 experts, which lorafit does not write",
-    "qwen3_next": "lorafit has no GGUF export for its Gated DeltaNet layers yet",
-    "qwen3_5_text": "lorafit has no GGUF export for its Gated DeltaNet layers yet",
-    "qwen3_5_moe_text": "lorafit has no GGUF export for its Gated DeltaNet layers yet",
     "olmo3": "lorafit has no GGUF export for OLMo 3's per-layer RoPE yet",
     "ministral3": "lorafit has no GGUF export for its attention temperature yet",
     "mistral3": "lorafit has no GGUF export for its attention temperature yet",
@@ -160,6 +169,10 @@ def _unexportable(config: dict) -> list[str]:
     if mt == "exaone4" and head_dim(config) * config["num_attention_heads"] != \
             config["hidden_size"]:
         return ["llama.cpp's exaone4 needs head_dim x heads = hidden_size"]
+    if mt in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"):
+        return gguf_families.deltanet_problems(config)
+    if mt == "gpt_oss":
+        return gguf_families.gpt_oss_problems(config)
     return []
 
 
@@ -259,6 +272,12 @@ def _model_tensors(gguf, names, hf: str, w: np.ndarray):
                 (n[t.FFN_UP_EXP].format(bid=layer) + ".weight", w[:, f:])]
     if hf.endswith("experts.down_proj"):
         return [(n[t.FFN_DOWN_EXP].format(bid=layer) + ".weight", w)]
+    if hf.endswith("experts.gate_up_proj_bias"):  # (E, 2F): gate | up
+        f = w.shape[1] // 2
+        return [(n[t.FFN_GATE_EXP].format(bid=layer) + ".bias", w[:, :f]),
+                (n[t.FFN_UP_EXP].format(bid=layer) + ".bias", w[:, f:])]
+    if hf.endswith("experts.down_proj_bias"):
+        return [(n[t.FFN_DOWN_EXP].format(bid=layer) + ".bias", w)]
     raise LorafitError(f"{hf}: llama.cpp has no tensor of that name for this architecture")
 
 
@@ -356,6 +375,11 @@ def unsupported_features(config: dict) -> list[str]:
             int((i + 1) % 4 != 0) for i in range(config["num_hidden_layers"])]:
         notes.append("llama.cpp's smollm3 leaves RoPE out of every 4th layer, not as "
                      "no_rope_layers says")
+    if mt == "gpt_oss":
+        notes += gguf_families.gpt_oss_notes(config)
+    if mt == "qwen3_next" and not config.get("norm_topk_prob", True):
+        notes.append("llama.cpp's qwen3next always renormalises the top-k expert weights "
+                     "(this model has norm_topk_prob false)")
     if _longrope(config):
         notes.append("llama.cpp picks Phi-3's long or short RoPE factors by the context "
                      "size it is run with, transformers by the sequence length")
@@ -517,9 +541,10 @@ def write_model(path: str | Path, config: dict, weights: dict, tokenizer_dir: st
     for hf in sorted(weights):
         if hf.endswith("rotary_emb.inv_freq"):
             continue
-        for key, v in _model_tensors(gguf, names, hf,
-                                     _prepare(hf, np.asarray(weights[hf]), config, fam)):
-            tensors[key] = _encode(gguf, v, outtype)
+        w = _prepare(hf, np.asarray(weights[hf]), config, fam)
+        for name, v in fam.tensor(hf, w, config) if fam.tensor else [(hf, w)]:
+            for key, u in _model_tensors(gguf, names, name, v):
+                tensors[key] = _encode(gguf, u, outtype)
     scaling = _rope(config)[1]
     if scaling.get("rope_type") == "llama3":
         tensors[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = \
@@ -594,6 +619,8 @@ def write_lora(path: str | Path, config: dict, adapter: dict, r: int, alpha: flo
         a = np.asarray(adapter[key], dtype=np.float32)
         b = _prepare(module + ".lora_B", np.asarray(adapter[b_key], dtype=np.float32),
                      config, fam)
+        if fam.lora:
+            a, b = fam.lora(module, a, b, config)
         for base, pa, pb in _lora_pairs(gguf, names, module, a, b, config, r):
             tensors[f"{base}.lora_a"] = _encode(gguf, pa, outtype)
             tensors[f"{base}.lora_b"] = _encode(gguf, pb, outtype)
