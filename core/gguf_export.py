@@ -149,6 +149,7 @@ PRE_TOKENIZERS = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
 
 
 def family(config: dict) -> Family:
+    config = gguf_families.text_model_config(config)  # Qwen3.5's VL checkpoints
     mt = config.get("model_type")
     if mt not in FAMILIES:
         why = f" ({NO_GGUF[mt]})" if mt in NO_GGUF else ""
@@ -357,6 +358,7 @@ def _hyperparameters(w, gguf, config: dict, fam: Family, outtype: str) -> None:
 def unsupported_features(config: dict) -> list[str]:
     """What the model computes that llama.cpp's implementation of the family does not
     (the GGUF runs, but its outputs differ): said to the user at export."""
+    config = gguf_families.text_model_config(config)  # Qwen3.5's VL checkpoints
     notes = []
     mt, window = config.get("model_type"), config.get("sliding_window")
     if mt in ("qwen2", "qwen3_moe", "smollm3") and config.get("use_sliding_window") or \
@@ -533,6 +535,7 @@ def _finish(w) -> None:
 def write_model(path: str | Path, config: dict, weights: dict, tokenizer_dir: str | Path,
                 outtype: str = "f16", name: str | None = None) -> Path:
     """A whole model as one GGUF file. `weights`: Hugging Face names -> float arrays."""
+    config = gguf_families.text_model_config(config)  # Qwen3.5's VL checkpoints
     gguf = _gguf()
     fam = family(config)
     path = Path(path)
@@ -597,6 +600,7 @@ def write_lora(path: str | Path, config: dict, adapter: dict, r: int, alpha: flo
     """A LoRA adapter as llama.cpp loads it with `--lora`: `<tensor>.lora_a` (r x in) and
     `.lora_b` (out x r) beside the base tensor's GGUF name; llama.cpp scales by
     adapter.lora.alpha / r. `adapter`: PEFT module names (`...q_proj.lora_A.weight`)."""
+    config = gguf_families.text_model_config(config)  # Qwen3.5's VL checkpoints
     gguf = _gguf()
     fam = family(config)
     path = Path(path)

@@ -24,6 +24,17 @@ from lorafit.core.errors import LorafitError
 # ----------------------------------------------------------------------------- Gated DeltaNet
 
 
+def text_model_config(config: dict) -> dict:
+    """A Qwen3.5 vision-language config (text_config inside; the published checkpoints) as
+    its text model's, which lorafit trains and llama.cpp's qwen35 / qwen35moe run."""
+    kinds = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+    if config.get("model_type") not in kinds or not config.get("text_config"):
+        return config
+    text = {"tie_word_embeddings": config.get("tie_word_embeddings", False),
+            **config["text_config"]}
+    return {**text, "model_type": kinds[config["model_type"]]}
+
+
 def full_attention_interval(config: dict) -> int:
     """llama.cpp's qwen3next/qwen35 place full attention on every n-th layer (n from
     `full_attention_interval`): the n that gives the config's layer_types."""

@@ -152,6 +152,8 @@ def test_unsupported_family_and_dora_are_one_line_errors(tmp_path, adapted):
         family({**deltanet, "linear_value_head_dim": 8})
     with pytest.raises(LorafitError, match="full attention on every n-th layer"):
         family({**deltanet, "layer_types": ["full_attention", "linear_attention"]})
+    vl = {"model_type": "qwen3_5_moe", "text_config": {**deltanet, "model_type": "x"}}
+    assert family(vl).arch == "QWEN35MOE"  # the published (VL) checkpoints: the text model
     with pytest.raises(LorafitError, match="gpt-oss alternates sliding and full layers"):
         family({"model_type": "gpt_oss", "num_hidden_layers": 2, "sliding_window": 4,
                 "layer_types": ["full_attention", "sliding_attention"]})
