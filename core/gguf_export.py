@@ -22,6 +22,9 @@ from lorafit.core import gguf_families
 from lorafit.core.errors import LorafitError
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+# tensors llama.cpp's converter keeps in f32 whatever the type (ggml's ssm_conv and the
+# experts' bias add take f32 only; routers stay exact), biases too
+KEEP_F32 = (".ssm_conv1d.", ".ffn_gate_inp.")
 
 
 @dataclass(frozen=True)
@@ -547,7 +550,8 @@ def write_model(path: str | Path, config: dict, weights: dict, tokenizer_dir: st
         w = _prepare(hf, np.asarray(weights[hf]), config, fam)
         for name, v in fam.tensor(hf, w, config) if fam.tensor else [(hf, w)]:
             for key, u in _model_tensors(gguf, names, name, v):
-                tensors[key] = _encode(gguf, u, outtype)
+                tensors[key] = _encode(gguf, u, "f32" if not key.endswith(".weight") or any(
+                    kind in key for kind in KEEP_F32) else outtype)
     scaling = _rope(config)[1]
     if scaling.get("rope_type") == "llama3":
         tensors[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = \

@@ -474,6 +474,10 @@ def test_llama_cpp_runs_the_merged_and_adapter_gguf_of_each_family(tmp_path, tok
         got, logits = _llama_greedy(path, ids, lora_path, all_logits=True)
         assert np.abs(logits - ours).max() < 2e-3 * np.abs(ours).max(), path.name
         assert got == want, path.name
+    if family in ("qwen3_5_moe_text", "gpt_oss"):  # f16 runs: the conv1d, routers and
+        f16 = _export(tmp_path / "f16", adapter_dir, merge=True, outtype="f16")  # expert
+        _, logits = _llama_greedy(f16 / "model-f16.gguf", ids)  # biases stay f32 (ggml's ops)
+        assert np.abs(logits - ours[:len(ids)]).max() < 2e-2 * np.abs(ours).max()
 
 
 @pytest.mark.slow
