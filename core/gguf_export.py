@@ -18,9 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from lorafit.core import gguf_families
 from lorafit.core.errors import LorafitError
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+# tensors llama.cpp's converter keeps in f32 whatever the type (ggml's ssm_conv and the
+# experts' bias add take f32 only; routers stay exact), biases too
+KEEP_F32 = (".ssm_conv1d.", ".ffn_gate_inp.")
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,8 @@ class Family:
     tensors: object = None  # (gguf, names, hf name, array, config) -> [(GGUF name, array)]
     extra: object = None  # config -> {GGUF name: array}: tensors the checkpoint has not
     no_lora: tuple = ()  # modules whose LoRA llama.cpp does not apply (matmul without it)
+    tensor: object = None  # (HF name, array, config) -> [(HF name, array)]: llama.cpp's layout
+    lora: object = None  # (module, A, B, config) -> (A, B): the same for an adapter's factors
 
 
 def _layer_types(config: dict, pattern: int) -> list[str]:
@@ -181,10 +187,11 @@ def _gemma4_extra(config: dict) -> dict:
 
 
 def text_model_config(config: dict) -> dict:
-    """A Mistral 3 vision-language config's text tower (text_config, the head tied by the
-    top-level flag, as transformers reads it); other configs as they are."""
+    """A vision-language config's text tower: Mistral 3's (text_config, the head tied by the
+    top-level flag, as transformers reads it), Qwen3.5's (core/gguf_families.py); other
+    configs as they are."""
     if config.get("model_type") != "mistral3":
-        return config
+        return gguf_families.text_model_config(config)
     text = dict(config.get("text_config") or {})
     text.setdefault("model_type", "mistral")
     text["tie_word_embeddings"] = config.get("tie_word_embeddings",
@@ -248,14 +255,20 @@ FAMILIES = {
                           tensors=_gemma4_tensors, extra=_gemma4_extra,
                           no_lora=("per_layer_model_projection",)),
     "ministral3": Family("MISTRAL3", permute_qk=True, keys=_ministral3_keys),
+    # Gated DeltaNet hybrids and gpt-oss (core/gguf_families.py)
+    "qwen3_next": Family("QWEN3NEXT", keys=gguf_families.qwen3_next_keys,
+                         tensor=gguf_families.qwen3_next_tensor),
+    "qwen3_5_text": Family("QWEN35", keys=gguf_families.qwen3_5_keys,
+                           tensor=gguf_families.qwen3_5_tensor, lora=gguf_families.qwen3_5_lora),
+    "qwen3_5_moe_text": Family("QWEN35MOE", keys=gguf_families.qwen3_5_moe_keys,
+                               tensor=gguf_families.qwen3_5_tensor,
+                               lora=gguf_families.qwen3_5_lora),
+    "gpt_oss": Family("GPT_OSS", keys=gguf_families.gpt_oss_keys,
+                      tensor=gguf_families.gpt_oss_tensor, lora=gguf_families.gpt_oss_lora),
 }
 
 # Families lorafit trains that have no GGUF export, and why (said in the one-line error).
 NO_GGUF = {
-    "gpt_oss": "llama.cpp's gpt-oss reads MXFP4 experts, which lorafit does not write",
-    "qwen3_next": "lorafit has no GGUF export for its Gated DeltaNet layers yet",
-    "qwen3_5_text": "lorafit has no GGUF export for its Gated DeltaNet layers yet",
-    "qwen3_5_moe_text": "lorafit has no GGUF export for its Gated DeltaNet layers yet",
     "olmo3": "lorafit has no GGUF export for OLMo 3's per-layer RoPE yet",
 }
 
@@ -292,6 +305,10 @@ def _unexportable(config: dict) -> list[str]:
         return ["llama.cpp's exaone4 needs head_dim x heads = hidden_size"]
     if mt == "gemma4_text":
         return _gemma4_unexportable(config)
+    if mt in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"):
+        return gguf_families.deltanet_problems(config)
+    if mt == "gpt_oss":
+        return gguf_families.gpt_oss_problems(config)
     return []
 
 
@@ -410,6 +427,12 @@ def _model_tensors(gguf, names, hf: str, w: np.ndarray):
                 (n[t.FFN_UP_EXP].format(bid=layer) + ".weight", w[:, f:])]
     if hf.endswith("experts.down_proj"):
         return [(n[t.FFN_DOWN_EXP].format(bid=layer) + ".weight", w)]
+    if hf.endswith("experts.gate_up_proj_bias"):  # (E, 2F): gate | up
+        f = w.shape[1] // 2
+        return [(n[t.FFN_GATE_EXP].format(bid=layer) + ".bias", w[:, :f]),
+                (n[t.FFN_UP_EXP].format(bid=layer) + ".bias", w[:, f:])]
+    if hf.endswith("experts.down_proj_bias"):
+        return [(n[t.FFN_DOWN_EXP].format(bid=layer) + ".bias", w)]
     raise LorafitError(f"{hf}: llama.cpp has no tensor of that name for this architecture")
 
 
@@ -489,8 +512,8 @@ def _hyperparameters(w, gguf, config: dict, fam: Family, outtype: str) -> None:
 def unsupported_features(config: dict) -> list[str]:
     """What the model computes that llama.cpp's implementation of the family does not
     (the GGUF runs, but its outputs differ): said to the user at export."""
-    notes = []
     config = text_model_config(config)
+    notes = []
     mt, window = config.get("model_type"), config.get("sliding_window")
     if mt in ("qwen2", "qwen3_moe", "smollm3") and config.get("use_sliding_window") or \
             mt in ("mistral", "starcoder2", "mixtral", "phi3", "ministral3") and window or \
@@ -511,6 +534,11 @@ def unsupported_features(config: dict) -> list[str]:
     if mt == "ministral3" and _rope(config)[1].get("truncate") is False:
         notes.append("llama.cpp's YaRN always truncates its correction range (this model "
                      "has truncate false)")
+    if mt == "gpt_oss":
+        notes += gguf_families.gpt_oss_notes(config)
+    if mt == "qwen3_next" and not config.get("norm_topk_prob", True):
+        notes.append("llama.cpp's qwen3next always renormalises the top-k expert weights "
+                     "(this model has norm_topk_prob false)")
     if _longrope(config):
         notes.append("llama.cpp picks Phi-3's long or short RoPE factors by the context "
                      "size it is run with, transformers by the sequence length")
@@ -680,9 +708,14 @@ def write_model(path: str | Path, config: dict, weights: dict, tokenizer_dir: st
         if hf.endswith("rotary_emb.inv_freq"):
             continue
         w = _prepare(hf, np.asarray(weights[hf]), config, fam)
-        for key, v in (fam.tensors(gguf, names, hf, w, config) if fam.tensors
-                       else _model_tensors(gguf, names, hf, w)):
-            tensors[key] = _encode(gguf, v, outtype)
+        if fam.tensors:  # Gemma 4 names and places its own
+            for key, v in fam.tensors(gguf, names, hf, w, config):
+                tensors[key] = _encode(gguf, v, outtype)
+            continue
+        for name, v in fam.tensor(hf, w, config) if fam.tensor else [(hf, w)]:
+            for key, u in _model_tensors(gguf, names, name, v):
+                tensors[key] = _encode(gguf, u, "f32" if not key.endswith(".weight") or any(
+                    kind in key for kind in KEEP_F32) else outtype)
     for key, v in (fam.extra(config) if fam.extra else {}).items():
         tensors[key] = (v, None)
     scaling = _rope(config)[1]
@@ -764,6 +797,8 @@ def write_lora(path: str | Path, config: dict, adapter: dict, r: int, alpha: flo
         a = np.asarray(adapter[key], dtype=np.float32)
         b = _prepare(module + ".lora_B", np.asarray(adapter[b_key], dtype=np.float32),
                      config, fam)
+        if fam.lora:
+            a, b = fam.lora(module, a, b, config)
         for base, pa, pb in _lora_pairs(gguf, names, module, a, b, config, r):
             tensors[f"{base}.lora_a"] = _encode(gguf, pa, outtype)
             tensors[f"{base}.lora_b"] = _encode(gguf, pb, outtype)

@@ -142,8 +142,21 @@ def test_modelfile_template_renders_like_the_chat_template(tmp_path, adapted, to
 def test_unsupported_family_and_dora_are_one_line_errors(tmp_path, adapted):
     from lorafit.core.gguf_export import family, write_lora
 
-    with pytest.raises(LorafitError, match="GGUF export supports .*'gpt_oss' .*MXFP4"):
-        family({"model_type": "gpt_oss"})
+    with pytest.raises(LorafitError, match="GGUF export supports .*'olmo3' .*per-layer RoPE"):
+        family({"model_type": "olmo3"})
+    deltanet = {"model_type": "qwen3_next", "num_hidden_layers": 2, "linear_key_head_dim": 16,
+                "linear_value_head_dim": 16, "num_experts": 4, "mlp_only_layers": [0]}
+    with pytest.raises(LorafitError, match="qwen3_next: llama.cpp's qwen3next has mixture"):
+        family(deltanet)
+    with pytest.raises(LorafitError, match="value heads as wide as key heads"):
+        family({**deltanet, "linear_value_head_dim": 8})
+    with pytest.raises(LorafitError, match="full attention on every n-th layer"):
+        family({**deltanet, "layer_types": ["full_attention", "linear_attention"]})
+    vl = {"model_type": "qwen3_5_moe", "text_config": {**deltanet, "model_type": "x"}}
+    assert family(vl).arch == "QWEN35MOE"  # the published (VL) checkpoints: the text model
+    with pytest.raises(LorafitError, match="gpt-oss alternates sliding and full layers"):
+        family({"model_type": "gpt_oss", "num_hidden_layers": 2, "sliding_window": 4,
+                "layer_types": ["full_attention", "sliding_attention"]})
     with pytest.raises(LorafitError, match="qwen3_moe: llama.cpp's qwen3moe has no dense"):
         family({"model_type": "qwen3_moe", "mlp_only_layers": [1]})
     with pytest.raises(LorafitError, match="head_dim x heads"):
@@ -172,6 +185,10 @@ def test_unsupported_family_and_dora_are_one_line_errors(tmp_path, adapted):
     with pytest.raises(LorafitError, match="q_proj: the adapter has lora_B but no lora_A"):
         write_lora(tmp_path / "x.gguf", {"model_type": "llama", "num_hidden_layers": 2},
                    {"model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((4, 4))}, 4, 8)
+    with pytest.raises(LorafitError, match="no adapter on gpt-oss's experts; merge"):
+        write_lora(tmp_path / "x.gguf", {"model_type": "gpt_oss", "num_hidden_layers": 2},
+                   {f"model.layers.0.mlp.experts.down_proj.lora_{x}.weight": np.ones((4, 4))
+                    for x in "AB"}, 4, 8)
 
 
 # -- llama.cpp itself -----------------------------------------------------------------------
@@ -289,7 +306,8 @@ def test_cli_names_a_family_llama_cpp_cannot_run(tmp_path, capsys):
     from lorafit.cli import main
 
     (tmp_path / "base").mkdir()
-    (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "qwen3_next"}))
+    (tmp_path / "base" / "config.json").write_text(json.dumps(
+        {"model_type": "qwen3_next", "num_hidden_layers": 4, "num_experts": 0}))
     (tmp_path / "ad").mkdir()
     (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(
         {"base_model_name_or_path": str(tmp_path / "base"), "peft_type": "LORA", "r": 4,
@@ -297,7 +315,7 @@ def test_cli_names_a_family_llama_cpp_cannot_run(tmp_path, capsys):
     assert main(["export", str(tmp_path / "out"), "--adapter", str(tmp_path / "ad"),
                  "--format", "gguf"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "'qwen3_next'" in err and "Gated DeltaNet" in err
+    assert "\n" not in err and "qwen3_next: llama.cpp's qwen3next has mixture" in err
 
 
 def test_cli_refuses_a_gemma4_adapter_llama_cpp_would_not_apply(tmp_path, capsys):
@@ -341,6 +359,14 @@ def test_export_warns_where_llama_cpp_computes_otherwise():
     for mt in ("mixtral", "phi3", "exaone4", "ministral3"):
         assert "ignores sliding_window=6" in notes({**base, "model_type": mt,
                                                     "sliding_window": 6})[0]
+    assert "renormalises" in notes({**base, "model_type": "qwen3_next",
+                                    "norm_topk_prob": False})[0]
+    published = {"rope_type": "yarn", "factor": 32.0, "truncate": False}
+    assert notes({**base, "model_type": "gpt_oss", "rope_parameters": {**published,
+                                                                        "truncate": True}}) == []
+    assert "rounds its correction range" in notes({**base, "model_type": "gpt_oss",
+                                                   "rope_parameters": published})[0]
+    assert "SwiGLU" in notes({**base, "model_type": "gpt_oss", "swiglu_limit": 5.0})[0]
 
 
 def test_cli_export_gguf_and_its_errors(tmp_path, adapted, capsys):
@@ -443,6 +469,33 @@ MERGED_FAMILIES = {
                            rope_type="yarn", rope_theta=1e4, factor=4.0,
                            original_max_position_embeddings=8, beta_fast=32.0, beta_slow=1.0,
                            mscale=2.0, mscale_all_dim=0.5, llama_4_scaling_beta=0.1)),
+    # Gated DeltaNet + gated full attention, every 2nd layer full; 2 key heads for 4 value
+    # heads (llama.cpp's tiled value-head order), partial rotary, (1 + w) norms
+    "qwen3_5_text": dict(num_hidden_layers=2, head_dim=32,
+                         layer_types=["linear_attention", "full_attention"],
+                         linear_num_key_heads=2, linear_num_value_heads=4,
+                         linear_key_head_dim=16, linear_value_head_dim=16),
+    # fused DeltaNet projections (grouped order), 4 experts + a gated shared expert
+    "qwen3_next": dict(num_hidden_layers=2, head_dim=32,
+                       layer_types=["linear_attention", "full_attention"],
+                       num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
+                       shared_expert_intermediate_size=24, norm_topk_prob=True,
+                       linear_num_key_heads=2, linear_num_value_heads=4,
+                       linear_key_head_dim=16, linear_value_head_dim=16),
+    # sinks, q/k/v/o biases, a window (5) on layer 0, clamped SwiGLU experts with biases,
+    # YaRN with its correction range rounded (llama.cpp's; the published truncate=false
+    # differs: export warns)
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=40,
+                    sliding_window=5, head_dim=16, attention_bias=True, rope_parameters=dict(
+                        rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=16.0,
+                        beta_slow=1.0, original_max_position_embeddings=4096, truncate=True)),
+    # the qwen3_5 hybrid with 4 experts + a gated shared expert on every layer
+    "qwen3_5_moe_text": dict(num_hidden_layers=2, head_dim=32,
+                             layer_types=["linear_attention", "full_attention"],
+                             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
+                             shared_expert_intermediate_size=24, linear_num_key_heads=2,
+                             linear_num_value_heads=4, linear_key_head_dim=16,
+                             linear_value_head_dim=16),
 }
 
 
@@ -502,6 +555,10 @@ def test_llama_cpp_runs_the_merged_and_adapter_gguf_of_each_family(tmp_path, tok
         got, logits = _llama_greedy(path, ids, lora_path, all_logits=True)
         assert np.abs(logits - ours).max() < 2e-3 * np.abs(ours).max(), path.name
         assert got == want, path.name
+    if family in ("qwen3_5_moe_text", "gpt_oss"):  # f16 runs: the conv1d, routers and
+        f16 = _export(tmp_path / "f16", adapter_dir, merge=True, outtype="f16")  # expert
+        _, logits = _llama_greedy(f16 / "model-f16.gguf", ids)  # biases stay f32 (ggml's ops)
+        assert np.abs(logits - ours[:len(ids)]).max() < 2e-2 * np.abs(ours).max()
 
 
 @pytest.mark.slow
