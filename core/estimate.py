@@ -579,13 +579,19 @@ def mlx_recompute_transients(sh: Shape, st: Settings) -> int:
     re-run set is alive (backends/mlx/recompute runs the layers' backwards one after
     another): N * (2F + 2C + 12*Hq*D + 6*Hk*D) * s, and 3F more when the down projection
     is adapted (its input's gradient through W and through the adapter, and their sum).
-    Counted from one-factor slopes of a one-layer model (docs/memory.md)."""
+    Counted from one-factor slopes of a one-layer model (docs/memory.md). A fused
+    projection (glm4's and phi3's gate_up_proj, phi3's qkv_proj) adds the gradient of its
+    whole output, which the split's vjp assembles from its parts: 2F, (Hq + 2Hk)*D."""
     if st.backend != "mlx":
         return 0
     N, s, F = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype], sh.intermediate
     n = 2 * F + 2 * sh.hidden + 12 * sh.heads * sh.head_dim + 6 * sh.kv_heads * sh.head_dim
     if {"down_proj", "c_proj"} & set(target_names(sh, st)):
         n += 3 * F
+    if "gate_up_proj" in sh.linears:
+        n += 2 * F
+    if "qkv_proj" in sh.linears:
+        n += (sh.heads + 2 * sh.kv_heads) * sh.head_dim
     return N * s * n
 
 
