@@ -485,17 +485,24 @@ def activations(sh: Shape, st: Settings) -> int:
     recompute only each layer's input is kept: N * C * L * s."""
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     if st.grad_checkpoint:
-        return N * s * sh.hidden * sh.layers * CHECKPOINT_COPIES.get(st.backend, 1)
+        return N * s * sh.hidden * checkpointed_layers(sh, st) \
+            * CHECKPOINT_COPIES.get(st.backend, 1)
     adapted, kept = _adapted_layers(sh, st), _backward_layers(sh, st)
     return int(N * s * sum(saved_per_token_per_layer(sh, st, i in adapted, i)
                            for i in kept)) + len(kept) * eager_scores(sh, st) \
         + sum(mlx_attention_kept(sh, st, i) for i in kept)
 
 
-# MLX keeps two (N, C) arrays per checkpointed layer: its input and the output that
-# mx.checkpoint's vjp receives (the next layer's input goes through a Depends node, a
-# second array); torch's checkpoint keeps the input only.
-CHECKPOINT_COPIES = {"torch": 1, "mlx": 2}
+# (N, C) arrays kept per checkpointed layer: its input (MLX's layer_checkpoint does not
+# keep the output its vjp receives, as mx.checkpoint did).
+CHECKPOINT_COPIES = {"torch": 1, "mlx": 1}
+
+
+def checkpointed_layers(sh: Shape, st: Settings) -> int:
+    """Layers whose input the backward keeps. MLX: those the backward re-runs, from the
+    lowest adapted one up (below it no gradient flows, so no vjp holds their inputs);
+    torch: every layer (not measured otherwise yet)."""
+    return len(_backward_layers(sh, st)) if st.backend == "mlx" else sh.layers
 
 
 def eager_scores(sh: Shape, st: Settings) -> int:
@@ -577,38 +584,45 @@ def recompute_layer(sh: Shape, st: Settings) -> int:
     if not st.grad_checkpoint:
         return 0
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
-    adapted = bool(_adapted_layers(sh, st))
-    per = max(N * s * max(saved_per_token_per_layer(sh, st, adapted, i),
-                          torch_attention_peak_per_token(sh, st, i))
-              + mlx_attention_kept(sh, st, i) for i in range(sh.layers))
+    if st.backend == "mlx":  # only the layers the backward re-runs, each as it is adapted
+        layers, adapted = _backward_layers(sh, st), _adapted_layers(sh, st)
+    else:
+        layers = range(sh.layers)
+        adapted = set(layers) if _adapted_layers(sh, st) else set()
+    per = max((N * s * max(saved_per_token_per_layer(sh, st, i in adapted, i),
+                           torch_attention_peak_per_token(sh, st, i))
+               + mlx_attention_kept(sh, st, i) for i in layers), default=0)
     return int(per + N * s * sh.hidden) + eager_scores(sh, st)
 
 
-def adapter_inputs_per_token(sh: Shape, st: Settings, layer: int | None = None) -> int:
-    """Elements per token a layer's adapter gradients read (dA = dY' x^T needs each
-    adapted projection's input, dB its rank-r projection): C for the attention inputs,
-    C for the MLP's, Hq*D for o_proj and F for down_proj when adapted, r per module."""
-    names = _layer_targets(sh, st, layer)
-    n = st.rank * len(names)
-    if any(m not in ("o_proj", "down_proj", "c_proj") for m in names):
-        n += 2 * sh.hidden
-    if "o_proj" in names:
-        n += sh.heads * sh.head_dim
-    if "down_proj" in names or "c_proj" in names:
-        n += sh.intermediate
-    return n
-
-
-def recompute_neighbour(sh: Shape, st: Settings) -> int:
-    """MLX only. mx.checkpoint's vjp re-runs a layer once its forward outputs exist (it
-    depends on them, not on the cotangent), and the whole step is one lazy graph, so the
-    tape may evaluate the adapter gradients of the layer above after the re-run of the
-    layer below: the inputs those gradients read stay alive beside the re-run set. N *
-    adapter_inputs * s with two or more layers."""
-    if st.backend != "mlx" or not st.grad_checkpoint or sh.layers < 2:
+def mlx_recompute_transients(sh: Shape, st: Settings) -> int:
+    """MLX with recompute: the gradients one re-run layer's backward forms while its
+    re-run set is alive (backends/mlx/recompute runs the layers' backwards one after
+    another): N * (2F + 2C + 12*Hq*D + 6*Hk*D) * s, and 3F more when the down projection
+    is adapted (its input's gradient through W and through the adapter, and their sum).
+    Counted from one-factor slopes of a one-layer model (docs/memory.md). A fused
+    projection (glm4's and phi3's gate_up_proj, phi3's qkv_proj) adds the gradient of its
+    whole output, which the split's vjp assembles from its parts: 2F, (Hq + 2Hk)*D."""
+    if st.backend != "mlx":
         return 0
-    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
-    return N * s * max(adapter_inputs_per_token(sh, st, i) for i in range(sh.layers))
+    N, s, F = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype], sh.intermediate
+    n = 2 * F + 2 * sh.hidden + 12 * sh.heads * sh.head_dim + 6 * sh.kv_heads * sh.head_dim
+    if {"down_proj", "c_proj"} & set(target_names(sh, st)):
+        n += 3 * F
+    if "gate_up_proj" in sh.linears:
+        n += 2 * F
+    if "qkv_proj" in sh.linears:
+        n += (sh.heads + 2 * sh.kv_heads) * sh.head_dim
+    return N * s * n
+
+
+def mlx_loaded_adapter(sh: Shape, st: Settings) -> int:
+    """MLX: the model's parameter dict still holds the adapter as attached (its initial
+    values) while the trainer's own dict takes each update (MLX arrays are immutable;
+    torch updates in place): one more adapter copy alive through every step (measured
+    between steps: 1.00 copy, with recompute or not). Counted in the recompute phase here;
+    the optimizer step counts it as the copy alive when the update starts."""
+    return adapter_weights(sh, st) if st.backend == "mlx" else 0
 
 
 def backward_transients(sh: Shape, st: Settings) -> int:
@@ -794,12 +808,18 @@ PHASES = {
 OPTIMIZER_STEP = (("activations", nothing), ("embeddings and rope", nothing),
                         ("adapter gradients", all_adapter_gradients),
                         ("optimizer temporaries", optimizer_temporaries))
-# MLX evaluates forward, loss and backward as one graph: with recompute, the re-run layer
-# sits beside the loss buffers and the backward transients, not after them.
-MLX_RECOMPUTE = (("logits and loss", loss_buffers), ("recomputed layer", recompute_layer),
-                 ("layer above's adapter inputs", recompute_neighbour),
-                 ("attention scores", attention_scores),
-                 ("backward transients", backward_transients))
+# MLX with recompute (backends/mlx/recompute): the backward re-runs one layer at a time,
+# each after the layer above has formed all its gradients. Two phases: one re-run layer
+# with its backward, and the loss. The top layer's re-run waits for dL/dh, yet the
+# measured peak at the loss grows with the layer's widths (one layer, vocabulary 4000:
+# 2.6 F per token), so the loss phase counts the backward transients beside the loss
+# buffers (why they overlap is not identified; docs/memory.md).
+MLX_RECOMPUTE = (("recomputed layer", recompute_layer), ("attention scores", attention_scores),
+                 ("backward transients", mlx_recompute_transients),
+                 ("adapter as loaded", mlx_loaded_adapter))
+MLX_RECOMPUTE_LOSS = (("logits and loss", loss_buffers),
+                      ("backward transients", mlx_recompute_transients),
+                      ("adapter as loaded", mlx_loaded_adapter))
 
 
 # Backends pad a batch's columns to a multiple of this many tokens (backends.mlx's
@@ -904,8 +924,9 @@ def estimate(sh: Shape, settings: Settings) -> dict:
         settings = settings.replace(grad_checkpoint=True)
     breakdown = {name: int(fn(sh, settings)) for name, fn in STATIC_TERMS}
     phase_terms = dict(PHASES)
-    if settings.backend == "mlx":
+    if settings.backend == "mlx" and settings.grad_checkpoint:
         phase_terms["recompute"] = MLX_RECOMPUTE
+        phase_terms["loss"] = MLX_RECOMPUTE_LOSS
     phase_terms["optimizer step"] = OPTIMIZER_STEP
     phases = {ph: {name: int(fn(sh, settings)) for name, fn in terms}
               for ph, terms in phase_terms.items()}

@@ -426,7 +426,10 @@ class MLXBackend:
         return fn
 
     def checkpoint(self, fn):
-        return mx.checkpoint(fn)
+        """Layer after layer in the backward, as torch's checkpoint (backends/mlx/recompute:
+        mx.checkpoint lets the tape place each re-run anywhere after the forward)."""
+        from lorafit.backends.mlx.recompute import layer_checkpoint
+        return layer_checkpoint(fn)
 
     def make_optimizer(self, params, shard=False, **hyper):
         if shard:
