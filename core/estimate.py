@@ -50,6 +50,7 @@ class Shape:
     layer_vectors: int | None = None  # a layer's norm and bias elements; None: from the flags
     final_norm: int | None = None  # elements of the final norm (weight, bias); None: C
     attn_softcap: bool = False  # soft-capped scores: attention runs eagerly (Gemma 2)
+    attn_sinks: bool = False  # a learned sink logit per head: attention runs eagerly (gpt-oss)
     final_softcap: bool = False  # soft-capped logits in the fused loss (Gemma 2)
     # Where layers differ (Gemma 4: wider full layers, kv-sharing layers without k/v, double-
     # wide MLPs; qwen3_5: DeltaNet and attention layers): each layer's {name: (in, out)};
@@ -193,14 +194,22 @@ def moe_adapter_params(sh: Shape, st: Settings) -> int:
     if not sh.moe:
         return 0
     m, C, r = sh.moe, sh.hidden, st.rank
-    names = set(m["all_linear"]) if st.targets == "all-linear" else \
-        {t.strip() for t in st.targets.split(",")}
+    names = moe_target_names(sh, st)
     E, F = m["experts"], m["expert_size"]
     per = (r * (C + E) if "gate" in names else 0) \
         + (E * 2 * r * (C + 2 * F) if "gate_up_proj" in names else 0) \
         + (E * r * (F + C) if "down_proj" in names else 0)
     layers = m["layers"] if st.layers is None else [i for i in m["layers"] if i in st.layers]
     return per * len(layers)
+
+
+def moe_target_names(sh: Shape, st: Settings) -> set:
+    """The router and stacked-expert parameters (MOE_TARGETS) the run adapts."""
+    if not sh.moe:
+        return set()
+    names = set(sh.moe["all_linear"]) if st.targets == "all-linear" else \
+        {t.strip() for t in st.targets.split(",")}
+    return names & set(MOE_TARGETS)
 
 
 QUANT_GROUP = 64
@@ -386,15 +395,16 @@ def torch_moe_saved_per_token(sh: Shape, st: Settings, adapted: bool) -> int:
     whenever the layer's input does). An adapter on the stacked experts runs each row's
     A and B through gather_linear, whose per-expert matmuls keep their inputs, the rows
     gathered in expert order: gate_up k*(C + 2r) (its rank is 2r, FUSED_RANK), down
-    k*(F' + r). The router's adapter keeps r and its probabilities E."""
+    k*(F' + r). The router's adapter keeps r and its probabilities E. gpt-oss's clamped
+    SwiGLU keeps 5 k*F' arrays, not 3 (moe["activation_kept"]: gate_up with its bias,
+    alpha*gate, up + 1 and the gated product; profiler's timeline)."""
     if st.backend != "torch":
         return 0
     m = sh.moe
     k, C, F, r = m["top_k"], sh.hidden, m["expert_size"], st.rank
-    n = k * C
+    n = k * C + (m.get("activation_kept", 3) - 3) * k * F
     if adapted:
-        names = set(m["all_linear"]) if st.targets == "all-linear" else \
-            {t.strip() for t in st.targets.split(",")}
+        names = moe_target_names(sh, st)
         if "gate_up_proj" in names:
             n += k * (C + 2 * r)
         if "down_proj" in names:
@@ -480,10 +490,17 @@ CHECKPOINT_COPIES = {"torch": 1, "mlx": 2}
 def eager_scores(sh: Shape, st: Settings) -> int:
     """Soft-capped attention (Gemma 2) cannot use the fused kernels: each layer keeps its
     (B, Hq, T, T) scores after tanh and its probabilities, both float32 (8 bytes), plus the
-    probabilities cast to the compute dtype when that is not float32."""
+    probabilities cast to the compute dtype when that is not float32. Attention sinks
+    (gpt-oss) run eagerly too on torch: the (B, Hq, T, T + 1) float32 probabilities (packed
+    rows: fewer, each example's own; counted as one row of T, the safe side)."""
+    cast = DTYPE_BYTES[st.dtype] if st.dtype != "float32" else 0
+    if sh.attn_sinks and not sh.attn_softcap and st.backend == "torch":
+        # sinks: softmax over T + 1 columns keeps its float32 output, whose first T
+        # columns feed the product with v (MLX: mlx_attention_kept counts its own)
+        return st.batch_size * sh.heads * st.seq_len * (st.seq_len + 1) * (4 + cast)
     if not sh.attn_softcap:
         return 0
-    per = 8 + (DTYPE_BYTES[st.dtype] if st.dtype != "float32" else 0)
+    per = 8 + cast
     return st.batch_size * sh.heads * st.seq_len * st.seq_len * per
 
 
@@ -496,10 +513,10 @@ def _backward_layers(sh, st) -> range:
     up. Below it nothing needs a gradient (the embeddings are frozen), so torch's autograd
     and MLX's vjp keep nothing there; e.g. q_proj,v_proj,o_proj on a hybrid model whose
     first attention layer is the third (measured +30 % over on both backends before)."""
-    if sh.moe:  # expert targets are not in the per-layer names: every layer, as before
-        return range(sh.layers)
-    lowest = min((i for i in _adapted_layers(sh, st) if _layer_targets(sh, st, i)),
-                 default=sh.layers)
+    adapted = [i for i in _adapted_layers(sh, st) if _layer_targets(sh, st, i)]
+    if sh.moe and moe_target_names(sh, st):  # the router and experts of each sparse layer
+        adapted += [i for i in sh.moe["layers"] if i in _adapted_layers(sh, st)]
+    lowest = min(adapted, default=sh.layers)
     return range(lowest, sh.layers)
 
 
@@ -526,6 +543,8 @@ def torch_attention_peak_per_token(sh: Shape, st: Settings, layer: int | None) -
         + 2 * sh.kv_heads * D * (2 if st.pack else 1)
     if sh.attention_output_gate:
         n += sh.heads * D
+    if sh.qk_norm:  # the per-head norms keep q and k as projected beside the normed copies
+        n += (sh.heads + sh.kv_heads) * D
     return n + dora_kept_per_token(sh, st, names)
 
 
@@ -544,6 +563,29 @@ def activations_at_attention(sh: Shape, st: Settings) -> int:
     return int(N * s * best)
 
 
+def torch_moe_forward_extra_per_token(sh: Shape, st: Settings, layer: int | None) -> int:
+    """torch only: what a sparse MoE layer holds at its experts' down projection beyond
+    its saved set (models/blocks/moe.py, backends/torch gather_linear): the activation the
+    projection reads (k*F', referenced until the block returns), its rows gathered in
+    expert order (k*F') and the experts' outputs concatenated (k*C) beside the outputs put
+    back in row order (saved, counted). The profiler's timeline put the re-run layer's
+    peak there (seed-1 mixtral C32 k2 F'56 rc: -13 % before)."""
+    if st.backend != "torch" or not sh.moe or layer not in sh.moe["layers"]:
+        return 0
+    k, F = sh.moe["top_k"], sh.moe["expert_size"]
+    return 2 * k * F + k * sh.hidden
+
+
+def torch_moe_forward(sh: Shape, st: Settings) -> int:
+    """torch without recompute: every saved activation (the top sparse layer's too, the
+    safe side) plus that layer's down-projection transients (above)."""
+    if st.backend != "torch" or not sh.moe or st.grad_checkpoint:
+        return 0
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    return N * s * max(torch_moe_forward_extra_per_token(sh, st, i)
+                       for i in _backward_layers(sh, st)) if _backward_layers(sh, st) else 0
+
+
 def embeddings_before_head(sh: Shape, st: Settings) -> int:
     """Inside the layers: the embedding output and the RoPE tables, not the final norm."""
     return embeddings_and_rope(sh, st) - st.batch_size * st.seq_len * \
@@ -557,7 +599,8 @@ def recompute_layer(sh: Shape, st: Settings) -> int:
         return 0
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     adapted = bool(_adapted_layers(sh, st))
-    per = max(N * s * max(saved_per_token_per_layer(sh, st, adapted, i),
+    per = max(N * s * max(saved_per_token_per_layer(sh, st, adapted, i)
+                          + torch_moe_forward_extra_per_token(sh, st, i),
                           torch_attention_peak_per_token(sh, st, i))
               + mlx_attention_kept(sh, st, i) for i in range(sh.layers))
     return int(per + N * s * sh.hidden) + eager_scores(sh, st)
@@ -696,6 +739,9 @@ PHASES = {
                              ("adapter gradients", recompute_gradients)),
     # torch: the top layer's backward, every saved activation alive
     "backward start": (("backward transients", torch_backward_start),),
+    # torch: the top sparse MoE layer's expert down projection, every layer saved
+    "sparse MoE forward": (("MoE down-projection transients", torch_moe_forward),
+                           ("embeddings and rope", embeddings_before_head)),
     # torch: a layer's attention forward, the layers below it saved (many query heads)
     "attention forward": (("activations", activations_at_attention),
                           ("embeddings and rope", embeddings_before_head)),

@@ -113,6 +113,10 @@ def memory_shape(a) -> dict:
             # Gemma 4's router.proj is a 2D linear counted with the others (no E*C here)
             "router_size": 0 if a.experts_beside_mlp else a.hidden_size,
             "layers": [i for i in range(a.num_hidden_layers) if a.is_moe_layer(i)],
+            # (N, k, F') arrays torch's autograd keeps for the experts' activation: gate_up
+            # (2, its halves are views) and silu(gate); gpt-oss's clamped SwiGLU (gpt_oss_
+            # experts) also alpha * gate, up + 1 and the gated product, over gate_up + bias
+            "activation_kept": 5 if gpt else 3,
             "all_linear": () if gpt or a.moe_linear_only else ("gate",) + EXPERT_PROJECTIONS}
 
 
