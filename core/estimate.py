@@ -336,7 +336,7 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
     if sh.qk_norm:  # the q/k norms' vjps read their inputs: q and k before the norm
         n += (sh.heads + sh.kv_heads) * D
     if sh.moe and layer in sh.moe["layers"]:
-        n += torch_moe_saved_per_token(sh, st, adapted)
+        n += moe_saved_per_token(sh, st, adapted)
     if adapted:
         names = _layer_targets(sh, st, layer)
         n += st.rank * len(names)
@@ -388,21 +388,23 @@ def gated_deltanet_saved_per_token(sh: Shape, st: Settings, adapted: bool,
     return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
 
 
-def torch_moe_saved_per_token(sh: Shape, st: Settings, adapted: bool) -> int:
-    """torch only: what a sparse MoE layer keeps beyond gate, act and up of the k chosen
-    experts (models/blocks/moe.py, backends/torch gather_linear). The k expert outputs
+def moe_saved_per_token(sh: Shape, st: Settings, adapted: bool) -> float:
+    """What a sparse MoE layer keeps beyond gate, act and up of the k chosen experts
+    (models/blocks/moe.py, both backends' gather_linear). The k expert outputs
     (k*C), read by the vjp of their weighting (the routing weights need a gradient
     whenever the layer's input does). An adapter on the stacked experts runs each row's
     A and B through gather_linear, whose per-expert matmuls keep their inputs, the rows
     gathered in expert order: gate_up k*(C + 2r) (its rank is 2r, FUSED_RANK), down
     k*(F' + r). The router's adapter keeps r and its probabilities E. gpt-oss's clamped
     SwiGLU keeps 5 k*F' arrays, not 3 (moe["activation_kept"]: gate_up with its bias,
-    alpha*gate, up + 1 and the gated product; profiler's timeline)."""
-    if st.backend != "torch":
-        return 0
+    alpha*gate, up + 1 and the gated product; profiler's timeline) on torch; MLX's
+    compiled graph fuses those steps. MLX's gather_linear gathers the rows in expert order
+    too (sorted_indices), so the adapters' rows are the same; routing: see below."""
     m = sh.moe
     k, C, F, r = m["top_k"], sh.hidden, m["expert_size"], st.rank
-    n = k * C + (m.get("activation_kept", 3) - 3) * k * F
+    n = k * C
+    if st.backend == "torch":  # MLX's compiled graph fuses the clamped SwiGLU's steps
+        n += (m.get("activation_kept", 3) - 3) * k * F
     if adapted:
         names = moe_target_names(sh, st)
         if "gate_up_proj" in names:
@@ -411,7 +413,22 @@ def torch_moe_saved_per_token(sh: Shape, st: Settings, adapted: bool) -> int:
             n += k * (F + r)
         if "gate" in names:
             n += r + m["experts"]
-    return n
+    return n + moe_routing_bytes_per_token(sh, st, adapted) / DTYPE_BYTES[st.dtype]
+
+
+def moe_routing_bytes_per_token(sh: Shape, st: Settings, adapted: bool) -> int:
+    """Bytes per token a sparse layer keeps for routing: the router's float32
+    probabilities (4E), the top-k indices (8k: int64 on torch, uint32 on MLX, counted 8),
+    the chosen weights, their sum and the renormalised weights (float32, 4(2k + 1)), and
+    for each gather_linear call that sorts its rows the order and its inverse (2k
+    indices: the vjps of the gathers read them; int64 on torch, uint32 on MLX): torch one
+    per expert parameter and two more (A and B) per adapted one, MLX only the two."""
+    m = sh.moe
+    k, index = m["top_k"], 8 if st.backend == "torch" else 4
+    adapted_experts = len(moe_target_names(sh, st) & {"gate_up_proj", "down_proj"}) \
+        if adapted else 0
+    calls = 2 * adapted_experts + (2 if st.backend == "torch" else 0)  # MLX sorts these only
+    return 4 * m["experts"] + 8 * k + 4 * (2 * k + 1) + 2 * index * k * calls
 
 
 def dora_kept_per_token(sh: Shape, st: Settings, names) -> int:

@@ -162,7 +162,8 @@ def expert_projection(ops, lp: dict, name: str, x, idx, lora):
         return y
     a3, b3 = expert_lora_factors(ops, lora_a, lp[f"{name}.{LORA_B}"], w.shape[0])
     xa = x if ops.dtype_name(x) == ops.dtype_name(a3) else ops.cast(x, ops.dtype_name(a3))
-    delta = ops.gather_linear(ops.gather_linear(xa, a3, idx), b3, idx) * lora.scale
+    low = ops.gather_linear(xa, a3, idx, trained=True)
+    delta = ops.gather_linear(low, b3, idx, trained=True) * lora.scale
     return y + (delta if ops.dtype_name(delta) == ops.dtype_name(y)
                 else ops.cast(delta, ops.dtype_name(y)))
 
