@@ -397,14 +397,18 @@ def moe_saved_per_token(sh: Shape, st: Settings, adapted: bool) -> float:
     gathered in expert order: gate_up k*(C + 2r) (its rank is 2r, FUSED_RANK), down
     k*(F' + r). The router's adapter keeps r and its probabilities E. gpt-oss's clamped
     SwiGLU keeps 5 k*F' arrays, not 3 (moe["activation_kept"]: gate_up with its bias,
-    alpha*gate, up + 1 and the gated product; profiler's timeline) on torch; MLX's
-    compiled graph fuses those steps. MLX's gather_linear gathers the rows in expert order
-    too (sorted_indices), so the adapters' rows are the same; routing: see below."""
+    alpha*gate, up + 1 and the gated product; profiler's timeline); on MLX the measured
+    slope in F' is the same (2 k*F' per token more than 3 k*F'). MLX's gather_linear
+    gathers a trained weight's rows in expert order too (sorted_indices), so the
+    adapters' rows are the same; routing: see below. gpt-oss on MLX keeps 2 k*C more per
+    layer (measured slope, 3 layers against 1: 530 elements per token at k = 2, C = 128):
+    the compiled graph fuses the experts' output + its bias rows into the weighting, and
+    the fused vjp reads the kernel's inputs, the gathered output and the bias rows."""
     m = sh.moe
     k, C, F, r = m["top_k"], sh.hidden, m["expert_size"], st.rank
-    n = k * C
-    if st.backend == "torch":  # MLX's compiled graph fuses the clamped SwiGLU's steps
-        n += (m.get("activation_kept", 3) - 3) * k * F
+    n = k * C + (m.get("activation_kept", 3) - 3) * k * F
+    if st.backend == "mlx" and m["expert_bias"]:  # gpt-oss: output + bias, then weighted
+        n += 2 * k * C
     if adapted:
         names = moe_target_names(sh, st)
         if "gate_up_proj" in names:
@@ -657,7 +661,27 @@ def backward_transients(sh: Shape, st: Settings) -> int:
     if st.backend != "mlx":
         return 0
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
-    return N * s * (8 * sh.intermediate + 6 * sh.hidden)
+    return N * s * (8 * sh.intermediate + 6 * sh.hidden + mlx_moe_backward_per_token(sh, st))
+
+
+def mlx_moe_backward_per_token(sh: Shape, st: Settings) -> int:
+    """MLX, a sparse top layer's backward beside the count above (dense-calibrated, with
+    F = k*F'): the cotangent of the k expert outputs times their weights (k*C), the
+    gradient of gate_up's broadcast input rows before their sum over the k choices (k*C)
+    and that sum (C); an adapter on gate_up adds its sorted rows' gradient (k*C) and its
+    scatter back to token order (C), one on down_proj the outputs' cotangent in expert
+    order for its B (k*C). Measured one-off (not per layer) shortfalls before:
+    ~800-1000 elements per token on 1- and 3-layer mixtral all-linear and gpt-oss k=2."""
+    if not sh.moe or sh.layers - 1 not in sh.moe["layers"]:
+        return 0
+    k, C = sh.moe["top_k"], sh.hidden
+    n = 2 * k * C + C
+    names = moe_target_names(sh, st)
+    if "gate_up_proj" in names:
+        n += k * C + C
+    if "down_proj" in names:  # the output's cotangent scattered into expert order for B
+        n += k * C
+    return n
 
 
 def recompute_dora_norm(sh: Shape, st: Settings) -> int:
