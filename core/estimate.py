@@ -336,7 +336,7 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
     if sh.qk_norm:  # the q/k norms' vjps read their inputs: q and k before the norm
         n += (sh.heads + sh.kv_heads) * D
     if sh.moe and layer in sh.moe["layers"]:
-        n += moe_saved_per_token(sh, st, adapted)
+        n += moe_saved_per_token(sh, st, adapted, layer)
     if adapted:
         names = _layer_targets(sh, st, layer)
         n += st.rank * len(names)
@@ -388,7 +388,8 @@ def gated_deltanet_saved_per_token(sh: Shape, st: Settings, adapted: bool,
     return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
 
 
-def moe_saved_per_token(sh: Shape, st: Settings, adapted: bool) -> float:
+def moe_saved_per_token(sh: Shape, st: Settings, adapted: bool,
+                        layer: int | None = None) -> float:
     """What a sparse MoE layer keeps beyond gate, act and up of the k chosen experts
     (models/blocks/moe.py, both backends' gather_linear). The k expert outputs
     (k*C), read by the vjp of their weighting (the routing weights need a gradient
@@ -400,15 +401,17 @@ def moe_saved_per_token(sh: Shape, st: Settings, adapted: bool) -> float:
     alpha*gate, up + 1 and the gated product; profiler's timeline); on MLX the measured
     slope in F' is the same (2 k*F' per token more than 3 k*F'). MLX's gather_linear
     gathers a trained weight's rows in expert order too (sorted_indices), so the
-    adapters' rows are the same; routing: see below. gpt-oss on MLX keeps 2 k*C more per
-    layer (measured slope, 3 layers against 1: 530 elements per token at k = 2, C = 128):
-    the compiled graph fuses the experts' output + its bias rows into the weighting, and
-    the fused vjp reads the kernel's inputs, the gathered output and the bias rows."""
+    adapters' rows are the same; routing: see below. gpt-oss on MLX keeps 2 k*C more in
+    each layer below the top one (measured: 3 layers against 1, 530 elements per token
+    at k = 2, C = 128; the 1-layer model is +0.8 % without it): probably the compiled
+    graph fusing the experts' output + its bias rows into the weighting, whose vjp reads
+    the kernel's inputs (the gathered output and the bias rows) where the top layer's
+    backward, run first, does not wait."""
     m = sh.moe
     k, C, F, r = m["top_k"], sh.hidden, m["expert_size"], st.rank
     n = k * C + (m.get("activation_kept", 3) - 3) * k * F
-    if st.backend == "mlx" and m["expert_bias"]:  # gpt-oss: output + bias, then weighted
-        n += 2 * k * C
+    if st.backend == "mlx" and m["expert_bias"] and layer != sh.layers - 1:
+        n += 2 * k * C  # gpt-oss below the top layer: output + bias rows, then weighted
     if adapted:
         names = moe_target_names(sh, st)
         if "gate_up_proj" in names:

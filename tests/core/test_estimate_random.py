@@ -33,13 +33,6 @@ KNOWN_GAPS = {
     "dora is -7.8 % (the same shape without DoRA -7.6 %: not DoRA's) and all-linear keeps "
     "~0.3 MiB more than counted in some runs": lambda backend, case: backend == "mlx"
     and " dora" in case,
-    "sparse MoE: routing buffers are not counted on MLX (to -22 %); torch counts the "
-    "expert outputs and the rows gathered for expert adapters (seed 0 mixtral -14.5 -> "
-    "-4.6 %) but not all: qwen3_moe rc pack -6.1 % (four (N, Hq*D) gradients at the "
-    "re-run's packed gather), seed 1 gpt_oss all-linear pack -11.3 %, "
-    "qwen3_5_moe_text pack dora +26 %, not identified":
-        lambda backend, case: _family(case) in ("mixtral", "qwen3_moe", "gpt_oss",
-                                                "qwen3_5_moe_text"),
     "Gemma 2 and 4: soft-capping on MLX (+14 %), kv-sharing and per-layer inputs under "
     "recompute on torch (to -14 %)":
         lambda backend, case: _family(case) in ("gemma2", "gemma4_text"),
