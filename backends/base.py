@@ -119,11 +119,14 @@ class Backend(Protocol):
         """x[..., indices] along the last axis: (..., n) and int (..., k) -> (..., k);
         differentiable with respect to x."""
 
-    def gather_linear(self, x: Array, weight: Array, indices: Array) -> Array:
+    def gather_linear(self, x: Array, weight: Array, indices: Array,
+                      trained: bool = False) -> Array:
         """Per-row expert projection: x (N, K, in) (K may be 1, broadcast over the K
         choices), weight (E, out, in), int indices (N, K) -> (N, K, out) with
         out[n, j] = x[n, j] @ weight[indices[n, j]].T. Differentiable with respect to x
-        and weight; only the N*K chosen rows are computed (sparse MoE experts)."""
+        and weight; only the N*K chosen rows are computed (sparse MoE experts). trained:
+        the weight takes a gradient (an expert adapter), so the backend may pick the
+        layout whose weight gradient is cheapest (MLX: rows sorted by expert)."""
     def softcap(self, x: Array, cap: float) -> Array:
         """cap * tanh(x / cap) in x's dtype (Gemma's final-logit soft-capping)."""
     def sigmoid(self, x: Array) -> Array: ...

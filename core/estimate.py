@@ -52,6 +52,7 @@ class Shape:
     layer_vectors: int | None = None  # a layer's norm and bias elements; None: from the flags
     final_norm: int | None = None  # elements of the final norm (weight, bias); None: C
     attn_softcap: bool = False  # soft-capped scores: attention runs eagerly (Gemma 2)
+    attn_sinks: bool = False  # a learned sink logit per head: attention runs eagerly (gpt-oss)
     final_softcap: bool = False  # soft-capped logits in the fused loss (Gemma 2)
     # Where layers differ (Gemma 4: wider full layers, kv-sharing layers without k/v, double-
     # wide MLPs; qwen3_5: DeltaNet and attention layers): each layer's {name: (in, out)};
@@ -204,14 +205,22 @@ def moe_adapter_params(sh: Shape, st: Settings) -> int:
     if not sh.moe:
         return 0
     m, C, r = sh.moe, sh.hidden, st.rank
-    names = set(m["all_linear"]) if st.targets == "all-linear" else \
-        {t.strip() for t in st.targets.split(",")}
+    names = moe_target_names(sh, st)
     E, F = m["experts"], m["expert_size"]
     per = (r * (C + E) if "gate" in names else 0) \
         + (E * 2 * r * (C + 2 * F) if "gate_up_proj" in names else 0) \
         + (E * r * (F + C) if "down_proj" in names else 0)
     layers = m["layers"] if st.layers is None else [i for i in m["layers"] if i in st.layers]
     return per * len(layers)
+
+
+def moe_target_names(sh: Shape, st: Settings) -> set:
+    """The router and stacked-expert parameters (MOE_TARGETS) the run adapts."""
+    if not sh.moe:
+        return set()
+    names = set(sh.moe["all_linear"]) if st.targets == "all-linear" else \
+        {t.strip() for t in st.targets.split(",")}
+    return names & set(MOE_TARGETS)
 
 
 QUANT_GROUP = 64
@@ -338,7 +347,7 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
     if sh.qk_norm:  # the q/k norms' vjps read their inputs: q and k before the norm
         n += (sh.heads + sh.kv_heads) * D
     if sh.moe and layer in sh.moe["layers"]:
-        n += torch_moe_saved_per_token(sh, st, adapted)
+        n += moe_saved_per_token(sh, st, adapted, layer)
     n += mlx_output_norm_inputs(sh, st)
     if adapted:
         names = _layer_targets(sh, st, layer)
@@ -400,29 +409,54 @@ def gated_deltanet_saved_per_token(sh: Shape, st: Settings, adapted: bool,
     return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
 
 
-def torch_moe_saved_per_token(sh: Shape, st: Settings, adapted: bool) -> int:
-    """torch only: what a sparse MoE layer keeps beyond gate, act and up of the k chosen
-    experts (models/blocks/moe.py, backends/torch gather_linear). The k expert outputs
+def moe_saved_per_token(sh: Shape, st: Settings, adapted: bool,
+                        layer: int | None = None) -> float:
+    """What a sparse MoE layer keeps beyond gate, act and up of the k chosen experts
+    (models/blocks/moe.py, both backends' gather_linear). The k expert outputs
     (k*C), read by the vjp of their weighting (the routing weights need a gradient
     whenever the layer's input does). An adapter on the stacked experts runs each row's
     A and B through gather_linear, whose per-expert matmuls keep their inputs, the rows
     gathered in expert order: gate_up k*(C + 2r) (its rank is 2r, FUSED_RANK), down
-    k*(F' + r). The router's adapter keeps r and its probabilities E."""
-    if st.backend != "torch":
-        return 0
+    k*(F' + r). The router's adapter keeps r and its probabilities E. gpt-oss's clamped
+    SwiGLU keeps 5 k*F' arrays, not 3 (moe["activation_kept"]: gate_up with its bias,
+    alpha*gate, up + 1 and the gated product; profiler's timeline); on MLX the measured
+    slope in F' is the same (2 k*F' per token more than 3 k*F'). MLX's gather_linear
+    gathers a trained weight's rows in expert order too (sorted_indices), so the
+    adapters' rows are the same; routing: see below. gpt-oss on MLX keeps 2 k*C more in
+    each layer below the top one (measured: 3 layers against 1, 530 elements per token
+    at k = 2, C = 128; the 1-layer model is +0.8 % without it): probably the compiled
+    graph fusing the experts' output + its bias rows into the weighting, whose vjp reads
+    the kernel's inputs (the gathered output and the bias rows) where the top layer's
+    backward, run first, does not wait."""
     m = sh.moe
     k, C, F, r = m["top_k"], sh.hidden, m["expert_size"], st.rank
-    n = k * C
+    n = k * C + (m.get("activation_kept", 3) - 3) * k * F
+    if st.backend == "mlx" and m["expert_bias"] and layer != sh.layers - 1:
+        n += 2 * k * C  # gpt-oss below the top layer: output + bias rows, then weighted
     if adapted:
-        names = set(m["all_linear"]) if st.targets == "all-linear" else \
-            {t.strip() for t in st.targets.split(",")}
+        names = moe_target_names(sh, st)
         if "gate_up_proj" in names:
             n += k * (C + 2 * r)
         if "down_proj" in names:
             n += k * (F + r)
         if "gate" in names:
             n += r + m["experts"]
-    return n
+    return n + moe_routing_bytes_per_token(sh, st, adapted) / DTYPE_BYTES[st.dtype]
+
+
+def moe_routing_bytes_per_token(sh: Shape, st: Settings, adapted: bool) -> int:
+    """Bytes per token a sparse layer keeps for routing: the router's float32
+    probabilities (4E), the top-k indices (8k: int64 on torch, uint32 on MLX, counted 8),
+    the chosen weights, their sum and the renormalised weights (float32, 4(2k + 1)), and
+    for each gather_linear call that sorts its rows the order and its inverse (2k
+    indices: the vjps of the gathers read them; int64 on torch, uint32 on MLX): torch one
+    per expert parameter and two more (A and B) per adapted one, MLX only the two."""
+    m = sh.moe
+    k, index = m["top_k"], 8 if st.backend == "torch" else 4
+    adapted_experts = len(moe_target_names(sh, st) & {"gate_up_proj", "down_proj"}) \
+        if adapted else 0
+    calls = 2 * adapted_experts + (2 if st.backend == "torch" else 0)  # MLX sorts these only
+    return 4 * m["experts"] + 8 * k + 4 * (2 * k + 1) + 2 * index * k * calls
 
 
 def dora_kept_per_token(sh: Shape, st: Settings, names) -> int:
@@ -508,10 +542,17 @@ def checkpointed_layers(sh: Shape, st: Settings) -> int:
 def eager_scores(sh: Shape, st: Settings) -> int:
     """Soft-capped attention (Gemma 2) cannot use the fused kernels: each layer keeps its
     (B, Hq, T, T) scores after tanh and its probabilities, both float32 (8 bytes), plus the
-    probabilities cast to the compute dtype when that is not float32."""
+    probabilities cast to the compute dtype when that is not float32. Attention sinks
+    (gpt-oss) run eagerly too on torch: the (B, Hq, T, T + 1) float32 probabilities (packed
+    rows: fewer, each example's own; counted as one row of T, the safe side)."""
+    cast = DTYPE_BYTES[st.dtype] if st.dtype != "float32" else 0
+    if sh.attn_sinks and not sh.attn_softcap and st.backend == "torch":
+        # sinks: softmax over T + 1 columns keeps its float32 output, whose first T
+        # columns feed the product with v (MLX: mlx_attention_kept counts its own)
+        return st.batch_size * sh.heads * st.seq_len * (st.seq_len + 1) * (4 + cast)
     if not sh.attn_softcap:
         return 0
-    per = 8 + (DTYPE_BYTES[st.dtype] if st.dtype != "float32" else 0)
+    per = 8 + cast
     return st.batch_size * sh.heads * st.seq_len * st.seq_len * per
 
 
@@ -524,10 +565,10 @@ def _backward_layers(sh, st) -> range:
     up. Below it nothing needs a gradient (the embeddings are frozen), so torch's autograd
     and MLX's vjp keep nothing there; e.g. q_proj,v_proj,o_proj on a hybrid model whose
     first attention layer is the third (measured +30 % over on both backends before)."""
-    if sh.moe:  # expert targets are not in the per-layer names: every layer, as before
-        return range(sh.layers)
-    lowest = min((i for i in _adapted_layers(sh, st) if _layer_targets(sh, st, i)),
-                 default=sh.layers)
+    adapted = [i for i in _adapted_layers(sh, st) if _layer_targets(sh, st, i)]
+    if sh.moe and moe_target_names(sh, st):  # the router and experts of each sparse layer
+        adapted += [i for i in sh.moe["layers"] if i in _adapted_layers(sh, st)]
+    lowest = min(adapted, default=sh.layers)
     return range(lowest, sh.layers)
 
 
@@ -554,6 +595,8 @@ def torch_attention_peak_per_token(sh: Shape, st: Settings, layer: int | None) -
         + 2 * sh.kv_heads * D * (2 if st.pack else 1)
     if sh.attention_output_gate:
         n += sh.heads * D
+    if sh.qk_norm:  # the per-head norms keep q and k as projected beside the normed copies
+        n += (sh.heads + sh.kv_heads) * D
     return n + dora_kept_per_token(sh, st, names)
 
 
@@ -570,6 +613,29 @@ def activations_at_attention(sh: Shape, st: Settings) -> int:
         below += saved_per_token_per_layer(sh, st, i in adapted, i) \
             + eager_scores(sh, st) / (N * s)
     return int(N * s * best)
+
+
+def torch_moe_forward_extra_per_token(sh: Shape, st: Settings, layer: int | None) -> int:
+    """torch only: what a sparse MoE layer holds at its experts' down projection beyond
+    its saved set (models/blocks/moe.py, backends/torch gather_linear): the activation the
+    projection reads (k*F', referenced until the block returns), its rows gathered in
+    expert order (k*F') and the experts' outputs concatenated (k*C) beside the outputs put
+    back in row order (saved, counted). The profiler's timeline put the re-run layer's
+    peak there (seed-1 mixtral C32 k2 F'56 rc: -13 % before)."""
+    if st.backend != "torch" or not sh.moe or layer not in sh.moe["layers"]:
+        return 0
+    k, F = sh.moe["top_k"], sh.moe["expert_size"]
+    return 2 * k * F + k * sh.hidden
+
+
+def torch_moe_forward(sh: Shape, st: Settings) -> int:
+    """torch without recompute: every saved activation (the top sparse layer's too, the
+    safe side) plus that layer's down-projection transients (above)."""
+    if st.backend != "torch" or not sh.moe or st.grad_checkpoint:
+        return 0
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    return N * s * max(torch_moe_forward_extra_per_token(sh, st, i)
+                       for i in _backward_layers(sh, st)) if _backward_layers(sh, st) else 0
 
 
 def embeddings_before_head(sh: Shape, st: Settings) -> int:
@@ -589,7 +655,8 @@ def recompute_layer(sh: Shape, st: Settings) -> int:
     else:
         layers = range(sh.layers)
         adapted = set(layers) if _adapted_layers(sh, st) else set()
-    per = max((N * s * max(saved_per_token_per_layer(sh, st, i in adapted, i),
+    per = max((N * s * max(saved_per_token_per_layer(sh, st, i in adapted, i)
+                           + torch_moe_forward_extra_per_token(sh, st, i),
                            torch_attention_peak_per_token(sh, st, i))
                + mlx_attention_kept(sh, st, i) for i in layers), default=0)
     return int(per + N * s * sh.hidden) + eager_scores(sh, st)
@@ -632,7 +699,27 @@ def backward_transients(sh: Shape, st: Settings) -> int:
     if st.backend != "mlx":
         return 0
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
-    return N * s * (8 * sh.intermediate + 6 * sh.hidden)
+    return N * s * (8 * sh.intermediate + 6 * sh.hidden + mlx_moe_backward_per_token(sh, st))
+
+
+def mlx_moe_backward_per_token(sh: Shape, st: Settings) -> int:
+    """MLX, a sparse top layer's backward beside the count above (dense-calibrated, with
+    F = k*F'): the cotangent of the k expert outputs times their weights (k*C), the
+    gradient of gate_up's broadcast input rows before their sum over the k choices (k*C)
+    and that sum (C); an adapter on gate_up adds its sorted rows' gradient (k*C) and its
+    scatter back to token order (C), one on down_proj the outputs' cotangent in expert
+    order for its B (k*C). Measured one-off (not per layer) shortfalls before:
+    ~800-1000 elements per token on 1- and 3-layer mixtral all-linear and gpt-oss k=2."""
+    if not sh.moe or sh.layers - 1 not in sh.moe["layers"]:
+        return 0
+    k, C = sh.moe["top_k"], sh.hidden
+    n = 2 * k * C + C
+    names = moe_target_names(sh, st)
+    if "gate_up_proj" in names:
+        n += k * C + C
+    if "down_proj" in names:  # the output's cotangent scattered into expert order for B
+        n += k * C
+    return n
 
 
 def loss_phase_transients(sh: Shape, st: Settings) -> int:
@@ -799,6 +886,9 @@ PHASES = {
                              ("adapter gradients", recompute_gradients)),
     # torch: the top layer's backward, every saved activation alive
     "backward start": (("backward transients", torch_backward_start),),
+    # torch: the top sparse MoE layer's expert down projection, every layer saved
+    "sparse MoE forward": (("MoE down-projection transients", torch_moe_forward),
+                           ("embeddings and rope", embeddings_before_head)),
     # torch: a layer's attention forward, the layers below it saved (many query heads)
     "attention forward": (("activations", activations_at_attention),
                           ("embeddings and rope", embeddings_before_head)),

@@ -133,6 +133,7 @@ def memory_shape(config: dict):
                final_norm=sum(int(np.prod(v)) for k, v in shapes.items()
                               if k.startswith("model.norm.")),
                attn_softcap=bool(a.attn_logit_softcapping),
+               attn_sinks=a.attention_sinks,
                final_softcap=bool(a.final_logit_softcapping),
                per_layer_inputs=a.num_hidden_layers * a.per_layer_input_size,
                attention_output_gate=a.attention_output_gate,

@@ -155,8 +155,9 @@ class TorchBackend:
     def take_along_axis(self, x, indices):
         return torch.gather(x, -1, indices)
 
-    def gather_linear(self, x, weight, indices):
-        # Rows sorted by expert, one matmul per expert, then put back in order.
+    def gather_linear(self, x, weight, indices, trained=False):
+        # Rows sorted by expert, one matmul per expert, then put back in order (trained or
+        # not: each expert's weight gradient is then one matmul over its rows).
         n, k = indices.shape
         rows = x.expand(n, k, x.shape[-1]).reshape(n * k, x.shape[-1])
         flat = indices.reshape(-1)

@@ -113,6 +113,10 @@ def memory_shape(a) -> dict:
             # Gemma 4's router.proj is a 2D linear counted with the others (no E*C here)
             "router_size": 0 if a.experts_beside_mlp else a.hidden_size,
             "layers": [i for i in range(a.num_hidden_layers) if a.is_moe_layer(i)],
+            # (N, k, F') arrays torch's autograd keeps for the experts' activation: gate_up
+            # (2, its halves are views) and silu(gate); gpt-oss's clamped SwiGLU (gpt_oss_
+            # experts) also alpha * gate, up + 1 and the gated product, over gate_up + bias
+            "activation_kept": 5 if gpt else 3,
             "all_linear": () if gpt or a.moe_linear_only else ("gate",) + EXPERT_PROJECTIONS}
 
 
@@ -158,7 +162,8 @@ def expert_projection(ops, lp: dict, name: str, x, idx, lora):
         return y
     a3, b3 = expert_lora_factors(ops, lora_a, lp[f"{name}.{LORA_B}"], w.shape[0])
     xa = x if ops.dtype_name(x) == ops.dtype_name(a3) else ops.cast(x, ops.dtype_name(a3))
-    delta = ops.gather_linear(ops.gather_linear(xa, a3, idx), b3, idx) * lora.scale
+    low = ops.gather_linear(xa, a3, idx, trained=True)
+    delta = ops.gather_linear(low, b3, idx, trained=True) * lora.scale
     return y + (delta if ops.dtype_name(delta) == ops.dtype_name(y)
                 else ops.cast(delta, ops.dtype_name(y)))
 

@@ -213,31 +213,59 @@ def test_log_softmax_and_exp(backend):
 
 
 def test_gather_linear_and_its_gradients(backend):
+    """Both layouts (trained: MLX sorts the rows by expert so that the weight's vjp needs
+    no per-row outer products), x shared by the k choices or one row per choice."""
     rng = np.random.default_rng(1)
     n, k, e, i, o = 6, 2, 4, 5, 3
-    x = rng.normal(size=(n, 1, i)).astype(np.float32)
     w = rng.normal(size=(e, o, i)).astype(np.float32)
     idx = np.stack([rng.choice(e, k, replace=False) for _ in range(n)])
-    want = np.einsum("ni,nkoi->nko", x[:, 0], w[idx])
-    got = backend.gather_linear(backend.from_numpy(x), backend.from_numpy(w),
-                                backend.from_numpy(idx))
-    np.testing.assert_allclose(backend.to_numpy(got), want, rtol=1e-5, atol=1e-5)
-    # d/dw of sum(y * c) is sum over the rows routed to each expert of c x^T
-    c = rng.normal(size=(n, k, o)).astype(np.float32)
     ids = backend.from_numpy(idx)
+    c = rng.normal(size=(n, k, o)).astype(np.float32)
+    for trained, kx in ((False, 1), (True, 1), (True, k)):
+        x = rng.normal(size=(n, kx, i)).astype(np.float32)
+        xb = np.broadcast_to(x, (n, k, i))
+        want = np.einsum("nki,nkoi->nko", xb, w[idx])
+        got = backend.gather_linear(backend.from_numpy(x), backend.from_numpy(w), ids,
+                                    trained=trained)
+        np.testing.assert_allclose(backend.to_numpy(got), want, rtol=1e-5, atol=1e-5)
 
-    def loss(tr, cc):
-        y = backend.gather_linear(tr["x"], tr["w"], ids)
-        return (y * cc).sum(), None
-    (_, _), grads = backend.value_and_grad(loss)(
-        {"x": backend.from_numpy(x), "w": backend.from_numpy(w)}, backend.from_numpy(c))
-    gw = np.zeros_like(w)
-    for a in range(n):
-        for b in range(k):
-            gw[idx[a, b]] += np.outer(c[a, b], x[a, 0])
-    gx = np.einsum("nko,nkoi->ni", c, w[idx])[:, None]
-    np.testing.assert_allclose(backend.to_numpy(grads["w"]), gw, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(backend.to_numpy(grads["x"]), gx, rtol=1e-4, atol=1e-5)
+        # d/dw of sum(y * c) is sum over the rows routed to each expert of c x^T
+        def loss(tr, cc):
+            y = backend.gather_linear(tr["x"], tr["w"], ids, trained=trained)
+            return (y * cc).sum(), None
+        (_, _), grads = backend.value_and_grad(loss)(
+            {"x": backend.from_numpy(x), "w": backend.from_numpy(w)}, backend.from_numpy(c))
+        gw = np.zeros_like(w)
+        for a in range(n):
+            for b in range(k):
+                gw[idx[a, b]] += np.outer(c[a, b], xb[a, b])
+        gx = np.einsum("nko,nkoi->nki", c, w[idx]).sum(1, keepdims=True) if kx == 1 \
+            else np.einsum("nko,nkoi->nki", c, w[idx])
+        np.testing.assert_allclose(backend.to_numpy(grads["w"]), gw, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(backend.to_numpy(grads["x"]), gx, rtol=1e-4, atol=1e-5)
+
+
+def test_expert_weight_gradient_forms_no_per_row_outer_products(backend):
+    """An expert adapter's gradient through gather_linear (trained=True) costs about its
+    rows: MLX's gather_mm vjp with unsorted indices formed one (in, out) outer product per
+    row before summing them per expert (N*k*in*out floats, 8 MiB here)."""
+    rng = np.random.default_rng(2)
+    n, k, e, i, o = 256, 2, 4, 64, 64
+    x = backend.from_numpy(rng.normal(size=(n, 1, i)).astype(np.float32))
+    w = backend.from_numpy(rng.normal(size=(e, o, i)).astype(np.float32))
+    ids = backend.from_numpy(rng.integers(0, e, (n, k)))
+    c = backend.from_numpy(rng.normal(size=(n, k, o)).astype(np.float32))
+
+    def peak(params, trained):
+        def loss(tr, cc):
+            y = backend.gather_linear(tr["x"], tr.get("w", w), ids, trained=trained)
+            return (y * cc).sum(), None
+        step = backend.value_and_grad(loss)
+        return backend.measure_peak(lambda: [backend.to_numpy(g) for g in
+                                             step(params, c)[1].values()])[1]
+    without_w = peak({"x": x}, False)
+    with_w = peak({"x": x, "w": w}, True)
+    assert with_w - without_w < n * k * i * o * 4 / 8, (with_w, without_w)
 
 
 def test_clip(backend):
