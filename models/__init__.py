@@ -139,6 +139,7 @@ def memory_shape(config: dict):
                linear_attention=_linear_attention(a))
     sh.layer_attention = _layer_attention(a)
     sh.output_norm = decoder.sublayer_norms(a)[3] is not None
+    sh.v_norm, sh.kv_shared = bool(a.v_norm), bool(a.kv_shared_layers)
     if varied:  # each layer's projections, those outside the layers, the rest as a count
         from lorafit.core.estimate import Settings, base_weights
         sh.layer_linears, sh.model_linears = layer_linears, model_linears
