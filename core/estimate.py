@@ -74,6 +74,13 @@ class Shape:
     # norms on a sublayer's output (GLM-4's sandwich, OLMo 2's and Gemma's post-norms): each
     # norm's vjp reads its input, the attention or MLP output, kept nowhere else
     output_norms: int = 0
+    # Where attention differs by layer (Gemma 4: full layers' global head dim and kv heads,
+    # kv-sharing layers that compute no k, v): per layer (q width Hq*D, own k width Hk*D,
+    # 0 on a kv-sharing layer, the width of the k it reads, D); None: heads * head_dim
+    layer_attention: list | None = None
+    output_norm: bool = False  # a norm on the MLP's output (Gemma's post-feedforward norm)
+    v_norm: bool = False  # a weightless RMSNorm on v (Gemma 4)
+    kv_shared: bool = False  # later layers reuse earlier layers' k, v (Gemma 4)
 
 
 # What all-linear adapts on an MoE model besides `linears` (PEFT on transformers v5):
@@ -340,12 +347,18 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
     """
     if sh.linear_attention and layer in sh.linear_attention["layers"]:
         return gated_deltanet_saved_per_token(sh, st, adapted, layer)
-    C, F, D = sh.hidden, sh.intermediate, sh.head_dim
-    n = 3 * C + 2 * sh.heads * D + 2 * sh.kv_heads * D + 3 * F + 2
+    C, F = sh.hidden, sh.intermediate
+    q, kv, _, _ = attention_widths(sh, layer)
+    n = 3 * C + 2 * q + 2 * kv + 3 * F + 2
     if sh.attention_output_gate:
-        n += 2 * sh.heads * D
+        n += 2 * q
     if sh.qk_norm:  # the q/k norms' vjps read their inputs: q and k before the norm
-        n += (sh.heads + sh.kv_heads) * D
+        n += q + kv
+    n += per_layer_input_saved_per_token(sh)
+    if sh.v_norm:  # Gemma 4: v's norm keeps its input, as the q/k norms do
+        n += kv
+    if sh.kv_shared and st.pack:  # Gemma 4: every layer's k, v after RoPE are held for the
+        n += 2 * kv  # layers that reuse them, beside the packed copies attention keeps
     if sh.moe and layer in sh.moe["layers"]:
         n += moe_saved_per_token(sh, st, adapted, layer)
     n += mlx_output_norm_inputs(sh, st)
@@ -354,7 +367,7 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
         n += st.rank * len(names)
         n += dora_kept_per_token(sh, st, names)
         if "o_proj" in names:
-            n += sh.heads * D
+            n += q
         if "down_proj" in names:
             n += F
     return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
@@ -375,6 +388,28 @@ def _layer_targets(sh: Shape, st: Settings, layer: int | None) -> list:
     if sh.layer_linears is None or layer is None:
         return names
     return [m for m in names if m in sh.layer_linears[layer]]
+
+
+def per_layer_input_saved_per_token(sh: Shape) -> int:
+    """Gemma 4's per-layer input block, x + norm(W_up(gelu(W_gate x) * p)), per layer: the
+    gate's output, its GELU and the product with the layer's input row p (3P, the inputs
+    of the GELU's and the projections' vjps), the projection's output and its normalised
+    copy (2C, the norm's vjp). Measured on torch (C64 F112 H8/2, P16, 3 layers, 2 x 32
+    tokens, all-linear): 0.31 MiB for P = 16 against P = 0, 0.23 counted before this term
+    (-4.9 %), 0.36 with it (-2.0 %, the -3.2 % of P = 0 left)."""
+    if not sh.per_layer_inputs:
+        return 0
+    return 2 * sh.hidden + 3 * (sh.per_layer_inputs // sh.layers)
+
+
+def attention_widths(sh: Shape, layer: int | None) -> tuple:
+    """(Hq*D, own Hk*D, read Hk*D, D) of a layer: Gemma 4's full layers are wider than its
+    sliding ones (global_head_dim, their own kv heads), and its kv-sharing layers reuse the
+    k, v an earlier layer saved (their own is 0: nothing new is kept for them)."""
+    if sh.layer_attention is not None and layer is not None:
+        return tuple(sh.layer_attention[layer])
+    D = sh.head_dim
+    return sh.heads * D, sh.kv_heads * D, sh.kv_heads * D, D
 
 
 def gated_deltanet_saved_per_token(sh: Shape, st: Settings, adapted: bool,
@@ -503,7 +538,7 @@ def mlx_attention_kept(sh: Shape, st: Settings, layer: int | None = None) -> int
     if sh.linear_attention and layer in sh.linear_attention["layers"]:
         return 0
     B, T, s = st.batch_size, st.seq_len, DTYPE_BYTES[st.dtype]
-    return B * sh.heads * T * (T + sh.head_dim) * s
+    return B * sh.heads * T * (T + attention_widths(sh, layer)[3]) * s
 
 
 def attention_scores(sh: Shape, st: Settings) -> int:
@@ -523,7 +558,7 @@ def activations(sh: Shape, st: Settings) -> int:
             * CHECKPOINT_COPIES.get(st.backend, 1)
     adapted, kept = _adapted_layers(sh, st), _backward_layers(sh, st)
     return int(N * s * sum(saved_per_token_per_layer(sh, st, i in adapted, i)
-                           for i in kept)) + len(kept) * eager_scores(sh, st) \
+                           for i in kept)) + sum(eager_scores(sh, st, i) for i in kept) \
         + sum(mlx_attention_kept(sh, st, i) for i in kept)
 
 
@@ -539,12 +574,17 @@ def checkpointed_layers(sh: Shape, st: Settings) -> int:
     return len(_backward_layers(sh, st)) if st.backend == "mlx" else sh.layers
 
 
-def eager_scores(sh: Shape, st: Settings) -> int:
+def eager_scores(sh: Shape, st: Settings, layer: int | None = None) -> int:
     """Soft-capped attention (Gemma 2) cannot use the fused kernels: each layer keeps its
     (B, Hq, T, T) scores after tanh and its probabilities, both float32 (8 bytes), plus the
     probabilities cast to the compute dtype when that is not float32. Attention sinks
     (gpt-oss) run eagerly too on torch: the (B, Hq, T, T + 1) float32 probabilities (packed
-    rows: fewer, each example's own; counted as one row of T, the safe side)."""
+    rows: fewer, each example's own; counted as one row of T, the safe side). Neither in
+    the lowest layer the backward reaches when none of its q, k, v is adapted: nothing
+    below it needs a gradient, so its attention keeps nothing (measured: o_proj,down_proj on
+    a 2-layer Gemma 2 kept the second layer's scores only)."""
+    if layer is not None and not _attention_needs_grad(sh, st, layer):
+        return 0
     cast = DTYPE_BYTES[st.dtype] if st.dtype != "float32" else 0
     if sh.attn_sinks and not sh.attn_softcap and st.backend == "torch":
         # sinks: softmax over T + 1 columns keeps its float32 output, whose first T
@@ -554,6 +594,15 @@ def eager_scores(sh: Shape, st: Settings) -> int:
         return 0
     per = 8 + cast
     return st.batch_size * sh.heads * st.seq_len * st.seq_len * per
+
+
+def _attention_needs_grad(sh: Shape, st: Settings, layer: int) -> bool:
+    """Whether a layer's attention inputs (q, k, v) carry a gradient: an adapter on them,
+    or any adapted layer below (the residual stream then needs one)."""
+    qkv = ("q_proj", "k_proj", "v_proj", "qkv_proj")
+    adapted = _adapted_layers(sh, st)
+    return layer in adapted and any(m in qkv for m in _layer_targets(sh, st, layer)) or any(
+        _layer_targets(sh, st, i) for i in adapted if i < layer)
 
 
 def _adapted_layers(sh, st) -> set:
@@ -587,16 +636,15 @@ def torch_attention_peak_per_token(sh: Shape, st: Settings, layer: int | None) -
     if st.backend != "torch" or (sh.linear_attention
                                  and layer in sh.linear_attention["layers"]):
         return 0
-    D = sh.head_dim
+    q, _, kv, _ = attention_widths(sh, layer)
     names = [m for m in _layer_targets(sh, st, layer)
              if m not in ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "c_fc",
                           "c_proj")]
-    n = 2 * sh.hidden + st.rank * len(names) + 5 * sh.heads * D \
-        + 2 * sh.kv_heads * D * (2 if st.pack else 1)
+    n = 2 * sh.hidden + st.rank * len(names) + 5 * q + 2 * kv * (2 if st.pack else 1)
     if sh.attention_output_gate:
-        n += sh.heads * D
+        n += q
     if sh.qk_norm:  # the per-head norms keep q and k as projected beside the normed copies
-        n += (sh.heads + sh.kv_heads) * D
+        n += q + kv
     return n + dora_kept_per_token(sh, st, names)
 
 
@@ -611,7 +659,7 @@ def activations_at_attention(sh: Shape, st: Settings) -> int:
     for i in _backward_layers(sh, st):
         best = max(best, below + torch_attention_peak_per_token(sh, st, i))
         below += saved_per_token_per_layer(sh, st, i in adapted, i) \
-            + eager_scores(sh, st) / (N * s)
+            + eager_scores(sh, st, i) / (N * s)
     return int(N * s * best)
 
 
@@ -656,10 +704,22 @@ def recompute_layer(sh: Shape, st: Settings) -> int:
         layers = range(sh.layers)
         adapted = set(layers) if _adapted_layers(sh, st) else set()
     per = max((N * s * max(saved_per_token_per_layer(sh, st, i in adapted, i)
-                           + torch_moe_forward_extra_per_token(sh, st, i),
+                           + torch_moe_forward_extra_per_token(sh, st, i)
+                           + torch_output_norm_backward(sh, st),
                            torch_attention_peak_per_token(sh, st, i))
                + mlx_attention_kept(sh, st, i) for i in layers), default=0)
     return int(per + N * s * sh.hidden) + eager_scores(sh, st)
+
+
+def torch_output_norm_backward(sh: Shape, st: Settings) -> int:
+    """torch only, elements per token: a layer whose MLP output is normed (Gemma's
+    post-feedforward norm) starts its backward with that norm's, while every tensor the
+    layer saved is alive. On the CPU F.rms_norm is decomposed and its backward forms
+    x^1, 2x, the product with the gradient (pow's vjp) and the gradient spread over the
+    mean (4C; the profiler's timeline put a re-run Gemma 3 layer's peak there, -14.6 %
+    before). Llama's layer starts with the MLP's backward, and its norms' backwards run
+    when most of the layer is freed."""
+    return 4 * sh.hidden if st.backend == "torch" and sh.output_norm else 0
 
 
 def mlx_recompute_transients(sh: Shape, st: Settings) -> int:
@@ -795,11 +855,19 @@ def recompute_dora_norm(sh: Shape, st: Settings) -> int:
     detached row norms too, one module at a time, while every adapter gradient and dL/dh
     exist; of the layer only its input and normed input (and dL/dh: 3C per token) are
     alive at its first projection. The profiler's timeline put the peak of a hybrid
-    16-head model there (-8 % before this phase)."""
+    16-head model there (-8 % before this phase). A projection past the attention's
+    inputs (o_proj, the MLP's) is re-run with the layer's saved set formed before it
+    alive: counted as the whole set and dL/dh (a Gemma 2 step peaked at down_proj's norm
+    with the re-run MLP alive, -9.7 % before)."""
     if st.backend != "torch" or not (st.grad_checkpoint and st.dora):
         return 0
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
-    return N * s * 3 * sh.hidden + dora_norm_temporaries(sh, st)
+    first = N * s * 3 * sh.hidden
+    later = N * s * (max(saved_per_token_per_layer(sh, st, True, i)
+                         for i in _adapted_layers(sh, st)) + sh.hidden)
+    inputs = ("q_proj", "k_proj", "v_proj", "qkv_proj")
+    return max((first if m in inputs else later) + dora_norm_temporaries(sh, st, [m])
+               for m in target_names(sh, st))
 
 
 def torch_backward_start(sh: Shape, st: Settings) -> int:
@@ -818,20 +886,21 @@ def torch_backward_start(sh: Shape, st: Settings) -> int:
     grads = 2 * F if "c_fc" in sh.linears else 3 * F
     if "down_proj" in top or "c_proj" in top:
         grads -= F
+    grads = max(grads, torch_output_norm_backward(sh, st))  # Gemma: its post-norm first
     return N * s * (sh.hidden + grads)
 
 
-def dora_norm_temporaries(sh: Shape, st: Settings) -> int:
+def dora_norm_temporaries(sh: Shape, st: Settings, names=None) -> int:
     """DoRA's detached row norm ||W + s B A|| forms B @ A and the sum as (out, in) float32
     matrices (plus W cast or dequantized to float32 when it is not float32 already), one
     module at a time in the forward, while the saved activations of the layers below are
-    alive: the largest adapted module's 2 (or 3) * out * in * 4."""
+    alive: the largest adapted module's 2 (or 3) * out * in * 4 (of `names`: all)."""
     if not st.dora:
         return 0
     copies = 2 if st.dtype == "float32" and not st.quantize_bits else 3
     if st.backend == "torch":  # eager: B @ A stays referenced while s * (B @ A) and the
         copies += 1            # sum form (core/lora.project), one more alive at the add
-    dims = [sh.linears[m] for m in target_names(sh, st)]
+    dims = [sh.linears[m] for m in (target_names(sh, st) if names is None else names)]
     return copies * 4 * max((i * o for i, o in dims), default=0)
 
 
@@ -853,12 +922,13 @@ def loss_buffers(sh: Shape, st: Settings) -> int:
     formed in the same pass. MLX evaluates all chunks in one graph, chained one after
     another (backends/mlx linear_cross_entropy); about two chunks' buffers overlap there
     (measured: bench_train's 4 x 512 tokens, vocab 32000), so rows = two chunks.
-    Soft-capped logits keep the slope 1 - (c / cap)^2 too: one more chunk buffer on torch,
-    two on MLX (tanh and slope live in the same graph)."""
+    Soft-capped logits keep the slope 1 - (c / cap)^2 too: two more chunk buffers on MLX
+    (tanh and slope live in the same graph); none on torch, which caps the logits and forms
+    the slope in place (measured: two (rows, V) buffers at a Gemma 2 step's peak)."""
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     chunk = max(16, logit_chunk_elements(st.backend) // sh.vocab)
     rows = min(N, 2 * chunk if st.backend == "mlx" else chunk)
-    buffers = 2 + (sh.final_softcap and (2 if st.backend == "mlx" else 1))  # + tanh' slope
+    buffers = 2 + (sh.final_softcap and st.backend == "mlx" and 2)  # + tanh' slope
     return buffers * rows * sh.vocab * 4 + N * sh.hidden * s
 
 

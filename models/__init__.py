@@ -145,12 +145,28 @@ def memory_shape(config: dict):
             per_layer[int(k.split(".")[2])] += int(np.prod(v))
     sh.outside_layers = sum(int(np.prod(v)) for v in shapes.values()) - sum(per_layer)
     sh.largest_layer = max(per_layer)
+    sh.layer_attention = _layer_attention(a)
+    sh.output_norm = decoder.sublayer_norms(a)[3] is not None
+    sh.v_norm, sh.kv_shared = bool(a.v_norm), bool(a.kv_shared_layers)
     if varied:  # each layer's projections, those outside the layers, the rest as a count
         from lorafit.core.estimate import Settings, base_weights
         sh.layer_linears, sh.model_linears = layer_linears, model_linears
         total = sum(int(np.prod(v)) for v in shapes.values())
         sh.extra_params = total - base_weights(sh, Settings(dtype="float32")) // 4
     return sh
+
+
+def _layer_attention(a) -> list | None:
+    """Per layer (Hq*D, own Hk*D, read Hk*D, D) where layers differ from heads * head_dim
+    (Gemma 4's wider full layers, its kv-sharing layers); None where none does."""
+    Hq, out = a.num_attention_heads, []
+    for i in range(a.num_hidden_layers):
+        D, src = a.head_dim_of(i), a.kv_source(i)
+        kv = a.kv_heads_of(i if src is None else src) * a.head_dim_of(i if src is None else src)
+        out.append((Hq * D, 0 if src is not None else kv, kv, D))
+    plain = (Hq * a.head_dim, a.num_key_value_heads * a.head_dim,
+             a.num_key_value_heads * a.head_dim, a.head_dim)
+    return None if all(x == plain for x in out) else out
 
 
 def _linear_attention(a) -> dict | None:

@@ -90,7 +90,15 @@ def _family_overrides(mt: str, rng, L: int, D: int, T: int) -> dict:
     if mt == "gemma4_text":
         shared = int(rng.integers(0, L // 2 + 1))
         per_layer = r(0, 8)
-        return dict(global_head_dim=2 * D, sliding_window=window, layer_types=_types(rng, L),
+        types = _types(rng, L)
+        types[-1] = "full_attention"  # as the config class makes it
+        # a kv-sharing layer reuses the last earlier layer of its type: give it one (no
+        # draw changes, nor any valid config, the seeded grid's; lorafit rejects the rest)
+        first = L - shared
+        for t in types[first:]:
+            if first and t not in types[:first]:
+                types[first - 1] = t
+        return dict(global_head_dim=2 * D, sliding_window=window, layer_types=types,
                     num_kv_shared_layers=shared, use_double_wide_mlp=bool(rng.integers(2)),
                     hidden_size_per_layer_input=per_layer,
                     attention_k_eq_v=bool(rng.integers(2)), num_global_key_value_heads=1)

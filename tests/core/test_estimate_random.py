@@ -37,9 +37,11 @@ KNOWN_GAPS = {
     "were modelled apart and met at the merge (qwen3_moe rc pack 4bit -5.4 %, was -53 %)":
         lambda backend, case: backend == "mlx" and " rc" in case
         and _family(case) in ("mixtral", "qwen3_moe", "gpt_oss", "qwen3_5_moe_text"),
-    "Gemma 2 and 4: soft-capping on MLX (+14 %), kv-sharing and per-layer inputs under "
-    "recompute on torch (to -14 %)":
-        lambda backend, case: _family(case) in ("gemma2", "gemma4_text"),
+    "MLX Gemma 4 with recompute: the ordered re-run of a Gemma 4 layer (kv sharing, "
+    "per-layer inputs, wider full layers) keeps more than counted (C64 L3 all-linear rc "
+    "pack -15.3 %, C96 L1 o,down rc pack -14.6 %; torch's Gemma terms are not MLX's)":
+        lambda backend, case: backend == "mlx" and " rc" in case
+        and _family(case) == "gemma4_text",
 }
 
 
@@ -125,3 +127,38 @@ def test_one_fresh_random_configuration(backend):
     if bad:
         warnings.warn(f"fresh configuration outside the bound on {backend} (seed {seed}): "
                       + "; ".join(bad))
+
+
+# Issue 15's families: for one config of each, the measured CPU peak is within 10 % on both
+# backends, judged on the seeded grid's own measurements (no new ones).
+NEW_FAMILIES = ("gemma4_text", "gemma3_text", "gemma2", "qwen3_5_text", "qwen3_5_moe_text",
+                "qwen3_next", "gpt_oss", "ministral3", "olmo3", "olmo2", "phi3", "mixtral",
+                "qwen3_moe", "granite", "smollm3", "starcoder2", "glm4", "exaone4")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_each_new_family_has_a_drawn_case_within_ten_percent(backend):
+    """Issue 15: for one config per new family, the estimate is within 10 % of the
+    measured CPU peak. The seeded grid draws every family (two cases each, most; one of
+    qwen3_5_moe_text); its measurements, shared with the test above, are judged here per
+    family: at least one case within +-10 %. A family none of whose cases is within 10 %
+    is reported, not failed, only when each of its cases is under a known gap (seed 0,
+    2026-11-29: on MLX gemma4_text, qwen3_next, ministral3 and glm4, whose drawn cases all
+    run with recompute or DoRA, and mixtral, a sparse MoE; on torch none); the
+    check tightens by itself as KNOWN_GAPS shrinks."""
+    lines = results(backend)[0]
+    missing, report = [], []
+    for fam in NEW_FAMILIES:
+        cases = [d for d in lines if _family(d["case"]) == fam and "error" in d]
+        assert cases, f"{fam} is not drawn by the seeded grid"
+        report.append(f"{backend} {fam}: " + "; ".join(
+            f"{d['error'] * 100:+.1f}% {d['case']}" for d in cases))
+        if min(abs(d["error"]) for d in cases) <= 0.10:
+            continue
+        if all(gap(backend, d["case"]) for d in cases):
+            report[-1] += "  (reported: every case under a known gap)"
+        else:
+            missing.append(report[-1])
+    print("\n".join(report))
+    assert not missing, "no case within 10 %: " + " | ".join(missing)
