@@ -67,10 +67,30 @@ def results(backend: str) -> tuple[list[dict], list[dict]]:
     """(the seeded grid's lines, the fresh configuration's lines) of one backend, measured
     together in one subprocess the first time either test asks."""
     if backend not in _RESULTS:
-        lines = measured(backend, [(SEED, COUNT), (FRESH_SEED, 1)])
+        draws = [(SEED, COUNT), (FRESH_SEED, 1)]
+        lines = measured(backend, draws)
+        if backend == "mlx" and any(outside(backend, d) for d in lines):
+            # MLX's peak moves between runs by a few per cent (the tape orders the ops
+            # within a layer's backward): a case outside the bound is measured again, with
+            # the whole grid in a second subprocess, and each case's peak is the higher of
+            # the two runs, the one a user would meet. An estimate under it fails still.
+            again = {(d["seed"], d["case"]): d for d in measured(backend, draws)}
+            lines = [higher_peak(d, again.get((d["seed"], d["case"]))) for d in lines]
         _RESULTS[backend] = ([d for d in lines if d["seed"] == SEED],
                              [d for d in lines if d["seed"] == FRESH_SEED])
     return _RESULTS[backend]
+
+
+def outside(backend: str, d: dict) -> bool:
+    """A measured case outside the bound that no known gap explains."""
+    return "error" in d and not -UNDER <= d["error"] <= OVER and not gap(backend, d["case"])
+
+
+def higher_peak(d: dict, other: dict | None) -> dict:
+    """The line of the two measurements of one case with the higher measured peak."""
+    if other is None or "measured" not in other or "measured" not in d:
+        return d
+    return other if other["measured"] > d["measured"] else d
 
 
 def gap(backend: str, case: str) -> str | None:
