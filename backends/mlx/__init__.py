@@ -144,6 +144,25 @@ class MLXBackend:
         n, k = indices.shape
         rows = mx.broadcast_to(x, (n, k, x.shape[-1]))[..., None, :]  # (N, K, 1, in)
         return mx.gather_mm(rows, weight.swapaxes(-1, -2), rhs_indices=indices).squeeze(-2)
+
+    def expert_groups(self, indices, experts):
+        n, k = indices.shape
+        flat = mx.stop_gradient(indices).reshape(-1)
+        order = mx.argsort(flat)
+        # (token, expert, inverse) of the sorted rows; sizes stay Python ints (mx.compile)
+        return order // k, flat[order], mx.argsort(order), n, k
+
+    def group_rows(self, x, groups):
+        return x[groups[0]]
+
+    def grouped_linear(self, x, weight, groups, bias=None):
+        # gather_mm over rows already in expert order (as mlx-lm's SwitchGLU does)
+        out = mx.gather_mm(x[:, None, :], weight.swapaxes(-1, -2), rhs_indices=groups[1],
+                           sorted_indices=True).squeeze(-2)
+        return out if bias is None else out + bias[groups[1]]
+
+    def ungroup_rows(self, y, groups):
+        return y[groups[2]].reshape(groups[3], groups[4], y.shape[-1])
     def write_rows(self, buffer, rows, starts, values):
         n, _, t, _ = values.shape
         pos = starts.reshape(n, 1) + mx.arange(t).reshape(1, t)
