@@ -585,9 +585,11 @@ def _grouped_mm_fits(x, weight) -> bool:
     """torch's grouped_mm has a CPU kernel (with autograd) from 2.9, up to 2.10 only for
     16-byte aligned operands, and always only for rows whose byte strides are multiples of
     16 (its backward's too: in and out); on other devices its dtype and architecture limits
-    vary. Elsewhere the per-expert loop runs: one matmul per expert, the same products."""
+    vary, and inductor (--compile) lowers it for bfloat16 only. Elsewhere the per-expert
+    loop runs: one matmul per expert, the same products."""
     size = x.element_size()
     return (x.device.type == "cpu" and hasattr(F, "grouped_mm")
+            and not torch.compiler.is_compiling()
             and _torch_version() >= (2, 11) and x.dtype == weight.dtype
             and weight.shape[-1] * size % 16 == 0 and weight.shape[-2] * size % 16 == 0)
 
