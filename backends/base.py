@@ -119,14 +119,31 @@ class Backend(Protocol):
         """x[..., indices] along the last axis: (..., n) and int (..., k) -> (..., k);
         differentiable with respect to x."""
 
-    def gather_linear(self, x: Array, weight: Array, indices: Array,
-                      trained: bool = False) -> Array:
+    def gather_linear(self, x: Array, weight: Array, indices: Array) -> Array:
         """Per-row expert projection: x (N, K, in) (K may be 1, broadcast over the K
         choices), weight (E, out, in), int indices (N, K) -> (N, K, out) with
         out[n, j] = x[n, j] @ weight[indices[n, j]].T. Differentiable with respect to x
-        and weight; only the N*K chosen rows are computed (sparse MoE experts). trained:
-        the weight takes a gradient (an expert adapter), so the backend may pick the
-        layout whose weight gradient is cheapest (MLX: rows sorted by expert)."""
+        and weight; only the N*K chosen rows are computed (per-token adapter stacks; a
+        sparse MoE layer's experts use the grouped ops below, one sort for the layer)."""
+
+    def expert_groups(self, indices: Array, experts: int) -> Any:
+        """The (token, choice) pairs of int indices (N, K) sorted by expert (0..experts-1),
+        for group_rows / grouped_linear / ungroup_rows: one sort per MoE layer that all its
+        expert projections and their adapters share. Opaque to callers."""
+
+    def group_rows(self, x: Array, groups: Any) -> Array:
+        """x (N, in) -> (N*K, in): each token's row once per choice, in expert order.
+        Differentiable with respect to x."""
+
+    def grouped_linear(self, x: Array, weight: Array, groups: Any,
+                       bias: Array | None = None) -> Array:
+        """x (N*K, in) in expert order, weight (E, out, in) (a transposed view is fine),
+        bias (E, out) or None -> (N*K, out): each row through its own expert's weight.
+        Differentiable with respect to x, weight and bias; exactly the rows' matmuls."""
+
+    def ungroup_rows(self, y: Array, groups: Any) -> Array:
+        """(N*K, out) in expert order -> (N, K, out) in token order (choice j of token n
+        at [n, j]). Differentiable with respect to y."""
     def softcap(self, x: Array, cap: float) -> Array:
         """cap * tanh(x / cap) in x's dtype (Gemma's final-logit soft-capping)."""
     def sigmoid(self, x: Array) -> Array: ...

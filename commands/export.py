@@ -74,6 +74,7 @@ def export_merged(adapter_dir: str | Path, out: str | Path, model: str | None = 
     For an adapter trained on a quantized base, pass the same `quantize`: the base is
     quantized the same way, dequantized, and merged, so the result is what was trained."""
     from lorafit.commands.common import load_model_with_adapter
+    from lorafit.models.families import published_config
     from lorafit.models.loader import read_config, resolve_model_path
 
     base = _base_model(adapter_dir, model)
@@ -95,6 +96,7 @@ def export_merged(adapter_dir: str | Path, out: str | Path, model: str | None = 
     if (config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
         config.pop("quantization_config")  # experts were dequantized while loading
     config.pop("auto_map", None)
+    config = published_config(config)  # e.g. the keys mlx-lm reads beside transformers'
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     for name in ("generation_config.json",):
         if (folder / name).exists():

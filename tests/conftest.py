@@ -164,7 +164,8 @@ def mlx_lm_logits(folder, mlx_adapter_dir, ids):
     from mlx_lm.utils import load_model as mlx_load_model
 
     mm, _ = mlx_load_model(Path(folder))
-    mm = load_adapters(mm, str(mlx_adapter_dir))
+    if mlx_adapter_dir is not None:  # None: the folder alone (a merged export)
+        mm = load_adapters(mm, str(mlx_adapter_dir))
     return np.array(mm(mx.array(ids)).astype(mx.float32))
 
 

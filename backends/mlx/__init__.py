@@ -140,23 +140,29 @@ class MLXBackend:
     def take_along_axis(self, x, indices):
         return mx.take_along_axis(x, indices, axis=-1)
 
-    def gather_linear(self, x, weight, indices, trained=False):
+    def gather_linear(self, x, weight, indices):
         n, k = indices.shape
-        if not trained:  # x broadcast over the k choices, no copy; no weight gradient
-            rows = mx.broadcast_to(x, (n, k, x.shape[-1]))[..., None, :]  # (N, K, 1, in)
-            return mx.gather_mm(rows, weight.swapaxes(-1, -2), rhs_indices=indices).squeeze(-2)
-        # A trained weight: rows sorted by expert (sorted_indices). With unsorted indices
-        # gather_mm's vjp for the gathered weights forms every row's (in, out) outer
-        # product before summing them per expert (N*k*in*out floats: an adapter on the
-        # experts of a 7B MoE would need gigabytes); sorted, it multiplies each expert's
-        # segment of rows at once. The rows are taken, not broadcast: the sorted vjp
-        # assumes one lhs row per index.
-        flat = indices.reshape(-1)
-        order = mx.stop_gradient(mx.argsort(flat))
-        rows = x.reshape(-1, x.shape[-1])[order // k if x.shape[1] == 1 else order]
-        out = mx.gather_mm(rows[:, None, :], weight.swapaxes(-1, -2), rhs_indices=flat[order],
-                           sorted_indices=True)
-        return out.squeeze(-2)[mx.argsort(order)].reshape(n, k, -1)
+        rows = mx.broadcast_to(x, (n, k, x.shape[-1]))[..., None, :]  # (N, K, 1, in)
+        return mx.gather_mm(rows, weight.swapaxes(-1, -2), rhs_indices=indices).squeeze(-2)
+
+    def expert_groups(self, indices, experts):
+        n, k = indices.shape
+        flat = mx.stop_gradient(indices).reshape(-1)
+        order = mx.argsort(flat)
+        # (token, expert, inverse) of the sorted rows; sizes stay Python ints (mx.compile)
+        return order // k, flat[order], mx.argsort(order), n, k
+
+    def group_rows(self, x, groups):
+        return x[groups[0]]
+
+    def grouped_linear(self, x, weight, groups, bias=None):
+        # gather_mm over rows already in expert order (as mlx-lm's SwitchGLU does)
+        out = mx.gather_mm(x[:, None, :], weight.swapaxes(-1, -2), rhs_indices=groups[1],
+                           sorted_indices=True).squeeze(-2)
+        return out if bias is None else out + bias[groups[1]]
+
+    def ungroup_rows(self, y, groups):
+        return y[groups[2]].reshape(groups[3], groups[4], y.shape[-1])
     def write_rows(self, buffer, rows, starts, values):
         n, _, t, _ = values.shape
         pos = starts.reshape(n, 1) + mx.arange(t).reshape(1, t)

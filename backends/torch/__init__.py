@@ -8,6 +8,8 @@ on most x86 parts and are far slower than fp32; train in fp32 there.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -155,9 +157,9 @@ class TorchBackend:
     def take_along_axis(self, x, indices):
         return torch.gather(x, -1, indices)
 
-    def gather_linear(self, x, weight, indices, trained=False):
-        # Rows sorted by expert, one matmul per expert, then put back in order (trained or
-        # not: each expert's weight gradient is then one matmul over its rows).
+    def gather_linear(self, x, weight, indices):
+        # Rows sorted by expert, one matmul per expert, then put back in order (each
+        # expert's weight gradient is then one matmul over its rows).
         n, k = indices.shape
         rows = x.expand(n, k, x.shape[-1]).reshape(n * k, x.shape[-1])
         flat = indices.reshape(-1)
@@ -168,6 +170,33 @@ class TorchBackend:
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         return out[inverse].reshape(n, k, weight.shape[1])
+
+    def expert_groups(self, indices, experts):
+        n, k = indices.shape
+        flat = indices.reshape(-1)
+        expert, order = torch.sort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=experts)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return _ExpertGroups(order, inverse, order // k, expert,
+                             torch.cumsum(counts, 0, dtype=torch.int32), counts.tolist(), n, k)
+
+    def group_rows(self, x, groups):
+        return x.index_select(0, groups.token)
+
+    def grouped_linear(self, x, weight, groups, bias=None):
+        if _grouped_mm_fits(x, weight):  # one kernel for all experts, forward and backward
+            out = F.grouped_mm(x.contiguous(), _grouped_mm_operand(weight.transpose(-2, -1)),
+                               offs=groups.offsets)
+        else:
+            parts = torch.split(x, groups.counts)
+            out = torch.cat([F.linear(p, weight[e]) for e, p in enumerate(parts) if len(p)])
+        return out if bias is None else out + bias.index_select(0, groups.expert)
+
+    def ungroup_rows(self, y, groups):
+        # the inverse permutation, whose gradient is the forward one (no scatter)
+        y = _Gather.apply(y, groups.inverse, groups.order, False)
+        return y.reshape(groups.n, groups.k, y.shape[-1])
     def write_rows(self, buffer, rows, starts, values):
         n, _, t, _ = values.shape
         pos = starts.reshape(n, 1) + torch.arange(t, device=starts.device).reshape(1, t)
@@ -549,6 +578,43 @@ class TorchBackend:
 
     def seed(self, seed):
         torch.manual_seed(seed)
+
+
+class _ExpertGroups(NamedTuple):
+    """ops.expert_groups: order sorts the flat (N*K) choices by expert, inverse undoes it;
+    token and expert are each sorted row's token and expert; offsets the cumulative row
+    counts (grouped_mm's), counts the same as ints (the per-expert loop's)."""
+    order: torch.Tensor
+    inverse: torch.Tensor
+    token: torch.Tensor
+    expert: torch.Tensor
+    offsets: torch.Tensor
+    counts: list
+    n: int
+    k: int
+
+
+def _grouped_mm_fits(x, weight) -> bool:
+    """torch's grouped_mm has a CPU kernel (with autograd) from 2.9, up to 2.10 only for
+    16-byte aligned operands, and always only for rows whose byte strides are multiples of
+    16 (its backward's too: in and out); on other devices its dtype and architecture limits
+    vary, and inductor (--compile) lowers it for bfloat16 only. Elsewhere the per-expert
+    loop runs: one matmul per expert, the same products."""
+    size = x.element_size()
+    return (x.device.type == "cpu" and hasattr(F, "grouped_mm")
+            and not torch.compiler.is_compiling()
+            and _torch_version() >= (2, 11) and x.dtype == weight.dtype
+            and weight.shape[-1] * size % 16 == 0 and weight.shape[-2] * size % 16 == 0)
+
+
+def _torch_version() -> tuple:
+    return tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def _grouped_mm_operand(w):
+    """grouped_mm wants one of the last two dimensions contiguous: an adapter's B (E, r, out),
+    taken from PEFT's (out, r*E) layout, is neither."""
+    return w if w.stride(-1) == 1 or w.stride(-2) == 1 else w.contiguous()
 
 
 class _Gather(torch.autograd.Function):

@@ -29,9 +29,12 @@ takes the softmax over all experts, then the top k, renormalised to sum to 1 whe
 `norm_topk_prob` (always for mixtral); "topk_softmax" takes the top k logits and a softmax
 over those k only.
 
-Compute: each token's k chosen experts only, through `ops.gather_linear` (rows sorted by
-expert, one matmul per expert on torch; mx.gather_mm on MLX). Forward and backward both
-cost N*k rows per expert projection, and memory for activations scales with N*k (never
+Compute: each token's k chosen experts only. The (token, choice) rows are sorted by expert
+once per layer (`ops.expert_groups`, `group_rows`); every expert projection and its
+adapter's A and B run on those rows (`grouped_linear`: torch's grouped_mm on CPU, one kernel
+for all experts forward and backward, else one matmul per expert; mx.gather_mm over sorted
+indices on MLX), and the outputs go back to token order once (`ungroup_rows`): a handful
+of ops per layer, not a handful per expert and projection. Forward and backward both cost N*k rows per expert projection, and memory for activations scales with N*k (never
 with the number of experts); gradients reach adapters on the router through the top-k
 weights and adapters on experts through the gathered rows, as in the reference.
 
@@ -152,20 +155,35 @@ def route(ops, a, logits):
     return idx, w
 
 
-def expert_projection(ops, lp: dict, name: str, x, idx, lora):
-    """x (N, K or 1, in) through the chosen experts' weights of `name` -> (N, K, out),
-    plus the expert adapter when there is one: s * (x A_e^T) B_e^T for each row's expert."""
+def expert_projection(ops, lp: dict, name: str, rows, groups, lora):
+    """rows (N*K, in), grouped by expert (ops.group_rows), through their experts' weights of
+    `name` -> (N*K, out), plus the expert adapter when there is one: s * (x A_e^T) B_e^T for
+    each row's expert, over the same groups."""
     w = lp[name]
-    y = ops.gather_linear(x, w, idx)
+    y = ops.grouped_linear(rows, w, groups)
     lora_a = lp.get(f"{name}.{LORA_A}")
     if lora_a is None:
         return y
     a3, b3 = expert_lora_factors(ops, lora_a, lp[f"{name}.{LORA_B}"], w.shape[0])
-    xa = x if ops.dtype_name(x) == ops.dtype_name(a3) else ops.cast(x, ops.dtype_name(a3))
-    low = ops.gather_linear(xa, a3, idx, trained=True)
-    delta = ops.gather_linear(low, b3, idx, trained=True) * lora.scale
+    xa = rows if ops.dtype_name(rows) == ops.dtype_name(a3) else \
+        ops.cast(rows, ops.dtype_name(a3))
+    delta = ops.grouped_linear(ops.grouped_linear(xa, a3, groups) * lora.scale, b3, groups)
     return y + (delta if ops.dtype_name(delta) == ops.dtype_name(y)
                 else ops.cast(delta, ops.dtype_name(y)))
+
+
+def routed_experts(ops, a, lp: dict, prefix: str, h, idx, w, act, lora):
+    """sum_j w_j * expert_{i_j}(h) for h (N, C), with gated experts under `prefix`
+    (gate_up_proj, down_proj) and act the gate's activation: the rows are sorted by expert
+    once, and both projections and their adapters run on them before they go back."""
+    groups = ops.expert_groups(idx, a.num_local_experts)
+    rows = ops.group_rows(h, groups)
+    gate_up = expert_projection(ops, lp, prefix + "gate_up_proj", rows, groups, lora)
+    f = gate_up.shape[-1] // 2
+    out = expert_projection(ops, lp, prefix + "down_proj", act(gate_up[..., :f]) *
+                            gate_up[..., f:], groups, lora)
+    out = ops.ungroup_rows(out, groups)  # (N, K, C)
+    return (out * ops.cast(w, ops.dtype_name(out))[..., None]).sum(1)
 
 
 def moe_block(ops, a, lp: dict, x, lora):
@@ -175,13 +193,7 @@ def moe_block(ops, a, lp: dict, x, lora):
     if a.gpt_oss_experts:
         return gpt_oss_experts(ops, a, lp, h, lora).reshape(b, t, c)
     idx, w = route(ops, a, project(ops, lp, ROUTER, h, lora, a.quantization))
-    rows = h.reshape(b * t, 1, c)
-    gate_up = expert_projection(ops, lp, EXPERTS + "gate_up_proj", rows, idx, lora)
-    f = gate_up.shape[-1] // 2
-    act = ops.silu(gate_up[..., :f]) * gate_up[..., f:]
-    out = expert_projection(ops, lp, EXPERTS + "down_proj", act, idx, lora)  # (N, K, C)
-    w = ops.cast(w, ops.dtype_name(out))
-    out = (out * w[..., None]).sum(1)
+    out = routed_experts(ops, a, lp, EXPERTS, h, idx, w, ops.silu, lora)
     if a.shared_expert_size:
         out = out + shared_expert(ops, a, lp, h, lora)
     return out.reshape(b, t, c)
@@ -200,12 +212,8 @@ def experts_beside_mlp(ops, a, lp: dict, dense, residual, lora, norm):
     idx, w = route(ops, a, project(ops, lp, "router.proj", r, lora, a.quantization))
     per_expert = ops.embedding(idx, ops.cast(lp["router.per_expert_scale"], "float32")[:, None])
     w = w * per_expert[..., 0]
-    rows = norm("pre_feedforward_layernorm_2", h).reshape(b * t, 1, c)
-    gate_up = expert_projection(ops, lp, "experts.gate_up_proj", rows, idx, lora)
-    f = gate_up.shape[-1] // 2
-    act = ops.gelu_tanh(gate_up[..., :f]) * gate_up[..., f:]
-    out = expert_projection(ops, lp, "experts.down_proj", act, idx, lora)  # (N, K, C)
-    out = (out * ops.cast(w, ops.dtype_name(out))[..., None]).sum(1).reshape(b, t, c)
+    out = routed_experts(ops, a, lp, "experts.", norm("pre_feedforward_layernorm_2", h), idx,
+                         w, ops.gelu_tanh, lora).reshape(b, t, c)
     return norm("post_feedforward_layernorm_1", dense) + norm("post_feedforward_layernorm_2", out)
 
 
@@ -222,15 +230,16 @@ def gpt_oss_experts(ops, a, lp: dict, h, lora):
     """gpt-oss's router (with bias; top k logits, softmax over them) and experts (biases,
     interleaved gate/up, clamped SwiGLU) for h (N, C) -> (N, C)."""
     idx, w = route(ops, a, project(ops, lp, "mlp.router", h, lora, a.quantization))
-    n, c = h.shape
-    rows = h.reshape(n, 1, c)
-    gate_up = ops.gather_linear(rows, ops.swapaxes(lp[EXPERTS + "gate_up_proj"], 1, 2), idx)
-    gate_up = gate_up + ops.embedding(idx, lp[EXPERTS + "gate_up_proj_bias"])
+    groups = ops.expert_groups(idx, a.num_local_experts)
+    gate_up = ops.grouped_linear(ops.group_rows(h, groups),
+                                 ops.swapaxes(lp[EXPERTS + "gate_up_proj"], 1, 2), groups,
+                                 lp[EXPERTS + "gate_up_proj_bias"])
     gate = ops.clip(gate_up[..., ::2], None, a.swiglu_limit)
     up = ops.clip(gate_up[..., 1::2], -a.swiglu_limit, a.swiglu_limit)
     glu = ops.silu(gate * a.swiglu_alpha) * (1.0 / a.swiglu_alpha)  # g * sigmoid(alpha g)
-    out = ops.gather_linear((up + 1) * glu, ops.swapaxes(lp[EXPERTS + "down_proj"], 1, 2), idx)
-    out = out + ops.embedding(idx, lp[EXPERTS + "down_proj_bias"])
+    out = ops.grouped_linear((up + 1) * glu, ops.swapaxes(lp[EXPERTS + "down_proj"], 1, 2),
+                             groups, lp[EXPERTS + "down_proj_bias"])
+    out = ops.ungroup_rows(out, groups)  # (N, K, C)
     w = ops.cast(w, ops.dtype_name(out))
     return (out * w[..., None]).sum(1)
 

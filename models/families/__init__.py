@@ -26,13 +26,16 @@ class Family:
     checkpoint_key: object = None  # a compiled regex, matched at the start of a key
     convert: Callable | None = None
     rename: Callable[[str], str] = str  # a checkpoint tensor's name -> the model's, as read
+    # config.json as written for other readers (mlx-lm, the Hub's layout), for exports
+    published: Callable[[dict], dict] = dict
 
 
 # Each family module holds CONFIGURE {model_type: config.json -> switches} and sanitize.
 FAMILY_MODULES = (llama, phi3, olmo, ministral3, mistral3, granite, smollm3, exaone4,
                   starcoder2, glm4, gemma, qwen3_5, qwen3_next, mixtral, qwen3_moe, gpt_oss)
 FAMILIES = {mt: Family(mt, configure, module.sanitize, getattr(module, "CHECKPOINT_KEY", None),
-                       getattr(module, "convert", None), getattr(module, "rename", str))
+                       getattr(module, "convert", None), getattr(module, "rename", str),
+                       getattr(module, "PUBLISHED", {}).get(mt, dict))
             for module in FAMILY_MODULES for mt, configure in module.CONFIGURE.items()}
 
 
@@ -49,3 +52,10 @@ def model_args(cfg: dict):
 
     fam = family(cfg.get("model_type"))
     return ModelArgs.from_config(fam.configure(dict(cfg)))
+
+
+def published_config(cfg: dict) -> dict:
+    """A copy of config.json with the keys other readers expect beside transformers' own
+    (an exported model's config): unchanged for most families."""
+    f = FAMILIES.get(cfg.get("model_type"))
+    return f.published(cfg) if f else dict(cfg)

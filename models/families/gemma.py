@@ -158,3 +158,28 @@ def _gemma4_text(cfg: dict) -> dict:
 
 
 CONFIGURE["gemma4_text"] = _gemma4_text
+
+
+def _gemma4_published(cfg: dict) -> dict:
+    """transformers 5 saves the full layers' head dim and kv heads as per_layer_config
+    only; the published checkpoints (and mlx-lm, which reads nothing else) have
+    global_head_dim and num_global_key_value_heads: write those too (transformers reads
+    per_layer_config first, so its reading is unchanged)."""
+    out = dict(cfg)
+    overrides = out.get("per_layer_config")
+    if not isinstance(overrides, dict) or not overrides:
+        return out
+    types = out.get("layer_types") or []
+    full = [o for i, o in overrides.items()
+            if int(i) < len(types) and types[int(i)] == "full_attention"]
+    if not full:
+        return out
+    first = full[0]
+    if "head_dim" in first:
+        out.setdefault("global_head_dim", first["head_dim"])
+    if "num_key_value_heads" in first:
+        out.setdefault("num_global_key_value_heads", first["num_key_value_heads"])
+    return out
+
+
+PUBLISHED = {"gemma4_text": _gemma4_published}

@@ -213,25 +213,23 @@ def test_log_softmax_and_exp(backend):
 
 
 def test_gather_linear_and_its_gradients(backend):
-    """Both layouts (trained: MLX sorts the rows by expert so that the weight's vjp needs
-    no per-row outer products), x shared by the k choices or one row per choice."""
+    """x shared by the k choices or one row per choice."""
     rng = np.random.default_rng(1)
     n, k, e, i, o = 6, 2, 4, 5, 3
     w = rng.normal(size=(e, o, i)).astype(np.float32)
     idx = np.stack([rng.choice(e, k, replace=False) for _ in range(n)])
     ids = backend.from_numpy(idx)
     c = rng.normal(size=(n, k, o)).astype(np.float32)
-    for trained, kx in ((False, 1), (True, 1), (True, k)):
+    for kx in (1, k):
         x = rng.normal(size=(n, kx, i)).astype(np.float32)
         xb = np.broadcast_to(x, (n, k, i))
         want = np.einsum("nki,nkoi->nko", xb, w[idx])
-        got = backend.gather_linear(backend.from_numpy(x), backend.from_numpy(w), ids,
-                                    trained=trained)
+        got = backend.gather_linear(backend.from_numpy(x), backend.from_numpy(w), ids)
         np.testing.assert_allclose(backend.to_numpy(got), want, rtol=1e-5, atol=1e-5)
 
         # d/dw of sum(y * c) is sum over the rows routed to each expert of c x^T
         def loss(tr, cc):
-            y = backend.gather_linear(tr["x"], tr["w"], ids, trained=trained)
+            y = backend.gather_linear(tr["x"], tr["w"], ids)
             return (y * cc).sum(), None
         (_, _), grads = backend.value_and_grad(loss)(
             {"x": backend.from_numpy(x), "w": backend.from_numpy(w)}, backend.from_numpy(c))
@@ -246,26 +244,85 @@ def test_gather_linear_and_its_gradients(backend):
 
 
 def test_expert_weight_gradient_forms_no_per_row_outer_products(backend):
-    """An expert adapter's gradient through gather_linear (trained=True) costs about its
-    rows: MLX's gather_mm vjp with unsorted indices formed one (in, out) outer product per
-    row before summing them per expert (N*k*in*out floats, 8 MiB here)."""
+    """An expert adapter's gradient through grouped_linear (rows in expert order) costs
+    about its rows: MLX's gather_mm vjp with unsorted indices formed one (in, out) outer
+    product per row before summing them per expert (N*k*in*out floats, 8 MiB here)."""
     rng = np.random.default_rng(2)
     n, k, e, i, o = 256, 2, 4, 64, 64
-    x = backend.from_numpy(rng.normal(size=(n, 1, i)).astype(np.float32))
+    x = backend.from_numpy(rng.normal(size=(n, i)).astype(np.float32))
     w = backend.from_numpy(rng.normal(size=(e, o, i)).astype(np.float32))
     ids = backend.from_numpy(rng.integers(0, e, (n, k)))
     c = backend.from_numpy(rng.normal(size=(n, k, o)).astype(np.float32))
 
-    def peak(params, trained):
+    def peak(params):
         def loss(tr, cc):
-            y = backend.gather_linear(tr["x"], tr.get("w", w), ids, trained=trained)
+            groups = backend.expert_groups(ids, e)
+            rows = backend.group_rows(tr["x"], groups)
+            y = backend.ungroup_rows(backend.grouped_linear(rows, tr.get("w", w), groups),
+                                     groups)
             return (y * cc).sum(), None
         step = backend.value_and_grad(loss)
         return backend.measure_peak(lambda: [backend.to_numpy(g) for g in
                                              step(params, c)[1].values()])[1]
-    without_w = peak({"x": x}, False)
-    with_w = peak({"x": x, "w": w}, True)
+    without_w = peak({"x": x})
+    with_w = peak({"x": x, "w": w})
     assert with_w - without_w < n * k * i * o * 4 / 8, (with_w, without_w)
+
+
+def test_grouped_experts_and_their_gradients(backend):
+    # rows sorted by expert once, projected (weight and bias), put back in token order;
+    # an expert no token chose (3 of 5) is skipped
+    rng = np.random.default_rng(2)
+    n, k, e, i, o = 7, 2, 5, 4, 8  # row sizes of 16 bytes: torch's grouped_mm runs
+    x = rng.normal(size=(n, i)).astype(np.float32)
+    w = rng.normal(size=(e, o, i)).astype(np.float32)
+    bias = rng.normal(size=(e, o)).astype(np.float32)
+    idx = np.stack([rng.choice([0, 1, 2, 4], k, replace=False) for _ in range(n)])
+    c = rng.normal(size=(n, k, o)).astype(np.float32)
+    ids = backend.from_numpy(idx)
+
+    def loss(tr, cc):
+        groups = backend.expert_groups(ids, e)
+        rows = backend.group_rows(tr["x"], groups)
+        y = backend.ungroup_rows(backend.grouped_linear(rows, tr["w"], groups, tr["b"]), groups)
+        return (y * cc).sum(), y
+    (_, y), grads = backend.value_and_grad(loss)(
+        {"x": backend.from_numpy(x), "w": backend.from_numpy(w), "b": backend.from_numpy(bias)},
+        backend.from_numpy(c))
+    want = np.einsum("ni,nkoi->nko", x, w[idx]) + bias[idx]
+    np.testing.assert_allclose(backend.to_numpy(y), want, rtol=1e-5, atol=1e-5)
+    gw, gb = np.zeros_like(w), np.zeros_like(bias)
+    for a in range(n):
+        for b in range(k):
+            gw[idx[a, b]] += np.outer(c[a, b], x[a])
+            gb[idx[a, b]] += c[a, b]
+    np.testing.assert_allclose(backend.to_numpy(grads["w"]), gw, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(backend.to_numpy(grads["b"]), gb, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(backend.to_numpy(grads["x"]),
+                               np.einsum("nko,nkoi->ni", c, w[idx]), rtol=1e-4, atol=1e-5)
+
+
+def test_torch_grouped_linear_loop_equals_grouped_mm(monkeypatch):
+    # devices without the grouped_mm kernel run one matmul per expert: the same products
+    import torch
+
+    import lorafit.backends.torch as tb
+    from lorafit.backends import get_backend
+
+    ops = get_backend("torch", "cpu")
+    rng = np.random.default_rng(3)
+    idx = torch.from_numpy(rng.integers(0, 4, (9, 2)))
+    x = torch.from_numpy(rng.normal(size=(9, 8)).astype(np.float32))
+    w = torch.from_numpy(rng.normal(size=(4, 12, 8)).astype(np.float32))
+
+    def run():
+        g = ops.expert_groups(idx, 4)
+        return ops.ungroup_rows(ops.grouped_linear(ops.group_rows(x, g), w, g), g)
+    if tb._torch_version() >= (2, 11):
+        assert tb._grouped_mm_fits(x, w)
+    fused = run()
+    monkeypatch.setattr(tb, "_grouped_mm_fits", lambda x, w: False)
+    torch.testing.assert_close(run(), fused, rtol=1e-6, atol=1e-6)
 
 
 def test_clip(backend):

@@ -87,8 +87,8 @@ def total(**kw):
                                     "granite-3.3-8b-instruct", "smollm3-3b", "starcoder2-7b",
                                     "glm-4-9b-0414",
                                     "gemma-2-2b", "gemma-2-27b", "gemma-3-1b-it",
-                                    "gemma-3-27b-it", "qwen3.5-0.8b", "qwen3.5-9b",
-                                    "qwen3.5-27b"])
+                                    "gemma-3-27b-it", "gemma-4-26b-a4b", "qwen3.5-0.8b",
+                                    "qwen3.5-9b", "qwen3.5-27b"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_base_weights_are_the_models_own_parameter_count(preset, dtype):
     """The estimator's weight term, from its own shape arithmetic, equals the parameter
@@ -99,6 +99,28 @@ def test_base_weights_are_the_models_own_parameter_count(preset, dtype):
     est = estimate(memory_shape(cfg), Settings(backend="torch", device="cuda", dtype=dtype))
     assert est["breakdown"]["base weights"] == n * {"bfloat16": 2, "float32": 4}[dtype]
     assert all(v >= 0 for v in est["breakdown"].values())
+
+
+@pytest.mark.parametrize("preset", ["gemma-4-26b-a4b"])
+def test_preset_trainable_count_equals_peft_on_the_meta_device(preset):
+    """The published model, built by transformers on the meta device (no memory) and
+    wrapped by PEFT with r16 on all-linear: PEFT's trainable count is the estimator's."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from lorafit.core.estimate import adapter_params
+
+    cfg = load_preset(preset)
+    config = transformers.AutoConfig.for_model(cfg["model_type"], **{
+        k: v for k, v in cfg.items() if k not in ("source", "hub_id", "note", "model_type")})
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    trainable, _ = get_peft_model(model, LoraConfig(
+        r=16, lora_alpha=32, target_modules="all-linear",
+        task_type="CAUSAL_LM")).get_nb_trainable_parameters()
+    assert adapter_params(memory_shape(cfg), Settings(rank=16, targets="all-linear")) == \
+        trainable > 0
 
 
 def test_unsupported_model_type_is_an_error_not_a_llama_guess():

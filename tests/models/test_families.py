@@ -9,7 +9,10 @@ on it. Ids are random, so nothing here was tuned to a particular input.
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from conftest import (build_hf_model, mlx_lm_logits, peft_logits_checking_keys,
                       random_ids, randomize_lora)
 from lorafit.core import adapter_io, lora
 from lorafit.core.lora import LoraConfig
+from lorafit.models.families import published_config
 from lorafit.models.loader import load_model
 
 
@@ -136,19 +140,23 @@ CASES = [
     # Gemma 4: sliding (window 6) and full layers (wider heads, proportional partial RoPE,
     # k = v with one kv head), the last two layers reusing earlier k, v with double-wide
     # MLPs, per-layer input embeddings, final soft-cap; mlx-lm's gemma4_text reads
-    # global_head_dim, which transformers 5 saves as per_layer_config instead.
+    # global_head_dim and num_global_key_value_heads, which transformers 5 saves as
+    # per_layer_config instead: mlx-lm reads the base as published (those keys added, as
+    # models.families.published_config and so the merged export write them). mlx-lm's
+    # adapters live inside the layers only, so its check runs where no per-layer input
+    # projection (which all-linear adapts) exists: the plain layout below.
     Case("gemma4_text", dict(head_dim=16, global_head_dim=32, sliding_window=6,
                              num_hidden_layers=4, num_kv_shared_layers=2,
                              layer_types=["sliding_attention", "full_attention"] * 2,
                              use_double_wide_mlp=True, hidden_size_per_layer_input=8,
                              vocab_size_per_layer_input=512, attention_k_eq_v=True,
                              num_global_key_value_heads=1, final_logit_softcapping=3.0),
-         mlx_lm=False),
+         mlx_lm=False),  # all-linear adapts per_layer_model_projection, outside the layers
     # the larger Gemma 4 layout: no per-layer inputs, no kv sharing, v_proj everywhere
     Case("gemma4_text", dict(head_dim=16, global_head_dim=32, sliding_window=6,
                              layer_types=["sliding_attention", "full_attention"],
                              hidden_size_per_layer_input=0, num_kv_shared_layers=0),
-         mlx_lm=False, id="gemma4_text-plain"),
+         id="gemma4_text-plain"),
     # Gemma 4's MoE block on both layers: the dense MLP beside 4 GeGLU experts (top 2) routed on the residual, router norm and scales
     # (randomised by conftest), three more norms. PEFT has no gemma4 expert names:
     # all-linear adapts the nn.Linear modules, router.proj among them, not the experts.
@@ -157,7 +165,7 @@ CASES = [
                              hidden_size_per_layer_input=8, num_kv_shared_layers=0,
                              enable_moe_block=True, num_experts=4,
                              top_k_experts=2, moe_intermediate_size=40),
-         mlx_lm=False, id="gemma4_text-moe"),
+         mlx_lm=False, id="gemma4_text-moe"),  # per_layer_model_projection, as above
     # Gated DeltaNet and gated full-attention layers, partial rotary, (1 + w) norms; 70
     # tokens cross the delta rule's 64-step chunks. mlx-lm has no qwen3_5_text model (only
     # the VL wrapper qwen3_5, which nests it under language_model and takes the layer
@@ -304,13 +312,21 @@ def test_lorafit_adapter_loads_in_peft_mlx_lm_and_merged_transformers(built, tor
     ours = logits_of(model, ops, ids)
 
     close(ours, peft_logits_checking_keys(ref, out, ids))
+    saved = json.loads((folder / "config.json").read_text())
+    published = published_config(saved)
     if case.mlx_lm:
         mlx_dir = export_adapter(out, tmp_path / "mlx", "mlx-lm", None)
-        close(mlx_lm_logits(folder, mlx_dir, ids), ours)
+        base = folder
+        if published != saved:  # the base as the Hub publishes it: keys mlx-lm reads
+            base = Path(shutil.copytree(folder, tmp_path / "published"))
+            (base / "config.json").write_text(json.dumps(published))
+        close(mlx_lm_logits(base, mlx_dir, ids), ours)
 
     merged = export_merged(out, tmp_path / "merged", str(folder), "torch")
     tm = transformers.AutoModelForCausalLM.from_pretrained(str(merged)).eval()
     close(hf_logits(tm, ids), ours)
+    if case.mlx_lm and published != saved:  # the merged export, as written, in mlx-lm
+        close(mlx_lm_logits(merged, None, ids), ours)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
