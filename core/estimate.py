@@ -447,7 +447,7 @@ def gated_deltanet_saved_per_token(sh: Shape, st: Settings, adapted: bool,
 def moe_saved_per_token(sh: Shape, st: Settings, adapted: bool,
                         layer: int | None = None) -> float:
     """What a sparse MoE layer keeps beyond gate, act and up of the k chosen experts
-    (models/blocks/moe.py, both backends' gather_linear). The k expert outputs
+    (models/blocks/moe.py, both backends' grouped expert ops). The k expert outputs
     (k*C), read by the vjp of their weighting (the routing weights need a gradient
     whenever the layer's input does). An adapter on the stacked experts runs each row's
     A and B through gather_linear, whose per-expert matmuls keep their inputs, the rows
