@@ -285,7 +285,8 @@ class Backend(Protocol):
 
     def measure_peak(self, fn: Callable) -> tuple:
         """(fn(), peak bytes of device arrays while fn ran): the tensor-level peak, from the
-        allocator's counter or, where there is none (torch on the CPU), a profiler."""
+        allocator's counter or, where there is none (torch on the CPU), a profiler; None
+        when the profiler could not analyse the step (the step itself ran)."""
 
     def reset_peak_memory(self) -> None: ...
 

@@ -501,16 +501,23 @@ class Trainer:
         arr = self.ops.from_numpy(per.astype(np.float32))
         return [int(v) for v in self.ops.to_numpy(self.ops.all_reduce({"b": arr})["b"])]
 
-    def _record_measured_peak(self, peak: int, micro: list[Batch]) -> None:
+    def _record_measured_peak(self, peak: int | None, micro: list[Batch]) -> None:
         """The tensor-level peak of one full step, reported beside the estimate for the
-        run (full-length batches) and for the very batch that was measured."""
-        self.measured_peak = max(self.measured_peak, int(peak))
+        run (full-length batches) and for the very batch that was measured. None: the
+        measure failed (said, and the run goes on; every rank still joins the exchange)."""
+        self.measured_peak = max(self.measured_peak, int(peak or 0))
         rank_peaks = None
         if self.world_size > 1:  # every rank is here: the same step of the same loop
             mine = np.zeros(self.world_size, dtype=np.float32)
-            mine[self.rank] = peak
+            mine[self.rank] = peak or 0
             rank_peaks = [int(v) for v in self.ops.to_numpy(self.ops.all_reduce(
                 {"peaks": self.ops.from_numpy(mine)})["peaks"])]
+        if peak is None:
+            self.emit(ev.Message(level="warning", text=(
+                f"step {self.pos.step + 1}'s memory could not be measured (the memory "
+                "profiler could not analyse it); the resident-set high-water mark is still "
+                "in every step's record")))
+            return
         est = (self.estimate or {}).get("total")
         same_batch = self._estimate_for_batch(micro[0])
         text = f"measured peak of step {self.pos.step + 1}: {peak / 2**20:.1f} MiB"
