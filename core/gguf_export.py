@@ -97,6 +97,58 @@ def _phi3_keys(w, config: dict) -> None:
             1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(orig))))
 
 
+def olmo3_rope(config: dict) -> dict:
+    """OLMo 3's RoPE per layer type as lorafit reads it (transformers 5's per-type
+    rope_parameters, or the older rope_theta + rope_scaling: the scaling on full layers)."""
+    from lorafit.models.families.olmo import CONFIGURE
+
+    return CONFIGURE["olmo3"](dict(config))["rope_by_layer_type"]
+
+
+def _olmo3_view(config: dict) -> dict:
+    """OLMo 3's config with its layer types and window filled in (transformers' defaults)
+    and the full layers' RoPE as the one the generic keys write."""
+    from lorafit.models.families.olmo import CONFIGURE
+
+    cfg = CONFIGURE["olmo3"](dict(config))
+    view = {k: v for k, v in config.items() if k not in ("rope_theta", "rope_scaling")}
+    view.update(layer_types=cfg["layer_types"], sliding_window=cfg["sliding_window"],
+                rope_parameters=dict(cfg["rope_by_layer_type"].get("full_attention") or
+                                     next(iter(cfg["rope_by_layer_type"].values()))))
+    return view
+
+
+def _olmo3_keys(w, config: dict) -> None:
+    """llama.cpp's olmo2 with a window: its sliding layers turn plain RoPE at the full
+    layers' base (_olmo3_unexportable holds OLMo 3 to that), the full ones the generic
+    rope keys (default, linear or YaRN with its betas and attention factor)."""
+    _swa_keys(w, config, 4)
+    full = config["rope_parameters"]
+    if full.get("rope_type") == "yarn":
+        for key, method in (("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                            ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+            if full.get(key) is not None:
+                method(float(full[key]))
+        w.add_rope_scaling_attn_factors(yarn_attn_factor(full))
+
+
+def _olmo3_unexportable(config: dict) -> list[str]:
+    """llama.cpp's olmo2 turns plain RoPE on sliding layers, at the full layers' base, and
+    plain, linear or YaRN RoPE on full ones."""
+    by_type = olmo3_rope(config)
+    local, full = by_type.get("sliding_attention"), by_type.get("full_attention")
+    if full and full.get("rope_type", "default") not in ("default", "linear", "yarn"):
+        return ["llama.cpp's olmo2 has plain, linear or YaRN RoPE on full layers (this "
+                f"model: {full.get('rope_type')!r})"]
+    if local and local.get("rope_type", "default") != "default":
+        return ["llama.cpp's olmo2 has plain RoPE only on sliding layers (this model: "
+                f"{local.get('rope_type')!r})"]
+    if local and full and float(local["rope_theta"]) != float(full["rope_theta"]):
+        return ["llama.cpp's olmo2 turns sliding layers' RoPE at the full layers' base "
+                f"(this model: {local['rope_theta']} and {full['rope_theta']})"]
+    return []
+
+
 def _exaone4_keys(w, config: dict) -> None:
     """llama.cpp's exaone4 has windows only in the 64-layer (32B) layout, every 4th layer
     full; a window key on other layouts would turn RoPE off everywhere."""
@@ -239,6 +291,8 @@ FAMILIES = {
     "qwen3": Family("QWEN3"),
     "qwen3_moe": Family("QWEN3MOE", keys=_moe_keys),
     "olmo2": Family("OLMO2"),
+    # llama.cpp's olmo2 with sliding layers
+    "olmo3": Family("OLMO2", keys=_olmo3_keys, view=_olmo3_view),
     "granite": Family("GRANITE", permute_qk=True, scales=(
         ("embedding_multiplier", "add_embedding_scale"),
         ("residual_multiplier", "add_residual_scale"),
@@ -268,9 +322,7 @@ FAMILIES = {
 }
 
 # Families lorafit trains that have no GGUF export, and why (said in the one-line error).
-NO_GGUF = {
-    "olmo3": "lorafit has no GGUF export for OLMo 3's per-layer RoPE yet",
-}
+NO_GGUF: dict[str, str] = {}
 
 
 # The pre-tokenizer regexes of tokenizer.json that llama.cpp knows by name.
@@ -305,6 +357,8 @@ def _unexportable(config: dict) -> list[str]:
         return ["llama.cpp's exaone4 needs head_dim x heads = hidden_size"]
     if mt == "gemma4_text":
         return _gemma4_unexportable(config)
+    if mt == "olmo3":
+        return _olmo3_unexportable(config)
     if mt in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"):
         return gguf_families.deltanet_problems(config)
     if mt == "gpt_oss":
@@ -531,7 +585,9 @@ def unsupported_features(config: dict) -> list[str]:
             int((i + 1) % 4 != 0) for i in range(config["num_hidden_layers"])]:
         notes.append("llama.cpp's smollm3 leaves RoPE out of every 4th layer, not as "
                      "no_rope_layers says")
-    if mt == "ministral3" and _rope(config)[1].get("truncate") is False:
+    yarn = olmo3_rope(config).get("full_attention") or {} if mt == "olmo3" \
+        else _rope(config)[1] if mt == "ministral3" else {}
+    if yarn.get("truncate") is False:
         notes.append("llama.cpp's YaRN always truncates its correction range (this model "
                      "has truncate false)")
     if mt == "gpt_oss":

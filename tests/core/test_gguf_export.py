@@ -142,8 +142,22 @@ def test_modelfile_template_renders_like_the_chat_template(tmp_path, adapted, to
 def test_unsupported_family_and_dora_are_one_line_errors(tmp_path, adapted):
     from lorafit.core.gguf_export import family, write_lora
 
-    with pytest.raises(LorafitError, match="GGUF export supports .*'olmo3' .*per-layer RoPE"):
-        family({"model_type": "olmo3"})
+    with pytest.raises(LorafitError, match="GGUF export supports .*'olmo' *$"):
+        family({"model_type": "olmo"})
+    olmo3 = {"model_type": "olmo3", "num_hidden_layers": 4}
+    with pytest.raises(LorafitError, match="olmo3: llama.cpp's olmo2 has plain RoPE only on "
+                                           "sliding layers"):
+        family({**olmo3, "rope_parameters": {
+            "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+            "full_attention": {"rope_type": "default", "rope_theta": 1e4}}})
+    with pytest.raises(LorafitError, match="at the full layers' base"):
+        family({**olmo3, "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6}}})
+    with pytest.raises(LorafitError, match="plain, linear or YaRN RoPE on full layers"):
+        family({**olmo3, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    assert family({**olmo3, "rope_theta": 1e4, "rope_scaling": {  # transformers 4's form
+        "rope_type": "yarn", "factor": 8.0}}).arch == "OLMO2"
     deltanet = {"model_type": "qwen3_next", "num_hidden_layers": 2, "linear_key_head_dim": 16,
                 "linear_value_head_dim": 16, "num_experts": 4, "mlp_only_layers": [0]}
     with pytest.raises(LorafitError, match="qwen3_next: llama.cpp's qwen3next has mixture"):
@@ -177,8 +191,8 @@ def test_unsupported_family_and_dora_are_one_line_errors(tmp_path, adapted):
         write_lora(tmp_path / "x.gguf", g4, {
             f"model.per_layer_model_projection.lora_{x}.weight": np.ones((4, 4))
             for x in "AB"}, 4, 8)
-    with pytest.raises(LorafitError, match="GGUF export supports .*mistral3.*'olmo3'"):
-        family({"model_type": "olmo3"})
+    with pytest.raises(LorafitError, match="GGUF export supports .*mistral3.*'olmo'"):
+        family({"model_type": "olmo"})
     with pytest.raises(LorafitError, match="no DoRA"):
         write_lora(tmp_path / "x.gguf", {"model_type": "llama", "num_hidden_layers": 2},
                    {"model.layers.0.self_attn.q_proj.lora_magnitude_vector": np.ones(4)}, 4, 8)
@@ -356,6 +370,8 @@ def test_export_warns_where_llama_cpp_computes_otherwise():
                                     "norm_topk_prob": False})[0]
     assert "truncates" in notes({**base, "model_type": "ministral3", "rope_parameters": {
         "rope_type": "yarn", "factor": 2.0, "truncate": False}})[0]
+    assert "truncates" in notes({**base, "model_type": "olmo3", "rope_scaling": {
+        "rope_type": "yarn", "factor": 2.0, "truncate": False}})[0]
     for mt in ("mixtral", "phi3", "exaone4", "ministral3"):
         assert "ignores sliding_window=6" in notes({**base, "model_type": mt,
                                                     "sliding_window": 6})[0]
@@ -469,6 +485,15 @@ MERGED_FAMILIES = {
                            rope_type="yarn", rope_theta=1e4, factor=4.0,
                            original_max_position_embeddings=8, beta_fast=32.0, beta_slow=1.0,
                            mscale=2.0, mscale_all_dim=0.5, llama_4_scaling_beta=0.1)),
+    # llama.cpp's olmo2 with a window (6) on layer 0: plain RoPE there, YaRN (its betas and
+    # attention factor) on the full layer; post-sublayer norms, q/k norms over the projection
+    "olmo3": dict(num_hidden_layers=2, sliding_window=6,
+                  layer_types=["sliding_attention", "full_attention"], rope_parameters={
+                      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                      "full_attention": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                         "original_max_position_embeddings": 8,
+                                         "attention_factor": 1.3, "beta_fast": 32.0,
+                                         "beta_slow": 1.0}}),
     # Gated DeltaNet + gated full attention, every 2nd layer full; 2 key heads for 4 value
     # heads (llama.cpp's tiled value-head order), partial rotary, (1 + w) norms
     "qwen3_5_text": dict(num_hidden_layers=2, head_dim=32,
