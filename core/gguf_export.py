@@ -119,21 +119,17 @@ def _olmo3_view(config: dict) -> dict:
 
 
 def _olmo3_keys(w, config: dict) -> None:
-    """llama.cpp's olmo2 with a window: its sliding layers turn plain RoPE at the full
+    """llama.cpp's olmo2 with a window: its sliding layers run plain RoPE at the full
     layers' base (_olmo3_unexportable holds OLMo 3 to that), the full ones the generic
     rope keys (default, linear or YaRN with its betas and attention factor)."""
     _swa_keys(w, config, 4)
     full = config["rope_parameters"]
     if full.get("rope_type") == "yarn":
-        for key, method in (("beta_fast", w.add_rope_scaling_yarn_beta_fast),
-                            ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
-            if full.get(key) is not None:
-                method(float(full[key]))
-        w.add_rope_scaling_attn_factors(yarn_attn_factor(full))
+        _yarn_keys(w, full)
 
 
 def _olmo3_unexportable(config: dict) -> list[str]:
-    """llama.cpp's olmo2 turns plain RoPE on sliding layers, at the full layers' base, and
+    """llama.cpp's olmo2 runs plain RoPE on sliding layers, at the full layers' base, and
     plain, linear or YaRN RoPE on full ones."""
     by_type = olmo3_rope(config)
     local, full = by_type.get("sliding_attention"), by_type.get("full_attention")
@@ -144,7 +140,7 @@ def _olmo3_unexportable(config: dict) -> list[str]:
         return ["llama.cpp's olmo2 has plain RoPE only on sliding layers (this model: "
                 f"{local.get('rope_type')!r})"]
     if local and full and float(local["rope_theta"]) != float(full["rope_theta"]):
-        return ["llama.cpp's olmo2 turns sliding layers' RoPE at the full layers' base "
+        return ["llama.cpp's olmo2 runs sliding layers' RoPE at the full layers' base "
                 f"(this model: {local['rope_theta']} and {full['rope_theta']})"]
     return []
 
@@ -264,16 +260,22 @@ def yarn_attn_factor(s: dict) -> float:
     return float(factor) / mscale()
 
 
-def _ministral3_keys(w, config: dict) -> None:
-    """YaRN's betas and attention factor, and Llama 4's query temperature, stepping every
-    original_max_position_embeddings positions."""
-    _, s = _rope(config)
+def _yarn_keys(w, s: dict) -> None:
+    """YaRN's betas (those the RoPE parameters s give) and, for YaRN, the attention factor
+    llama.cpp should multiply (yarn_attn_factor)."""
     for key, method in (("beta_fast", w.add_rope_scaling_yarn_beta_fast),
                         ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
         if s.get(key) is not None:
             method(float(s[key]))
     if s.get("rope_type", s.get("type")) == "yarn":
         w.add_rope_scaling_attn_factors(yarn_attn_factor(s))
+
+
+def _ministral3_keys(w, config: dict) -> None:
+    """YaRN's betas and attention factor, and Llama 4's query temperature, stepping every
+    original_max_position_embeddings positions."""
+    _, s = _rope(config)
+    _yarn_keys(w, s)
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("llama_4_scaling_beta") is not None:  # its period: llama.cpp's YaRN context
         w.add_attn_temperature_scale(float(rope["llama_4_scaling_beta"]))
