@@ -747,7 +747,8 @@ def test_each_methods_settings_are_in_the_form_and_reach_config_toml(tiny_run_in
             method.value = "dpo"
             await fill(pilot, screen, model=folder, data=pairs, output=tmp_path / "d",
                        batch_size=2, seq_len=32)
-            assert shown(screen) == {"dpo_loss"}
+            # the Select's change reaches the form as a message: wait for it
+            assert await wait_for(pilot, lambda: shown(screen) == {"dpo_loss"}, 20)
             screen.query_one("#dpo_loss", Select).value = "ipo"
             await pilot.press("ctrl+s")
             assert await wait_for(pilot, lambda: isinstance(app.screen, RunScreen), 20)
@@ -757,7 +758,8 @@ def test_each_methods_settings_are_in_the_form_and_reach_config_toml(tiny_run_in
             await pilot.pause(0.2)
             method.value = "kto"
             await fill(pilot, screen, kto_desirable_weight=1.5, kto_undesirable_weight=0)
-            assert shown(screen) == {"kto_desirable_weight", "kto_undesirable_weight"}
+            # the Select's change reaches the form as a message: wait for it
+            assert await wait_for(pilot, lambda: shown(screen) == {"kto_desirable_weight", "kto_undesirable_weight"}, 20)
             assert await wait_for(pilot, lambda: panel_text(screen, "#memory-panel") ==
                                   "kto-undesirable-weight must be a positive number, got 0.0")
             await fill(pilot, screen, kto_undesirable_weight=0.5)
@@ -766,7 +768,8 @@ def test_each_methods_settings_are_in_the_form_and_reach_config_toml(tiny_run_in
             assert cfg["dpo_loss"] == "sigmoid"  # dpo's choice is not passed to kto
             method.value = "grpo"
             await fill(pilot, screen, data=data)
-            assert shown(screen) == {"reward", "num_generations", "max_new_tokens"}
+            # the Select's change reaches the form as a message: wait for it
+            assert await wait_for(pilot, lambda: shown(screen) == {"reward", "num_generations", "max_new_tokens"}, 20)
             for reward, why in (("", "grpo needs a reward function, file.py:function"),
                                 ("rewards.py", "'rewards.py' is not file.py:function"),
                                 ("nope.py:short", "no file nope.py")):
