@@ -891,8 +891,9 @@ def test_the_run_screen_shows_the_processes_and_each_ranks_peak(tmp_path, monkey
     """World size from the start record, each rank's peak from the memory record, and the
     CPU use of every rank whose pid is in RUN/ranks/."""
     from lorafit.core import launch
-    from lorafit.tui import sysinfo
+    from lorafit.tui import run_screen, sysinfo
 
+    monkeypatch.setattr(run_screen, "USAGE_S", 0.2)
     write_preference_run(tmp_path / "dp", 4, world_size=2)
     for rank, pid in ((0, os.getpid()), (1, 4321)):
         launch.record_start(tmp_path / "dp", launch.Place(rank, 2))
@@ -907,7 +908,8 @@ def test_the_run_screen_shows_the_processes_and_each_ranks_peak(tmp_path, monkey
             screen = app.screen
             assert await wait_for(pilot, lambda: "2 processes" in panel_text(screen, "#side"))
             assert "per rank  301 MiB, 299 MiB" in panel_text(screen, "#side")
-            assert await wait_for(pilot, lambda: [4321, os.getpid()] in sampled, timeout=5)
+            assert await wait_for(pilot, lambda: sorted([4321, os.getpid()]) in sampled,
+                                  timeout=30)
     run(scenario())
 
 
