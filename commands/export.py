@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from lorafit.core import adapter_io, lora, model_card, rundir
@@ -19,15 +20,21 @@ from lorafit.core.errors import LorafitError
 SHARD_BYTES = 4 * 2**30
 
 
-def _staging(out: str | Path) -> tuple[Path, Path]:
+def _check_out(out: str | Path) -> Path:
+    """Refuse an output that holds something: an export never replaces earlier work."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LorafitError(f"{out} exists and is not empty; choose a new output folder")
-    return out, rundir.staging_folder(out)
+    return out
 
 
-def _commit(tmp: Path, out: Path) -> Path:
-    return rundir.commit_folder(tmp, out)
+@contextmanager
+def _export_folder(out: Path):
+    """with _export_folder(out) as tmp: write the export into tmp. It becomes `out` only when
+    the block ends cleanly; on any failure (Ctrl-C included) tmp is removed and `out` is left
+    as it was."""
+    with rundir.atomic_folder(_check_out(out)) as tmp:
+        yield tmp
 
 
 def _base_model(adapter_dir: str | Path, model: str | None) -> str | None:
@@ -56,15 +63,15 @@ def export_adapter(src: str | Path, out: str | Path, fmt: str, model: str | None
     """Rewrite an adapter folder (PEFT or mlx-lm) as `fmt` ("mlx-lm" or "peft")."""
     cfg, adapter = adapter_io.load_any(src)
     base = _base_model(src, model)
-    out, tmp = _staging(out)
-    if fmt == "mlx-lm":
-        adapter_io.save_mlx_lm(tmp, adapter, cfg, _num_layers(base, adapter), base)
-    elif fmt == "peft":
-        adapter_io.save_peft(tmp, adapter, cfg, base, _num_layers(base, adapter))
-    else:
+    if fmt not in ("mlx-lm", "peft"):
         raise LorafitError(f"unknown adapter format {fmt!r}: mlx-lm or peft")
-    model_card.write_card(tmp, base, "adapter", model_card.run_dir_of(src))
-    return _commit(tmp, out)
+    with _export_folder(out) as tmp:
+        if fmt == "mlx-lm":
+            adapter_io.save_mlx_lm(tmp, adapter, cfg, _num_layers(base, adapter), base)
+        else:
+            adapter_io.save_peft(tmp, adapter, cfg, base, _num_layers(base, adapter))
+        model_card.write_card(tmp, base, "adapter", model_card.run_dir_of(src))
+    return Path(out)
 
 
 def export_merged(adapter_dir: str | Path, out: str | Path, model: str | None = None,
@@ -81,6 +88,7 @@ def export_merged(adapter_dir: str | Path, out: str | Path, model: str | None = 
     if not base:
         raise LorafitError(f"{adapter_dir}: the adapter does not name its base model; pass "
                            "--model")
+    _check_out(out)  # before the weights load
     m = load_model_with_adapter(base, adapter_dir, backend,
                                 "cpu" if backend == "auto" else None, "float32", quantize)
     ops = m.backend
@@ -90,20 +98,20 @@ def export_merged(adapter_dir: str | Path, out: str | Path, model: str | None = 
     target = dtype or config.get("torch_dtype") or config.get("dtype") or "float32"
     if target not in DTYPES:
         target = "float32"
-    out, tmp = _staging(out)
-    _write_weights(ops, {k: ops.cast(v, target) for k, v in m.params.items()}, tmp)
     config["torch_dtype"] = target
     if (config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
         config.pop("quantization_config")  # experts were dequantized while loading
     config.pop("auto_map", None)
     config = published_config(config)  # e.g. the keys mlx-lm reads beside transformers'
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    for name in ("generation_config.json",):
-        if (folder / name).exists():
-            shutil.copy(folder / name, tmp / name)
-    m.tokenizer.save_pretrained(str(tmp))
-    model_card.write_card(tmp, base, "merged", model_card.run_dir_of(adapter_dir))
-    return _commit(tmp, out)
+    with _export_folder(out) as tmp:
+        _write_weights(ops, {k: ops.cast(v, target) for k, v in m.params.items()}, tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for name in ("generation_config.json",):
+            if (folder / name).exists():
+                shutil.copy(folder / name, tmp / name)
+        m.tokenizer.save_pretrained(str(tmp))
+        model_card.write_card(tmp, base, "merged", model_card.run_dir_of(adapter_dir))
+    return Path(out)
 
 
 def _write_weights(ops, params: dict, folder: Path) -> None:
@@ -210,26 +218,27 @@ def export_gguf(adapter_dir: str | Path, out: str | Path, merge: bool, model: st
     folder = resolve_model_path(base)
     config = read_config(folder)
     gguf_export.family(config)  # an unsupported family stops before any weight loads
+    _check_out(out)
     cfg, adapter = adapter_io.load_any(adapter_dir)
     if not merge and cfg.dora:
         raise LorafitError("llama.cpp has no DoRA: export with --merge")
     for note in gguf_export.unsupported_features(config):
         print(f"warning: {note}; outputs of the GGUF will differ", file=sys.stderr)
-    out, tmp = _staging(out)
     dev = "cpu" if backend == "auto" else None
-    if merge:
-        m = load_model_with_adapter(base, adapter_dir, backend, dev, "float32", quantize)
-        lora.merge(m)
-        model_file, adapter_file = f"model-{outtype}.gguf", None
-    else:  # the adapter first: what llama.cpp cannot apply stops before weights load
-        model_file, adapter_file = f"base-{outtype}.gguf", f"adapter-{outtype}.gguf"
-        gguf_export.write_lora(tmp / adapter_file, config, adapter, cfg.r, cfg.alpha,
-                               cfg.rslora, outtype)
-        m = load_model_with_adapter(base, None, backend, dev, "float32", quantize)
-    gguf_export.write_model(tmp / model_file, config, _numpy_weights(m), folder, outtype,
-                            name=Path(str(base)).name)
-    if not write_modelfile(tmp, model_file, adapter_file, m.tokenizer, folder):
-        print("note: the chat template is not plain per-role text; the Modelfile has no "
-              "TEMPLATE (Ollama uses the GGUF's own)", file=sys.stderr)
-    model_card.write_card(tmp, base, "gguf", model_card.run_dir_of(adapter_dir))
-    return _commit(tmp, out)
+    with _export_folder(out) as tmp:
+        if merge:
+            m = load_model_with_adapter(base, adapter_dir, backend, dev, "float32", quantize)
+            lora.merge(m)
+            model_file, adapter_file = f"model-{outtype}.gguf", None
+        else:  # the adapter first: what llama.cpp cannot apply stops before weights load
+            model_file, adapter_file = f"base-{outtype}.gguf", f"adapter-{outtype}.gguf"
+            gguf_export.write_lora(tmp / adapter_file, config, adapter, cfg.r, cfg.alpha,
+                                   cfg.rslora, outtype)
+            m = load_model_with_adapter(base, None, backend, dev, "float32", quantize)
+        gguf_export.write_model(tmp / model_file, config, _numpy_weights(m), folder, outtype,
+                                name=Path(str(base)).name)
+        if not write_modelfile(tmp, model_file, adapter_file, m.tokenizer, folder):
+            print("note: the chat template is not plain per-role text; the Modelfile has no "
+                  "TEMPLATE (Ollama uses the GGUF's own)", file=sys.stderr)
+        model_card.write_card(tmp, base, "gguf", model_card.run_dir_of(adapter_dir))
+    return Path(out)

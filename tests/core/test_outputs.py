@@ -249,3 +249,41 @@ def test_preference_rewards_reach_the_trackers(tmp_path):
         logged = {e.step: e.value for e in acc.Scalars(f"train/{field}")}
         assert logged[1] == pytest.approx(value)
         assert (2 in logged) == (field != "reward_accuracy")
+
+
+@pytest.mark.parametrize("fmt", ["peft", "mlx-lm", "merged", "gguf"])
+def test_a_failed_export_leaves_no_staging_folder_and_no_partial_output(run, tmp_path, fmt,
+                                                                        monkeypatch):
+    """Every export fails after its weights are written (the model card is its last file):
+    neither the staging folder nor a partial destination remains; Ctrl-C is no different; a
+    destination that holds something is refused and left as it was."""
+    from lorafit.commands import export
+    from lorafit.core import model_card
+
+    root, *_ = run
+    adapter = root / "run" / "adapter"
+
+    def do(out):
+        if fmt == "merged":
+            return export.export_merged(adapter, out, backend="torch")
+        if fmt == "gguf":
+            return export.export_gguf(adapter, out, False, outtype="f32", backend="torch")
+        return export.export_adapter(adapter, out, fmt, None)
+
+    for error in (OSError("disk full"), KeyboardInterrupt()):
+        def write_card(folder, *a, error=error, **k):
+            assert any(folder.iterdir())  # midway: the weights are already there
+            raise error
+
+        monkeypatch.setattr(model_card, "write_card", write_card)
+        out = tmp_path / "out"
+        with pytest.raises(type(error)):
+            do(out)
+        assert list(tmp_path.iterdir()) == []  # no .out.tmp, no out
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "mine.txt").write_text("x")
+    with pytest.raises(LorafitError, match="exists and is not empty"):
+        do(kept)
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"]
+    assert (kept / "mine.txt").read_text() == "x"
