@@ -30,6 +30,7 @@ from lorafit.tui.widgets import fmt_bytes, histogram, memory_bar
 FIELDS = [  # (id, label, default, TrainConfig field, parser)
     ("model", "model", "", "model", str),
     ("data", "data file", "", "data", str),
+    ("columns", "columns", "", "columns", str),  # --columns: FIELD=COLUMN,...
     ("output", "run folder", "", "output", str),
     ("rank", "rank", "8", "rank", int),
     ("alpha", "alpha", "16", "alpha", float),
@@ -59,7 +60,8 @@ METHOD_FIELDS = {  # field -> the methods using it: shown (and passed) only for 
     "kto_desirable_weight": ("kto",), "kto_undesirable_weight": ("kto",),
     "reward": ("grpo",), "num_generations": ("grpo",), "max_new_tokens": ("grpo",)}
 PLACEHOLDERS = {"model": "folder, hub id (a preset only estimates)",
-                "data": ".jsonl / .json", "output": "empty: RUNS/run-DATE",
+                "data": ".jsonl / .json", "columns": "e.g. prompt=question",
+                "output": "empty: RUNS/run-DATE",
                 "max_steps": "empty: epochs", "eval_every": "empty: never",
                 "save_every": "empty: at the end", "budget": "empty: the device's memory",
                 "nproc": "data parallel: one per GPU or core",
@@ -286,6 +288,9 @@ class SetupScreen(Screen):
         """Whether the field still holds what a worker computed for (no stale panels)."""
         return str(self.query_one(f"#{fid}", Input).value.strip()) == str(value)
 
+    def _still_data(self, cfg) -> bool:
+        return self._still("data", cfg.data) and self._still("columns", cfg.columns or "")
+
     @work(thread=True, exclusive=True, group="memory")
     def _update_memory(self, cfg, budget=None, nproc: int = 1) -> None:
         from lorafit.commands.estimate import estimate_for_config
@@ -334,9 +339,10 @@ class SetupScreen(Screen):
 
         panel = self.query_one("#data-panel", Static)
         try:
-            stats = check_data(cfg.data, cfg.method)
+            records = data_records(cfg)
+            stats = check_data(records, cfg.method)
         except LorafitError as e:
-            if self._still("data", cfg.data):
+            if self._still_data(cfg):
                 self.data_problems = []
                 self.app.call_from_thread(panel.update, Text(f"data: {e}", style="red"))
             return
@@ -348,14 +354,14 @@ class SetupScreen(Screen):
                 from lorafit.models.loader import load_tokenizer
 
                 if cfg.method == "sft":
-                    examples, tstats = load_dataset(cfg.data, load_tokenizer(cfg.model),
+                    examples, tstats = load_dataset(records, load_tokenizer(cfg.model),
                                                     cfg.seq_len, "skip")
                     count = f"{tstats.examples} examples"
                     truncated, problems = tstats.truncated, tstats.problems
                 elif cfg.method == "grpo":  # prompts; completions are sampled
                     from lorafit.core.grpo_data import load_prompts
 
-                    pset, problems = load_prompts(cfg.data, load_tokenizer(cfg.model),
+                    pset, problems = load_prompts(records, load_tokenizer(cfg.model),
                                                   cfg.seq_len, cfg.max_new_tokens, "skip")
                     examples, truncated = pset.examples, None  # too long: a problem
                     count = (f"{len(pset)} prompts x {cfg.num_generations} completions of "
@@ -363,7 +369,7 @@ class SetupScreen(Screen):
                 else:  # preference records: pairs (two sequences each) or labelled ones
                     from lorafit.core.preference_data import load_preferences
 
-                    pset, problems = load_preferences(cfg.data, load_tokenizer(cfg.model),
+                    pset, problems = load_preferences(records, load_tokenizer(cfg.model),
                                                       cfg.seq_len, cfg.method, "skip")
                     examples, truncated = pset.examples, pset.truncated
                     count = f"{len(pset)} {'pairs' if pset.kind == 'pairs' else 'completions'}"
@@ -376,7 +382,7 @@ class SetupScreen(Screen):
         if lengths:
             body.append("token lengths\n", style="bold")
             body.append(histogram(lengths))
-        if not self._still("data", cfg.data):
+        if not self._still_data(cfg):
             return
         self.data_problems = list(stats.problems)
         t = Text()
@@ -426,7 +432,7 @@ class SetupScreen(Screen):
                                    f"{f' (pid {pid})' if pid else ''}; choose another directory")
             if rundir.holds_checkpoints(run_dir):
                 raise LorafitError(f"{run_dir} already holds a run; choose another directory")
-            problems = check_data(cfg.data, cfg.method).problems or self.data_problems
+            problems = check_data(data_records(cfg), cfg.method).problems or self.data_problems
             if cfg.method == "grpo":  # the user's file, as the trainer will import it
                 from lorafit.core.rewards import load_reward
                 load_reward(cfg.reward)
@@ -487,9 +493,17 @@ def reward_problem(spec: str) -> str | None:
     return None
 
 
-def check_data(path: str, method: str):
+def data_records(cfg):
+    """The run's training records as the trainer reads them: --columns renamed."""
+    from lorafit.core.sources import open_records
+
+    return open_records(cfg.data, split=cfg.data_split, config=cfg.data_config,
+                        revision=cfg.data_revision, columns=cfg.columns)
+
+
+def check_data(path, method: str):
     """The data check without a tokenizer (core/data.py's, or GRPO's prompts): good records
-    and the problems, as a DatasetStats."""
+    and the problems, as a DatasetStats. `path`: a --data value or records already opened."""
     from lorafit.core.data import DatasetStats, check_dataset_file
 
     if method != "grpo":

@@ -989,3 +989,42 @@ def test_the_footer_shows_every_key_of_each_screen_at_80x24(fixed_runs):
                 seen.append(type(app.screen))
             assert seen == [SetupScreen, BrowserScreen, RunScreen]
     run(scenario())
+
+
+# -- --columns in the form -------------------------------------------------------------------
+def test_the_columns_field_maps_the_data_for_the_preview_and_the_run(tiny_run_inputs, tmp_path,
+                                                                      monkeypatch):
+    """A set named question/answer: without a mapping no record is in a known format; with
+    prompt=question,completion=answer the preview tokenizes it and Start writes the mapping
+    into RUN/config.toml (what `lorafit train` reads); a bad mapping is a one-line form error."""
+    import json
+
+    import lorafit.tui.setup_screen as setup
+
+    root, folder, _, _ = tiny_run_inputs
+    monkeypatch.setattr(setup, "start_training", lambda c, r, **kw: FakeProcess())
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("\n".join(json.dumps({"question": f"say {w}", "answer": f" {w}"})
+                            for w in "abcde"))
+
+    async def scenario():
+        app = LorafitApp(runs_root=tmp_path / "runs")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            await fill(pilot, screen, model=folder, data=qa, output=tmp_path / "c",
+                       batch_size=1, seq_len=32)
+            assert await wait_for(pilot, lambda: "no record in a known format" in
+                                  panel_text(screen, "#data-panel"))
+            await fill(pilot, screen, columns="prompt")
+            assert panel_text(screen, "#memory-panel") == (
+                "--columns 'prompt': expected FIELD=COLUMN pairs separated by commas, "
+                "e.g. prompt=question,completion=answer")
+            await fill(pilot, screen, columns="prompt=question,completion=answer")
+            assert await wait_for(pilot, lambda: "5 examples" in
+                                  panel_text(screen, "#data-panel"))
+            assert "prompt_completion" in panel_text(screen, "#data-panel")
+            await pilot.press("ctrl+s")
+            assert await wait_for(pilot, lambda: isinstance(app.screen, RunScreen), 20)
+        cfg = tomllib.loads(rundir.config_path(tmp_path / "c").read_text())
+        assert cfg["columns"] == "prompt=question,completion=answer"
+    run(scenario())
