@@ -753,14 +753,20 @@ def _finish(w) -> None:
     w.close()
 
 
-def write_model(path: str | Path, config: dict, weights: dict, tokenizer_dir: str | Path,
-                outtype: str = "f16", name: str | None = None) -> Path:
-    """A whole model as one GGUF file. `weights`: Hugging Face names -> float arrays."""
+def _writing(config: dict):
+    """(gguf module, family, config as written, tensor name map): what both writers, the
+    model's and the adapter's, start from, so their names always agree."""
     gguf = _gguf()
     fam = family(config)
     config = _as_written(config, fam)
+    return gguf, fam, config, _name_map(gguf, fam, config)
+
+
+def write_model(path: str | Path, config: dict, weights: dict, tokenizer_dir: str | Path,
+                outtype: str = "f16", name: str | None = None) -> Path:
+    """A whole model as one GGUF file. `weights`: Hugging Face names -> float arrays."""
+    gguf, fam, config, names = _writing(config)
     path = Path(path)
-    names = _name_map(gguf, fam, config)
     tensors = {}
     for hf in sorted(weights):
         if hf.endswith("rotary_emb.inv_freq"):
@@ -828,11 +834,8 @@ def write_lora(path: str | Path, config: dict, adapter: dict, r: int, alpha: flo
     """A LoRA adapter as llama.cpp loads it with `--lora`: `<tensor>.lora_a` (r x in) and
     `.lora_b` (out x r) beside the base tensor's GGUF name; llama.cpp scales by
     adapter.lora.alpha / r. `adapter`: PEFT module names (`...q_proj.lora_A.weight`)."""
-    gguf = _gguf()
-    fam = family(config)
-    config = _as_written(config, fam)
+    gguf, fam, config, names = _writing(config)
     path = Path(path)
-    names = _name_map(gguf, fam, config)
     tensors = {}
     for key in sorted(adapter):
         if key.endswith("lora_magnitude_vector"):
