@@ -476,22 +476,21 @@ def moe_saved_per_token(sh: Shape, st: Settings, adapted: bool,
             n += k * (F + r)
         if "gate" in names:
             n += r + m["experts"]
-    return n + moe_routing_bytes_per_token(sh, st, adapted) / DTYPE_BYTES[st.dtype]
+    return n + moe_routing_bytes_per_token(sh, st) / DTYPE_BYTES[st.dtype]
 
 
-def moe_routing_bytes_per_token(sh: Shape, st: Settings, adapted: bool) -> int:
+def moe_routing_bytes_per_token(sh: Shape, st: Settings) -> int:
     """Bytes per token a sparse layer keeps for routing: the router's float32
     probabilities (4E), the top-k indices (8k: int64 on torch, uint32 on MLX, counted 8),
     the chosen weights, their sum and the renormalised weights (float32, 4(2k + 1)), and
-    for each gather_linear call that sorts its rows the order and its inverse (2k
-    indices: the vjps of the gathers read them; int64 on torch, uint32 on MLX): torch one
-    per expert parameter and two more (A and B) per adapted one, MLX only the two."""
+    the one sort of the layer's rows by expert (ops.expert_groups; every expert projection
+    and adapter runs on those rows), whose indices the gathers' vjps read: torch keeps
+    each sorted row's token and the order (2k int64), MLX the token, the sorted experts
+    (gather_mm's) and the inverse (3k uint32)."""
     m = sh.moe
-    k, index = m["top_k"], 8 if st.backend == "torch" else 4
-    adapted_experts = len(moe_target_names(sh, st) & {"gate_up_proj", "down_proj"}) \
-        if adapted else 0
-    calls = 2 * adapted_experts + (2 if st.backend == "torch" else 0)  # MLX sorts these only
-    return 4 * m["experts"] + 8 * k + 4 * (2 * k + 1) + 2 * index * k * calls
+    k = m["top_k"]
+    sorted_kept = 2 * 8 * k if st.backend == "torch" else 3 * 4 * k
+    return 4 * m["experts"] + 8 * k + 4 * (2 * k + 1) + sorted_kept
 
 
 def dora_kept_per_token(sh: Shape, st: Settings, names) -> int:
