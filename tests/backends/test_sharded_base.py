@@ -104,3 +104,41 @@ def test_a_sharded_base_gives_the_plain_forwards_loss_and_gradients(
     for k in names:
         np.testing.assert_allclose(out[1][1][k], out[0][1][k], rtol=1e-4, atol=1e-6)
         assert np.abs(out[0][1][k]).max() > 0, k
+
+
+def test_a_layer_read_straight_from_the_files_is_the_slice_cut_from_the_whole_layer(
+        small_llama):
+    """--shard at load (models/loader.py, ShardedLayer.read): each rank's slices read from
+    the safetensors files equal, bit for bit, the slices cut from the whole loaded layer
+    (3 ranks, so slices start and end inside arrays and rows; and cast to bf16 on the way);
+    nothing of the layers is held whole, and the arrays outside the layers are."""
+    from lorafit.backends.base import SHARDED_LAYER
+    from lorafit.backends.torch import TorchBackend
+    from lorafit.backends.torch.sharded_base import ShardedLayer
+    from lorafit.models.loader import load_model
+
+    folder = small_llama[0]
+    ops = TorchBackend("cpu")
+    for dtype in ("float32", "bfloat16"):
+        whole = load_model(str(folder), ops, dtype).params
+        layers = sorted({k.split(".")[2] for k in whole if k.startswith("model.layers.")})
+        for rank in range(3):
+            ops.rank, ops.world_size = rank, 3
+            params = load_model(str(folder), ops, dtype, shard=True).params
+            ops.rank, ops.world_size = 0, 1
+            assert sorted(k for k in params if not k.startswith("model.layers.")) == \
+                sorted(k for k in whole if not k.startswith("model.layers."))
+            for k in params:
+                if not k.startswith("model.layers."):
+                    assert torch.equal(params[k], whole[k]), k
+            assert sorted(k for k in params if k.startswith("model.layers.")) == \
+                sorted(f"model.layers.{i}.{SHARDED_LAYER}" for i in layers)
+            for i in layers:
+                got = params[f"model.layers.{i}.{SHARDED_LAYER}"]
+                prefix = f"model.layers.{i}."
+                names = [n for n in got.groups[0][0]]
+                cut = ShardedLayer({n[0]: whole[prefix + n[0]] for n in names}, rank, 3)
+                assert [e for e, _ in got.groups] == [e for e, _ in cut.groups]
+                assert got.groups[0][1].dtype == cut.groups[0][1].dtype
+                assert torch.equal(got.groups[0][1], cut.groups[0][1]), (dtype, rank, i)
+                assert got.nbytes == cut.nbytes
