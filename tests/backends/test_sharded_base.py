@@ -209,3 +209,26 @@ def test_a_sharded_load_never_holds_the_whole_base(tmp_path):
         assert 0 <= way["held"] - (outside + layers / 2) <= 4 * cfg["num_hidden_layers"]
     assert got["after load"]["peak"] >= 0.9 * (layers + outside)  # it sees a whole base
     assert got["at load"]["peak"] <= 0.7 * (layers + outside)
+
+
+def test_a_fresh_dora_adapter_on_a_base_cut_at_load_gathers_its_norms(
+        small_llama, torch_backend, one_rank_group):
+    """A base already cut when the adapter attaches (--shard reads slices at load): DoRA's
+    fresh magnitudes (row norms of the frozen weights) gather each layer (a collective) and
+    equal those of the whole base; the parameter count counts the cut layers whole."""
+    import numpy as np
+    from lorafit.backends.torch.sharded_base import shard_layers
+    from lorafit.core import lora
+    from lorafit.core.lora import LoraConfig
+    from lorafit.models.loader import load_model
+
+    cfg = LoraConfig(r=2, alpha=4, targets="q_proj,v_proj,down_proj", dora=True)
+    whole = load_model(str(small_llama[0]), torch_backend)
+    names = lora.attach(whole, cfg, seed=0)
+    cut = load_model(str(small_llama[0]), torch_backend)
+    cut.params = shard_layers(cut.params, 0, 1)  # what a sharded load hands over
+    assert lora.attach(cut, cfg, seed=0) == names
+    for k in [k for k in names if k.endswith(lora.MAGNITUDE)]:
+        np.testing.assert_array_equal(cut.params[k].numpy(), whole.params[k].numpy())
+    shapes = whole.parameter_shapes()
+    assert lora.count_params(cut.params, shapes) == lora.count_params(whole.params, shapes)
