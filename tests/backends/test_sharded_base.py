@@ -163,6 +163,8 @@ def load_peak(folder, at_load: bool) -> dict:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = psutil.Process().memory_info().rss
+    if _read_hwm() > before + 2**20:
+        pytest.skip("this kernel does not restart the resident high-water mark")
     params = load_model(str(folder), ops, "float32", shard=at_load).params
     params = ops.shard_frozen(params)  # what the trainer does (nothing left if sliced)
     out = {"peak": _read_hwm() - before, "held": sum(ops.nbytes(v) for v in params.values())}
@@ -200,8 +202,8 @@ def test_a_sharded_load_never_holds_the_whole_base(tmp_path):
     size = lambda keys: sum(int(np.prod(shapes[k])) * 4 for k in keys)  # noqa: E731
     layers = size(k for k in shapes if k.startswith("model.layers."))
     outside = size(k for k in shapes if not k.startswith("model.layers."))
-    got = {"at load": load_peak(tmp_path, True),  # the smaller one first
-           "after load": load_peak(tmp_path, False)}
+    got = {"after load": load_peak(tmp_path, False),  # (pays for first-time imports)
+           "at load": load_peak(tmp_path, True)}
     print(f"whole base {(layers + outside) / 2**20:.1f} MiB; rank 0 of 2's load peak, "
           f"cut after loading {got['after load']['peak'] / 2**20:.1f} MiB, read as slices "
           f"{got['at load']['peak'] / 2**20:.1f} MiB")
