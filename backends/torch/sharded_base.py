@@ -11,6 +11,10 @@ for the backward: the recomputation gathers them again, one layer at a time.
 FSDP2's `fully_shard` does the same for `nn.Module`s by hooking their calls; lorafit's
 decoder is a function over a dict of arrays, so the gather is explicit here. Every process
 must gather the same layers in the same order (they run the same forward and backward).
+
+A layer is normally cut while the model loads (`ShardedLayer.read`, from the safetensors
+files: this process reads only its slice, so no process ever holds the whole base);
+`shard_layers` cuts what was loaded whole (layers a model family converts on loading).
 """
 
 from __future__ import annotations
@@ -110,9 +114,10 @@ class ShardedLayer:
 def _flat_range(handle, key: str, shape: tuple, a: int, b: int) -> torch.Tensor:
     """Elements [a, b) of an array's row-major flattening, reading whole rows along its
     first axis only (the rows the range touches), never the whole array."""
-    if len(shape) <= 1:
-        flat = handle.get_tensor(key).reshape(-1) if not shape else handle.get_slice(key)[a:b]
-        return flat[a:b] if not shape else flat
+    if not shape:  # a scalar
+        return handle.get_tensor(key).reshape(-1)[a:b]
+    if len(shape) == 1:
+        return handle.get_slice(key)[a:b]
     row = 1
     for d in shape[1:]:
         row *= int(d)
