@@ -70,9 +70,10 @@ class Backend(Protocol):
         """Bytes held by an array (or by a quantized weight's scale state)."""
 
     # -- files ----------------------------------------------------------------------------
-    def read_safetensors(self, path, dtype: str):
+    def read_safetensors(self, path, dtype: str, skip: frozenset = frozenset()):
         """Yield (name, array) from one safetensors file, one tensor at a time, floating
-        tensors cast to dtype, so no second copy of a shard is ever held."""
+        tensors cast to dtype, so no second copy of a shard is ever held; the tensors named
+        in skip are not read."""
 
     def save_safetensors(self, path, arrays: dict) -> None:
         """Write backend arrays (any dtype, bf16 included) to one safetensors file."""
@@ -316,6 +317,13 @@ class Backend(Protocol):
         replaced by one object holding this process's 1/N of them, under the layer's
         SHARDED_LAYER key (arrays outside the layers stay whole); params itself when
         alone. torch only (MLX raises LorafitError); a quantized base raises too."""
+
+    def read_layer_slice(self, sources: list, dtype: str):
+        """--shard while loading: this process's 1/N of one decoder layer's frozen arrays,
+        read straight from the safetensors files (only the slice's bytes; the whole layer
+        is never held), as the object shard_frozen puts under SHARDED_LAYER. sources:
+        (name, file, checkpoint key, shape) per array, in the layer's layout order, every
+        one floating-point, cast to dtype. torch only (MLX raises LorafitError)."""
 
     def gather_frozen(self, layer: dict) -> dict:
         """A layer's dict (models.decoder.split_layers) with its sharded frozen arrays

@@ -250,7 +250,7 @@ def _build(cfg, sinks, control, resume, report, allow_changed, lock):
     ops = get_backend(cfg.backend, cfg.device, verbose=primary)
     ops.seed(cfg.seed)
     model = load_model(str(folder), ops, cfg.dtype or training_dtype(ops, load_args(folder)[0]),
-                       cfg.quantize)
+                       cfg.quantize, shard=cfg.shard and _shards_base(cfg.method))
     check_token_ids(train.examples if preference else train, model.args.vocab_size, cfg.data)
     check_token_ids((val.examples if val else []) if preference else val,
                     model.args.vocab_size, cfg.val_data or cfg.data)
@@ -283,6 +283,17 @@ def _build(cfg, sinks, control, resume, report, allow_changed, lock):
     for note in notes:
         trainer.emit(ev.Message(level="info", text=note))
     return trainer
+
+
+def _shards_base(method: str) -> bool:
+    """Whether the trainer for this method cuts the frozen base under --shard (then each
+    rank reads only its slices of the layers while loading)."""
+    if method == "grpo":
+        return False  # one process only
+    if method != "sft":
+        from lorafit.core.preference_train import PreferenceTrainer
+        return PreferenceTrainer.shards_base
+    return Trainer.shards_base
 
 
 def run_training(cfg, sinks=None, control=None, resume=False, install_signals=True,

@@ -999,6 +999,7 @@ def padded(st: Settings) -> Settings:
 # count: each device keeps 1/N of AdamW's moments and updates 1/N; it adds FSDP2's 1/N of
 # the adapter (its master shard) and, in the update, the all-gathered whole adapter. The
 # frozen base's layers are cut too (backends/torch/sharded_base.py): 1/N of them per device,
+# from the load on (models/loader.py reads each device's slices straight from the files),
 # plus the one layer gathered whole while it runs (forward and backward, not the update);
 # the layers then run recomputed, as with --grad-checkpoint. Not divided: the base outside
 # the layers (embeddings, head, final norm), the adapter the forward reads, the all-reduced
@@ -1063,7 +1064,8 @@ def split(sh: Shape, settings: Settings) -> dict | None:
             "base": {"whole": whole, "outside layers": outside,
                      "per device": sharded_base(sh, settings),
                      "gathered layer": gathered_layer(sh, settings)},
-            "note": f"--shard: the base's layers ({fmt_bytes(whole - outside)}), "
+            "note": f"--shard: the base's layers ({fmt_bytes(whole - outside)}; each device "
+                    "reads only its slice of them while loading), "
                     f"{' and '.join(SHARDED)} divided by {n}, plus one layer gathered whole "
                     f"while it runs ({fmt_bytes(gathered_layer(sh, settings))}) and 1/{n} of "
                     "the adapter as FSDP2's shard; the layers run recomputed (as with "

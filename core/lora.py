@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from lorafit.backends.base import SHARDED_LAYER
 from lorafit.core.errors import LorafitError
 
 LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
@@ -260,10 +261,11 @@ def attach(model, cfg: LoraConfig, adapter: dict | None = None, seed: int = 0,
         model.params[name] = ops.from_numpy(np.asarray(value, dtype=np.float32), dtype)
     model.lora = cfg
     if cfg.dora:
+        gathered: dict = {}  # a layer cut across processes at load, gathered once
         for name in [k for k in adapter if k.endswith(LORA_A)]:
             mag = f"{_module(name)}.{MAGNITUDE}"
             if mag not in model.params:  # fresh DoRA: m = ||W + s B A|| row-wise (= ||W||)
-                w = _dense(model, _module(name))
+                w = _dense(model, _module(name), gathered)
                 delta = ops.linear(model.params[f"{_module(name)}.{LORA_B}"],
                                    ops.swapaxes(model.params[name], 0, 1))
                 model.params[mag] = ops.cast(
@@ -273,12 +275,29 @@ def attach(model, cfg: LoraConfig, adapter: dict | None = None, seed: int = 0,
     return adapter_leaves(model.params)
 
 
-def _dense(model, module: str):
+def _dense(model, module: str, gathered: dict | None = None):
     """The frozen weight of a module as a dense backend array (dequantized if needed)."""
+    if module + ".weight" not in model.params and module not in model.params:
+        return _sharded_weight(model, module, {} if gathered is None else gathered)
     if module + ".weight" not in model.params:  # an MoE's 3D expert parameter
         return model.params[module]
     return dense_weight(model.backend, model.params, module,
                         _quant(model.params, module, model.args.quantization))
+
+
+def _sharded_weight(model, module: str, gathered: dict):
+    """A weight its process holds 1/N of (--shard, cut while loading): the module's layer
+    gathered whole (a collective: every rank attaches the same modules in the same order),
+    kept in `gathered` for the layer's next modules."""
+    prefix = module[:module.index(".", len("model.layers.")) + 1]  # model.layers.<i>.
+    if gathered.get("prefix") != prefix:
+        layer = {k[len(prefix):]: v for k, v in model.params.items()
+                 if k.startswith(prefix) and ".lora_" not in k}
+        gathered.clear()
+        gathered.update(prefix=prefix, arrays=model.backend.gather_frozen(layer))
+    rest = module[len(prefix):]
+    arrays = gathered["arrays"]
+    return arrays[rest + ".weight"] if rest + ".weight" in arrays else arrays[rest]
 
 
 def check_adapter_fits(adapter: dict, shapes: dict) -> None:
@@ -386,6 +405,11 @@ def count_params(params: dict, logical_shapes: dict | None = None) -> tuple[int,
     buffers (BUFFERS) are not parameters, as PyTorch and PEFT count them."""
     total = trainable = 0
     for k, v in params.items():
+        if k.endswith(SHARDED_LAYER):  # --shard, cut at load: the layer's whole arrays
+            layer = k[:-len(SHARDED_LAYER)]
+            total += sum(int(np.prod(shape)) for n, shape in (logical_shapes or {}).items()
+                         if n.startswith(layer) and not n.endswith(BUFFERS))
+            continue
         if not hasattr(v, "shape") or k.endswith((".scales", ".biases") + BUFFERS):
             continue  # quantization metadata or buffers, not parameters
         shape = (logical_shapes or {}).get(k, v.shape)

@@ -26,7 +26,7 @@ _STATS = "\0rewards"  # reward sums travel with the gradients (no adapter key lo
 
 
 class PreferenceTrainer(Trainer):
-    shards_base = False  # --shard: the adapter's state only; the base stays replicated
+    shards_base = True  # --shard cuts the frozen base too (every rank runs the same passes)
 
     def __init__(self, model, cfg, train: PreferenceSet, val: PreferenceSet | None = None,
                  *args, **kwargs):
@@ -168,11 +168,16 @@ class PreferenceTrainer(Trainer):
         denoms = ops.from_numpy(np.asarray([pairs, max(tokens, 1)], dtype=np.float32))
         params = {**self.frozen, **self.trainable}
         total = 0.0
-        for b in shard(batches, self.rank, self.world_size):
+        mine = shard(batches, self.rank, self.world_size)
+        # a sharded base gathers each layer from every rank: all run as many passes (a
+        # rank short of a batch runs its first one again and drops the result)
+        spare = -(-len(batches) // self.world_size) - len(mine) if self.base_sharded else 0
+        for j, b in enumerate(mine + [batches[0]] * spare):
             bb, ref, counts = self._prepare(b)
             with ops.inference():
                 part, _, _ = self._objective(params, bb, ref, counts, denoms, False)
-            total += ops.to_float(part)
+            if j < len(mine):
+                total += ops.to_float(part)
         if self.world_size > 1:
             arr = ops.from_numpy(np.asarray([total], dtype=np.float32))
             total = float(ops.to_numpy(ops.all_reduce({"loss": arr})["loss"])[0])

@@ -56,7 +56,7 @@ class Position:
 
 
 class Trainer:
-    shards_base = True  # --shard cuts the frozen base across processes (not DPO/ORPO yet)
+    shards_base = True  # --shard cuts the frozen base across processes
 
     def __init__(self, model, cfg, train_examples, val_examples=(), run_dir=None,
                  sinks=(), control=None, estimate: dict | None = None):

@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from lorafit.backends.base import SHARDED_LAYER
 from lorafit.core.config import DTYPES, QUANTIZE_BITS
 from lorafit.core.errors import LorafitError
 from lorafit.models import Model, decoder, family, model_args
@@ -136,12 +137,15 @@ def parse_quantize(quantize: str | None) -> int | None:
 
 
 def load_model(path_or_id: str, backend, dtype: str | None = None,
-               quantize: str | None = None) -> Model:
+               quantize: str | None = None, shard: bool = False) -> Model:
     """Load a model folder onto a backend. With quantize ("4bit"/"8bit") each projection
     weight is quantized as soon as it is read (group-wise affine, group 64), so the full-
     precision model never sits in memory; embeddings and the head stay in `dtype`, and so
     does a projection whose input size is not a multiple of 64 (as mlx-lm does).
-    A folder already quantized by mlx-lm loads as it is."""
+    A folder already quantized by mlx-lm loads as it is. With shard (--shard, several
+    processes) each decoder layer is read straight into this process's 1/N slice
+    (Backend.read_layer_slice) where its arrays are stored as the model uses them; see
+    plan_layer_slices."""
     args, folder = load_args(path_or_id)
     if dtype is not None and dtype not in DTYPES:
         raise LorafitError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -163,8 +167,18 @@ def load_model(path_or_id: str, backend, dtype: str | None = None,
     expected = decoder.parameter_shapes(args)
     projections = decoder.projection_weights(args)
     params = {}
-    for f in weight_files(folder):
-        for name, array in backend.read_safetensors(f, dtype):
+    files = weight_files(folder)
+    sliced = plan_layer_slices(files, fam, expected) \
+        if shard and backend.world_size > 1 and not bits and not stored_q else {}
+    skip = {str(src[1]): set() for srcs in sliced.values() for src in srcs}
+    for srcs in sliced.values():
+        for _, path, key, _ in srcs:
+            skip[str(path)].add(key)
+    for i, srcs in sliced.items():  # one layer at a time: only this process's slice
+        params[f"{LAYERS}{i}.{SHARDED_LAYER}"] = backend.read_layer_slice(srcs, dtype)
+    done = {f"{LAYERS}{i}.{src[0]}" for i, srcs in sliced.items() for src in srcs}
+    for f in files:
+        for name, array in backend.read_safetensors(f, dtype, frozenset(skip.get(str(f), ()))):
             name = fam.rename(name)
             module = name.rsplit(".", 1)[0]
             if name.endswith((".scales", ".biases")) and module + ".weight" in expected:
@@ -186,13 +200,13 @@ def load_model(path_or_id: str, backend, dtype: str | None = None,
         params = fam.convert(backend, params, args)
     if stored_q:
         _dequantize_non_projections(backend, params, stored_q, projections, dtype)
-    missing = [k for k in expected if k not in params]
+    missing = [k for k in expected if k not in params and k not in done]
     if missing:
         raise LorafitError(f"{folder}: weights lack {missing[0]}"
                            + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     for k, shape in expected.items():
-        if k.rsplit(".", 1)[0] + ".scales" in params:
-            continue  # packed: its shape is the quantizer's
+        if k.rsplit(".", 1)[0] + ".scales" in params or k in done:
+            continue  # packed: its shape is the quantizer's; sliced: checked when planned
         if tuple(params[k].shape) != tuple(shape):
             raise LorafitError(f"{folder}: {k} has shape {tuple(params[k].shape)}, config.json "
                                f"implies {tuple(shape)}")
@@ -200,6 +214,46 @@ def load_model(path_or_id: str, backend, dtype: str | None = None,
         args.quantization = {"bits": bits, "group_size": GROUP_SIZE}
     backend.synchronize()
     return Model(args=args, params=params, backend=backend, path=str(folder), dtype=dtype)
+
+
+LAYERS = "model.layers."
+FLOATS = ("F16", "BF16", "F32", "F64")  # safetensors' floating-point dtypes
+
+
+def safetensors_header(path: Path) -> dict:
+    """{key: {"dtype", "shape", "data_offsets"}} of one safetensors file, from its JSON
+    header alone (no tensor is read)."""
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    header.pop("__metadata__", None)
+    return header
+
+
+def plan_layer_slices(files: list, fam, expected: dict) -> dict:
+    """{layer index: [(name within the layer, file, checkpoint key, shape)]} for the decoder
+    layers whose frozen arrays are all stored as the model uses them (the family's rename
+    only; same shape; floating point), in the order of `expected`. Such a layer can be read straight
+    into slices. A layer with any array the family converts (per-expert MoE tensors, MXFP4
+    blocks) or stores otherwise is left out: it loads whole and is cut afterwards
+    (Backend.shard_frozen)."""
+    stored, converted = {}, set()
+    for f in files:
+        for key, meta in safetensors_header(f).items():
+            name = fam.rename(key)
+            if fam.checkpoint_key is not None and fam.checkpoint_key.match(name):
+                if name.startswith(LAYERS):
+                    converted.add(name[len(LAYERS):].split(".", 1)[0])
+            elif name in expected and meta.get("dtype") in FLOATS \
+                    and tuple(meta["shape"]) == tuple(expected[name]):
+                stored[name] = (f, key, tuple(meta["shape"]))
+    layers: dict = {}
+    for name in expected:
+        if name.startswith(LAYERS):
+            layers.setdefault(name[len(LAYERS):].split(".", 1)[0], []).append(name)
+    return {int(i): [(n[len(f"{LAYERS}{i}."):], *stored[n]) for n in names]
+            for i, names in layers.items()
+            if i not in converted and all(n in stored for n in names)}
 
 
 def _dequantize_non_projections(ops, params, q, projections, dtype):

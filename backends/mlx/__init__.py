@@ -71,9 +71,11 @@ class MLXBackend:
     def to_float(self, x):
         return float(x.item())
 
-    def read_safetensors(self, path, dtype):
+    def read_safetensors(self, path, dtype, skip=frozenset()):
         """Yield (name, array) one at a time, cast to dtype and evaluated."""
         for name, x in mx.load(str(path)).items():
+            if name in skip:
+                continue
             if mx.issubdtype(x.dtype, mx.floating):
                 x = x.astype(_DTYPES[dtype])
             mx.eval(x)
@@ -505,6 +507,11 @@ class MLXBackend:
     def shard_frozen(self, params):
         if self.world_size == 1:
             return params
+        from lorafit.core.errors import LorafitError
+        from lorafit.core.estimate import SHARD_ON_MLX
+        raise LorafitError(SHARD_ON_MLX)
+
+    def read_layer_slice(self, sources, dtype):
         from lorafit.core.errors import LorafitError
         from lorafit.core.estimate import SHARD_ON_MLX
         raise LorafitError(SHARD_ON_MLX)

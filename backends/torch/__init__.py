@@ -79,11 +79,13 @@ class TorchBackend:
     def to_float(self, x):
         return float(x.detach())
 
-    def read_safetensors(self, path, dtype):
+    def read_safetensors(self, path, dtype, skip=frozenset()):
         """Yield (name, tensor) one at a time, cast to dtype on the device."""
         from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
+                if name in skip:
+                    continue
                 t = f.get_tensor(name)
                 if t.is_floating_point():
                     t = t.to(_DTYPES[dtype])
@@ -558,6 +560,10 @@ class TorchBackend:
             return params
         from lorafit.backends.torch.sharded_base import shard_layers
         return shard_layers(params, self.rank, self.world_size)
+
+    def read_layer_slice(self, sources, dtype):
+        return ShardedLayer.read(sources, _DTYPES[dtype], self.rank, self.world_size,
+                                 self._device)
 
     def gather_frozen(self, layer):
         return gather_layer(layer)

@@ -11,6 +11,10 @@ for the backward: the recomputation gathers them again, one layer at a time.
 FSDP2's `fully_shard` does the same for `nn.Module`s by hooking their calls; lorafit's
 decoder is a function over a dict of arrays, so the gather is explicit here. Every process
 must gather the same layers in the same order (they run the same forward and backward).
+
+A layer is normally cut while the model loads (`ShardedLayer.read`, from the safetensors
+files: this process reads only its slice, so no process ever holds the whole base);
+`shard_layers` cuts what was loaded whole (layers a model family converts on loading).
 """
 
 from __future__ import annotations
@@ -51,6 +55,43 @@ class ShardedLayer:
                     local[lo - start:hi - start] = t.reshape(-1)[lo - off:hi - off]
             self.groups.append((entries, local))
 
+    @classmethod
+    def read(cls, sources: list, dtype, rank: int, world: int, device) -> "ShardedLayer":
+        """This process's slice of one layer read straight from safetensors files: only the
+        bytes of the slice (and of at most one partial row at each end of an array) are
+        read, through memory-mapped `get_slice`, so the whole layer is never in memory.
+        sources: (name, file, checkpoint key, shape) in the layer's layout order; every
+        array is a floating-point one cast to dtype (the same flat buffer `__init__` lays
+        out from the same arrays in that order)."""
+        from safetensors import safe_open
+
+        layer = cls.__new__(cls)
+        layer.world = world
+        entries, at = [], 0
+        for name, _, _, shape in sources:
+            n = 1
+            for d in shape:
+                n *= int(d)
+            entries.append((name, tuple(shape), at, n))
+            at += n
+        per = -(-at // world)
+        start, end = rank * per, (rank + 1) * per
+        local = torch.zeros(per, dtype=dtype, device=device)
+        handles: dict = {}
+        try:
+            for (_, path, key, shape), (_, _, off, n) in zip(sources, entries):
+                lo, hi = max(off, start), min(off + n, end)
+                if lo >= hi:
+                    continue
+                if path not in handles:
+                    handles[path] = safe_open(str(path), framework="pt")
+                part = _flat_range(handles[path], key, shape, lo - off, hi - off)
+                local[lo - start:hi - start] = part.to(dtype)
+        finally:
+            handles.clear()
+        layer.groups = [(entries, local)]
+        return layer
+
     @property
     def nbytes(self) -> int:
         """Bytes this process holds: its slices."""
@@ -70,6 +111,21 @@ class ShardedLayer:
         return out
 
 
+def _flat_range(handle, key: str, shape: tuple, a: int, b: int) -> torch.Tensor:
+    """Elements [a, b) of an array's row-major flattening, reading whole rows along its
+    first axis only (the rows the range touches), never the whole array."""
+    if not shape:  # a scalar
+        return handle.get_tensor(key).reshape(-1)[a:b]
+    if len(shape) == 1:
+        return handle.get_slice(key)[a:b]
+    row = 1
+    for d in shape[1:]:
+        row *= int(d)
+    r0, r1 = a // row, -(-b // row)
+    rows = handle.get_slice(key)[r0:r1]
+    return rows.reshape(-1)[a - r0 * row:b - r0 * row]
+
+
 def shard_layers(params: dict, rank: int, world: int) -> dict:
     """params with each layer's frozen arrays replaced by one ShardedLayer under
     `model.layers.<i>.<SHARDED_LAYER>`; arrays outside the layers and adapter leaves stay
@@ -77,7 +133,9 @@ def shard_layers(params: dict, rank: int, world: int) -> dict:
     references), so the peak is the base plus one layer's slice."""
     out, layers = {}, {}
     for k, v in params.items():
-        if k.startswith(LAYERS) and ".lora_" not in k:
+        if isinstance(v, ShardedLayer):  # already cut while loading (models/loader.py)
+            out[k] = v
+        elif k.startswith(LAYERS) and ".lora_" not in k:
             i, rest = k[len(LAYERS):].split(".", 1)
             layers.setdefault(int(i), {})[rest] = v
         else:

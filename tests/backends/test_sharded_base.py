@@ -5,6 +5,8 @@ arrays exactly, end to end per dtype, and padded to N equal parts."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -104,3 +106,131 @@ def test_a_sharded_base_gives_the_plain_forwards_loss_and_gradients(
     for k in names:
         np.testing.assert_allclose(out[1][1][k], out[0][1][k], rtol=1e-4, atol=1e-6)
         assert np.abs(out[0][1][k]).max() > 0, k
+
+
+def test_a_layer_read_straight_from_the_files_is_the_slice_cut_from_the_whole_layer(
+        small_llama):
+    """--shard at load (models/loader.py, ShardedLayer.read): each rank's slices read from
+    the safetensors files equal, bit for bit, the slices cut from the whole loaded layer
+    (3 ranks, so slices start and end inside arrays and rows; and cast to bf16 on the way);
+    nothing of the layers is held whole, and the arrays outside the layers are."""
+    from lorafit.backends.base import SHARDED_LAYER
+    from lorafit.backends.torch import TorchBackend
+    from lorafit.backends.torch.sharded_base import ShardedLayer
+    from lorafit.models.loader import load_model
+
+    folder = small_llama[0]
+    ops = TorchBackend("cpu")
+    for dtype in ("float32", "bfloat16"):
+        whole = load_model(str(folder), ops, dtype).params
+        layers = sorted({k.split(".")[2] for k in whole if k.startswith("model.layers.")})
+        for rank in range(3):
+            ops.rank, ops.world_size = rank, 3
+            params = load_model(str(folder), ops, dtype, shard=True).params
+            ops.rank, ops.world_size = 0, 1
+            assert sorted(k for k in params if not k.startswith("model.layers.")) == \
+                sorted(k for k in whole if not k.startswith("model.layers."))
+            for k in params:
+                if not k.startswith("model.layers."):
+                    assert torch.equal(params[k], whole[k]), k
+            assert sorted(k for k in params if k.startswith("model.layers.")) == \
+                sorted(f"model.layers.{i}.{SHARDED_LAYER}" for i in layers)
+            for i in layers:
+                got = params[f"model.layers.{i}.{SHARDED_LAYER}"]
+                prefix = f"model.layers.{i}."
+                names = [n for n in got.groups[0][0]]
+                cut = ShardedLayer({n[0]: whole[prefix + n[0]] for n in names}, rank, 3)
+                assert [e for e, _ in got.groups] == [e for e, _ in cut.groups]
+                assert got.groups[0][1].dtype == cut.groups[0][1].dtype
+                assert torch.equal(got.groups[0][1], cut.groups[0][1]), (dtype, rank, i)
+                assert got.nbytes == cut.nbytes
+
+
+def load_peak(folder, at_load: bool) -> dict:
+    """Rank 0 of 2 loading the base for --shard: the resident high-water mark of the load
+    above where it started (/proc's VmHWM, restarted through clear_refs) and the bytes of
+    the arrays held at the end. Loading and cutting need no process group."""
+    import gc
+
+    import psutil
+    from lorafit.backends.torch import TorchBackend
+    from lorafit.backends.torch.memory import _read_hwm
+    from lorafit.models.loader import load_model
+
+    ops = TorchBackend("cpu")
+    ops.rank, ops.world_size = 0, 2
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = psutil.Process().memory_info().rss
+    if _read_hwm() > before + 2**20:
+        pytest.skip("this kernel does not restart the resident high-water mark")
+    params = load_model(str(folder), ops, "float32", shard=at_load).params
+    params = ops.shard_frozen(params)  # what the trainer does (nothing left if sliced)
+    out = {"peak": _read_hwm() - before, "held": sum(ops.nbytes(v) for v in params.values())}
+    del params
+    gc.collect()
+    return out
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK),
+                    reason="measures with /proc/self/status and clear_refs (Linux)")
+def test_a_sharded_load_never_holds_the_whole_base(tmp_path):
+    """Each rank's memory while loading with --shard: the arrays it holds are the part
+    outside the layers plus 1/N of the layers, and the measured resident high-water mark of
+    the load (/proc's VmHWM) stays well below the whole base, where loading
+    the whole base and cutting it afterwards (as before) rises above it. (On the CPU the
+    whole base is memory-mapped by safetensors and becomes resident as the cut reads it;
+    on CUDA it was copied to the device whole.)"""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from lorafit.models import decoder, model_args
+
+    cfg = dict(model_type="llama", hidden_size=384, intermediate_size=1024,
+               num_attention_heads=8, num_key_value_heads=8, num_hidden_layers=8,
+               vocab_size=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
+               max_position_embeddings=256, tie_word_embeddings=False,
+               torch_dtype="float32")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(0)
+    shapes = decoder.parameter_shapes(model_args(dict(cfg)))
+    save_file({k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()},
+              str(tmp_path / "model.safetensors"))
+    size = lambda keys: sum(int(np.prod(shapes[k])) * 4 for k in keys)  # noqa: E731
+    layers = size(k for k in shapes if k.startswith("model.layers."))
+    outside = size(k for k in shapes if not k.startswith("model.layers."))
+    got = {"after load": load_peak(tmp_path, False),  # (pays for first-time imports)
+           "at load": load_peak(tmp_path, True)}
+    print(f"whole base {(layers + outside) / 2**20:.1f} MiB; rank 0 of 2's load peak, "
+          f"cut after loading {got['after load']['peak'] / 2**20:.1f} MiB, read as slices "
+          f"{got['at load']['peak'] / 2**20:.1f} MiB")
+    for way in got.values():  # the same arrays held in the end
+        assert 0 <= way["held"] - (outside + layers / 2) <= 4 * cfg["num_hidden_layers"]
+    assert got["after load"]["peak"] >= 0.9 * (layers + outside)  # it sees a whole base
+    assert got["at load"]["peak"] <= 0.7 * (layers + outside)
+
+
+def test_a_fresh_dora_adapter_on_a_base_cut_at_load_gathers_its_norms(
+        small_llama, torch_backend, one_rank_group):
+    """A base already cut when the adapter attaches (--shard reads slices at load): DoRA's
+    fresh magnitudes (row norms of the frozen weights) gather each layer (a collective) and
+    equal those of the whole base; the parameter count counts the cut layers whole."""
+    import numpy as np
+    from lorafit.backends.torch.sharded_base import shard_layers
+    from lorafit.core import lora
+    from lorafit.core.lora import LoraConfig
+    from lorafit.models.loader import load_model
+
+    cfg = LoraConfig(r=2, alpha=4, targets="q_proj,v_proj,down_proj", dora=True)
+    whole = load_model(str(small_llama[0]), torch_backend)
+    names = lora.attach(whole, cfg, seed=0)
+    cut = load_model(str(small_llama[0]), torch_backend)
+    cut.params = shard_layers(cut.params, 0, 1)  # what a sharded load hands over
+    assert lora.attach(cut, cfg, seed=0) == names
+    for k in [k for k in names if k.endswith(lora.MAGNITUDE)]:
+        np.testing.assert_array_equal(cut.params[k].numpy(), whole.params[k].numpy())
+    shapes = whole.parameter_shapes()
+    assert lora.count_params(cut.params, shapes) == lora.count_params(whole.params, shapes)

@@ -481,11 +481,13 @@ def test_folder_valid_split_is_the_preference_validation_set(setup, tmp_path):
 
 
 @pytest.mark.slow
-def test_dpo_in_two_processes_equals_one_with_the_same_global_batch(setup):
-    """`train --method dpo --nproc 2` (torch, gloo): each rank takes every other micro-batch,
-    its loss sums are divided by the pairs of the whole step and all-reduced with the
-    gradients and reward sums, so the adapter, the losses, the rewards and the validation
-    loss equal one process with grad-accum 2."""
+def test_dpo_in_two_sharded_processes_equals_one_with_the_same_global_batch(setup):
+    """`train --method dpo --nproc 2 --shard` (torch, gloo): each rank takes every other
+    micro-batch, its loss sums are divided by the pairs of the whole step and all-reduced
+    with the gradients and reward sums, so the adapter, the losses, the rewards and the
+    validation loss equal one process with grad-accum 2 — with each rank holding half of
+    the base's layers (read as slices at load; gathered per layer for the reference, the
+    policy and its recomputed backward) and FSDP2 half of the optimizer state."""
     from lorafit.core import rundir
     from test_distributed import assert_same_adapter, cli, flags, one_process
 
@@ -494,9 +496,20 @@ def test_dpo_in_two_processes_equals_one_with_the_same_global_batch(setup):
     ref, two = setup.root / "dpo-one", setup.root / "dpo-two"
     assert one_process(setup.folder, setup.train, ref, "torch", grad_accum=2,
                        **kw) == "completed"
-    proc = cli(*flags(setup.folder, setup.train, two, "torch", **kw), "--nproc", "2")
+    proc = cli(*flags(setup.folder, setup.train, two, "torch", **kw), "--nproc", "2",
+               "--shard")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert rundir.read_status(two)["world_size"] == 2
+    start = [next(r for r in rundir.read_metrics(run) if r.get("kind") == "start")
+             for run in (ref, two)]
+    assert start[1]["optimizer_shards"] == 2
+    from safetensors.numpy import load_file
+
+    weights = load_file(str(setup.folder / "model.safetensors"))
+    layers = sum(v.size * 4 for k, v in weights.items() if k.startswith("model.layers."))
+    assert start[0]["base_bytes"] == [sum(v.size * 4 for v in weights.values())]
+    for held in start[1]["base_bytes"]:  # the layers in halves (+ padding), the rest whole
+        assert 0 <= held - (start[0]["base_bytes"][0] - layers / 2) <= 4 * 2
     assert_same_adapter(rundir.adapter_path(ref), rundir.adapter_path(two))
 
     def rows(run, kind):
