@@ -81,6 +81,7 @@ class Shape:
     output_norm: bool = False  # a norm on the MLP's output (Gemma's post-feedforward norm)
     v_norm: bool = False  # a weightless RMSNorm on v (Gemma 4)
     kv_shared: bool = False  # later layers reuse earlier layers' k, v (Gemma 4)
+    gelu_tanh: bool = False  # GeGLU's tanh-GELU (Gemma): MLX's composite keeps more
 
 
 # What all-linear adapts on an MoE model besides `linears` (PEFT on transformers v5):
@@ -733,7 +734,9 @@ def mlx_recompute_transients(sh: Shape, st: Settings) -> int:
     if st.backend != "mlx":
         return 0
     N, s, F = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype], sh.intermediate
-    n = 2 * F + 2 * sh.hidden + 12 * sh.heads * sh.head_dim + 6 * sh.kv_heads * sh.head_dim
+    n = 2 * F + 2 * sh.hidden + max(mlx_recompute_attention_transients(sh, i)
+                                    for i in _backward_layers(sh, st) or [None])
+    n += mlx_gelu_tanh_kept(sh, st)
     if {"down_proj", "c_proj"} & set(target_names(sh, st)):
         n += 3 * F
     if "gate_up_proj" in sh.linears:
@@ -741,6 +744,26 @@ def mlx_recompute_transients(sh: Shape, st: Settings) -> int:
     if "qkv_proj" in sh.linears:
         n += (sh.heads + 2 * sh.kv_heads) * sh.head_dim
     return N * s * n
+
+
+def mlx_recompute_attention_transients(sh: Shape, layer: int | None) -> int:
+    """Elements per token a re-run layer's attention backward forms on MLX: 12 * Hq*D +
+    6 * Hk*D (the one-layer llama's slopes), at that layer's own widths. Gemma 4's full
+    layers have global_head_dim (2 D in the drawn configs) and their own kv heads, and a
+    kv-sharing layer forms dk, dv of the k, v it reads (they carry its gradient back to
+    the layer that made them): the widest layer the backward re-runs counts (C64 L3 H8/2
+    D32, full layers 8 x 64 wide: -16 % while the sliding width was counted)."""
+    q, _, kv, _ = attention_widths(sh, layer)
+    return 12 * q + 6 * kv
+
+
+def mlx_gelu_tanh_kept(sh: Shape, st: Settings) -> int:
+    """MLX, elements per token: the tanh-GELU of a GeGLU MLP (Gemma) is composite on MLX
+    (backends/mlx gelu_tanh: 0.5 x (1 + tanh(...))), and the compiled re-run keeps what
+    its vjps read, tanh's output, 1 + tanh and 0.5 x, where SiLU's keeps one sigmoid:
+    counted 3F (measured GeGLU minus SiLU in the re-run layer, Gemma 4 C96 one layer,
+    F = 160, 320, 640: 2.6 to 2.7 F per token)."""
+    return 3 * sh.intermediate if st.backend == "mlx" and sh.gelu_tanh else 0
 
 
 def mlx_loaded_adapter(sh: Shape, st: Settings) -> int:
