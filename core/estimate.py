@@ -81,6 +81,7 @@ class Shape:
     output_norm: bool = False  # a norm on the MLP's output (Gemma's post-feedforward norm)
     v_norm: bool = False  # a weightless RMSNorm on v (Gemma 4)
     kv_shared: bool = False  # later layers reuse earlier layers' k, v (Gemma 4)
+    gelu_tanh: bool = False  # GeGLU's tanh-GELU (Gemma): MLX's composite keeps more
 
 
 # What all-linear adapts on an MoE model besides `linears` (PEFT on transformers v5):
@@ -429,12 +430,10 @@ def gated_deltanet_saved_per_token(sh: Shape, st: Settings, adapted: bool,
     Adapted modules add r each (their inputs are kept already); DoRA its outputs.
     """
     la = sh.linear_attention
-    C, F, s = sh.hidden, sh.intermediate, DTYPE_BYTES[st.dtype]
+    C, F = sh.hidden, sh.intermediate
     Hk, Hv, Dk, Dv = la["key_heads"], la["value_heads"], la["key_dim"], la["value_dim"]
-    X, c = 2 * Hk * Dk + Hv * Dv, min(64, st.seq_len)
-    n = 3 * C + 2 + 3 * F + 3 * X + 5 * Hv * Dv + 2 * Hv
-    n += (Hv * (7 * Dk + 4 * Dv + (3 + mlx_delta_inverse_matrices(st, c)) * c + 3)
-          + Hv * Dk * Dv / c) * 4 / s
+    X = 2 * Hk * Dk + Hv * Dv
+    n = 3 * C + 2 + 3 * F + 3 * X + 5 * Hv * Dv + 2 * Hv + deltanet_float32_per_token(sh, st)
     if adapted:
         names = _layer_targets(sh, st, layer)
         n += st.rank * len(names)
@@ -442,6 +441,21 @@ def gated_deltanet_saved_per_token(sh: Shape, st: Settings, adapted: bool,
         if "down_proj" in names:
             n += F
     return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
+
+
+def deltanet_float32_per_token(sh: Shape, st: Settings) -> float:
+    """The delta rule's float32 arrays a Gated DeltaNet layer keeps, per token, in units of
+    the compute dtype (gated_deltanet_saved_per_token's docstring lists them). On MLX a
+    re-run DeltaNet layer's backward forms a cotangent for each while they are alive, in
+    place of an attention layer's 12 * Hq*D + 6 * Hk*D (mlx_recompute_transients):
+    measured on qwen3_5_text C96 F224 all-linear rc, value heads 1, 2, 4, the peak's slope
+    per value head was 2.0 x the saved set's (-2.6, -11.5, -24.6 % with the attention's
+    transients counted there; -0.5 % at 4 heads with these)."""
+    la = sh.linear_attention
+    Hv, Dk, Dv = la["value_heads"], la["key_dim"], la["value_dim"]
+    c = min(64, st.seq_len)
+    return (Hv * (7 * Dk + 4 * Dv + (3 + mlx_delta_inverse_matrices(st, c)) * c + 3)
+            + Hv * Dk * Dv / c) * 4 / DTYPE_BYTES[st.dtype]
 
 
 def moe_saved_per_token(sh: Shape, st: Settings, adapted: bool,
@@ -732,14 +746,69 @@ def mlx_recompute_transients(sh: Shape, st: Settings) -> int:
     if st.backend != "mlx":
         return 0
     N, s, F = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype], sh.intermediate
-    n = 2 * F + 2 * sh.hidden + 12 * sh.heads * sh.head_dim + 6 * sh.kv_heads * sh.head_dim
+    n = 2 * F + 2 * sh.hidden + max(mlx_recompute_attention_transients(sh, st, i)
+                                    for i in _backward_layers(sh, st) or [None])
+    n += mlx_gelu_tanh_kept(sh, st)
     if {"down_proj", "c_proj"} & set(target_names(sh, st)):
         n += 3 * F
     if "gate_up_proj" in sh.linears:
         n += 2 * F
     if "qkv_proj" in sh.linears:
         n += (sh.heads + 2 * sh.kv_heads) * sh.head_dim
-    return N * s * n
+    return int(N * s * n)
+
+
+def mlx_recompute_attention_transients(sh: Shape, st: Settings, layer: int | None) -> float:
+    """Elements per token a re-run layer's token mixer forms in its MLX backward: 12 * Hq*D +
+    6 * Hk*D (the one-layer llama's slopes), at that layer's own widths. Gemma 4's full
+    layers have global_head_dim (2 D in the drawn configs) and their own kv heads, and a
+    kv-sharing layer forms dk, dv of the k, v it reads (they carry its gradient back to
+    the layer that made them): the widest layer the backward re-runs counts (C64 L3 H8/2
+    D32, full layers 8 x 64 wide: -16 % while the sliding width was counted). A Gated
+    DeltaNet layer forms the cotangents of its delta rule's float32 arrays instead
+    (deltanet_float32_per_token)."""
+    if sh.linear_attention and layer in sh.linear_attention["layers"]:
+        return deltanet_float32_per_token(sh, st)
+    q, _, kv, _ = attention_widths(sh, layer)
+    return 12 * q + 6 * kv
+
+
+def mlx_deltanet_forward(sh: Shape, st: Settings) -> int:
+    """MLX: a Gated DeltaNet layer's forward holds its delta rule's float32 arrays
+    (deltanet_float32_per_token: the chunk's (c, c) matrices, MLX's squarings, the
+    per-head vectors and states) at once, beside its input and normed input (2C), even
+    where nothing is kept for a backward: a DeltaNet layer below the lowest adapted one
+    (q_proj,v_proj,o_proj on a hybrid) or one run under recompute. Then only what the
+    layers below keep is alive: checkpoints with recompute, their saved sets without.
+    Measured on qwen3_5_text C96 F224 q,v,o rc, vocabulary 200, value heads 4: 2.40 MiB
+    above the static terms, 4904 elements per token (counted 4828 + 2C); -30.9 % before
+    this phase. 0 where no such forward outweighs its layer's saved set."""
+    la = sh.linear_attention
+    if st.backend != "mlx" or not la:
+        return 0
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    kept, adapted = _backward_layers(sh, st), _adapted_layers(sh, st)
+    best = 0.0
+    for i in la["layers"]:
+        if i in kept and not st.grad_checkpoint:
+            continue  # its arrays are its saved set, counted with the activations
+        below = [j for j in kept if j < i]
+        held = len(below) * sh.hidden if st.grad_checkpoint else sum(
+            saved_per_token_per_layer(sh, st, j in adapted, j) for j in below)
+        best = max(best, held + deltanet_float32_per_token(sh, st) + 2 * sh.hidden)
+    return int(N * s * best)
+
+
+def mlx_gelu_tanh_kept(sh: Shape, st: Settings) -> int:
+    """MLX, elements per token: the tanh-GELU of a GeGLU MLP (Gemma) is composite on MLX
+    (backends/mlx gelu_tanh: 0.5 x (1 + tanh(...))), and the compiled re-run keeps what
+    its vjps read, tanh's output, 1 + tanh and 0.5 x, where SiLU's keeps one sigmoid:
+    counted 3F (measured GeGLU minus SiLU in the re-run layer, Gemma 4 C96 one layer,
+    F = 160, 320, 640: 2.6 to 2.7 F per token). Gated MLPs only: a plain one (starcoder2's
+    c_fc, c_proj) has no up projection, and its count's 3F holds an F it does not keep
+    (not measured beyond that: its seed-0 recompute case stays +5 %)."""
+    gated = "c_fc" not in sh.linears
+    return 3 * sh.intermediate if st.backend == "mlx" and sh.gelu_tanh and gated else 0
 
 
 def mlx_loaded_adapter(sh: Shape, st: Settings) -> int:
@@ -962,6 +1031,9 @@ PHASES = {
     "attention forward": (("activations", activations_at_attention),
                           ("embeddings and rope", embeddings_before_head)),
 }
+# MLX: a Gated DeltaNet layer's forward (its delta rule's float32 arrays at once)
+PHASES["DeltaNet forward"] = (("activations", nothing),
+                              ("DeltaNet forward", mlx_deltanet_forward))
 # The optimizer step: the backward has freed the activations, the gradients exist
 # (a phase's term replaces the static term of the same name)
 OPTIMIZER_STEP = (("activations", nothing), ("embeddings and rope", nothing),

@@ -11,6 +11,7 @@ import numpy as np
 from lorafit.core.errors import LorafitError
 from lorafit.models import decoder
 from lorafit.models.families import FAMILIES, family, model_args  # noqa: F401 (re-exported)
+from lorafit.models.spec import GELU_TANH
 
 
 def check_token_ids(id_arrays, vocab_size: int, what: str = "data") -> None:
@@ -148,6 +149,7 @@ def memory_shape(config: dict):
     sh.layer_attention = _layer_attention(a)
     sh.output_norm = decoder.sublayer_norms(a)[3] is not None
     sh.v_norm, sh.kv_shared = bool(a.v_norm), bool(a.kv_shared_layers)
+    sh.gelu_tanh = a.hidden_act in GELU_TANH
     if varied:  # each layer's projections, those outside the layers, the rest as a count
         from lorafit.core.estimate import Settings, base_weights
         sh.layer_linears, sh.model_linears = layer_linears, model_linears

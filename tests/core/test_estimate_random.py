@@ -25,10 +25,12 @@ def _family(case: str) -> str:
 
 
 KNOWN_GAPS = {
-    "MLX with recompute on a Gated DeltaNet hybrid: the re-run DeltaNet layer's backward "
-    "transients are counted as an attention layer's (qwen3_5_text rc pack -5.6 %)":
+    "MLX with recompute, the loss phase of a hybrid whose DeltaNet layers are not adapted "
+    "(q_proj,v_proj,o_proj: the top attention layer alone re-run): ~850 elements per token "
+    "of its re-run overlap the loss buffers (qwen3_5_text C96 H2/2 D8 q,v,o rc pack -7.9 %; "
+    "a qwen3 of the same shape -7.6 %: not DeltaNet's, the MLX recompute loss phase)":
         lambda backend, case: backend == "mlx" and " rc" in case
-        and _family(case) in ("qwen3_5_text", "qwen3_next"),
+        and _family(case) in ("qwen3_5_text", "qwen3_next") and "all-linear" not in case,
     "MLX DoRA with recompute: the ordered re-run of a DoRA layer keeps more than its "
     "counted saved set (exaone4 C96 q,k,v,o rc dora -7.8 % after the MLX recompute and "
     "DoRA terms met; without recompute MLX DoRA is inside the bound), not identified":
@@ -37,11 +39,6 @@ KNOWN_GAPS = {
     "were modelled apart and met at the merge (qwen3_moe rc pack 4bit -5.4 %, was -53 %)":
         lambda backend, case: backend == "mlx" and " rc" in case
         and _family(case) in ("mixtral", "qwen3_moe", "gpt_oss", "qwen3_5_moe_text"),
-    "MLX Gemma 4 with recompute: the ordered re-run of a Gemma 4 layer (kv sharing, "
-    "per-layer inputs, wider full layers) keeps more than counted (C64 L3 all-linear rc "
-    "pack -15.3 %, C96 L1 o,down rc pack -14.6 %; torch's Gemma terms are not MLX's)":
-        lambda backend, case: backend == "mlx" and " rc" in case
-        and _family(case) == "gemma4_text",
 }
 
 
@@ -164,8 +161,9 @@ def test_each_new_family_has_a_drawn_case_within_ten_percent(backend):
     qwen3_5_moe_text); its measurements, shared with the test above, are judged here per
     family: at least one case within +-10 %. A family none of whose cases is within 10 %
     is reported, not failed, only when each of its cases is under a known gap (seed 0,
-    2026-11-29: on MLX gemma4_text, qwen3_next, ministral3 and glm4, whose drawn cases all
-    run with recompute or DoRA, and mixtral, a sparse MoE; on torch none); the
+    2026-11-29: on MLX qwen3_next, ministral3 and glm4, whose drawn cases all run with
+    recompute or DoRA, and mixtral, a sparse MoE; on torch none; gemma4_text, all of whose
+    drawn cases run with recompute, is asserted on MLX since its re-run was modelled); the
     check tightens by itself as KNOWN_GAPS shrinks."""
     lines = results(backend)[0]
     missing, report = [], []
