@@ -976,6 +976,7 @@ def test_the_shard_switch_halves_the_layers_and_reaches_config_toml(tiny_run_inp
     1/2 of the layers), lower than data parallel's, and Start writes `shard = true` and
     passes `--nproc 2`."""
     import os as _os
+    import re
 
     import lorafit.tui.setup_screen as setup
     from lorafit.core.estimate import SHARD_ON_MLX, SHARD_QUANTIZED
@@ -1015,23 +1016,21 @@ def test_the_shard_switch_halves_the_layers_and_reaches_config_toml(tiny_run_inp
             assert sharded < whole
             assert f"about {fmt_bytes(2 * sharded)} (base sharded)" in \
                 panel_text(screen, "#memory-panel")
-            for change, why in ((dict(nproc=1), "shard the base: needs 2 or more processes"),
-                                (dict(backend="mlx"), SHARD_ON_MLX),
-                                (dict(quantize="4bit"), SHARD_QUANTIZED)):
-                for fid, value in change.items():
-                    if fid == "nproc":
-                        await fill(pilot, screen, nproc=value)
-                    else:
-                        screen.query_one(f"#{fid}", Select).value = value
-                        await pilot.pause(0.6)
-                text = panel_text(screen, "#memory-panel")
-                assert text.startswith(why) and "\n" not in text, text  # one line
-                await pilot.press("ctrl+s")
-                await pilot.pause(0.2)
-                assert app.screen is screen and not launched
-                await fill(pilot, screen, nproc=2)
-                screen.query_one("#backend", Select).value = "torch"
-                screen.query_one("#quantize", Select).value = "none"
+            await fill(pilot, screen, nproc=1)  # the form line, and Start refuses
+            text = panel_text(screen, "#memory-panel")
+            assert text.startswith("shard the base: needs 2 or more processes") and \
+                "\n" not in text, text
+            await pilot.press("ctrl+s")
+            await pilot.pause(0.2)
+            assert app.screen is screen and not launched
+            screen.query_one("#nproc").value = "2"
+            for fid, value, why in (("backend", "mlx", SHARD_ON_MLX),
+                                    ("quantize", "4bit", SHARD_QUANTIZED)):
+                was = screen.query_one(f"#{fid}", Select).value
+                screen.query_one(f"#{fid}", Select).value = value
+                with pytest.raises(LorafitError, match=f"^{re.escape(why)}$"):
+                    screen.config()
+                screen.query_one(f"#{fid}", Select).value = was
             await fill(pilot, screen, model=folder, budget="64GiB")
             await pilot.press("ctrl+s")
             await pilot.pause(0.3)
