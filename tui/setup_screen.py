@@ -154,6 +154,10 @@ class SetupScreen(Screen):
             yield Input(value=str(self.defaults.get(fid, default)), id=fid,
                         placeholder=PLACEHOLDERS.get(fid, ""), compact=True,
                         suggester=ModelSuggester() if fid == "model" else None)
+            if fid == "nproc":  # --shard, beside the process count it needs
+                yield Checkbox("shard the base", id="shard", compact=True,
+                               tooltip="--shard (torch, 2 or more processes): each process "
+                               "holds 1/N of the frozen layers (docs/distributed.md)")
 
     def on_mount(self) -> None:
         self.title = "lorafit — new run"
@@ -245,7 +249,15 @@ class SetupScreen(Screen):
             values["output"] = str(Path(self.app.runs_root) /
                                    time.strftime("run-%Y%m%d-%H%M%S"))
         self.budget()  # a budget or process count that cannot be used is a form error too
-        self.nproc()
+        nproc = self.nproc()
+        values["shard"] = self.query_one("#shard", Checkbox).value
+        if values["shard"]:  # the pairs --shard cannot run with, one line each
+            if nproc < 2:
+                raise LorafitError("shard the base: needs 2 or more processes (it cuts the "
+                                   "base across them)")
+            if values["backend"] == "mlx":
+                from lorafit.core.estimate import SHARD_ON_MLX
+                raise LorafitError(SHARD_ON_MLX)
         return resolve(None, values)
 
     @on(Input.Changed)
@@ -297,7 +309,7 @@ class SetupScreen(Screen):
 
         panel = self.query_one("#memory-panel", Static)
         try:
-            est = estimate_for_config(cfg, budget)
+            est = estimate_for_config(cfg, budget, nproc=nproc)  # per device of nproc
         except LorafitError as e:
             if self._still("model", cfg.model):
                 self.estimate = None
@@ -324,11 +336,14 @@ class SetupScreen(Screen):
         if together:  # N processes in one memory (CPU RAM, a Mac's unified memory)
             over = est["budget"] is not None and together > est["budget"]
             t.append(f"{nproc} processes share this memory: about {fmt_bytes(together)}"
+                     + (" (base sharded)" if cfg.shard else "")
                      + (" — does NOT fit\n" if over else "\n"),
                      style="bold red" if over else "dim")
         t.append("memory estimate ", style="bold")
         t.append(f"{est['backend']} on {est['device']}, {est['model_source']} "
-                 f"({est['budget_source']})\n", style="dim")
+                 f"({est['budget_source']})"
+                 + (f", per device of {nproc} processes" if nproc > 1 else "") + "\n",
+                 style="dim")
         t.append(memory_bar([(k, v) for k, v in est["breakdown"].items() if v],
                             est["budget"], width=32))
         self.app.call_from_thread(panel.update, t)
@@ -441,7 +456,7 @@ class SetupScreen(Screen):
                                    f"({problems[0]}): choose 'bad records' skip (drop them) "
                                    "or fail")
             from lorafit.commands.estimate import estimate_for_config
-            est = estimate_for_config(cfg, self.budget())
+            est = estimate_for_config(cfg, self.budget(), nproc=self.nproc())
         except LorafitError as e:
             self.notify(str(e), severity="error", timeout=15)
             return
@@ -519,8 +534,10 @@ def check_data(path, method: str):
 
 
 def shared_need(est: dict, nproc: int) -> int | None:
-    """What nproc processes need together where they share one memory (every process holds
-    the whole base: data parallel shards nothing); None for one process or one GPU each."""
+    """What nproc processes need together where they share one memory: nproc times the
+    estimate's per-device total (`est` made for nproc processes: the whole base each in data
+    parallel, with --shard the part outside the layers and 1/N of them, core/estimate's
+    sharded_base); None for one process or one GPU each."""
     if nproc <= 1 or est.get("device", "").split(":")[0] == "cuda":
         return None
     return nproc * est["total"]

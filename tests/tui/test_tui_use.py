@@ -968,6 +968,79 @@ def test_the_processes_field_is_checked_and_passed_as_nproc(tiny_run_inputs, tmp
     assert launched and launched[0][-3:] == [str(rundir.config_path(tmp_path / "n")), "--nproc", "3"]
 
 
+def test_the_shard_switch_halves_the_layers_and_reaches_config_toml(tiny_run_inputs, tmp_path,
+                                                                     monkeypatch):
+    """`shard the base` beside the processes: with 1 process, on MLX or with --quantize it is
+    one form line and nothing starts; with 2 torch processes the memory line is the
+    estimator's per-device figure (core/estimate's sharded_base: outside the layers whole,
+    1/2 of the layers), lower than data parallel's, and Start writes `shard = true` and
+    passes `--nproc 2`."""
+    import os as _os
+    import re
+
+    import lorafit.tui.setup_screen as setup
+    from lorafit.core.estimate import SHARD_ON_MLX, SHARD_QUANTIZED
+    from lorafit.tui.widgets import fmt_bytes
+    from textual.widgets import Checkbox, Select
+
+    root, folder, data, _ = tiny_run_inputs
+    launched = []
+
+    class Popen(FakeProcess):
+        def __init__(self, args, **kw):
+            super().__init__()
+            launched.append(args)
+    monkeypatch.setattr(setup.subprocess, "Popen", Popen)
+    monkeypatch.setattr(_os, "cpu_count", lambda: 3)
+
+    async def scenario():
+        app = LorafitApp(runs_root=tmp_path / "runs")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            shard = screen.query_one("#shard", Checkbox)
+            assert not shard.value and screen.config().shard is False
+            screen.query_one("#backend", Select).value = "torch"
+            await fill(pilot, screen, model="qwen2.5-0.5b", data=data, output=tmp_path / "s",
+                       batch_size=1, seq_len=32, nproc=2)  # a preset: the estimate only
+            assert await wait_for(pilot, lambda: "2 processes share this memory" in
+                                  panel_text(screen, "#memory-panel"))
+            whole = screen.estimate["total"]
+            shard.value = True
+            await pilot.pause(0.6)
+            assert await wait_for(pilot, lambda: "(base sharded)" in
+                                  panel_text(screen, "#memory-panel"))
+            split = screen.estimate["split"]
+            assert split["shard"] and split["base"]["per device"] < split["base"]["whole"]
+            assert screen.estimate["breakdown"]["base weights"] == split["base"]["per device"]
+            sharded = screen.estimate["total"]
+            assert sharded < whole
+            assert f"about {fmt_bytes(2 * sharded)} (base sharded)" in \
+                panel_text(screen, "#memory-panel")
+            await fill(pilot, screen, nproc=1)  # the form line, and Start refuses
+            text = panel_text(screen, "#memory-panel")
+            assert text.startswith("shard the base: needs 2 or more processes") and \
+                "\n" not in text, text
+            await pilot.press("ctrl+s")
+            await pilot.pause(0.2)
+            assert app.screen is screen and not launched
+            screen.query_one("#nproc").value = "2"
+            for fid, value, why in (("backend", "mlx", SHARD_ON_MLX),
+                                    ("quantize", "4bit", SHARD_QUANTIZED)):
+                was = screen.query_one(f"#{fid}", Select).value
+                screen.query_one(f"#{fid}", Select).value = value
+                with pytest.raises(LorafitError, match=f"^{re.escape(why)}$"):
+                    screen.config()
+                screen.query_one(f"#{fid}", Select).value = was
+            await fill(pilot, screen, model=folder, budget="64GiB")
+            await pilot.press("ctrl+s")
+            await pilot.pause(0.3)
+            assert isinstance(app.screen, RunScreen)
+    run(scenario())
+    config = rundir.config_path(tmp_path / "s")
+    assert launched and launched[0][-3:] == [str(config), "--nproc", "2"]
+    assert tomllib.loads(config.read_text())["shard"] is True
+
+
 def test_the_footer_shows_every_key_of_each_screen_at_80x24(fixed_runs):
     """No key is cut off the footer at 80 columns (long explanations are in the help)."""
     from test_tui import screen_text
