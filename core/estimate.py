@@ -742,7 +742,10 @@ def mlx_recompute_transients(sh: Shape, st: Settings) -> int:
     is adapted (its input's gradient through W and through the adapter, and their sum).
     Counted from one-factor slopes of a one-layer model (docs/memory.md). A fused
     projection (glm4's and phi3's gate_up_proj, phi3's qkv_proj) adds the gradient of its
-    whole output, which the split's vjp assembles from its parts: 2F, (Hq + 2Hk)*D."""
+    whole output, which the split's vjp assembles from its parts: 2F, and for phi3's
+    qkv_proj each part's full-width cotangent, 3 (Hq + 2Hk)*D, as at the loss
+    (mlx_fused_split_cotangents; phi3 C32 H16/4 D32, 1-2 layers, qkv,o: -11.4 % and
+    -13.3 % with one width, -2.4 % and -5.0 % with three; H4/2 +7.5 %)."""
     if st.backend != "mlx":
         return 0
     N, s, F = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype], sh.intermediate
@@ -754,7 +757,7 @@ def mlx_recompute_transients(sh: Shape, st: Settings) -> int:
     if "gate_up_proj" in sh.linears:
         n += 2 * F
     if "qkv_proj" in sh.linears:
-        n += (sh.heads + 2 * sh.kv_heads) * sh.head_dim
+        n += 3 * (sh.heads + 2 * sh.kv_heads) * sh.head_dim  # q, k, v: each full width
     return int(N * s * n)
 
 
@@ -828,6 +831,39 @@ def backward_transients(sh: Shape, st: Settings) -> int:
         return 0
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     return N * s * (8 * sh.intermediate + 6 * sh.hidden + mlx_moe_backward_per_token(sh, st))
+
+
+def mlx_rerun_sparse(sh: Shape, st: Settings) -> bool:
+    """MLX with recompute: whether the backward re-runs a sparse MoE layer."""
+    return bool(sh.moe) and any(i in sh.moe["layers"] for i in _backward_layers(sh, st))
+
+
+def mlx_recompute_mlp_output(sh: Shape, st: Settings) -> int:
+    """MLX with recompute, the re-run phase: what a re-run layer holds when it must form its
+    MLP's output. The 3F that mlx_recompute_transients counts with down_proj adapted is
+    not the adapter's own: it is paid whenever the re-run forms act(gate) * up and the
+    down projection. In a pre-norm dense layer nothing reads them (the residual add's vjp
+    passes the cotangent through, a frozen projection's vjp needs only its weight), so the
+    re-run stops at gate and up. A norm on the MLP's output (OLMo 2/3's and EXAONE 4's
+    post-norms, GLM-4's sandwich, Gemma's post-feedforward norm) reads it in its vjp: 3F
+    (measured on a one-layer EXAONE 4 against the same llama, C96, 64 tokens, q,k,v,o:
+    3.4F per token beyond the counted output-norm inputs at F 304 and 608; with down_proj
+    adapted on both, the same within 0.05 MiB). A sparse MoE layer always forms it (the
+    routing weights' vjp reads the k expert outputs; F = k*F'), and its experts' fused
+    gate_up is split into gate and up, whose vjps are each the whole width (2 * 2F, as
+    mlx_fused_split_cotangents): 7F (mixtral C32, 1 layer, k 1-2, F' 56-112: 13 F per
+    token measured against 5 for the same dense llama; the routing's C-wide cotangents of
+    mlx_moe_backward_per_token were 8-12 % over when counted too, so they are not).
+    Counted in the re-run phase only: the loss phase's overlap with the backward was
+    measured on dense pre-norm layers (docs/memory.md)."""
+    if st.backend != "mlx" or not st.grad_checkpoint:
+        return 0
+    N, s, F = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype], sh.intermediate
+    sparse = mlx_rerun_sparse(sh, st)
+    n = 2 * 2 * F if sparse else 0
+    if (sh.output_norm or sparse) and not {"down_proj", "c_proj"} & set(target_names(sh, st)):
+        n += 3 * F
+    return N * s * n
 
 
 def mlx_moe_backward_per_token(sh: Shape, st: Settings) -> int:
@@ -936,6 +972,27 @@ def recompute_dora_norm(sh: Shape, st: Settings) -> int:
     inputs = ("q_proj", "k_proj", "v_proj", "qkv_proj")
     return max((first if m in inputs else later) + dora_norm_temporaries(sh, st, [m])
                for m in target_names(sh, st))
+
+
+def mlx_recompute_dora_norms(sh: Shape, st: Settings) -> int:
+    """MLX with recompute and DoRA: the re-run recomputes each adapted module's detached
+    row norm ||W + s B A|| from the layer's A and B, which the re-run receives together
+    (backends/mlx/recompute: every leaf waits on the same cotangent), so all of a layer's
+    norms are ready at once and MLX's breadth-first tape forms them level by level: every
+    module's B @ A (out, in) float32 alive together, beside the re-run set (the sum W + s
+    B A follows each one's product in one fused kernel), plus W cast or dequantized to
+    float32 where it is not float32 already. Measured on a llama C128 F1024, 16 tokens,
+    DoRA on minus off: all-linear 1.34 MiB beyond the counted outputs (1.56 counted
+    here), gate_proj alone 0.46 (0.50), 1 and 2 layers alike (-23.8 % and -16.9 %
+    before). The largest layer's sum."""
+    if st.backend != "mlx" or not (st.grad_checkpoint and st.dora):
+        return 0
+    copies = 1 if st.dtype == "float32" and not st.quantize_bits else 2
+    per_layer = [sum(i * o for m in _layer_targets(sh, st, ly)
+                     for i, o in [(sh.layer_linears[ly] if sh.layer_linears
+                                   else sh.linears)[m]])
+                 for ly in _backward_layers(sh, st) if ly in _adapted_layers(sh, st)]
+    return copies * 4 * max(per_layer, default=0)
 
 
 def torch_backward_start(sh: Shape, st: Settings) -> int:
@@ -1047,6 +1104,8 @@ OPTIMIZER_STEP = (("activations", nothing), ("embeddings and rope", nothing),
 # buffers (why they overlap is not identified; docs/memory.md).
 MLX_RECOMPUTE = (("recomputed layer", recompute_layer), ("attention scores", attention_scores),
                  ("backward transients", mlx_recompute_transients),
+                 ("re-run MLP output", mlx_recompute_mlp_output),
+                 ("recomputed dora norms", mlx_recompute_dora_norms),
                  ("adapter as loaded", mlx_loaded_adapter))
 MLX_RECOMPUTE_LOSS = (("logits and loss", loss_buffers),
                       ("backward transients", mlx_recompute_transients),
