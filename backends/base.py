@@ -132,18 +132,17 @@ class Backend(Protocol):
         expert projections and their adapters share. Opaque to callers."""
 
     def group_rows(self, x: Array, groups: Any) -> Array:
-        """x (N, in) -> (R, in): each token's row once per choice, in expert order; R is
-        N*K, or more where the backend pads each expert's rows to one width (the extra rows
-        are zeros, their outputs are never read back). Differentiable with respect to x."""
+        """x (N, in) -> (N*K, in): each token's row once per choice, in expert order.
+        Differentiable with respect to x."""
 
     def grouped_linear(self, x: Array, weight: Array, groups: Any,
                        bias: Array | None = None) -> Array:
-        """x (R, in) from group_rows, weight (E, out, in) (a transposed view is fine),
-        bias (E, out) or None -> (R, out): each row through its own expert's weight.
+        """x (N*K, in) in expert order, weight (E, out, in) (a transposed view is fine),
+        bias (E, out) or None -> (N*K, out): each row through its own expert's weight.
         Differentiable with respect to x, weight and bias; exactly the rows' matmuls."""
 
     def ungroup_rows(self, y: Array, groups: Any) -> Array:
-        """(R, out) in group_rows' layout -> (N, K, out) in token order (choice j of token n
+        """(N*K, out) in expert order -> (N, K, out) in token order (choice j of token n
         at [n, j]). Differentiable with respect to y."""
     def softcap(self, x: Array, cap: float) -> Array:
         """cap * tanh(x / cap) in x's dtype (Gemma's final-logit soft-capping)."""

@@ -178,35 +178,13 @@ class TorchBackend:
         counts = torch.bincount(flat, minlength=experts)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-        sizes = counts.tolist()
-        token = order // k
-        width = max(sizes)
-        if experts * width > _PAD_SLACK * n * k or torch.compiler.is_compiling():
-            return _ExpertGroups(order, inverse, token, expert, offsets, sizes, n, k)
-        # padded: expert e's rows at slots e*width .. e*width + count_e - 1, the rest read a
-        # zero row (token n), so every projection is one batched matmul over (E, width)
-        slot = expert * width + torch.arange(n * k, device=flat.device) - \
-            (offsets.to(flat.dtype) - counts).index_select(0, expert)
-        slot_token = torch.full((experts * width,), n, dtype=flat.dtype, device=flat.device)
-        slot_token[slot] = token
-        row_slot = slot.index_select(0, inverse)
-        slot_row = torch.full_like(slot_token, n * k)  # a padding slot's gradient: zeros
-        slot_row[row_slot] = torch.arange(n * k, device=flat.device)
-        return _ExpertGroups(order, inverse, token, expert, offsets, sizes, n, k,
-                             width, slot_token, row_slot, slot_row)
+        return _ExpertGroups(order, inverse, order // k, expert,
+                             torch.cumsum(counts, 0, dtype=torch.int32), counts.tolist(), n, k)
 
     def group_rows(self, x, groups):
-        if groups.width:
-            return torch.cat([x, x.new_zeros(1, x.shape[-1])]).index_select(0, groups.slot_token)
         return x.index_select(0, groups.token)
 
     def grouped_linear(self, x, weight, groups, bias=None):
-        if groups.width:  # padded layout: one bmm for all experts, forward and backward
-            e = weight.shape[0]
-            out = torch.bmm(x.reshape(e, groups.width, x.shape[-1]), weight.transpose(-2, -1))
-            out = out if bias is None else out + bias[:, None, :]
-            return out.reshape(e * groups.width, out.shape[-1])
         if _grouped_mm_fits(x, weight):  # one kernel for all experts, forward and backward
             out = F.grouped_mm(x.contiguous(), _grouped_mm_operand(weight.transpose(-2, -1)),
                                offs=groups.offsets)
@@ -216,12 +194,9 @@ class TorchBackend:
         return out if bias is None else out + bias.index_select(0, groups.expert)
 
     def ungroup_rows(self, y, groups):
-        if groups.width:  # its gradient: the slots' rows, gathered back (no scatter)
-            y = _Gather.apply(y, groups.row_slot, groups.slot_row, True)
-        else:  # the inverse permutation, whose gradient is the forward one (no scatter)
-            y = _Gather.apply(y, groups.inverse, groups.order, False)
+        # the inverse permutation, whose gradient is the forward one (no scatter)
+        y = _Gather.apply(y, groups.inverse, groups.order, False)
         return y.reshape(groups.n, groups.k, y.shape[-1])
-
     def write_rows(self, buffer, rows, starts, values):
         n, _, t, _ = values.shape
         pos = starts.reshape(n, 1) + torch.arange(t, device=starts.device).reshape(1, t)
@@ -617,16 +592,6 @@ class _ExpertGroups(NamedTuple):
     counts: list
     n: int
     k: int
-    width: int = 0  # the padded layout's rows per expert (0: rows packed, N*K of them)
-    slot_token: torch.Tensor | None = None  # each padded slot's token (n: a zero row)
-    row_slot: torch.Tensor | None = None  # each (token, choice) pair's slot, token order
-    slot_row: torch.Tensor | None = None  # each slot's pair (n*k: padding)
-
-
-# the padded layout (every expert's rows in a block as wide as the busiest expert's) runs
-# when it adds at most this share of rows: one bmm per projection instead of a kernel per
-# expert; a skewed routing falls back to grouped_mm over the packed rows
-_PAD_SLACK = 1.125
 
 
 def _grouped_mm_fits(x, weight) -> bool:

@@ -31,10 +31,10 @@ over those k only.
 
 Compute: each token's k chosen experts only. The (token, choice) rows are sorted by expert
 once per layer (`ops.expert_groups`, `group_rows`); every expert projection and its
-adapter's A and B run on those rows (`grouped_linear`: on torch one bmm over the experts'
-rows padded to the busiest expert's count when the routing is even enough, else grouped_mm
-on CPU or one matmul per expert; mx.gather_mm over sorted indices on MLX), and the outputs go back to token order once (`ungroup_rows`): a handful
-of ops per layer, not a handful per expert and projection. Forward and backward both cost N*k rows per expert projection (at most 1/8 more padded), and memory for activations scales with N*k (never
+adapter's A and B run on those rows (`grouped_linear`: torch's grouped_mm on CPU, one kernel
+for all experts forward and backward, else one matmul per expert; mx.gather_mm over sorted
+indices on MLX), and the outputs go back to token order once (`ungroup_rows`): a handful
+of ops per layer, not a handful per expert and projection. Forward and backward both cost N*k rows per expert projection, and memory for activations scales with N*k (never
 with the number of experts); gradients reach adapters on the router through the top-k
 weights and adapters on experts through the gathered rows, as in the reference.
 

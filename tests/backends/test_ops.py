@@ -325,39 +325,6 @@ def test_torch_grouped_linear_loop_equals_grouped_mm(monkeypatch):
     torch.testing.assert_close(run(), fused, rtol=1e-6, atol=1e-6)
 
 
-def test_torch_padded_expert_layout_equals_the_packed_rows(monkeypatch):
-    """Routing even enough (tb._PAD_SLACK) puts each expert's rows in a block as wide as
-    the busiest expert's (padding reads a zero row) and runs every projection as one bmm:
-    the same outputs and gradients (x, weight, bias) as grouped_mm over the packed rows,
-    an expert no token chose included; a skewed routing keeps the packed rows."""
-    import torch
-
-    import lorafit.backends.torch as tb
-    from lorafit.backends import get_backend
-
-    ops = get_backend("torch", "cpu")
-    rng = np.random.default_rng(4)
-    n, k, e = 40, 2, 5
-    idx = torch.from_numpy(np.stack([rng.choice(4, k, replace=False) for _ in range(n)]))
-    x0 = torch.from_numpy(rng.normal(size=(n, 8)).astype(np.float32))
-    w0 = torch.from_numpy(rng.normal(size=(e, 12, 8)).astype(np.float32))
-    b0 = torch.from_numpy(rng.normal(size=(e, 12)).astype(np.float32))
-    c = torch.from_numpy(rng.normal(size=(n, k, 12)).astype(np.float32))
-
-    def run(slack):
-        monkeypatch.setattr(tb, "_PAD_SLACK", slack)
-        x, w, b = (t.clone().requires_grad_(True) for t in (x0, w0, b0))
-        g = ops.expert_groups(idx, e)
-        y = ops.ungroup_rows(ops.grouped_linear(ops.group_rows(x, g), w, g, b), g)
-        (y * c).sum().backward()
-        return g.width, [y.detach(), x.grad, w.grad, b.grad]
-    width, padded = run(float("inf"))
-    assert width == max(np.bincount(idx.numpy().ravel())) and width * e > n * k
-    assert run(0.0)[0] == 0  # over the slack: packed rows
-    for got, want in zip(padded, run(0.0)[1]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
 def test_clip(backend):
     x = np.linspace(-3, 3, 13).astype(np.float32)
     for lo, hi in ((-1.0, 2.0), (None, 0.5), (-0.5, None)):
