@@ -220,9 +220,15 @@ def save_mlx_lm(folder: str | Path, adapter: dict, cfg: LoraConfig, num_layers: 
                 base_model: str | None = None) -> Path:
     """mlx-lm's layout. mlx-lm adapts the *last* num_layers layers; earlier layers of ours
     that carry no adapter simply get none there (their B stays zero)."""
+    modules = _modules(adapter)
+    outside = sorted(m for m in modules if not m.startswith("model.layers."))
+    if outside:  # mlx-lm's `keys` name modules inside its layers; it would reject these
+        raise LorafitError(
+            f"mlx-lm adapters hold only modules inside the decoder layers, and this adapter "
+            f"adapts {', '.join(outside)}: train without it (list the layer modules in "
+            f"--targets instead of all-linear) or export merged (lorafit export --merge)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    modules = _modules(adapter)
     layers = _layers_of(modules)
     rank = cfg.r
     if any(_is_parameter_target(m) for m in modules):

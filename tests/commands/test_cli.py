@@ -121,6 +121,27 @@ def test_adapter_shape_mismatch_names_key_and_shapes(capsys, tmp_path, tiny_mode
                           "(4, 99)", "(r, 64)")
 
 
+def test_mlx_lm_export_of_a_module_outside_the_layers_is_a_one_line_error(capsys, tmp_path):
+    # Gemma 4's per_layer_model_projection (all-linear adapts it) sits outside the decoder
+    # layers, where mlx-lm's adapters cannot go: no folder mlx-lm would reject is written
+    r = 2
+    adapter = {"model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((r, 8), np.float32),
+               "model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((8, r), np.float32),
+               "model.per_layer_model_projection.lora_A.weight": np.ones((r, 8), np.float32),
+               "model.per_layer_model_projection.lora_B.weight": np.ones((16, r), np.float32)}
+    adapter_io.save_peft(tmp_path / "peft", adapter, LoraConfig(r=r), None, num_layers=1)
+    code, _, err = run_cli(capsys, "export", str(tmp_path / "mlx"), "--adapter",
+                           str(tmp_path / "peft"), "--format", "mlx-lm")
+    assert_one_line_error(code, err, "model.per_layer_model_projection", "--targets",
+                          "--merge")
+    assert not (tmp_path / "mlx").exists()
+    adapter = {k: v for k, v in adapter.items() if k.startswith("model.layers.")}
+    adapter_io.save_peft(tmp_path / "peft", adapter, LoraConfig(r=r), None, num_layers=1)
+    assert run_cli(capsys, "export", str(tmp_path / "mlx"), "--adapter",
+                   str(tmp_path / "peft"), "--format", "mlx-lm")[0] == 0
+    assert (tmp_path / "mlx" / "adapters.safetensors").exists()
+
+
 def test_unknown_backend_choice_is_rejected(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--model", "x", "--prompt", "y", "--backend", "jax"])
