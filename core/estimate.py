@@ -424,7 +424,9 @@ def gated_deltanet_saved_per_token(sh: Shape, st: Settings, adapted: bool,
     q, k repeated to Hv heads, their 4 scaled/decayed copies and the solved keys
     (7*Hv*Dk), v, the solved values, the corrected values and the output (4*Hv*Dv),
     beta, g and its cumulative sum (3*Hv), the decay, UT and intra-chunk score matrices
-    (3*Hv*c), and one (Dk, Dv) state per head per chunk (Hv*Dk*Dv / c).
+    (3*Hv*c; torch 2 more, torch_delta_products; MLX its own, mlx_delta_inverse_matrices),
+    and one (Dk, Dv) state per head per chunk (Hv*Dk*Dv / c). A sparse layer adds its MoE
+    terms (sparse_mlp_saved_per_token), as an attention layer does.
     Adapted modules add r each (their inputs are kept already); DoRA its outputs.
     """
     la = sh.linear_attention
@@ -432,7 +434,8 @@ def gated_deltanet_saved_per_token(sh: Shape, st: Settings, adapted: bool,
     Hk, Hv, Dk, Dv = la["key_heads"], la["value_heads"], la["key_dim"], la["value_dim"]
     X, c = 2 * Hk * Dk + Hv * Dv, min(64, st.seq_len)
     n = 3 * C + 2 + 3 * F + 3 * X + 5 * Hv * Dv + 2 * Hv
-    n += (Hv * (7 * Dk + 4 * Dv + (3 + mlx_delta_inverse_matrices(st, c)) * c + 3)
+    n += (Hv * (7 * Dk + 4 * Dv + (3 + mlx_delta_inverse_matrices(st, c)
+                                   + torch_delta_products(st)) * c + 3)
           + Hv * Dk * Dv / c) * 4 / s
     n += sparse_mlp_saved_per_token(sh, st, adapted, layer)
     if adapted:
@@ -562,6 +565,16 @@ def mlx_delta_inverse_matrices(st: Settings, c: int) -> int:
     if st.backend != "mlx" or c < 2:
         return 0
     return 2 * (max(c - 1, 1).bit_length() - 1) + 3
+
+
+def torch_delta_products(st: Settings) -> int:
+    """torch only: (c, c) matrices per head per chunk its delta rule keeps beyond the three
+    above: k*beta @ k^T and q @ k^T, each multiplied by the decay (backends/torch
+    gated_delta_rule), so the mul's vjp keeps both factors (MLX counts the same two in
+    mlx_delta_inverse_matrices). Found on a sweep's qwen3_5_moe_text C64 b2x32 (c 32, Hv
+    2): -6.2 % with the shortfall proportional to Hv (0.063 MiB per value head), not to
+    the experts' or the shared expert's widths."""
+    return 2 if st.backend == "torch" else 0
 
 
 # Kept for backward per layer beyond the count above, by backend (elements per token).
@@ -909,10 +922,14 @@ def recompute_dora_norm(sh: Shape, st: Settings) -> int:
         return 0
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     first = N * s * 3 * sh.hidden
-    later = N * s * (max(saved_per_token_per_layer(sh, st, True, i)
-                         for i in _adapted_layers(sh, st)) + sh.hidden)
     inputs = ("q_proj", "k_proj", "v_proj", "qkv_proj")
-    return max((first if m in inputs else later) + dora_norm_temporaries(sh, st, [m])
+
+    def later(m):  # the largest saved set of a layer that holds m (a hybrid's o_proj: only
+        # its attention layers, not the wider DeltaNet ones)
+        return N * s * (max((saved_per_token_per_layer(sh, st, True, i)
+                             for i in _adapted_layers(sh, st) if m in _layer_targets(sh, st, i)),
+                            default=0) + sh.hidden)
+    return max((first if m in inputs else later(m)) + dora_norm_temporaries(sh, st, [m])
                for m in target_names(sh, st))
 
 
