@@ -348,7 +348,7 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
     """
     if sh.linear_attention and layer in sh.linear_attention["layers"]:
         return gated_deltanet_saved_per_token(sh, st, adapted, layer)
-    C, F = sh.hidden, sh.intermediate
+    C, F = sh.hidden, mlp_width(sh, layer)
     q, kv, _, _ = attention_widths(sh, layer)
     n = 3 * C + 2 * q + 2 * kv + 3 * F + 2
     if sh.attention_output_gate:
@@ -360,8 +360,7 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
         n += kv
     if sh.kv_shared and st.pack:  # Gemma 4: every layer's k, v after RoPE are held for the
         n += 2 * kv  # layers that reuse them, beside the packed copies attention keeps
-    if sh.moe and layer in sh.moe["layers"]:
-        n += moe_saved_per_token(sh, st, adapted, layer)
+    n += sparse_mlp_saved_per_token(sh, st, adapted, layer)
     n += mlx_output_norm_inputs(sh, st)
     if adapted:
         names = _layer_targets(sh, st, layer)
@@ -370,7 +369,7 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
         if "o_proj" in names:
             n += q
         if "down_proj" in names:
-            n += F
+            n += down_proj_input(sh, layer)
     return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
 
 
@@ -426,20 +425,23 @@ def gated_deltanet_saved_per_token(sh: Shape, st: Settings, adapted: bool,
     q, k repeated to Hv heads, their 4 scaled/decayed copies and the solved keys
     (7*Hv*Dk), v, the solved values, the corrected values and the output (4*Hv*Dv),
     beta, g and its cumulative sum (3*Hv), the decay, UT and intra-chunk score matrices
-    (3*Hv*c), and one (Dk, Dv) state per head per chunk (Hv*Dk*Dv / c).
+    (3*Hv*c; torch 2 more, torch_delta_products; MLX its own, mlx_delta_inverse_matrices),
+    and one (Dk, Dv) state per head per chunk (Hv*Dk*Dv / c). A sparse layer adds its MoE
+    terms (sparse_mlp_saved_per_token), as an attention layer does.
     Adapted modules add r each (their inputs are kept already); DoRA its outputs.
     """
     la = sh.linear_attention
-    C, F = sh.hidden, sh.intermediate
+    C, F = sh.hidden, mlp_width(sh, layer)
     Hk, Hv, Dk, Dv = la["key_heads"], la["value_heads"], la["key_dim"], la["value_dim"]
     X = 2 * Hk * Dk + Hv * Dv
     n = 3 * C + 2 + 3 * F + 3 * X + 5 * Hv * Dv + 2 * Hv + deltanet_float32_per_token(sh, st)
+    n += sparse_mlp_saved_per_token(sh, st, adapted, layer)
     if adapted:
         names = _layer_targets(sh, st, layer)
         n += st.rank * len(names)
         n += dora_kept_per_token(sh, st, names)
         if "down_proj" in names:
-            n += F
+            n += down_proj_input(sh, layer)
     return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
 
 
@@ -454,8 +456,51 @@ def deltanet_float32_per_token(sh: Shape, st: Settings) -> float:
     la = sh.linear_attention
     Hv, Dk, Dv = la["value_heads"], la["key_dim"], la["value_dim"]
     c = min(64, st.seq_len)
-    return (Hv * (7 * Dk + 4 * Dv + (3 + mlx_delta_inverse_matrices(st, c)) * c + 3)
+    return (Hv * (7 * Dk + 4 * Dv + (3 + mlx_delta_inverse_matrices(st, c)
+                                   + torch_delta_products(st)) * c + 3)
             + Hv * Dk * Dv / c) * 4 / DTYPE_BYTES[st.dtype]
+
+
+def sparse_mlp_saved_per_token(sh: Shape, st: Settings, adapted: bool,
+                               layer: int | None) -> float:
+    """What a sparse MoE layer keeps beyond the 3F of its k experts (moe_saved_per_token)
+    and, with a shared expert, that expert's own (moe_shared_expert_saved_per_token): the
+    same on an attention and a Gated DeltaNet layer (qwen3_5_moe's DeltaNet layers are
+    sparse too; counted on attention layers only before: -7.8 % torch, -13.5 % MLX on
+    C64 L3 all-linear)."""
+    if not sh.moe or layer not in sh.moe["layers"]:
+        return 0
+    return moe_saved_per_token(sh, st, adapted, layer) + moe_shared_expert_saved_per_token(sh)
+
+
+def moe_shared_expert_saved_per_token(sh: Shape) -> int:
+    """The dense shared expert every token passes through (models/blocks/moe.shared_expert):
+    y = down(silu(gate) * up) * sigmoid(g), g a 1-wide projection. Its gate, silu(gate) and
+    up (3S, as a dense MLP's 3F), and the two factors of the gating product, y (C) and
+    sigmoid(g) (1). An adapter's r and down_proj's input (S) are counted with the 2D
+    projections (qwen3_5_moe adapts the shared expert's; down_proj_input)."""
+    S = sh.moe.get("shared_size", 0)
+    return 3 * S + sh.hidden + 1 if S else 0
+
+
+def down_proj_input(sh: Shape, layer: int | None) -> int:
+    """The width of a 2D down_proj's input, which its adapter keeps for dA: F, or on a
+    sparse layer with a shared expert the shared expert's S (its down_proj is the 2D one;
+    the routed experts' is a stacked parameter, counted by the MoE terms)."""
+    if sh.moe and sh.moe.get("shared_size") and layer in sh.moe["layers"]:
+        return sh.moe["shared_size"]
+    return mlp_width(sh, layer)
+
+
+def mlp_width(sh: Shape, layer: int | None) -> int:
+    """The F of a layer's MLP in the dense counts: k*F' on a sparse layer (sh.intermediate),
+    but an MoE model's dense layers (qwen3_moe's mlp_only_layers, qwen3_next's layers off
+    its sparse step) run a dense MLP of intermediate_size (moe["dense_size"]): counted at
+    k*F' before (seed-7 qwen3_moe C128 F448 F'56, layer 0 dense: MLX -11 %, torch -4 %)."""
+    m = sh.moe
+    if m and layer is not None and layer not in m["layers"]:
+        return m["dense_size"]
+    return sh.intermediate
 
 
 def moe_saved_per_token(sh: Shape, st: Settings, adapted: bool,
@@ -533,6 +578,16 @@ def mlx_delta_inverse_matrices(st: Settings, c: int) -> int:
     if st.backend != "mlx" or c < 2:
         return 0
     return 2 * (max(c - 1, 1).bit_length() - 1) + 3
+
+
+def torch_delta_products(st: Settings) -> int:
+    """torch only: (c, c) matrices per head per chunk its delta rule keeps beyond the three
+    above: k*beta @ k^T and q @ k^T, each multiplied by the decay (backends/torch
+    gated_delta_rule), so the mul's vjp keeps both factors (MLX counts the same two in
+    mlx_delta_inverse_matrices). Found on a sweep's qwen3_5_moe_text C64 b2x32 (c 32, Hv
+    2): -6.2 % with the shortfall proportional to Hv (0.063 MiB per value head), not to
+    the experts' or the shared expert's widths."""
+    return 2 if st.backend == "torch" else 0
 
 
 # Kept for backward per layer beyond the count above, by backend (elements per token).
@@ -832,7 +887,8 @@ def backward_transients(sh: Shape, st: Settings) -> int:
     if st.backend != "mlx":
         return 0
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
-    return N * s * (8 * sh.intermediate + 6 * sh.hidden + mlx_moe_backward_per_token(sh, st))
+    return N * s * (8 * mlp_width(sh, sh.layers - 1) + 6 * sh.hidden
+                    + mlx_moe_backward_per_token(sh, st))
 
 
 def mlx_rerun_sparse(sh: Shape, st: Settings) -> bool:
@@ -875,11 +931,14 @@ def mlx_moe_backward_per_token(sh: Shape, st: Settings) -> int:
     and that sum (C); an adapter on gate_up adds its sorted rows' gradient (k*C) and its
     scatter back to token order (C), one on down_proj the outputs' cotangent in expert
     order for its B (k*C). Measured one-off (not per layer) shortfalls before:
-    ~800-1000 elements per token on 1- and 3-layer mixtral all-linear and gpt-oss k=2."""
+    ~800-1000 elements per token on 1- and 3-layer mixtral all-linear and gpt-oss k=2.
+    A shared expert is a dense MLP of width S beside the routed ones: its backward forms
+    what the dense count's 8F does for F (qwen3_5_moe C64 S 64 -> 128: 12 S per token
+    measured beyond the saved sets' 3S + C + 1 a layer, on 3 layers)."""
     if not sh.moe or sh.layers - 1 not in sh.moe["layers"]:
         return 0
     k, C = sh.moe["top_k"], sh.hidden
-    n = 2 * k * C + C
+    n = 2 * k * C + C + 8 * sh.moe.get("shared_size", 0)
     names = moe_target_names(sh, st)
     if "gate_up_proj" in names:
         n += k * C + C
@@ -969,10 +1028,14 @@ def recompute_dora_norm(sh: Shape, st: Settings) -> int:
         return 0
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     first = N * s * 3 * sh.hidden
-    later = N * s * (max(saved_per_token_per_layer(sh, st, True, i)
-                         for i in _adapted_layers(sh, st)) + sh.hidden)
     inputs = ("q_proj", "k_proj", "v_proj", "qkv_proj")
-    return max((first if m in inputs else later) + dora_norm_temporaries(sh, st, [m])
+
+    def later(m):  # the largest saved set of a layer that holds m (a hybrid's o_proj: only
+        # its attention layers, not the wider DeltaNet ones)
+        return N * s * (max((saved_per_token_per_layer(sh, st, True, i)
+                             for i in _adapted_layers(sh, st) if m in _layer_targets(sh, st, i)),
+                            default=0) + sh.hidden)
+    return max((first if m in inputs else later(m)) + dora_norm_temporaries(sh, st, [m])
                for m in target_names(sh, st))
 
 
@@ -1007,7 +1070,7 @@ def torch_backward_start(sh: Shape, st: Settings) -> int:
     its input (F, counted in the saved set), freed by then: F less."""
     if st.backend != "torch" or st.grad_checkpoint:
         return 0
-    N, s, F = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype], sh.intermediate
+    N, s, F = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype], mlp_width(sh, sh.layers - 1)
     top = _layer_targets(sh, st, sh.layers - 1) if sh.layers - 1 in _adapted_layers(sh, st) \
         else []
     grads = 2 * F if "c_fc" in sh.linears else 3 * F

@@ -9,7 +9,8 @@ family, so the estimator sees what a user's model folder holds. Models stay tiny
 vocabulary comes with a small hidden size) so a CI run measures dozens in minutes.
 
 `python tests/memory_random.py BACKEND SEED N [SEED N ...]` measures each case in this
-process and prints one JSON line per case (with its seed); tests/core/test_estimate_random.py
+process and prints one JSON line per case (with its seed; `--families a,b` draws those
+families only, for a sweep); tests/core/test_estimate_random.py
 runs it once per backend for the seeded grid and the fresh configuration together, so the
 imports and the first compile are paid once, and earlier tests leave nothing in the measured
 process. The frozen weights are drawn in float32 (their values do not change the peak).
@@ -181,25 +182,31 @@ def random_case(rng, family: str, backend: str, name: str) -> Case:
     # 4-bit also on narrow models: their projections stay dense (input size not a multiple
     # of 64) while output-sized biases are multiples of 64, which must stay dense too
     quant = "4bit" if rng.random() < 0.15 else None
+    rank = r(4, 8, 16, 32, 64)
+    recompute, pack, dora = bool(rng.integers(2)), bool(rng.integers(2)), rng.random() < 0.2
+    if dora and family in ("mixtral", "qwen3_moe") and targets == "all-linear":
+        dora = False  # its stacked experts take plain LoRA only (lorafit refuses DoRA there)
     return Case(name, layers=L, hidden=hidden, intermediate=inter, heads=heads,
                 kv_heads=kv, vocab=vocab, tied=cfg.get("tie_word_embeddings", False),
-                batch=batch, seq=seq, rank=r(4, 8, 16, 32, 64), targets=targets,
-                grad_checkpoint=bool(rng.integers(2)), pack=bool(rng.integers(2)),
-                model_type=family, dora=rng.random() < 0.2, quantize=quant,
+                batch=batch, seq=seq, rank=rank, targets=targets,
+                grad_checkpoint=recompute, pack=pack,
+                model_type=family, dora=dora, quantize=quant,
                 extra=cfg)
 
 
-def random_cases(seed: int | None, n: int, backend: str) -> list[Case]:
+def random_cases(seed: int | None, n: int, backend: str,
+                 families: tuple | None = None) -> list[Case]:
     """n cases of DENSE, drawn in turn (shuffled), so n >= len(DENSE) draws each; then one
-    case of each LATER family from its own stream."""
+    case of each LATER family from its own stream. `families`: n cases of those only, in
+    turn, from the seed's stream (a sweep over a few families; not the grid's draws)."""
     rng = np.random.default_rng(seed)
-    order = list(DENSE)
+    order = list(DENSE) if families is None else list(families)
     out = []
     while len(out) < n:
         rng.shuffle(order)
         for fam in order[: n - len(out)]:
             out.append(random_case(rng, fam, backend, f"{fam}-{len(out)}"))
-    for i, fam in enumerate(LATER):
+    for i, fam in enumerate(LATER if families is None else ()):
         own = np.random.default_rng(None if seed is None else [seed, i + 1])
         out.append(random_case(own, fam, backend, f"{fam}-{len(out)}"))
     return out
@@ -214,7 +221,8 @@ def describe(case: Case) -> str:
             f"{' ' + c.quantize if c.quantize else ''}")
 
 
-def run(backend: str, draws: list[tuple[int | None, int]]) -> None:
+def run(backend: str, draws: list[tuple[int | None, int]],
+        families: tuple | None = None) -> None:
     """Estimate and measure each case of each (seed, n) draw; one JSON line each (errors
     are lines too)."""
     import gc
@@ -224,7 +232,8 @@ def run(backend: str, draws: list[tuple[int | None, int]]) -> None:
     from memory_harness import measure, settings_for
 
     root = Path(tempfile.mkdtemp())
-    cases = [(seed, case) for seed, n in draws for case in random_cases(seed, n, backend)]
+    cases = [(seed, case) for seed, n in draws
+             for case in random_cases(seed, n, backend, families)]
     for seed, case in cases:
         t = time.time()
         try:
@@ -243,6 +252,14 @@ def run(backend: str, draws: list[tuple[int | None, int]]) -> None:
 
 
 if __name__ == "__main__":
-    args = sys.argv[2:]
+    # python tests/memory_random.py BACKEND SEED N [SEED N ...] [--families a,b]
+    args, families = sys.argv[2:], None
+    if "--families" in args:
+        at = args.index("--families")
+        families = tuple(args[at + 1].split(","))
+        unknown = set(families) - set(DENSE) - set(LATER)
+        if unknown:
+            sys.exit(f"unknown families {sorted(unknown)}; drawn: {', '.join(DENSE + LATER)}")
+        args = args[:at] + args[at + 2:]
     run(sys.argv[1], [(None if s == "none" else int(s), int(n))
-                      for s, n in zip(args[::2], args[1::2])])
+                      for s, n in zip(args[::2], args[1::2])], families)

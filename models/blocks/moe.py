@@ -113,6 +113,8 @@ def memory_shape(a) -> dict:
             "expert_bias": 1 + 2 * expert_size(a) + a.hidden_size if gpt else 0,
             "layer_extra": a.num_attention_heads + a.hidden_size if gpt else 0,
             "expert_size": expert_size(a), "dense_size": a.intermediate_size,
+            # the dense shared expert beside the routed ones (qwen3_next, qwen3_5_moe), 0: none
+            "shared_size": a.shared_expert_size,
             # Gemma 4's router.proj is a 2D linear counted with the others (no E*C here)
             "router_size": 0 if a.experts_beside_mlp else a.hidden_size,
             "layers": [i for i in range(a.num_hidden_layers) if a.is_moe_layer(i)],
