@@ -322,8 +322,10 @@ class Backend(Protocol):
         """--shard while loading: this process's 1/N of one decoder layer's frozen arrays,
         read straight from the safetensors files (only the slice's bytes; the whole layer
         is never held), as the object shard_frozen puts under SHARDED_LAYER. sources:
-        (name, file, checkpoint key, shape) per array, in the layer's layout order, every
-        one floating-point, cast to dtype. torch only (MLX raises LorafitError)."""
+        (name, shape, [(file, checkpoint key, shape)]) per array, in the layer's layout
+        order: the checkpoint tensors whose contents laid end to end are the array (one, or
+        one per expert and projection for stacked experts), every one floating-point, cast
+        to dtype. torch only (MLX raises LorafitError)."""
 
     def gather_frozen(self, layer: dict) -> dict:
         """A layer's dict (models.decoder.split_layers) with its sharded frozen arrays

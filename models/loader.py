@@ -144,8 +144,8 @@ def load_model(path_or_id: str, backend, dtype: str | None = None,
     does a projection whose input size is not a multiple of 64 (as mlx-lm does).
     A folder already quantized by mlx-lm loads as it is. With shard (--shard, several
     processes) each decoder layer is read straight into this process's 1/N slice
-    (Backend.read_layer_slice) where its arrays are stored as the model uses them; see
-    plan_layer_slices."""
+    (Backend.read_layer_slice) where its arrays are stored as the model uses them or as
+    per-expert tensors the family stacks; see plan_layer_slices."""
     args, folder = load_args(path_or_id)
     if dtype is not None and dtype not in DTYPES:
         raise LorafitError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -170,10 +170,11 @@ def load_model(path_or_id: str, backend, dtype: str | None = None,
     files = weight_files(folder)
     sliced = plan_layer_slices(files, fam, expected) \
         if shard and backend.world_size > 1 and not bits and not stored_q else {}
-    skip = {str(src[1]): set() for srcs in sliced.values() for src in srcs}
+    skip: dict = {}
     for srcs in sliced.values():
-        for _, path, key, _ in srcs:
-            skip[str(path)].add(key)
+        for _, _, pieces in srcs:
+            for path, key, _ in pieces:
+                skip.setdefault(str(path), set()).add(key)
     for i, srcs in sliced.items():  # one layer at a time: only this process's slice
         params[f"{LAYERS}{i}.{SHARDED_LAYER}"] = backend.read_layer_slice(srcs, dtype)
     done = {f"{LAYERS}{i}.{src[0]}" for i, srcs in sliced.items() for src in srcs}
@@ -231,29 +232,48 @@ def safetensors_header(path: Path) -> dict:
 
 
 def plan_layer_slices(files: list, fam, expected: dict) -> dict:
-    """{layer index: [(name within the layer, file, checkpoint key, shape)]} for the decoder
-    layers whose frozen arrays are all stored as the model uses them (the family's rename
-    only; same shape; floating point), in the order of `expected`. Such a layer can be read straight
-    into slices. A layer with any array the family converts (per-expert MoE tensors, MXFP4
-    blocks) or stores otherwise is left out: it loads whole and is cut afterwards
-    (Backend.shard_frozen)."""
-    stored, converted = {}, set()
+    """{layer index: [(name within the layer, shape, [(file, checkpoint key, shape)])]} for
+    the decoder layers whose frozen arrays can all be read straight into slices, in the
+    order of `expected`: each array stored as the model uses it (the family's rename only;
+    same shape; floating point), or stacked from whole checkpoint tensors laid end to end
+    (the per-expert MoE tensors the family's convert stacks: fam.stacked names them). A
+    layer with a tensor the family converts otherwise (gpt-oss's MXFP4 blocks), or stores
+    otherwise, is left out: it loads whole and is cut afterwards (Backend.shard_frozen)."""
+    stored, converted = {}, {}
     for f in files:
         for key, meta in safetensors_header(f).items():
             name = fam.rename(key)
+            entry = (f, key, tuple(meta["shape"]), meta.get("dtype") in FLOATS)
             if fam.checkpoint_key is not None and fam.checkpoint_key.match(name):
                 if name.startswith(LAYERS):
-                    converted.add(name[len(LAYERS):].split(".", 1)[0])
-            elif name in expected and meta.get("dtype") in FLOATS \
-                    and tuple(meta["shape"]) == tuple(expected[name]):
-                stored[name] = (f, key, tuple(meta["shape"]))
+                    converted.setdefault(_layer_of(name), set()).add(name)
+                stored[name] = entry
+            elif name in expected:
+                stored[name] = entry
     layers: dict = {}
     for name in expected:
         if name.startswith(LAYERS):
-            layers.setdefault(name[len(LAYERS):].split(".", 1)[0], []).append(name)
-    return {int(i): [(n[len(f"{LAYERS}{i}."):], *stored[n]) for n in names]
-            for i, names in layers.items()
-            if i not in converted and all(n in stored for n in names)}
+            layers.setdefault(_layer_of(name), []).append(name)
+    out = {}
+    for i, names in layers.items():
+        plan, used = [], set()
+        for n in names:
+            pieces = [(n, expected[n])] if n in stored and n not in converted.get(i, ()) \
+                else (fam.stacked(n, expected[n]) if fam.stacked is not None else None)
+            if not pieces or not all(p in stored and stored[p][3]
+                                     and stored[p][2] == tuple(s) for p, s in pieces):
+                break
+            plan.append((n[len(f"{LAYERS}{i}."):], tuple(expected[n]),
+                         [stored[p][:3] for p, _ in pieces]))
+            used.update(p for p, _ in pieces)
+        else:
+            if converted.get(i, set()) <= used:  # nothing left for convert to do here
+                out[int(i)] = plan
+    return out
+
+
+def _layer_of(name: str) -> str:
+    return name[len(LAYERS):].split(".", 1)[0]
 
 
 def _dequantize_non_projections(ops, params, q, projections, dtype):

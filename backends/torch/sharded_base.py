@@ -14,7 +14,9 @@ must gather the same layers in the same order (they run the same forward and bac
 
 A layer is normally cut while the model loads (`ShardedLayer.read`, from the safetensors
 files: this process reads only its slice, so no process ever holds the whole base);
-`shard_layers` cuts what was loaded whole (layers a model family converts on loading).
+the stacked experts of an MoE checkpoint stored one expert at a time are read the same way,
+only the experts (and rows) in this process's range. `shard_layers` cuts what was loaded
+whole (layers a model family converts otherwise on loading: gpt-oss's MXFP4 experts).
 """
 
 from __future__ import annotations
@@ -58,35 +60,37 @@ class ShardedLayer:
     @classmethod
     def read(cls, sources: list, dtype, rank: int, world: int, device) -> "ShardedLayer":
         """This process's slice of one layer read straight from safetensors files: only the
-        bytes of the slice (and of at most one partial row at each end of an array) are
-        read, through memory-mapped `get_slice`, so the whole layer is never in memory.
-        sources: (name, file, checkpoint key, shape) in the layer's layout order; every
-        array is a floating-point one cast to dtype (the same flat buffer `__init__` lays
-        out from the same arrays in that order)."""
+        bytes of the slice (and of at most one partial row at each end of a stored tensor)
+        are read, through memory-mapped `get_slice`, so the whole layer is never in memory.
+        sources: (name, shape, pieces) in the layer's layout order, pieces being the
+        checkpoint tensors (file, key, shape) whose row-major contents laid end to end are
+        the array's: one for an array stored as the model uses it, one per expert and
+        projection for experts the family stacks (models/families/moe_checkpoint.py), of
+        which only those the slice touches are opened. Every tensor is a floating-point one
+        cast to dtype (the same flat buffer `__init__` lays out from the whole arrays)."""
         from safetensors import safe_open
 
         layer = cls.__new__(cls)
         layer.world = world
         entries, at = [], 0
-        for name, _, _, shape in sources:
-            n = 1
-            for d in shape:
-                n *= int(d)
-            entries.append((name, tuple(shape), at, n))
-            at += n
+        for name, shape, _ in sources:
+            entries.append((name, tuple(shape), at, _numel(shape)))
+            at += _numel(shape)
         per = -(-at // world)
         start, end = rank * per, (rank + 1) * per
         local = torch.zeros(per, dtype=dtype, device=device)
         handles: dict = {}
         try:
-            for (_, path, key, shape), (_, _, off, n) in zip(sources, entries):
-                lo, hi = max(off, start), min(off + n, end)
-                if lo >= hi:
-                    continue
-                if path not in handles:
-                    handles[path] = safe_open(str(path), framework="pt")
-                part = _flat_range(handles[path], key, shape, lo - off, hi - off)
-                local[lo - start:hi - start] = part.to(dtype)
+            for (_, _, pieces), (_, _, off, _) in zip(sources, entries):
+                for path, key, shape in pieces:
+                    n = _numel(shape)
+                    lo, hi = max(off, start), min(off + n, end)
+                    if lo < hi:
+                        if path not in handles:
+                            handles[path] = safe_open(str(path), framework="pt")
+                        part = _flat_range(handles[path], key, shape, lo - off, hi - off)
+                        local[lo - start:hi - start] = part.to(dtype)
+                    off += n
         finally:
             handles.clear()
         layer.groups = [(entries, local)]
@@ -109,6 +113,13 @@ class ShardedLayer:
             for name, shape, off, n in entries:
                 out[name] = flat[off:off + n].view(shape)
         return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def _flat_range(handle, key: str, shape: tuple, a: int, b: int) -> torch.Tensor:

@@ -28,6 +28,10 @@ class Family:
     rename: Callable[[str], str] = str  # a checkpoint tensor's name -> the model's, as read
     # config.json as written for other readers (mlx-lm, the Hub's layout), for exports
     published: Callable[[dict], dict] = dict
+    # (model array name, shape) -> the checkpoint tensors [(name as renamed, shape)] whose
+    # contents laid end to end are that array (the per-expert tensors convert stacks), or
+    # None: what lets --shard read a slice of a converted array (models/loader.py)
+    stacked: Callable | None = None
 
 
 # Each family module holds CONFIGURE {model_type: config.json -> switches} and sanitize.
@@ -35,7 +39,8 @@ FAMILY_MODULES = (llama, phi3, olmo, ministral3, mistral3, granite, smollm3, exa
                   starcoder2, glm4, gemma, qwen3_5, qwen3_next, mixtral, qwen3_moe, gpt_oss)
 FAMILIES = {mt: Family(mt, configure, module.sanitize, getattr(module, "CHECKPOINT_KEY", None),
                        getattr(module, "convert", None), getattr(module, "rename", str),
-                       getattr(module, "PUBLISHED", {}).get(mt, dict))
+                       getattr(module, "PUBLISHED", {}).get(mt, dict),
+                       getattr(module, "stacked", None))
             for module in FAMILY_MODULES for mt, configure in module.CONFIGURE.items()}
 
 

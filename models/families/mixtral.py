@@ -29,11 +29,13 @@ CHECKPOINT_KEY = re.compile(r"model\.layers\.\d+\.block_sparse_moe\.")
 _EXPERT = re.compile(r"(model\.layers\.\d+\.)block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
 
 
+def rename(name: str) -> str:
+    """The router, stored as block_sparse_moe.gate, is the model's mlp.gate."""
+    return name.replace(".block_sparse_moe.gate.", ".mlp.gate.")
+
+
 def sanitize(weights: dict, args) -> dict:
-    weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
-    for k in [k for k in weights if ".block_sparse_moe.gate." in k]:
-        weights[k.replace(".block_sparse_moe.", ".mlp.")] = weights.pop(k)
-    return weights
+    return {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
 
 
 def convert(ops, weights: dict, args) -> dict:
@@ -41,3 +43,9 @@ def convert(ops, weights: dict, args) -> dict:
     3D parameters, one layer at a time."""
     return moe_checkpoint.fuse_experts(ops, weights, args, _EXPERT,
                                        gate="w1", up="w3", down="w2")
+
+
+def stacked(name: str, shape: tuple) -> list | None:
+    """The per-expert tensors a stacked expert array is made of (--shard reads slices)."""
+    return moe_checkpoint.expert_pieces(name, shape, "block_sparse_moe.experts.{e}.{proj}.weight",
+                                        gate="w1", up="w3", down="w2")

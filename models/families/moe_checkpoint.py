@@ -26,3 +26,24 @@ def fuse_experts(ops, weights: dict, args, pattern, gate: str, up: str, down: st
         weights[prefix + "mlp.experts.down_proj"] = stacked(
             [parts.pop((e, down)) for e in range(n)])
     return weights
+
+
+def expert_pieces(name: str, shape: tuple, template: str, gate: str, up: str,
+                  down: str) -> list | None:
+    """The per-expert checkpoint tensors [(name, shape)] whose row-major contents, laid end
+    to end, are the stacked array `name` of that shape that fuse_experts builds (expert
+    by expert: gate then up for gate_up_proj, as gate_up_proj[e] = [gate_e; up_e]); None
+    for any other array. template names one expert's tensor within the layer, with {e}
+    and {proj}. --shard reads a rank's slice of a stacked array from these
+    (models/loader.py plan_layer_slices), opening only the experts in its range."""
+    prefix, sep, array = name.rpartition("mlp.experts.")
+    if not sep or len(shape) != 3:
+        return None
+    experts, rows, cols = (int(d) for d in shape)
+    if array == "gate_up_proj" and rows % 2 == 0:
+        return [(prefix + template.format(e=e, proj=p), (rows // 2, cols))
+                for e in range(experts) for p in (gate, up)]
+    if array == "down_proj":
+        return [(prefix + template.format(e=e, proj=down), (rows, cols))
+                for e in range(experts)]
+    return None

@@ -98,6 +98,12 @@ def convert(ops, weights: dict, args) -> dict:
                                        gate="gate_proj", up="up_proj", down="down_proj")
 
 
+def stacked(name: str, shape: tuple) -> list | None:
+    """The per-expert tensors a stacked expert array is made of (--shard reads slices)."""
+    return moe_checkpoint.expert_pieces(name, shape, "mlp.experts.{e}.{proj}.weight",
+                                        gate="gate_proj", up="up_proj", down="down_proj")
+
+
 def sanitize(weights: dict, args) -> dict:
     weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
     if args.tie_word_embeddings:

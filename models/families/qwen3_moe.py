@@ -50,3 +50,9 @@ def sanitize(weights: dict, args) -> dict:
 def convert(ops, weights: dict, args) -> dict:
     return moe_checkpoint.fuse_experts(ops, weights, args, _EXPERT,
                                        gate="gate_proj", up="up_proj", down="down_proj")
+
+
+def stacked(name: str, shape: tuple) -> list | None:
+    """The per-expert tensors a stacked expert array is made of (--shard reads slices)."""
+    return moe_checkpoint.expert_pieces(name, shape, "mlp.experts.{e}.{proj}.weight",
+                                        gate="gate_proj", up="up_proj", down="down_proj")

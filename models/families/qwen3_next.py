@@ -9,7 +9,8 @@ expert (models/blocks/moe.py) on the layers transformers makes sparse (not in
 from __future__ import annotations
 
 from lorafit.models.families.qwen3_5 import (CHECKPOINT_KEY, _qwen3_5_text,  # noqa: F401
-                                             convert, rename, sanitize, shared_expert_moe)
+                                             convert, rename, sanitize, shared_expert_moe,
+                                             stacked)
 
 
 def _qwen3_next(cfg: dict) -> dict:

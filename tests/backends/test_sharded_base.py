@@ -108,26 +108,55 @@ def test_a_sharded_base_gives_the_plain_forwards_loss_and_gradients(
         assert np.abs(out[0][1][k]).max() > 0, k
 
 
+@pytest.fixture(scope="module")
+def tiny_moe_folders(tmp_path_factory, tokenizer):
+    """Mixtral and Qwen3-MoE saved by transformers in the Hub's per-expert layout (one
+    tensor per expert and projection), small: 4 experts of width 24 (and 40)."""
+    from conftest import build_hf_model
+
+    out = {}
+    for mt, kw in (("mixtral", dict(num_local_experts=4, num_experts_per_tok=2,
+                                    intermediate_size=24, hidden_size=32)),
+                   ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2,
+                                      moe_intermediate_size=40, hidden_size=32,
+                                      mlp_only_layers=[1]))):
+        out[mt] = build_hf_model(tmp_path_factory.mktemp(mt), mt, tokenizer, **kw)[0]
+    return out
+
+
+@pytest.mark.parametrize("model", ["small_llama", "mixtral", "qwen3_moe"])
 def test_a_layer_read_straight_from_the_files_is_the_slice_cut_from_the_whole_layer(
-        small_llama):
+        request, tiny_moe_folders, model, monkeypatch):
     """--shard at load (models/loader.py, ShardedLayer.read): each rank's slices read from
     the safetensors files equal, bit for bit, the slices cut from the whole loaded layer
-    (3 ranks, so slices start and end inside arrays and rows; and cast to bf16 on the way);
-    nothing of the layers is held whole, and the arrays outside the layers are."""
+    (3 ranks, so slices start and end inside arrays and rows, and inside experts; and cast
+    to bf16 on the way); nothing of the layers is held whole, and the arrays outside the
+    layers are. The MoE checkpoints are stored per expert: the stacked experts are read
+    expert by expert, only those in the rank's range (a dense layer beside them in
+    Qwen3-MoE)."""
     from lorafit.backends.base import SHARDED_LAYER
     from lorafit.backends.torch import TorchBackend
+    from lorafit.backends.torch import sharded_base
     from lorafit.backends.torch.sharded_base import ShardedLayer
     from lorafit.models.loader import load_model
 
-    folder = small_llama[0]
+    read = []  # the checkpoint tensors each rank's load reads from
+    flat_range = sharded_base._flat_range
+    monkeypatch.setattr(sharded_base, "_flat_range",
+                        lambda h, key, *a: read.append(key) or flat_range(h, key, *a))
+    folder = request.getfixturevalue(model)[0] if model == "small_llama" \
+        else tiny_moe_folders[model]
     ops = TorchBackend("cpu")
     for dtype in ("float32", "bfloat16"):
         whole = load_model(str(folder), ops, dtype).params
         layers = sorted({k.split(".")[2] for k in whole if k.startswith("model.layers.")})
         for rank in range(3):
             ops.rank, ops.world_size = rank, 3
+            read.clear()
             params = load_model(str(folder), ops, dtype, shard=True).params
             ops.rank, ops.world_size = 0, 1
+            experts = [k for k in _keys(folder) if ".experts." in k]  # (none in Llama)
+            assert len(set(read) & set(experts)) <= len(experts) * 2 / 3  # only its range
             assert sorted(k for k in params if not k.startswith("model.layers.")) == \
                 sorted(k for k in whole if not k.startswith("model.layers."))
             for k in params:
@@ -139,11 +168,22 @@ def test_a_layer_read_straight_from_the_files_is_the_slice_cut_from_the_whole_la
                 got = params[f"model.layers.{i}.{SHARDED_LAYER}"]
                 prefix = f"model.layers.{i}."
                 names = [n for n in got.groups[0][0]]
+                assert sorted(n[0] for n in names) == \
+                    sorted(k[len(prefix):] for k in whole if k.startswith(prefix))
                 cut = ShardedLayer({n[0]: whole[prefix + n[0]] for n in names}, rank, 3)
                 assert [e for e, _ in got.groups] == [e for e, _ in cut.groups]
                 assert got.groups[0][1].dtype == cut.groups[0][1].dtype
                 assert torch.equal(got.groups[0][1], cut.groups[0][1]), (dtype, rank, i)
                 assert got.nbytes == cut.nbytes
+    if model != "small_llama":  # the experts are stacked from per-expert tensors
+        assert any(k.endswith("mlp.experts.gate_up_proj") for k in whole)
+        assert any(".experts.0." in k for k in _keys(folder))
+
+
+def _keys(folder) -> list:
+    from lorafit.models.loader import safetensors_header, weight_files
+
+    return [k for f in weight_files(folder) for k in safetensors_header(f)]
 
 
 def load_peak(folder, at_load: bool) -> dict:
