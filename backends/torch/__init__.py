@@ -317,6 +317,8 @@ class TorchBackend:
         return emb.cos().to(_DTYPES[dtype]), emb.sin().to(_DTYPES[dtype])
 
     def apply_rope(self, x, cos, sin):
+        if not (cos.requires_grad or sin.requires_grad) and x.shape[-1] % 2 == 0:
+            return _Rope.apply(x, cos, sin)
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
@@ -641,6 +643,31 @@ class _Gather(torch.autograd.Function):
         if ctx.zero_row:
             grad = torch.cat([grad, grad.new_zeros(1, *grad.shape[1:])])
         return grad.index_select(0, back), None, None, None
+
+
+class _Rope(torch.autograd.Function):
+    """x * cos + rotate_half(x) * sin (rotate_half(x) = [-x2, x1]) in two passes over x
+    instead of five (neg, cat, two products, the sum), and its backward likewise: dL/dx =
+    g * cos + [g2 * sin2, -g1 * sin1]. Only the tables are saved; they carry no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        h = x.shape[-1] // 2
+        y = x * cos
+        y[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1)
+        y[..., h:].addcmul_(x[..., :h], sin[..., h:])
+        ctx.save_for_backward(cos, sin)
+        ctx.dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        h = g.shape[-1] // 2
+        gx = g * cos
+        gx[..., :h].addcmul_(g[..., h:], sin[..., h:])
+        gx[..., h:].addcmul_(g[..., :h], sin[..., :h], value=-1)
+        return gx.to(ctx.dtype), None, None
 
 
 def _picked_log_probs(probs, logits, targets):

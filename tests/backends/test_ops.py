@@ -592,3 +592,24 @@ def test_lora_linear_equals_the_two_linears_composed(backend):
     (_, y3), g3 = B.value_and_grad(lambda tr, _: fused({**tr, "x": leaves["x"]}, None))(
         {k: v for k, v in leaves.items() if k != "x"}, None)
     np.testing.assert_allclose(B.to_numpy(g3["a"]), B.to_numpy(g2["a"]), rtol=1e-5, atol=1e-5)
+
+
+def test_apply_rope_and_its_gradient_match_the_definition(backend):
+    """x * cos + rotate_half(x) * sin, values and dL/dx (torch runs it as two passes)."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 3, 5, 8)).astype(np.float32)
+    ang = rng.normal(size=(2, 1, 5, 8)).astype(np.float32)
+    cos, sin = np.cos(ang), np.sin(ang)  # halves unlike each other: no table layout assumed
+    cot = rng.normal(size=x.shape).astype(np.float32)
+    xt = torch.tensor(x, requires_grad=True)
+    ref = xt * torch.tensor(cos) + torch.cat([-xt[..., 4:], xt[..., :4]], -1) * torch.tensor(sin)
+    (ref * torch.tensor(cot)).sum().backward()
+    B = backend
+    c, s, ct = B.from_numpy(cos), B.from_numpy(sin), B.from_numpy(cot)
+
+    def f(tr, _):
+        y = B.apply_rope(tr["x"], c, s)
+        return (y * ct).sum(), y
+    (_, y), g = B.value_and_grad(f)({"x": B.from_numpy(x)}, None)
+    np.testing.assert_allclose(B.to_numpy(y), ref.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(B.to_numpy(g["x"]), xt.grad.numpy(), rtol=1e-5, atol=1e-6)
