@@ -130,6 +130,8 @@ class TorchBackend:
     def rms_norm(self, x, weight, eps):
         dtype = x.dtype
         if dtype == torch.float32 and weight.dtype == torch.float32:
+            if not weight.requires_grad and x.device.type == "cpu":
+                return _RmsNorm.apply(x, weight, eps)  # fewer passes, forward and backward
             # one kernel with the weight folded in: the same products, one pass fewer
             return F.rms_norm(x, (x.shape[-1],), weight, eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), None, eps)
@@ -643,6 +645,26 @@ class _Gather(torch.autograd.Function):
         if ctx.zero_row:
             grad = torch.cat([grad, grad.new_zeros(1, *grad.shape[1:])])
         return grad.index_select(0, back), None, None, None
+
+
+class _RmsNorm(torch.autograd.Function):
+    """F.rms_norm's products (x * rsqrt(mean(x^2) + eps) * w) for a frozen w, whose
+    backward is dL/dx = r * (g w - x r^2 mean(g w x)): four passes over (N, C) instead of
+    the composite's chain of autograd nodes, and only x and r are saved."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, r)
+        return (x * r).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, r = ctx.saved_tensors
+        gw = g * weight
+        dot = torch.linalg.vecdot(gw, x, dim=-1).unsqueeze(-1)  # sum(g w x), no temporary
+        gx = x * (dot * r.pow(3) * (-1.0 / x.shape[-1]))
+        return gx.addcmul_(gw, r), None, None
 
 
 class _Rope(torch.autograd.Function):

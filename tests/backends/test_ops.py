@@ -613,3 +613,22 @@ def test_apply_rope_and_its_gradient_match_the_definition(backend):
     (_, y), g = B.value_and_grad(f)({"x": B.from_numpy(x)}, None)
     np.testing.assert_allclose(B.to_numpy(y), ref.detach().numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(B.to_numpy(g["x"]), xt.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_rms_norm_and_its_gradient_match_the_definition(backend):
+    """x * rsqrt(mean(x^2) + eps) * w, values and dL/dx (torch: its own backward)."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3, 4, 16)).astype(np.float32)
+    w, cot = rng.normal(size=16).astype(np.float32), rng.normal(size=x.shape).astype(np.float32)
+    xt = torch.tensor(x, requires_grad=True)
+    ref = xt * torch.rsqrt(xt.pow(2).mean(-1, keepdim=True) + 1e-5) * torch.tensor(w)
+    (ref * torch.tensor(cot)).sum().backward()
+    B = backend
+    wb, ct = B.from_numpy(w), B.from_numpy(cot)
+
+    def f(tr, _):
+        y = B.rms_norm(tr["x"], wb, 1e-5)
+        return (y * ct).sum(), y
+    (_, y), g = B.value_and_grad(f)({"x": B.from_numpy(x)}, None)
+    np.testing.assert_allclose(B.to_numpy(y), ref.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(B.to_numpy(g["x"]), xt.grad.numpy(), rtol=1e-4, atol=1e-5)
