@@ -82,6 +82,12 @@ class Backend(Protocol):
     def linear(self, x: Array, weight: Array, bias: Array | None = None) -> Array:
         """y = x @ weight.T (+ bias); weight is (out, in)."""
 
+    def lora_linear(self, x: Array, weight: Array, bias: Array | None, lora_a: Array,
+                    lora_b: Array, scale: float) -> Array:
+        """x @ weight.T (+ bias) + ((x @ lora_a.T) * scale) @ lora_b.T: a frozen projection
+        with its LoRA pair (no dropout), the same products as the two linears composed;
+        a backend may fuse them (one output buffer, the update accumulated into it)."""
+
     def embedding(self, ids: Array, table: Array) -> Array:
         """Rows of table (V, C) picked by integer ids (B, T) -> (B, T, C)."""
 

@@ -136,11 +136,18 @@ def project(ops, lp: dict, name: str, x, lora, quant_cfg=None):
         bare = f"{name}.{STACK_DORA}" in lp  # DoRA scales the output before the bias
         y = base_linear(ops, lp, name, x, quant, bias=None if bare else bias)
         return _project_rows(ops, lp, name, x, y, lora, bias if bare else None)
+    dropout = lora is not None and lora.dropout
+    weight = lp.get(name + ".weight")
+    if (lora_a is not None and magnitude is None and quant is None and not dropout
+            and weight is not None
+            and ops.dtype_name(x) == ops.dtype_name(lora_a) == ops.dtype_name(weight)):
+        # base + update as one op: the torch backend fuses them (backends/torch, _LoraLinear)
+        return ops.lora_linear(x, weight, bias, lora_a, lp[f"{name}.{LORA_B}"], lora.scale)
     y = base_linear(ops, lp, name, x, quant,
                     bias=bias if lora_a is None or magnitude is None else None)
     if lora_a is None:
         return y
-    xa = ops.dropout(x, lora.dropout) if lora is not None and lora.dropout else x
+    xa = ops.dropout(x, lora.dropout) if dropout else x
     adtype = ops.dtype_name(lora_a)
     if ops.dtype_name(xa) != adtype:
         xa = ops.cast(xa, adtype)

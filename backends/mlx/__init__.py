@@ -105,6 +105,10 @@ class MLXBackend:
             return mx.addmm(bias, x, weight.T)
         return x @ weight.T
 
+    def lora_linear(self, x, weight, bias, lora_a, lora_b, scale):
+        y = self.linear(x, weight, bias)
+        return y + self.linear(self.linear(x, lora_a) * scale, lora_b)
+
     def embedding(self, ids, table):
         return table[ids]
 

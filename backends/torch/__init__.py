@@ -120,12 +120,20 @@ class TorchBackend:
     def linear(self, x, weight, bias=None):
         return F.linear(x, weight, bias)
 
+    def lora_linear(self, x, weight, bias, lora_a, lora_b, scale):
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            y = F.linear(x, weight, bias)  # a trained base: autograd's own path
+            return y + F.linear(F.linear(x, lora_a) * scale, lora_b)
+        return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scale)
+
     def embedding(self, ids, table):
         return F.embedding(ids, table)
 
     def rms_norm(self, x, weight, eps):
         dtype = x.dtype
         if dtype == torch.float32 and weight.dtype == torch.float32:
+            if not weight.requires_grad and x.device.type == "cpu":
+                return _RmsNorm.apply(x, weight, eps)  # fewer passes, forward and backward
             # one kernel with the weight folded in: the same products, one pass fewer
             return F.rms_norm(x, (x.shape[-1],), weight, eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), None, eps)
@@ -313,6 +321,8 @@ class TorchBackend:
         return emb.cos().to(_DTYPES[dtype]), emb.sin().to(_DTYPES[dtype])
 
     def apply_rope(self, x, cos, sin):
+        if not (cos.requires_grad or sin.requires_grad) and x.shape[-1] % 2 == 0:
+            return _Rope.apply(x, cos, sin)
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
@@ -643,6 +653,98 @@ class _Gather(torch.autograd.Function):
         return grad.index_select(0, back), None, None, None
 
 
+class _RmsNorm(torch.autograd.Function):
+    """F.rms_norm's products (x * rsqrt(mean(x^2) + eps) * w) for a frozen w, whose
+    backward is dL/dx = r * (g w - x r^2 mean(g w x)): four passes over (N, C) instead of
+    the composite's chain of autograd nodes, and only x and r are saved."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, r)
+        return (x * r).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, r = ctx.saved_tensors
+        gw = g * weight
+        dot = torch.linalg.vecdot(gw, x, dim=-1).unsqueeze(-1)  # sum(g w x), no temporary
+        gx = x * (dot * r.pow(3) * (-1.0 / x.shape[-1]))
+        return gx.addcmul_(gw, r), None, None
+
+
+class _Rope(torch.autograd.Function):
+    """x * cos + rotate_half(x) * sin (rotate_half(x) = [-x2, x1]) in two passes over x
+    instead of five (neg, cat, two products, the sum), and its backward likewise: dL/dx =
+    g * cos + [g2 * sin2, -g1 * sin1]. Only the tables are saved; they carry no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        h = x.shape[-1] // 2
+        y = x * cos
+        y[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1)
+        y[..., h:].addcmul_(x[..., :h], sin[..., h:])
+        ctx.save_for_backward(cos, sin)
+        ctx.dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        h = g.shape[-1] // 2
+        gx = g * cos
+        gx[..., :h].addcmul_(g[..., h:], sin[..., h:])
+        gx[..., h:].addcmul_(g[..., :h], sin[..., :h], value=-1)
+        return gx.to(ctx.dtype), None, None
+
+
+def _picked_log_probs(probs, logits, targets):
+    """log p of each row's target from its softmax row; a row where that probability is
+    below float32's normal range (a loss above ~87 nats) takes it from log_softmax."""
+    picked = probs.gather(1, targets[:, None])[:, 0]
+    out = picked.log()
+    tiny = picked < torch.finfo(probs.dtype).tiny
+    if bool(tiny.any()):
+        rows = tiny.nonzero()[:, 0]
+        out[rows] = torch.log_softmax(logits[rows], dim=-1).gather(
+            1, targets[rows, None])[:, 0]
+    return out
+
+
+class _LoraLinear(torch.autograd.Function):
+    """A frozen linear with its LoRA pair in one output buffer: the low-rank update is
+    accumulated into x W^T by the GEMM itself (addmm_, beta = 1), and in the backward the
+    adapter's share of dL/dx into W's, so neither direction makes an (N, out) or (N, in)
+    temporary and a separate add pass over it. The products are those of
+    linear(x, W) + linear(linear(x, A) * s, B)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
+        x2 = x.reshape(-1, x.shape[-1])
+        low = (x2 @ lora_a.t()).mul_(scale)  # (N, r), s on the thin side
+        y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+        y.addmm_(low, lora_b.t())
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, low)
+        ctx.scale, ctx.shape = scale, x.shape
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight, lora_a, lora_b, low = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        need = ctx.needs_input_grad
+        glow = (g @ lora_b).mul_(ctx.scale)  # dL/d(x A^T)
+        gx = None
+        if need[0]:
+            gx = g @ weight
+            gx.addmm_(glow, lora_a)
+            gx = gx.reshape(ctx.shape)
+        gbias = g.sum(0) if need[2] else None
+        ga = glow.t() @ x2 if need[3] else None
+        gb = g.t() @ low if need[4] else None
+        return gx, None, gbias, ga, gb, None
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Chunked lm-head + cross-entropy whose backward is computed in the forward pass."""
 
@@ -659,8 +761,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = F.linear(h[sl], weight).float()
             if softcap is not None:
                 logits = logits.div_(softcap).tanh_().mul_(softcap)
-            logp = torch.log_softmax(logits, dim=-1)  # one fused kernel, not logsumexp's five
-            picked_logp = logp.gather(1, targets[sl, None])[:, 0] * row[:, 0]
+            if need_grad:  # the probabilities are what the gradient needs: one kernel
+                logp = None
+                probs = torch.softmax(logits, dim=-1)
+                picked_logp = _picked_log_probs(probs, logits, targets[sl]) * row[:, 0]
+            else:
+                logp = torch.log_softmax(logits, dim=-1)  # one kernel, not logsumexp's five
+                picked_logp = logp.gather(1, targets[sl, None])[:, 0] * row[:, 0]
             if per_token:
                 tokens[sl] = -picked_logp
             else:
@@ -670,7 +777,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_grad:
                 # (softmax - onehot) @ W  ==  softmax @ W - W[targets]: no (rows, V) one-hot;
                 # the mask scales the (rows, C) result, not the (rows, V) probabilities
-                probs = logp.exp_()
                 picked = weight[targets[sl]]
                 if softcap is not None:  # times dc/dz = 1 - (c / cap)^2, picked column too
                     slope = logits.div_(softcap).square_().neg_().add_(1)

@@ -17,6 +17,9 @@ def test_fused_linear_cross_entropy_matches_plain(backend):
     w = rng.normal(size=(V, C)).astype(np.float32)
     t = rng.integers(0, V, N)
     m = (rng.random(N) > 0.3).astype(np.float32)
+    m[:3] = 1
+    h[:3] *= 40  # targets far below float32's normal range: a loss of hundreds of nats
+    t[:3] = (h[:3] @ w.T).argmin(1)
 
     # reference: torch autograd over the full logits
     ht = torch.tensor(h, requires_grad=True)
@@ -560,3 +563,72 @@ def test_fused_linear_cross_entropy_holds_a_few_chunks_not_all_logits(backend):
     out, peak = B.measure_peak(lambda: B.materialize(step({"h": h}, None)))
     inputs = (N * C + V * C) * 4
     assert peak - inputs < N * V * 4  # all rows: logits and their exp, 2 * N * V * 4
+
+
+def test_lora_linear_equals_the_two_linears_composed(backend):
+    """The fused base + LoRA op (torch: one output buffer, addmm into it) gives the values
+    and the gradients (x, bias, A, B) of linear(x, W, b) + linear(linear(x, A) * s, B)."""
+    rng = np.random.default_rng(3)
+    x, w, b, a, bb = (rng.normal(size=s).astype(np.float32)
+                      for s in ((2, 5, 12), (9, 12), (9,), (4, 12), (9, 4)))
+    B = backend
+    wb, cot = B.from_numpy(w), B.from_numpy(rng.normal(size=(2, 5, 9)).astype(np.float32))
+
+    def fused(tr, _):
+        y = B.lora_linear(tr["x"], wb, tr["b"], tr["a"], tr["bb"], 0.5)
+        return (y * cot).sum(), y
+
+    def composed(tr, _):
+        y = B.linear(tr["x"], wb, tr["b"]) + B.linear(B.linear(tr["x"], tr["a"]) * 0.5, tr["bb"])
+        return (y * cot).sum(), y
+
+    leaves = {k: B.from_numpy(v) for k, v in dict(x=x, b=b, a=a, bb=bb).items()}
+    (_, y1), g1 = B.value_and_grad(fused)(leaves, None)
+    (_, y2), g2 = B.value_and_grad(composed)(leaves, None)
+    np.testing.assert_allclose(B.to_numpy(y1), B.to_numpy(y2), rtol=1e-5, atol=1e-5)
+    for k in leaves:
+        np.testing.assert_allclose(B.to_numpy(g1[k]), B.to_numpy(g2[k]), rtol=1e-5, atol=1e-5)
+    # a frozen input (the first layer's): no gradient for it, the adapter's still formed
+    (_, y3), g3 = B.value_and_grad(lambda tr, _: fused({**tr, "x": leaves["x"]}, None))(
+        {k: v for k, v in leaves.items() if k != "x"}, None)
+    np.testing.assert_allclose(B.to_numpy(g3["a"]), B.to_numpy(g2["a"]), rtol=1e-5, atol=1e-5)
+
+
+def test_apply_rope_and_its_gradient_match_the_definition(backend):
+    """x * cos + rotate_half(x) * sin, values and dL/dx (torch runs it as two passes)."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 3, 5, 8)).astype(np.float32)
+    ang = rng.normal(size=(2, 1, 5, 8)).astype(np.float32)
+    cos, sin = np.cos(ang), np.sin(ang)  # halves unlike each other: no table layout assumed
+    cot = rng.normal(size=x.shape).astype(np.float32)
+    xt = torch.tensor(x, requires_grad=True)
+    ref = xt * torch.tensor(cos) + torch.cat([-xt[..., 4:], xt[..., :4]], -1) * torch.tensor(sin)
+    (ref * torch.tensor(cot)).sum().backward()
+    B = backend
+    c, s, ct = B.from_numpy(cos), B.from_numpy(sin), B.from_numpy(cot)
+
+    def f(tr, _):
+        y = B.apply_rope(tr["x"], c, s)
+        return (y * ct).sum(), y
+    (_, y), g = B.value_and_grad(f)({"x": B.from_numpy(x)}, None)
+    np.testing.assert_allclose(B.to_numpy(y), ref.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(B.to_numpy(g["x"]), xt.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_rms_norm_and_its_gradient_match_the_definition(backend):
+    """x * rsqrt(mean(x^2) + eps) * w, values and dL/dx (torch: its own backward)."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3, 4, 16)).astype(np.float32)
+    w, cot = rng.normal(size=16).astype(np.float32), rng.normal(size=x.shape).astype(np.float32)
+    xt = torch.tensor(x, requires_grad=True)
+    ref = xt * torch.rsqrt(xt.pow(2).mean(-1, keepdim=True) + 1e-5) * torch.tensor(w)
+    (ref * torch.tensor(cot)).sum().backward()
+    B = backend
+    wb, ct = B.from_numpy(w), B.from_numpy(cot)
+
+    def f(tr, _):
+        y = B.rms_norm(tr["x"], wb, 1e-5)
+        return (y * ct).sum(), y
+    (_, y), g = B.value_and_grad(f)({"x": B.from_numpy(x)}, None)
+    np.testing.assert_allclose(B.to_numpy(y), ref.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(B.to_numpy(g["x"]), xt.grad.numpy(), rtol=1e-4, atol=1e-5)
