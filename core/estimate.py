@@ -948,6 +948,32 @@ def mlx_rerun_fused_gate_up(sh: Shape, st: Settings) -> int:
     return int(N * s * max(0.0, 2 * sh.linears["gate_up_proj"][1] + 2 * sh.hidden - hidden_by))
 
 
+def mlx_rerun_post_norm_moment(sh: Shape, st: Settings) -> int:
+    """MLX with recompute, the re-run phase: a layer whose sublayers' outputs are normed
+    (OLMo 2/3's and EXAONE 4's post-norms, GLM-4's sandwich) has a moment at the MLP's end
+    of its backward that mlx_recompute_transients does not count, since it adds the
+    attention's gradients (12 Hq*D + 6 Hk*D) to the MLP's as if the peak were always
+    there: with a narrow attention (olmo3 C96 H1/1 D8, Hq*D = C/12) the peak stays at the
+    MLP's end and hardly moves with the attention's width (H1 -> H4: measured +0.22 MiB,
+    counted +0.69). Measured one factor at a time on a one-layer olmo3 against the count,
+    128 tokens: 3.2 C per token short at C 96 and 192, F 224 and 448 (the norms' vjps'
+    C-wide arrays), and 1.8 F more with down_proj adapted (a llama of that shape: 1.3 F).
+    Counted as 3C (+ 2F with down_proj adapted) beyond the attention's transients, 0
+    where those are wider: an upper bound of the moment, not its derivation. Gemma's
+    tanh-GELU layers are left to their own terms."""
+    if st.backend != "mlx" or not st.grad_checkpoint or not sh.output_norm or sh.gelu_tanh:
+        return 0
+    if mlx_rerun_sparse(sh, st):
+        return 0
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    n = 3 * sh.hidden
+    if {"down_proj", "c_proj"} & set(target_names(sh, st)):
+        n += 2 * sh.intermediate
+    attention = max(mlx_recompute_attention_transients(sh, st, i)
+                    for i in _backward_layers(sh, st) or [None])
+    return int(N * s * max(0.0, n - attention))
+
+
 def mlx_moe_backward_per_token(sh: Shape, st: Settings) -> int:
     """MLX, a sparse top layer's backward beside the count above (dense-calibrated, with
     F = k*F'): the cotangent of the k expert outputs times their weights (k*C), the
@@ -1207,6 +1233,7 @@ MLX_RECOMPUTE = (("recomputed layer", recompute_layer), ("attention scores", att
                  ("backward transients", mlx_recompute_transients),
                  ("re-run MLP output", mlx_recompute_mlp_output),
                  ("re-run gate_up split", mlx_rerun_fused_gate_up),
+                 ("re-run post-norm moment", mlx_rerun_post_norm_moment),
                  ("recomputed dora norms", mlx_recompute_dora_norms),
                  ("adapter as loaded", mlx_loaded_adapter))
 MLX_RECOMPUTE_LOSS = (("logits and loss", loss_buffers),
