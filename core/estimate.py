@@ -924,6 +924,59 @@ def mlx_recompute_mlp_output(sh: Shape, st: Settings) -> int:
     return N * s * n
 
 
+def mlx_rerun_fused_gate_up(sh: Shape, st: Settings) -> int:
+    """MLX with recompute, the re-run phase: a fused gate_up_proj (GLM-4's, Phi-3's) is
+    split into gate and up inside the re-run layer, and the vjp of each slice is the whole
+    fused width with the part's cotangent written in (as at the loss,
+    mlx_fused_split_cotangents): the two full-width cotangents (4F) and the normed input's
+    gradient (2C) are alive at the MLP's end of the layer's backward, beyond what
+    mlx_recompute_transients counts. Measured one factor at a time on one re-run layer,
+    C64 H4/1 D8, 64 tokens, F 152 -> 608: phi3 14.9 F per token against llama's 7.9 (10.0
+    counted before), glm4 17.0 against olmo3's 10.9 (13.0 counted before), and glm4
+    4F + 2C short at both F. Where the attention's backward is wide (glm4 C128 H16/4 D32,
+    32 tokens) the split was hidden: the count adds the attention's transients, and the
+    split's moment is not the attention's. How much it hides is fitted, not derived: a
+    quarter of the attention's count (12 Hq*D + 6 Hk*D; H4/4 .. H16/4 of that glm4 land
+    +2 .. +5 %). Not at the loss phase (glm4's loss-phase cases were over already)."""
+    if st.backend != "mlx" or not st.grad_checkpoint or "gate_up_proj" not in sh.linears:
+        return 0
+    if mlx_rerun_sparse(sh, st):
+        return 0  # a sparse layer's experts' split is counted in mlx_recompute_mlp_output
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    hidden_by = max(mlx_recompute_attention_transients(sh, st, i)
+                    for i in _backward_layers(sh, st) or [None]) / 4
+    return int(N * s * max(0.0, 2 * sh.linears["gate_up_proj"][1] + 2 * sh.hidden - hidden_by))
+
+
+def mlx_rerun_post_norm_moment(sh: Shape, st: Settings) -> int:
+    """MLX with recompute, the re-run phase: a layer whose sublayers' outputs are normed
+    (OLMo 2/3's and EXAONE 4's post-norms, GLM-4's sandwich) has a moment at the MLP's end
+    of its backward that mlx_recompute_transients does not count, since it adds the
+    attention's gradients (12 Hq*D + 6 Hk*D) to the MLP's as if the peak were always
+    there: with a narrow attention (olmo3 C96 H1/1 D8, Hq*D = C/12) the peak stays at the
+    MLP's end and hardly moves with the attention's width (H1 -> H4: measured +0.22 MiB,
+    counted +0.69). Measured one factor at a time on a one-layer olmo3 against the count,
+    128 tokens: 3.2 C per token short at C 96 and 192, F 224 and 448 (the norms' vjps'
+    C-wide arrays), and 1.8 F more with down_proj adapted (a llama of that shape: 1.3 F).
+    Counted as 3C (+ 2F with down_proj adapted) beyond the attention's transients, 0
+    where those are wider: an upper bound of the moment, not its derivation. Gemma's
+    tanh-GELU layers are left to their own terms."""
+    if st.backend != "mlx" or not st.grad_checkpoint or not sh.output_norm or sh.gelu_tanh:
+        return 0
+    if mlx_rerun_sparse(sh, st):
+        return 0
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    n = 3 * sh.hidden
+    if {"down_proj", "c_proj"} & set(target_names(sh, st)):
+        n += 2 * sh.intermediate
+    attention = max(mlx_recompute_attention_transients(sh, st, i)
+                    for i in _backward_layers(sh, st) or [None])
+    # DoRA's recomputed norms are formed and reduced at the re-run's start, a moment of
+    # their own: their count, beside everything else in this phase, covers this one up to
+    # its size (exaone4 C96 F320 H2/2 D8 all-linear rc dora 4bit r64: +10.8 % with both)
+    return int(max(0.0, N * s * max(0.0, n - attention) - mlx_recompute_dora_norms(sh, st)))
+
+
 def mlx_moe_backward_per_token(sh: Shape, st: Settings) -> int:
     """MLX, a sparse top layer's backward beside the count above (dense-calibrated, with
     F = k*F'): the cotangent of the k expert outputs times their weights (k*C), the
@@ -1182,6 +1235,8 @@ OPTIMIZER_STEP = (("activations", nothing), ("embeddings and rope", nothing),
 MLX_RECOMPUTE = (("recomputed layer", recompute_layer), ("attention scores", attention_scores),
                  ("backward transients", mlx_recompute_transients),
                  ("re-run MLP output", mlx_recompute_mlp_output),
+                 ("re-run gate_up split", mlx_rerun_fused_gate_up),
+                 ("re-run post-norm moment", mlx_rerun_post_norm_moment),
                  ("recomputed dora norms", mlx_recompute_dora_norms),
                  ("adapter as loaded", mlx_loaded_adapter))
 MLX_RECOMPUTE_LOSS = (("logits and loss", loss_buffers),
