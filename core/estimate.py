@@ -806,8 +806,9 @@ def mlx_recompute_transients(sh: Shape, st: Settings) -> int:
     if st.backend != "mlx":
         return 0
     N, s, F = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype], sh.intermediate
-    n = 2 * F + 2 * sh.hidden + max(mlx_recompute_attention_transients(sh, st, i)
-                                    for i in _backward_layers(sh, st) or [None])
+    n = 2 * F + 2 * sh.hidden + max(max(mlx_recompute_attention_transients(sh, st, i)
+                                        for i in _backward_layers(sh, st) or [None]),
+                                    mlx_rerun_attention_input_side(sh))
     n += mlx_gelu_tanh_kept(sh, st)
     if {"down_proj", "c_proj"} & set(target_names(sh, st)):
         n += 3 * F
@@ -831,6 +832,21 @@ def mlx_recompute_attention_transients(sh: Shape, st: Settings, layer: int | Non
         return deltanet_float32_per_token(sh, st)
     q, _, kv, _ = attention_widths(sh, layer)
     return 12 * q + 6 * kv
+
+
+def mlx_rerun_attention_input_side(sh: Shape) -> int:
+    """Elements per token: the C-wide end of a re-run attention sublayer's MLX backward,
+    which the head-width count (12 * Hq*D + 6 * Hk*D, calibrated where Hq*D = C) misses
+    when the heads are narrow (Hq*D << C): the normed input's gradient through q, k and v
+    (three (N, C) products and their sum, 4C), and for each norm on a sublayer's output
+    (Gemma 2/3's post-attention and post-feedforward norms, OLMo's, GLM-4's sandwich) the
+    C-wide intermediates of its vjp (g * w, its product with x, the difference: 3C) beside
+    the re-run set. A floor, not a sum: where the heads are wide their count covers it (the
+    calibrated case). Measured one factor at a time on seed 1's gemma3_text C64 F120 L1
+    H1/1 D8 all-linear rc (128 tokens), C 64, 128, 256: 7.6, 8.9, 9.1 C per token beyond
+    the head-width count; a llama of the same shape 3.3 C at C 128 and 256 (docs/memory.md,
+    "MLX recompute, narrow heads")."""
+    return sh.hidden * (4 + 3 * sh.output_norms)
 
 
 def mlx_deltanet_forward(sh: Shape, st: Settings) -> int:
