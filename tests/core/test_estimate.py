@@ -469,3 +469,24 @@ def test_mlx_attention_scores_form_after_the_loss_chunks_are_freed():
     # with recompute the scores belong to the re-run layer, as before
     rc = estimate(sh, st.replace(grad_checkpoint=True))
     assert rc["phase"] != "attention backward"
+
+
+def test_mlx_rerun_attention_counts_its_c_wide_end_under_narrow_heads():
+    """docs/memory.md, "MLX recompute, narrow heads": a re-run attention's backward ends
+    C-wide (its input's gradient through q, k, v: 4C; each norm on a sublayer's output: 3C
+    more) whatever the head width, a floor under the 12 Hq*D + 6 Hk*D count, not a sum."""
+    from lorafit.core.estimate import mlx_recompute_transients
+
+    def transients(model_type="llama", heads=1, backend="mlx"):
+        case = Case("x", layers=1, hidden=128, intermediate=256, heads=heads, kv_heads=heads,
+                    vocab=200, targets="q_proj,v_proj", model_type=model_type,
+                    grad_checkpoint=True, extra=dict(head_dim=8))
+        return mlx_recompute_transients(memory_shape(case.config()), settings_for(case, backend))
+    N, s, C, F = 2 * 128, 4, 128, 256
+    # one 8-wide head: the floor, 4C on llama, 4C + 2 * 3C with Gemma 3's two post-norms
+    assert transients() == N * s * (2 * F + 2 * C + 4 * C)
+    assert transients("gemma3_text") == N * s * (2 * F + 2 * C + 10 * C + 3 * F)  # + tanh-GELU
+    # 16 heads of 8 (Hq*D = C): the head-width count, 18C, covers both floors
+    assert transients(heads=16) == N * s * (2 * F + 2 * C + 18 * C)
+    assert transients("gemma3_text", heads=16) == N * s * (2 * F + 2 * C + 18 * C + 3 * F)
+    assert transients(backend="torch") == 0
