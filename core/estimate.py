@@ -839,13 +839,17 @@ def mlx_rerun_attention_input_side(sh: Shape) -> int:
     which the head-width count (12 * Hq*D + 6 * Hk*D, calibrated where Hq*D = C) misses
     when the heads are narrow (Hq*D << C): the normed input's gradient through q, k and v
     (three (N, C) products and their sum, 4C), and for each norm on a sublayer's output
-    (Gemma 2/3's post-attention and post-feedforward norms, OLMo's, GLM-4's sandwich) the
-    C-wide intermediates of its vjp (g * w, its product with x, the difference: 3C) beside
-    the re-run set. A floor, not a sum: where the heads are wide their count covers it (the
-    calibrated case). Measured one factor at a time on seed 1's gemma3_text C64 F120 L1
-    H1/1 D8 all-linear rc (128 tokens), C 64, 128, 256: 7.6, 8.9, 9.1 C per token beyond
-    the head-width count; a llama of the same shape 3.3 C at C 128 and 256 (docs/memory.md,
-    "MLX recompute, narrow heads")."""
+    (Gemma 2/3's post-attention and post-feedforward norms) the C-wide intermediates of
+    its vjp (g * w, its product with x, the difference: 3C) beside the re-run set. A
+    floor, not a sum: where the heads are wide their count covers it (the calibrated
+    case). Measured one factor at a time on seed 1's gemma3_text C64 F120 L1 H1/1 D8
+    all-linear rc (128 tokens), C 64, 128, 256: 7.6, 8.9, 9.1 C per token beyond the
+    head-width count; a llama of the same shape 3.3 C at C 128 and 256 (docs/memory.md,
+    "MLX recompute, narrow heads"). Post-normed layers without Gemma's tanh-GELU (OLMo,
+    EXAONE 4, GLM-4) have their narrow-attention moment counted apart
+    (mlx_rerun_post_norm_moment): 0 there, not counted twice."""
+    if sh.output_norm and not sh.gelu_tanh:
+        return 0
     return sh.hidden * (4 + 3 * sh.output_norms)
 
 
