@@ -913,17 +913,13 @@ def test_the_run_screen_shows_the_processes_and_each_ranks_peak(tmp_path, monkey
     run(scenario())
 
 
-def test_the_processes_field_is_checked_and_passed_as_nproc(tiny_run_inputs, tmp_path,
-                                                            monkeypatch):
-    """1 by default; 0, a word or more than this machine's cores are form errors; N CPU
-    processes need N times the memory; N > 1 starts `lorafit train CONFIG --nproc N`."""
+def record_launches(monkeypatch, cores: int) -> list:
+    """The argument lists the set-up screen would start (nothing starts), on a machine of
+    `cores` CPU cores."""
     import os as _os
 
     import lorafit.tui.setup_screen as setup
-    from lorafit.backends import devices
-    from textual.widgets import Select
 
-    root, folder, data, _ = tiny_run_inputs
     launched = []
 
     class Popen(FakeProcess):
@@ -931,7 +927,19 @@ def test_the_processes_field_is_checked_and_passed_as_nproc(tiny_run_inputs, tmp
             super().__init__()
             launched.append(args)
     monkeypatch.setattr(setup.subprocess, "Popen", Popen)
-    monkeypatch.setattr(_os, "cpu_count", lambda: 3)
+    monkeypatch.setattr(_os, "cpu_count", lambda: cores)
+    return launched
+
+
+def test_the_processes_field_is_checked_and_passed_as_nproc(tiny_run_inputs, tmp_path,
+                                                            monkeypatch):
+    """1 by default; 0, a word or more than this machine's cores are form errors; N CPU
+    processes need N times the memory; N > 1 starts `lorafit train CONFIG --nproc N`."""
+    from lorafit.backends import devices
+    from textual.widgets import Select
+
+    root, folder, data, _ = tiny_run_inputs
+    launched = record_launches(monkeypatch, cores=3)
     assert devices.process_limit("torch", "cpu") == (3, "3 CPU cores")
 
     async def scenario():
@@ -975,23 +983,14 @@ def test_the_shard_switch_halves_the_layers_and_reaches_config_toml(tiny_run_inp
     estimator's per-device figure (core/estimate's sharded_base: outside the layers whole,
     1/2 of the layers), lower than data parallel's, and Start writes `shard = true` and
     passes `--nproc 2`."""
-    import os as _os
     import re
 
-    import lorafit.tui.setup_screen as setup
     from lorafit.core.estimate import SHARD_ON_MLX, SHARD_QUANTIZED
     from lorafit.tui.widgets import fmt_bytes
     from textual.widgets import Checkbox, Select
 
     root, folder, data, _ = tiny_run_inputs
-    launched = []
-
-    class Popen(FakeProcess):
-        def __init__(self, args, **kw):
-            super().__init__()
-            launched.append(args)
-    monkeypatch.setattr(setup.subprocess, "Popen", Popen)
-    monkeypatch.setattr(_os, "cpu_count", lambda: 3)
+    launched = record_launches(monkeypatch, cores=3)
 
     async def scenario():
         app = LorafitApp(runs_root=tmp_path / "runs")
