@@ -790,13 +790,38 @@ def recompute_layer(sh: Shape, st: Settings) -> int:
         layers = _backward_layers(sh, st)
         adapted = set(range(sh.layers)) if _adapted_layers(sh, st) else set()
     per = max((N * s * max(saved_per_token_per_layer(sh, st, i in adapted, i)
+                           - torch_attention_unsaved(sh, st, i)
                            + max(torch_moe_forward_extra_per_token(sh, st, i)
                                  + torch_output_norm_backward(sh, st),
                                  torch_mlp_backward_per_token(sh, st, i)),
                            torch_attention_peak_per_token(sh, st, i))
                + mlx_attention_kept(sh, st, i) + torch_gradients_from(sh, st, i)
                for i in layers), default=0)
-    return int(per + N * s * sh.hidden) + eager_scores(sh, st)
+    return int(per + N * s * sh.hidden) + eager_scores(sh, st) + torch_masked_scores(sh, st)
+
+
+def torch_masked_scores(sh: Shape, st: Settings) -> int:
+    """torch, soft-capped eager attention in a re-run layer: beside the capped scores and
+    the probabilities it keeps (eager_scores), the masked scores softmax reads, (B, Hq, T, T)
+    float32, stay referenced until the attention returns (the profiler's timeline of the
+    fresh seed-22 gemma2 C32 H4/1 q,v rc re-run: tanh, masked_fill and softmax outputs
+    alive at the product with v; -7.2 % without)."""
+    if st.backend != "torch" or not sh.attn_softcap or not st.grad_checkpoint:
+        return 0
+    return st.batch_size * sh.heads * st.seq_len * st.seq_len * 4
+
+
+def torch_attention_unsaved(sh: Shape, st: Settings, layer: int) -> int:
+    """torch, elements per token: what the saved set counts for an attention whose q, k, v
+    need no gradient (none of them adapted, no adapted layer below: o_proj,down_proj on the
+    lowest layers) and so keeps nothing: q, k, v after RoPE and the output (2*Hq*D +
+    2*Hk*D), the q/k norms' inputs. The profiler's timeline of the seed-0 gemma4_text
+    o,down rc pack re-run held only the residuals, o_proj's gathered input and the MLP."""
+    if st.backend != "torch" or _attention_needs_grad(sh, st, layer) or (
+            sh.linear_attention and layer in sh.linear_attention["layers"]):
+        return 0
+    q, kv, _, _ = attention_widths(sh, layer)
+    return 2 * q + 2 * kv + ((q + kv) if sh.qk_norm else 0)
 
 
 def torch_gradients_from(sh: Shape, st: Settings, layer: int) -> int:
@@ -828,9 +853,6 @@ def torch_mlp_backward_per_token(sh: Shape, st: Settings, layer: int) -> int:
         return 0
     if "c_fc" in sh.linears:  # a plain MLP keeps c_fc's output only (F, counted as 3F
         return 0              # in the saved set): its 2F of gradients fit in the rest
-    if sh.output_norm:  # Gemma: 6F alive there too (seed-0 gemma4_text o,down rc pack), but
-        return 0        # its saved set counts q, k, v its attention does not keep (no
-        # gradient flows into it there): +12 % with both; left as modelled (Gemma section)
     F = mlp_width(sh, layer)
     grads = 3 * F
     if layer in _adapted_layers(sh, st) and "down_proj" in _layer_targets(sh, st, layer):
