@@ -670,7 +670,19 @@ def eager_scores(sh: Shape, st: Settings, layer: int | None = None) -> int:
     if not sh.attn_softcap:
         return 0
     per = 8 + cast
-    return st.batch_size * sh.heads * st.seq_len * st.seq_len * per
+    return st.batch_size * sh.heads * st.seq_len * st.seq_len * per \
+        + torch_eager_kv_copies(sh, st, layer)
+
+
+def torch_eager_kv_copies(sh: Shape, st: Settings, layer: int | None) -> int:
+    """torch's eager attention repeats k and v to the query heads (Hk*D -> Hq*D each) and
+    its two products keep those copies for the backward: 2 * (Hq - Hk) * D per token more
+    than the saved set's k, v (the profiler's timeline of the fresh seed-22 gemma2 C32
+    H4/1 D32 q,v rc re-run: both copies alive beside the scores; -6.7 % without)."""
+    if st.backend != "torch":
+        return 0
+    q, kv, _, _ = attention_widths(sh, layer)
+    return st.batch_size * st.seq_len * 2 * max(q - kv, 0) * DTYPE_BYTES[st.dtype]
 
 
 def _attention_needs_grad(sh: Shape, st: Settings, layer: int) -> bool:
@@ -794,11 +806,12 @@ def recompute_layer(sh: Shape, st: Settings) -> int:
                            - torch_attention_unsaved(sh, st, i)
                            + max(torch_moe_forward_extra_per_token(sh, st, i)
                                  + torch_output_norm_backward(sh, st),
-                                 torch_mlp_backward_per_token(sh, st, i)),
+                                 torch_mlp_backward_per_token(sh, st, i),
+                                 torch_masked_scores(sh, st) / (N * s)),
                            torch_attention_peak_per_token(sh, st, i))
                + mlx_attention_kept(sh, st, i) + torch_gradients_from(sh, st, i)
                for i in layers), default=0)
-    return int(per + N * s * sh.hidden) + eager_scores(sh, st) + torch_masked_scores(sh, st)
+    return int(per + N * s * sh.hidden) + eager_scores(sh, st)
 
 
 def torch_masked_scores(sh: Shape, st: Settings) -> int:
@@ -806,7 +819,9 @@ def torch_masked_scores(sh: Shape, st: Settings) -> int:
     the probabilities it keeps (eager_scores), the masked scores softmax reads, (B, Hq, T, T)
     float32, stay referenced until the attention returns (the profiler's timeline of the
     fresh seed-22 gemma2 C32 H4/1 q,v rc re-run: tanh, masked_fill and softmax outputs
-    alive at the product with v; -7.2 % without)."""
+    alive at the product with v; -7.2 % without). A forward transient: freed before the
+    layer's MLP backward (torch_mlp_backward_per_token), the other point a re-run peaks
+    at (seed-23 gemma2 C64 F248 T64 all-linear rc: +13.1 % with both counted)."""
     if st.backend != "torch" or not sh.attn_softcap or not st.grad_checkpoint:
         return 0
     return st.batch_size * sh.heads * st.seq_len * st.seq_len * 4
