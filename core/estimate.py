@@ -1216,7 +1216,12 @@ def loss_buffers(sh: Shape, st: Settings) -> int:
     chunk = max(16, logit_chunk_elements(st.backend) // sh.vocab)
     rows = min(N, 2 * chunk if st.backend == "mlx" else chunk)
     buffers = 2 + (sh.final_softcap and st.backend == "mlx" and 2)  # + tanh' slope
-    return buffers * rows * sh.vocab * 4 + N * sh.hidden * s
+    chunk_bytes = buffers * rows * sh.vocab * 4
+    if st.backend == "torch":  # later in a chunk: the probabilities (logp, exp'd in place),
+        # the picked rows of W and probs @ W, (rows, C) each; larger on a vocabulary under
+        # 2C (fresh seed-23 qwen3_moe C64 V69: -5.0 % without)
+        chunk_bytes = max(chunk_bytes, rows * (sh.vocab * 4 + 2 * sh.hidden * s))
+    return chunk_bytes + N * sh.hidden * s
 
 
 def loss_gradient(sh: Shape, st: Settings) -> int:
