@@ -624,10 +624,11 @@ def activations(sh: Shape, st: Settings) -> int:
     recompute only each layer's input is kept: N * C * L * s."""
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     if st.grad_checkpoint:
-        return N * s * sh.hidden * checkpointed_layers(sh, st) \
-            * CHECKPOINT_COPIES.get(st.backend, 1)
+        return (N * s * sh.hidden * CHECKPOINT_COPIES.get(st.backend, 1)
+                + CHECKPOINT_STASH.get(st.backend, 0)) * checkpointed_layers(sh, st)
     adapted, kept = _adapted_layers(sh, st), _backward_layers(sh, st)
     return int(N * s * sum(saved_per_token_per_layer(sh, st, i in adapted, i)
+                           - torch_attention_unsaved(sh, st, i)
                            for i in kept)) + sum(eager_scores(sh, st, i) for i in kept) \
         + sum(mlx_attention_kept(sh, st, i) for i in kept)
 
@@ -635,13 +636,19 @@ def activations(sh: Shape, st: Settings) -> int:
 # (N, C) arrays kept per checkpointed layer: its input (MLX's layer_checkpoint does not
 # keep the output its vjp receives, as mx.checkpoint did).
 CHECKPOINT_COPIES = {"torch": 1, "mlx": 1}
+# Bytes each checkpointed layer keeps whatever its size: torch's checkpoint stashes the
+# CPU generator's state (torch.get_rng_state(), 5056 bytes) to replay dropout in the
+# re-run (profiler's timeline: 3 x 4.9 KiB alive at the loss of the seed-18 gpt_oss C32
+# L3 rc case, -8.8 % before; it matters on tiny models only)
+CHECKPOINT_STASH = {"torch": 5056}
 
 
 def checkpointed_layers(sh: Shape, st: Settings) -> int:
     """Layers whose input the backward keeps. MLX: those the backward re-runs, from the
     lowest adapted one up (below it no gradient flows, so no vjp holds their inputs);
-    torch: every layer (not measured otherwise yet)."""
-    return len(_backward_layers(sh, st)) if st.backend == "mlx" else sh.layers
+    torch the same (non-reentrant checkpoint saves nothing where no gradient flows: the
+    seed-0 qwen3_next q,v,o rc kept its third layer's input only)."""
+    return len(_backward_layers(sh, st))
 
 
 def eager_scores(sh: Shape, st: Settings, layer: int | None = None) -> int:
@@ -663,7 +670,19 @@ def eager_scores(sh: Shape, st: Settings, layer: int | None = None) -> int:
     if not sh.attn_softcap:
         return 0
     per = 8 + cast
-    return st.batch_size * sh.heads * st.seq_len * st.seq_len * per
+    return st.batch_size * sh.heads * st.seq_len * st.seq_len * per \
+        + torch_eager_kv_copies(sh, st, layer)
+
+
+def torch_eager_kv_copies(sh: Shape, st: Settings, layer: int | None) -> int:
+    """torch's eager attention repeats k and v to the query heads (Hk*D -> Hq*D each) and
+    its two products keep those copies for the backward: 2 * (Hq - Hk) * D per token more
+    than the saved set's k, v (the profiler's timeline of the fresh seed-22 gemma2 C32
+    H4/1 D32 q,v rc re-run: both copies alive beside the scores; -6.7 % without)."""
+    if st.backend != "torch":
+        return 0
+    q, kv, _, _ = attention_widths(sh, layer)
+    return st.batch_size * st.seq_len * 2 * max(q - kv, 0) * DTYPE_BYTES[st.dtype]
 
 
 def _attention_needs_grad(sh: Shape, st: Settings, layer: int) -> bool:
@@ -762,6 +781,15 @@ def embeddings_before_head(sh: Shape, st: Settings) -> int:
         DTYPE_BYTES[st.dtype] * sh.hidden
 
 
+def embeddings_in_backward(sh: Shape, st: Settings) -> int:
+    """torch: while the backward re-runs a layer the fused loss has freed the final norm's
+    output (the profiler's timeline holds the embedding output and the RoPE tables only:
+    seed-17 qwen3_moe C96 L1 rc, +12.7 % with it counted); MLX's phases count their own."""
+    if st.backend == "torch":
+        return embeddings_before_head(sh, st)
+    return embeddings_and_rope(sh, st)
+
+
 def recompute_layer(sh: Shape, st: Settings) -> int:
     """With recompute, the backward re-runs one layer at a time and holds its full saved
     set plus dL/dh (N * C * s) while the loss buffers are already freed."""
@@ -770,15 +798,84 @@ def recompute_layer(sh: Shape, st: Settings) -> int:
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     if st.backend == "mlx":  # only the layers the backward re-runs, each as it is adapted
         layers, adapted = _backward_layers(sh, st), _adapted_layers(sh, st)
-    else:
-        layers = range(sh.layers)
-        adapted = set(layers) if _adapted_layers(sh, st) else set()
+    else:  # torch: the re-run reaches the backward's layers only (a hybrid's DeltaNet
+        # layers under its first adapted attention layer are never re-run)
+        layers = _backward_layers(sh, st)
+        adapted = set(range(sh.layers)) if _adapted_layers(sh, st) else set()
     per = max((N * s * max(saved_per_token_per_layer(sh, st, i in adapted, i)
-                           + torch_moe_forward_extra_per_token(sh, st, i)
-                           + torch_output_norm_backward(sh, st),
+                           - torch_attention_unsaved(sh, st, i)
+                           + max(torch_moe_forward_extra_per_token(sh, st, i)
+                                 + torch_output_norm_backward(sh, st),
+                                 torch_mlp_backward_per_token(sh, st, i),
+                                 torch_masked_scores(sh, st) / (N * s)),
                            torch_attention_peak_per_token(sh, st, i))
-               + mlx_attention_kept(sh, st, i) for i in layers), default=0)
+               + mlx_attention_kept(sh, st, i) + torch_gradients_from(sh, st, i)
+               for i in layers), default=0)
     return int(per + N * s * sh.hidden) + eager_scores(sh, st)
+
+
+def torch_masked_scores(sh: Shape, st: Settings) -> int:
+    """torch, soft-capped eager attention in a re-run layer: beside the capped scores and
+    the probabilities it keeps (eager_scores), the masked scores softmax reads, (B, Hq, T, T)
+    float32, stay referenced until the attention returns (the profiler's timeline of the
+    fresh seed-22 gemma2 C32 H4/1 q,v rc re-run: tanh, masked_fill and softmax outputs
+    alive at the product with v; -7.2 % without). A forward transient: freed before the
+    layer's MLP backward (torch_mlp_backward_per_token), the other point a re-run peaks
+    at (seed-23 gemma2 C64 F248 T64 all-linear rc: +13.1 % with both counted)."""
+    if st.backend != "torch" or not sh.attn_softcap or not st.grad_checkpoint:
+        return 0
+    return st.batch_size * sh.heads * st.seq_len * st.seq_len * 4
+
+
+def torch_attention_unsaved(sh: Shape, st: Settings, layer: int) -> int:
+    """torch, elements per token: what the saved set counts for an attention whose q, k, v
+    need no gradient (none of them adapted, no adapted layer below: o_proj,down_proj on the
+    lowest layers) and so keeps nothing: q, k, v after RoPE and the output (2*Hq*D +
+    2*Hk*D), the q/k norms' inputs. The profiler's timeline of the seed-0 gemma4_text
+    o,down rc pack re-run held only the residuals, o_proj's gathered input and the MLP;
+    without recompute the fresh seed-22 qwen3 C32 H4/4 D64 o,down the same, +11.3 % with
+    them counted."""
+    if st.backend != "torch" or _attention_needs_grad(sh, st, layer) or (
+            sh.linear_attention and layer in sh.linear_attention["layers"]):
+        return 0
+    q, kv, _, _ = attention_widths(sh, layer)
+    return 2 * q + 2 * kv + ((q + kv) if sh.qk_norm else 0)
+
+
+def torch_gradients_from(sh: Shape, st: Settings, layer: int) -> int:
+    """torch: the adapter gradients alive while the backward re-runs `layer`: those of the
+    layers above it and its own (torch sets them to None after each step; the re-run runs
+    top down). The profiler's timeline at a one-layer starcoder2 all-linear rc peak held
+    the MLP adapters' gradients only; every layer's were counted (+12.9 %). MLX: all
+    (recompute_gradients)."""
+    if st.backend != "torch":
+        return 0
+    above = [j for j in _adapted_layers(sh, st) if j >= layer]
+    return all_adapter_gradients(sh, st.replace(layers=above)) if above else 0
+
+
+def rerun_gradients(sh: Shape, st: Settings) -> int:
+    """The recompute phase's gradients: torch counts them per re-run layer
+    (torch_gradients_from, in recompute_layer); MLX all of them."""
+    return 0 if st.backend == "torch" else recompute_gradients(sh, st)
+
+
+def torch_mlp_backward_per_token(sh: Shape, st: Settings, layer: int) -> int:
+    """torch with recompute, elements per token: a re-run layer's backward starts with its
+    MLP's, while the whole re-run saved set is alive: dL/d(down_proj's input) and the
+    gradients of its two factors (3F; torch_backward_start counts the same for the top
+    layer without recompute). The profiler's timeline put the seed-0 qwen3_next C96 F336
+    q,v,o rc peak there (6F alive: gate, up, act and the three gradients), -5.3 % with the
+    re-run counted on the backward's layers only, as it is."""
+    if st.backend != "torch":
+        return 0
+    if "c_fc" in sh.linears:  # a plain MLP keeps c_fc's output only (F, counted as 3F
+        return 0              # in the saved set): its 2F of gradients fit in the rest
+    F = mlp_width(sh, layer)
+    grads = 3 * F
+    if layer in _adapted_layers(sh, st) and "down_proj" in _layer_targets(sh, st, layer):
+        grads -= F  # the adapter kept down's input (in the saved set), freed by then
+    return grads
 
 
 def torch_output_norm_backward(sh: Shape, st: Settings) -> int:
@@ -1192,7 +1289,12 @@ def loss_buffers(sh: Shape, st: Settings) -> int:
     chunk = max(16, logit_chunk_elements(st.backend) // sh.vocab)
     rows = min(N, 2 * chunk if st.backend == "mlx" else chunk)
     buffers = 2 + (sh.final_softcap and st.backend == "mlx" and 2)  # + tanh' slope
-    return buffers * rows * sh.vocab * 4 + N * sh.hidden * s
+    chunk_bytes = buffers * rows * sh.vocab * 4
+    if st.backend == "torch":  # later in a chunk: the probabilities (logp, exp'd in place),
+        # the picked rows of W and probs @ W, (rows, C) each; larger on a vocabulary under
+        # 2C (fresh seed-23 qwen3_moe C64 V69: -5.0 % without)
+        chunk_bytes = max(chunk_bytes, rows * (sh.vocab * 4 + 2 * sh.hidden * s))
+    return chunk_bytes + N * sh.hidden * s
 
 
 def loss_gradient(sh: Shape, st: Settings) -> int:
@@ -1218,11 +1320,13 @@ PHASES = {
              ("dequantization temporaries", dequantization_temporaries)),
     "recompute": (("recomputed layer", recompute_layer),
                   ("attention scores", attention_scores),
-                  ("adapter gradients", recompute_gradients)),
+                  ("adapter gradients", rerun_gradients),
+                  ("embeddings and rope", embeddings_in_backward)),
     # DoRA's norm temporaries in the top layer's forward, every saved activation alive
     "dora norm": (("dora norm temporaries", dora_norm_temporaries),),
     "recompute, dora norm": (("recomputed dora norm", recompute_dora_norm),
-                             ("adapter gradients", recompute_gradients)),
+                             ("adapter gradients", recompute_gradients),
+                             ("embeddings and rope", embeddings_in_backward)),
     # torch: the top layer's backward, every saved activation alive
     "backward start": (("backward transients", torch_backward_start),),
     # torch: the top sparse MoE layer's expert down projection, every layer saved
