@@ -218,8 +218,8 @@ def load_peak(folder, at_load: bool) -> dict:
 def test_a_sharded_load_never_holds_the_whole_base(tmp_path):
     """Each rank's memory while loading with --shard: the arrays it holds are the part
     outside the layers plus 1/N of the layers, and the measured resident high-water mark of
-    the load (/proc's VmHWM) stays well below the whole base, where loading
-    the whole base and cutting it afterwards (as before) rises above it. (On the CPU the
+    the load (/proc's VmHWM) stays well below the whole base, and below loading the whole
+    base and cutting it afterwards (as before). (On the CPU the
     whole base is memory-mapped by safetensors and becomes resident as the cut reads it;
     on CUDA it was copied to the device whole.)"""
     import json
@@ -249,8 +249,10 @@ def test_a_sharded_load_never_holds_the_whole_base(tmp_path):
           f"{got['at load']['peak'] / 2**20:.1f} MiB")
     for way in got.values():  # the same arrays held in the end
         assert 0 <= way["held"] - (outside + layers / 2) <= 4 * cfg["num_hidden_layers"]
-    assert got["after load"]["peak"] >= 0.9 * (layers + outside)  # it sees a whole base
     assert got["at load"]["peak"] <= 0.7 * (layers + outside)
+    # cutting after a whole load rises higher: to the whole base here, 0.74 of it on a CI
+    # machine (how much of the memory-mapped file stays resident is the kernel's choice)
+    assert got["at load"]["peak"] <= got["after load"]["peak"] - layers / 8
 
 
 def test_a_fresh_dora_adapter_on_a_base_cut_at_load_gathers_its_norms(
