@@ -354,7 +354,8 @@ def test_setup_screen_method_selector_checks_preference_data(tiny_run_inputs):
             assert not screen.query_one("#row-beta").display
             screen.query_one("#method", Select).value = "dpo"
             await fill(pilot, screen, model=folder, data=data, seq_len=64, beta=0.3)
-            assert screen.query_one("#row-beta").display
+            # the Select's change arrives as a message: wait for the form to show its field
+            assert await wait_for(pilot, lambda: screen.query_one("#row-beta").display, 20)
             assert not screen.query_one("#row-orpo_lambda").display
             assert await wait_for(pilot, lambda: "--method dpo needs prompt, chosen, "
                                   "rejected" in panel_text(screen, "#data-panel"))
@@ -365,7 +366,8 @@ def test_setup_screen_method_selector_checks_preference_data(tiny_run_inputs):
             assert (cfg.method, cfg.beta) == ("dpo", 0.3)
             screen.query_one("#method", Select).value = "orpo"
             await fill(pilot, screen, orpo_lambda=0.5)
-            assert screen.query_one("#row-orpo_lambda").display
+            assert await wait_for(pilot, lambda: screen.query_one("#row-orpo_lambda").display,
+                                  20)
             assert not screen.query_one("#row-beta").display
             cfg = screen.config()
             assert (cfg.method, cfg.orpo_lambda, cfg.beta) == ("orpo", 0.5, 0.1)
