@@ -285,13 +285,43 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv  # `train --nproc` hands the same command line to its workers
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except LorafitError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    if from_console and _is_launched_worker():
+        _exit_worker(code)
+    return code
+
+
+def _is_launched_worker() -> bool:
+    from lorafit.core.launch import detect
+
+    try:
+        return detect().world_size > 1
+    except LorafitError:
+        return False
+
+
+def _exit_worker(code: int) -> None:
+    """A worker of a multi-process run ends here, its work saved and its output flushed:
+    Python's exit handlers run (they leave the process group), then the process exits
+    without the C++ teardown that follows them. That teardown destroyed a profiler or
+    collective thread still joinable on a loaded machine ("terminate called without an
+    active exception", SIGABRT) after the run had completed, and the launcher then
+    reported the whole run as failed."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,24 @@ def test_nproc_mistakes_are_one_line_errors(monkeypatch):
         train.main(cfg, nproc=2)
 
 
+def test_a_launched_worker_runs_its_exit_handlers_and_keeps_its_exit_status(tmp_path):
+    """A worker under a launcher ends through cli._exit_worker (no C++ teardown after the
+    run, which aborted a completed rank on a loaded machine): Python's exit handlers still
+    run, its output is flushed, and its status is the command's (2 for a user mistake)."""
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('exit handlers ran', flush=True))\n"
+            "sys.argv = ['lorafit', 'estimate', '--model', sys.argv[1]]\n"
+            "from lorafit.cli import main\n"
+            "main()\n"
+            "print('main returned', flush=True)\n")
+    env = dict(ENV, RANK="1", WORLD_SIZE="2", LOCAL_RANK="1")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "absent")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stdout == "exit handlers ran\n"  # main did not return: the process ended
+
+
 def test_grpo_and_a_quantized_shard_are_refused_before_launching(monkeypatch, tmp_path):
     """GRPO runs in one process: `--nproc 2` (or a launcher's environment) is refused before
     any worker starts or anything loads (the model path does not even exist here); so is
