@@ -222,13 +222,17 @@ FLOATS = ("F16", "BF16", "F32", "F64")  # safetensors' floating-point dtypes
 
 
 def safetensors_header(path: Path) -> dict:
-    """{key: {"dtype", "shape", "data_offsets"}} of one safetensors file, from its JSON
-    header alone (no tensor is read)."""
-    with open(path, "rb") as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(size))
-    header.pop("__metadata__", None)
-    return header
+    """{key: {"dtype", "shape"}} of one safetensors file (dtype as safetensors names it:
+    "BF16", "F32", ...), from its header alone: safetensors' own reader, through numpy, so
+    no tensor is read and no framework is imported."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), framework="numpy") as fh:
+        for key in fh.keys():
+            sl = fh.get_slice(key)
+            out[key] = {"dtype": sl.get_dtype(), "shape": sl.get_shape()}
+    return out
 
 
 def plan_layer_slices(files: list, fam, expected: dict) -> dict:
