@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from lorafit.backends.base import SHARDED_LAYER
+from lorafit.backends.base import LAYERS, SHARDED_LAYER
 from lorafit.core.config import DTYPES, QUANTIZE_BITS
 from lorafit.core.errors import LorafitError
 from lorafit.models import Model, decoder, family, model_args
@@ -217,7 +217,6 @@ def load_model(path_or_id: str, backend, dtype: str | None = None,
     return Model(args=args, params=params, backend=backend, path=str(folder), dtype=dtype)
 
 
-LAYERS = "model.layers."
 FLOATS = ("F16", "BF16", "F32", "F64")  # safetensors' floating-point dtypes
 
 
