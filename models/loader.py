@@ -16,7 +16,8 @@ from pathlib import Path
 from lorafit.backends.base import LAYERS, SHARDED_LAYER
 from lorafit.core.config import DTYPES, QUANTIZE_BITS
 from lorafit.core.errors import LorafitError
-from lorafit.models import Model, decoder, family, model_args
+from lorafit.models import Model, decoder, model_args
+from lorafit.models.families import family
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
