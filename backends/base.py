@@ -23,7 +23,10 @@ import numpy as np
 
 Array = Any  # a backend array: torch.Tensor or mlx.core.array
 DTYPES = ("float32", "bfloat16", "float16")
-# the key, within a layer (`model.layers.<i>.` + it), of that layer's frozen arrays cut
+# the prefix of every decoder layer's keys (`model.layers.<i>.`): here, not in models/,
+# because backends cut the base layer by layer and import no model
+LAYERS = "model.layers."
+# the key, within a layer (LAYERS + `<i>.` + it), of that layer's frozen arrays cut
 # across processes (Backend.shard_frozen); no checkpoint or adapter name looks like it
 SHARDED_LAYER = "\0sharded frozen"
 

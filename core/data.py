@@ -25,7 +25,7 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 
 from lorafit.core.errors import LorafitError
-from lorafit.core.examples import Example, ExampleSet, ExampleSetBuilder
+from lorafit.core.examples import ExampleSet, ExampleSetBuilder
 from lorafit.core.sources import Records, open_records
 
 # Most specific first: a record with several formats' keys gets the most specific one
@@ -421,24 +421,6 @@ def _tokenize_one(fmt, record, tokenizer, max_seq_len, train_on_prompt, chat):
                          f"{int(mask.argmax()) + 1})" if cut and mask.any()
                          else "no tokens to learn from")
     return np.asarray(ids[:max_seq_len], dtype=np.int32), mask[:max_seq_len], cut
-
-
-def tokenize_records(fmt, records, tokenizer, max_seq_len, train_on_prompt=False,
-                     chat_loss="all", train_on_reasoning=False):
-    """(examples, problems, truncated count) for [(source, record)] already validated."""
-    chat = {"chat_loss": chat_loss, "train_on_reasoning": train_on_reasoning}
-    _check_tokenizing(fmt, tokenizer, max_seq_len)
-    examples, problems, truncated = [], [], 0
-    for source, record in records:
-        try:
-            ids, mask, cut = _tokenize_one(fmt, record, tokenizer, max_seq_len,
-                                           train_on_prompt, chat)
-        except _BadRecord as e:
-            problems.append(f"{source}: {e}")
-            continue
-        truncated += cut
-        examples.append(Example(ids, mask, str(source)))
-    return examples, problems, truncated
 
 
 def load_dataset(path, tokenizer, max_seq_len, on_bad_record="fail", train_on_prompt=False,

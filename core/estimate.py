@@ -1553,8 +1553,9 @@ def largest_fitting(shape: Shape, settings: Settings, variable: str, budget: int
 def suggestions(shape: Shape, settings: Settings, budget: int, limit: int = 6) -> list[str]:
     """What would make a run that does not fit, fit: each a set of flags with its estimated
     total, checked with the estimator. Combinations are searched (gradient checkpointing,
-    bf16, 4-bit, then a smaller micro-batch with the same effective batch, then a shorter
-    sequence), fewest changes first."""
+    bf16, 4-bit, --shard when several processes train on torch, then a smaller micro-batch
+    with the same effective batch, then a shorter sequence), fewest changes first. A
+    single process is never told to shard: that would mean devices it was not given."""
     from itertools import combinations
 
     def total(st):
@@ -1567,12 +1568,17 @@ def suggestions(shape: Shape, settings: Settings, budget: int, limit: int = 6) -
         levers.append(("--dtype bf16", {"dtype": "bfloat16"}))
     if not settings.quantize_bits:
         levers.append(("--quantize 4bit", {"quantize_bits": 4}))
+    if settings.nproc > 1 and not settings.shard and settings.backend != "mlx" \
+            and not settings.quantize_bits:
+        levers.append(("--shard", {"shard": True}))  # the base's layers cut N ways
+    apart = [{"--shard", "--quantize 4bit"},  # not supported together (SHARD_QUANTIZED)
+             {"--shard", "--grad-checkpoint"}]  # a sharded base recomputes anyway
     effective = settings.batch_size * settings.grad_accum
     found = []  # (number of changes, total, text)
     enough = []  # lever sets that fit alone: adding levers to them helps nobody
     for n in range(len(levers) + 1):
         for combo in combinations(levers, n):
-            if any(set(e) <= {f for f, _ in combo} for e in enough):
+            if any(set(e) <= {f for f, _ in combo} for e in enough + apart):
                 continue
             changes = {k: v for _, c in combo for k, v in c.items()}
             st = settings.replace(**changes)

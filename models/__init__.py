@@ -10,7 +10,7 @@ import numpy as np
 
 from lorafit.core.errors import LorafitError
 from lorafit.models import decoder
-from lorafit.models.families import FAMILIES, family, model_args  # noqa: F401 (re-exported)
+from lorafit.models.families import model_args
 from lorafit.models.spec import GELU_TANH
 
 

@@ -13,10 +13,11 @@ import json
 import os
 from pathlib import Path
 
-from lorafit.backends.base import SHARDED_LAYER
+from lorafit.backends.base import LAYERS, SHARDED_LAYER
 from lorafit.core.config import DTYPES, QUANTIZE_BITS
 from lorafit.core.errors import LorafitError
-from lorafit.models import Model, decoder, family, model_args
+from lorafit.models import Model, decoder, model_args
+from lorafit.models.families import family
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -217,18 +218,21 @@ def load_model(path_or_id: str, backend, dtype: str | None = None,
     return Model(args=args, params=params, backend=backend, path=str(folder), dtype=dtype)
 
 
-LAYERS = "model.layers."
 FLOATS = ("F16", "BF16", "F32", "F64")  # safetensors' floating-point dtypes
 
 
 def safetensors_header(path: Path) -> dict:
-    """{key: {"dtype", "shape", "data_offsets"}} of one safetensors file, from its JSON
-    header alone (no tensor is read)."""
-    with open(path, "rb") as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(size))
-    header.pop("__metadata__", None)
-    return header
+    """{key: {"dtype", "shape"}} of one safetensors file (dtype as safetensors names it:
+    "BF16", "F32", ...), from its header alone: safetensors' own reader, through numpy, so
+    no tensor is read and no framework is imported."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), framework="numpy") as fh:
+        for key in fh.keys():
+            sl = fh.get_slice(key)
+            out[key] = {"dtype": sl.get_dtype(), "shape": sl.get_shape()}
+    return out
 
 
 def plan_layer_slices(files: list, fam, expected: dict) -> dict:

@@ -80,7 +80,9 @@ SELECTS = [  # (id, label, choices, default; None: a blank that must be chosen w
 BACKEND_DEVICES = {"torch": ("cpu", "cuda", "mps"), "mlx": ("cpu", "metal")}
 FLAG_FIELDS = {"--batch-size": "batch_size", "--grad-accum": "grad_accum",
                "--seq-len": "seq_len", "--rank": "rank", "--dtype": "dtype",
-               "--quantize": "quantize", "--grad-checkpoint": "grad_checkpoint"}
+               "--quantize": "quantize", "--grad-checkpoint": "grad_checkpoint",
+               "--shard": "shard"}
+SWITCHES = ("grad_checkpoint", "shard")  # flags without a value: checkboxes
 
 
 def suggestion_changes(text: str) -> dict:
@@ -90,7 +92,7 @@ def suggestion_changes(text: str) -> dict:
     for m in re.finditer(r"(--[a-z-]+)(?:\s+([^\s-][^\s]*))?", flags):
         fid = FLAG_FIELDS.get(m.group(1))
         if fid:
-            changes[fid] = True if fid == "grad_checkpoint" else m.group(2)
+            changes[fid] = True if fid in SWITCHES else m.group(2)
     return changes
 
 
@@ -422,8 +424,8 @@ class SetupScreen(Screen):
         self.fit_index += 1
         changes = suggestion_changes(text)
         for fid, value in changes.items():
-            if fid == "grad_checkpoint":
-                self.query_one("#grad_checkpoint", Checkbox).value = True
+            if fid in SWITCHES:
+                self.query_one(f"#{fid}", Checkbox).value = True
             elif fid in ("dtype", "quantize"):
                 self.query_one(f"#{fid}", Select).value = value
             else:

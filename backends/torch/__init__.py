@@ -8,6 +8,7 @@ on most x86 parts and are far slower than fp32; train in fp32 there.
 
 from __future__ import annotations
 
+import importlib
 from typing import NamedTuple
 
 import numpy as np
@@ -442,7 +443,7 @@ class TorchBackend:
     def quantization(self):
         """4-bit NF4 with double-quantized scales (QLoRA) through bitsandbytes, if installed."""
         try:
-            import bitsandbytes  # noqa: F401
+            importlib.import_module("bitsandbytes")
         except ImportError:
             return ()
         return (4,)

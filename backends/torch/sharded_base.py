@@ -24,10 +24,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lorafit.backends.base import SHARDED_LAYER
+from lorafit.backends.base import LAYERS, SHARDED_LAYER
 from lorafit.core.errors import LorafitError
-
-LAYERS = "model.layers."
 
 
 class ShardedLayer:

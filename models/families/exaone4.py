@@ -4,7 +4,9 @@ the layers listed as sliding use it and only they apply RoPE (the full layers ar
 
 from __future__ import annotations
 
-from lorafit.models.families.llama import sanitize  # noqa: F401
+from lorafit.models.families import llama
+
+sanitize = llama.sanitize  # the same tensors to drop
 
 
 def _exaone4(cfg: dict) -> dict:

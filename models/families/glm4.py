@@ -4,7 +4,9 @@ first half of each head (partial_rotary_factor 0.5)."""
 
 from __future__ import annotations
 
-from lorafit.models.families.llama import sanitize  # noqa: F401
+from lorafit.models.families import llama
+
+sanitize = llama.sanitize  # the same tensors to drop
 
 
 def _glm4(cfg: dict) -> dict:

@@ -4,7 +4,10 @@ one) with YaRN rotary scaling and Llama 4's position-dependent query temperature
 
 from __future__ import annotations
 
-from lorafit.models.families.llama import _mistral, sanitize  # noqa: F401
+from lorafit.models.families import llama
+from lorafit.models.families.llama import _mistral
+
+sanitize = llama.sanitize  # the same tensors to drop
 
 
 def _ministral3(cfg: dict) -> dict:

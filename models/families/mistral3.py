@@ -11,8 +11,9 @@ and the multi-modal projector keep names the model does not have, so they are no
 from __future__ import annotations
 
 from lorafit.core.errors import LorafitError
-from lorafit.models.families import llama, ministral3
-from lorafit.models.families.qwen3_5 import rename  # noqa: F401  (the same prefixes)
+from lorafit.models.families import llama, ministral3, qwen3_5
+
+rename = qwen3_5.rename  # the same prefixes
 
 TEXT_FAMILIES = {"mistral": llama.CONFIGURE["mistral"], **ministral3.CONFIGURE}
 

@@ -5,7 +5,9 @@ layers (three of every four by default) and rope scaling (YaRN) on the full laye
 
 from __future__ import annotations
 
-from lorafit.models.families.llama import sanitize  # noqa: F401 (the same tensors to drop)
+from lorafit.models.families import llama
+
+sanitize = llama.sanitize  # the same tensors to drop
 
 
 def _olmo2(cfg: dict) -> dict:

@@ -5,7 +5,9 @@ sliding window on every layer when the config sets one."""
 
 from __future__ import annotations
 
-from lorafit.models.families.llama import sanitize  # noqa: F401 (the same tensors to drop)
+from lorafit.models.families import llama
+
+sanitize = llama.sanitize  # the same tensors to drop
 
 
 def _phi3(cfg: dict) -> dict:

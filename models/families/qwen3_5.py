@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from lorafit.models.families import moe_checkpoint
+from lorafit.models.families import llama, moe_checkpoint
 
 
 def _qwen3_5_text(cfg: dict) -> dict:
@@ -104,8 +104,4 @@ def stacked(name: str, shape: tuple) -> list | None:
                                         gate="gate_proj", up="up_proj", down="down_proj")
 
 
-def sanitize(weights: dict, args) -> dict:
-    weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
-    if args.tie_word_embeddings:
-        weights.pop("lm_head.weight", None)
-    return weights
+sanitize = llama.sanitize  # the same tensors to drop

@@ -10,9 +10,7 @@ transformers v5's save_pretrained writes) or the fused v5 parameters; both load.
 
 from __future__ import annotations
 
-import re
-
-from lorafit.models.families import moe_checkpoint
+from lorafit.models.families import llama, qwen3_5
 
 
 def _qwen3_moe(cfg: dict) -> dict:
@@ -35,24 +33,7 @@ def _qwen3_moe(cfg: dict) -> dict:
 
 CONFIGURE = {"qwen3_moe": _qwen3_moe}
 
-CHECKPOINT_KEY = re.compile(r"model\.layers\.\d+\.mlp\.experts\.\d+\.")
-_EXPERT = re.compile(r"(model\.layers\.\d+\.)mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)"
-                     r"\.weight")
-
-
-def sanitize(weights: dict, args) -> dict:
-    weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
-    if args.tie_word_embeddings:
-        weights.pop("lm_head.weight", None)
-    return weights
-
-
-def convert(ops, weights: dict, args) -> dict:
-    return moe_checkpoint.fuse_experts(ops, weights, args, _EXPERT,
-                                       gate="gate_proj", up="up_proj", down="down_proj")
-
-
-def stacked(name: str, shape: tuple) -> list | None:
-    """The per-expert tensors a stacked expert array is made of (--shard reads slices)."""
-    return moe_checkpoint.expert_pieces(name, shape, "mlp.experts.{e}.{proj}.weight",
-                                        gate="gate_proj", up="up_proj", down="down_proj")
+# the Hub's per-expert layout (mlp.experts.N.gate_proj/up_proj/down_proj) is Qwen3.5-MoE's:
+# the same keys, fused and sliced the same way; the rest as Llama drops it
+CHECKPOINT_KEY, convert, stacked = qwen3_5.CHECKPOINT_KEY, qwen3_5.convert, qwen3_5.stacked
+sanitize = llama.sanitize

@@ -8,9 +8,12 @@ expert (models/blocks/moe.py) on the layers transformers makes sparse (not in
 
 from __future__ import annotations
 
-from lorafit.models.families.qwen3_5 import (CHECKPOINT_KEY, _qwen3_5_text,  # noqa: F401
-                                             convert, rename, sanitize, shared_expert_moe,
-                                             stacked)
+from lorafit.models.families import qwen3_5
+from lorafit.models.families.qwen3_5 import _qwen3_5_text, shared_expert_moe
+
+# Qwen3.5's checkpoint layout: its converted keys, their conversion, renames and drops
+CHECKPOINT_KEY, convert, rename, sanitize, stacked = (
+    qwen3_5.CHECKPOINT_KEY, qwen3_5.convert, qwen3_5.rename, qwen3_5.sanitize, qwen3_5.stacked)
 
 
 def _qwen3_next(cfg: dict) -> dict:

@@ -4,7 +4,9 @@ layers listed as sliding in layer_types use the window."""
 
 from __future__ import annotations
 
-from lorafit.models.families.llama import sanitize  # noqa: F401
+from lorafit.models.families import llama
+
+sanitize = llama.sanitize  # the same tensors to drop
 
 
 def _smollm3(cfg: dict) -> dict:

@@ -4,7 +4,10 @@ when the config sets one."""
 
 from __future__ import annotations
 
-from lorafit.models.families.llama import _mistral, sanitize  # noqa: F401
+from lorafit.models.families import llama
+from lorafit.models.families.llama import _mistral
+
+sanitize = llama.sanitize  # the same tensors to drop
 
 
 def _starcoder2(cfg: dict) -> dict:

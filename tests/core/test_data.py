@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from lorafit.core.data import (ALPACA_NO_INPUT, ALPACA_WITH_INPUT, Example, check_dataset_file,
+from lorafit.core.data import (ALPACA_NO_INPUT, ALPACA_WITH_INPUT, check_dataset_file,
                                check_enough, count_batches, load_dataset, make_batches,
-                               read_records, split_validation, tokenize_records)
+                               read_records, split_validation)
+from lorafit.core.examples import Example
 from lorafit.core.errors import LorafitError
 from lorafit.models.tiny import char_tokenizer
 
@@ -342,12 +343,13 @@ def test_truncation_is_counted_and_all_truncated_loss_is_reported(tmp_path, char
     assert stats.loss_tokens == 13 + 4 and stats.tokens == 16 + 7
 
 
-def test_tokenize_records_directly(tmp_path, chars):
-    records = [("f:1", {"text": "ab"}), ("f:2", {"text": "abcdef"})]
-    examples, problems, truncated = tokenize_records("text", records, chars, 4)
-    assert [e.input_ids.size for e in examples] == [4, 4] and truncated == 1 and not problems
-    with pytest.raises(LorafitError):
-        tokenize_records("text", records, chars, 1)
+def test_text_examples_cut_to_the_sequence_length_which_must_be_at_least_2(tmp_path, chars):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "ab"}, {"text": "abcdef"}])
+    examples, stats = load_dataset(path, chars, 4)
+    assert [e.input_ids.size for e in examples] == [4, 4] and stats.truncated == 1
+    assert not stats.problems
+    with pytest.raises(LorafitError, match="maximum sequence length must be at least 2, got 1"):
+        load_dataset(path, chars, 1)
 
 
 def test_too_few_examples_for_one_batch(tmp_path, tokenizer):

@@ -271,6 +271,27 @@ def test_estimate_per_device_of_several_processes_and_sharded(capsys):
     assert code == 2 and "--shard is not supported on the MLX backend" in err
 
 
+def test_several_processes_that_do_not_fit_are_told_to_shard(capsys):
+    """`--nproc 2` of llama-3.1-8b in bf16 at 1024 tokens on a budget of exactly the sharded
+    run's per-device total: the replicated run does not fit, and --shard alone is suggested
+    with that figure (never with --quantize, which it does not support). One process is
+    never told to shard (it has no other device), nor an MLX run."""
+    from lorafit.core.estimate import fmt_bytes, suggestions
+
+    flags = ("estimate", "--model", "llama-3.1-8b", "--backend", "torch", "--device", "cuda",
+             "--dtype", "bf16", "--seq-len", "1024", "--json")
+    sharded = json.loads(run_cli(capsys, *flags, "--nproc", "2", "--shard")[1])["total"]
+    two, one = (json.loads(run_cli(capsys, *flags, "--nproc", n, "--budget", f"{sharded}B")[1])
+                for n in ("2", "1"))
+    assert two["fits"] is False and f"--shard: {fmt_bytes(sharded)}" in two["suggestions"]
+    assert not any("--shard" in s and "--quantize" in s for s in two["suggestions"])
+    assert one["fits"] is False and one["suggestions"]
+    assert not any("--shard" in s for s in one["suggestions"])
+    on_mlx = Settings(**{**two["settings"], "backend": "mlx", "device": "metal"})
+    assert not any("--shard" in s for s in suggestions(
+        memory_shape(load_preset("llama-3.1-8b")), on_mlx, sharded))
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--model", "llama-3.1-8bx"], "close matches: llama-3.1-8b"),
     (["--model", "qwen3-8b", "--batch-size", "0"], "batch-size must be a positive integer"),

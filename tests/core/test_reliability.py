@@ -367,7 +367,7 @@ def test_10_cli_seed_and_lr(tiny, capsys):
 # -- 11. token ids and stored-quantized weights -------------------------------------------
 def test_11_token_ids_outside_the_vocabulary_are_refused():
     from lorafit.commands.train import check_token_ids
-    from lorafit.core.data import Example
+    from lorafit.core.examples import Example
 
     ok = Example(np.array([1, 5, 9], np.int32), np.ones(3, bool), "a:1")
     bad = Example(np.array([1, 500], np.int32), np.ones(2, bool), "a:2")

@@ -333,7 +333,7 @@ def test_lorafit_adapter_loads_in_peft_mlx_lm_and_merged_transformers(built, tor
 def test_same_loss_curve_on_torch_and_mlx(built, case, torch_backend, mlx_backend):
     from lorafit.core import events as ev
     from lorafit.core.config import TrainConfig
-    from lorafit.core.data import Example
+    from lorafit.core.examples import Example
     from lorafit.core.train import Trainer
 
     folder, ref = built(case)

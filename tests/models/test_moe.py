@@ -138,7 +138,7 @@ def test_router_loss_is_reported_and_joins_the_loss_only_when_asked(tmp_path, to
     from lorafit.core import events as ev
     from lorafit.core import lora
     from lorafit.core.config import TrainConfig
-    from lorafit.core.data import Example
+    from lorafit.core.examples import Example
     from lorafit.core.train import Trainer
 
     folder, ref = build_hf_model(tmp_path, "qwen3_moe", tokenizer, num_experts=4,

@@ -300,6 +300,14 @@ def test_a_suggestion_applies_to_the_form(tmp_path):
     run(scenario())
 
 
+def test_a_shard_suggestion_ticks_the_shard_box():
+    from lorafit.tui.setup_screen import suggestion_changes
+
+    assert suggestion_changes("--shard: 11.93 GiB") == {"shard": True}
+    assert suggestion_changes("--grad-checkpoint --quantize 4bit: 8.20 GiB") == \
+        {"grad_checkpoint": True, "quantize": "4bit"}
+
+
 # -- 6. a dead trainer -------------------------------------------------------------------
 def test_a_dead_trainer_shows_died_with_its_log(tmp_path):
     run_dir = tmp_path / "runs" / "killed"
