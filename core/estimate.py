@@ -74,6 +74,7 @@ class Shape:
     # norms on a sublayer's output (GLM-4's sandwich, OLMo 2's and Gemma's post-norms): each
     # norm's vjp reads its input, the attention or MLP output, kept nowhere else
     output_norms: int = 0
+    input_norms: int = 0  # norms on a sublayer's input (0 for OLMo 2's, EXAONE 4's post-norms)
     # Where attention differs by layer (Gemma 4: full layers' global head dim and kv heads,
     # kv-sharing layers that compute no k, v): per layer (q width Hq*D, own k width Hk*D,
     # 0 on a kv-sharing layer, the width of the k it reads, D); None: heads * head_dim
@@ -350,7 +351,7 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
         return gated_deltanet_saved_per_token(sh, st, adapted, layer)
     C, F = sh.hidden, mlp_width(sh, layer)
     q, kv, _, _ = attention_widths(sh, layer)
-    n = 3 * C + 2 * q + 2 * kv + 3 * F + 2
+    n = 3 * C + 2 * q + 2 * kv + mlp_activations_kept(sh, st, layer) + 2
     if sh.attention_output_gate:
         n += 2 * q
     if sh.qk_norm:  # the q/k norms' vjps read their inputs: q and k before the norm
@@ -361,16 +362,27 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
     if sh.kv_shared and st.pack:  # Gemma 4: every layer's k, v after RoPE are held for the
         n += 2 * kv  # layers that reuse them, beside the packed copies attention keeps
     n += sparse_mlp_saved_per_token(sh, st, adapted, layer)
-    n += mlx_output_norm_inputs(sh, st)
+    n += mlx_output_norm_inputs(sh, st) + torch_output_norm_inputs(sh, st)
     if adapted:
         names = _layer_targets(sh, st, layer)
         n += st.rank * len(names)
         n += dora_kept_per_token(sh, st, names)
         if "o_proj" in names:
             n += q
-        if "down_proj" in names:
+        if "down_proj" in names or "c_proj" in names and st.backend == "torch":
             n += down_proj_input(sh, layer)
     return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
+
+
+def mlp_activations_kept(sh: Shape, st: Settings, layer: int | None) -> int:
+    """Elements per token a dense MLP keeps for its backward, beyond its adapters': gate,
+    act(gate) and up, 3F (F = k*F' on a sparse layer). On torch a plain MLP (starcoder2's
+    c_fc, c_proj) keeps c_fc's output only, which GELU's vjp reads (F; c_proj's adapter
+    keeps its input as down_proj's does): the profiler's timeline of seed-7 starcoder2
+    C96 F320 L3 q,v dora held one (N, F) per layer, +34.8 % with 3F counted. MLX: 3F (its
+    plain MLP's figures were fitted with it)."""
+    F = mlp_width(sh, layer)
+    return F if st.backend == "torch" and "c_fc" in sh.linears else 3 * F
 
 
 def mlx_output_norm_inputs(sh: Shape, st: Settings) -> int:
@@ -380,6 +392,27 @@ def mlx_output_norm_inputs(sh: Shape, st: Settings) -> int:
     by the same rule, but its figures are checked against the profiler's timeline and
     were left as they are (docs/memory.md)."""
     return sh.output_norms * sh.hidden if st.backend == "mlx" else 0
+
+
+def torch_output_norm_inputs(sh: Shape, st: Settings) -> int:
+    """torch only, elements per token per layer: a norm on a sublayer's output keeps its
+    input (_RmsNorm saves x) where the family has input norms too (GLM-4's sandwich,
+    Gemma's four norms): the attention's and the MLP's outputs are kept beside the normed
+    inputs the saved set counts (the profiler's timeline of seed-5 glm4 C96 F152 L3
+    all-linear pack: o_proj's and the MLP's outputs alive in every layer at the loss,
+    -5.9 % without). A family with output norms only (OLMo 2/3, EXAONE 4) has no normed
+    input: its output norms' inputs stand in the saved set's place for those."""
+    if st.backend != "torch" or not sh.input_norms:
+        return 0
+    return sh.output_norms * sh.hidden
+
+
+def torch_mlp_output_norm_freed(sh: Shape, st: Settings) -> int:
+    """torch, elements per token: at a layer's MLP backward the norm on the MLP's output
+    has run its backward and freed its input (torch_output_norm_inputs counts it in the
+    saved set): the profiler's timeline of seed-6 glm4 C96 F192 L1 o,down rc pack held
+    o_proj's output, not the MLP's, at the re-run's MLP backward (+10.0 % with both)."""
+    return sh.hidden if torch_output_norm_inputs(sh, st) and sh.output_norm else 0
 
 
 def _layer_targets(sh: Shape, st: Settings, layer: int | None) -> list:
@@ -440,9 +473,20 @@ def gated_deltanet_saved_per_token(sh: Shape, st: Settings, adapted: bool,
         names = _layer_targets(sh, st, layer)
         n += st.rank * len(names)
         n += dora_kept_per_token(sh, st, names)
-        if "down_proj" in names:
+        if "down_proj" in names or "c_proj" in names and st.backend == "torch":
             n += down_proj_input(sh, layer)
     return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
+
+
+def mlp_activations_kept(sh: Shape, st: Settings, layer: int | None) -> int:
+    """Elements per token a dense MLP keeps for its backward, beyond its adapters': gate,
+    act(gate) and up, 3F (F = k*F' on a sparse layer). On torch a plain MLP (starcoder2's
+    c_fc, c_proj) keeps c_fc's output only, which GELU's vjp reads (F; c_proj's adapter
+    keeps its input as down_proj's does): the profiler's timeline of seed-7 starcoder2
+    C96 F320 L3 q,v dora held one (N, F) per layer, +34.8 % with 3F counted. MLX: 3F (its
+    plain MLP's figures were fitted with it)."""
+    F = mlp_width(sh, layer)
+    return F if st.backend == "torch" and "c_fc" in sh.linears else 3 * F
 
 
 def deltanet_float32_per_token(sh: Shape, st: Settings) -> float:
@@ -678,11 +722,17 @@ def torch_eager_kv_copies(sh: Shape, st: Settings, layer: int | None) -> int:
     """torch's eager attention repeats k and v to the query heads (Hk*D -> Hq*D each) and
     its two products keep those copies for the backward: 2 * (Hq - Hk) * D per token more
     than the saved set's k, v (the profiler's timeline of the fresh seed-22 gemma2 C32
-    H4/1 D32 q,v rc re-run: both copies alive beside the scores; -6.7 % without)."""
+    H4/1 D32 q,v rc re-run: both copies alive beside the scores; -6.7 % without). Its
+    output is no product's input (the flash kernel's vjp reads its output; these do not):
+    once the layer has run, the saved set's attention output (Hq*D) is not kept (the
+    timeline of seed-5 gemma2 C64 H8/4 D64 q,v at the loss: each layer's repeated k, v,
+    scores and probabilities, no output; +10.5 % with it). With recompute the re-run's
+    moments (the product with v, the MLP's backward) are counted with it, the safe side."""
     if st.backend != "torch":
         return 0
     q, kv, _, _ = attention_widths(sh, layer)
-    return st.batch_size * st.seq_len * 2 * max(q - kv, 0) * DTYPE_BYTES[st.dtype]
+    output = 0 if st.grad_checkpoint else q
+    return st.batch_size * st.seq_len * (2 * max(q - kv, 0) - output) * DTYPE_BYTES[st.dtype]
 
 
 def _attention_needs_grad(sh: Shape, st: Settings, layer: int) -> bool:
@@ -802,16 +852,52 @@ def recompute_layer(sh: Shape, st: Settings) -> int:
         # layers under its first adapted attention layer are never re-run)
         layers = _backward_layers(sh, st)
         adapted = set(range(sh.layers)) if _adapted_layers(sh, st) else set()
-    per = max((N * s * max(saved_per_token_per_layer(sh, st, i in adapted, i)
-                           - torch_attention_unsaved(sh, st, i)
-                           + max(torch_moe_forward_extra_per_token(sh, st, i)
-                                 + torch_output_norm_backward(sh, st),
-                                 torch_mlp_backward_per_token(sh, st, i),
-                                 torch_masked_scores(sh, st) / (N * s)),
-                           torch_attention_peak_per_token(sh, st, i))
-               + mlx_attention_kept(sh, st, i) + torch_gradients_from(sh, st, i)
+    per = max((max(N * s * (saved_per_token_per_layer(sh, st, i in adapted, i)
+                            - torch_attention_unsaved(sh, st, i)
+                            + max(torch_moe_forward_extra_per_token(sh, st, i)
+                                  + torch_output_norm_backward(sh, st),
+                                  torch_mlp_backward_per_token(sh, st, i)
+                                 - torch_mlp_output_norm_freed(sh, st),
+                                  torch_masked_scores(sh, st) / (N * s)))
+                   + torch_gradients_from(sh, st, i, own="down"),
+                   N * s * torch_attention_peak_per_token(sh, st, i)
+                   + torch_gradients_from(sh, st, i, own="none"),
+                   torch_rerun_attention_backward(sh, st, i, i in adapted))
+               + mlx_attention_kept(sh, st, i)
                for i in layers), default=0)
     return int(per + N * s * sh.hidden) + eager_scores(sh, st)
+
+
+def torch_rerun_attention_backward(sh: Shape, st: Settings, layer: int,
+                                   adapted: bool) -> int:
+    """torch with recompute: the re-run layer's backward after its MLP's, the layer's
+    every adapter gradient formed, its MLP's saved set freed (gate, act, up, down's input,
+    the MLP adapters' r and DoRA outputs): the rest of the saved set and the gradients of
+    the layers at and above it. A sparse MoE layer keeps its whole set here (the safe side:
+    its experts' backward is not split out)."""
+    if st.backend != "torch":
+        return 0
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    rest = saved_per_token_per_layer(sh, st, adapted, layer) \
+        - torch_attention_unsaved(sh, st, layer) - mlp_saved_per_token(sh, st, adapted, layer)
+    return int(N * s * rest) + torch_gradients_from(sh, st, layer)
+
+
+def mlp_saved_per_token(sh: Shape, st: Settings, adapted: bool, layer: int) -> int:
+    """The dense MLP's share of a layer's saved set, per token: gate, act and up (3F), and
+    of its adapted projections the rank-r projections, DoRA's outputs and down_proj's
+    input. 0 on a sparse MoE layer (kept whole where this is subtracted: the safe side)."""
+    if sh.moe and layer in sh.moe["layers"]:
+        return 0
+    mlp = [m for m in (_layer_targets(sh, st, layer) if adapted else []) if m in MLP_NAMES]
+    n = mlp_activations_kept(sh, st, layer) + st.rank * len(mlp) \
+        + dora_kept_per_token(sh, st, mlp)
+    return n + (down_proj_input(sh, layer) if any(m in DOWN_NAMES for m in mlp) else 0)
+
+
+# a layer's MLP projections (dense; starcoder2's c_fc, c_proj) and its output projection
+MLP_NAMES = ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "c_fc", "c_proj")
+DOWN_NAMES = ("down_proj", "c_proj")
 
 
 def torch_masked_scores(sh: Shape, st: Settings) -> int:
@@ -842,16 +928,37 @@ def torch_attention_unsaved(sh: Shape, st: Settings, layer: int) -> int:
     return 2 * q + 2 * kv + ((q + kv) if sh.qk_norm else 0)
 
 
-def torch_gradients_from(sh: Shape, st: Settings, layer: int) -> int:
+def torch_gradients_from(sh: Shape, st: Settings, layer: int, own: str = "all") -> int:
     """torch: the adapter gradients alive while the backward re-runs `layer`: those of the
-    layers above it and its own (torch sets them to None after each step; the re-run runs
-    top down). The profiler's timeline at a one-layer starcoder2 all-linear rc peak held
-    the MLP adapters' gradients only; every layer's were counted (+12.9 %). MLX: all
-    (recompute_gradients)."""
+    layers above it and, by `own`, the layer's own: "all" (its backward is done or under
+    way), "down" (at its MLP's backward, which follows the down projection's: only that
+    adapter's gradients exist), "none" (its re-run forward). torch sets them to None after
+    each step and the re-run runs top down. The profiler's timeline at a one-layer
+    starcoder2 all-linear rc peak (the MLP backward) held c_proj's adapter gradients only:
+    every layer's were counted (+12.9 %), then all of the layer's (seed-5 starcoder2 C128
+    F256 r32: +12.5 %). MLX: all (recompute_gradients)."""
     if st.backend != "torch":
         return 0
-    above = [j for j in _adapted_layers(sh, st) if j >= layer]
-    return all_adapter_gradients(sh, st.replace(layers=above)) if above else 0
+    above = [j for j in _adapted_layers(sh, st) if j > layer]
+    n = all_adapter_gradients(sh, st.replace(layers=above)) if above else 0
+    if layer not in _adapted_layers(sh, st) or own == "none":
+        return n
+    if own == "down":  # a sparse layer: its MLP side's (the routed and shared experts'
+        # backward is not split out), not its attention's or DeltaNet's
+        sparse = sh.moe and layer in sh.moe["layers"]
+        down = [m for m in _layer_targets(sh, st, layer)
+                if (m not in MIXER_NAMES if sparse else m in DOWN_NAMES)]
+        down += sorted(moe_target_names(sh, st)) if sparse else []
+        if not down:
+            return n
+        return n + all_adapter_gradients(sh, st.replace(layers=[layer],
+                                                        targets=",".join(down)))
+    return n + all_adapter_gradients(sh, st.replace(layers=[layer]))
+
+
+# a layer's attention and Gated DeltaNet projections
+MIXER_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "in_proj_qkv",
+               "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
 
 
 def rerun_gradients(sh: Shape, st: Settings) -> int:
@@ -869,11 +976,10 @@ def torch_mlp_backward_per_token(sh: Shape, st: Settings, layer: int) -> int:
     re-run counted on the backward's layers only, as it is."""
     if st.backend != "torch":
         return 0
-    if "c_fc" in sh.linears:  # a plain MLP keeps c_fc's output only (F, counted as 3F
-        return 0              # in the saved set): its 2F of gradients fit in the rest
     F = mlp_width(sh, layer)
-    grads = 3 * F
-    if layer in _adapted_layers(sh, st) and "down_proj" in _layer_targets(sh, st, layer):
+    grads = 2 * F if "c_fc" in sh.linears else 3 * F  # a plain MLP: dL/d(act), dL/d(c_fc)
+    if layer in _adapted_layers(sh, st) and any(
+            m in DOWN_NAMES for m in _layer_targets(sh, st, layer)):
         grads -= F  # the adapter kept down's input (in the saved set), freed by then
     return grads
 
@@ -885,8 +991,14 @@ def torch_output_norm_backward(sh: Shape, st: Settings) -> int:
     x^1, 2x, the product with the gradient (pow's vjp) and the gradient spread over the
     mean (4C; the profiler's timeline put a re-run Gemma 3 layer's peak there, -14.6 %
     before). Llama's layer starts with the MLP's backward, and its norms' backwards run
-    when most of the layer is freed."""
-    return 4 * sh.hidden if st.backend == "torch" and sh.output_norm else 0
+    when most of the layer is freed. Since then a float32 norm with a frozen weight on the
+    CPU runs as one Function (backends/torch _RmsNorm), whose backward forms g*w and the
+    result only (2C; seed-6 glm4 C96 F192 L1 o,down rc pack: +10.0 % with 4C). Elsewhere
+    (bf16, CUDA's F.rms_norm) the 4C stays."""
+    if st.backend != "torch" or not sh.output_norm:
+        return 0
+    fused = st.device == "cpu" and st.dtype == "float32"
+    return (2 if fused else 4) * sh.hidden
 
 
 def mlx_recompute_transients(sh: Shape, st: Settings) -> int:
@@ -1193,7 +1305,9 @@ def recompute_dora_norm(sh: Shape, st: Settings) -> int:
     16-head model there (-8 % before this phase). A projection past the attention's
     inputs (o_proj, the MLP's) is re-run with the layer's saved set formed before it
     alive: counted as the whole set and dL/dh (a Gemma 2 step peaked at down_proj's norm
-    with the re-run MLP alive, -9.7 % before)."""
+    with the re-run MLP alive, -9.7 % before); o_proj's norm forms before the MLP runs,
+    so the MLP's share of the set is not counted there (seed-5 mistral C96 F168 q,k,v,o rc
+    dora 4bit: +13.5 % with it, the step peaking at the re-run's MLP backward)."""
     if st.backend != "torch" or not (st.grad_checkpoint and st.dora):
         return 0
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
@@ -1201,8 +1315,9 @@ def recompute_dora_norm(sh: Shape, st: Settings) -> int:
     inputs = ("q_proj", "k_proj", "v_proj", "qkv_proj")
 
     def later(m):  # the largest saved set of a layer that holds m (a hybrid's o_proj: only
-        # its attention layers, not the wider DeltaNet ones)
+        # its attention layers, not the wider DeltaNet ones), as formed when m runs
         return N * s * (max((saved_per_token_per_layer(sh, st, True, i)
+                             - (0 if m in MLP_NAMES else mlp_saved_per_token(sh, st, True, i))
                              for i in _adapted_layers(sh, st) if m in _layer_targets(sh, st, i)),
                             default=0) + sh.hidden)
     return max((first if m in inputs else later(m)) + dora_norm_temporaries(sh, st, [m])
@@ -1246,7 +1361,8 @@ def torch_backward_start(sh: Shape, st: Settings) -> int:
     grads = 2 * F if "c_fc" in sh.linears else 3 * F
     if "down_proj" in top or "c_proj" in top:
         grads -= F
-    grads = max(grads, torch_output_norm_backward(sh, st))  # Gemma: its post-norm first
+    grads = max(grads - torch_mlp_output_norm_freed(sh, st),  # Gemma: its post-norm first
+                torch_output_norm_backward(sh, st))
     return N * s * (sh.hidden + grads)
 
 
@@ -1262,6 +1378,51 @@ def dora_norm_temporaries(sh: Shape, st: Settings, names=None) -> int:
         copies += 1            # sum form (core/lora.project), one more alive at the add
     dims = [sh.linears[m] for m in (target_names(sh, st) if names is None else names)]
     return copies * 4 * max((i * o for i, o in dims), default=0)
+
+
+def _torch_dora_forward(sh: Shape, st: Settings) -> tuple:
+    """torch without recompute: (activations, transients) at the widest moment of the top
+    layer's DoRA projections in the forward (core/lora.project). Each module forms x W^T,
+    x A^T and the update (kept: 2 out + r), then its row norm (dora_norm_temporaries),
+    then scales both products and adds them: 3 (N, out) more, with B @ A still referenced.
+    What the layer keeps after the module is not formed yet: an attention projection's
+    norm runs before the MLP, the MLP's first projection before the MLP's rest (the MLP's
+    share of the saved set, mlp_saved_per_token, less its own kept outputs); later ones
+    (up, down) are counted with the whole set. The profiler's timeline of seed-6 phi3 C128
+    F432 L1 all-linear pack dora: the peak at gate_up_proj's sum, the MLP's set unformed
+    (+12.6 % counted as the whole set beside the norm)."""
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    total, top = activations(sh, st), sh.layers - 1
+    adapted = top in _adapted_layers(sh, st)
+    mlp = N * s * mlp_saved_per_token(sh, st, adapted, top) if top in _backward_layers(
+        sh, st) else 0
+    best = (total, 0)
+    for m in target_names(sh, st):
+        i, o = sh.linears[m]
+        if m in ("gate_proj", "gate_up_proj", "c_fc"):
+            acts = total - mlp + N * s * (st.rank + dora_kept_per_token(sh, st, [m]))
+        else:
+            acts = total if m in MLP_NAMES else total - mlp
+        temps = max(dora_norm_temporaries(sh, st, [m]), N * s * 3 * o + i * o * 4)
+        if acts + temps > sum(best):
+            best = (acts, temps)
+    return best
+
+
+def dora_forward_activations(sh: Shape, st: Settings) -> int:
+    """The "dora norm" phase's activations: torch, as formed at its widest DoRA moment
+    (_torch_dora_forward); MLX all saved sets."""
+    if st.backend == "torch" and st.dora and not st.grad_checkpoint:
+        return _torch_dora_forward(sh, st)[0]
+    return activations(sh, st)
+
+
+def dora_forward_temporaries(sh: Shape, st: Settings) -> int:
+    """The "dora norm" phase's transients: torch at its widest DoRA moment (the norm's
+    matrices or the scaled products' sum); MLX the norm's (dora_norm_temporaries)."""
+    if st.backend == "torch" and st.dora and not st.grad_checkpoint:
+        return _torch_dora_forward(sh, st)[1]
+    return dora_norm_temporaries(sh, st)
 
 
 def embeddings_and_rope(sh: Shape, st: Settings) -> int:
@@ -1292,8 +1453,11 @@ def loss_buffers(sh: Shape, st: Settings) -> int:
     chunk_bytes = buffers * rows * sh.vocab * 4
     if st.backend == "torch":  # later in a chunk: the probabilities (logp, exp'd in place),
         # the picked rows of W and probs @ W, (rows, C) each; larger on a vocabulary under
-        # 2C (fresh seed-23 qwen3_moe C64 V69: -5.0 % without)
-        chunk_bytes = max(chunk_bytes, rows * (sh.vocab * 4 + 2 * sh.hidden * s))
+        # 2C (fresh seed-23 qwen3_moe C64 V69: -5.0 % without). Soft-capped logits stay
+        # for the slope: beside the probabilities while the picked rows and their slope-
+        # scaled copy form (seed-7 gemma2 C64 V243: all four alive at the peak)
+        later = (2 if sh.final_softcap else 1) * sh.vocab * 4 + 2 * sh.hidden * s
+        chunk_bytes = max(chunk_bytes, rows * later)
     return chunk_bytes + N * sh.hidden * s
 
 
@@ -1323,7 +1487,8 @@ PHASES = {
                   ("adapter gradients", rerun_gradients),
                   ("embeddings and rope", embeddings_in_backward)),
     # DoRA's norm temporaries in the top layer's forward, every saved activation alive
-    "dora norm": (("dora norm temporaries", dora_norm_temporaries),),
+    "dora norm": (("activations", dora_forward_activations),
+                  ("dora norm temporaries", dora_forward_temporaries)),
     "recompute, dora norm": (("recomputed dora norm", recompute_dora_norm),
                              ("adapter gradients", recompute_gradients),
                              ("embeddings and rope", embeddings_in_backward)),

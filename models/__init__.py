@@ -139,7 +139,8 @@ def memory_shape(config: dict):
                per_layer_inputs=a.num_hidden_layers * a.per_layer_input_size,
                attention_output_gate=a.attention_output_gate,
                linear_attention=_linear_attention(a),
-               output_norms=sum(n is not None for n in decoder.sublayer_norms(a)[1::2]))
+               output_norms=sum(n is not None for n in decoder.sublayer_norms(a)[1::2]),
+               input_norms=sum(n is not None for n in decoder.sublayer_norms(a)[0::2]))
     per_layer = [0] * a.num_hidden_layers  # frozen elements in each layer (--shard)
     for k, v in shapes.items():
         if k.startswith("model.layers."):
