@@ -1094,6 +1094,71 @@ def mlx_rerun_post_norm_moment(sh: Shape, st: Settings) -> int:
     return int(max(0.0, N * s * max(0.0, n - attention) - mlx_recompute_dora_norms(sh, st)))
 
 
+def mlx_output_gate_split_per_token(sh: Shape, st: Settings, layer: int) -> int:
+    """MLX, elements per token: an output-gated attention layer's (Qwen3.5, Qwen3-Next) q_proj
+    makes q and the gate together, per head D query dims then D gate dims
+    (models/decoder.attention_block), and the two are strided slices of that (N, 2*Hq*D)
+    output. MLX's vjp of a slice is the whole input width with the slice's cotangent written
+    into zeros, so the backward forms two (N, 2*Hq*D) cotangents and their sum, q_proj's
+    output gradient (6 Hq*D), beside the gate's own cotangent through sigmoid (Hq*D): 7 Hq*D.
+    Measured alone (mx.grad of x @ W split so, against two projections of the same widths,
+    N 512, Hq*D 1024): 10.1-11.1 against 3.3-4.3 (N, Hq*D) arrays at the peak, 6.9-7.9 more;
+    in a re-run layer (seed-4 qwen3_5_moe_text C32 H16/4 D64 as three dense full-attention
+    layers, all-linear rc, against a qwen3 of that shape): 7.0 Hq*D per token beyond the
+    count at D 64, 6.6 at D 32. Formed where a gradient reaches q_proj's output: q_proj
+    adapted in the layer, or an adapted layer below it. 0 on a Gated DeltaNet layer."""
+    if not sh.attention_output_gate or (sh.linear_attention
+                                        and layer in sh.linear_attention["layers"]):
+        return 0
+    layers = _backward_layers(sh, st)
+    if layer not in layers:
+        return 0
+    if layer == layers.start and not (layer in _adapted_layers(sh, st)
+                                       and "q_proj" in _layer_targets(sh, st, layer)):
+        return 0
+    return 7 * attention_widths(sh, layer)[0]
+
+
+def mlx_rerun_output_gate_split(sh: Shape, st: Settings) -> int:
+    """MLX with recompute, the re-run phase: a re-run output-gated attention layer's q/gate
+    split (mlx_output_gate_split_per_token), the widest re-run layer's. It belongs to the
+    attention's moment of the layer's backward, which follows the MLP's; the phase sums
+    the two moments' transients (mlx_recompute_transients' 2F + 2C and MLP terms beside
+    its 12 Hq*D + 6 Hk*D, and mlx_recompute_mlp_output), so the split raises the peak
+    only by what it exceeds the MLP's share: seed-4 qwen3_next C64 F160 H2/2 D64
+    all-linear rc (Hq*D = 2C) read +0.2 % without it and +9.3 % with all of it, seed-2
+    qwen3_5_moe_text C32 H8/4 D16 rc +4.0 % and +12.6 %; where Hq*D is 16-32 C the split
+    is nearly all of it (seed-4 qwen3_5_moe_text C32 H16/4 D64 all-linear rc -14.4 %).
+    Not the loss phase's (its overlap with the top layer's re-run is counted apart)."""
+    if st.backend != "mlx" or not st.grad_checkpoint:
+        return 0
+    split = max((mlx_output_gate_split_per_token(sh, st, i)
+                 for i in _backward_layers(sh, st) if _rerun_forms_dk(sh, st, i)), default=0)
+    if not split:
+        return 0
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    attention = max(max(mlx_recompute_attention_transients(sh, st, i)
+                        for i in _backward_layers(sh, st) or [None]),
+                    mlx_rerun_attention_input_side(sh))
+    mlp_side = (mlx_recompute_transients(sh, st) + mlx_recompute_mlp_output(sh, st)) / (N * s) \
+        - attention
+    return int(N * s * max(0.0, split - mlp_side))
+
+
+def _rerun_forms_dk(sh: Shape, st: Settings, layer: int) -> bool:
+    """Whether a re-run attention layer's backward forms dk: the gradient runs on to the
+    layer's input (an adapted layer below), or its k_proj is adapted. Where it does not
+    (a hybrid's lone adapted attention layer, q,v,o_proj), the re-run count's 12 Hq*D +
+    6 Hk*D, measured on a layer that forms all three, holds the dk it never forms, and that
+    covers the output gate's split: seed-0 qwen3_next C32 H4/1 D64 and C128 H8/2 D64
+    q,v,o_proj rc read -2.2 % and +3.5 % without the split, +11.2 % and +14.9 % with it;
+    where it does, the split adds (seed-4 qwen3_5_moe_text C32 H16/4 D64 all-linear rc
+    -13.8 -> +7.2 %)."""
+    layers = _backward_layers(sh, st)
+    return layer > layers.start or (layer in _adapted_layers(sh, st)
+                                    and "k_proj" in _layer_targets(sh, st, layer))
+
+
 def mlx_moe_backward_per_token(sh: Shape, st: Settings) -> int:
     """MLX, a sparse top layer's backward beside the count above (dense-calibrated, with
     F = k*F'): the cotangent of the k expert outputs times their weights (k*C), the
@@ -1130,8 +1195,24 @@ def loss_phase_transients(sh: Shape, st: Settings) -> int:
         return 0
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     return backward_transients(sh, st) + N * s * max(
-        mlx_fused_split_cotangents(sh, st, ("gate_up_proj",)), mlx_query_gradients(sh, st),
+        mlx_fused_split_cotangents(sh, st, ("gate_up_proj",)), mlx_attention_moment(sh, st),
         mlx_fused_split_cotangents(sh, st, ("qkv_proj",)))
+
+
+def mlx_attention_moment(sh: Shape, st: Settings) -> int:
+    """Elements per token: the top layer's attention backward beyond backward_transients,
+    the query-wide gradients (mlx_query_gradients) and an output gate's q/gate split
+    (mlx_output_gate_split_per_token). Where the gradient stops at the layer (no adapted
+    layer below: a hybrid's lone adapted attention layer, q,v,o_proj) the split adds to
+    them (seed-4 qwen3_next C32 H16/4 D64 q,v,o pack -20.0 -> +1.9 %, seed-0
+    qwen3_5_moe_text C96 H16/4 D32 q,v,o -12.0 -> +2.7 %); where it runs on to the
+    layer's input the three query-wide gradients, counted at 5 arrays each where about 2.5
+    were measured at Hq*D >= 8C (docs/memory.md), cover it (added there: seed-4
+    qwen3_5_moe_text C32 H16/4 D64 all-linear -4.0 -> +13.4 %): the larger of the two."""
+    top = sh.layers - 1
+    grads = mlx_query_gradients(sh, st)
+    gate = mlx_output_gate_split_per_token(sh, st, top)
+    return max(grads, gate) if _backward_layers(sh, st).start < top else grads + gate
 
 
 def _top_layer_differentiates(sh: Shape, st: Settings, names) -> bool:
@@ -1361,6 +1442,7 @@ MLX_RECOMPUTE = (("recomputed layer", recompute_layer), ("attention scores", att
                  ("re-run MLP output", mlx_recompute_mlp_output),
                  ("re-run gate_up split", mlx_rerun_fused_gate_up),
                  ("re-run post-norm moment", mlx_rerun_post_norm_moment),
+                 ("re-run output-gate split", mlx_rerun_output_gate_split),
                  ("recomputed dora norms", mlx_recompute_dora_norms),
                  ("adapter as loaded", mlx_loaded_adapter))
 MLX_RECOMPUTE_LOSS = (("logits and loss", loss_buffers),
