@@ -976,6 +976,37 @@ def mlx_deltanet_forward(sh: Shape, st: Settings) -> int:
     return int(N * s * best)
 
 
+def mlx_deltanet_backward(sh: Shape, st: Settings) -> int:
+    """MLX without recompute: a Gated DeltaNet layer's own backward, once the layers above
+    it have run theirs and freed their saved sets, forms the cotangent of each float32
+    array its delta rule keeps (deltanet_float32_per_token: the chunk's (c, c) matrices,
+    MLX's squarings, the per-head vectors and states) while those arrays, the rest of
+    its saved set and the saved sets of the layers below are alive, beside the residual
+    stream's gradient and the normed input's (2C), and the layer's MLP (or MoE) backward
+    transients, as the top layer's at the loss (backward_transients: its MLP's backward
+    runs just before, its adapters' gradients are still forming). With recompute the
+    re-run phase counts
+    the same cotangents (mlx_recompute_attention_transients). It outweighs the loss phase
+    where the delta rule's matrices outweigh the top layer and the loss buffers: seed-0
+    qwen3_5_moe_text C32 F120 L3 all-linear pack, 4 value heads (Hv*c = 256 float32 per
+    token per matrix): -17.2 % at the loss without DoRA, the same at 4 key heads (not
+    the repeat of q, k to the value heads); measured 5.97, 10.12, 18.11 MiB at 2, 4, 8
+    value heads (2.0 MiB a head; this phase's slope 1.93), -1.5 % and -2.3 % with this
+    phase at 4 and 8 (the delta rule's arrays alone: -7.8 %, -5.8 %)."""
+    la = sh.linear_attention
+    if st.backend != "mlx" or not la or st.grad_checkpoint:
+        return 0
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    kept, adapted = _backward_layers(sh, st), _adapted_layers(sh, st)
+    best = 0.0
+    for i in la["layers"]:
+        if i not in kept:
+            continue
+        held = sum(saved_per_token_per_layer(sh, st, j in adapted, j) for j in kept if j <= i)
+        best = max(best, held + deltanet_float32_per_token(sh, st) + 2 * sh.hidden)
+    return int(N * s * best) + backward_transients(sh, st)
+
+
 def mlx_gelu_tanh_kept(sh: Shape, st: Settings) -> int:
     """MLX, elements per token: the tanh-GELU of a GeGLU MLP (Gemma) is composite on MLX
     (backends/mlx gelu_tanh: 0.5 x (1 + tanh(...))), and the compiled re-run keeps what
@@ -1195,24 +1226,24 @@ def loss_phase_transients(sh: Shape, st: Settings) -> int:
         return 0
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     return backward_transients(sh, st) + N * s * max(
-        mlx_fused_split_cotangents(sh, st, ("gate_up_proj",)), mlx_attention_moment(sh, st),
+        mlx_fused_split_cotangents(sh, st, ("gate_up_proj",)), mlx_query_gradients(sh, st),
         mlx_fused_split_cotangents(sh, st, ("qkv_proj",)))
 
 
-def mlx_attention_moment(sh: Shape, st: Settings) -> int:
-    """Elements per token: the top layer's attention backward beyond backward_transients,
-    the query-wide gradients (mlx_query_gradients) and an output gate's q/gate split
-    (mlx_output_gate_split_per_token). Where the gradient stops at the layer (no adapted
-    layer below: a hybrid's lone adapted attention layer, q,v,o_proj) the split adds to
-    them (seed-4 qwen3_next C32 H16/4 D64 q,v,o pack -20.0 -> +1.9 %, seed-0
-    qwen3_5_moe_text C96 H16/4 D32 q,v,o -12.0 -> +2.7 %); where it runs on to the
-    layer's input the three query-wide gradients, counted at 5 arrays each where about 2.5
-    were measured at Hq*D >= 8C (docs/memory.md), cover it (added there: seed-4
-    qwen3_5_moe_text C32 H16/4 D64 all-linear -4.0 -> +13.4 %): the larger of the two."""
+def mlx_attention_output_gate_split(sh: Shape, st: Settings) -> int:
+    """MLX without recompute, the top layer's attention backward: an output gate's q/gate
+    split (mlx_output_gate_split_per_token) forms there, after the loss chunks are freed
+    (its cotangents come from dO, which waits for dL/dh), so it counts in that phase, not
+    the loss's. Where the gradient runs on to the layer's input (an adapted layer below)
+    the three query-wide gradients, counted at 5 arrays each where about 2.5 were
+    measured at Hq*D >= 8C (docs/memory.md), cover it: only what it exceeds them by."""
+    if st.backend != "mlx" or st.grad_checkpoint:
+        return 0
     top = sh.layers - 1
-    grads = mlx_query_gradients(sh, st)
     gate = mlx_output_gate_split_per_token(sh, st, top)
-    return max(grads, gate) if _backward_layers(sh, st).start < top else grads + gate
+    if _backward_layers(sh, st).start < top:
+        gate = max(0, gate - mlx_query_gradients(sh, st))
+    return st.batch_size * st.seq_len * DTYPE_BYTES[st.dtype] * gate
 
 
 def _top_layer_differentiates(sh: Shape, st: Settings, names) -> bool:
@@ -1420,12 +1451,16 @@ PHASES = {
 # MLX: a Gated DeltaNet layer's forward (its delta rule's float32 arrays at once)
 PHASES["DeltaNet forward"] = (("activations", nothing),
                               ("DeltaNet forward", mlx_deltanet_forward))
+# MLX without recompute: a Gated DeltaNet layer's backward, the layers above it done
+PHASES["DeltaNet backward"] = (("activations", nothing),
+                               ("DeltaNet backward", mlx_deltanet_backward))
 # MLX without recompute: the top layer's attention backward forms its float32 scores from
 # dO, which waits for dL/dh, the concatenation of every loss chunk's block: the chunks'
 # logits are freed by then, dL/dh is not (a phase apart from the loss, docs/memory.md)
 MLX_ATTENTION_BACKWARD = (("loss gradient (dL/dh)", loss_gradient),
                           ("attention scores", attention_scores),
-                          ("backward transients", loss_phase_transients))
+                          ("backward transients", loss_phase_transients),
+                          ("output-gate split", mlx_attention_output_gate_split))
 # The optimizer step: the backward has freed the activations, the gradients exist
 # (a phase's term replaces the static term of the same name)
 OPTIMIZER_STEP = (("activations", nothing), ("embeddings and rope", nothing),
