@@ -1088,6 +1088,37 @@ def mlx_deltanet_forward(sh: Shape, st: Settings) -> int:
     return int(N * s * best)
 
 
+def mlx_deltanet_backward(sh: Shape, st: Settings) -> int:
+    """MLX without recompute: a Gated DeltaNet layer's own backward, once the layers above
+    it have run theirs and freed their saved sets, forms the cotangent of each float32
+    array its delta rule keeps (deltanet_float32_per_token: the chunk's (c, c) matrices,
+    MLX's squarings, the per-head vectors and states) while those arrays, the rest of
+    its saved set and the saved sets of the layers below are alive, beside the residual
+    stream's gradient and the normed input's (2C), and the layer's MLP (or MoE) backward
+    transients, as the top layer's at the loss (backward_transients: its MLP's backward
+    runs just before, its adapters' gradients are still forming). With recompute the
+    re-run phase counts
+    the same cotangents (mlx_recompute_attention_transients). It outweighs the loss phase
+    where the delta rule's matrices outweigh the top layer and the loss buffers: seed-0
+    qwen3_5_moe_text C32 F120 L3 all-linear pack, 4 value heads (Hv*c = 256 float32 per
+    token per matrix): -17.2 % at the loss without DoRA, the same at 4 key heads (not
+    the repeat of q, k to the value heads); measured 5.97, 10.12, 18.11 MiB at 2, 4, 8
+    value heads (2.0 MiB a head; this phase's slope 1.93), -1.5 % and -2.3 % with this
+    phase at 4 and 8 (the delta rule's arrays alone: -7.8 %, -5.8 %)."""
+    la = sh.linear_attention
+    if st.backend != "mlx" or not la or st.grad_checkpoint:
+        return 0
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    kept, adapted = _backward_layers(sh, st), _adapted_layers(sh, st)
+    best = 0.0
+    for i in la["layers"]:
+        if i not in kept:
+            continue
+        held = sum(saved_per_token_per_layer(sh, st, j in adapted, j) for j in kept if j <= i)
+        best = max(best, held + deltanet_float32_per_token(sh, st) + 2 * sh.hidden)
+    return int(N * s * best) + backward_transients(sh, st)
+
+
 def mlx_gelu_tanh_kept(sh: Shape, st: Settings) -> int:
     """MLX, elements per token: the tanh-GELU of a GeGLU MLP (Gemma) is composite on MLX
     (backends/mlx gelu_tanh: 0.5 x (1 + tanh(...))), and the compiled re-run keeps what
@@ -1206,6 +1237,71 @@ def mlx_rerun_post_norm_moment(sh: Shape, st: Settings) -> int:
     return int(max(0.0, N * s * max(0.0, n - attention) - mlx_recompute_dora_norms(sh, st)))
 
 
+def mlx_output_gate_split_per_token(sh: Shape, st: Settings, layer: int) -> int:
+    """MLX, elements per token: an output-gated attention layer's (Qwen3.5, Qwen3-Next) q_proj
+    makes q and the gate together, per head D query dims then D gate dims
+    (models/decoder.attention_block), and the two are strided slices of that (N, 2*Hq*D)
+    output. MLX's vjp of a slice is the whole input width with the slice's cotangent written
+    into zeros, so the backward forms two (N, 2*Hq*D) cotangents and their sum, q_proj's
+    output gradient (6 Hq*D), beside the gate's own cotangent through sigmoid (Hq*D): 7 Hq*D.
+    Measured alone (mx.grad of x @ W split so, against two projections of the same widths,
+    N 512, Hq*D 1024): 10.1-11.1 against 3.3-4.3 (N, Hq*D) arrays at the peak, 6.9-7.9 more;
+    in a re-run layer (seed-4 qwen3_5_moe_text C32 H16/4 D64 as three dense full-attention
+    layers, all-linear rc, against a qwen3 of that shape): 7.0 Hq*D per token beyond the
+    count at D 64, 6.6 at D 32. Formed where a gradient reaches q_proj's output: q_proj
+    adapted in the layer, or an adapted layer below it. 0 on a Gated DeltaNet layer."""
+    if not sh.attention_output_gate or (sh.linear_attention
+                                        and layer in sh.linear_attention["layers"]):
+        return 0
+    layers = _backward_layers(sh, st)
+    if layer not in layers:
+        return 0
+    if layer == layers.start and not (layer in _adapted_layers(sh, st)
+                                       and "q_proj" in _layer_targets(sh, st, layer)):
+        return 0
+    return 7 * attention_widths(sh, layer)[0]
+
+
+def mlx_rerun_output_gate_split(sh: Shape, st: Settings) -> int:
+    """MLX with recompute, the re-run phase: a re-run output-gated attention layer's q/gate
+    split (mlx_output_gate_split_per_token), the widest re-run layer's. It belongs to the
+    attention's moment of the layer's backward, which follows the MLP's; the phase sums
+    the two moments' transients (mlx_recompute_transients' 2F + 2C and MLP terms beside
+    its 12 Hq*D + 6 Hk*D, and mlx_recompute_mlp_output), so the split raises the peak
+    only by what it exceeds the MLP's share: seed-4 qwen3_next C64 F160 H2/2 D64
+    all-linear rc (Hq*D = 2C) read +0.2 % without it and +9.3 % with all of it, seed-2
+    qwen3_5_moe_text C32 H8/4 D16 rc +4.0 % and +12.6 %; where Hq*D is 16-32 C the split
+    is nearly all of it (seed-4 qwen3_5_moe_text C32 H16/4 D64 all-linear rc -14.4 %).
+    Not the loss phase's (its overlap with the top layer's re-run is counted apart)."""
+    if st.backend != "mlx" or not st.grad_checkpoint:
+        return 0
+    split = max((mlx_output_gate_split_per_token(sh, st, i)
+                 for i in _backward_layers(sh, st) if _rerun_forms_dk(sh, st, i)), default=0)
+    if not split:
+        return 0
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    attention = max(max(mlx_recompute_attention_transients(sh, st, i)
+                        for i in _backward_layers(sh, st) or [None]),
+                    mlx_rerun_attention_input_side(sh))
+    mlp_side = (mlx_recompute_transients(sh, st) + mlx_recompute_mlp_output(sh, st)) / (N * s) \
+        - attention
+    return int(N * s * max(0.0, split - mlp_side))
+
+
+def _rerun_forms_dk(sh: Shape, st: Settings, layer: int) -> bool:
+    """Whether a re-run attention layer's backward forms dk: the gradient runs on to the
+    layer's input (an adapted layer below), or its k_proj is adapted. Where it does not
+    (a hybrid's lone adapted attention layer, q,v,o_proj), the re-run count's 12 Hq*D +
+    6 Hk*D, measured on a layer that forms all three, holds the dk it never forms, and that
+    covers the output gate's split: seed-0 qwen3_next C32 H4/1 D64 and C128 H8/2 D64
+    q,v,o_proj rc read -2.2 % and +3.5 % without the split, +11.2 % and +14.9 % with it;
+    where it does, the split adds (seed-4 qwen3_5_moe_text C32 H16/4 D64 all-linear rc
+    -13.8 -> +7.2 %)."""
+    layers = _backward_layers(sh, st)
+    return layer > layers.start or (layer in _adapted_layers(sh, st)
+                                    and "k_proj" in _layer_targets(sh, st, layer))
+
+
 def mlx_moe_backward_per_token(sh: Shape, st: Settings) -> int:
     """MLX, a sparse top layer's backward beside the count above (dense-calibrated, with
     F = k*F'): the cotangent of the k expert outputs times their weights (k*C), the
@@ -1244,6 +1340,22 @@ def loss_phase_transients(sh: Shape, st: Settings) -> int:
     return backward_transients(sh, st) + N * s * max(
         mlx_fused_split_cotangents(sh, st, ("gate_up_proj",)), mlx_query_gradients(sh, st),
         mlx_fused_split_cotangents(sh, st, ("qkv_proj",)))
+
+
+def mlx_attention_output_gate_split(sh: Shape, st: Settings) -> int:
+    """MLX without recompute, the top layer's attention backward: an output gate's q/gate
+    split (mlx_output_gate_split_per_token) forms there, after the loss chunks are freed
+    (its cotangents come from dO, which waits for dL/dh), so it counts in that phase, not
+    the loss's. Where the gradient runs on to the layer's input (an adapted layer below)
+    the three query-wide gradients, counted at 5 arrays each where about 2.5 were
+    measured at Hq*D >= 8C (docs/memory.md), cover it: only what it exceeds them by."""
+    if st.backend != "mlx" or st.grad_checkpoint:
+        return 0
+    top = sh.layers - 1
+    gate = mlx_output_gate_split_per_token(sh, st, top)
+    if _backward_layers(sh, st).start < top:
+        gate = max(0, gate - mlx_query_gradients(sh, st))
+    return st.batch_size * st.seq_len * DTYPE_BYTES[st.dtype] * gate
 
 
 def _top_layer_differentiates(sh: Shape, st: Settings, names) -> bool:
@@ -1504,12 +1616,16 @@ PHASES = {
 # MLX: a Gated DeltaNet layer's forward (its delta rule's float32 arrays at once)
 PHASES["DeltaNet forward"] = (("activations", nothing),
                               ("DeltaNet forward", mlx_deltanet_forward))
+# MLX without recompute: a Gated DeltaNet layer's backward, the layers above it done
+PHASES["DeltaNet backward"] = (("activations", nothing),
+                               ("DeltaNet backward", mlx_deltanet_backward))
 # MLX without recompute: the top layer's attention backward forms its float32 scores from
 # dO, which waits for dL/dh, the concatenation of every loss chunk's block: the chunks'
 # logits are freed by then, dL/dh is not (a phase apart from the loss, docs/memory.md)
 MLX_ATTENTION_BACKWARD = (("loss gradient (dL/dh)", loss_gradient),
                           ("attention scores", attention_scores),
-                          ("backward transients", loss_phase_transients))
+                          ("backward transients", loss_phase_transients),
+                          ("output-gate split", mlx_attention_output_gate_split))
 # The optimizer step: the backward has freed the activations, the gradients exist
 # (a phase's term replaces the static term of the same name)
 OPTIMIZER_STEP = (("activations", nothing), ("embeddings and rope", nothing),
@@ -1526,6 +1642,7 @@ MLX_RECOMPUTE = (("recomputed layer", recompute_layer), ("attention scores", att
                  ("re-run MLP output", mlx_recompute_mlp_output),
                  ("re-run gate_up split", mlx_rerun_fused_gate_up),
                  ("re-run post-norm moment", mlx_rerun_post_norm_moment),
+                 ("re-run output-gate split", mlx_rerun_output_gate_split),
                  ("recomputed dora norms", mlx_recompute_dora_norms),
                  ("adapter as loaded", mlx_loaded_adapter))
 MLX_RECOMPUTE_LOSS = (("logits and loss", loss_buffers),
