@@ -988,6 +988,39 @@ def mlx_gelu_tanh_kept(sh: Shape, st: Settings) -> int:
     return 3 * sh.intermediate if st.backend == "mlx" and sh.gelu_tanh and gated else 0
 
 
+# C-wide arrays in flight between the head's logits and the re-run layer: the rest of the
+# fused loss's chunk beyond dL/dh (e @ W, W[targets], their difference: 2C, measured alone),
+# the loss vjp's product (C) and the final norm's vjp (3C)
+MLX_LOSS_IN_FLIGHT_C = 6
+
+
+def mlx_loss_in_flight(sh: Shape, st: Settings) -> int:
+    """MLX with recompute, the loss phase: what the CPU dispatcher has allocated ahead of the
+    loss's (rows, V) logits. MLX evaluates a graph asynchronously: the main thread walks the
+    tape, allocating each op's output as it dispatches it to the stream's worker, and only
+    waits once 10 tasks (10 dispatches each on the CPU, ~5 ops) are outstanding or active
+    memory passes the memory limit. While the worker runs the head's matmul and exp (the
+    widest ops of the step), the dispatcher has gone on to the ops after them: the rest of
+    the loss, the final norm's vjp and the re-run of the top layer, whose forward allocates
+    the layer's whole saved set (and, unfused, its attention probabilities). Measured on a
+    one-layer llama C96 F224 H2/2 D8 V2328 q,v,o rc (128 tokens): forward + loss alone peak
+    as high as the whole step (3.08 MiB above the weights); the hidden states evaluated
+    first, 2.46; with mx.set_memory_limit(1) (the dispatcher waits for every task) 2.32
+    (docs/memory.md, "MLX's dispatcher runs ahead of the loss"). An upper bound of the window
+    (how far the worker lags varies with the machine): the top re-run layer's saved set,
+    its kept attention and MLX_LOSS_IN_FLIGHT_C * C per token."""
+    if st.backend != "mlx" or not st.grad_checkpoint:
+        return 0
+    layers = _backward_layers(sh, st)
+    if not layers:
+        return 0
+    top = layers[-1]
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    n = saved_per_token_per_layer(sh, st, top in _adapted_layers(sh, st), top) \
+        + MLX_LOSS_IN_FLIGHT_C * sh.hidden
+    return int(N * s * n) + mlx_attention_kept(sh, st, top) + eager_scores(sh, st, top)
+
+
 def mlx_loaded_adapter(sh: Shape, st: Settings) -> int:
     """MLX: the model's parameter dict still holds the adapter as attached (its initial
     values) while the trainer's own dict takes each update (MLX arrays are immutable;
@@ -1364,7 +1397,7 @@ MLX_RECOMPUTE = (("recomputed layer", recompute_layer), ("attention scores", att
                  ("recomputed dora norms", mlx_recompute_dora_norms),
                  ("adapter as loaded", mlx_loaded_adapter))
 MLX_RECOMPUTE_LOSS = (("logits and loss", loss_buffers),
-                      ("backward transients", mlx_recompute_transients),
+                      ("dispatched ahead of the loss", mlx_loss_in_flight),
                       ("adapter as loaded", mlx_loaded_adapter))
 
 
