@@ -1263,6 +1263,35 @@ def mlx_recompute_dora_norms(sh: Shape, st: Settings) -> int:
     return copies * 4 * max(per_layer, default=0)
 
 
+def _rerun_dora_weights(sh: Shape, st: Settings) -> list:
+    """Per re-run adapted layer, the elements of its adapted modules' W (MLX, recompute,
+    DoRA): what each layer's row norms read."""
+    return [sum(i * o for m in _layer_targets(sh, st, ly)
+                for i, o in [(sh.layer_linears[ly] if sh.layer_linears else sh.linears)[m]])
+            for ly in _backward_layers(sh, st) if ly in _adapted_layers(sh, st)]
+
+
+def mlx_dora_weight_casts(sh: Shape, st: Settings, phase: str = "loss") -> int:
+    """MLX with recompute and DoRA on a quantized or non-float32 base: each adapted module's
+    row norm reads W dequantized (or cast) to float32, and the forward's and the re-run's
+    are the same op on the same frozen arrays (closed over, not waiting on the gradient),
+    so mx.compile merges them: every re-run layer's float32 copies are kept from its
+    forward to its re-run, across the loss. Measured on seed-2 llama C128 F248 L2 H4/1
+    all-linear r4 rc pack dora 4bit (64 tokens): 5.13 / 5.16 MiB compiled, 4.11 / 4.33
+    uncompiled, 0.88 MiB counted (2 layers x 0.44); -8.7 % at the loss without it. The
+    re-run phase counts every layer's but the one its DoRA norms count already."""
+    if st.backend != "mlx" or not (st.grad_checkpoint and st.dora) or (
+            st.dtype == "float32" and not st.quantize_bits):
+        return 0
+    layers = _rerun_dora_weights(sh, st)
+    kept = sum(layers) - (max(layers, default=0) if phase == "recompute" else 0)
+    return 4 * kept
+
+
+def mlx_dora_weight_casts_rerun(sh: Shape, st: Settings) -> int:
+    return mlx_dora_weight_casts(sh, st, "recompute")
+
+
 def torch_backward_start(sh: Shape, st: Settings) -> int:
     """torch without recompute: the backward's first layer (the top one) runs while every
     saved activation is alive. Its MLP's backward forms dL/d(down_proj's input) (F) and,
@@ -1395,9 +1424,11 @@ MLX_RECOMPUTE = (("recomputed layer", recompute_layer), ("attention scores", att
                  ("re-run gate_up split", mlx_rerun_fused_gate_up),
                  ("re-run post-norm moment", mlx_rerun_post_norm_moment),
                  ("recomputed dora norms", mlx_recompute_dora_norms),
+                 ("DoRA weights cast in the forward", mlx_dora_weight_casts_rerun),
                  ("adapter as loaded", mlx_loaded_adapter))
 MLX_RECOMPUTE_LOSS = (("logits and loss", loss_buffers),
                       ("dispatched ahead of the loss", mlx_loss_in_flight),
+                      ("DoRA weights cast in the forward", mlx_dora_weight_casts),
                       ("adapter as loaded", mlx_loaded_adapter))
 
 
