@@ -1263,11 +1263,14 @@ def mlx_recompute_dora_norms(sh: Shape, st: Settings) -> int:
     return copies * 4 * max(per_layer, default=0)
 
 
-def _rerun_dora_weights(sh: Shape, st: Settings) -> list:
-    """Per re-run adapted layer, the elements of its adapted modules' W (MLX, recompute,
-    DoRA): what each layer's row norms read."""
+def _rerun_dora_casts(sh: Shape, st: Settings) -> list:
+    """Per re-run adapted layer, the elements of its adapted modules' W that the row norms
+    read as a float32 copy: every one on a non-float32 base (cast), else the quantized
+    ones (input a multiple of the group: narrower projections stay dense)."""
+    cast = st.dtype != "float32"
     return [sum(i * o for m in _layer_targets(sh, st, ly)
-                for i, o in [(sh.layer_linears[ly] if sh.layer_linears else sh.linears)[m]])
+                for i, o in [(sh.layer_linears[ly] if sh.layer_linears else sh.linears)[m]]
+                if cast or (st.quantize_bits and i % QUANT_GROUP == 0))
             for ly in _backward_layers(sh, st) if ly in _adapted_layers(sh, st)]
 
 
@@ -1278,12 +1281,13 @@ def mlx_dora_weight_casts(sh: Shape, st: Settings, phase: str = "loss") -> int:
     so mx.compile merges them: every re-run layer's float32 copies are kept from its
     forward to its re-run, across the loss. Measured on seed-2 llama C128 F248 L2 H4/1
     all-linear r4 rc pack dora 4bit (64 tokens): 5.13 / 5.16 MiB compiled, 4.11 / 4.33
-    uncompiled, 0.88 MiB counted (2 layers x 0.44); -8.7 % at the loss without it. The
-    re-run phase counts every layer's but the one its DoRA norms count already."""
+    uncompiled (0.64 MiB counted: 2 layers, down_proj's 248-wide input stays dense);
+    -8.7 % at the loss without it. The re-run phase counts every layer's but the one its
+    DoRA norms count already (mlx_recompute_dora_norms)."""
     if st.backend != "mlx" or not (st.grad_checkpoint and st.dora) or (
             st.dtype == "float32" and not st.quantize_bits):
         return 0
-    layers = _rerun_dora_weights(sh, st)
+    layers = _rerun_dora_casts(sh, st)
     kept = sum(layers) - (max(layers, default=0) if phase == "recompute" else 0)
     return 4 * kept
 
@@ -1415,9 +1419,9 @@ OPTIMIZER_STEP = (("activations", nothing), ("embeddings and rope", nothing),
 # MLX with recompute (backends/mlx/recompute): the backward re-runs one layer at a time,
 # each after the layer above has formed all its gradients. Two phases: one re-run layer
 # with its backward, and the loss. The top layer's re-run waits for dL/dh, yet the
-# measured peak at the loss grows with the layer's widths (one layer, vocabulary 4000:
-# 2.6 F per token), so the loss phase counts the backward transients beside the loss
-# buffers (why they overlap is not identified; docs/memory.md).
+# measured peak at the loss grows with the layer's widths: MLX's dispatcher allocates the
+# outputs of the ops after the logits (the re-run's forward among them) while the worker
+# still runs the head (mlx_loss_in_flight; docs/memory.md, "MLX's dispatcher runs ahead").
 MLX_RECOMPUTE = (("recomputed layer", recompute_layer), ("attention scores", attention_scores),
                  ("backward transients", mlx_recompute_transients),
                  ("re-run MLP output", mlx_recompute_mlp_output),
