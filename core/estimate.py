@@ -1131,6 +1131,39 @@ def mlx_gelu_tanh_kept(sh: Shape, st: Settings) -> int:
     return 3 * sh.intermediate if st.backend == "mlx" and sh.gelu_tanh and gated else 0
 
 
+# C-wide arrays in flight between the head's logits and the re-run layer: the rest of the
+# fused loss's chunk beyond dL/dh (e @ W, W[targets], their difference: 2C, measured alone),
+# the loss vjp's product (C) and the final norm's vjp (3C)
+MLX_LOSS_IN_FLIGHT_C = 6
+
+
+def mlx_loss_in_flight(sh: Shape, st: Settings) -> int:
+    """MLX with recompute, the loss phase: what the CPU dispatcher has allocated ahead of the
+    loss's (rows, V) logits. MLX evaluates a graph asynchronously: the main thread walks the
+    tape, allocating each op's output as it dispatches it to the stream's worker, and only
+    waits once 10 tasks (10 dispatches each on the CPU, ~5 ops) are outstanding or active
+    memory passes the memory limit. While the worker runs the head's matmul and exp (the
+    widest ops of the step), the dispatcher has gone on to the ops after them: the rest of
+    the loss, the final norm's vjp and the re-run of the top layer, whose forward allocates
+    the layer's whole saved set (and, unfused, its attention probabilities). Measured on a
+    one-layer llama C96 F224 H2/2 D8 V2328 q,v,o rc (128 tokens): forward + loss alone peak
+    as high as the whole step (3.08 MiB above the weights); the hidden states evaluated
+    first, 2.46; with mx.set_memory_limit(1) (the dispatcher waits for every task) 2.32
+    (docs/memory.md, "MLX's dispatcher runs ahead of the loss"). An upper bound of the window
+    (how far the worker lags varies with the machine): the top re-run layer's saved set,
+    its kept attention and MLX_LOSS_IN_FLIGHT_C * C per token."""
+    if st.backend != "mlx" or not st.grad_checkpoint:
+        return 0
+    layers = _backward_layers(sh, st)
+    if not layers:
+        return 0
+    top = layers[-1]
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    n = saved_per_token_per_layer(sh, st, top in _adapted_layers(sh, st), top) \
+        + MLX_LOSS_IN_FLIGHT_C * sh.hidden
+    return int(N * s * n) + mlx_attention_kept(sh, st, top) + eager_scores(sh, st, top)
+
+
 def mlx_loaded_adapter(sh: Shape, st: Settings) -> int:
     """MLX: the model's parameter dict still holds the adapter as attached (its initial
     values) while the trainer's own dict takes each update (MLX arrays are immutable;
@@ -1457,6 +1490,39 @@ def mlx_recompute_dora_norms(sh: Shape, st: Settings) -> int:
     return copies * 4 * max(per_layer, default=0)
 
 
+def _rerun_dora_casts(sh: Shape, st: Settings) -> list:
+    """Per re-run adapted layer, the elements of its adapted modules' W that the row norms
+    read as a float32 copy: every one on a non-float32 base (cast), else the quantized
+    ones (input a multiple of the group: narrower projections stay dense)."""
+    cast = st.dtype != "float32"
+    return [sum(i * o for m in _layer_targets(sh, st, ly)
+                for i, o in [(sh.layer_linears[ly] if sh.layer_linears else sh.linears)[m]]
+                if cast or (st.quantize_bits and i % QUANT_GROUP == 0))
+            for ly in _backward_layers(sh, st) if ly in _adapted_layers(sh, st)]
+
+
+def mlx_dora_weight_casts(sh: Shape, st: Settings, phase: str = "loss") -> int:
+    """MLX with recompute and DoRA on a quantized or non-float32 base: each adapted module's
+    row norm reads W dequantized (or cast) to float32, and the forward's and the re-run's
+    are the same op on the same frozen arrays (closed over, not waiting on the gradient),
+    so mx.compile merges them: every re-run layer's float32 copies are kept from its
+    forward to its re-run, across the loss. Measured on seed-2 llama C128 F248 L2 H4/1
+    all-linear r4 rc pack dora 4bit (64 tokens): 5.13 / 5.16 MiB compiled, 4.11 / 4.33
+    uncompiled (0.64 MiB counted: 2 layers, down_proj's 248-wide input stays dense);
+    -8.7 % at the loss without it. The re-run phase counts every layer's but the one its
+    DoRA norms count already (mlx_recompute_dora_norms)."""
+    if st.backend != "mlx" or not (st.grad_checkpoint and st.dora) or (
+            st.dtype == "float32" and not st.quantize_bits):
+        return 0
+    layers = _rerun_dora_casts(sh, st)
+    kept = sum(layers) - (max(layers, default=0) if phase == "recompute" else 0)
+    return 4 * kept
+
+
+def mlx_dora_weight_casts_rerun(sh: Shape, st: Settings) -> int:
+    return mlx_dora_weight_casts(sh, st, "recompute")
+
+
 def torch_backward_start(sh: Shape, st: Settings) -> int:
     """torch without recompute: the backward's first layer (the top one) runs while every
     saved activation is alive. Its MLP's backward forms dL/d(down_proj's input) (F) and,
@@ -1634,9 +1700,9 @@ OPTIMIZER_STEP = (("activations", nothing), ("embeddings and rope", nothing),
 # MLX with recompute (backends/mlx/recompute): the backward re-runs one layer at a time,
 # each after the layer above has formed all its gradients. Two phases: one re-run layer
 # with its backward, and the loss. The top layer's re-run waits for dL/dh, yet the
-# measured peak at the loss grows with the layer's widths (one layer, vocabulary 4000:
-# 2.6 F per token), so the loss phase counts the backward transients beside the loss
-# buffers (why they overlap is not identified; docs/memory.md).
+# measured peak at the loss grows with the layer's widths: MLX's dispatcher allocates the
+# outputs of the ops after the logits (the re-run's forward among them) while the worker
+# still runs the head (mlx_loss_in_flight; docs/memory.md, "MLX's dispatcher runs ahead").
 MLX_RECOMPUTE = (("recomputed layer", recompute_layer), ("attention scores", attention_scores),
                  ("backward transients", mlx_recompute_transients),
                  ("re-run MLP output", mlx_recompute_mlp_output),
@@ -1644,9 +1710,11 @@ MLX_RECOMPUTE = (("recomputed layer", recompute_layer), ("attention scores", att
                  ("re-run post-norm moment", mlx_rerun_post_norm_moment),
                  ("re-run output-gate split", mlx_rerun_output_gate_split),
                  ("recomputed dora norms", mlx_recompute_dora_norms),
+                 ("DoRA weights cast in the forward", mlx_dora_weight_casts_rerun),
                  ("adapter as loaded", mlx_loaded_adapter))
 MLX_RECOMPUTE_LOSS = (("logits and loss", loss_buffers),
-                      ("backward transients", mlx_recompute_transients),
+                      ("dispatched ahead of the loss", mlx_loss_in_flight),
+                      ("DoRA weights cast in the forward", mlx_dora_weight_casts),
                       ("adapter as loaded", mlx_loaded_adapter))
 
 

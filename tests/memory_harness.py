@@ -113,6 +113,13 @@ def measure(case: Case, backend_name: str, root: Path, steps: int = 2,
 
     gc.collect()  # earlier cases' trainers sit in reference cycles
     B = get_backend(backend_name, device)
+    if backend_name == "mlx":
+        import mlx.core as mx
+
+        # freed buffers of earlier cases stay in MLX's cache and are handed out again for
+        # any request they cover: counted active at their own size, they moved a small
+        # case's peak with whatever ran before it
+        mx.clear_cache()
     # arrays still alive from earlier cases in this process (MLX's compile cache keeps
     # their constants) are not this case's: count from what is live now
     before = B.memory_stats()["current"] if backend_name == "mlx" else 0
