@@ -1,4 +1,17 @@
-"""`--compile` on torch: the loss's forward through torch.compile (inductor).
+"""`--compile` on torch: regional compilation of the repeated decoder layer (inductor).
+
+Compiling the whole loss traced every layer into one graph (6 layers: six copies of the
+same kernels to generate and compile) and broke it wherever dynamo met something it cannot
+trace (a cached_property's lock, the packed layout's host round trip, the fused head's
+Python loop over chunks). Here only the layer is compiled: one graph per layer *kind*
+(models/decoder.layer_kind: the layer's shapes and switches), traced once with the
+layer's weights as inputs and reused by every layer of that kind, so the compile costs
+one layer however deep the model is. The head + loss stays eager (already one fused
+autograd Function).
+
+Shapes: the first batch compiles static (specialised kernels); a batch of another length
+recompiles once with the changed dimensions dynamic (dynamo's automatic dynamic shapes),
+after which every length reuses that graph.
 
 Inductor writes C++ kernels for the CPU and needs a C++ compiler for them; without one the
 first step would fail deep inside torch, so the absence is one line up front instead.
@@ -18,13 +31,27 @@ def cpp_compiler() -> str | None:
     return None
 
 
-def compiled(fn, device: str):
-    """torch.compile(fn) with dynamic shapes: batches of every length (and packing
-    layout) share one compiled graph instead of compiling once per shape."""
-    import torch
-
+def require_compiler(device: str) -> None:
     if device == "cpu" and cpp_compiler() is None:
         from lorafit.core.errors import LorafitError
         raise LorafitError("--compile on the CPU needs a C++ compiler (g++ or clang++, or "
                            "set CXX); install one or train without --compile")
-    return torch.compile(fn, dynamic=True)
+
+
+class LayerCompiler:
+    """The compiled layer functions of one compiled loss, one per layer kind."""
+
+    def __init__(self, device: str):
+        require_compiler(device)
+        self.layers: dict = {}
+
+    def layer(self, kind, fn):
+        """The compiled function of `kind`: fn compiled the first time the kind is met
+        (later layers' fn are the same code with another layer index, which the kind says
+        changes nothing, so theirs is not looked at)."""
+        compiled = self.layers.get(kind)
+        if compiled is None:
+            import torch
+
+            compiled = self.layers[kind] = torch.compile(fn, dynamic=None)
+        return compiled
