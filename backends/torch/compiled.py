@@ -53,5 +53,27 @@ class LayerCompiler:
         if compiled is None:
             import torch
 
-            compiled = self.layers[kind] = torch.compile(fn, dynamic=None)
+            compiled = self.layers[kind] = _batch_sizes_dynamic(torch.compile(fn, dynamic=None))
         return compiled
+
+
+def _batch_sizes_dynamic(compiled):
+    """compiled(weights, x, *rest) with the batch's sizes left open: every dimension of x
+    (B, T, C) but the last, and each dimension of the other activations of size B or T, is
+    traced as a symbol (sizes 0 and 1 stay specialised), so batches of every length share
+    one graph instead of one compile per length."""
+    import os
+    import torch
+
+    if os.environ.get("LORAFIT_DYN") == "0":
+        return compiled
+
+    def run(weights, x, *rest):
+        sizes = set(x.shape[:-1])
+        for t in (x, *rest):
+            if isinstance(t, torch.Tensor):
+                for d in range(t.dim()):
+                    if t.shape[d] in sizes and (t is not x or d < t.dim() - 1):
+                        torch._dynamo.maybe_mark_dynamic(t, d)
+        return compiled(weights, x, *rest)
+    return run
