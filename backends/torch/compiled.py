@@ -53,22 +53,23 @@ class LayerCompiler:
         if compiled is None:
             import torch
 
-            compiled = self.layers[kind] = _batch_sizes_dynamic(torch.compile(fn, dynamic=None))
+            compiled = self.layers[kind] = _batch_sizes_dynamic(
+                fn, torch.compile(fn, dynamic=None))
         return compiled
 
 
-def _batch_sizes_dynamic(compiled):
+def _batch_sizes_dynamic(fn, compiled):
     """compiled(weights, x, *rest) with the batch's sizes left open: every dimension of x
     (B, T, C) but the last, and each dimension of the other activations of size B or T, is
     traced as a symbol (sizes 0 and 1 stay specialised), so batches of every length share
-    one graph instead of one compile per length."""
-    import os
+    one graph instead of one compile per length. A layer whose input carries no gradient
+    while gradients are on (the first: its input is the frozen embedding's output) runs fn
+    eagerly: compiling that variant too would double the compile for one layer in L."""
     import torch
 
-    if os.environ.get("LORAFIT_DYN") == "0":
-        return compiled
-
     def run(weights, x, *rest):
+        if torch.is_grad_enabled() and not x.requires_grad:
+            return fn(weights, x, *rest)
         sizes = set(x.shape[:-1])
         for t in (x, *rest):
             if isinstance(t, torch.Tensor):

@@ -38,10 +38,9 @@ def _batches():
 @pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path, torch_backend):
     """Three steps of a 4-layer llama, its layers compiled by inductor and eager: the same
-    losses and the same adapter (1e-5). Dynamo traces two graphs in all: the first layer's
-    (its input, the frozen embedding's output, carries no gradient) and one that layers 2-4
-    share, each with the batch's sizes symbolic, so neither depth nor the other lengths
-    compile anything more."""
+    losses and the same adapter (1e-5). Dynamo traces one graph in all, which layers 2-4
+    share (the first layer, whose input carries no gradient, runs eagerly) with the batch's
+    sizes symbolic: neither depth nor the other lengths compile anything more."""
     import torch
     from torch._dynamo.utils import counters
     from memory_harness import Case, build_folder
@@ -55,8 +54,8 @@ def test_compiled_training_matches_eager(tmp_path, torch_backend):
         tr = _trainer(folder, torch_backend, compile)
         losses = [tr.train_step([b], 1e-2)[0] for b in _batches()]
         runs.append((losses, {k: torch_backend.to_numpy(v) for k, v in tr.trainable.items()}))
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
-    assert counters["frames"]["ok"] == 2 and not counters["recompiles"], dict(counters["frames"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert counters["frames"] == {"total": 1, "ok": 1}, dict(counters["frames"])
     (eager, a_eager), (compiled, a_compiled) = runs
     np.testing.assert_allclose(compiled, eager, rtol=1e-5, atol=1e-5)
     for k in a_eager:
