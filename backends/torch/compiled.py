@@ -1,17 +1,16 @@
 """`--compile` on torch: regional compilation of the repeated decoder layer (inductor).
 
 Compiling the whole loss traced every layer into one graph (6 layers: six copies of the
-same kernels to generate and compile) and broke it wherever dynamo met something it cannot
-trace (a cached_property's lock, the packed layout's host round trip, the fused head's
-Python loop over chunks). Here only the layer is compiled: one graph per layer *kind*
-(models/decoder.layer_kind: the layer's shapes and switches), traced once with the
-layer's weights as inputs and reused by every layer of that kind, so the compile costs
+same kernels to generate and compile), split wherever dynamo met something it cannot trace
+(first of all the lock of a cached_property, ModelArgs.ropes), and at the benchmark shape
+did not finish in 20 minutes. Here only the layer is compiled: one graph per layer *kind*
+(models/decoder.layer_kind: what the layer's code reads of its index), traced once with
+the layer's weights as inputs and reused by every layer of that kind, so the compile costs
 one layer however deep the model is. The head + loss stays eager (already one fused
-autograd Function).
+autograd Function); so does the first layer (see _batch_sizes_dynamic).
 
-Shapes: the first batch compiles static (specialised kernels); a batch of another length
-recompiles once with the changed dimensions dynamic (dynamo's automatic dynamic shapes),
-after which every length reuses that graph.
+Shapes: the batch's sizes (B, T) are marked dynamic from the first call, so batches of
+every length (unpacked batches are as long as their longest row) reuse the one graph.
 
 Inductor writes C++ kernels for the CPU and needs a C++ compiler for them; without one the
 first step would fail deep inside torch, so the absence is one line up front instead.
