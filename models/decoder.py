@@ -479,7 +479,14 @@ def _recomputed_layer(ops, a, i, lp, x, cos, sin, segment_ids, lora, q_scale=Non
     source, produces = a.kv_source(i), shared is not None and i in a.kv_producers()
     extra = (() if pli is None else (pli,)) + (shared[source] if source is not None else ())
 
+    # a plain layer runs as compiled_layer gives it now (--compile), the re-run included
+    plain = None if shared is not None or pli is not None or not _compilable(a, i) else \
+        ops.compiled_layer(layer_kind(a, i), _layer_function(ops, a, i, lora))
+
     def run(train, x_, *rest):
+        if plain is not None:
+            return plain({**ops.gather_frozen(frozen), **train}, x_, cos, sin, segment_ids,
+                         q_scale)
         p_ = rest[0] if pli is not None else None
         local = {source: tuple(rest[-2:])} if source is not None else {}
         out = decoder_layer(ops, a, i, {**ops.gather_frozen(frozen), **train}, x_, cos, sin,
