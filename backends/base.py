@@ -17,7 +17,7 @@ Array layout conventions used by every op:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Hashable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -276,8 +276,15 @@ class Backend(Protocol):
 
     def compile_forward(self, fn: Callable) -> Callable:
         """fn (a loss of the trainable arrays, differentiated by value_and_grad) compiled
-        for speed when the user asks (--compile): torch.compile on torch; fn itself on MLX,
-        whose whole step goes through `compile` already."""
+        for speed when the user asks (--compile): on torch, fn with its decoder layers
+        compiled while it runs (compiled_layer); fn itself on MLX, whose whole step goes
+        through `compile` already."""
+
+    def compiled_layer(self, kind: Hashable, fn: Callable) -> Callable:
+        """fn (one decoder layer, its weights and activations passed as arguments) as it
+        should run: inside a compile_forward function on torch, compiled once per `kind`
+        and that compiled function reused by every layer of the kind (fn must then differ
+        between layers of a kind only in its arguments); otherwise fn itself."""
 
     def checkpoint(self, fn: Callable) -> Callable:
         """fn recomputed in the backward pass instead of storing its activations."""

@@ -99,8 +99,8 @@ class TrainConfig:
     grad_checkpoint: bool = False
     """Recompute each layer's activations in the backward pass to save memory."""
     compile: bool = False
-    """torch: compile the forward (and its backward) with torch.compile; needs a C++ compiler
-    on the CPU, pays off on long runs. MLX compiles every step already."""
+    """torch: compile the decoder layer (forward and backward) with torch.compile, once for
+    all layers and lengths; needs a C++ compiler on the CPU. MLX compiles every step already."""
     shard: bool = False
     """torch, several processes: shard the frozen base (each layer gathered when it runs,
     which implies recomputing layers) and the adapter's optimizer state (FSDP2) over the

@@ -382,12 +382,37 @@ def hidden_states(ops, a: ModelArgs, params: dict, input_ids, positions, segment
         if recompute or sharded:
             x = _recomputed_layer(ops, a, i, lp, x, cos, sin, segment_ids, lora, q_scale,
                                   shared, pli)
+        elif cache is None and shared is None and pli is None and _compilable(a, i):
+            # the same code for every layer of a kind: compiled once under --compile
+            run = ops.compiled_layer(layer_kind(a, i), _layer_function(ops, a, i, lora))
+            x = run(ops.gather_frozen(lp), x, cos, sin, segment_ids, q_scale)
         else:
             x = decoder_layer(ops, a, i, ops.gather_frozen(lp), x, cos, sin, segment_ids,
                               None if cache is None else cache[i], lora, q_scale, shared, pli)
     h = norm(ops, a, params, "model.norm", x)
     # logits / s = (h / s) W^T: the head and the fused loss both see the scaled states
     return h if a.logits_scaling == 1.0 else h * (1.0 / a.logits_scaling)
+
+
+def layer_kind(a: ModelArgs, i: int) -> tuple:
+    """Everything layer i's code reads of its index (its shapes and switches): layers of one
+    kind run the same code on other weights, so they share one compiled layer (--compile)."""
+    return (a.layer_types[i], a.head_dim_of(i), a.kv_heads_of(i), a.intermediate_of(i),
+            a.is_moe_layer(i), a.has_v_proj(i), a.kv_source(i), a.window(i),
+            attention_scale(a, i), bool(a.nope_layers is not None and a.nope_layers[i]))
+
+
+def _compilable(a: ModelArgs, i: int) -> bool:
+    """Layers that go through ops.compiled_layer: dense self-attention layers. Experts
+    (their row counts read on the host) and Gated DeltaNet mixers stay as they are."""
+    return a.layer_types[i] != "linear_attention" and not a.is_moe_layer(i)
+
+
+def _layer_function(ops, a: ModelArgs, i: int, lora):
+    """Layer i as a function of its weights and activations alone (ops.compiled_layer)."""
+    def layer(lp, x, cos, sin, segment_ids, q_scale):
+        return decoder_layer(ops, a, i, lp, x, cos, sin, segment_ids, None, lora, q_scale)
+    return layer
 
 
 def per_layer_inputs(ops, a: ModelArgs, params: dict, input_ids, x, lora):
@@ -454,7 +479,14 @@ def _recomputed_layer(ops, a, i, lp, x, cos, sin, segment_ids, lora, q_scale=Non
     source, produces = a.kv_source(i), shared is not None and i in a.kv_producers()
     extra = (() if pli is None else (pli,)) + (shared[source] if source is not None else ())
 
+    # a plain layer runs as compiled_layer gives it now (--compile), the re-run included
+    plain = None if shared is not None or pli is not None or not _compilable(a, i) else \
+        ops.compiled_layer(layer_kind(a, i), _layer_function(ops, a, i, lora))
+
     def run(train, x_, *rest):
+        if plain is not None:
+            return plain({**ops.gather_frozen(frozen), **train}, x_, cos, sin, segment_ids,
+                         q_scale)
         p_ = rest[0] if pli is not None else None
         local = {source: tuple(rest[-2:])} if source is not None else {}
         out = decoder_layer(ops, a, i, {**ops.gather_frozen(frozen), **train}, x_, cos, sin,

@@ -450,6 +450,10 @@ class MLXBackend:
         """fn itself: the step around it is mx.compiled (compile)."""
         return fn
 
+    def compiled_layer(self, kind, fn):
+        """fn itself: the whole step is one mx.compiled graph already."""
+        return fn
+
     def checkpoint(self, fn):
         """Layer after layer in the backward, as torch's checkpoint (backends/mlx/recompute:
         mx.checkpoint lets the tape place each re-run anywhere after the forward)."""

@@ -46,6 +46,7 @@ class TorchBackend:
         self.device = device
         self.bf16_native = device.startswith("cuda") and torch.cuda.is_bf16_supported()
         self._tracker = TensorTracker() if device == "cpu" else None
+        self._layer_compiler = None  # set while a compile_forward function runs
         if self.world_size > 1:
             _join_process_group(device)
 
@@ -348,6 +349,7 @@ class TorchBackend:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                               enable_gqa=gqa)
 
+    @torch.compiler.disable  # its layout is read on the host (--compile: eager here)
     def _segment_attention(self, q, k, v, scale, segment_ids, window, softcap, sinks):
         """Packed rows without a (B, T, T) mask: each packed example is gathered into a
         row of its own, examples of about the same length into one batch, and attention
@@ -487,11 +489,25 @@ class TorchBackend:
         return fn
 
     def compile_forward(self, fn):
-        """torch.compile(fn): the forward traced into fused kernels, its backward compiled
-        by AOTAutograd. The CPU needs a C++ compiler for inductor's kernels."""
-        from lorafit.backends.torch.compiled import compiled
+        """fn with its decoder layers compiled (torch.compile, inductor) while it runs: each
+        layer kind is traced once and reused by every layer of that kind (compiled_layer,
+        backends/torch/compiled.py). The CPU needs a C++ compiler for inductor's kernels."""
+        from lorafit.backends.torch.compiled import LayerCompiler
 
-        return compiled(fn, self.device)
+        compiler = LayerCompiler(self.device)
+
+        def run(*args):
+            outer, self._layer_compiler = self._layer_compiler, compiler
+            try:
+                return fn(*args)
+            finally:
+                self._layer_compiler = outer
+        return run
+
+    def compiled_layer(self, kind, fn):
+        if self._layer_compiler is None:
+            return fn
+        return self._layer_compiler.layer(kind, fn)
 
     def checkpoint(self, fn):
         def wrapped(*args):

@@ -1,4 +1,5 @@
-"""`--compile` on torch: the compiled forward trains exactly as eager does."""
+"""`--compile` on torch: the compiled layers train exactly as eager ones do, and one compiled
+layer serves every layer and every batch length."""
 
 from __future__ import annotations
 
@@ -22,30 +23,43 @@ def _trainer(folder, backend, compile):
 
 
 def _batches():
+    """Three batches of three lengths (unpacked batches are as long as their longest row)."""
     from lorafit.core.data import Batch
 
     rng = np.random.default_rng(0)
     out = []
-    for _ in range(3):
-        ids = rng.integers(3, 256, (2, 33))
-        out.append(Batch(ids[:, :-1], ids[:, 1:], np.ones((2, 32), np.float32),
-                         np.broadcast_to(np.arange(32), (2, 32)).copy()))
+    for t in (32, 24, 20):
+        ids = rng.integers(3, 256, (2, t + 1))
+        out.append(Batch(ids[:, :-1], ids[:, 1:], np.ones((2, t), np.float32),
+                         np.broadcast_to(np.arange(t), (2, t)).copy()))
     return out
 
 
 @pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path, torch_backend):
-    """Three steps of a 2-layer llama, compiled by inductor and eager: the same losses
-    and the same adapter (1e-5). One shape, so one compile."""
+    """Three steps of a 4-layer llama, its layers compiled by inductor and eager: the same
+    losses and the same adapter (1e-5). Dynamo traces one graph in all, which layers 2-4
+    share (the first layer, whose input carries no gradient, runs eagerly) with the batch's
+    sizes symbolic: neither depth nor the other lengths compile anything more, nor the
+    last step's recomputed layers (--grad-checkpoint runs the same compiled layer)."""
+    import torch
+    from torch._dynamo.utils import counters
     from memory_harness import Case, build_folder
 
-    folder = build_folder(Case("compile", hidden=64, intermediate=128, heads=2, kv_heads=2,
-                               vocab=256, seq=32), tmp_path)
+    folder = build_folder(Case("compile", layers=4, hidden=64, intermediate=128, heads=2,
+                               kv_heads=2, vocab=256, seq=32), tmp_path)
     runs = []
+    torch._dynamo.reset()
+    counters.clear()
     for compile in (False, True):
         tr = _trainer(folder, torch_backend, compile)
-        losses = [tr.train_step([b], 1e-2)[0] for b in _batches()]
+        losses = []
+        for step, b in enumerate(_batches()):
+            tr.cfg.grad_checkpoint = step == 2  # the last step recomputes its layers
+            losses.append(tr.train_step([b], 1e-2)[0])
         runs.append((losses, {k: torch_backend.to_numpy(v) for k, v in tr.trainable.items()}))
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert counters["frames"] == {"total": 1, "ok": 1}, dict(counters["frames"])
     (eager, a_eager), (compiled, a_compiled) = runs
     np.testing.assert_allclose(compiled, eager, rtol=1e-5, atol=1e-5)
     for k in a_eager:
