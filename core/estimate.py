@@ -110,6 +110,7 @@ class Settings:
     quantize_bits: int | None = None  # frozen projections stored in this many bits
     nproc: int = 1  # processes training together, one device each (per-device estimate)
     shard: bool = TrainConfig.shard  # --shard: see SHARDED
+    compile: bool = TrainConfig.compile  # torch --compile: see COMPILED_LAYER
 
     def __post_init__(self):
         for name in ("rank", "batch_size", "seq_len", "grad_accum", "nproc"):
@@ -363,6 +364,7 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
         n += 2 * kv  # layers that reuse them, beside the packed copies attention keeps
     n += sparse_mlp_saved_per_token(sh, st, adapted, layer)
     n += mlx_output_norm_inputs(sh, st) + torch_output_norm_inputs(sh, st)
+    n -= compiled_layer_recomputes(sh, st, layer)
     if adapted:
         names = _layer_targets(sh, st, layer)
         n += st.rank * len(names)
@@ -487,6 +489,30 @@ def mlp_activations_kept(sh: Shape, st: Settings, layer: int | None) -> int:
     plain MLP's figures were fitted with it)."""
     F = mlp_width(sh, layer)
     return F if st.backend == "torch" and "c_fc" in sh.linears else 3 * F
+
+
+def compiled_layer_recomputes(sh: Shape, st: Settings, layer: int | None) -> int:
+    """torch --compile: elements per token a compiled layer keeps fewer than the eager one.
+    Inductor's partitioner (min-cut over the joint forward-backward graph) keeps gate and
+    up and recomputes act(gate), a cheap elementwise op, in the backward: the MLP keeps 2F
+    where eager keeps 3F. The rest of the saved set is the eager one (saved-tensor hooks
+    on llama/qwen3/mistral q,v and all-linear: -F per compiled layer, nothing else; DoRA
+    keeps F + 2C fewer still, which is not counted: the estimate errs high there). Only
+    compiled layers (models/decoder.py): dense self-attention layers whose input carries a
+    gradient, so not the lowest layer of the backward, an MoE or DeltaNet layer, nor any
+    layer of a model with per-layer inputs or shared k, v (Gemma 4), which run eagerly."""
+    if not (st.compile and st.backend == "torch") or layer is None:
+        return 0
+    if sh.kv_shared or sh.per_layer_inputs or "c_fc" in sh.linears:
+        return 0  # eager (Gemma 4); a plain GELU MLP keeps c_fc's output alone either way
+    if sh.linear_attention and layer in sh.linear_attention["layers"]:
+        return 0
+    if sh.moe and layer in sh.moe["layers"]:
+        return 0
+    backward = _backward_layers(sh, st)
+    if layer not in backward or layer == backward.start:
+        return 0
+    return mlp_width(sh, layer)
 
 
 def deltanet_float32_per_token(sh: Shape, st: Settings) -> float:
@@ -1978,7 +2004,8 @@ def settings_from_config(cfg, backend: str | None = None, device: str | None = N
                     batch_size=cfg.batch_size * rows_per_example(cfg), seq_len=cfg.seq_len,
                     grad_checkpoint=cfg.grad_checkpoint, pack=cfg.pack,
                     grad_accum=cfg.grad_accum, dora=cfg.dora,
-                    quantize_bits=QUANTIZE_BITS.get(cfg.quantize), shard=cfg.shard)
+                    quantize_bits=QUANTIZE_BITS.get(cfg.quantize), shard=cfg.shard,
+                    compile=cfg.compile)
 
 
 def rows_per_example(cfg) -> int:

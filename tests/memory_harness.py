@@ -36,6 +36,7 @@ class Case:
     model_type: str = "llama"
     dora: bool = False
     quantize: str | None = None
+    compile: bool = False  # torch --compile: the decoder layers run inductor's graph
     extra: dict = field(default_factory=dict)
 
     def config(self) -> dict:
@@ -90,7 +91,7 @@ def settings_for(case: Case, backend: str, device: str = "cpu"):
     return Settings(backend=backend, device=device, dtype=case.dtype, rank=case.rank,
                     targets=case.targets, batch_size=case.batch, seq_len=case.seq,
                     grad_checkpoint=case.grad_checkpoint, pack=case.pack, dora=case.dora,
-                    quantize_bits={"4bit": 4, "8bit": 8}.get(case.quantize))
+                    compile=case.compile, quantize_bits={"4bit": 4, "8bit": 8}.get(case.quantize))
 
 
 def measure(case: Case, backend_name: str, root: Path, steps: int = 2,
@@ -126,7 +127,8 @@ def measure(case: Case, backend_name: str, root: Path, steps: int = 2,
     model = load_model(str(folder), B, case.dtype, case.quantize)
     cfg = TrainConfig(model=str(folder), data="x", rank=case.rank, alpha=16,
                       targets=case.targets, batch_size=case.batch, seq_len=case.seq,
-                      grad_checkpoint=case.grad_checkpoint, pack=case.pack, dora=case.dora)
+                      grad_checkpoint=case.grad_checkpoint, pack=case.pack, dora=case.dora,
+                      compile=case.compile)
     lora.attach(model, cfg.lora_config(), seed=0)
     rows = case.batch * (2 if method == "dpo" else 1)
     if method == "dpo":
