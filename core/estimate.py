@@ -497,7 +497,8 @@ def compiled_layer_recomputes(sh: Shape, st: Settings, layer: int | None) -> int
     up and recomputes act(gate), a cheap elementwise op, in the backward: the MLP keeps 2F
     where eager keeps 3F. The rest of the saved set is the eager one (saved-tensor hooks
     on llama/qwen3/mistral q,v and all-linear: -F per compiled layer, nothing else; DoRA
-    keeps F + 2C fewer still, which is not counted: the estimate errs high there). Only
+    keeps F + 2C fewer still, bf16 and Gemma 3's GeGLU save more too (docs/memory.md);
+    that rest is not counted: the estimate errs high there). Only
     compiled layers (models/decoder.py): dense self-attention layers whose input carries a
     gradient, so not the lowest layer of the backward, an MoE or DeltaNet layer, nor any
     layer of a model with per-layer inputs or shared k, v (Gemma 4), which run eagerly."""
