@@ -110,7 +110,7 @@ class Settings:
     quantize_bits: int | None = None  # frozen projections stored in this many bits
     nproc: int = 1  # processes training together, one device each (per-device estimate)
     shard: bool = TrainConfig.shard  # --shard: see SHARDED
-    compile: bool = TrainConfig.compile  # torch --compile: see COMPILED_LAYER
+    compile: bool = TrainConfig.compile  # torch --compile: compiled_layer_recomputes
 
     def __post_init__(self):
         for name in ("rank", "batch_size", "seq_len", "grad_accum", "nproc"):
