@@ -783,7 +783,9 @@ class _LoraLinears(torch.autograd.Function):
         weights, biases, a_s, b_s = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
         lora_a = torch.cat(a_s)  # (sum r, in): a copy of the small factors only
         low = (x2 @ lora_a.t()).mul_(scale)  # (N, sum r)
-        ends = np.cumsum([a.shape[0] for a in a_s]).tolist()
+        ends = []
+        for a in a_s:
+            ends.append((ends[-1] if ends else 0) + a.shape[0])
         outs = []
         for w, bias, lb, r0, r1 in zip(weights, biases, b_s, [0] + ends[:-1], ends):
             y = x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
