@@ -91,6 +91,11 @@ class Backend(Protocol):
         with its LoRA pair (no dropout), the same products as the two linears composed;
         a backend may fuse them (one output buffer, the update accumulated into it)."""
 
+    def lora_linears(self, x: Array, projections: list, scale: float) -> list:
+        """lora_linear of one input x for each (weight, bias, lora_a, lora_b) in projections
+        (q, k, v; gate, up), in order; a backend may form the thin products of all of them
+        at once (x read once for the concatenated A's)."""
+
     def embedding(self, ids: Array, table: Array) -> Array:
         """Rows of table (V, C) picked by integer ids (B, T) -> (B, T, C)."""
 

@@ -122,6 +122,31 @@ def _project_rows(ops, lp: dict, name: str, x, y, rows: RowAdapters, bias=None):
     return y + delta
 
 
+def _fusable(ops, lp: dict, name: str, x, lora, quant_cfg) -> bool:
+    """Whether the projection is a plain LoRA pair (no DoRA, no dropout) on a dense base of
+    the adapter's dtype: the case ops.lora_linear and ops.lora_linears take."""
+    lora_a, weight = lp.get(f"{name}.{LORA_A}"), lp.get(name + ".weight")
+    return (lora_a is not None and not lora.dropout
+            and lp.get(f"{name}.{MAGNITUDE}") is None and weight is not None
+            and _quant(lp, name, quant_cfg) is None
+            and ops.dtype_name(x) == ops.dtype_name(lora_a) == ops.dtype_name(weight))
+
+
+def project_shared(ops, lp: dict, names, x, lora, quant_cfg=None) -> list:
+    """The projections `names` of one input x (q, k, v; gate, up), as project gives each.
+    Those that are plain LoRA pairs on dense bases go through ops.lora_linears together:
+    the torch backend forms their A products as one (N, sum r) matmul, so x (and, in the
+    backward, dL/dx's adapter share and dA's input) is read once, not once per projection."""
+    fused = [] if isinstance(lora, RowAdapters) else [
+        n for n in names if _fusable(ops, lp, n, x, lora, quant_cfg)]
+    if len(fused) < 2:
+        return [project(ops, lp, n, x, lora, quant_cfg) for n in names]
+    outs = dict(zip(fused, ops.lora_linears(x, [
+        (lp[n + ".weight"], lp.get(n + ".bias"), lp[f"{n}.{LORA_A}"], lp[f"{n}.{LORA_B}"])
+        for n in fused], lora.scale)))
+    return [outs[n] if n in outs else project(ops, lp, n, x, lora, quant_cfg) for n in names]
+
+
 def project(ops, lp: dict, name: str, x, lora, quant_cfg=None):
     """A linear projection with its LoRA pair, if any: x W^T + b + s * drop(x) A^T B^T.
     With a DoRA magnitude m the update is PEFT's: m / ||W + s B A||_row scales the
@@ -137,12 +162,10 @@ def project(ops, lp: dict, name: str, x, lora, quant_cfg=None):
         y = base_linear(ops, lp, name, x, quant, bias=None if bare else bias)
         return _project_rows(ops, lp, name, x, y, lora, bias if bare else None)
     dropout = lora is not None and lora.dropout
-    weight = lp.get(name + ".weight")
-    if (lora_a is not None and magnitude is None and quant is None and not dropout
-            and weight is not None
-            and ops.dtype_name(x) == ops.dtype_name(lora_a) == ops.dtype_name(weight)):
+    if _fusable(ops, lp, name, x, lora, quant_cfg):
         # base + update as one op: the torch backend fuses them (backends/torch, _LoraLinear)
-        return ops.lora_linear(x, weight, bias, lora_a, lp[f"{name}.{LORA_B}"], lora.scale)
+        return ops.lora_linear(x, lp[name + ".weight"], bias, lora_a, lp[f"{name}.{LORA_B}"],
+                               lora.scale)
     y = base_linear(ops, lp, name, x, quant,
                     bias=bias if lora_a is None or magnitude is None else None)
     if lora_a is None:

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from lorafit.backends.base import SHARDED_LAYER
-from lorafit.core.lora import project
+from lorafit.core.lora import project, project_shared
 from lorafit.models.blocks import gated_deltanet, moe
 from lorafit.models.spec import GELU_TANH, ModelArgs
 
@@ -205,12 +205,13 @@ def _project_qkv(ops, a: ModelArgs, i: int, lp: dict, x, lora, own_kv: bool):
         qkv = project(ops, lp, "self_attn.qkv_proj", x, lora, qc)
         nq, nk = a.num_attention_heads * D, a.kv_heads_of(i) * D
         return qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
-    q = project(ops, lp, "self_attn.q_proj", x, lora, qc)
     if not own_kv:
-        return q, None, None
-    k = project(ops, lp, "self_attn.k_proj", x, lora, qc)
-    v = project(ops, lp, "self_attn.v_proj", x, lora, qc) if a.has_v_proj(i) else k
-    return q, k, v
+        return project(ops, lp, "self_attn.q_proj", x, lora, qc), None, None
+    if not a.has_v_proj(i):
+        q, k = project_shared(ops, lp, ("self_attn.q_proj", "self_attn.k_proj"), x, lora, qc)
+        return q, k, k
+    return tuple(project_shared(ops, lp, ("self_attn.q_proj", "self_attn.k_proj",
+                                          "self_attn.v_proj"), x, lora, qc))
 
 
 def _heads(ops, a: ModelArgs, lp: dict, name: str, z, b: int, t: int, D: int):
@@ -293,8 +294,7 @@ def mlp_block(ops, a: ModelArgs, lp: dict, x, lora):
         F = gate_up.shape[-1] // 2
         gate, up = gate_up[..., :F], gate_up[..., F:]
     else:
-        gate = project(ops, lp, "mlp.gate_proj", x, lora, qc)
-        up = project(ops, lp, "mlp.up_proj", x, lora, qc)
+        gate, up = project_shared(ops, lp, ("mlp.gate_proj", "mlp.up_proj"), x, lora, qc)
     return project(ops, lp, "mlp.down_proj", _act(ops, a, gate) * up, lora, qc)
 
 

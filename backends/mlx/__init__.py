@@ -109,6 +109,9 @@ class MLXBackend:
         y = self.linear(x, weight, bias)
         return y + self.linear(self.linear(x, lora_a) * scale, lora_b)
 
+    def lora_linears(self, x, projections, scale):
+        return [self.lora_linear(x, *p, scale) for p in projections]
+
     def embedding(self, ids, table):
         return table[ids]
 

@@ -128,6 +128,12 @@ class TorchBackend:
             return y + F.linear(F.linear(x, lora_a) * scale, lora_b)
         return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scale)
 
+    def lora_linears(self, x, projections, scale):
+        if any(w.requires_grad or (b is not None and b.requires_grad)
+               for w, b, _, _ in projections):
+            return [self.lora_linear(x, *p, scale) for p in projections]
+        return list(_LoraLinears.apply(x, scale, *(t for p in projections for t in p)))
+
     def embedding(self, ids, table):
         return F.embedding(ids, table)
 
@@ -760,6 +766,58 @@ class _LoraLinear(torch.autograd.Function):
         ga = glow.t() @ x2 if need[3] else None
         gb = g.t() @ low if need[4] else None
         return gx, None, gbias, ga, gb, None
+
+
+class _LoraLinears(torch.autograd.Function):
+    """Frozen linears of one input x with their LoRA pairs (q, k, v; gate, up), as
+    _LoraLinear gives each, with the thin products formed once for all: x [A_1; A_2; ...]^T
+    one (N, r_1 + r_2 + ...) matmul, and in the backward dL/d[A_1; ...] and the adapters'
+    share of dL/dx one each, so the (N, in) input and gradient are read once rather than
+    once per projection. The bases' dL/dx accumulate into one buffer (addmm_) too, instead
+    of autograd summing one (N, in) gradient per projection. Arguments after x and the
+    scale: weight, bias, A, B for each projection."""
+
+    @staticmethod
+    def forward(ctx, x, scale, *flat):
+        x2 = x.reshape(-1, x.shape[-1])
+        weights, biases, a_s, b_s = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
+        lora_a = torch.cat(a_s)  # (sum r, in): a copy of the small factors only
+        low = (x2 @ lora_a.t()).mul_(scale)  # (N, sum r)
+        ends = []
+        for a in a_s:
+            ends.append((ends[-1] if ends else 0) + a.shape[0])
+        outs = []
+        for w, bias, lb, r0, r1 in zip(weights, biases, b_s, [0] + ends[:-1], ends):
+            y = x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
+            y.addmm_(low[:, r0:r1], lb.t())
+            outs.append(y.reshape(*x.shape[:-1], w.shape[0]))
+        ctx.save_for_backward(x2, lora_a, low, *weights, *b_s)
+        ctx.scale, ctx.shape, ctx.ends = scale, x.shape, ends
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2, lora_a, low, *rest = ctx.saved_tensors
+        n = len(ctx.ends)
+        weights, b_s = rest[:n], rest[n:]
+        need = ctx.needs_input_grad  # x, scale, then weight, bias, A, B per projection
+        # (bases and biases are frozen here: lora_linears takes autograd's path otherwise)
+        starts = [0] + ctx.ends[:-1]
+        gs = [g.reshape(-1, g.shape[-1]) for g in grads]
+        glow = torch.cat([g @ lb for g, lb in zip(gs, b_s)], dim=1).mul_(ctx.scale)
+        gx = None
+        if need[0]:
+            gx = gs[0] @ weights[0]
+            for g, w in zip(gs[1:], weights[1:]):
+                gx.addmm_(g, w)
+            gx.addmm_(glow, lora_a)
+            gx = gx.reshape(ctx.shape)
+        ga = glow.t() @ x2 if any(need[4::4]) else None
+        out = [gx, None]
+        for j, (g, r0, r1) in enumerate(zip(gs, starts, ctx.ends)):
+            gb = g.t() @ low[:, r0:r1] if need[5 + 4 * j] else None
+            out += [None, None, ga[r0:r1] if need[4 + 4 * j] else None, gb]
+        return tuple(out)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -594,6 +594,50 @@ def test_lora_linear_equals_the_two_linears_composed(backend):
     np.testing.assert_allclose(B.to_numpy(g3["a"]), B.to_numpy(g2["a"]), rtol=1e-5, atol=1e-5)
 
 
+def test_lora_linears_equal_one_lora_linear_per_projection(backend):
+    """The grouped op (q, k, v of one input; torch: one thin matmul over the concatenated
+    A's) gives the values and gradients (x, biases, each A and B) of one lora_linear per
+    projection; ranks and widths differ, one projection has a (frozen) bias."""
+    rng = np.random.default_rng(5)
+    B = backend
+    shapes = [(9, 4, True), (6, 2, False), (6, 3, False)]  # out, r, bias
+    leaves = {"x": rng.normal(size=(2, 5, 12)).astype(np.float32)}
+    frozen, biases, cots = [], [], []
+    for j, (out, r, has_bias) in enumerate(shapes):
+        frozen.append(B.from_numpy(rng.normal(size=(out, 12)).astype(np.float32)))
+        leaves[f"a{j}"] = rng.normal(size=(r, 12)).astype(np.float32)
+        leaves[f"b{j}"] = rng.normal(size=(out, r)).astype(np.float32)
+        biases.append(B.from_numpy(rng.normal(size=(out,)).astype(np.float32))
+                      if has_bias else None)
+        cots.append(B.from_numpy(rng.normal(size=(2, 5, out)).astype(np.float32)))
+    leaves = {k: B.from_numpy(v) for k, v in leaves.items()}
+
+    def projections(tr):
+        return [(w, bias, tr[f"a{j}"], tr[f"b{j}"])
+                for j, (w, bias) in enumerate(zip(frozen, biases))]
+
+    def loss(ys):
+        return sum((y * c).sum() for y, c in zip(ys, cots)), ys
+
+    def grouped(tr, _):
+        return loss(B.lora_linears(tr["x"], projections(tr), 0.5))
+
+    def separate(tr, _):
+        return loss([B.lora_linear(tr["x"], *p, 0.5) for p in projections(tr)])
+
+    (_, ys1), g1 = B.value_and_grad(grouped)(leaves, None)
+    (_, ys2), g2 = B.value_and_grad(separate)(leaves, None)
+    for y1, y2 in zip(ys1, ys2):
+        np.testing.assert_allclose(B.to_numpy(y1), B.to_numpy(y2), rtol=1e-5, atol=1e-5)
+    for k in leaves:
+        np.testing.assert_allclose(B.to_numpy(g1[k]), B.to_numpy(g2[k]), rtol=1e-5, atol=1e-5)
+    # a frozen input (the first layer's): no gradient for it, the adapters' still formed
+    _, g3 = B.value_and_grad(lambda tr, _: grouped({**tr, "x": leaves["x"]}, None))(
+        {k: v for k, v in leaves.items() if k != "x"}, None)
+    for k in g3:
+        np.testing.assert_allclose(B.to_numpy(g3[k]), B.to_numpy(g2[k]), rtol=1e-5, atol=1e-5)
+
+
 def test_apply_rope_and_its_gradient_match_the_definition(backend):
     """x * cos + rotate_half(x) * sin, values and dL/dx (torch runs it as two passes)."""
     rng = np.random.default_rng(4)
