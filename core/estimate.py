@@ -660,7 +660,27 @@ def attention_scores(sh: Shape, st: Settings) -> int:
     beside the loss buffers, the issue-16 GQA case (4 x 384 tokens, 8 heads) was +17 %."""
     if st.backend != "mlx":
         return 0
-    return 2 * st.batch_size * sh.heads * st.seq_len * st.seq_len * 4
+    return mlx_score_arrays(sh, st) * st.batch_size * sh.heads * st.seq_len * st.seq_len * 4
+
+
+def mlx_score_arrays(sh: Shape, st: Settings) -> int:
+    """(B, Hq, T, T) float32 arrays the attention backward forms beside the kept
+    probabilities P. dv = P^T @ dO needs none (a transposed view of P). dq and dk need the
+    softmax's vjp: dP = dO @ v^T, P * dP (the row sum's input: `mx.compile` does not fuse a
+    reduction into its producer) and dS = P * (dP - sum): 3 (measured on a one-layer smollm3
+    C32 H4/4 D16, q_proj alone minus v_proj alone, 64 and 128 tokens: 3.6 and 2.8 score
+    arrays; v_proj alone 0.2-0.4 beyond none). Without recompute, the top layer's: 3 where
+    it forms dq or dk (q, k adapted there, or a layer below adapted), 0 where it forms dv
+    only or no attention gradient (o_proj, down_proj). With recompute the re-run phase keeps
+    the 2 it was measured with (T = 32 to 256, 3.0 with P counted in the re-run's set)."""
+    if st.grad_checkpoint:
+        return 2
+    top = sh.layers - 1
+    if sh.linear_attention and top in sh.linear_attention["layers"]:
+        return 2
+    if _top_layer_differentiates(sh, st, ("q_proj", "k_proj", "qkv_proj")):
+        return 3
+    return 0
 
 
 def activations(sh: Shape, st: Settings) -> int:
