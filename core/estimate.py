@@ -687,7 +687,27 @@ def attention_scores(sh: Shape, st: Settings) -> int:
     beside the loss buffers, the issue-16 GQA case (4 x 384 tokens, 8 heads) was +17 %."""
     if st.backend != "mlx":
         return 0
-    return 2 * st.batch_size * sh.heads * st.seq_len * st.seq_len * 4
+    return mlx_score_arrays(sh, st) * st.batch_size * sh.heads * st.seq_len * st.seq_len * 4
+
+
+def mlx_score_arrays(sh: Shape, st: Settings) -> int:
+    """(B, Hq, T, T) float32 arrays the attention backward forms beside the kept
+    probabilities P. dv = P^T @ dO needs none (a transposed view of P). dq and dk need the
+    softmax's vjp: dP = dO @ v^T, P * dP (the row sum's input: `mx.compile` does not fuse a
+    reduction into its producer) and dS = P * (dP - sum): 3 (measured on a one-layer smollm3
+    C32 H4/4 D16, q_proj alone minus v_proj alone, 64 and 128 tokens: 3.6 and 2.8 score
+    arrays; v_proj alone 0.2-0.4 beyond none). Without recompute, the top layer's: 3 where
+    it forms dq or dk (q, k adapted there, or a layer below adapted), 0 where it forms dv
+    only or no attention gradient (o_proj, down_proj). With recompute the re-run phase keeps
+    the 2 it was measured with (T = 32 to 256, 3.0 with P counted in the re-run's set)."""
+    if st.grad_checkpoint:
+        return 2
+    top = sh.layers - 1
+    if sh.linear_attention and top in sh.linear_attention["layers"]:
+        return 2
+    if _top_layer_differentiates(sh, st, ("q_proj", "k_proj", "qkv_proj")):
+        return 3
+    return 0
 
 
 def activations(sh: Shape, st: Settings) -> int:
@@ -1042,9 +1062,9 @@ def mlx_recompute_transients(sh: Shape, st: Settings) -> int:
     if st.backend != "mlx":
         return 0
     N, s, F = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype], sh.intermediate
-    n = 2 * F + 2 * sh.hidden + max(max(mlx_recompute_attention_transients(sh, st, i)
-                                        for i in _backward_layers(sh, st) or [None]),
-                                    mlx_rerun_attention_input_side(sh))
+    n = mlx_rerun_mlp_gradients(sh) * F + 2 * sh.hidden + max(max(
+        mlx_recompute_attention_transients(sh, st, i)
+        for i in _backward_layers(sh, st) or [None]), mlx_rerun_attention_input_side(sh))
     n += mlx_gelu_tanh_kept(sh, st)
     if {"down_proj", "c_proj"} & set(target_names(sh, st)):
         n += 3 * F
@@ -1053,6 +1073,15 @@ def mlx_recompute_transients(sh: Shape, st: Settings) -> int:
     if "qkv_proj" in sh.linears:
         n += 3 * (sh.heads + 2 * sh.kv_heads) * sh.head_dim  # q, k, v: each full width
     return int(N * s * n)
+
+
+def mlx_rerun_mlp_gradients(sh: Shape) -> int:
+    """F-wide gradients a re-run layer's MLP backward holds beyond the saved set, in units
+    of F: 2 for a gated MLP (the one-layer llama's slope: its two branches, gate and up,
+    each form their gradient), 1 for a plain MLP (starcoder2's c_fc -> GELU -> c_proj has
+    one branch: d(c_fc's output) only; seed-5 starcoder2 C128 F256 L1 all-linear rc read
+    +12.8 % with 2)."""
+    return 1 if "c_fc" in sh.linears else 2
 
 
 def mlx_recompute_attention_transients(sh: Shape, st: Settings, layer: int | None) -> float:
@@ -1739,7 +1768,13 @@ MLX_RECOMPUTE = (("recomputed layer", recompute_layer), ("attention scores", att
                  ("recomputed dora norms", mlx_recompute_dora_norms),
                  ("DoRA weights cast in the forward", mlx_dora_weight_casts_rerun),
                  ("adapter as loaded", mlx_loaded_adapter))
-MLX_RECOMPUTE_LOSS = (("logits and loss", loss_buffers),
+# At the loss no adapter gradient exists: the previous step's were locals of its train_step
+# (freed once its update was evaluated), and this step's form in the backward, whose re-run
+# waits for dL/dh (measured: seed-5 mixtral C64 L3 q,k,v,o rc dora, rank 4 -> 64, the peak
+# rose by 4.07 adapter copies: weights, AdamW's two moments, the adapter as loaded; +16.9 %
+# with the gradients counted as a fifth)
+MLX_RECOMPUTE_LOSS = (("adapter gradients", nothing),
+                      ("logits and loss", loss_buffers),
                       ("dispatched ahead of the loss", mlx_loss_in_flight),
                       ("DoRA weights cast in the forward", mlx_dora_weight_casts),
                       ("adapter as loaded", mlx_loaded_adapter))

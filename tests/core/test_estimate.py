@@ -485,8 +485,17 @@ def test_mlx_attention_scores_form_after_the_loss_chunks_are_freed():
     assert loss["phase"] == "loss" and "attention scores" not in loss["breakdown"]
     att = estimate(memory_shape({**GQA_384[0].config(), "vocab_size": 500}), st)
     assert att["phase"] == "attention backward" and "logits and loss" not in att["breakdown"]
-    assert att["breakdown"]["attention scores"] == 2 * 4 * 8 * 384 * 384 * 4
+    # dq's path forms dP, P * dP and dS (q_proj adapted, a layer below it too)
+    assert att["breakdown"]["attention scores"] == 3 * 4 * 8 * 384 * 384 * 4
     assert att["breakdown"]["loss gradient (dL/dh)"] == 4 * 384 * 256 * 4
+    # dv alone (v_proj on the top layer only) forms none: dv = P^T @ dO
+    wide = memory_shape({**GQA_384[0].config(), "vocab_size": 500})
+    from lorafit.core.estimate import mlx_score_arrays
+
+    only_v = st.replace(targets="v_proj", layers=[1])
+    assert mlx_score_arrays(wide, only_v) == 0
+    assert mlx_score_arrays(wide, only_v.replace(targets="k_proj")) == 3
+    assert estimate(wide, only_v)["breakdown"].get("attention scores", 0) == 0
     # with recompute the scores belong to the re-run layer, as before
     rc = estimate(sh, st.replace(grad_checkpoint=True))
     assert rc["phase"] != "attention backward"
