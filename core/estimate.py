@@ -350,7 +350,7 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
     """
     if sh.linear_attention and layer in sh.linear_attention["layers"]:
         return gated_deltanet_saved_per_token(sh, st, adapted, layer)
-    C, F = sh.hidden, mlp_width(sh, layer)
+    C = sh.hidden
     q, kv, _, _ = attention_widths(sh, layer)
     n = 3 * C + 2 * q + 2 * kv + mlp_activations_kept(sh, st, layer) + 2
     if sh.attention_output_gate:
@@ -374,17 +374,6 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
         if "down_proj" in names or "c_proj" in names and st.backend == "torch":
             n += down_proj_input(sh, layer)
     return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
-
-
-def mlp_activations_kept(sh: Shape, st: Settings, layer: int | None) -> int:
-    """Elements per token a dense MLP keeps for its backward, beyond its adapters': gate,
-    act(gate) and up, 3F (F = k*F' on a sparse layer). On torch a plain MLP (starcoder2's
-    c_fc, c_proj) keeps c_fc's output only, which GELU's vjp reads (F; c_proj's adapter
-    keeps its input as down_proj's does): the profiler's timeline of seed-7 starcoder2
-    C96 F320 L3 q,v dora held one (N, F) per layer, +34.8 % with 3F counted. MLX: 3F (its
-    plain MLP's figures were fitted with it)."""
-    F = mlp_width(sh, layer)
-    return F if st.backend == "torch" and "c_fc" in sh.linears else 3 * F
 
 
 def mlx_output_norm_inputs(sh: Shape, st: Settings) -> int:
