@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lorafit.backends.base import LAYERS
 from lorafit.core.errors import LorafitError
 from lorafit.core.fileio import atomic_save_safetensors, atomic_write_json, load_safetensors_numpy
 from lorafit.core.lora import LORA_A, LORA_B, MAGNITUDE, LoraConfig
@@ -221,7 +222,7 @@ def save_mlx_lm(folder: str | Path, adapter: dict, cfg: LoraConfig, num_layers: 
     """mlx-lm's layout. mlx-lm adapts the *last* num_layers layers; earlier layers of ours
     that carry no adapter simply get none there (their B stays zero)."""
     modules = _modules(adapter)
-    outside = sorted(m for m in modules if not m.startswith("model.layers."))
+    outside = sorted(m for m in modules if not m.startswith(LAYERS))
     if outside:  # mlx-lm's `keys` name modules inside its layers; it would reject these
         raise LorafitError(
             f"mlx-lm adapters hold only modules inside the decoder layers, and this adapter "
@@ -241,7 +242,7 @@ def save_mlx_lm(folder: str | Path, adapter: dict, cfg: LoraConfig, num_layers: 
             tensors[f"{m}.lora_b"] = np.ascontiguousarray(adapter[f"{m}.{LORA_B}"].T)
             if cfg.dora:  # mlx-lm's DoRALinear keeps the magnitude as `m`
                 tensors[f"{m}.m"] = np.ascontiguousarray(adapter[f"{m}.{MAGNITUDE}"])
-    keys = sorted({m.split(".", 3)[3] for m in modules if m.startswith("model.layers.")})
+    keys = sorted({m.split(".", 3)[3] for m in modules if m.startswith(LAYERS)})
     atomic_save_safetensors(folder / MLX_WEIGHTS, tensors)
     atomic_write_json(folder / PEFT_CONFIG, {
         "fine_tune_type": "dora" if cfg.dora else "lora",

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from lorafit.backends.base import SHARDED_LAYER
+from lorafit.backends.base import LAYERS, SHARDED_LAYER
 from lorafit.core.errors import LorafitError
 
 LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
@@ -319,7 +319,7 @@ def _sharded_weight(model, module: str, gathered: dict):
     """A weight its process holds 1/N of (--shard, cut while loading): the module's layer
     gathered whole (a collective: every rank attaches the same modules in the same order),
     kept in `gathered` for the layer's next modules."""
-    prefix = module[:module.index(".", len("model.layers.")) + 1]  # model.layers.<i>.
+    prefix = module[:module.index(".", len(LAYERS)) + 1]  # model.layers.<i>.
     if gathered.get("prefix") != prefix:
         layer = {k[len(prefix):]: v for k, v in model.params.items()
                  if k.startswith(prefix) and ".lora_" not in k}

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from lorafit.backends.base import LAYERS
 from lorafit.core.errors import LorafitError
 from lorafit.models import decoder
 from lorafit.models.families import model_args
@@ -114,7 +115,7 @@ def memory_shape(config: dict):
     varied = bool(model_linears or any(d != layer_linears[0] for d in layer_linears))
     # Gemma 4's MoE layers: norms, scales and scalar counted from the shapes (extra_params)
     varied = varied or a.experts_beside_mlp
-    layer0 = [k for k in shapes if k.startswith("model.layers.0.")]
+    layer0 = [k for k in shapes if k.startswith(f"{LAYERS}0.")]
     vectors = sum(int(np.prod(shapes[k])) for k in layer0
                   if k.rsplit(".", 2)[-2] not in linears or not k.endswith(".weight"))
     sh = Shape(hidden=a.hidden_size,
@@ -143,7 +144,7 @@ def memory_shape(config: dict):
                input_norms=sum(n is not None for n in decoder.sublayer_norms(a)[0::2]))
     per_layer = [0] * a.num_hidden_layers  # frozen elements in each layer (--shard)
     for k, v in shapes.items():
-        if k.startswith("model.layers."):
+        if k.startswith(LAYERS):
             per_layer[int(k.split(".")[2])] += int(np.prod(v))
     sh.outside_layers = sum(int(np.prod(v)) for v in shapes.values()) - sum(per_layer)
     sh.largest_layer = max(per_layer)
@@ -193,7 +194,7 @@ def _linears_by_place(a, shapes: dict) -> tuple:
         if not k.endswith(".weight") or name not in names:
             continue
         out_dim, in_dim = shape
-        if module.startswith("model.layers."):
+        if module.startswith(LAYERS):
             layer_linears[int(module.split(".")[2])][name] = (in_dim, out_dim)
         else:
             model_linears[name] = (in_dim, out_dim)

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from lorafit.backends.base import SHARDED_LAYER
+from lorafit.backends.base import LAYERS, SHARDED_LAYER
 from lorafit.core.lora import project, project_shared
 from lorafit.models.blocks import gated_deltanet, moe
 from lorafit.models.spec import GELU_TANH, ModelArgs
@@ -57,7 +57,7 @@ def parameter_shapes(a: ModelArgs) -> dict:
     if not a.tie_word_embeddings:
         shapes["lm_head.weight"] = (a.vocab_size, C)
     for i in range(a.num_hidden_layers):
-        p = f"model.layers.{i}."
+        p = f"{LAYERS}{i}."
         D, Hk, F = a.head_dim_of(i), a.kv_heads_of(i), a.intermediate_of(i)
         shapes.update({p + n + ".weight": (C,) for n in sublayer_norms(a) if n})
         shapes.update({
@@ -163,8 +163,8 @@ def split_layers(params: dict, num_layers: int) -> list[dict]:
     """Per layer, its parameters under their names within the layer (one pass)."""
     layers = [{} for _ in range(num_layers)]
     for k, v in params.items():
-        if k.startswith("model.layers."):
-            i, rest = k[len("model.layers."):].split(".", 1)
+        if k.startswith(LAYERS):
+            i, rest = k[len(LAYERS):].split(".", 1)
             layers[int(i)][rest] = v
     return layers
 
