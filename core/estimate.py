@@ -1129,8 +1129,22 @@ def mlx_deltanet_forward(sh: Shape, st: Settings) -> int:
         below = [j for j in kept if j < i]
         held = len(below) * sh.hidden if st.grad_checkpoint else sum(
             saved_per_token_per_layer(sh, st, j in adapted, j) for j in below)
-        best = max(best, held + deltanet_float32_per_token(sh, st) + 2 * sh.hidden)
+        best = max(best, held + deltanet_float32_per_token(sh, st) + 2 * sh.hidden
+                   + mlx_deltanet_run_ahead(sh, i))
     return int(N * s * best)
+
+
+def mlx_deltanet_run_ahead(sh: Shape, layer: int) -> int:
+    """MLX, elements per token: what the dispatcher has allocated past a DeltaNet layer's
+    delta rule while the worker still runs it (the window of "MLX's dispatcher runs ahead
+    of the loss": up to 10 scheduler tasks of 10 dispatches each, ~50 ops, about one
+    layer's forward): out_proj's output, the residual sum and the post-attention norm's
+    output (3C), and the MLP's gate and up projections (2F). Measured on a qwen3_next C96
+    F248 L3 H1/1 q,v,o rc case (value heads 4; the model's forward alone peaks as high
+    as the step): F 120, 248, 496 raised the forward's peak by ~2F per token beyond the
+    weights, with 3C left over; under mx.set_memory_limit(1) (no run-ahead) the step
+    peaks 0.45 MiB lower (docs/memory.md, "MLX: the DeltaNet forward's run-ahead")."""
+    return 3 * sh.hidden + 2 * mlp_width(sh, layer)
 
 
 def mlx_deltanet_backward(sh: Shape, st: Settings) -> int:
