@@ -1083,7 +1083,7 @@ def mlx_recompute_attention_transients(sh: Shape, st: Settings, layer: int | Non
     DeltaNet layer forms the cotangents of its delta rule's float32 arrays instead
     (deltanet_float32_per_token)."""
     if sh.linear_attention and layer in sh.linear_attention["layers"]:
-        return deltanet_float32_per_token(sh, st)
+        return deltanet_float32_per_token(sh, st) + mlx_delta_rule_vjp_products(sh, st)
     q, _, kv, _ = attention_widths(sh, layer)
     return 12 * q + 6 * kv
 
@@ -1129,8 +1129,55 @@ def mlx_deltanet_forward(sh: Shape, st: Settings) -> int:
         below = [j for j in kept if j < i]
         held = len(below) * sh.hidden if st.grad_checkpoint else sum(
             saved_per_token_per_layer(sh, st, j in adapted, j) for j in below)
-        best = max(best, held + deltanet_float32_per_token(sh, st) + 2 * sh.hidden)
+        best = max(best, held + deltanet_float32_per_token(sh, st) + 2 * sh.hidden
+                   + mlx_deltanet_run_ahead(sh, i))
     return int(N * s * best)
+
+
+def mlx_deltanet_run_ahead(sh: Shape, layer: int) -> int:
+    """MLX, elements per token: what the dispatcher has allocated past a DeltaNet layer's
+    delta rule while the worker still runs it (the window of "MLX's dispatcher runs ahead
+    of the loss": up to 10 scheduler tasks of 10 dispatches each, ~50 ops, about one
+    layer's forward): out_proj's output, the residual sum and the post-attention norm's
+    output (3C), and the MLP's gate and up projections (2F). Measured on a qwen3_next C96
+    F248 L3 H1/1 q,v,o rc case (value heads 4; the model's forward alone peaks as high
+    as the step): F 120, 248, 496 raised the forward's peak by ~2F per token beyond the
+    weights, with 3C left over; under mx.set_memory_limit(1) (no run-ahead) the step
+    peaks 0.45 MiB lower (docs/memory.md, "MLX: the DeltaNet forward's run-ahead")."""
+    return 3 * sh.hidden + 2 * mlp_width(sh, layer)
+
+
+# (c, c) matrices per value head a DeltaNet layer's MLX backward holds beyond one cotangent
+# per kept array. Its vjp forms up to 8 such products: attn = (q k^T) * decay gives
+# d(q k^T) and decay's first cotangent (2); neg = -(k_beta k^T * decay * strict) gives
+# d(k_beta k^T * decay) (negation and mask fused), d(k_beta k^T) and decay's second
+# cotangent (3); decay = exp(where(mask, cum_i - cum_j, -inf)) the sum of decay's two,
+# through exp and through where (3). How many are alive at once depends on how far the
+# dispatcher runs ahead of the worker: 4.3-4.4 per value head were missing on the two
+# sweep cases below, 8-9 on a one-layer probe (see mlx_delta_rule_vjp_products)
+MLX_DELTA_RULE_VJP_MATRICES = 4
+
+
+def mlx_delta_rule_vjp_products(sh: Shape, st: Settings) -> float:
+    """MLX, elements per token in the compute dtype: the (c, c) products the delta rule's
+    vjp holds at once beyond a cotangent per kept array (MLX_DELTA_RULE_VJP_MATRICES per
+    value head, float32; the dispatcher allocates them ahead of the worker, as the loss's
+    run-ahead: under mx.set_memory_limit(1) the probe below peaks at 1.23 MiB, 1.95
+    without). In the re-run phase of a DeltaNet layer and, without recompute, its own
+    backward phase. Sweep (seeds 0-4, qwen3_5_text / qwen3_next / qwen3_5_moe_text): 2:1
+    qwen3_5_text C64 H1/1 all-linear rc dora -5.8 -> -0.4 %, 4:2 qwen3_5_moe_text C96
+    all-linear rc pack -6.9 -> -0.7 %, 0:3 qwen3_next C32 all-linear pack (no recompute)
+    -7.2 -> -3.6 %, all with 4 value heads at c = 64 (4.3-4.4 Hv*c per token missing).
+    The one-layer probe (seed-2 qwen3_next C32 F64 H2/1 all-linear rc pack of a
+    `--families qwen3_5_text,qwen3_next,qwen3,llama` sweep, value heads 2 -> 4) read a slope
+    of 9 c per value head at c = 32 and 8 c at c = 64, but two chunks (seq 128) only half
+    of that per token: an upper count of 8 read +10 % there and +15 .. +22 % on three sweep
+    cases, so the count is the sweep's 4, not the enumeration's 8."""
+    la = sh.linear_attention
+    if st.backend != "mlx" or not la:
+        return 0.0
+    c = min(64, st.seq_len)
+    return la["value_heads"] * MLX_DELTA_RULE_VJP_MATRICES * c * 4 / DTYPE_BYTES[st.dtype]
 
 
 def mlx_deltanet_backward(sh: Shape, st: Settings) -> int:
@@ -1160,7 +1207,8 @@ def mlx_deltanet_backward(sh: Shape, st: Settings) -> int:
         if i not in kept:
             continue
         held = sum(saved_per_token_per_layer(sh, st, j in adapted, j) for j in kept if j <= i)
-        best = max(best, held + deltanet_float32_per_token(sh, st) + 2 * sh.hidden)
+        best = max(best, held + deltanet_float32_per_token(sh, st) + 2 * sh.hidden
+                   + mlx_delta_rule_vjp_products(sh, st))
     return int(N * s * best) + backward_transients(sh, st)
 
 
@@ -1340,6 +1388,13 @@ def mlx_output_gate_split_per_token(sh: Shape, st: Settings, layer: int) -> int:
     return 7 * attention_widths(sh, layer)[0]
 
 
+# (N, Hq*D) arrays of the re-run count's 12 Hq*D + 6 Hk*D that are dk's: with grouped heads
+# MLX's unfused attention forms dk at the query heads' width (dS^T q) before the group sum,
+# and its RoPE vjp (two products and their sum). Where the re-run layer forms no dk (a
+# hybrid's lone adapted attention layer, q,v,o_proj), these are what it does not form.
+MLX_RERUN_DK_QUERY_WIDE = 3
+
+
 def mlx_rerun_output_gate_split(sh: Shape, st: Settings) -> int:
     """MLX with recompute, the re-run phase: a re-run output-gated attention layer's q/gate
     split (mlx_output_gate_split_per_token), the widest re-run layer's. It belongs to the
@@ -1350,11 +1405,26 @@ def mlx_rerun_output_gate_split(sh: Shape, st: Settings) -> int:
     all-linear rc (Hq*D = 2C) read +0.2 % without it and +9.3 % with all of it, seed-2
     qwen3_5_moe_text C32 H8/4 D16 rc +4.0 % and +12.6 %; where Hq*D is 16-32 C the split
     is nearly all of it (seed-4 qwen3_5_moe_text C32 H16/4 D64 all-linear rc -14.4 %).
-    Not the loss phase's (its overlap with the top layer's re-run is counted apart)."""
+    Where the layer forms no dk, the count's query-wide dk arrays (MLX_RERUN_DK_QUERY_WIDE)
+    are not formed and the split takes their place first: only 7 - 3 Hq*D of it adds
+    (counted 0 there before; seed-4 qwen3_next C32 H8/2 D64 q,v,o_proj rc, Hq*D = 16C,
+    -14.3 % -> -5.2 % in a sweep's process, +0.5 % alone; the seed-0 qwen3_next cases that
+    read +11.2 % and +14.9 % with the whole split, +5.1 % and +8.3 %). The split is the
+    attention layer's own: it adds to that layer's transients, not to a wider re-run
+    layer's (a hybrid's DeltaNet layer, whose delta-rule cotangents may be the widest).
+    DoRA's recomputed norms are a moment of their own at the re-run's start: their count
+    covers this one up to its size (as in mlx_rerun_post_norm_moment; seed-1 qwen3_next
+    C64 H8/2 D64 all-linear rc dora +13.8 % -> +6.2 %). Not the loss phase's (its overlap
+    with the top layer's re-run is counted apart)."""
     if st.backend != "mlx" or not st.grad_checkpoint:
         return 0
-    split = max((mlx_output_gate_split_per_token(sh, st, i)
-                 for i in _backward_layers(sh, st) if _rerun_forms_dk(sh, st, i)), default=0)
+    split = {}
+    for i in _backward_layers(sh, st):
+        n = mlx_output_gate_split_per_token(sh, st, i)
+        if n and not _rerun_forms_dk(sh, st, i):
+            n -= MLX_RERUN_DK_QUERY_WIDE * attention_widths(sh, i)[0]
+        if n > 0:
+            split[i] = n
     if not split:
         return 0
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
@@ -1363,7 +1433,10 @@ def mlx_rerun_output_gate_split(sh: Shape, st: Settings) -> int:
                     mlx_rerun_attention_input_side(sh))
     mlp_side = (mlx_recompute_transients(sh, st) + mlx_recompute_mlp_output(sh, st)) / (N * s) \
         - attention
-    return int(N * s * max(0.0, split - mlp_side))
+    own = max(max(mlx_recompute_attention_transients(sh, st, i),
+                  mlx_rerun_attention_input_side(sh)) + max(0.0, n - mlp_side)
+              for i, n in split.items())
+    return int(max(0.0, N * s * max(0.0, own - attention) - mlx_recompute_dora_norms(sh, st)))
 
 
 def _rerun_forms_dk(sh: Shape, st: Settings, layer: int) -> bool:
@@ -1371,10 +1444,10 @@ def _rerun_forms_dk(sh: Shape, st: Settings, layer: int) -> bool:
     layer's input (an adapted layer below), or its k_proj is adapted. Where it does not
     (a hybrid's lone adapted attention layer, q,v,o_proj), the re-run count's 12 Hq*D +
     6 Hk*D, measured on a layer that forms all three, holds the dk it never forms, and that
-    covers the output gate's split: seed-0 qwen3_next C32 H4/1 D64 and C128 H8/2 D64
-    q,v,o_proj rc read -2.2 % and +3.5 % without the split, +11.2 % and +14.9 % with it;
-    where it does, the split adds (seed-4 qwen3_5_moe_text C32 H16/4 D64 all-linear rc
-    -13.8 -> +7.2 %)."""
+    covers part of the output gate's split (MLX_RERUN_DK_QUERY_WIDE): seed-0 qwen3_next
+    C32 H4/1 D64 and C128 H8/2 D64 q,v,o_proj rc read -2.2 % and +3.5 % without the split,
+    +11.2 % and +14.9 % with all of it; where it does, the split adds (seed-4
+    qwen3_5_moe_text C32 H16/4 D64 all-linear rc -13.8 -> +7.2 %)."""
     layers = _backward_layers(sh, st)
     return layer > layers.start or (layer in _adapted_layers(sh, st)
                                     and "k_proj" in _layer_targets(sh, st, layer))

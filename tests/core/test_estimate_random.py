@@ -24,21 +24,10 @@ def _family(case: str) -> str:
     return case.split()[0]
 
 
-KNOWN_GAPS = {
-    "MLX with recompute on a Gated DeltaNet hybrid, outside the loss phase: what MLX's "
-    "dispatcher allocates ahead in the re-run and the DeltaNet forward is not modelled there "
-    "(the loss phase's is: seed 0's qwen3_5_text q,v,o rc pack -7.9 % -> +1.5 %); seed-2 "
-    "qwen3_next C96 H1/1 D8 q,v,o rc -6.7 % (-11 % at r8), C32 H2/1 all-linear rc pack "
-    "-8.4 % (a --families sweep)":
-        lambda backend, case: backend == "mlx" and " rc" in case
-        and _family(case) in ("qwen3_5_text", "qwen3_next"),
-    "MLX with recompute on the sparse hybrid, q_proj,v_proj,o_proj (sweep seed 4 "
-    "qwen3_5_moe_text C128 F312 L3 H1/1 D16 q,v,o rc -3.8 % alone, -9.5 % and -5.3 % after "
-    "other cases, measured before the loss phase's run-ahead term); its all-linear re-run "
-    "(DeltaNet + MoE + the output gate's split) is modelled (docs/memory.md)":
-        lambda backend, case: backend == "mlx" and " rc" in case
-        and _family(case) == "qwen3_5_moe_text" and "all-linear" not in case,
-}
+# Empty since 2026-11-29: the last two (MLX with recompute on a Gated DeltaNet hybrid
+# outside the loss phase; qwen3_5_moe_text q,v,o_proj with recompute) are modelled
+# (docs/memory.md, "MLX: DeltaNet run-ahead and the lone gated attention layer").
+KNOWN_GAPS: dict = {}
 
 
 def measured(backend: str, draws) -> list[dict]:
