@@ -1455,12 +1455,23 @@ def _top_layer_differentiates(sh: Shape, st: Settings, names) -> bool:
 # that, about 5 (N, Hq*D) arrays per gradient formed (llama C128 F256, 2 x 64 tokens, Hq*D
 # 256-512, MHA and GQA, 1-2 layers: 3.8 to 5.9 per gradient per element of Hq*D - C).
 MLX_ATTENTION_GRADIENT_COPIES = 5
+# Of those, with grouped kv heads, how many are at the kv width instead: dk and dv are
+# summed over each group of query heads, and what follows the sum is kv-wide. Measured as
+# GQA minus its MHA twin (llama, q,v_proj, no recompute), in arrays of (Hq*D - Hk*D) per
+# token: C64 F160 L2 D64, H4/1, H8/2, H16/4 (dq, dk, dv formed): 5.5, 4.5, 4.9 for dk and
+# dv together; C128 F256 L2 D32, H8/2, H16/4: 3.2-4.2, 3.9; C128 L1 H8/2 (dq and dv only):
+# 0.7. dv = P^T @ dO sums at once; dk = dS^T @ q holds more query-wide arrays before its
+# sum. Counted below the lowest measured: dk 2.5, dv 0.5 (the MHA twins read -0.5 % to
+# +6.2 %; GQA +6.9 % to +21.5 % with none). Only beyond C: the C-wide arrays are the
+# 6C backward_transients counts.
+MLX_KV_GRADIENT_NARROWED = {"k": 2.5, "v": 0.5}
 
 
 def mlx_query_gradients(sh: Shape, st: Settings) -> int:
     """Elements per token: many query heads on a narrow model (Hq*D > C) make the top
     layer's attention backward, not its MLP's, the widest point of MLX's backward:
-    5 * (Hq*D - C) per gradient it forms of q, k and v (0 where Hq*D <= C). All three
+    5 * (Hq*D - C) per gradient it forms of q, k and v (0 where Hq*D <= C), dk and dv
+    less their arrays past the group sum (MLX_KV_GRADIENT_NARROWED). All three
     when a layer below holds an adapter (the gradient runs on to the layer's input); else
     those of the adapted ones (o_proj,down_proj on one layer forms none: measured +50 %
     with them counted)."""
@@ -1468,12 +1479,18 @@ def mlx_query_gradients(sh: Shape, st: Settings) -> int:
     if sh.linear_attention and top in sh.linear_attention["layers"]:
         return 0
     if _backward_layers(sh, st).start < top:
-        formed = 3
+        formed = "qkv"
     else:
         adapted = _layer_targets(sh, st, top) if top in _adapted_layers(sh, st) else []
-        formed = 3 if "qkv_proj" in adapted else \
-            sum(m in adapted for m in ("q_proj", "k_proj", "v_proj"))
-    return MLX_ATTENTION_GRADIENT_COPIES * formed * max(0, sh.heads * sh.head_dim - sh.hidden)
+        formed = "qkv" if "qkv_proj" in adapted else \
+            "".join(x for x in "qkv" if f"{x}_proj" in adapted)
+    q, kv = sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim
+    wide = MLX_ATTENTION_GRADIENT_COPIES * max(0, q - sh.hidden)
+    # narrowed to the kv width, or to C where the C-based count covers the rest
+    # (not with an output gate, not measured there: seed-2 qwen3_5_text C32 H16/4 D64
+    # all-linear -7.7 % -> -11.1 % with it, seed-1 qwen3_next C96 H16/4 D64 -1.2 % -> -4.3 %)
+    narrowed = 0 if sh.attention_output_gate else max(0, q - max(kv, sh.hidden))
+    return int(sum(wide - MLX_KV_GRADIENT_NARROWED.get(x, 0) * narrowed for x in formed))
 
 
 def mlx_fused_split_cotangents(sh: Shape, st: Settings, names=tuple(FUSED_PARTS)) -> int:
