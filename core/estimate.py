@@ -1528,12 +1528,23 @@ def _top_layer_differentiates(sh: Shape, st: Settings, names) -> bool:
 # that, about 5 (N, Hq*D) arrays per gradient formed (llama C128 F256, 2 x 64 tokens, Hq*D
 # 256-512, MHA and GQA, 1-2 layers: 3.8 to 5.9 per gradient per element of Hq*D - C).
 MLX_ATTENTION_GRADIENT_COPIES = 5
+# Of those, with grouped kv heads, how many are at the kv width instead: dk and dv are
+# summed over each group of query heads, and what follows the sum is kv-wide. Measured as
+# GQA minus its MHA twin (llama, q,v_proj, no recompute), in arrays of (Hq*D - Hk*D) per
+# token: C64 F160 L2 D64, H4/1, H8/2, H16/4 (dq, dk, dv formed): 5.5, 4.5, 4.9 for dk and
+# dv together; C128 F256 L2 D32, H8/2, H16/4: 3.2-4.2, 3.9; C128 L1 H8/2 (dq and dv only):
+# 0.7. dv = P^T @ dO sums at once; dk = dS^T @ q holds more query-wide arrays before its
+# sum. Counted below the lowest measured: dk 2.5, dv 0.5 (the MHA twins read -0.5 % to
+# +6.2 %; GQA +6.9 % to +21.5 % with none). Only beyond C: the C-wide arrays are the
+# 6C backward_transients counts.
+MLX_KV_GRADIENT_NARROWED = {"k": 2.5, "v": 0.5}
 
 
 def mlx_query_gradients(sh: Shape, st: Settings) -> int:
     """Elements per token: many query heads on a narrow model (Hq*D > C) make the top
     layer's attention backward, not its MLP's, the widest point of MLX's backward:
-    5 * (Hq*D - C) per gradient it forms of q, k and v (0 where Hq*D <= C). All three
+    5 * (Hq*D - C) per gradient it forms of q, k and v (0 where Hq*D <= C), dk and dv
+    less their arrays past the group sum (MLX_KV_GRADIENT_NARROWED). All three
     when a layer below holds an adapter (the gradient runs on to the layer's input); else
     those of the adapted ones (o_proj,down_proj on one layer forms none: measured +50 %
     with them counted)."""
@@ -1541,12 +1552,18 @@ def mlx_query_gradients(sh: Shape, st: Settings) -> int:
     if sh.linear_attention and top in sh.linear_attention["layers"]:
         return 0
     if _backward_layers(sh, st).start < top:
-        formed = 3
+        formed = "qkv"
     else:
         adapted = _layer_targets(sh, st, top) if top in _adapted_layers(sh, st) else []
-        formed = 3 if "qkv_proj" in adapted else \
-            sum(m in adapted for m in ("q_proj", "k_proj", "v_proj"))
-    return MLX_ATTENTION_GRADIENT_COPIES * formed * max(0, sh.heads * sh.head_dim - sh.hidden)
+        formed = "qkv" if "qkv_proj" in adapted else \
+            "".join(x for x in "qkv" if f"{x}_proj" in adapted)
+    q, kv = sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim
+    wide = MLX_ATTENTION_GRADIENT_COPIES * max(0, q - sh.hidden)
+    # narrowed to the kv width, or to C where the C-based count covers the rest
+    # (not with an output gate, not measured there: seed-2 qwen3_5_text C32 H16/4 D64
+    # all-linear -7.7 % -> -11.1 % with it, seed-1 qwen3_next C96 H16/4 D64 -1.2 % -> -4.3 %)
+    narrowed = 0 if sh.attention_output_gate else max(0, q - max(kv, sh.hidden))
+    return int(sum(wide - MLX_KV_GRADIENT_NARROWED.get(x, 0) * narrowed for x in formed))
 
 
 def mlx_fused_split_cotangents(sh: Shape, st: Settings, names=tuple(FUSED_PARTS)) -> int:
@@ -1597,7 +1614,14 @@ def mlx_recompute_dora_norms(sh: Shape, st: Settings) -> int:
     float32 where it is not float32 already. Measured on a llama C128 F1024, 16 tokens,
     DoRA on minus off: all-linear 1.34 MiB beyond the counted outputs (1.56 counted
     here), gate_proj alone 0.46 (0.50), 1 and 2 layers alike (-23.8 % and -16.9 %
-    before). The largest layer's sum."""
+    before). The largest layer's sum.
+
+    Not beside all of the re-run's backward: the step peaks at the larger of two moments,
+    the products' and the rest of the backward, and a GeGLU layer's kept tanh-GELU
+    arrays (mlx_gelu_tanh_kept, counted in the transients) are not alive at the
+    products' (measured by replacing the norms with a constant: seed-0 gemma2 C64 F200 L2
+    all-linear rc pack dora, 32 tokens, the peak fell 16 KiB of 182 counted; F 400, 77 of
+    332; the llama C128 F1024 above, 1.41 MiB of 1.56). Counted beyond that share only."""
     if st.backend != "mlx" or not (st.grad_checkpoint and st.dora):
         return 0
     copies = 1 if st.dtype == "float32" and not st.quantize_bits else 2
@@ -1605,7 +1629,8 @@ def mlx_recompute_dora_norms(sh: Shape, st: Settings) -> int:
                      for i, o in [(sh.layer_linears[ly] if sh.layer_linears
                                    else sh.linears)[m]])
                  for ly in _backward_layers(sh, st) if ly in _adapted_layers(sh, st)]
-    return copies * 4 * max(per_layer, default=0)
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    return max(0, copies * 4 * max(per_layer, default=0) - N * s * mlx_gelu_tanh_kept(sh, st))
 
 
 def _rerun_dora_casts(sh: Shape, st: Settings) -> list:

@@ -458,16 +458,19 @@ def test_mlx_top_layer_backward_counts_its_widest_moment():
     from lorafit.core.estimate import loss_phase_transients
 
     def transients(backend="mlx", targets="q_proj,v_proj", layers=2, model_type="llama",
-                   head_dim=8):
-        case = Case("x", layers=layers, hidden=128, intermediate=256, heads=16, kv_heads=4,
+                   head_dim=8, kv_heads=4):
+        case = Case("x", layers=layers, hidden=128, intermediate=256, heads=16, kv_heads=kv_heads,
                     vocab=200, targets=targets, model_type=model_type,
                     extra=dict(head_dim=head_dim))
         return loss_phase_transients(memory_shape(case.config()), settings_for(case, backend))
     N, s = 2 * 128, 4  # the Case's batch x seq, float32
-    # Hq*D = 512 against C = 128: dq, dk, dv (a layer below is adapted) 5 arrays each
-    assert transients(head_dim=32) - transients() == N * s * 15 * 384
+    # Hq*D = 512 against C = 128: dq, dk, dv (a layer below is adapted) 5 arrays each,
+    # with 4 kv heads dk 2.5 and dv 0.5 of them past the group sum at the kv width (128)
+    mha = dict(head_dim=32, kv_heads=16)
+    assert transients(**mha) - transients(kv_heads=16) == N * s * 15 * 384
+    assert transients(head_dim=32) - transients() == N * s * 12 * 384
     # one layer: only the adapted q and v form gradients; o_proj,down_proj form none
-    assert transients(layers=1, head_dim=32) - transients(layers=1) == N * s * 10 * 384
+    assert transients(layers=1, head_dim=32) - transients(layers=1) == N * s * 9.5 * 384
     od = dict(layers=1, targets="o_proj,down_proj")
     assert transients(head_dim=32, **od) == transients(**od)
     # glm4's fused gate_up: 2 x 2F per token at the MLP's moment (Hq*D = C here)
