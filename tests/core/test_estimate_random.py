@@ -17,6 +17,7 @@ import pytest
 HERE = Path(__file__).resolve().parents[1]
 UNDER, OVER = 0.05, 0.10  # never more than 5 % under the measured peak, at most 10 % over
 SEED, COUNT = 0, 40
+MLX_REMEASURES = 2  # further runs of the grid while an MLX case is outside the bound
 
 # Mechanisms the estimator does not model yet (docs/memory.md, "Open"): a case these match
 # is measured and printed, but its bound is not asserted. Each is (backend, predicate).
@@ -54,11 +55,14 @@ def results(backend: str) -> tuple[list[dict], list[dict]]:
     if backend not in _RESULTS:
         draws = [(SEED, COUNT), (FRESH_SEED, 1)]
         lines = measured(backend, draws)
-        if backend == "mlx" and any(outside(backend, d) for d in lines):
+        for _ in range(MLX_REMEASURES if backend == "mlx" else 0):
+            if not any(outside(backend, d) for d in lines):
+                break
             # MLX's peak moves between runs by a few per cent (the tape orders the ops
-            # within a layer's backward): a case outside the bound is measured again, with
-            # the whole grid in a second subprocess, and each case's peak is the higher of
-            # the two runs, the one a user would meet. An estimate under it fails still.
+            # within a layer's backward; how far the dispatcher runs ahead of its worker
+            # depends on timing): while a case is outside the bound the whole grid is
+            # measured again in a new subprocess, and each case's peak is the highest of
+            # the runs, the one a user would meet. An estimate under it fails still.
             again = {(d["seed"], d["case"]): d for d in measured(backend, draws)}
             lines = [higher_peak(d, again.get((d["seed"], d["case"]))) for d in lines]
         _RESULTS[backend] = ([d for d in lines if d["seed"] == SEED],
