@@ -349,7 +349,8 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
     sigmoid: 2*Hq*D. Linear-attention layers: see gated_deltanet_saved_per_token.
     """
     if sh.linear_attention and layer in sh.linear_attention["layers"]:
-        return gated_deltanet_saved_per_token(sh, st, adapted, layer)
+        return gated_deltanet_saved_per_token(sh, st, adapted, layer) \
+            + (torch_shared_lora_a_per_token(sh, st, layer) if adapted else 0)
     C = sh.hidden
     q, kv, _, _ = attention_widths(sh, layer)
     n = 3 * C + 2 * q + 2 * kv + mlp_activations_kept(sh, st, layer) + 2
@@ -369,11 +370,43 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
         names = _layer_targets(sh, st, layer)
         n += st.rank * len(names)
         n += dora_kept_per_token(sh, st, names)
+        n += torch_shared_lora_a_per_token(sh, st, layer)
         if "o_proj" in names:
             n += q
         if "down_proj" in names or "c_proj" in names and st.backend == "torch":
             n += down_proj_input(sh, layer)
     return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
+
+
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def torch_shared_lora_a_per_token(sh: Shape, st: Settings, layer: int | None,
+                                  groups=SHARED_INPUT_GROUPS) -> float:
+    """torch only, per token in the compute dtype's elements: the copy of the A factors
+    that each group of projections of one input saves for its backward. q, k, v (an
+    attention layer's) and a dense MLP's gate, up run as one _LoraLinears (core.lora.
+    project_shared) when at least two of them are plain LoRA pairs on dense bases of the
+    adapter's dtype (not DoRA, not quantized, float32 runs): their A's are concatenated,
+    (sum r, in), and that copy is kept until the layer's backward. The profiler's timeline
+    held it in every kept layer (seed-4 mixtral C128 H8/4 q,v pack, 16 tokens: 32 KiB
+    of a 0.52 MiB peak). A constant per layer, counted per token (/ N)."""
+    if st.backend != "torch" or st.dtype != "float32" or st.dora:
+        return 0
+    names = _layer_targets(sh, st, layer)
+    la = sh.linear_attention
+    deltanet = la and layer in la["layers"]
+    sparse = sh.moe and layer in sh.moe["layers"]
+    n = 0
+    for group in groups:
+        attention = group[0] == "q_proj"
+        if attention and deltanet or not attention and sparse:
+            continue
+        ins = [sh.linears[m][0] for m in group if m in names
+               if not (st.quantize_bits and sh.linears[m][0] % QUANT_GROUP == 0)]
+        if len(ins) >= 2:
+            n += st.rank * sum(ins)
+    return n / (st.batch_size * st.seq_len)
 
 
 def mlx_output_norm_inputs(sh: Shape, st: Settings) -> int:
@@ -816,11 +849,30 @@ def torch_attention_peak_per_token(sh: Shape, st: Settings, layer: int | None) -
              if m not in ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "c_fc",
                           "c_proj")]
     n = 2 * sh.hidden + st.rank * len(names) + 5 * q + 2 * kv * (2 if st.pack else 1)
+    n += torch_shared_lora_a_per_token(sh, st, layer, SHARED_INPUT_GROUPS[:1])
+    if sh.attn_sinks and not sh.attn_softcap:
+        n += torch_sinks_attention_copies(sh, st)
     if sh.attention_output_gate:
         n += q
     if sh.qk_norm:  # the per-head norms keep q and k as projected beside the normed copies
         n += q + kv
     return n + dora_kept_per_token(sh, st, names)
+
+
+def torch_sinks_attention_copies(sh: Shape, st: Settings) -> int:
+    """torch, elements per token: attention with sinks (gpt-oss) runs eagerly
+    (backends/torch _eager_attention), and its two batched products copy their operands:
+    q grouped by kv head, k and v broadcast to the query heads (Hq*D each, also where
+    Hq = Hk: the transposed views are copied), and the product's (B, Hk, G, T, D) output
+    is copied again to (tokens, Hq, D) at the end. Packed rows (_segment_attention) hold
+    all of them at the gather back to row order: beyond the 5*Hq*D counted for the fused
+    kernel's path (q after RoPE, its gathered copy, the output, their concatenation and
+    the gathered result), q's grouped copy, k's and v's broadcast copies and the output's
+    copy, 4*Hq*D (the profiler's timeline of seed-3 gpt_oss C32 H2/2 D64 all-linear pack:
+    nine (N, Hq*D) tensors alive there, -6.6 % before); unpadded rows at the copy o_proj
+    reads, one Hq*D more than RoPE's add. The probabilities: eager_scores."""
+    q = attention_widths(sh, None)[0]
+    return (4 if st.pack else 1) * q
 
 
 def activations_at_attention(sh: Shape, st: Settings) -> int:
@@ -832,7 +884,8 @@ def activations_at_attention(sh: Shape, st: Settings) -> int:
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     adapted, below, best = _adapted_layers(sh, st), 0.0, 0.0
     for i in _backward_layers(sh, st):
-        best = max(best, below + torch_attention_peak_per_token(sh, st, i))
+        own = eager_scores(sh, st, i) / (N * s) if sh.attn_sinks else 0  # its probabilities
+        best = max(best, below + torch_attention_peak_per_token(sh, st, i) + own)
         below += saved_per_token_per_layer(sh, st, i in adapted, i) \
             + eager_scores(sh, st, i) / (N * s)
     return int(N * s * best)
