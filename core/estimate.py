@@ -1186,6 +1186,45 @@ def mlx_deltanet_forward(sh: Shape, st: Settings) -> int:
     return int(N * s * best)
 
 
+def torch_deltanet_forward(sh: Shape, st: Settings) -> int:
+    """torch: a Gated DeltaNet layer's forward where it keeps nothing for a backward (a
+    layer below the lowest adapted one, or one run under recompute) still holds, while its
+    chunk loop runs (backends/torch gated_delta_rule), every float32 array of the delta
+    rule as Python locals, float32: q and k repeated to Hv heads, v (2*Dk + Dv per value
+    head), k*beta, its decayed copy, q's decayed copy and k's write copy (4*Dk), the
+    triangular solve's output (Dv + Dk), the decay, the UT and the intra-chunk score
+    matrices (3c: the products before their mul with the decay are freed, unlike in the
+    saved set, torch_delta_products), beta, g and its cumulative sum (3), the chunk loop's
+    corrected values, its two products and the outputs (3*Dv) and the state (or, the
+    wider moment where c outweighs Dv, q @ k^T beside its product with the decay: 4c, the
+    loop's 3*Dv not yet formed; seed-2 qwen3_next Dk = Dv = 8 peaked there); the
+    convolution's input and its silu'd output, of which q, k, v are views (2X), and the
+    layer's input and normed input (2C); the layers below hold their saved sets (their
+    checkpoints with recompute). The profiler's timeline of the sweep's seed-0 qwen3_next
+    C32 Hv4 Dk16 Dv16 c64 q,v,o dora (its two DeltaNet layers under the adapted attention
+    one) peaked in the second DeltaNet layer's chunk loop: 1986 elements per token alive
+    (-10.7 % at the loss before; 1980 counted). MLX: mlx_deltanet_forward."""
+    la = sh.linear_attention
+    if st.backend != "torch" or not la:
+        return 0
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    kept, adapted = _backward_layers(sh, st), _adapted_layers(sh, st)
+    Hv, Dk, Dv = la["value_heads"], la["key_dim"], la["value_dim"]
+    X = 2 * la["key_heads"] * Dk + Hv * Dv
+    c = min(64, st.seq_len)
+    rule = max(Hv * (7 * Dk + 5 * Dv + 3 * c + 3) + Hv * Dk * Dv / c,  # the chunk loop
+               Hv * (7 * Dk + 2 * Dv + 4 * c + 3)) * 4 / s  # q @ k^T times the decay
+    best = 0.0
+    for i in la["layers"]:
+        if i in kept and not st.grad_checkpoint:
+            continue  # its arrays are its saved set, counted with the activations
+        below = [j for j in kept if j < i]
+        held = len(below) * sh.hidden if st.grad_checkpoint else sum(
+            saved_per_token_per_layer(sh, st, j in adapted, j) for j in below)
+        best = max(best, held + rule + 2 * X + 2 * sh.hidden)
+    return int(N * s * best)
+
+
 def mlx_deltanet_backward(sh: Shape, st: Settings) -> int:
     """MLX without recompute: a Gated DeltaNet layer's own backward, once the layers above
     it have run theirs and freed their saved sets, forms the cotangent of each float32
@@ -1779,7 +1818,8 @@ PHASES = {
 }
 # MLX: a Gated DeltaNet layer's forward (its delta rule's float32 arrays at once)
 PHASES["DeltaNet forward"] = (("activations", nothing),
-                              ("DeltaNet forward", mlx_deltanet_forward))
+                              ("DeltaNet forward", mlx_deltanet_forward),
+                              ("DeltaNet forward (torch)", torch_deltanet_forward))
 # MLX without recompute: a Gated DeltaNet layer's backward, the layers above it done
 PHASES["DeltaNet backward"] = (("activations", nothing),
                                ("DeltaNet backward", mlx_deltanet_backward))
