@@ -628,7 +628,25 @@ def moe_saved_per_token(sh: Shape, st: Settings, adapted: bool,
             n += k * (F + r)
         if "gate" in names:
             n += r + m["experts"]
+        n += torch_expert_b_copies_per_token(sh, st, names)
     return n + moe_routing_bytes_per_token(sh, st) / DTYPE_BYTES[st.dtype]
+
+
+def torch_expert_b_copies_per_token(sh: Shape, st: Settings, names) -> float:
+    """torch on the CPU, per token in the compute dtype's elements: grouped_mm (backends/
+    torch grouped_linear) takes an expert adapter's B, (E, r', out) from PEFT's (out, r'*E)
+    layout, as a contiguous copy (_grouped_mm_operand), and keeps that copy for the
+    backward (B is trained): per sparse layer E*2r*2F' (gate_up, rank 2r) and E*r*C (down)
+    float32. A's (E, r', in) view needs none. The profiler's timeline of the sweep's seed-0
+    qwen3_moe C32 F'48 E4 r32 all-linear held both at the loss (0.109 MiB of a 1.77 MiB
+    peak, -6.1 % before). A constant per layer, counted per token (/ N). Elsewhere (other
+    devices, misaligned widths) the per-expert loop reads B's slices in place."""
+    if st.backend != "torch" or st.device != "cpu":
+        return 0
+    m, r = sh.moe, st.rank
+    n = (m["experts"] * 2 * r * 2 * m["expert_size"] if "gate_up_proj" in names else 0) \
+        + (m["experts"] * r * sh.hidden if "down_proj" in names else 0)
+    return n * 4 / DTYPE_BYTES[st.dtype] / (st.batch_size * st.seq_len)
 
 
 def moe_routing_bytes_per_token(sh: Shape, st: Settings) -> int:
@@ -975,12 +993,17 @@ def torch_rerun_attention_backward(sh: Shape, st: Settings, layer: int,
 def mlp_saved_per_token(sh: Shape, st: Settings, adapted: bool, layer: int) -> int:
     """The dense MLP's share of a layer's saved set, per token: gate, act and up (3F), and
     of its adapted projections the rank-r projections, DoRA's outputs and down_proj's
-    input. 0 on a sparse MoE layer (kept whole where this is subtracted: the safe side)."""
-    if sh.moe and layer in sh.moe["layers"]:
-        return 0
+    input, and gate's and up's A copy (torch_shared_lora_a_per_token). A sparse MoE layer's
+    is its block's (sparse_mlp_saved_per_token: the experts' outputs, routing, expert
+    adapters' rows and B copies, the shared expert) beside the k experts' 3F: freed by the
+    block's backward as a dense MLP's is (kept whole here before, the safe side: the
+    sweep's seed-3 mixtral C32 E2 r32 all-linear rc re-run +10 .. +12 % over with the B
+    copies counted)."""
     mlp = [m for m in (_layer_targets(sh, st, layer) if adapted else []) if m in MLP_NAMES]
     n = mlp_activations_kept(sh, st, layer) + st.rank * len(mlp) \
-        + dora_kept_per_token(sh, st, mlp)
+        + dora_kept_per_token(sh, st, mlp) + sparse_mlp_saved_per_token(sh, st, adapted, layer)
+    if adapted:
+        n += torch_shared_lora_a_per_token(sh, st, layer, SHARED_INPUT_GROUPS[1:])
     return n + (down_proj_input(sh, layer) if any(m in DOWN_NAMES for m in mlp) else 0)
 
 
@@ -1037,7 +1060,11 @@ def torch_gradients_from(sh: Shape, st: Settings, layer: int, own: str = "all") 
         sparse = sh.moe and layer in sh.moe["layers"]
         down = [m for m in _layer_targets(sh, st, layer)
                 if (m not in MIXER_NAMES if sparse else m in DOWN_NAMES)]
-        down += sorted(moe_target_names(sh, st)) if sparse else []
+        # the routed experts' backward runs down_proj's first; the router's and
+        # gate_up_proj's gradients form after it (the profiler's timeline of the sweep's
+        # seed-3 mixtral C32 E2 r32 all-linear rc re-run: down's alone at its peak, +13.2 %
+        # with all three counted once gate_up's B copy was)
+        down += sorted(moe_target_names(sh, st) & {"down_proj"}) if sparse else []
         if not down:
             return n
         return n + all_adapter_gradients(sh, st.replace(layers=[layer],
