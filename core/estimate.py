@@ -872,6 +872,11 @@ def torch_attention_peak_per_token(sh: Shape, st: Settings, layer: int | None) -
         n += torch_sinks_attention_copies(sh, st)
     if sh.attention_output_gate:
         n += q
+        if st.pack:  # the gate's moment, after the gather back to row order: its sigmoid
+            # and the gated output beside the outputs, their concatenation freed (the
+            # profiler's timeline of the sweep's seed-4 qwen3_5_moe_text C32 H16/4 D64
+            # all-linear rc pack re-run: 8 (N, Hq*D) alive at o_proj, -7.5 % before)
+            n += q
     if sh.qk_norm:  # the per-head norms keep q and k as projected beside the normed copies
         n += q + kv
     return n + dora_kept_per_token(sh, st, names)
