@@ -1737,9 +1737,21 @@ def _torch_dora_forward(sh: Shape, st: Settings) -> tuple:
     share of the saved set, mlp_saved_per_token, less its own kept outputs); later ones
     (up, down) are counted with the whole set. The profiler's timeline of seed-6 phi3 C128
     F432 L1 all-linear pack dora: the peak at gate_up_proj's sum, the MLP's set unformed
-    (+12.6 % counted as the whole set beside the norm)."""
+    (+12.6 % counted as the whole set beside the norm). An attention input's (q, k, v)
+    norm runs before anything of its layer's attention exists: the saved sets of the
+    layers below, the layer's input and normed input, and the projection's own (the
+    profiler's timeline of the sweep's seed-4 qwen3_5_text C32 H16/4 q,v,o dora: q_proj's
+    norm well under the peak, +15.0 % counted beside the layer's attention set)."""
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     total, top = activations(sh, st), sh.layers - 1
+    kept, adapted_layers = _backward_layers(sh, st), _adapted_layers(sh, st)
+
+    def below(m):  # the saved sets under the highest layer holding m, and its inputs
+        i = max(j for j in adapted_layers if m in _layer_targets(sh, st, j))
+        return sum(int(N * s * (saved_per_token_per_layer(sh, st, j in adapted_layers, j)
+                                - torch_attention_unsaved(sh, st, j)))
+                   + eager_scores(sh, st, j) for j in kept if j < i) \
+            + N * s * (2 * sh.hidden + st.rank + dora_kept_per_token(sh, st, [m]))
     adapted = top in _adapted_layers(sh, st)
     mlp = N * s * mlp_saved_per_token(sh, st, adapted, top) if top in _backward_layers(
         sh, st) else 0
@@ -1748,6 +1760,8 @@ def _torch_dora_forward(sh: Shape, st: Settings) -> tuple:
         i, o = sh.linears[m]
         if m in ("gate_proj", "gate_up_proj", "c_fc"):
             acts = total - mlp + N * s * (st.rank + dora_kept_per_token(sh, st, [m]))
+        elif m in ("q_proj", "k_proj", "v_proj", "qkv_proj"):
+            acts = min(below(m), total)
         else:
             acts = total if m in MLP_NAMES else total - mlp
         temps = max(dora_norm_temporaries(sh, st, [m]), N * s * 3 * o + i * o * 4)
