@@ -797,7 +797,8 @@ def eager_scores(sh: Shape, st: Settings, layer: int | None = None) -> int:
     if sh.attn_sinks and not sh.attn_softcap and st.backend == "torch":
         # sinks: softmax over T + 1 columns keeps its float32 output, whose first T
         # columns feed the product with v (MLX: mlx_attention_kept counts its own)
-        return st.batch_size * sh.heads * st.seq_len * (st.seq_len + 1) * (4 + cast)
+        return st.batch_size * sh.heads * st.seq_len * (st.seq_len + 1) * (4 + cast) \
+            + torch_eager_kv_copies(sh, st, layer)
     if not sh.attn_softcap:
         return 0
     per = 8 + cast
@@ -819,7 +820,20 @@ def torch_eager_kv_copies(sh: Shape, st: Settings, layer: int | None) -> int:
         return 0
     q, kv, _, _ = attention_widths(sh, layer)
     output = 0 if st.grad_checkpoint else q
-    return st.batch_size * st.seq_len * (2 * max(q - kv, 0) - output) * DTYPE_BYTES[st.dtype]
+    copies = 2 * max(q - kv, 0)
+    if sh.attn_sinks and not sh.attn_softcap and not torch_eager_copies(sh, st):
+        copies = 0  # gpt-oss: only measured this way for its sinks; Gemma 2 as before
+    return st.batch_size * st.seq_len * (copies - output) * DTYPE_BYTES[st.dtype]
+
+
+def torch_eager_copies(sh: Shape, st: Settings) -> bool:
+    """Whether torch's eager attention copies its products' operands: q (B, Hq, T, D) is a
+    transposed view of (B, T, Hq, D) (packed rows: of the gathered (tokens, H, D)), and
+    matmul flattens the batch dims (B, Hk, G) into one only by copying it, and k, v
+    broadcast over G; with one row and one kv head it folds q into a 2D matmul and copies
+    nothing (the sweep's seed-0 gpt_oss C32 H4/1 b1x32 q,v: no copy alive, +16.0 % with
+    them counted; packed and B = 2 rows: the copies alive)."""
+    return st.pack or st.batch_size * sh.kv_heads > 1
 
 
 def _attention_needs_grad(sh: Shape, st: Settings, layer: int) -> bool:
@@ -893,9 +907,22 @@ def torch_sinks_attention_copies(sh: Shape, st: Settings) -> int:
     the gathered result), q's grouped copy, k's and v's broadcast copies and the output's
     copy, 4*Hq*D (the profiler's timeline of seed-3 gpt_oss C32 H2/2 D64 all-linear pack:
     nine (N, Hq*D) tensors alive there, -6.6 % before); unpadded rows at the copy o_proj
-    reads, one Hq*D more than RoPE's add. The probabilities: eager_scores."""
+    reads, one Hq*D more than RoPE's add (where the copies happen: torch_eager_copies).
+    The probabilities: eager_scores."""
     q = attention_widths(sh, None)[0]
-    return (4 if st.pack else 1) * q
+    # inside the attention (unpacked rows) the scores concatenated with the sink column
+    # stay referenced beside the probabilities: one more (B, Hq, T, T + 1) float32 (the
+    # sweep's seed-2 gpt_oss C32 H8/4 D16 b2x48 q,v rc: both alive at the product with v,
+    # -5.0 % before); packed rows peak after the attention returns, the scores freed
+    scores = sh.heads * (st.seq_len + 1) * 4 / DTYPE_BYTES[st.dtype]
+    if not torch_eager_copies(sh, st):  # no copies: q after RoPE, k, v, the scores, the
+        return max(0, scores - 2 * q)   # probabilities, the output: within RoPE's 5*Hq*D
+    # with recompute every re-run moment counts the layer's eager_scores, k's and v's
+    # broadcast copies among them (torch_eager_kv_copies): not twice here (the sweep's
+    # seed-4 gpt_oss C32 H16/4 D64 b2x48 q,v rc: 6 (N, Hq*D) + 2 (N, Hk*D) alive at the
+    # output's copy, +14.9 % counted twice)
+    shared = 2 * max(q - attention_widths(sh, None)[1], 0) if st.grad_checkpoint else 0
+    return (4 * q if st.pack else max(q, scores)) - shared
 
 
 def activations_at_attention(sh: Shape, st: Settings) -> int:
@@ -907,7 +934,8 @@ def activations_at_attention(sh: Shape, st: Settings) -> int:
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     adapted, below, best = _adapted_layers(sh, st), 0.0, 0.0
     for i in _backward_layers(sh, st):
-        own = eager_scores(sh, st, i) / (N * s) if sh.attn_sinks else 0  # its probabilities
+        own = (eager_scores(sh, st, i) - torch_eager_kv_copies(sh, st, i)) / (N * s) \
+            if sh.attn_sinks else 0  # its probabilities (its copies: the peak's own count)
         best = max(best, below + torch_attention_peak_per_token(sh, st, i) + own)
         below += saved_per_token_per_layer(sh, st, i in adapted, i) \
             + eager_scores(sh, st, i) / (N * s)
