@@ -349,7 +349,8 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
     sigmoid: 2*Hq*D. Linear-attention layers: see gated_deltanet_saved_per_token.
     """
     if sh.linear_attention and layer in sh.linear_attention["layers"]:
-        return gated_deltanet_saved_per_token(sh, st, adapted, layer)
+        return gated_deltanet_saved_per_token(sh, st, adapted, layer) \
+            + (torch_shared_lora_a_per_token(sh, st, layer) if adapted else 0)
     C = sh.hidden
     q, kv, _, _ = attention_widths(sh, layer)
     n = 3 * C + 2 * q + 2 * kv + mlp_activations_kept(sh, st, layer) + 2
@@ -369,11 +370,43 @@ def saved_per_token_per_layer(sh: Shape, st: Settings, adapted: bool,
         names = _layer_targets(sh, st, layer)
         n += st.rank * len(names)
         n += dora_kept_per_token(sh, st, names)
+        n += torch_shared_lora_a_per_token(sh, st, layer)
         if "o_proj" in names:
             n += q
         if "down_proj" in names or "c_proj" in names and st.backend == "torch":
             n += down_proj_input(sh, layer)
     return n * BACKEND_SAVED_FACTOR.get(st.backend, 1.0)
+
+
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def torch_shared_lora_a_per_token(sh: Shape, st: Settings, layer: int | None,
+                                  groups=SHARED_INPUT_GROUPS) -> float:
+    """torch only, per token in the compute dtype's elements: the copy of the A factors
+    that each group of projections of one input saves for its backward. q, k, v (an
+    attention layer's) and a dense MLP's gate, up run as one _LoraLinears (core.lora.
+    project_shared) when at least two of them are plain LoRA pairs on dense bases of the
+    adapter's dtype (not DoRA, not quantized, float32 runs): their A's are concatenated,
+    (sum r, in), and that copy is kept until the layer's backward. The profiler's timeline
+    held it in every kept layer (seed-4 mixtral C128 H8/4 q,v pack, 16 tokens: 32 KiB
+    of a 0.52 MiB peak). A constant per layer, counted per token (/ N)."""
+    if st.backend != "torch" or st.dtype != "float32" or st.dora:
+        return 0
+    names = _layer_targets(sh, st, layer)
+    la = sh.linear_attention
+    deltanet = la and layer in la["layers"]
+    sparse = sh.moe and layer in sh.moe["layers"]
+    n = 0
+    for group in groups:
+        attention = group[0] == "q_proj"
+        if attention and deltanet or not attention and sparse:
+            continue
+        ins = [sh.linears[m][0] for m in group if m in names
+               if not (st.quantize_bits and sh.linears[m][0] % QUANT_GROUP == 0)]
+        if len(ins) >= 2:
+            n += st.rank * sum(ins)
+    return n / (st.batch_size * st.seq_len)
 
 
 def mlx_output_norm_inputs(sh: Shape, st: Settings) -> int:
@@ -595,7 +628,25 @@ def moe_saved_per_token(sh: Shape, st: Settings, adapted: bool,
             n += k * (F + r)
         if "gate" in names:
             n += r + m["experts"]
+        n += torch_expert_b_copies_per_token(sh, st, names)
     return n + moe_routing_bytes_per_token(sh, st) / DTYPE_BYTES[st.dtype]
+
+
+def torch_expert_b_copies_per_token(sh: Shape, st: Settings, names) -> float:
+    """torch on the CPU, per token in the compute dtype's elements: grouped_mm (backends/
+    torch grouped_linear) takes an expert adapter's B, (E, r', out) from PEFT's (out, r'*E)
+    layout, as a contiguous copy (_grouped_mm_operand), and keeps that copy for the
+    backward (B is trained): per sparse layer E*2r*2F' (gate_up, rank 2r) and E*r*C (down)
+    float32. A's (E, r', in) view needs none. The profiler's timeline of the sweep's seed-0
+    qwen3_moe C32 F'48 E4 r32 all-linear held both at the loss (0.109 MiB of a 1.77 MiB
+    peak, -6.1 % before). A constant per layer, counted per token (/ N). Elsewhere (other
+    devices, misaligned widths) the per-expert loop reads B's slices in place."""
+    if st.backend != "torch" or st.device != "cpu":
+        return 0
+    m, r = sh.moe, st.rank
+    n = (m["experts"] * 2 * r * 2 * m["expert_size"] if "gate_up_proj" in names else 0) \
+        + (m["experts"] * r * sh.hidden if "down_proj" in names else 0)
+    return n * 4 / DTYPE_BYTES[st.dtype] / (st.batch_size * st.seq_len)
 
 
 def moe_routing_bytes_per_token(sh: Shape, st: Settings) -> int:
@@ -746,7 +797,8 @@ def eager_scores(sh: Shape, st: Settings, layer: int | None = None) -> int:
     if sh.attn_sinks and not sh.attn_softcap and st.backend == "torch":
         # sinks: softmax over T + 1 columns keeps its float32 output, whose first T
         # columns feed the product with v (MLX: mlx_attention_kept counts its own)
-        return st.batch_size * sh.heads * st.seq_len * (st.seq_len + 1) * (4 + cast)
+        return st.batch_size * sh.heads * st.seq_len * (st.seq_len + 1) * (4 + cast) \
+            + torch_eager_kv_copies(sh, st, layer)
     if not sh.attn_softcap:
         return 0
     per = 8 + cast
@@ -768,7 +820,20 @@ def torch_eager_kv_copies(sh: Shape, st: Settings, layer: int | None) -> int:
         return 0
     q, kv, _, _ = attention_widths(sh, layer)
     output = 0 if st.grad_checkpoint else q
-    return st.batch_size * st.seq_len * (2 * max(q - kv, 0) - output) * DTYPE_BYTES[st.dtype]
+    copies = 2 * max(q - kv, 0)
+    if sh.attn_sinks and not sh.attn_softcap and not torch_eager_copies(sh, st):
+        copies = 0  # gpt-oss: only measured this way for its sinks; Gemma 2 as before
+    return st.batch_size * st.seq_len * (copies - output) * DTYPE_BYTES[st.dtype]
+
+
+def torch_eager_copies(sh: Shape, st: Settings) -> bool:
+    """Whether torch's eager attention copies its products' operands: q (B, Hq, T, D) is a
+    transposed view of (B, T, Hq, D) (packed rows: of the gathered (tokens, H, D)), and
+    matmul flattens the batch dims (B, Hk, G) into one only by copying it, and k, v
+    broadcast over G; with one row and one kv head it folds q into a 2D matmul and copies
+    nothing (the sweep's seed-0 gpt_oss C32 H4/1 b1x32 q,v: no copy alive, +16.0 % with
+    them counted; packed and B = 2 rows: the copies alive)."""
+    return st.pack or st.batch_size * sh.kv_heads > 1
 
 
 def _attention_needs_grad(sh: Shape, st: Settings, layer: int) -> bool:
@@ -816,11 +881,48 @@ def torch_attention_peak_per_token(sh: Shape, st: Settings, layer: int | None) -
              if m not in ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "c_fc",
                           "c_proj")]
     n = 2 * sh.hidden + st.rank * len(names) + 5 * q + 2 * kv * (2 if st.pack else 1)
+    n += torch_shared_lora_a_per_token(sh, st, layer, SHARED_INPUT_GROUPS[:1])
+    if sh.attn_sinks and not sh.attn_softcap:
+        n += torch_sinks_attention_copies(sh, st)
     if sh.attention_output_gate:
         n += q
+        if st.pack:  # the gate's moment, after the gather back to row order: its sigmoid
+            # and the gated output beside the outputs, their concatenation freed (the
+            # profiler's timeline of the sweep's seed-4 qwen3_5_moe_text C32 H16/4 D64
+            # all-linear rc pack re-run: 8 (N, Hq*D) alive at o_proj, -7.5 % before)
+            n += q
     if sh.qk_norm:  # the per-head norms keep q and k as projected beside the normed copies
         n += q + kv
     return n + dora_kept_per_token(sh, st, names)
+
+
+def torch_sinks_attention_copies(sh: Shape, st: Settings) -> int:
+    """torch, elements per token: attention with sinks (gpt-oss) runs eagerly
+    (backends/torch _eager_attention), and its two batched products copy their operands:
+    q grouped by kv head, k and v broadcast to the query heads (Hq*D each, also where
+    Hq = Hk: the transposed views are copied), and the product's (B, Hk, G, T, D) output
+    is copied again to (tokens, Hq, D) at the end. Packed rows (_segment_attention) hold
+    all of them at the gather back to row order: beyond the 5*Hq*D counted for the fused
+    kernel's path (q after RoPE, its gathered copy, the output, their concatenation and
+    the gathered result), q's grouped copy, k's and v's broadcast copies and the output's
+    copy, 4*Hq*D (the profiler's timeline of seed-3 gpt_oss C32 H2/2 D64 all-linear pack:
+    nine (N, Hq*D) tensors alive there, -6.6 % before); unpadded rows at the copy o_proj
+    reads, one Hq*D more than RoPE's add (where the copies happen: torch_eager_copies).
+    The probabilities: eager_scores."""
+    q = attention_widths(sh, None)[0]
+    # inside the attention (unpacked rows) the scores concatenated with the sink column
+    # stay referenced beside the probabilities: one more (B, Hq, T, T + 1) float32 (the
+    # sweep's seed-2 gpt_oss C32 H8/4 D16 b2x48 q,v rc: both alive at the product with v,
+    # -5.0 % before); packed rows peak after the attention returns, the scores freed
+    scores = sh.heads * (st.seq_len + 1) * 4 / DTYPE_BYTES[st.dtype]
+    if not torch_eager_copies(sh, st):  # no copies: q after RoPE, k, v, the scores, the
+        return max(0, scores - 2 * q)   # probabilities, the output: within RoPE's 5*Hq*D
+    # with recompute every re-run moment counts the layer's eager_scores, k's and v's
+    # broadcast copies among them (torch_eager_kv_copies): not twice here (the sweep's
+    # seed-4 gpt_oss C32 H16/4 D64 b2x48 q,v rc: 6 (N, Hq*D) + 2 (N, Hk*D) alive at the
+    # output's copy, +14.9 % counted twice)
+    shared = 2 * max(q - attention_widths(sh, None)[1], 0) if st.grad_checkpoint else 0
+    return (4 * q if st.pack else max(q, scores)) - shared
 
 
 def activations_at_attention(sh: Shape, st: Settings) -> int:
@@ -832,7 +934,9 @@ def activations_at_attention(sh: Shape, st: Settings) -> int:
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     adapted, below, best = _adapted_layers(sh, st), 0.0, 0.0
     for i in _backward_layers(sh, st):
-        best = max(best, below + torch_attention_peak_per_token(sh, st, i))
+        own = (eager_scores(sh, st, i) - torch_eager_kv_copies(sh, st, i)) / (N * s) \
+            if sh.attn_sinks else 0  # its probabilities (its copies: the peak's own count)
+        best = max(best, below + torch_attention_peak_per_token(sh, st, i) + own)
         below += saved_per_token_per_layer(sh, st, i in adapted, i) \
             + eager_scores(sh, st, i) / (N * s)
     return int(N * s * best)
@@ -922,12 +1026,17 @@ def torch_rerun_attention_backward(sh: Shape, st: Settings, layer: int,
 def mlp_saved_per_token(sh: Shape, st: Settings, adapted: bool, layer: int) -> int:
     """The dense MLP's share of a layer's saved set, per token: gate, act and up (3F), and
     of its adapted projections the rank-r projections, DoRA's outputs and down_proj's
-    input. 0 on a sparse MoE layer (kept whole where this is subtracted: the safe side)."""
-    if sh.moe and layer in sh.moe["layers"]:
-        return 0
+    input, and gate's and up's A copy (torch_shared_lora_a_per_token). A sparse MoE layer's
+    is its block's (sparse_mlp_saved_per_token: the experts' outputs, routing, expert
+    adapters' rows and B copies, the shared expert) beside the k experts' 3F: freed by the
+    block's backward as a dense MLP's is (kept whole here before, the safe side: the
+    sweep's seed-3 mixtral C32 E2 r32 all-linear rc re-run +10 .. +12 % over with the B
+    copies counted)."""
     mlp = [m for m in (_layer_targets(sh, st, layer) if adapted else []) if m in MLP_NAMES]
     n = mlp_activations_kept(sh, st, layer) + st.rank * len(mlp) \
-        + dora_kept_per_token(sh, st, mlp)
+        + dora_kept_per_token(sh, st, mlp) + sparse_mlp_saved_per_token(sh, st, adapted, layer)
+    if adapted:
+        n += torch_shared_lora_a_per_token(sh, st, layer, SHARED_INPUT_GROUPS[1:])
     return n + (down_proj_input(sh, layer) if any(m in DOWN_NAMES for m in mlp) else 0)
 
 
@@ -984,7 +1093,11 @@ def torch_gradients_from(sh: Shape, st: Settings, layer: int, own: str = "all") 
         sparse = sh.moe and layer in sh.moe["layers"]
         down = [m for m in _layer_targets(sh, st, layer)
                 if (m not in MIXER_NAMES if sparse else m in DOWN_NAMES)]
-        down += sorted(moe_target_names(sh, st)) if sparse else []
+        # the routed experts' backward runs down_proj's first; the router's and
+        # gate_up_proj's gradients form after it (the profiler's timeline of the sweep's
+        # seed-3 mixtral C32 E2 r32 all-linear rc re-run: down's alone at its peak, +13.2 %
+        # with all three counted once gate_up's B copy was)
+        down += sorted(moe_target_names(sh, st) & {"down_proj"}) if sparse else []
         if not down:
             return n
         return n + all_adapter_gradients(sh, st.replace(layers=[layer],
@@ -1178,6 +1291,45 @@ def mlx_delta_rule_vjp_products(sh: Shape, st: Settings) -> float:
         return 0.0
     c = min(64, st.seq_len)
     return la["value_heads"] * MLX_DELTA_RULE_VJP_MATRICES * c * 4 / DTYPE_BYTES[st.dtype]
+
+
+def torch_deltanet_forward(sh: Shape, st: Settings) -> int:
+    """torch: a Gated DeltaNet layer's forward where it keeps nothing for a backward (a
+    layer below the lowest adapted one, or one run under recompute) still holds, while its
+    chunk loop runs (backends/torch gated_delta_rule), every float32 array of the delta
+    rule as Python locals, float32: q and k repeated to Hv heads, v (2*Dk + Dv per value
+    head), k*beta, its decayed copy, q's decayed copy and k's write copy (4*Dk), the
+    triangular solve's output (Dv + Dk), the decay, the UT and the intra-chunk score
+    matrices (3c: the products before their mul with the decay are freed, unlike in the
+    saved set, torch_delta_products), beta, g and its cumulative sum (3), the chunk loop's
+    corrected values, its two products and the outputs (3*Dv) and the state (or, the
+    wider moment where c outweighs Dv, q @ k^T beside its product with the decay: 4c, the
+    loop's 3*Dv not yet formed; seed-2 qwen3_next Dk = Dv = 8 peaked there); the
+    convolution's input and its silu'd output, of which q, k, v are views (2X), and the
+    layer's input and normed input (2C); the layers below hold their saved sets (their
+    checkpoints with recompute). The profiler's timeline of the sweep's seed-0 qwen3_next
+    C32 Hv4 Dk16 Dv16 c64 q,v,o dora (its two DeltaNet layers under the adapted attention
+    one) peaked in the second DeltaNet layer's chunk loop: 1986 elements per token alive
+    (-10.7 % at the loss before; 1980 counted). MLX: mlx_deltanet_forward."""
+    la = sh.linear_attention
+    if st.backend != "torch" or not la:
+        return 0
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    kept, adapted = _backward_layers(sh, st), _adapted_layers(sh, st)
+    Hv, Dk, Dv = la["value_heads"], la["key_dim"], la["value_dim"]
+    X = 2 * la["key_heads"] * Dk + Hv * Dv
+    c = min(64, st.seq_len)
+    rule = max(Hv * (7 * Dk + 5 * Dv + 3 * c + 3) + Hv * Dk * Dv / c,  # the chunk loop
+               Hv * (7 * Dk + 2 * Dv + 4 * c + 3)) * 4 / s  # q @ k^T times the decay
+    best = 0.0
+    for i in la["layers"]:
+        if i in kept and not st.grad_checkpoint:
+            continue  # its arrays are its saved set, counted with the activations
+        below = [j for j in kept if j < i]
+        held = len(below) * sh.hidden if st.grad_checkpoint else sum(
+            saved_per_token_per_layer(sh, st, j in adapted, j) for j in below)
+        best = max(best, held + rule + 2 * X + 2 * sh.hidden)
+    return int(N * s * best)
 
 
 def mlx_deltanet_backward(sh: Shape, st: Settings) -> int:
@@ -1711,9 +1863,21 @@ def _torch_dora_forward(sh: Shape, st: Settings) -> tuple:
     share of the saved set, mlp_saved_per_token, less its own kept outputs); later ones
     (up, down) are counted with the whole set. The profiler's timeline of seed-6 phi3 C128
     F432 L1 all-linear pack dora: the peak at gate_up_proj's sum, the MLP's set unformed
-    (+12.6 % counted as the whole set beside the norm)."""
+    (+12.6 % counted as the whole set beside the norm). An attention input's (q, k, v)
+    norm runs before anything of its layer's attention exists: the saved sets of the
+    layers below, the layer's input and normed input, and the projection's own (the
+    profiler's timeline of the sweep's seed-4 qwen3_5_text C32 H16/4 q,v,o dora: q_proj's
+    norm well under the peak, +15.0 % counted beside the layer's attention set)."""
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     total, top = activations(sh, st), sh.layers - 1
+    kept, adapted_layers = _backward_layers(sh, st), _adapted_layers(sh, st)
+
+    def below(m):  # the saved sets under the highest layer holding m, and its inputs
+        i = max(j for j in adapted_layers if m in _layer_targets(sh, st, j))
+        return sum(int(N * s * (saved_per_token_per_layer(sh, st, j in adapted_layers, j)
+                                - torch_attention_unsaved(sh, st, j)))
+                   + eager_scores(sh, st, j) for j in kept if j < i) \
+            + N * s * (2 * sh.hidden + st.rank + dora_kept_per_token(sh, st, [m]))
     adapted = top in _adapted_layers(sh, st)
     mlp = N * s * mlp_saved_per_token(sh, st, adapted, top) if top in _backward_layers(
         sh, st) else 0
@@ -1722,6 +1886,8 @@ def _torch_dora_forward(sh: Shape, st: Settings) -> tuple:
         i, o = sh.linears[m]
         if m in ("gate_proj", "gate_up_proj", "c_fc"):
             acts = total - mlp + N * s * (st.rank + dora_kept_per_token(sh, st, [m]))
+        elif m in ("q_proj", "k_proj", "v_proj", "qkv_proj"):
+            acts = min(below(m), total)
         else:
             acts = total if m in MLP_NAMES else total - mlp
         temps = max(dora_norm_temporaries(sh, st, [m]), N * s * 3 * o + i * o * 4)
@@ -1824,7 +1990,8 @@ PHASES = {
 }
 # MLX: a Gated DeltaNet layer's forward (its delta rule's float32 arrays at once)
 PHASES["DeltaNet forward"] = (("activations", nothing),
-                              ("DeltaNet forward", mlx_deltanet_forward))
+                              ("DeltaNet forward", mlx_deltanet_forward),
+                              ("DeltaNet forward (torch)", torch_deltanet_forward))
 # MLX without recompute: a Gated DeltaNet layer's backward, the layers above it done
 PHASES["DeltaNet backward"] = (("activations", nothing),
                                ("DeltaNet backward", mlx_deltanet_backward))
