@@ -1546,6 +1546,14 @@ def mlx_output_gate_split_per_token(sh: Shape, st: Settings, layer: int) -> int:
 # hybrid's lone adapted attention layer, q,v,o_proj), these are what it does not form.
 MLX_RERUN_DK_QUERY_WIDE = 3
 
+# (N, Hq*D) arrays the dispatcher has allocated ahead in that same lone re-run layer at
+# the worst phase of its task boundaries: the CPU encoder's count of dispatches per
+# scheduler task runs on across steps, so where a step's boundaries fall shifts from step
+# to step and a run meets both phases (seed-4 qwen3_next C32 H8/2 D64 q,v,o_proj rc, 12
+# steps of one run: 4.385 MiB on some, 4.635 on others, 0.250 MiB = 2 x 64 tokens x 512
+# x 4 B; in the sweep's process its measured step fell on the high phase)
+MLX_RERUN_QUERY_WIDE_AHEAD = 2
+
 
 def mlx_rerun_output_gate_split(sh: Shape, st: Settings) -> int:
     """MLX with recompute, the re-run phase: a re-run output-gated attention layer's q/gate
@@ -1558,10 +1566,12 @@ def mlx_rerun_output_gate_split(sh: Shape, st: Settings) -> int:
     qwen3_5_moe_text C32 H8/4 D16 rc +4.0 % and +12.6 %; where Hq*D is 16-32 C the split
     is nearly all of it (seed-4 qwen3_5_moe_text C32 H16/4 D64 all-linear rc -14.4 %).
     Where the layer forms no dk, the count's query-wide dk arrays (MLX_RERUN_DK_QUERY_WIDE)
-    are not formed and the split takes their place first: only 7 - 3 Hq*D of it adds
-    (counted 0 there before; seed-4 qwen3_next C32 H8/2 D64 q,v,o_proj rc, Hq*D = 16C,
-    -14.3 % -> -5.2 % in a sweep's process, +0.5 % alone; the seed-0 qwen3_next cases that
-    read +11.2 % and +14.9 % with the whole split, +5.1 % and +8.3 %). The split is the
+    are not formed and the split takes their place first, less the two query-wide arrays
+    the dispatcher holds ahead there at its worst phase (MLX_RERUN_QUERY_WIDE_AHEAD):
+    7 - 3 + 2 Hq*D of it adds (seed-4 qwen3_next C32 H8/2 D64 q,v,o_proj rc, Hq*D = 16C:
+    -14.3 % with none of it, -5.1 % against the high phase with 7 - 3, +0.3 % so; the
+    seed-0 qwen3_next cases that read +11.2 % and +14.9 % with the whole split, +9.0 % and
+    +8.0 % against their highest step). The split is the
     attention layer's own: it adds to that layer's transients, not to a wider re-run
     layer's (a hybrid's DeltaNet layer, whose delta-rule cotangents may be the widest).
     DoRA's recomputed norms are a moment of their own at the re-run's start: their count
@@ -1574,7 +1584,8 @@ def mlx_rerun_output_gate_split(sh: Shape, st: Settings) -> int:
     for i in _backward_layers(sh, st):
         n = mlx_output_gate_split_per_token(sh, st, i)
         if n and not _rerun_forms_dk(sh, st, i):
-            n -= MLX_RERUN_DK_QUERY_WIDE * attention_widths(sh, i)[0]
+            n -= (MLX_RERUN_DK_QUERY_WIDE - MLX_RERUN_QUERY_WIDE_AHEAD) \
+                * attention_widths(sh, i)[0]
         if n > 0:
             split[i] = n
     if not split:
