@@ -169,6 +169,40 @@ def test_attention_variants_match_the_definition(backend, variant):
     np.testing.assert_allclose(ops.to_numpy(got), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", [dict(), dict(seg=True), dict(window=200)])
+def test_mlx_cpu_causal_attention_in_query_blocks_matches_one_call(mlx_backend, variant):
+    """Long causal attention on MLX's CPU runs in query blocks (backends/mlx
+    _causal_blocks), plain, packed or windowed: its output and the gradients of q, k, v
+    equal those of one mx.fast call over the whole square and of the definition (GQA
+    heads, a last block shorter than the others, a segment crossing block edges)."""
+    import mlx.core as mx
+
+    from lorafit.backends.mlx import CAUSAL_BLOCKS_FROM
+
+    rng = np.random.default_rng(2)
+    B, Hq, Hk, T, D = 1, 4, 2, CAUSAL_BLOCKS_FROM + 88, 8
+    q, k, v = (rng.normal(size=(B, h, T, D)).astype(np.float32) for h in (Hq, Hk, Hk))
+    cot = mx.array(rng.normal(size=(B, Hq, T, D)).astype(np.float32))
+    seg = np.repeat([0, 1, 2], [100, 300, T - 400])[None].astype(np.int32) \
+        if variant.get("seg") else None
+    window = variant.get("window")
+    ops = mlx_backend
+    assert ops.device == "cpu"
+    segs = None if seg is None else mx.array(seg)
+
+    def vjp(f):
+        out, grads = mx.vjp(f, [mx.array(z) for z in (q, k, v)], [cot])
+        return [np.array(z) for z in out + grads]
+
+    blocked = vjp(lambda *x: ops.attention(*x, 0.3, segs, window=window))
+    mask = "causal" if seg is None and window is None else ops._mask(T, T, segs, window)
+    single = vjp(lambda *x: mx.fast.scaled_dot_product_attention(*x, scale=0.3, mask=mask))
+    np.testing.assert_allclose(blocked[0], _reference_attention(q, k, v, 0.3, seg, window),
+                               rtol=1e-4, atol=1e-5)
+    for got, want in zip(blocked, single):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_layer_norm_matches_its_definition(backend):
     rng = np.random.default_rng(0)
     x = rng.normal(2, 3, (2, 5, 16)).astype(np.float32)
