@@ -29,6 +29,18 @@ LAYERS = "model.layers."
 # the key, within a layer (LAYERS + `<i>.` + it), of that layer's frozen arrays cut
 # across processes (Backend.shard_frozen); no checkpoint or adapter name looks like it
 SHARDED_LAYER = "\0sharded frozen"
+# MLX's CPU attention has no fused kernel: from this length on, causal attention runs a
+# block of queries at a time over the keys up to the block's end (backends/mlx
+# _causal_blocks), so its probabilities cover less than the (T, T) square; the estimator
+# counts the same blocks (core/estimate.py mlx_score_area)
+CAUSAL_BLOCKS_FROM = 512
+
+
+def causal_query_blocks(T: int) -> list[tuple[int, int]]:
+    """(start, end) of each query block of causal attention over T positions: blocks of
+    max(128, T / 8) rows; block i attends to the keys [0, end)."""
+    rows = max(128, -(-T // 8))
+    return [(start, min(start + rows, T)) for start in range(0, T, rows)]
 
 
 @runtime_checkable

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lorafit.backends.base import CAUSAL_BLOCKS_FROM, causal_query_blocks
 from lorafit.core.config import QUANTIZE_BITS, TrainConfig
 from lorafit.core.errors import LorafitError
 from lorafit.core.loss import logit_chunk_elements
@@ -717,7 +718,20 @@ def mlx_attention_kept(sh: Shape, st: Settings, layer: int | None = None) -> int
     if sh.linear_attention and layer in sh.linear_attention["layers"]:
         return 0
     B, T, s = st.batch_size, st.seq_len, DTYPE_BYTES[st.dtype]
-    return B * sh.heads * T * (T + attention_widths(sh, layer)[3]) * s
+    return B * sh.heads * (mlx_score_area(st)[0] + T * attention_widths(sh, layer)[3]) * s
+
+
+def mlx_score_area(st: Settings) -> tuple[int, int]:
+    """(all blocks, the widest block): elements per batch row and query head of the
+    attention probabilities MLX forms. The (T, T) square, but on its CPU from
+    CAUSAL_BLOCKS_FROM on the query blocks' (rows, end) rectangles (causal_query_blocks):
+    every layer keeps all of its blocks' probabilities, and the backward forms one block's
+    score arrays at a time."""
+    T = st.seq_len
+    if st.backend != "mlx" or st.device != "cpu" or T < CAUSAL_BLOCKS_FROM:
+        return T * T, T * T
+    areas = [(end - start) * end for start, end in causal_query_blocks(T)]
+    return sum(areas), max(areas)
 
 
 def attention_scores(sh: Shape, st: Settings) -> int:
@@ -727,7 +741,27 @@ def attention_scores(sh: Shape, st: Settings) -> int:
     beside the loss buffers, the issue-16 GQA case (4 x 384 tokens, 8 heads) was +17 %."""
     if st.backend != "mlx":
         return 0
-    return mlx_score_arrays(sh, st) * st.batch_size * sh.heads * st.seq_len * st.seq_len * 4
+    arrays = mlx_score_arrays(sh, st)
+    every, widest = mlx_score_area(st)
+    if not arrays or every == widest:
+        return arrays * st.batch_size * sh.heads * widest * 4
+    # query blocks: the score arrays of the block being differentiated, and each block's
+    # dS until its dk forms (the sum of q's slice gradients is visited first): counted
+    # high, the order of MLX's evaluation is not modelled (docs/memory.md)
+    return ((arrays - 1) * widest + every) * st.batch_size * sh.heads * 4 \
+        + mlx_block_slice_gradients(sh, st)
+
+
+def mlx_block_slice_gradients(sh: Shape, st: Settings) -> int:
+    """MLX's CPU query blocks (mlx_score_area): each block reads a slice of q, k and v, and
+    MLX's vjp of a slice is an array of the whole input's shape, zero outside the slice;
+    every block's three are formed before they are summed (the dispatcher allocates ahead
+    of the worker): n_blocks (Hq + 2 Hk) D per token, in the compute dtype."""
+    T = st.seq_len
+    if st.backend != "mlx" or st.device != "cpu" or T < CAUSAL_BLOCKS_FROM:
+        return 0
+    return len(causal_query_blocks(T)) * st.batch_size * T * 3 * attention_widths(sh, None)[0] \
+        * DTYPE_BYTES[st.dtype]
 
 
 def mlx_score_arrays(sh: Shape, st: Settings) -> int:

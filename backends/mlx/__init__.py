@@ -13,6 +13,7 @@ import math
 import numpy as np
 import mlx.core as mx
 
+from lorafit.backends.base import CAUSAL_BLOCKS_FROM, causal_query_blocks
 from lorafit.core.loss import logit_chunk_elements as chunk_elements
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16,
@@ -548,10 +549,9 @@ class MLXBackend:
 
 
 # MLX's CPU runs scaled_dot_product_attention unfused: scores, mask, softmax over the whole
-# (T, S) square, the masked half included, and the same in the backward. From this length
-# on, causal attention runs a block of queries at a time over the keys up to the block's
-# last row, skipping the keys past it (_causal_blocks).
-CAUSAL_BLOCKS_FROM = 512
+# (T, S) square, the masked half included, and the same in the backward. From
+# CAUSAL_BLOCKS_FROM on, causal attention runs a block of queries at a time over the keys
+# up to the block's last row, skipping the keys past it (_causal_blocks).
 
 
 def _causal_blocks(q, k, v, scale, mask=None):
@@ -563,12 +563,10 @@ def _causal_blocks(q, k, v, scale, mask=None):
     probabilities and their gradients are (rows, end_i) instead of (rows, T). At T = 512
     (4 blocks: 5/8 of the square) one layer's forward + backward took 0.76x the CPU time
     of the single call."""
-    T = q.shape[2]
-    rows = max(128, -(-T // 8))
     outs = [mx.fast.scaled_dot_product_attention(
-        q[:, :, s:s + rows], k[:, :, :s + rows], v[:, :, :s + rows], scale=scale,
-        mask="causal" if mask is None else mask[..., s:s + rows, :s + rows])
-        for s in range(0, T, rows)]
+        q[:, :, s:e], k[:, :, :e], v[:, :, :e], scale=scale,
+        mask="causal" if mask is None else mask[..., s:e, :e])
+        for s, e in causal_query_blocks(q.shape[2])]
     return mx.concatenate(outs, axis=2)
 
 

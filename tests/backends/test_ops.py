@@ -177,7 +177,7 @@ def test_mlx_cpu_causal_attention_in_query_blocks_matches_one_call(mlx_backend, 
     heads, a last block shorter than the others, a segment crossing block edges)."""
     import mlx.core as mx
 
-    from lorafit.backends.mlx import CAUSAL_BLOCKS_FROM
+    from lorafit.backends.base import CAUSAL_BLOCKS_FROM
 
     rng = np.random.default_rng(2)
     B, Hq, Hk, T, D = 1, 4, 2, CAUSAL_BLOCKS_FROM + 88, 8

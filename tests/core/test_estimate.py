@@ -451,6 +451,28 @@ def test_long_packed_rows_on_torch_cost_what_unpacked_rows_cost(grid_root):
     check_within_tolerance(grid_root, "torch", case)
 
 
+# MLX's CPU attention in query blocks from CAUSAL_BLOCKS_FROM tokens on (backends/mlx
+# _causal_blocks): the probabilities kept and the backward's score arrays cover the blocks,
+# not the (T, T) square (+60 % and +107 % over at these shapes when the square was counted)
+LONG_MLX = [Case("mlx-blocks-512", hidden=64, intermediate=128, heads=4, kv_heads=4,
+                 vocab=500, batch=1, seq=512),
+            Case("mlx-blocks-1024-rc", hidden=64, intermediate=128, heads=4, kv_heads=4,
+                 vocab=500, batch=1, seq=1024, targets="all-linear", grad_checkpoint=True)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", LONG_MLX, ids=[c.name for c in LONG_MLX])
+def test_mlx_long_causal_attention_counts_its_query_blocks(grid_root, case):
+    shape = memory_shape(case.config())
+    cpu = estimate(shape, settings_for(case, "mlx"))
+    metal = estimate(shape, settings_for(case, "mlx", device="metal"))  # one fused square
+    assert cpu["breakdown"]["attention scores"] < metal["breakdown"]["attention scores"]
+    measured = measure(case, "mlx", grid_root)
+    print(f"{case.name}: estimated {cpu['total'] / 2**20:.1f} MiB, measured "
+          f"{measured / 2**20:.1f} MiB ({100 * (cpu['total'] - measured) / measured:+.1f}%)")
+    assert 0.95 * measured <= cpu["total"] <= 1.10 * measured
+
+
 def test_a_target_the_config_has_in_no_layer_adapts_nothing():
     """Gemma 4 with k_eq_v on every (full-attention) layer has no v_proj at all: naming it
     adapts nothing, as in training, instead of failing the estimate."""
