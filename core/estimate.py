@@ -679,6 +679,33 @@ def dora_kept_per_token(sh: Shape, st: Settings, names) -> int:
 DORA_OUTPUTS_KEPT = {"torch": 2, "mlx": 2}
 
 
+def mlx_dora_attention_cotangents(sh: Shape, st: Settings) -> int:
+    """MLX without recompute, the top layer's attention backward: DoRA's output is
+    y * scale + delta * scale, so the vjp of each adapted projection forms its output's
+    gradient twice more, g * scale towards y and towards delta (N, out each), where LoRA's
+    sum passes g on as it is; the magnitude's g * y and g * delta reduce at once. The
+    attention's projections meet there with dq, dk and dv alive. Measured as DoRA-on minus
+    DoRA-off beyond the kept outputs (docs/memory.md, "MLX: DoRA's cotangents in the
+    attention backward"): qwen3_5_text C32 H4/2 D32 all-linear 0.16-0.19 MiB for 0.15
+    counted, H8/2 0.23 for 0.25, C128 0.20 for 0.19; q_proj alone 0.04-0.10 for 0.09-0.19."""
+    if st.backend != "mlx" or st.grad_checkpoint or not st.dora:
+        return 0
+    top = sh.layers - 1
+    if top not in _adapted_layers(sh, st):
+        return 0
+    adapted = [m for m in _layer_targets(sh, st, top) if m in DORA_ATTENTION_NAMES]
+    copies = (MLX_DORA_COTANGENT_COPIES * st.batch_size * st.seq_len * DTYPE_BYTES[st.dtype]
+              * sum(sh.linears[m][1] for m in adapted))
+    # an output gate's q/gate split is the same gradient of q_proj's output a moment
+    # earlier: only the wider of the two counts (qwen3_5_text C64 H16/4 D16 q,v,o dora
+    # read +10.2 % with both, +2.7 % with the split alone)
+    return max(0, copies - mlx_attention_output_gate_split(sh, st))
+
+
+DORA_ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
+MLX_DORA_COTANGENT_COPIES = 2
+
+
 def mlx_delta_inverse_matrices(st: Settings, c: int) -> int:
     """MLX only: (c, c) matrices per head per chunk its delta rule keeps beyond the three
     above. MLX has no vjp for a triangular solve, so (I + L)^-1 is the product of
@@ -2012,7 +2039,8 @@ PHASES["DeltaNet backward"] = (("activations", nothing),
 MLX_ATTENTION_BACKWARD = (("loss gradient (dL/dh)", loss_gradient),
                           ("attention scores", attention_scores),
                           ("backward transients", loss_phase_transients),
-                          ("output-gate split", mlx_attention_output_gate_split))
+                          ("output-gate split", mlx_attention_output_gate_split),
+                          ("DoRA output cotangents", mlx_dora_attention_cotangents))
 # The optimizer step: the backward has freed the activations, the gradients exist
 # (a phase's term replaces the static term of the same name)
 OPTIMIZER_STEP = (("activations", nothing), ("embeddings and rope", nothing),
