@@ -671,13 +671,45 @@ def dora_kept_per_token(sh: Shape, st: Settings, names) -> int:
     (measured with the profiler's timeline: both alive at the backward's start, 2 * out
     per module; counting one left torch's DoRA cases 5-11 % under). MLX keeps the same
     two (DoRA on minus off, measured: 1.50 MiB for 1.52 counted on mistral q,v_proj;
-    all-linear and the test grid's case keep ~0.3 MiB more, not yet identified)."""
+    in the attention backward, the widest attention projection's two output-gradient
+    copies more, mlx_dora_attention_cotangents; all-linear 0.07-0.22 MiB beyond that,
+    not identified)."""
     if not st.dora:
         return 0
     return DORA_OUTPUTS_KEPT.get(st.backend, 2) * sum(sh.linears[m][1] for m in names)
 
 
 DORA_OUTPUTS_KEPT = {"torch": 2, "mlx": 2}
+
+
+def mlx_dora_attention_cotangents(sh: Shape, st: Settings) -> int:
+    """MLX without recompute, the top layer's attention backward: DoRA's output is
+    y * scale + delta * scale (core/lora.project), so the vjp of an adapted projection
+    forms its output's gradient twice more, g * scale towards y and towards delta (N, out
+    each), where LoRA's sum passes g on as it is (the magnitude's g * y and g * delta
+    reduce at once). One projection's pair meets the peak, the widest adapted one's: DoRA
+    on minus off beyond the kept outputs (docs/memory.md, "MLX: DoRA's cotangents in the
+    attention backward"), mistral C128 H4/4 D64 (q, k, v 256 wide) at 2 x 64 tokens: q_proj
+    0.19 MiB, v_proj 0.05, q,v 0.26, q,k,v,o 0.21 for 0.25 counted; qwen3_5_text C32 H4/2
+    D32 (q 256 with its gate) at 48 tokens: q_proj 0.04-0.06, all-linear 0.16-0.19 for
+    0.09 (H8/2: 0.23 for 0.19)."""
+    if st.backend != "mlx" or st.grad_checkpoint or not st.dora:
+        return 0
+    top = sh.layers - 1
+    if top not in _adapted_layers(sh, st):
+        return 0
+    widest = max((sh.linears[m][1] for m in _layer_targets(sh, st, top)
+                  if m in DORA_ATTENTION_NAMES), default=0)
+    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
+    copies = MLX_DORA_COTANGENT_COPIES * N * s * widest
+    # an output gate's q/gate split is the same gradient of q_proj's output a moment
+    # earlier: only the wider of the two counts (qwen3_5_text C64 H16/4 D16 q,v,o dora
+    # read +10.2 % with both summed, +2.7 % with the split alone)
+    return max(0, copies - mlx_attention_output_gate_split(sh, st))
+
+
+DORA_ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
+MLX_DORA_COTANGENT_COPIES = 2
 
 
 def mlx_delta_inverse_matrices(st: Settings, c: int) -> int:
@@ -2046,7 +2078,8 @@ PHASES["DeltaNet backward"] = (("activations", nothing),
 MLX_ATTENTION_BACKWARD = (("loss gradient (dL/dh)", loss_gradient),
                           ("attention scores", attention_scores),
                           ("backward transients", loss_phase_transients),
-                          ("output-gate split", mlx_attention_output_gate_split))
+                          ("output-gate split", mlx_attention_output_gate_split),
+                          ("DoRA output cotangents", mlx_dora_attention_cotangents))
 # The optimizer step: the backward has freed the activations, the gradients exist
 # (a phase's term replaces the static term of the same name)
 OPTIMIZER_STEP = (("activations", nothing), ("embeddings and rope", nothing),
