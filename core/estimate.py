@@ -1299,17 +1299,25 @@ def mlx_deltanet_forward(sh: Shape, st: Settings) -> int:
     la = sh.linear_attention
     if st.backend != "mlx" or not la:
         return 0
+    return _deltanet_forward_peak(sh, st, lambda i: deltanet_float32_per_token(sh, st)
+                                  + 2 * sh.hidden + mlx_deltanet_run_ahead(sh, i))
+
+
+def _deltanet_forward_peak(sh: Shape, st: Settings, own) -> int:
+    """Bytes at the widest forward of a Gated DeltaNet layer that keeps nothing for a
+    backward (below the lowest adapted layer, or re-run under recompute): what the layers
+    below it hold (their checkpoints with recompute, their saved sets without) plus
+    own(layer) elements per token of its own."""
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     kept, adapted = _backward_layers(sh, st), _adapted_layers(sh, st)
     best = 0.0
-    for i in la["layers"]:
+    for i in sh.linear_attention["layers"]:
         if i in kept and not st.grad_checkpoint:
             continue  # its arrays are its saved set, counted with the activations
         below = [j for j in kept if j < i]
         held = len(below) * sh.hidden if st.grad_checkpoint else sum(
             saved_per_token_per_layer(sh, st, j in adapted, j) for j in below)
-        best = max(best, held + deltanet_float32_per_token(sh, st) + 2 * sh.hidden
-                   + mlx_deltanet_run_ahead(sh, i))
+        best = max(best, held + own(i))
     return int(N * s * best)
 
 
@@ -1380,22 +1388,12 @@ def torch_deltanet_forward(sh: Shape, st: Settings) -> int:
     la = sh.linear_attention
     if st.backend != "torch" or not la:
         return 0
-    N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
-    kept, adapted = _backward_layers(sh, st), _adapted_layers(sh, st)
     Hv, Dk, Dv = la["value_heads"], la["key_dim"], la["value_dim"]
     X = 2 * la["key_heads"] * Dk + Hv * Dv
     c = min(64, st.seq_len)
     rule = max(Hv * (7 * Dk + 5 * Dv + 3 * c + 3) + Hv * Dk * Dv / c,  # the chunk loop
-               Hv * (7 * Dk + 2 * Dv + 4 * c + 3)) * 4 / s  # q @ k^T times the decay
-    best = 0.0
-    for i in la["layers"]:
-        if i in kept and not st.grad_checkpoint:
-            continue  # its arrays are its saved set, counted with the activations
-        below = [j for j in kept if j < i]
-        held = len(below) * sh.hidden if st.grad_checkpoint else sum(
-            saved_per_token_per_layer(sh, st, j in adapted, j) for j in below)
-        best = max(best, held + rule + 2 * X + 2 * sh.hidden)
-    return int(N * s * best)
+               Hv * (7 * Dk + 2 * Dv + 4 * c + 3)) * 4 / DTYPE_BYTES[st.dtype]  # q @ k^T
+    return _deltanet_forward_peak(sh, st, lambda i: rule + 2 * X + 2 * sh.hidden)
 
 
 def mlx_deltanet_backward(sh: Shape, st: Settings) -> int:
