@@ -9,8 +9,9 @@ family, so the estimator sees what a user's model folder holds. Models stay tiny
 vocabulary comes with a small hidden size) so a CI run measures dozens in minutes.
 
 `python tests/memory_random.py BACKEND SEED N [SEED N ...]` measures each case in this
-process and prints one JSON line per case (with its seed; `--families a,b` draws those
-families only, for a sweep); tests/core/test_estimate_random.py
+process and prints one JSON line per case (with its seed and each measured step's peak: on
+MLX the highest of steps 2..6, whose peak moves step to step; `--families a,b` draws those
+families only, for a sweep; `--steps K` measures K steps); tests/core/test_estimate_random.py
 runs it once per backend for the seeded grid and the fresh configuration together, so the
 imports and the first compile are paid once, and earlier tests leave nothing in the measured
 process. The frozen weights are drawn in float32 (their values do not change the peak).
