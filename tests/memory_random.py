@@ -9,8 +9,9 @@ family, so the estimator sees what a user's model folder holds. Models stay tiny
 vocabulary comes with a small hidden size) so a CI run measures dozens in minutes.
 
 `python tests/memory_random.py BACKEND SEED N [SEED N ...]` measures each case in this
-process and prints one JSON line per case (with its seed; `--families a,b` draws those
-families only, for a sweep); tests/core/test_estimate_random.py
+process and prints one JSON line per case (with its seed and each measured step's peak: on
+MLX the highest of steps 2..6, whose peak moves step to step; `--families a,b` draws those
+families only, for a sweep; `--steps K` measures K steps); tests/core/test_estimate_random.py
 runs it once per backend for the seeded grid and the fresh configuration together, so the
 imports and the first compile are paid once, and earlier tests leave nothing in the measured
 process. The frozen weights are drawn in float32 (their values do not change the peak).
@@ -222,14 +223,15 @@ def describe(case: Case) -> str:
 
 
 def run(backend: str, draws: list[tuple[int | None, int]],
-        families: tuple | None = None) -> None:
+        families: tuple | None = None, steps: int | None = None) -> None:
     """Estimate and measure each case of each (seed, n) draw; one JSON line each (errors
-    are lines too)."""
+    are lines too), with each measured step's peak (`steps` of them; the harness's count
+    for the backend unless given) and their highest as the measured peak."""
     import gc
 
     from lorafit.core.estimate import estimate
     from lorafit.models import memory_shape
-    from memory_harness import measure, settings_for
+    from memory_harness import measured_steps, settings_for, step_peaks
 
     root = Path(tempfile.mkdtemp())
     cases = [(seed, case) for seed, n in draws
@@ -238,11 +240,12 @@ def run(backend: str, draws: list[tuple[int | None, int]],
         t = time.time()
         try:
             est = estimate(memory_shape(case.config()), settings_for(case, backend))
-            got = measure(case, backend, root, steps=2)
+            peaks = step_peaks(case, backend, root, 2, steps or measured_steps(backend))
+            got = max(peaks)
             line = dict(seed=seed, name=case.name, case=describe(case),
                         estimate=est["total"],
                         measured=got, error=(est["total"] - got) / got, phase=est["phase"],
-                        seconds=round(time.time() - t, 1))
+                        steps=peaks, seconds=round(time.time() - t, 1))
         except Exception as e:  # noqa: BLE001 (reported; the test fails on it)
             line = dict(seed=seed, name=case.name, case=describe(case),
                         failed=f"{type(e).__name__}: {e}")
@@ -252,8 +255,12 @@ def run(backend: str, draws: list[tuple[int | None, int]],
 
 
 if __name__ == "__main__":
-    # python tests/memory_random.py BACKEND SEED N [SEED N ...] [--families a,b]
-    args, families = sys.argv[2:], None
+    # python tests/memory_random.py BACKEND SEED N [SEED N ...] [--families a,b] [--steps K]
+    args, families, steps = sys.argv[2:], None, None
+    if "--steps" in args:  # measure K steps after the first (a study of step-to-step peaks)
+        at = args.index("--steps")
+        steps = int(args[at + 1])
+        args = args[:at] + args[at + 2:]
     if "--families" in args:
         at = args.index("--families")
         families = tuple(args[at + 1].split(","))
@@ -262,4 +269,4 @@ if __name__ == "__main__":
             sys.exit(f"unknown families {sorted(unknown)}; drawn: {', '.join(DENSE + LATER)}")
         args = args[:at] + args[at + 2:]
     run(sys.argv[1], [(None if s == "none" else int(s), int(n))
-                      for s, n in zip(args[::2], args[1::2])], families)
+                      for s, n in zip(args[::2], args[1::2])], families, steps)
