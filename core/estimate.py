@@ -753,16 +753,21 @@ def mlx_attention_kept(sh: Shape, st: Settings, layer: int | None = None) -> int
     return B * sh.heads * (mlx_score_area(st)[0] + T * attention_widths(sh, layer)[3]) * s
 
 
+def mlx_query_blocks(st: Settings) -> list[tuple[int, int]]:
+    """The (start, end) query blocks MLX's causal attention runs in: one, (0, T), but on
+    its CPU from CAUSAL_BLOCKS_FROM on (causal_query_blocks, as backends/mlx runs them)."""
+    T = st.seq_len
+    if st.backend == "mlx" and st.device == "cpu" and T >= CAUSAL_BLOCKS_FROM:
+        return causal_query_blocks(T)
+    return [(0, T)]
+
+
 def mlx_score_area(st: Settings) -> tuple[int, int]:
     """(all blocks, the widest block): elements per batch row and query head of the
-    attention probabilities MLX forms. The (T, T) square, but on its CPU from
-    CAUSAL_BLOCKS_FROM on the query blocks' (rows, end) rectangles (causal_query_blocks):
-    every layer keeps all of its blocks' probabilities, and the backward forms one block's
-    score arrays at a time."""
-    T = st.seq_len
-    if st.backend != "mlx" or st.device != "cpu" or T < CAUSAL_BLOCKS_FROM:
-        return T * T, T * T
-    areas = [(end - start) * end for start, end in causal_query_blocks(T)]
+    attention probabilities MLX forms, the blocks' (rows, end) rectangles (the (T, T)
+    square where there is one block): every layer keeps all of its blocks' probabilities;
+    the backward's score arrays, attention_scores."""
+    areas = [(end - start) * end for start, end in mlx_query_blocks(st)]
     return sum(areas), max(areas)
 
 
@@ -788,11 +793,12 @@ def mlx_block_slice_gradients(sh: Shape, st: Settings) -> int:
     """MLX's CPU query blocks (mlx_score_area): each block reads a slice of q, k and v, and
     MLX's vjp of a slice is an array of the whole input's shape, zero outside the slice;
     every block's three are formed before they are summed (the dispatcher allocates ahead
-    of the worker): n_blocks (Hq + 2 Hk) D per token, in the compute dtype."""
-    T = st.seq_len
-    if st.backend != "mlx" or st.device != "cpu" or T < CAUSAL_BLOCKS_FROM:
+    of the worker): n_blocks · 3 · Hq·D per token in the compute dtype (measured at the
+    query width for k and v too: the same peak with 1 and 4 kv heads)."""
+    blocks = len(mlx_query_blocks(st))
+    if blocks == 1:
         return 0
-    return len(causal_query_blocks(T)) * st.batch_size * T * 3 * attention_widths(sh, None)[0] \
+    return blocks * st.batch_size * st.seq_len * 3 * attention_widths(sh, None)[0] \
         * DTYPE_BYTES[st.dtype]
 
 
@@ -1953,9 +1959,8 @@ def _torch_dora_forward(sh: Shape, st: Settings) -> tuple:
                                 - torch_attention_unsaved(sh, st, j)))
                    + eager_scores(sh, st, j) for j in kept if j < i) \
             + N * s * (2 * sh.hidden + st.rank + dora_kept_per_token(sh, st, [m]))
-    adapted = top in _adapted_layers(sh, st)
-    mlp = N * s * mlp_saved_per_token(sh, st, adapted, top) if top in _backward_layers(
-        sh, st) else 0
+    adapted = top in adapted_layers
+    mlp = N * s * mlp_saved_per_token(sh, st, adapted, top) if top in kept else 0
     best = (total, 0)
     for m in target_names(sh, st):
         i, o = sh.linears[m]

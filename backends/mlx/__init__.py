@@ -307,16 +307,18 @@ class MLXBackend:
         if softcap is not None or sinks is not None:
             return self._eager_attention(q, k, v, scale, segment_ids, window, softcap, sinks,
                                          lengths)
+        blocks = T == S and lengths is None and self.device == "cpu" \
+            and T >= CAUSAL_BLOCKS_FROM
         if segment_ids is None and window is None and lengths is None:
             if T == 1:
                 return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-            if T == S and self.device == "cpu" and T >= CAUSAL_BLOCKS_FROM:
+            if blocks:
                 return _causal_blocks(q, k, v, scale)
             if T == S:
                 return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale,
                                                             mask="causal")
         mask = self._mask(T, S, segment_ids, window, lengths)
-        if T == S and lengths is None and self.device == "cpu" and T >= CAUSAL_BLOCKS_FROM:
+        if blocks:
             return _causal_blocks(q, k, v, scale, mask)  # packed rows, sliding windows
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
@@ -548,14 +550,11 @@ class MLXBackend:
         mx.random.seed(seed)
 
 
-# MLX's CPU runs scaled_dot_product_attention unfused: scores, mask, softmax over the whole
-# (T, S) square, the masked half included, and the same in the backward. From
-# CAUSAL_BLOCKS_FROM on, causal attention runs a block of queries at a time over the keys
-# up to the block's last row, skipping the keys past it (_causal_blocks).
-
-
 def _causal_blocks(q, k, v, scale, mask=None):
-    """Causal attention of (B, H, T, D) q, k, v in query blocks of max(128, T / 8) rows,
+    """MLX's CPU runs scaled_dot_product_attention unfused: scores, mask, softmax over the
+    whole (T, S) square, the masked half included, and the same in the backward; from
+    CAUSAL_BLOCKS_FROM on, attention runs here instead, skipping the keys past each block.
+    Causal attention of (B, H, T, D) q, k, v in query blocks of max(128, T / 8) rows,
     block i over keys [0, end_i) with mx.fast's causal mask (aligned to the last key), or
     with its rows and columns of a boolean (T, T) / (B, 1, T, T) mask that is causal too
     (segments, windows). The keys it skips had probability exactly 0, so each row's
