@@ -34,6 +34,17 @@ SHARDED_LAYER = "\0sharded frozen"
 # _causal_blocks), so its probabilities cover less than the (T, T) square; the estimator
 # counts the same blocks (core/estimate.py mlx_score_area)
 CAUSAL_BLOCKS_FROM = 512
+# torch's float32 CPU training runs the same blocks as GEMMs (backends/torch/causal_blocks)
+# up to this length, where they beat its flash kernel (0.6-0.9x its time at 512 and 1024
+# tokens, even at 2048); past it the kept probabilities, ~T^2 / 2 per head, cost more
+# memory than the speed is worth
+TORCH_CPU_BLOCKS_UP_TO = 1024
+
+
+def torch_cpu_blocks(T: int) -> bool:
+    """Whether torch's float32 CPU training takes causal attention over T positions in
+    query blocks (the estimator asks the same)."""
+    return CAUSAL_BLOCKS_FROM <= T <= TORCH_CPU_BLOCKS_UP_TO
 
 
 def causal_query_blocks(T: int) -> list[tuple[int, int]]:

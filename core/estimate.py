@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lorafit.backends.base import CAUSAL_BLOCKS_FROM, causal_query_blocks
+from lorafit.backends.base import CAUSAL_BLOCKS_FROM, causal_query_blocks, torch_cpu_blocks
 from lorafit.core.config import QUANTIZE_BITS, TrainConfig
 from lorafit.core.errors import LorafitError
 from lorafit.core.loss import logit_chunk_elements
@@ -771,6 +771,30 @@ def mlx_score_area(st: Settings) -> tuple[int, int]:
     return sum(areas), max(areas)
 
 
+def torch_query_blocks(st: Settings) -> list[tuple[int, int]] | None:
+    """The query blocks torch's float32 CPU training runs causal attention in, as GEMMs
+    that keep their probabilities (backends/torch/causal_blocks; torch_cpu_blocks says at
+    which lengths): unpacked rows outside compiled layers. None where the flash kernel,
+    which keeps none, runs."""
+    if st.key == "torch-cpu" and st.dtype == "float32" and not st.pack and not st.compile \
+            and torch_cpu_blocks(st.seq_len):
+        return causal_query_blocks(st.seq_len)
+    return None
+
+
+def torch_block_probabilities(sh: Shape, st: Settings, layer: int | None = None) -> int:
+    """torch, bytes one layer's attention keeps in query blocks (torch_query_blocks): the
+    blocks' float32 probabilities, B * Hq * sum(rows * end). Not where the attention runs
+    eagerly (soft-capping, sinks: eager_scores), in a Gated DeltaNet layer, or where its
+    q, k, v need no gradient (the flash kernel runs there)."""
+    blocks = torch_query_blocks(st)
+    if not blocks or sh.attn_softcap or sh.attn_sinks or (
+            sh.linear_attention and layer in sh.linear_attention["layers"]) or (
+            layer is not None and not _attention_needs_grad(sh, st, layer)):
+        return 0
+    return st.batch_size * sh.heads * sum((end - start) * end for start, end in blocks) * 4
+
+
 def attention_scores(sh: Shape, st: Settings) -> int:
     """MLX's attention backward forms the (B, Hq, T, T) probabilities in float32 for one
     layer at a time; torch's CPU/CUDA flash kernels never hold them. Without recompute
@@ -833,7 +857,8 @@ def activations(sh: Shape, st: Settings) -> int:
     return int(N * s * sum(saved_per_token_per_layer(sh, st, i in adapted, i)
                            - torch_attention_unsaved(sh, st, i)
                            for i in kept)) + sum(eager_scores(sh, st, i) for i in kept) \
-        + sum(mlx_attention_kept(sh, st, i) for i in kept)
+        + sum(mlx_attention_kept(sh, st, i) + torch_block_probabilities(sh, st, i)
+              for i in kept)
 
 
 # (N, C) arrays kept per checkpointed layer: its input (MLX's layer_checkpoint does not
@@ -1010,7 +1035,7 @@ def activations_at_attention(sh: Shape, st: Settings) -> int:
             if sh.attn_sinks else 0  # its probabilities (its copies: the peak's own count)
         best = max(best, below + torch_attention_peak_per_token(sh, st, i) + own)
         below += saved_per_token_per_layer(sh, st, i in adapted, i) \
-            + eager_scores(sh, st, i) / (N * s)
+            + (eager_scores(sh, st, i) + torch_block_probabilities(sh, st, i)) / (N * s)
     return int(N * s * best)
 
 
@@ -1075,7 +1100,7 @@ def recompute_layer(sh: Shape, st: Settings) -> int:
                    N * s * torch_attention_peak_per_token(sh, st, i)
                    + torch_gradients_from(sh, st, i, own="none"),
                    torch_rerun_attention_backward(sh, st, i, i in adapted))
-               + mlx_attention_kept(sh, st, i)
+               + mlx_attention_kept(sh, st, i) + torch_block_probabilities(sh, st, i)
                for i in layers), default=0)
     return int(per + N * s * sh.hidden) + eager_scores(sh, st)
 
@@ -2005,7 +2030,8 @@ def embeddings_and_rope(sh: Shape, st: Settings) -> int:
 
 def loss_buffers(sh: Shape, st: Settings) -> int:
     """Fused head + loss: float32 logits and their exp for one chunk of rows
-    (2 * rows * V * 4, rows = min(N, E // V), E per backend: core/loss.py) and dL/dh
+    (2 * rows * V * 4, rows = min(N, E // V), E per backend: core/loss.py; one buffer on
+    torch's float32 CPU path, whose softmax writes over the logits) and dL/dh
     for all tokens (N * C * s),
     formed in the same pass. MLX evaluates all chunks in one graph, chained one after
     another (backends/mlx linear_cross_entropy); about two chunks' buffers overlap there
@@ -2016,7 +2042,10 @@ def loss_buffers(sh: Shape, st: Settings) -> int:
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     chunk = max(16, logit_chunk_elements(st.backend) // sh.vocab)
     rows = min(N, 2 * chunk if st.backend == "mlx" else chunk)
-    buffers = 2 + (sh.final_softcap and st.backend == "mlx" and 2)  # + tanh' slope
+    # torch on the CPU writes every chunk's logits into one buffer and takes the softmax
+    # there (backends/torch _LinearCrossEntropy); CUDA keeps logits and probabilities apart
+    buffers = 1 if st.key == "torch-cpu" and st.dtype == "float32" else 2
+    buffers += sh.final_softcap and st.backend == "mlx" and 2  # + tanh' slope
     chunk_bytes = buffers * rows * sh.vocab * 4
     if st.backend == "torch":  # later in a chunk: the probabilities (logp, exp'd in place),
         # the picked rows of W and probs @ W, (rows, C) each; larger on a vocabulary under

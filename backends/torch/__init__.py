@@ -17,7 +17,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from lorafit.backends.base import torch_cpu_blocks
 from lorafit.backends.segments import segment_layout
+from lorafit.backends.torch.causal_blocks import CausalBlocks
+from lorafit.backends.torch.host_memory import keep_freed_memory
 from lorafit.backends.torch.memory import TensorTracker
 from lorafit.backends.torch.sharded_base import ShardedLayer, gather_layer
 from lorafit.core.loss import logit_chunk_elements as chunk_elements
@@ -46,7 +49,10 @@ class TorchBackend:
         self.device = device
         self.bf16_native = device.startswith("cuda") and torch.cuda.is_bf16_supported()
         self._tracker = TensorTracker() if device == "cpu" else None
+        if device == "cpu":
+            keep_freed_memory()  # no page faults for what each step forms again
         self._layer_compiler = None  # set while a compile_forward function runs
+        self._compiled_run = False  # a compile_forward function exists: see there
         if self.world_size > 1:
             _join_process_group(device)
 
@@ -336,7 +342,10 @@ class TorchBackend:
         return x * cos + rotated * sin
 
     def attention(self, q, k, v, scale, segment_ids=None, window=None, softcap=None,
-                  sinks=None, lengths=None):
+                  sinks=None, lengths=None, blocks=True):
+        """Backend.attention; `blocks=False` keeps causal rows off CausalBlocks (packed
+        examples: their lengths are known only once batched, so the estimator cannot count
+        the probabilities those blocks keep)."""
         T, S = q.shape[2], k.shape[2]
         gqa = q.shape[1] != k.shape[1]
         if segment_ids is not None and lengths is None and T == S:
@@ -346,6 +355,8 @@ class TorchBackend:
             return self._eager_attention(q, k, v, scale, segment_ids, window, softcap, sinks,
                                          lengths)
         if segment_ids is None and window is None and lengths is None:
+            if T == S and blocks and not self._compiled_run and _causal_blocks_pay(q, k, v):
+                return CausalBlocks.apply(q, k, v, scale)
             if T == S:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                       enable_gqa=gqa)
@@ -372,7 +383,7 @@ class TorchBackend:
         outs = []
         for (n, L), qg, kg, vg in zip(shapes, *(z.split(sizes) for z in (q, k, v))):
             qg, kg, vg = (z.view(n, L, -1, D).transpose(1, 2) for z in (qg, kg, vg))
-            o = self.attention(qg, kg, vg, scale, None, window, softcap, sinks)
+            o = self.attention(qg, kg, vg, scale, None, window, softcap, sinks, blocks=False)
             outs.append(o.transpose(1, 2).reshape(n * L, Hq, D))
         # back in (B * T) order, padding dropped; the padding's gradient is zero
         out = _Gather.apply(torch.cat(outs), order, unpad, True)
@@ -501,6 +512,10 @@ class TorchBackend:
         from lorafit.backends.torch.compiled import LayerCompiler
 
         compiler = LayerCompiler(self.device)
+        # the fused attention kernel everywhere from now on, CausalBlocks nowhere: inductor
+        # traces the kernel, and a layer re-run in the backward (recompute) must save what
+        # its forward saved, inside a compiled forward or not
+        self._compiled_run = True
 
         def run(*args):
             outer, self._layer_compiler = self._layer_compiler, compiler
@@ -619,6 +634,15 @@ class TorchBackend:
         torch.manual_seed(seed)
 
 
+def _causal_blocks_pay(q, k, v) -> bool:
+    """Plain causal attention in float32 training on the CPU, at the lengths where query
+    blocks of GEMMs beat the flash kernel (backends/base torch_cpu_blocks); not where no
+    gradient is asked for (the flash kernel keeps no probabilities then)."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and torch.is_grad_enabled()
+            and (q.requires_grad or k.requires_grad or v.requires_grad)
+            and torch_cpu_blocks(q.shape[2]))
+
+
 class _ExpertGroups(NamedTuple):
     """ops.expert_groups: order sorts the flat (N*K) choices by expert, inverse undoes it;
     token and expert are each sorted row's token and expert; offsets the cumulative row
@@ -721,17 +745,27 @@ class _Rope(torch.autograd.Function):
         return gx.to(ctx.dtype), None, None
 
 
-def _picked_log_probs(probs, logits, targets):
+def _picked_log_probs(probs, targets, logits_of_rows):
     """log p of each row's target from its softmax row; a row where that probability is
-    below float32's normal range (a loss above ~87 nats) takes it from log_softmax."""
+    below float32's normal range (a loss above ~87 nats) takes it from log_softmax of its
+    logits, formed again for those rows only (`logits_of_rows(rows)`)."""
     picked = probs.gather(1, targets[:, None])[:, 0]
     out = picked.log()
     tiny = picked < torch.finfo(probs.dtype).tiny
     if bool(tiny.any()):
         rows = tiny.nonzero()[:, 0]
-        out[rows] = torch.log_softmax(logits[rows], dim=-1).gather(
+        out[rows] = torch.log_softmax(logits_of_rows(rows), dim=-1).gather(
             1, targets[rows, None])[:, 0]
     return out
+
+
+def _chunk_logits(h, weight, softcap, out=None):
+    """float32 logits h W^T of a chunk of rows, soft-capped when the model caps them;
+    written into `out` by the GEMM itself when given (float32 operands)."""
+    logits = F.linear(h, weight).float() if out is None else torch.mm(h, weight.t(), out=out)
+    if softcap is not None:
+        logits = logits.div_(softcap).tanh_().mul_(softcap)
+    return logits
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -821,7 +855,15 @@ class _LoraLinears(torch.autograd.Function):
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Chunked lm-head + cross-entropy whose backward is computed in the forward pass."""
+    """Chunked lm-head + cross-entropy whose backward is computed in the forward pass.
+
+    On the CPU (float32) every chunk's logits are written into one buffer and turned into
+    probabilities there (softmax in place): glibc hands an allocation over 32 MiB straight
+    back to the kernel when it is freed, so a fresh (rows, V) tensor per chunk paid a page
+    fault per 4 KiB each time it was first written (two per chunk; ~0.2 s of a 2.5 s step
+    at bench_train's shape). CUDA's caching allocator reuses its blocks, and there (and in
+    half precision, whose logits are cast) the logits and the probabilities stay two
+    tensors (CUDA's softmax is not relied on to write over its input)."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, mask, chunk_rows, softcap=None, per_token=False):
@@ -830,40 +872,51 @@ class _LinearCrossEntropy(torch.autograd.Function):
         tokens = torch.empty(h.shape[0], dtype=torch.float32, device=h.device) \
             if per_token else None
         grad_h = torch.empty_like(h) if need_grad else None
+        in_place = need_grad and h.device.type == "cpu" and h.dtype == weight.dtype \
+            == torch.float32
+        buffer = torch.empty((min(chunk_rows, h.shape[0]), weight.shape[0]),
+                             dtype=torch.float32, device=h.device) if in_place else None
         for start in range(0, h.shape[0], chunk_rows):
             sl = slice(start, start + chunk_rows)
-            row = mask[sl, None]
-            logits = F.linear(h[sl], weight).float()
-            if softcap is not None:
-                logits = logits.div_(softcap).tanh_().mul_(softcap)
+            hs, row = h[sl], mask[sl, None]
+            logits = _chunk_logits(hs, weight, softcap,
+                                   buffer[:hs.shape[0]] if in_place else None)
+            slope = None  # dc/dz = 1 - (c / cap)^2 of soft-capped logits c
             if need_grad:  # the probabilities are what the gradient needs: one kernel
-                logp = None
-                probs = torch.softmax(logits, dim=-1)
-                picked_logp = _picked_log_probs(probs, logits, targets[sl]) * row[:, 0]
+                if in_place:  # the slope first, in a buffer of its own
+                    if softcap is not None:
+                        slope = (logits / softcap).square_().neg_().add_(1)
+                    probs = torch.softmax(logits, dim=-1, out=logits)
+                else:  # the slope after, in the logits' storage
+                    probs = torch.softmax(logits, dim=-1)
+                    if softcap is not None:
+                        slope = logits.div_(softcap).square_().neg_().add_(1)
+                del logits
+                picked_logp = _picked_log_probs(
+                    probs, targets[sl],
+                    lambda rows: _chunk_logits(hs[rows], weight, softcap)) * row[:, 0]
             else:
-                logp = torch.log_softmax(logits, dim=-1)  # one kernel, not logsumexp's five
-                picked_logp = logp.gather(1, targets[sl, None])[:, 0] * row[:, 0]
+                # one kernel, not logsumexp's five
+                picked_logp = torch.log_softmax(logits, dim=-1).gather(
+                    1, targets[sl, None])[:, 0] * row[:, 0]
+                del logits
             if per_token:
                 tokens[sl] = -picked_logp
             else:
                 total -= picked_logp.sum()
-            if softcap is None or not need_grad:
-                del logits  # the capped logits are needed only for the slope below
             if need_grad:
                 # (softmax - onehot) @ W  ==  softmax @ W - W[targets]: no (rows, V) one-hot;
                 # the mask scales the (rows, C) result, not the (rows, V) probabilities
                 picked = weight[targets[sl]]
-                if softcap is not None:  # times dc/dz = 1 - (c / cap)^2, picked column too
-                    slope = logits.div_(softcap).square_().neg_().add_(1)
+                if slope is not None:  # times the slope, the picked column's too
                     picked = picked * slope.gather(1, targets[sl, None]).to(weight.dtype)
                     probs.mul_(slope)
-                    del slope, logits
+                    del slope
                 g = probs.to(weight.dtype) @ weight
                 g -= picked
                 g *= row.to(weight.dtype)
                 grad_h[sl] = g.to(h.dtype)
-                del probs, g, picked
-            del logp  # free this chunk before the next one is formed
+                del probs, g, picked  # free this chunk before the next one is formed
         ctx.save_for_backward(grad_h)
         ctx.per_token = per_token
         return tokens if per_token else total

@@ -441,11 +441,19 @@ LONG_PACKED = Case("long-packed", hidden=64, intermediate=128, heads=2, kv_heads
 
 def test_long_packed_rows_on_torch_cost_what_unpacked_rows_cost(grid_root):
     """Packed attention forms no (B, T, T) mask: the estimate counts none (packed equals
-    unpacked), and the measured peak of a packed step stays within the usual tolerance."""
+    unpacked, less the probabilities unpacked rows of this length keep in query blocks:
+    packed examples take the fused kernel), and the measured peak of a packed step stays
+    within the usual tolerance."""
+    from lorafit.core.estimate import torch_block_probabilities
+
     shape, case = memory_shape(LONG_PACKED.config()), LONG_PACKED
     packed = estimate(shape, settings_for(case, "torch"))
-    unpacked = estimate(shape, settings_for(Case(**{**case.__dict__, "pack": False}), "torch"))
-    assert packed["breakdown"] == unpacked["breakdown"]
+    rows = settings_for(Case(**{**case.__dict__, "pack": False}), "torch")
+    unpacked = estimate(shape, rows)
+    blocks = sum(torch_block_probabilities(shape, rows, i) for i in range(case.layers))
+    assert blocks > 0
+    assert packed["breakdown"] == {**unpacked["breakdown"],
+                                   "activations": unpacked["breakdown"]["activations"] - blocks}
     mask_per_layer = case.batch * case.seq * case.seq
     assert packed["total"] < 12 * mask_per_layer * case.layers  # a mask would be visible
     check_within_tolerance(grid_root, "torch", case)
@@ -471,6 +479,34 @@ def test_mlx_long_causal_attention_counts_its_query_blocks(grid_root, case):
     print(f"{case.name}: estimated {cpu['total'] / 2**20:.1f} MiB, measured "
           f"{measured / 2**20:.1f} MiB ({100 * (cpu['total'] - measured) / measured:+.1f}%)")
     assert 0.95 * measured <= cpu["total"] <= 1.10 * measured
+
+
+# torch's float32 CPU attention in query blocks of GEMMs from 512 to 1024 tokens
+# (backends/torch/causal_blocks) keeps each layer's blocks' probabilities: plain and grouped
+# heads, and a re-run layer's with recompute
+LONG_TORCH = [Case("torch-blocks-512", hidden=64, intermediate=128, heads=4, kv_heads=4,
+                   vocab=500, batch=1, seq=512, targets="all-linear"),
+              Case("torch-blocks-gqa-512", hidden=128, intermediate=256, heads=8, kv_heads=2,
+                   vocab=500, batch=2, seq=512),
+              Case("torch-blocks-1024-rc", hidden=64, intermediate=128, heads=4, kv_heads=4,
+                   vocab=500, batch=1, seq=1024, targets="all-linear", grad_checkpoint=True)]
+
+
+@pytest.mark.parametrize("case", LONG_TORCH, ids=[c.name for c in LONG_TORCH])
+def test_torch_long_causal_attention_counts_its_kept_probabilities(grid_root, case):
+    from lorafit.core.estimate import torch_block_probabilities
+
+    shape, st = memory_shape(case.config()), settings_for(case, "torch")
+    predicted = estimate(shape, st)["total"]
+    kept = torch_block_probabilities(shape, st)
+    assert kept > 0 and torch_block_probabilities(shape, st.replace(pack=True)) == 0
+    measured = measure(case, "torch", grid_root)
+    print(f"{case.name}: estimated {predicted / 2**20:.2f} MiB, measured "
+          f"{measured / 2**20:.2f} MiB ({100 * (predicted - measured) / measured:+.1f}%)")
+    assert 0.95 * measured <= predicted <= 1.10 * measured
+    # without them the estimate is low: the probabilities are what the step holds
+    layers = 1 if case.grad_checkpoint else case.layers
+    assert predicted - layers * kept < 0.95 * measured
 
 
 def test_a_target_the_config_has_in_no_layer_adapts_nothing():
