@@ -65,15 +65,23 @@ class CausalBlocks(torch.autograd.Function):
         gg = grad.reshape(BHk, G, T, D)
         delta = (grad * out).sum(-1).reshape(BHk, G, T, 1)  # rowsum(dO * O)
         dq = torch.empty_like(qg)
-        dk, dv = torch.zeros_like(k3), torch.zeros_like(v3)
-        for p, (start, end) in zip(probs, causal_query_blocks(T)):
+        dk = dv = None
+        # the last block first: it reaches every key, so its products are dk and dv whole;
+        # the others add into their leading rows (batched products into a slice of the
+        # key axis would fall back to one matmul per batch row)
+        for p, (start, end) in reversed(list(zip(probs, causal_query_blocks(T)))):
             rows = end - start
             g_rows = _query_rows(gg, start, end)
-            dv[:, :end].baddbmm_(p.transpose(1, 2), g_rows)
             dp = torch.bmm(g_rows, v3[:, :end].transpose(1, 2))
             dp.sub_(delta[:, :, start:end].reshape(BHk, G * rows, 1)).mul_(p)  # d scores
             dq[:, :, start:end] = torch.bmm(dp, k3[:, :end]).view(BHk, G, rows, D)
-            dk[:, :end].baddbmm_(dp.transpose(1, 2), _query_rows(qg, start, end))
+            dv_block = torch.bmm(p.transpose(1, 2), g_rows)
+            dk_block = torch.bmm(dp.transpose(1, 2), _query_rows(qg, start, end))
+            if dk is None:
+                dk, dv = dk_block, dv_block
+            else:
+                dk[:, :end] += dk_block
+                dv[:, :end] += dv_block
         dq.mul_(ctx.scale)
         dk.mul_(ctx.scale)
         return dq.view(B, Hq, T, D), dk.view(k_shape), dv.view(k_shape), None

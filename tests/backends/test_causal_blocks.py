@@ -62,3 +62,53 @@ def test_the_backend_takes_blocks_only_where_they_pay(torch_backend, monkeypatch
         torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
         torch_backend.attention(q, k, v, 0.5, blocks=False)
     assert used == [T for T in (256, 512, 1024, 1100) if torch_cpu_blocks(T)] == [512, 1024]
+
+
+def test_a_model_at_512_tokens_trains_the_same_through_the_blocks(tmp_path, tokenizer,
+                                                                 torch_backend, monkeypatch):
+    """A grouped-query Llama over 512 tokens (the blocks run in every layer): the loss and
+    every adapter gradient equal those of PyTorch's kernel, with and without recompute
+    (a re-run layer saves what its forward saved)."""
+    import numpy as np
+
+    from conftest import build_hf_model, random_ids
+    from lorafit.backends import torch as torch_backend_module
+    from lorafit.core import lora
+    from lorafit.core.lora import LoraConfig
+    from lorafit.models import default_positions
+    from lorafit.models.loader import load_model
+
+    folder, ref = build_hf_model(tmp_path, "llama", tokenizer, max_position_embeddings=1024)
+    ops = torch_backend
+    model = load_model(str(folder), ops)
+    names = lora.attach(model, LoraConfig(r=2, alpha=4, targets="all-linear"), seed=0)
+    rng = np.random.default_rng(0)
+    for k in names:  # B non-zero, so every adapter's gradient is
+        model.params[k] = ops.from_numpy(
+            rng.normal(0, 0.1, ops.to_numpy(model.params[k]).shape).astype(np.float32))
+    ids = ops.from_numpy(random_ids(ref.config.vocab_size, (1, 512), seed=1))
+    pos = default_positions(ops, (1, 512))
+    probe = ops.from_numpy(rng.normal(size=(1, 512, 64)).astype(np.float32))
+    frozen = {k: v for k, v in model.params.items() if k not in names}
+
+    def run(recompute):
+        def f(tr, _):
+            h = model.hidden(ids, pos, params={**frozen, **tr}, recompute=recompute)
+            return (h * probe).sum(), None
+        (loss, _), g = ops.value_and_grad(f)({k: model.params[k] for k in names}, None)
+        return ops.to_float(loss), {k: ops.to_numpy(v) for k, v in g.items()}
+
+    used = []
+    real = CausalBlocks.apply
+    monkeypatch.setattr(causal_blocks.CausalBlocks, "apply",
+                        staticmethod(lambda *a: used.append(1) or real(*a)))
+    blocks, blocks_rc = run(False), run(True)
+    assert len(used) == 3 * ref.config.num_hidden_layers  # forward, forward + re-run
+    monkeypatch.setattr(torch_backend_module, "torch_cpu_blocks", lambda T: False)
+    kernel = run(False)
+    assert len(used) == 3 * ref.config.num_hidden_layers
+    for got in (blocks, blocks_rc):
+        assert got[0] == pytest.approx(kernel[0], rel=1e-5)
+        for k in names:  # float32 sums over 512 positions in another order
+            scale = np.abs(kernel[1][k]).max()
+            np.testing.assert_allclose(got[1][k], kernel[1][k], rtol=1e-3, atol=1e-4 * scale)
