@@ -774,9 +774,9 @@ def mlx_score_area(st: Settings) -> tuple[int, int]:
 def torch_query_blocks(st: Settings) -> list[tuple[int, int]] | None:
     """The query blocks torch's float32 CPU training runs causal attention in, as GEMMs
     that keep their probabilities (backends/torch/causal_blocks; torch_cpu_blocks says at
-    which lengths): unpacked rows outside compiled layers. None where the flash kernel,
-    which keeps none, runs."""
-    if st.key == "torch-cpu" and st.dtype == "float32" and not st.pack and not st.compile \
+    which lengths): unpacked rows (in a compiled layer too: eagerly, between its compiled
+    parts). None where the flash kernel, which keeps none, runs."""
+    if st.key == "torch-cpu" and st.dtype == "float32" and not st.pack \
             and torch_cpu_blocks(st.seq_len):
         return causal_query_blocks(st.seq_len)
     return None

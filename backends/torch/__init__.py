@@ -52,7 +52,6 @@ class TorchBackend:
         if device == "cpu":
             keep_freed_memory()  # no page faults for what each step forms again
         self._layer_compiler = None  # set while a compile_forward function runs
-        self._compiled_run = False  # a compile_forward function exists: see there
         if self.world_size > 1:
             _join_process_group(device)
 
@@ -355,8 +354,8 @@ class TorchBackend:
             return self._eager_attention(q, k, v, scale, segment_ids, window, softcap, sinks,
                                          lengths)
         if segment_ids is None and window is None and lengths is None:
-            if T == S and blocks and not self._compiled_run and _causal_blocks_pay(q, k, v):
-                return CausalBlocks.apply(q, k, v, scale)
+            if T == S and blocks and _causal_blocks_pay(q, k, v):
+                return _causal_blocks(q, k, v, scale)
             if T == S:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                       enable_gqa=gqa)
@@ -512,10 +511,6 @@ class TorchBackend:
         from lorafit.backends.torch.compiled import LayerCompiler
 
         compiler = LayerCompiler(self.device)
-        # the fused attention kernel everywhere from now on, CausalBlocks nowhere: inductor
-        # traces the kernel, and a layer re-run in the backward (recompute) must save what
-        # its forward saved, inside a compiled forward or not
-        self._compiled_run = True
 
         def run(*args):
             outer, self._layer_compiler = self._layer_compiler, compiler
@@ -632,6 +627,11 @@ class TorchBackend:
 
     def seed(self, seed):
         torch.manual_seed(seed)
+
+
+@torch.compiler.disable  # a Python loop over blocks: eager between a compiled layer's parts
+def _causal_blocks(q, k, v, scale):
+    return CausalBlocks.apply(q, k, v, scale)
 
 
 def _causal_blocks_pay(q, k, v) -> bool:

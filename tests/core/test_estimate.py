@@ -608,7 +608,10 @@ def test_mlx_rerun_attention_counts_its_c_wide_end_under_narrow_heads():
 # in the backward, F per token fewer than eager in every compiled layer (docs/memory.md).
 COMPILED = [Case("compiled-deeper", layers=4, compile=True),
             Case("compiled-qwen3-gqa", model_type="qwen3", layers=3, heads=8, kv_heads=2,
-                 extra=dict(head_dim=32), compile=True)]  # packed: docs (compiles 2x longer)
+                 extra=dict(head_dim=32), compile=True),  # packed: docs (compiles 2x longer)
+            # 512 tokens: each layer's attention in query blocks, eager between its graphs
+            Case("compiled-blocks-512", layers=3, hidden=128, intermediate=256, vocab=500,
+                 batch=1, seq=512, compile=True)]
 
 
 @pytest.mark.slow
