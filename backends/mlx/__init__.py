@@ -14,6 +14,7 @@ import numpy as np
 import mlx.core as mx
 
 from lorafit.backends.base import CAUSAL_BLOCKS_FROM, causal_query_blocks
+from lorafit.backends.host_memory import keep_freed_memory
 from lorafit.core.loss import logit_chunk_elements as chunk_elements
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16,
@@ -40,6 +41,8 @@ class MLXBackend:
         if self.world_size > 1:
             self._group = _join_group(place)
         self.bf16_native = self.device == "metal"  # Metal has bf16; MLX's CPU emulates it
+        if self.device == "cpu":
+            keep_freed_memory()  # no page faults for what each step forms again
 
     # -- arrays ---------------------------------------------------------------------------
     def from_numpy(self, a, dtype=None):

@@ -1,4 +1,4 @@
-"""glibc keeps what a training step frees (backends/torch/host_memory.py)."""
+"""glibc keeps what a training step frees (backends/host_memory.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from lorafit.backends.torch.host_memory import keep_freed_memory
+from lorafit.backends.host_memory import keep_freed_memory
 
 
 def _faults_forming(n_arrays: int) -> int:
@@ -25,6 +25,6 @@ def test_a_step_formed_again_does_not_fault_its_pages_again(torch_backend):
     """The CPU backend keeps freed memory: forming 200 MiB of arrays a second time (as
     the next step does) takes no new pages from the kernel, where glibc's defaults hand
     much of it back and fault it in again (~25 K faults per round, measured)."""
-    assert keep_freed_memory()  # the CPU backend has set it already; idempotent
+    assert keep_freed_memory()  # the CPU backends set it; idempotent
     _faults_forming(50)
     assert _faults_forming(50) < 2000
