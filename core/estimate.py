@@ -68,6 +68,9 @@ class Shape:
     # projections the family has but this config has in no layer (Gemma 4's v_proj when
     # every layer is a k_eq_v full layer): a target naming one adapts nothing, as in training
     absent_linears: tuple = ()
+    # layers whose attention takes a sliding window (the masked kernel path on torch, even
+    # where the window covers the sequence: no query blocks there)
+    sliding_layers: tuple = ()
     # --shard cuts the decoder layers' frozen weights across the devices, not the rest:
     outside_layers: int | None = None  # frozen elements outside the layers (embeddings,
     #                                    head, final norm...); None: from vocab and hidden
@@ -785,14 +788,47 @@ def torch_query_blocks(st: Settings) -> list[tuple[int, int]] | None:
 def torch_block_probabilities(sh: Shape, st: Settings, layer: int | None = None) -> int:
     """torch, bytes one layer's attention keeps in query blocks (torch_query_blocks): the
     blocks' float32 probabilities, B * Hq * sum(rows * end). Not where the attention runs
-    eagerly (soft-capping, sinks: eager_scores), in a Gated DeltaNet layer, or where its
-    q, k, v need no gradient (the flash kernel runs there)."""
+    eagerly (soft-capping, sinks: eager_scores), in a Gated DeltaNet layer, a sliding-window
+    layer (the masked kernel runs there), or where its q, k, v need no gradient (the flash
+    kernel runs there)."""
     blocks = torch_query_blocks(st)
-    if not blocks or sh.attn_softcap or sh.attn_sinks or (
+    if not blocks or sh.attn_softcap or sh.attn_sinks or layer in sh.sliding_layers or (
             sh.linear_attention and layer in sh.linear_attention["layers"]) or (
             layer is not None and not _attention_needs_grad(sh, st, layer)):
         return 0
     return st.batch_size * sh.heads * sum((end - start) * end for start, end in blocks) * 4
+
+
+def torch_block_gradient(sh: Shape, st: Settings, layer: int) -> int:
+    """torch, bytes: the query blocks' backward forms dP of one block at a time beside the
+    kept probabilities, the widest block's B * Hq * rows * T float32 at most (the sweep's
+    long olmo2 C32 H16/4 D8 T880 q,k,v,o rc re-run: -22.8 % without)."""
+    blocks = torch_query_blocks(st)
+    if not torch_block_probabilities(sh, st, layer):
+        return 0
+    return st.batch_size * sh.heads * max((e - s) * e for s, e in blocks) * 4
+
+
+def torch_top_block_gradient(sh: Shape, st: Settings) -> int:
+    """torch without recompute: the top layer's attention backward in query blocks forms
+    one block's dP (torch_block_gradient) while every saved set is alive (its MLP's counted
+    too, the safe side: the sweep's long qwen3_moe C64 H16/4 D8 T712 all-linear peaked
+    there, -12.7 % at the loss). With recompute the re-run layer counts it."""
+    if st.grad_checkpoint:
+        return 0
+    return torch_block_gradient(sh, st, sh.layers - 1)
+
+
+def torch_window_mask(sh: Shape, st: Settings, layer: int | None = None) -> int:
+    """torch on the CPU, bytes: a sliding-window layer's attention runs the fused kernel
+    with a (T, T) boolean mask, which scaled_dot_product_attention turns into a float32
+    one and keeps for its backward: T^2 * 4 per such layer whose q, k, v carry a gradient
+    (unpacked rows; the sweep's long mistral and gemma3 cases, T 864-888: -5.5 and -5.8 %
+    without). Negligible at short lengths (16 KiB at 64)."""
+    if st.key != "torch-cpu" or st.pack or layer not in sh.sliding_layers or (
+            not _attention_needs_grad(sh, st, layer)) or sh.attn_softcap or sh.attn_sinks:
+        return 0
+    return st.seq_len * st.seq_len * 4
 
 
 def attention_scores(sh: Shape, st: Settings) -> int:
@@ -858,7 +894,7 @@ def activations(sh: Shape, st: Settings) -> int:
                            - torch_attention_unsaved(sh, st, i)
                            for i in kept)) + sum(eager_scores(sh, st, i) for i in kept) \
         + sum(mlx_attention_kept(sh, st, i) + torch_block_probabilities(sh, st, i)
-              for i in kept)
+              + torch_window_mask(sh, st, i) for i in kept)
 
 
 # (N, C) arrays kept per checkpointed layer: its input (MLX's layer_checkpoint does not
@@ -1035,7 +1071,8 @@ def activations_at_attention(sh: Shape, st: Settings) -> int:
             if sh.attn_sinks else 0  # its probabilities (its copies: the peak's own count)
         best = max(best, below + torch_attention_peak_per_token(sh, st, i) + own)
         below += saved_per_token_per_layer(sh, st, i in adapted, i) \
-            + (eager_scores(sh, st, i) + torch_block_probabilities(sh, st, i)) / (N * s)
+            + (eager_scores(sh, st, i) + torch_block_probabilities(sh, st, i)
+               + torch_window_mask(sh, st, i)) / (N * s)
     return int(N * s * best)
 
 
@@ -1101,6 +1138,7 @@ def recompute_layer(sh: Shape, st: Settings) -> int:
                    + torch_gradients_from(sh, st, i, own="none"),
                    torch_rerun_attention_backward(sh, st, i, i in adapted))
                + mlx_attention_kept(sh, st, i) + torch_block_probabilities(sh, st, i)
+               + torch_window_mask(sh, st, i)
                for i in layers), default=0)
     return int(per + N * s * sh.hidden) + eager_scores(sh, st)
 
@@ -1117,7 +1155,8 @@ def torch_rerun_attention_backward(sh: Shape, st: Settings, layer: int,
     N, s = st.batch_size * st.seq_len, DTYPE_BYTES[st.dtype]
     rest = saved_per_token_per_layer(sh, st, adapted, layer) \
         - torch_attention_unsaved(sh, st, layer) - mlp_saved_per_token(sh, st, adapted, layer)
-    return int(N * s * rest) + torch_gradients_from(sh, st, layer)
+    return int(N * s * rest) + torch_gradients_from(sh, st, layer) \
+        + torch_block_gradient(sh, st, layer)
 
 
 def mlp_saved_per_token(sh: Shape, st: Settings, adapted: bool, layer: int) -> int:
@@ -2090,6 +2129,8 @@ PHASES = {
                              ("embeddings and rope", embeddings_in_backward)),
     # torch: the top layer's backward, every saved activation alive
     "backward start": (("backward transients", torch_backward_start),),
+    # torch, query blocks: the top layer's attention backward, every saved set alive
+    "attention backward": (("query block gradient", torch_top_block_gradient),),
     # torch: the top sparse MoE layer's expert down projection, every layer saved
     "sparse MoE forward": (("MoE down-projection transients", torch_moe_forward),
                            ("embeddings and rope", embeddings_before_head)),

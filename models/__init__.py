@@ -149,6 +149,7 @@ def memory_shape(config: dict):
     sh.outside_layers = sum(int(np.prod(v)) for v in shapes.values()) - sum(per_layer)
     sh.largest_layer = max(per_layer)
     sh.layer_attention = _layer_attention(a)
+    sh.sliding_layers = tuple(i for i in range(a.num_hidden_layers) if a.window(i) is not None)
     sh.output_norm = decoder.sublayer_norms(a)[3] is not None
     sh.v_norm, sh.kv_shared = bool(a.v_norm), bool(a.kv_shared_layers)
     sh.gelu_tanh = a.hidden_act in GELU_TANH

@@ -82,6 +82,7 @@ class CausalBlocks(torch.autograd.Function):
             else:
                 dk[:, :end] += dk_block
                 dv[:, :end] += dv_block
+            del dp, dk_block, dv_block  # one block's dP alive at a time, not two
         dq.mul_(ctx.scale)
         dk.mul_(ctx.scale)
         return dq.view(B, Hq, T, D), dk.view(k_shape), dv.view(k_shape), None
