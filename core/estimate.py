@@ -802,11 +802,16 @@ def torch_block_probabilities(sh: Shape, st: Settings, layer: int | None = None)
 def torch_block_gradient(sh: Shape, st: Settings, layer: int) -> int:
     """torch, bytes: the query blocks' backward forms dP of one block at a time beside the
     kept probabilities, the widest block's B * Hq * rows * T float32 at most (the sweep's
-    long olmo2 C32 H16/4 D8 T880 q,k,v,o rc re-run: -22.8 % without)."""
+    long olmo2 C32 H16/4 D8 T880 q,k,v,o rc re-run: -22.8 % without), and beside them the
+    incoming gradient's grouped copy and dq (Hq*D each), dk and dv (Hk*D each) per token
+    (the profiler's timeline of the sweep's smollm3 C32 H4/2 D32 T984 q,v rc re-run: all
+    blocks' probabilities, one dP and those four alive; -11.1 % without them)."""
     blocks = torch_query_blocks(st)
     if not torch_block_probabilities(sh, st, layer):
         return 0
-    return st.batch_size * sh.heads * max((e - s) * e for s, e in blocks) * 4
+    q, kv, _, _ = attention_widths(sh, layer)
+    return st.batch_size * (sh.heads * max((e - s) * e for s, e in blocks)
+                            + st.seq_len * 2 * (q + kv)) * 4
 
 
 def torch_top_block_gradient(sh: Shape, st: Settings) -> int:

@@ -492,35 +492,32 @@ LONG_TORCH = [Case("torch-blocks-512", hidden=64, intermediate=128, heads=4, kv_
                    vocab=500, batch=1, seq=1024, targets="all-linear", grad_checkpoint=True)]
 
 
-def _long_draw(seed: int, index: int, seq: int) -> Case:
-    """A drawn configuration (tests/memory_random.py) at a long length, one unpacked row."""
+@pytest.mark.slow
+def test_torch_long_rows_of_drawn_configurations_within_the_bound(grid_root):
+    """Every family's drawn configurations (seeds 19 and 23, 34 cases) at a drawn length
+    from 512 to 1024 tokens, one unpacked row: within -5 / +10 %. Printed but not asserted:
+    soft-capped attention (eager) with recompute, whose re-run's T^2 arrays at these
+    lengths are not modelled yet (gemma2 at 728 tokens: -17.9 %; docs/memory.md)."""
     import dataclasses
 
-    from memory_random import random_cases
+    import numpy as np
+    from memory_random import describe, random_cases
 
-    case = random_cases(seed, index + 1, "torch")[index]
-    return dataclasses.replace(case, seq=seq, batch=1, pack=False)
-
-
-# Drawn configurations at 512-1024 tokens on torch (a sweep of 33, docs/memory.md): each
-# was under the bound by a term these lengths add (-22.8, -12.7, -5.5 % before)
-LONG_DRAWS = [("olmo2-rc-880", 19, 4, 880, "the blocks' dP in a re-run layer"),
-              ("qwen3_moe-712", 23, 1, 712, "the top layer's attention backward"),
-              ("mistral-window-864", 19, 7, 864, "the sliding-window mask SDPA keeps")]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name,seed,index,seq,term", LONG_DRAWS,
-                         ids=[d[0] for d in LONG_DRAWS])
-def test_torch_long_drawn_configurations_within_the_bound(grid_root, name, seed, index, seq,
-                                                          term):
-    case = _long_draw(seed, index, seq)
-    assert case.model_type == name.split("-")[0]
-    predicted = estimate(memory_shape(case.config()), settings_for(case, "torch"))
-    measured = measure(case, "torch", grid_root)
-    error = (predicted["total"] - measured) / measured
-    print(f"{name} ({term}): {100 * error:+.1f}% ({predicted['phase']})")
-    assert -0.05 <= error <= 0.10
+    outside = []
+    for seed in (19, 23):
+        lengths = np.random.default_rng([seed, 512])
+        for case in random_cases(seed, 16, "torch"):
+            case = dataclasses.replace(case, seq=int(lengths.integers(64, 129)) * 8,
+                                       batch=1, pack=False, name=f"long{seed}-{case.name}")
+            predicted = estimate(memory_shape(case.config()), settings_for(case, "torch"))
+            measured = measure(case, "torch", grid_root)
+            error = (predicted["total"] - measured) / measured
+            gap = case.extra.get("attn_logit_softcapping") and case.grad_checkpoint
+            print(f"{describe(case)}: {100 * error:+.1f}% ({predicted['phase']})"
+                  f"{' (known gap)' if gap else ''}")
+            if not gap and not -0.05 <= error <= 0.10:
+                outside.append(f"{describe(case)}: {100 * error:+.1f}%")
+    assert not outside, outside
 
 
 @pytest.mark.parametrize("case", LONG_TORCH, ids=[c.name for c in LONG_TORCH])
