@@ -36,7 +36,7 @@ SHARDED_LAYER = "\0sharded frozen"
 CAUSAL_BLOCKS_FROM = 512
 # torch's float32 CPU training runs the same blocks as GEMMs (backends/torch/causal_blocks)
 # up to this length, where they beat its flash kernel (0.6-0.9x its time at 512 and 1024
-# tokens, even at 2048); past it the kept probabilities, ~T^2 / 2 per head, cost more
+# tokens; at 2048 no faster); past it the kept probabilities, ~T^2 / 2 per head, cost more
 # memory than the speed is worth
 TORCH_CPU_BLOCKS_UP_TO = 1024
 

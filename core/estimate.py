@@ -770,7 +770,13 @@ def mlx_score_area(st: Settings) -> tuple[int, int]:
     attention probabilities MLX forms, the blocks' (rows, end) rectangles (the (T, T)
     square where there is one block): every layer keeps all of its blocks' probabilities;
     the backward's score arrays, attention_scores."""
-    areas = [(end - start) * end for start, end in mlx_query_blocks(st)]
+    return block_areas(mlx_query_blocks(st))
+
+
+def block_areas(blocks) -> tuple[int, int]:
+    """(all, the widest): the (rows, end) rectangles of causal query blocks, in elements
+    per batch row and query head."""
+    areas = [(end - start) * end for start, end in blocks]
     return sum(areas), max(areas)
 
 
@@ -796,7 +802,7 @@ def torch_block_probabilities(sh: Shape, st: Settings, layer: int | None = None)
             sh.linear_attention and layer in sh.linear_attention["layers"]) or (
             layer is not None and not _attention_needs_grad(sh, st, layer)):
         return 0
-    return st.batch_size * sh.heads * sum((end - start) * end for start, end in blocks) * 4
+    return st.batch_size * sh.heads * block_areas(blocks)[0] * 4
 
 
 def torch_block_gradient(sh: Shape, st: Settings, layer: int) -> int:
@@ -806,11 +812,10 @@ def torch_block_gradient(sh: Shape, st: Settings, layer: int) -> int:
     incoming gradient's grouped copy and dq (Hq*D each), dk and dv (Hk*D each) per token
     (the profiler's timeline of the sweep's smollm3 C32 H4/2 D32 T984 q,v rc re-run: all
     blocks' probabilities, one dP and those four alive; -11.1 % without them)."""
-    blocks = torch_query_blocks(st)
     if not torch_block_probabilities(sh, st, layer):
         return 0
     q, kv, _, _ = attention_widths(sh, layer)
-    return st.batch_size * (sh.heads * max((e - s) * e for s, e in blocks)
+    return st.batch_size * (sh.heads * block_areas(torch_query_blocks(st))[1]
                             + st.seq_len * 2 * (q + kv)) * 4
 
 
@@ -824,7 +829,7 @@ def torch_top_block_gradient(sh: Shape, st: Settings) -> int:
     return torch_block_gradient(sh, st, sh.layers - 1)
 
 
-def torch_window_mask(sh: Shape, st: Settings, layer: int | None = None) -> int:
+def torch_window_mask(sh: Shape, st: Settings, layer: int) -> int:
     """torch on the CPU, bytes: a sliding-window layer's attention runs the fused kernel
     with a (T, T) boolean mask, which scaled_dot_product_attention turns into a float32
     one and keeps for its backward: T^2 * 4 per such layer whose q, k, v carry a gradient

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from lorafit.backends.base import torch_cpu_blocks
+from lorafit.backends.host_memory import keep_freed_memory
 from lorafit.backends.segments import segment_layout
 from lorafit.backends.torch.causal_blocks import CausalBlocks
-from lorafit.backends.host_memory import keep_freed_memory
 from lorafit.backends.torch.memory import TensorTracker
 from lorafit.backends.torch.sharded_base import ShardedLayer, gather_layer
 from lorafit.core.loss import logit_chunk_elements as chunk_elements

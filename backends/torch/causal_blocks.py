@@ -5,8 +5,8 @@ backward takes 2.6x its forward. At the lengths where the probabilities are smal
 to keep, attention as GEMMs is faster: each block of queries (backends/base
 causal_query_blocks) takes its scores against the keys up to its end only, so the masked
 upper triangle is formed for the diagonal blocks alone; the softmax runs in place and the
-probabilities are kept for the backward, which is five GEMMs per block and no
-recomputation. Grouped-query heads share their kv head's GEMM: the group's queries are
+probabilities are kept for the backward, which is four GEMMs per block (dP, dq, dv, dk)
+and no recomputation. Grouped-query heads share their kv head's GEMM: the group's queries are
 rows of one product, so k and v are never repeated.
 
 Measured at bench_train's shape (B 4, H 8, T 512, D 64, two threads), forward and
